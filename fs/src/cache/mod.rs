@@ -1,0 +1,1 @@
+//! Content-addressed store of verified bytes, keyed by digest.

@@ -1,0 +1,1 @@
+//! eStargz: footer, TOC, index building, chunk decoding and the writer.

@@ -1,0 +1,1 @@
+//! One mounted layer: its index, and read planning over cache and fetch.

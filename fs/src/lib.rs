@@ -1,0 +1,26 @@
+//! tarn-fs: a remote image layer as a local, verified, lazily fetched
+//! filesystem.
+//!
+//! A read travels down these modules, and each knows only the ones below it:
+//!
+//! ```text
+//! kernel read(ino, off, len)
+//!   -> fuse/      the FUSE adapter: the only code that speaks errno
+//!   -> layer/     one mounted layer: index + read planning over cache and fetch
+//!   -> cache/     content-addressed store of verified bytes (hit: reply now)
+//!   -> fetch/     singleflight per chunk, intents, merging of adjacent misses
+//!   -> registry/  references, manifests, auth, ranged GETs with retries
+//!   -> format/    pure decoding: footer, TOC, index, one chunk, its digest
+//! ```
+//!
+//! `digest` and `format::index` hold the vocabulary every layer shares.
+
+pub mod cache;
+pub mod digest;
+pub mod fetch;
+pub mod format;
+pub mod fuse;
+pub mod layer;
+pub mod registry;
+
+pub use digest::Digest;

@@ -1,0 +1,1 @@
+//! Image references, manifests, auth and ranged GETs.
