@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use containerd_client::services::v1::{
     introspection_client::IntrospectionClient, leases_client::LeasesClient,
 };
 use containerd_client::types::{Descriptor, Mount};
-use futures::{SinkExt, Stream, StreamExt};
+use futures::SinkExt;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -31,6 +31,10 @@ use tonic::{Code, Request};
 /// Bytes per content Write message: well under containerd's 16 MiB gRPC
 /// message limit, large enough that the ping-pong per message costs nothing.
 const WRITE_CHUNK: usize = 1 << 20;
+
+/// How long a write waits for another client that holds the same content
+/// ref (writing the same blob) before giving up.
+const LOCKED_REF_WAIT: Duration = Duration::from_secs(300);
 
 /// What `Prepare` of an unpack snapshot answered.
 pub enum Prepared {
@@ -209,20 +213,48 @@ impl Containerd {
 
     /// Writes a blob into the content store under `ref_key`, committing it
     /// with the expected digest and size (containerd verifies both). Content
-    /// that already exists is success. `progress` sees the bytes written so far.
-    pub async fn write_content<S>(
+    /// that already exists is success; if another client holds the ref (it is
+    /// writing the same blob), waits for it. `progress` sees bytes written.
+    pub async fn write_content(
         &self,
         ref_key: &str,
         digest: &str,
-        size: u64,
         labels: HashMap<String, String>,
-        data: S,
+        data: Bytes,
         mut progress: impl FnMut(u64),
-    ) -> Result<()>
-    where
-        S: Stream<Item = Result<Bytes>> + Unpin,
-    {
-        let total = i64::try_from(size).context("blob size overflows i64")?;
+    ) -> Result<()> {
+        let deadline = Instant::now() + LOCKED_REF_WAIT;
+        loop {
+            match self
+                .write_once(ref_key, digest, &labels, &data, &mut progress)
+                .await
+            {
+                Ok(()) | Err(WriteFailure::Exists) => return Ok(()),
+                Err(WriteFailure::Other(e)) => {
+                    return Err(e.context(format!("cannot write {digest} to containerd")));
+                }
+                Err(WriteFailure::Locked(msg)) => {
+                    if Instant::now() >= deadline {
+                        bail!("cannot write {digest} to containerd: {msg}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if self.content_info(digest).await?.is_some() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_once(
+        &self,
+        ref_key: &str,
+        digest: &str,
+        labels: &HashMap<String, String>,
+        data: &Bytes,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<(), WriteFailure> {
+        let total = i64::try_from(data.len()).map_err(|e| WriteFailure::Other(e.into()))?;
         let (mut tx, rx) = futures::channel::mpsc::channel::<WriteContentRequest>(2);
         let base = WriteContentRequest {
             r#ref: ref_key.to_string(),
@@ -232,75 +264,46 @@ impl Containerd {
         };
         // Open the stream with a Stat, as containerd's own client does: it takes
         // the ref's lock and tells how much an earlier, interrupted write left.
-        tx.send(WriteContentRequest {
-            action: WriteAction::Stat.into(),
-            ..base.clone()
-        })
+        send(
+            &mut tx,
+            WriteContentRequest {
+                action: WriteAction::Stat.into(),
+                ..base.clone()
+            },
+        )
         .await?;
-        let mut client = ContentClient::new(self.channel.clone());
-        let mut responses = match client.write(self.req(rx)).await {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
-            Err(s) => {
-                return Err(anyhow!(status_msg(&s))).context(format!("cannot write {digest}"));
-            }
-        };
-        let Some(resume) = next_offset(&mut responses)
+        let mut responses = match ContentClient::new(self.channel.clone())
+            .write(self.req(rx))
             .await
-            .with_context(|| format!("cannot write {digest}"))?
-        else {
-            return Ok(());
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(WriteFailure::from_status(&s)),
         };
-        // Bytes an interrupted earlier write already stored are skipped, not re-sent.
-        let mut skip = u64::try_from(resume).unwrap_or(0);
-        let mut offset = 0u64;
-        let mut data = data;
-        while let Some(chunk) = data.next().await {
-            let chunk = chunk?;
-            for piece in chunk.chunks(WRITE_CHUNK) {
-                let len = piece.len() as u64;
-                if offset + len <= skip {
-                    offset += len;
-                    progress(offset);
-                    continue;
-                }
-                let from = usize::try_from(skip.saturating_sub(offset)).unwrap_or(0);
-                let req = WriteContentRequest {
-                    action: WriteAction::Write.into(),
-                    offset: i64::try_from(offset + from as u64)?,
-                    data: piece[from..].to_vec(),
-                    ..base.clone()
-                };
-                tx.send(req)
-                    .await
-                    .context("containerd closed the write stream")?;
-                if next_offset(&mut responses)
-                    .await
-                    .with_context(|| format!("cannot write {digest}"))?
-                    .is_none()
-                {
-                    return Ok(());
-                }
-                offset += len;
-                skip = offset;
-                progress(offset);
-            }
-        }
-        if offset != size {
-            bail!("blob {digest} has {offset} bytes, its descriptor says {size}");
+        // Bytes an interrupted earlier write already stored are not sent again.
+        let resume = next_offset(&mut responses).await?;
+        let mut offset = usize::try_from(resume.max(0)).unwrap_or(0).min(data.len());
+        progress(offset as u64);
+        while offset < data.len() {
+            let end = (offset + WRITE_CHUNK).min(data.len());
+            let req = WriteContentRequest {
+                action: WriteAction::Write.into(),
+                offset: offset as i64,
+                data: data[offset..end].to_vec(),
+                ..base.clone()
+            };
+            send(&mut tx, req).await?;
+            next_offset(&mut responses).await?;
+            offset = end;
+            progress(offset as u64);
         }
         let commit = WriteContentRequest {
             action: WriteAction::Commit.into(),
             offset: total,
-            labels,
+            labels: labels.clone(),
             ..base
         };
-        tx.send(commit)
-            .await
-            .context("containerd closed the write stream")?;
-        next_offset(&mut responses)
-            .await
-            .with_context(|| format!("cannot commit {digest} to containerd"))?;
+        send(&mut tx, commit).await?;
+        next_offset(&mut responses).await?;
         Ok(())
     }
 
@@ -461,16 +464,47 @@ impl Containerd {
     }
 }
 
-/// The offset in the next answer of a content write stream; `None` when
-/// containerd reports the content already exists (another writer finished it).
+/// Why one attempt at a content write failed.
+enum WriteFailure {
+    /// Another client holds the ref: it is writing the same blob.
+    Locked(String),
+    /// The content is already committed (by us earlier or someone else).
+    Exists,
+    Other(anyhow::Error),
+}
+
+impl WriteFailure {
+    fn from_status(s: &tonic::Status) -> WriteFailure {
+        // containerd answers Unavailable for "ref ... locked".
+        if s.code() == Code::Unavailable {
+            WriteFailure::Locked(status_msg(s))
+        } else if s.code() == Code::AlreadyExists {
+            WriteFailure::Exists
+        } else {
+            WriteFailure::Other(anyhow!(status_msg(s)))
+        }
+    }
+}
+
+async fn send(
+    tx: &mut futures::channel::mpsc::Sender<WriteContentRequest>,
+    req: WriteContentRequest,
+) -> Result<(), WriteFailure> {
+    tx.send(req)
+        .await
+        .map_err(|_| WriteFailure::Other(anyhow!("containerd closed the write stream")))
+}
+
+/// The offset in the next answer of a content write stream.
 async fn next_offset(
     responses: &mut tonic::Streaming<WriteContentResponse>,
-) -> Result<Option<i64>> {
+) -> Result<i64, WriteFailure> {
     match responses.message().await {
-        Ok(Some(r)) => Ok(Some(r.offset)),
-        Ok(None) => Err(anyhow!("containerd closed the write stream")),
-        Err(s) if s.code() == Code::AlreadyExists => Ok(None),
-        Err(s) => Err(anyhow!(status_msg(&s))),
+        Ok(Some(r)) => Ok(r.offset),
+        Ok(None) => Err(WriteFailure::Other(anyhow!(
+            "containerd closed the write stream"
+        ))),
+        Err(s) => Err(WriteFailure::from_status(&s)),
     }
 }
 

@@ -76,7 +76,9 @@ pub async fn run(args: PullArgs) -> Result<()> {
 
     let mut config = RegistryConfig::default();
     if args.plain_http {
-        config.plain_http_hosts.push(reference.registry.clone());
+        config
+            .plain_http
+            .push(reference.repository.registry.clone());
     }
     let registry = RegistryClient::new(config);
     let image = registry
@@ -244,7 +246,7 @@ async fn pull(
         ctd,
         &format!("manifest-{manifest}"),
         &manifest,
-        image.manifest_bytes.clone(),
+        Bytes::from(image.manifest_bytes.clone()),
         manifest_labels,
     )
     .await?;
@@ -295,7 +297,7 @@ async fn fetch_config(
         return Ok(bytes);
     }
     let bytes = registry
-        .fetch_blob(reference, &config.digest)
+        .fetch_blob(&reference.repository, &config.digest)
         .await
         .with_context(|| format!("cannot fetch image config {digest}"))?;
     ensure_content(
@@ -328,9 +330,7 @@ async fn ensure_content(
     if ctd.content_info(digest).await?.is_some() {
         return ctd.content_set_labels(digest, &labels).await;
     }
-    let size = bytes.len() as u64;
-    let data = futures::stream::iter([Ok(bytes)]);
-    ctd.write_content(ref_key, digest, size, labels, data, |_| {})
+    ctd.write_content(ref_key, digest, labels, bytes, |_| {})
         .await
 }
 
@@ -359,7 +359,7 @@ impl Unpack<'_> {
             progress.set(i, LayerState::Downloading { done: 0, total });
             let bytes = self
                 .registry
-                .fetch_blob(self.reference, &self.layer.digest)
+                .fetch_blob(&self.reference.repository, &self.layer.digest)
                 .await
                 .with_context(|| format!("cannot download layer {digest}"))?;
             let mut labels = self.source.clone();
@@ -367,16 +367,16 @@ impl Unpack<'_> {
                 "containerd.io/uncompressed".into(),
                 self.diff_id.to_string(),
             );
-            let data = futures::stream::iter([Ok(bytes)]);
+            if bytes.len() as u64 != total {
+                bail!(
+                    "layer {digest} has {} bytes, the manifest says {total}",
+                    bytes.len()
+                );
+            }
             self.ctd
-                .write_content(
-                    &format!("layer-{digest}"),
-                    &digest,
-                    total,
-                    labels,
-                    data,
-                    |done| progress.set(i, LayerState::Downloading { done, total }),
-                )
+                .write_content(&format!("layer-{digest}"), &digest, labels, bytes, |done| {
+                    progress.set(i, LayerState::Downloading { done, total })
+                })
                 .await?;
             downloaded = total;
         }
@@ -403,8 +403,11 @@ impl Unpack<'_> {
 /// it find where content came from (cross-repository mounts on push).
 fn distribution_source(r: &Reference) -> HashMap<String, String> {
     HashMap::from([(
-        format!("containerd.io/distribution.source.{}", r.registry),
-        r.repository.clone(),
+        format!(
+            "containerd.io/distribution.source.{}",
+            r.repository.registry
+        ),
+        r.repository.name.clone(),
     )])
 }
 

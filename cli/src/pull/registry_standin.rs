@@ -28,9 +28,14 @@ pub enum RegistryError {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reference {
+pub struct Repository {
     pub registry: String,
-    pub repository: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reference {
+    pub repository: Repository,
     pub tag: Option<String>,
     pub digest: Option<Digest>,
 }
@@ -58,8 +63,10 @@ impl FromStr for Reference {
             tag
         };
         Ok(Reference {
-            registry: registry.into(),
-            repository: repository.into(),
+            repository: Repository {
+                registry: registry.into(),
+                name: repository.into(),
+            },
             tag,
             digest,
         })
@@ -68,7 +75,7 @@ impl FromStr for Reference {
 
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.registry, self.repository)?;
+        write!(f, "{}/{}", self.repository.registry, self.repository.name)?;
         if let Some(t) = &self.tag {
             write!(f, ":{t}")?;
         }
@@ -89,7 +96,7 @@ pub struct Descriptor {
 
 pub struct ResolvedImage {
     pub manifest_digest: Digest,
-    pub manifest_bytes: Bytes,
+    pub manifest_bytes: Vec<u8>,
     pub manifest_media_type: String,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
@@ -97,7 +104,7 @@ pub struct ResolvedImage {
 
 #[derive(Clone, Debug, Default)]
 pub struct RegistryConfig {
-    pub plain_http_hosts: Vec<String>,
+    pub plain_http: Vec<String>,
 }
 
 pub struct RegistryClient {
@@ -160,7 +167,7 @@ impl RegistryClient {
     }
 
     fn base(&self, host: &str) -> String {
-        let plain = self.config.plain_http_hosts.iter().any(|h| h == host)
+        let plain = self.config.plain_http.iter().any(|h| h == host)
             || host.starts_with("127.")
             || host.starts_with("localhost");
         format!("{}://{host}/v2", if plain { "http" } else { "https" })
@@ -192,7 +199,11 @@ impl RegistryClient {
     }
 
     pub async fn resolve(&self, r: &Reference) -> Result<ResolvedImage, RegistryError> {
-        let base = format!("{}/{}", self.base(&r.registry), r.repository);
+        let base = format!(
+            "{}/{}",
+            self.base(&r.repository.registry),
+            r.repository.name
+        );
         let mut wanted = match (&r.digest, &r.tag) {
             (Some(d), _) => d.to_string(),
             (None, Some(t)) => t.clone(),
@@ -235,7 +246,7 @@ impl RegistryClient {
                 .collect::<Result<_, _>>()?;
             return Ok(ResolvedImage {
                 manifest_digest: Digest::of(&bytes),
-                manifest_bytes: bytes,
+                manifest_bytes: bytes.to_vec(),
                 manifest_media_type: media_type,
                 config,
                 layers,
@@ -244,8 +255,12 @@ impl RegistryClient {
         Err(RegistryError::Manifest("nested index".into()))
     }
 
-    pub async fn fetch_blob(&self, r: &Reference, digest: &Digest) -> Result<Bytes, RegistryError> {
-        let url = format!("{}/{}/blobs/{digest}", self.base(&r.registry), r.repository);
+    pub async fn fetch_blob(
+        &self,
+        r: &Repository,
+        digest: &Digest,
+    ) -> Result<Bytes, RegistryError> {
+        let url = format!("{}/{}/blobs/{digest}", self.base(&r.registry), r.name);
         let (bytes, _) = self.get(&url, None).await?;
         if Digest::of(&bytes) != *digest {
             return Err(RegistryError::DigestMismatch(*digest));
