@@ -5,6 +5,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let include = protoc_bin_vendored::include_path()?;
+    let include_str = include.to_str().ok_or("protoc include path is not utf-8")?;
     // SAFETY: build scripts run single-threaded; nothing else reads the
     // environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
@@ -19,6 +20,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&protos, &[std::path::PathBuf::from("proto"), include])?;
+        .compile_protos(&protos, &["proto", include_str])?;
     Ok(())
 }
