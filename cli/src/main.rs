@@ -3,6 +3,7 @@
 
 mod containerd;
 mod pull;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Pull(pull::PullArgs),
+    Status(status::StatusArgs),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
         Ok(rt) => rt.block_on(async {
             match cli.command {
                 Command::Pull(args) => pull::run(args).await,
+                Command::Status(args) => status::run(args).await,
             }
         }),
         Err(e) => Err(anyhow::Error::from(e).context("cannot start the async runtime")),

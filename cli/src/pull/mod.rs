@@ -20,7 +20,8 @@ use tarn_fs::Digest;
 
 use crate::containerd::{Containerd, Prepared};
 use labels::ImageFacts;
-use progress::{LayerState, Progress, human};
+pub use progress::human;
+use progress::{LayerState, Progress};
 use registry_standin::{Descriptor, Reference, RegistryClient, RegistryConfig, ResolvedImage};
 
 /// How long containerd keeps a crashed pull's content before collecting it.
