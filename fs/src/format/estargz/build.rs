@@ -145,7 +145,11 @@ impl Builder {
         }
     }
 
-    fn entry(&mut self, e: TocEntry, hardlinks: &mut Vec<(String, String)>) -> Result<(), FormatError> {
+    fn entry(
+        &mut self,
+        e: TocEntry,
+        hardlinks: &mut Vec<(String, String)>,
+    ) -> Result<(), FormatError> {
         if e.kind == "chunk" {
             return self.chunk(&e);
         }
@@ -190,7 +194,10 @@ impl Builder {
             "hardlink" => {
                 let target = normalize(&e.link_name)?;
                 if path.is_empty() || target.is_empty() {
-                    return Err(err(format!("hardlink {:?} -> {:?}: not a file", e.name, e.link_name)));
+                    return Err(err(format!(
+                        "hardlink {:?} -> {:?}: not a file",
+                        e.name, e.link_name
+                    )));
                 }
                 hardlinks.push((path, target));
                 return Ok(());
@@ -237,6 +244,9 @@ impl Builder {
                 whole: None,
                 chunks: Vec::new(),
             });
+            if e.size > 0 {
+                self.chunk(e)?;
+            }
         }
         Ok(())
     }
@@ -260,7 +270,10 @@ impl Builder {
         }
         let (rdev, link_target): ((u32, u32), Box<[u8]>) = match kind {
             FileKind::CharDev | FileKind::BlockDev => (
-                (id(e.dev_major, "device major")?, id(e.dev_minor, "device minor")?),
+                (
+                    id(e.dev_major, "device major")?,
+                    id(e.dev_minor, "device minor")?,
+                ),
                 Box::default(),
             ),
             FileKind::Symlink => ((0, 0), e.link_name.as_bytes().into()),
@@ -293,7 +306,10 @@ impl Builder {
     /// following `chunk` entry).
     fn chunk(&mut self, e: &TocEntry) -> Result<(), FormatError> {
         let Some(f) = self.open.as_mut() else {
-            return Err(err(format!("chunk entry {:?} does not follow a regular file", e.name)));
+            return Err(err(format!(
+                "chunk entry {:?} does not follow a regular file",
+                e.name
+            )));
         };
         if e.kind == "chunk" && !e.name.is_empty() && normalize(&e.name)? != f.path {
             return Err(err(format!(
@@ -303,7 +319,11 @@ impl Builder {
         }
         let name = &f.path;
         if e.chunk_offset != f.covered {
-            let what = if e.chunk_offset > f.covered { "a gap" } else { "an overlap" };
+            let what = if e.chunk_offset > f.covered {
+                "a gap"
+            } else {
+                "an overlap"
+            };
             return Err(err(format!(
                 "{name:?}: chunk at {} leaves {what} after {} bytes",
                 e.chunk_offset, f.covered
@@ -315,7 +335,11 @@ impl Builder {
                 e.chunk_offset, f.size
             )));
         }
-        let size = if e.chunk_size == 0 { f.size - e.chunk_offset } else { e.chunk_size };
+        let size = if e.chunk_size == 0 {
+            f.size - e.chunk_offset
+        } else {
+            e.chunk_size
+        };
         if size > f.size - e.chunk_offset {
             return Err(err(format!(
                 "{name:?}: chunk [{}, +{size}) runs past the file's size {}",
@@ -361,7 +385,10 @@ impl Builder {
             chunk.digest = match (digest, single) {
                 (Some(d), _) => d,
                 (None, true) => f.whole.ok_or_else(|| {
-                    err(format!("{:?}: no chunkDigest nor digest: cannot verify", f.path))
+                    err(format!(
+                        "{:?}: no chunkDigest nor digest: cannot verify",
+                        f.path
+                    ))
                 })?,
                 (None, false) => {
                     return Err(err(format!(
@@ -386,7 +413,9 @@ impl Builder {
     fn dir(&mut self, path: &str) -> Result<u64, FormatError> {
         if let Some(&ino) = self.paths.get(path) {
             if self.inodes[(ino - 1) as usize].kind != FileKind::Dir {
-                return Err(err(format!("{path:?} is used as a directory but is not one")));
+                return Err(err(format!(
+                    "{path:?} is used as a directory but is not one"
+                )));
             }
             return Ok(ino);
         }
@@ -436,10 +465,14 @@ impl Builder {
 
     fn hardlink(&mut self, path: String, target: &str) -> Result<(), FormatError> {
         let Some(&ino) = self.paths.get(target) else {
-            return Err(err(format!("hardlink {path:?}: target {target:?} does not exist")));
+            return Err(err(format!(
+                "hardlink {path:?}: target {target:?} does not exist"
+            )));
         };
         if self.inodes[(ino - 1) as usize].kind == FileKind::Dir {
-            return Err(err(format!("hardlink {path:?}: target {target:?} is a directory")));
+            return Err(err(format!(
+                "hardlink {path:?}: target {target:?} is a directory"
+            )));
         }
         if let Some(&existing) = self.paths.get(&path) {
             if existing == ino {
@@ -513,11 +546,11 @@ fn implicit_dir(parent: u64) -> Inode {
 /// Whether a second entry for a path describes the same file.
 fn same_file(a: &Inode, b: &Inode) -> bool {
     // Regular files are the same only if their content is provably the same.
-    let content = a.kind != FileKind::Reg
-        || a.size == 0
-        || (a.digest.is_some() && a.digest == b.digest);
+    let content =
+        a.kind != FileKind::Reg || a.size == 0 || (a.digest.is_some() && a.digest == b.digest);
     content
-        && (a.kind, a.mode, a.uid, a.gid, a.size, a.rdev) == (b.kind, b.mode, b.uid, b.gid, b.size, b.rdev)
+        && (a.kind, a.mode, a.uid, a.gid, a.size, a.rdev)
+            == (b.kind, b.mode, b.uid, b.gid, b.size, b.rdev)
         && a.link_target == b.link_target
         && a.xattrs == b.xattrs
 }

@@ -26,8 +26,8 @@ impl ChunkDecoder for Estargz {
         // writer's layout); the chunk's bytes start in the first one. What
         // comes after the chunk (tar padding, the next headers) is never read.
         let mut gz = MultiGzDecoder::new(compressed);
-        let skipped = io::copy(&mut (&mut gz).take(chunk.inner_offset), &mut io::sink())
-            .map_err(corrupt)?;
+        let skipped =
+            io::copy(&mut (&mut gz).take(chunk.inner_offset), &mut io::sink()).map_err(corrupt)?;
         if skipped != chunk.inner_offset {
             return Err(corrupt(io::ErrorKind::UnexpectedEof.into()));
         }

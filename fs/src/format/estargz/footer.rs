@@ -208,7 +208,11 @@ mod tests {
     #[test]
     fn garbage_short_and_out_of_range_footers_are_rejected() {
         let err = |tail: &[u8], size: u64| parse_footer(tail, size).unwrap_err().to_string();
-        assert!(err(&[0u8; 10], 10).contains("shorter than 51"), "{}", err(&[0; 10], 10));
+        assert!(
+            err(&[0u8; 10], 10).contains("shorter than 51"),
+            "{}",
+            err(&[0; 10], 10)
+        );
         assert!(err(&[0u8; 100], 100).contains("not a gzip member"));
         let mut bad = footer_bytes(5);
         bad[32] = b'X';

@@ -132,7 +132,15 @@ mod tests {
     fn formats_and_round_trips() {
         assert_eq!(format(0), "1970-01-01T00:00:00Z");
         assert_eq!(format(1_234_567_890), "2009-02-13T23:31:30Z");
-        for t in [-86_401, -1, 0, 59, 951_782_400, 1_709_164_800, 4_102_444_800] {
+        for t in [
+            -86_401,
+            -1,
+            0,
+            59,
+            951_782_400,
+            1_709_164_800,
+            4_102_444_800,
+        ] {
             assert_eq!(parse(&format(t)).unwrap(), t, "{}", format(t));
         }
     }

@@ -74,7 +74,10 @@ pub(crate) struct TarIn<R> {
 
 impl<R: Read> TarIn<R> {
     pub(crate) fn new(r: R) -> TarIn<R> {
-        TarIn { r, global: Vec::new() }
+        TarIn {
+            r,
+            global: Vec::new(),
+        }
     }
 
     /// The reader, positioned at the payload of the entry last returned.
@@ -105,7 +108,9 @@ impl<R: Read> TarIn<R> {
             h.as_mut_bytes().copy_from_slice(&block);
             check_checksum(&h, raw.len())?;
             raw.extend_from_slice(&block);
-            let size = h.entry_size().map_err(|e| bad(format!("entry size: {e}")))?;
+            let size = h
+                .entry_size()
+                .map_err(|e| bad(format!("entry size: {e}")))?;
             let flag = h.entry_type().as_byte();
             if matches!(flag, b'x' | b'g' | b'L' | b'K') {
                 if size > MAX_EXTENSION {
@@ -142,21 +147,34 @@ impl<R: Read> TarIn<R> {
                     )));
                 }
             };
-            let num = |r: io::Result<u64>, what: &str| r.map_err(|e| bad(format!("{what}: {e}")));
+            // Blank numeric fields (all NULs or spaces) mean 0, as other tar
+            // readers take them.
+            let num = |r: io::Result<u64>, field: std::ops::Range<usize>, what: &str| {
+                r.or_else(|e| {
+                    if block[field].iter().all(|&c| c == 0 || c == b' ') {
+                        Ok(0)
+                    } else {
+                        Err(bad(format!("{what}: {e}")))
+                    }
+                })
+            };
             let dev = |r: io::Result<Option<u32>>| r.ok().flatten().map_or(0, u64::from);
             let mut m = Meta {
                 raw,
                 kind,
                 path: long_path.unwrap_or_else(|| h.path_bytes().into_owned()),
-                link: long_link
-                    .unwrap_or_else(|| h.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default()),
+                link: long_link.unwrap_or_else(|| {
+                    h.link_name_bytes()
+                        .map(|l| l.into_owned())
+                        .unwrap_or_default()
+                }),
                 size,
-                mode: u64::from(h.mode().map_err(|e| bad(format!("mode: {e}")))?),
-                uid: num(h.uid(), "uid")?,
-                gid: num(h.gid(), "gid")?,
+                mode: num(h.mode().map(u64::from), 100..108, "mode")?,
+                uid: num(h.uid(), 108..116, "uid")?,
+                gid: num(h.gid(), 116..124, "gid")?,
                 uname: h.username_bytes().map(<[u8]>::to_vec).unwrap_or_default(),
                 gname: h.groupname_bytes().map(<[u8]>::to_vec).unwrap_or_default(),
-                mtime: i64::try_from(num(h.mtime(), "mtime")?).unwrap_or(i64::MAX),
+                mtime: i64::try_from(num(h.mtime(), 136..148, "mtime")?).unwrap_or(i64::MAX),
                 dev: (dev(h.device_major()), dev(h.device_minor())),
                 xattrs: Vec::new(),
             };
@@ -174,11 +192,19 @@ fn check_checksum(h: &tar::Header, at: usize) -> Result<(), WriteError> {
     let sum: u64 = b
         .iter()
         .enumerate()
-        .map(|(i, &c)| if (148..156).contains(&i) { u64::from(b' ') } else { u64::from(c) })
+        .map(|(i, &c)| {
+            if (148..156).contains(&i) {
+                u64::from(b' ')
+            } else {
+                u64::from(c)
+            }
+        })
         .sum();
     match h.cksum() {
         Ok(c) if u64::from(c) == sum => Ok(()),
-        _ => Err(bad(format!("header checksum mismatch (header block {at} bytes into the entry)"))),
+        _ => Err(bad(format!(
+            "header checksum mismatch (header block {at} bytes into the entry)"
+        ))),
     }
 }
 
@@ -215,7 +241,9 @@ fn parse_pax(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, WriteError> {
             .filter(|&l| l > sp + 1 && l <= data.len())
             .ok_or_else(|| bad("PAX record with a bad length"))?;
         let rec = &data[sp + 1..len];
-        let rec = rec.strip_suffix(b"\n").ok_or_else(|| bad("PAX record without newline"))?;
+        let rec = rec
+            .strip_suffix(b"\n")
+            .ok_or_else(|| bad("PAX record without newline"))?;
         let eq = rec
             .iter()
             .position(|&c| c == b'=')
@@ -269,7 +297,10 @@ mod tests {
     #[test]
     fn pax_records_parse_and_reject_garbage() {
         let recs = parse_pax(b"27 SCHILY.xattr.user.a=\x00\xff1\n10 uid=42\n").unwrap();
-        assert_eq!(recs[0], (b"SCHILY.xattr.user.a".to_vec(), b"\x00\xff1".to_vec()));
+        assert_eq!(
+            recs[0],
+            (b"SCHILY.xattr.user.a".to_vec(), b"\x00\xff1".to_vec())
+        );
         assert_eq!(recs[1], (b"uid".to_vec(), b"42".to_vec()));
         assert!(parse_pax(b"99 uid=42\n").is_err());
         assert!(parse_pax(b"x uid=42\n").is_err());

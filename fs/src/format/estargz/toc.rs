@@ -141,7 +141,10 @@ fn read_toc_json(compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
     }
     // `size` is bounded above, so the capacity is sane.
     let mut json = Vec::with_capacity(size as usize);
-    (&mut entry).take(size).read_to_end(&mut json).map_err(corrupt)?;
+    (&mut entry)
+        .take(size)
+        .read_to_end(&mut json)
+        .map_err(corrupt)?;
     if json.len() as u64 != size {
         return Err(FormatError::Toc(format!(
             "TOC JSON truncated: {} of {size} bytes",
@@ -187,10 +190,14 @@ mod tests {
         assert!(e.to_string().contains("named \"other.json\""), "{e}");
         let e = decode_toc(&toc_member(TOC_TAR_NAME, b"{not json")).unwrap_err();
         assert!(e.to_string().contains("decoding TOC JSON"), "{e}");
-        let e = decode_toc(&toc_member(TOC_TAR_NAME, br#"{"version":2,"entries":[]}"#))
-            .unwrap_err();
+        let e =
+            decode_toc(&toc_member(TOC_TAR_NAME, br#"{"version":2,"entries":[]}"#)).unwrap_err();
         assert!(e.to_string().contains("version 2"), "{e}");
-        let e = decode_toc(&toc_member(TOC_TAR_NAME, br#"{"version":1,"entries":[{"name":"a","type":"reg","size":-1}]}"#)).unwrap_err();
+        let e = decode_toc(&toc_member(
+            TOC_TAR_NAME,
+            br#"{"version":1,"entries":[{"name":"a","type":"reg","size":-1}]}"#,
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains("decoding TOC JSON"), "{e}");
         let e = decode_toc(b"definitely not gzip").unwrap_err();
         assert!(e.to_string().contains("reading TOC member"), "{e}");

@@ -17,9 +17,9 @@ use flate2::write::GzEncoder;
 
 use super::build::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, normalize};
 use super::footer::footer_bytes;
+use super::rfc3339;
 use super::tarin::{BLOCK, Kind, Meta, TarIn, read_full};
 use super::toc::{TOC_TAR_NAME, Toc, TocEntry};
-use super::rfc3339;
 use crate::Digest;
 use crate::digest::Hasher;
 
@@ -55,7 +55,11 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        WriteOptions { chunk_size: 4 << 20, level: 6, prioritized: Vec::new() }
+        WriteOptions {
+            chunk_size: 4 << 20,
+            level: 6,
+            prioritized: Vec::new(),
+        }
     }
 }
 
@@ -100,7 +104,9 @@ pub fn write_estargz<R: Read, W: Write>(
         let mut entries = Vec::new();
         while let Some(meta) = tar.next_meta()? {
             let mut data = Vec::new();
-            tar.reader().take(meta.padded_size()).read_to_end(&mut data)?;
+            tar.reader()
+                .take(meta.padded_size())
+                .read_to_end(&mut data)?;
             entries.push((meta, data));
         }
         let order = priority_order(&entries, &opts.prioritized, &mut missing);
@@ -124,7 +130,11 @@ pub fn write_estargz<R: Read, W: Write>(
 
 /// Indices of the entries to put first: each prioritized path after its
 /// parent directories (and, for a hardlink, its target), in list order.
-fn priority_order(entries: &[(Meta, Vec<u8>)], prioritized: &[String], missing: &mut Vec<String>) -> Vec<usize> {
+fn priority_order(
+    entries: &[(Meta, Vec<u8>)],
+    prioritized: &[String],
+    missing: &mut Vec<String>,
+) -> Vec<usize> {
     let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, (m, _)) in entries.iter().enumerate() {
         if let Ok(n) = normalize(&String::from_utf8_lossy(&m.path)) {
@@ -216,17 +226,26 @@ struct BlobWriter<W: Write> {
 impl<W: Write> BlobWriter<W> {
     fn new(w: W, opts: &WriteOptions) -> BlobWriter<W> {
         BlobWriter {
-            sink: Some(Sink::Between(Counter { w, n: 0, hash: Hasher::default() })),
+            sink: Some(Sink::Between(Counter {
+                w,
+                n: 0,
+                hash: Hasher::default(),
+            })),
             level: Compression::new(opts.level),
             chunk_size: opts.chunk_size,
             diff: Hasher::default(),
             uncompressed: 0,
-            toc: Toc { version: 1, entries: Vec::new() },
+            toc: Toc {
+                version: 1,
+                entries: Vec::new(),
+            },
         }
     }
 
     fn take_sink(&mut self) -> Sink<W> {
-        self.sink.take().expect("the sink is put back after every switch")
+        self.sink
+            .take()
+            .expect("the sink is put back after every switch")
     }
 
     /// Ends the open member, if any. Returns the blob offset after it.
@@ -272,7 +291,11 @@ impl<W: Write> BlobWriter<W> {
             gid: m.gid,
             user_name: String::from_utf8_lossy(&m.uname).into_owned(),
             group_name: String::from_utf8_lossy(&m.gname).into_owned(),
-            mod_time: if m.mtime == 0 { String::new() } else { rfc3339::format(m.mtime) },
+            mod_time: if m.mtime == 0 {
+                String::new()
+            } else {
+                rfc3339::format(m.mtime)
+            },
             xattrs: m
                 .xattrs
                 .iter()
@@ -339,7 +362,9 @@ impl<W: Write> BlobWriter<W> {
             let want = n.min(buf.len() as u64) as usize;
             let got = read_full(r, &mut buf[..want])?;
             if got < want {
-                return Err(WriteError::InvalidTar("archive ends inside an entry's data".into()));
+                return Err(WriteError::InvalidTar(
+                    "archive ends inside an entry's data".into(),
+                ));
             }
             if let Some((a, b)) = hashers.as_mut() {
                 a.update(&buf[..got]);
