@@ -7,7 +7,7 @@
 pub mod estargz;
 pub mod index;
 
-pub use index::{Chunk, FileKind, Inode, LayerIndex, ROOT_INO};
+pub use index::{Chunk, FileKind, Inode, LayerIndex, ROOT_INO, Xattr};
 
 /// Why a layer or a chunk could not be decoded.
 #[derive(Debug, thiserror::Error)]

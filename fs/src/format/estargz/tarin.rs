@@ -69,7 +69,7 @@ fn bad(msg: impl Into<String>) -> WriteError {
 
 pub(crate) struct TarIn<R> {
     r: R,
-    global: Vec<(Vec<u8>, Vec<u8>)>,
+    global: Vec<PaxRecord>,
 }
 
 impl<R: Read> TarIn<R> {
@@ -90,7 +90,7 @@ impl<R: Read> TarIn<R> {
         let mut raw = Vec::new();
         let mut long_path = None;
         let mut long_link = None;
-        let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut pax: Vec<PaxRecord> = Vec::new();
         loop {
             let mut block = [0u8; BLOCK as usize];
             let n = read_full(&mut self.r, &mut block)?;
@@ -227,8 +227,11 @@ pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> 
     Ok(n)
 }
 
+/// A PAX record: key, raw value.
+type PaxRecord = (Vec<u8>, Vec<u8>);
+
 /// PAX records: `"<len> <key>=<value>\n"`, values raw bytes.
-fn parse_pax(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, WriteError> {
+fn parse_pax(mut data: &[u8]) -> Result<Vec<PaxRecord>, WriteError> {
     let mut out = Vec::new();
     while !data.is_empty() && data[0] != 0 {
         let sp = data

@@ -321,7 +321,7 @@ fn sample_tar() -> (Vec<u8>, Vec<Expect>) {
     );
     // Whiteouts are kept as they are in the tar; the index shows their
     // overlay form, checked separately (so not in `ex`).
-    let mut wh = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
+    let wh = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
         let mut h = tar::Header::new_gnu();
         h.set_size(0);
         h.set_mode(0o644);

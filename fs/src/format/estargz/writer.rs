@@ -178,10 +178,10 @@ fn move_rec(
             continue;
         }
         let m = &entries[i].0;
-        if m.kind == Kind::Hardlink {
-            if let Ok(target) = normalize(&String::from_utf8_lossy(&m.link)) {
-                move_rec(&target, entries, by_name, moved, order, depth + 1);
-            }
+        if m.kind == Kind::Hardlink
+            && let Ok(target) = normalize(&String::from_utf8_lossy(&m.link))
+        {
+            move_rec(&target, entries, by_name, moved, order, depth + 1);
         }
         moved[i] = true;
         order.push(i);
@@ -209,7 +209,7 @@ impl<W: Write> Write for Counter<W> {
 }
 
 enum Sink<W: Write> {
-    Member(GzEncoder<Counter<W>>),
+    Member(Box<GzEncoder<Counter<W>>>),
     Between(Counter<W>),
 }
 
@@ -264,7 +264,7 @@ impl<W: Write> BlobWriter<W> {
     fn write_tar(&mut self, data: &[u8]) -> io::Result<()> {
         let mut gz = match self.take_sink() {
             Sink::Member(gz) => gz,
-            Sink::Between(out) => GzEncoder::new(out, self.level),
+            Sink::Between(out) => Box::new(GzEncoder::new(out, self.level)),
         };
         let r = gz.write_all(data);
         self.sink = Some(Sink::Member(gz));
