@@ -98,7 +98,10 @@ impl LayerIndex {
     /// The child `name` of directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<u64> {
         let dir = self.inode(parent)?;
-        let i = dir.children.binary_search_by(|(n, _)| (**n).cmp(name)).ok()?;
+        let i = dir
+            .children
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()?;
         Some(dir.children[i].1)
     }
 
