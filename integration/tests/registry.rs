@@ -348,3 +348,107 @@ async fn blob_redirect_target_is_remembered() {
         .count();
     assert_eq!(ranged, 3);
 }
+
+/// What the fake registry saw: (path with query, Authorization header).
+type Seen = Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// A fake registry on loopback with bearer-token auth whose blob endpoint
+/// ignores Range and always answers 200 with the whole blob, the two things
+/// Debian's registry cannot show.
+fn fake_token_registry(blob: Vec<u8>) -> (u16, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Seen = Arc::default();
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let auth = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("authorization")
+                        .then(|| v.trim().to_string())
+                })
+                .unwrap_or_default();
+            log.lock().unwrap().push((path.clone(), auth.clone()));
+            let (status, extra, body): (&str, String, Vec<u8>) = if path.starts_with("/token?") {
+                (
+                    "200 OK",
+                    String::new(),
+                    br#"{"token":"tok123","expires_in":300}"#.to_vec(),
+                )
+            } else if auth != "Bearer tok123" {
+                (
+                    "401 Unauthorized",
+                    format!(
+                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"fake\",scope=\"repository:app:pull\"\r\n"
+                    ),
+                    Vec::new(),
+                )
+            } else {
+                ("200 OK", String::new(), blob.clone())
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn bearer_token_is_fetched_once_and_a_range_ignoring_registry_is_sliced() {
+    let layer = pattern(50_000);
+    let (port, seen) = fake_token_registry(layer.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    // "u:p" for this registry: sent to the token endpoint only.
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"dTpw"}}}}}}"#),
+    )
+    .unwrap();
+    let c = RegistryClient::new(RegistryConfig {
+        docker_config: Some(cfg),
+        ..RegistryConfig::default()
+    })
+    .unwrap();
+    let r: Reference = format!("127.0.0.1:{port}/app:v1").parse().unwrap();
+    let digest = Digest::of(&layer);
+    for range in [10..20u64, 40_000..50_000] {
+        let got = c
+            .read_range(&r.repository, &digest, range.clone(), Intent::OnDemand)
+            .await
+            .unwrap();
+        assert!(
+            got[..] == layer[range.start as usize..range.end as usize],
+            "{range:?}"
+        );
+    }
+    let seen = seen.lock().unwrap().clone();
+    let tokens: Vec<_> = seen
+        .iter()
+        .filter(|(p, _)| p.starts_with("/token"))
+        .collect();
+    assert_eq!(tokens.len(), 1, "token cached: {seen:?}");
+    assert!(tokens[0].0.contains("service=fake"), "{seen:?}");
+    assert!(
+        tokens[0].0.contains("scope=repository%3Aapp%3Apull"),
+        "{seen:?}"
+    );
+    assert_eq!(tokens[0].1, "Basic dTpw");
+    // 401, token, blob with token, blob with cached token.
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(seen[3].1, "Bearer tok123");
+}
