@@ -7,7 +7,6 @@
 mod labels;
 mod lock;
 mod progress;
-mod registry_standin;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,13 +18,20 @@ use containerd_client::types::Descriptor as CtdDescriptor;
 use tarn_fs::Digest;
 
 use crate::containerd::{Containerd, Prepared};
+use futures::{StreamExt, TryStreamExt};
 use labels::ImageFacts;
 pub use progress::human;
 use progress::{LayerState, Progress};
-use registry_standin::{Descriptor, Reference, RegistryClient, RegistryConfig, ResolvedImage};
+use tarn_fs::fetch::Intent;
+use tarn_fs::registry::{Descriptor, Reference, RegistryClient, RegistryConfig, ResolvedImage};
 
 /// How long containerd keeps a crashed pull's content before collecting it.
 const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
+
+/// A layer downloads as ranged GETs of this size, a few at a time: progress
+/// per range, and the round trips overlap on a far registry.
+const DOWNLOAD_RANGE: u64 = 8 << 20;
+const DOWNLOAD_PARALLEL: usize = 4;
 
 /// Pull an image into containerd, lazily where the snapshotter can.
 #[derive(clap::Args, Debug)]
@@ -63,10 +69,8 @@ struct Outcome {
 
 pub async fn run(args: PullArgs) -> Result<()> {
     let start = Instant::now();
-    let reference: Reference = args
-        .reference
-        .parse()
-        .with_context(|| format!("invalid image reference {:?}", args.reference))?;
+    // The parse error already names the reference and what is wrong with it.
+    let reference: Reference = args.reference.parse()?;
     let mut ctd = Containerd::connect(&args.address, &args.namespace).await?;
     ctd.check_snapshotter(&args.snapshotter).await?;
 
@@ -81,7 +85,11 @@ pub async fn run(args: PullArgs) -> Result<()> {
             .plain_http
             .push(reference.repository.registry.clone());
     }
-    let registry = RegistryClient::new(config);
+    // `new` reads the docker config file: keep that off the async workers.
+    let registry = tokio::task::spawn_blocking(move || RegistryClient::new(config))
+        .await
+        .context("registry client setup task failed")?
+        .context("cannot set up the registry client")?;
     let image = registry
         .resolve(&reference)
         .await
@@ -358,26 +366,14 @@ impl Unpack<'_> {
         let mut downloaded = 0;
         if self.ctd.content_info(&digest).await?.is_none() {
             progress.set(i, LayerState::Downloading { done: 0, total });
-            let bytes = self
-                .registry
-                .fetch_blob(&self.reference.repository, &self.layer.digest)
-                .await
-                .with_context(|| format!("cannot download layer {digest}"))?;
+            let bytes = self.download(progress, i).await?;
             let mut labels = self.source.clone();
             labels.insert(
                 "containerd.io/uncompressed".into(),
                 self.diff_id.to_string(),
             );
-            if bytes.len() as u64 != total {
-                bail!(
-                    "layer {digest} has {} bytes, the manifest says {total}",
-                    bytes.len()
-                );
-            }
             self.ctd
-                .write_content(&format!("layer-{digest}"), &digest, labels, bytes, |done| {
-                    progress.set(i, LayerState::Downloading { done, total })
-                })
+                .write_content(&format!("layer-{digest}"), &digest, labels, bytes, |_| {})
                 .await?;
             downloaded = total;
         }
@@ -397,6 +393,40 @@ impl Unpack<'_> {
             );
         }
         Ok(downloaded)
+    }
+}
+
+impl Unpack<'_> {
+    /// The whole layer blob, verified against its digest, fetched as ranged
+    /// GETs so the user sees bytes arrive.
+    async fn download(&self, progress: &mut Progress, i: usize) -> Result<Bytes> {
+        let total = self.layer.size;
+        let digest = &self.layer.digest;
+        let repo = &self.reference.repository;
+        let ranges = (0..total.div_ceil(DOWNLOAD_RANGE))
+            .map(|n| n * DOWNLOAD_RANGE..((n + 1) * DOWNLOAD_RANGE).min(total));
+        let mut parts = futures::stream::iter(ranges)
+            .map(|r| self.registry.read_range(repo, digest, r, Intent::OnDemand))
+            .buffered(DOWNLOAD_PARALLEL)
+            .map_err(|e| anyhow::Error::from(e).context(format!("cannot download layer {digest}")));
+        let mut blob = bytes::BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
+        let mut hasher = tarn_fs::digest::Hasher::default();
+        while let Some(part) = parts.try_next().await? {
+            hasher.update(&part);
+            blob.extend_from_slice(&part);
+            progress.set(
+                i,
+                LayerState::Downloading {
+                    done: blob.len() as u64,
+                    total,
+                },
+            );
+        }
+        let actual = hasher.finish();
+        if actual != *digest {
+            bail!("layer {digest} downloaded with digest {actual}: the registry sent wrong bytes");
+        }
+        Ok(blob.freeze())
     }
 }
 

@@ -34,6 +34,7 @@ impl LayerState {
                 format!("downloading {} / {} ({pct}%)", human(*done), human(*total))
             }
             LayerState::Applying => "unpacking".into(),
+            LayerState::Unpacked { bytes: 0 } => "unpacked (blob was already in containerd)".into(),
             LayerState::Unpacked { bytes } => format!("downloaded {} and unpacked", human(*bytes)),
         }
     }
