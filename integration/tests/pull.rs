@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use tarn_integration::registry::{TestRegistry, free_port};
+
 /// Snapshotter the pulls unpack into.
 const SNAPSHOTTER: &str = "overlayfs";
 
@@ -27,39 +29,30 @@ fn tarn_bin() -> PathBuf {
 
 /// A registry and a containerd of our own, stopped and deleted on drop.
 struct Bed {
+    registry: TestRegistry,
     dir: tempfile::TempDir,
-    registry: String,
     sock: PathBuf,
-    children: Vec<Child>,
+    containerd: Child,
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe { libc::kill(self.containerd.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.containerd.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
-        for c in &mut self.children {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // containerd's overlay mounts of finished containers are gone; a
-        // leftover would make the removal fail loudly rather than silently.
+        let _ = self.containerd.kill();
+        let _ = self.containerd.wait();
+        // Containers ran with --rm, so containerd unmounted their rootfs; this
+        // matters only if a test failed midway.
         let _ = Command::new("umount")
             .arg("-R")
-            .arg(self.dir.path().join("ctd-root"))
+            .arg(self.dir.path().join("root"))
             .stderr(Stdio::null())
             .status();
     }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("bound socket has an address").port()
 }
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
@@ -72,59 +65,43 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 
 impl Bed {
     fn up() -> Bed {
+        let registry = TestRegistry::start().expect("start docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("tarn-pull-test-")
             .tempdir()
             .expect("temp dir");
-        let d = &dir.path().to_path_buf();
-        let port = free_port();
-        std::fs::write(
-            d.join("reg.yml"),
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                d.join("regdata").display()
-            ),
-        )
-        .expect("write registry config");
+        let d = dir.path();
         let sock = d.join("ctd.sock");
-        std::fs::write(
-            d.join("ctd.toml"),
-            format!(
-                "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{}\"\n[proxy_plugins.tarn]\n  type = \"snapshot\"\n  address = \"{}\"\n",
-                d.join("ctd-root").display(),
-                d.join("ctd-state").display(),
-                sock.display(),
-                d.join("tarn.sock").display()
-            ),
-        )
-        .expect("write containerd config");
-        let log = |name: &str| std::fs::File::create(d.join(name)).expect("create log file");
-        let registry = Command::new("docker-registry")
-            .args(["serve", "reg.yml"])
-            .current_dir(d)
-            .stdout(log("reg.out"))
-            .stderr(log("reg.log"))
-            .spawn()
-            .expect("start docker-registry");
-        let mut bed = Bed {
-            registry: format!("127.0.0.1:{port}"),
-            sock,
-            children: vec![registry],
-            dir,
-        };
-        let ctd = Command::new("containerd")
-            .args(["--config", "ctd.toml"])
-            .current_dir(d)
-            .stdout(log("ctd.out"))
-            .stderr(log("ctd.log"))
+        let config = format!(
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             root = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{}\"\n\
+             [proxy_plugins.tarn]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+            d.join("root").display(),
+            d.join("state").display(),
+            sock.display(),
+            d.join("tarn.sock").display()
+        );
+        std::fs::write(d.join("ctd.toml"), config).expect("write containerd config");
+        let log = std::fs::File::create(d.join("containerd.log")).expect("create containerd log");
+        let containerd = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("ctd.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start containerd");
-        bed.children.push(ctd);
-        wait_for("registry", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        let bed = Bed {
+            registry,
+            dir,
+            sock,
+            containerd,
+        };
         wait_for("containerd", || bed.sock.exists());
         bed
+    }
+
+    fn host(&self) -> String {
+        self.registry.host()
     }
 
     /// Builds a two-layer busybox image with umoci and pushes it as `repo:1`.
@@ -167,7 +144,7 @@ impl Bed {
             "copy",
             "--dest-tls-verify=false",
             &format!("oci:{layout}"),
-            &format!("docker://{}/{repo}:1", self.registry),
+            &format!("docker://{}/{repo}:1", self.host()),
         ]));
         // Sum blob sizes from the layout: manifest + config + layers.
         let blobs = d.join("oci/blobs/sha256");
@@ -208,12 +185,10 @@ impl Bed {
 
     /// Bytes the registry has served for GETs since it started.
     fn registry_bytes_served(&self) -> u64 {
-        let log =
-            std::fs::read_to_string(self.dir.path().join("reg.log")).expect("read registry log");
-        log.lines()
-            .filter(|l| l.contains("response completed") && l.contains("http.request.method=GET"))
-            .filter_map(|l| l.split("http.response.written=").nth(1))
-            .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        let log = self.registry.log().expect("read registry log");
+        log.iter()
+            .filter(|r| r.method == "GET")
+            .map(|r| r.written)
             .sum()
     }
 
@@ -257,7 +232,7 @@ fn assert_one_line_error(out: &Output, expect: &str) {
 fn ordinary_image_pulls_and_runs() {
     let bed = Bed::up();
     bed.push_busybox("plain");
-    let reference = format!("{}/plain:1", bed.registry);
+    let reference = format!("{}/plain:1", bed.host());
     let out = run_ok(&mut bed.pull_cmd(&reference));
     let stdout = String::from_utf8_lossy(&out.stdout);
     // Not a terminal: one plain line per layer state, then the summary.
@@ -301,14 +276,17 @@ fn bad_input_gives_one_line_errors() {
     let bed = Bed::up();
     bed.push_busybox("exists");
     let missing = bed
-        .pull_cmd(&format!("{}/nosuch:1", bed.registry))
+        .pull_cmd(&format!("{}/nosuch:1", bed.host()))
         .output()
         .expect("run tarn");
     assert_one_line_error(&missing, "nosuch");
     let bad = bed.pull_cmd("Not A Reference").output().expect("run tarn");
     assert_one_line_error(&bad, "invalid image reference");
     let unreachable = bed
-        .pull_cmd(&format!("127.0.0.1:{}/exists:1", free_port()))
+        .pull_cmd(&format!(
+            "127.0.0.1:{}/exists:1",
+            free_port().expect("free port")
+        ))
         .output()
         .expect("run tarn");
     assert_one_line_error(&unreachable, "cannot resolve");
@@ -317,7 +295,7 @@ fn bad_input_gives_one_line_errors() {
             "pull",
             "--address",
             "/nonexistent/containerd.sock",
-            &format!("{}/exists:1", bed.registry),
+            &format!("{}/exists:1", bed.host()),
         ])
         .output()
         .expect("run tarn");
@@ -329,7 +307,7 @@ fn bad_input_gives_one_line_errors() {
         .args([
             "--snapshotter",
             "nosuch",
-            &format!("{}/exists:1", bed.registry),
+            &format!("{}/exists:1", bed.host()),
         ])
         .output()
         .expect("run tarn");
@@ -343,7 +321,7 @@ fn bad_input_gives_one_line_errors() {
 fn concurrent_pulls_of_one_reference_cost_one_pull() {
     let bed = Bed::up();
     let one_pull = bed.push_busybox("shared");
-    let reference = format!("{}/shared:1", bed.registry);
+    let reference = format!("{}/shared:1", bed.host());
     let before = bed.registry_bytes_served();
     let children: Vec<Child> = (0..5)
         .map(|_| {
@@ -396,12 +374,12 @@ fn concurrent_pulls_of_two_tags_sharing_blobs_all_succeed() {
         "copy",
         "--src-tls-verify=false",
         "--dest-tls-verify=false",
-        &format!("docker://{}/twins:1", bed.registry),
-        &format!("docker://{}/twins:2", bed.registry),
+        &format!("docker://{}/twins:1", bed.host()),
+        &format!("docker://{}/twins:2", bed.host()),
     ]));
     let children: Vec<Child> = (0..6)
         .map(|i| {
-            let reference = format!("{}/twins:{}", bed.registry, 1 + i % 2);
+            let reference = format!("{}/twins:{}", bed.host(), 1 + i % 2);
             bed.pull_cmd(&reference)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -418,7 +396,7 @@ fn concurrent_pulls_of_two_tags_sharing_blobs_all_succeed() {
         );
     }
     for tag in ["1", "2"] {
-        let reference = format!("{}/twins:{tag}", bed.registry);
+        let reference = format!("{}/twins:{tag}", bed.host());
         let id = format!("pull-twins-{tag}");
         let run = run_ok(bed.ctr().args([
             "run",
