@@ -1,0 +1,129 @@
+//! Serving: root-only unix sockets, the gRPC services on them, and a
+//! graceful stop.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tarn_proto::admin::admin_server::AdminServer;
+use tarn_proto::snapshots::snapshots_server::SnapshotsServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::config::Config;
+use crate::service::{AdminService, SnapshotsService};
+use crate::snapshotter::Snapshotter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is in use by a running process")]
+    InUse(PathBuf),
+    #[error("open snapshotter: {0}")]
+    Snapshotter(#[from] crate::snapshotter::Error),
+    #[error("serve {path}: {source}")]
+    Serve {
+        path: PathBuf,
+        source: tonic::transport::Error,
+    },
+    #[error("server task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { context, source }
+}
+
+/// Binds a unix socket at `path` readable and writable by root only.
+/// Creates the parent directory and replaces a stale socket file, but
+/// refuses one that a live process still answers on.
+pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+    }
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if !md.file_type().is_socket() {
+            return Err(Error::Io {
+                context: format!("bind {}", path.display()),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                ),
+            });
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io(format!("remove stale {}", path.display())))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
+    // Before the first accept: whoever can connect can create and delete
+    // container filesystems.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    Ok(listener)
+}
+
+/// Serves the Snapshots API on `address` and the admin API on the
+/// configured admin socket until `shutdown` resolves, then lets in-flight
+/// calls finish for the configured grace period. State stays on disk.
+pub async fn run(
+    root: &Path,
+    address: &Path,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let root = root.to_owned();
+    let sn = Arc::new(tokio::task::spawn_blocking(move || Snapshotter::open(&root)).await??);
+    let snap_listener = bind(address)?;
+    let admin_listener = bind(&config.admin_address)?;
+    tracing::info!(address = %address.display(), admin = %config.admin_address.display(), "serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let snap = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SnapshotsServer::new(SnapshotsService::new(sn.clone())))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(snap_listener),
+                stopped(stop_rx.clone()),
+            ),
+    );
+    let admin = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AdminServer::new(AdminService::new(sn)))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(admin_listener),
+                stopped(stop_rx),
+            ),
+    );
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let drained =
+        tokio::time::timeout(config.shutdown_grace(), async { (snap.await, admin.await) }).await;
+    for path in [address, config.admin_address.as_path()] {
+        let _ = std::fs::remove_file(path);
+    }
+    match drained {
+        Ok((s, a)) => {
+            s?.map_err(|source| Error::Serve {
+                path: address.to_owned(),
+                source,
+            })?;
+            a?.map_err(|source| Error::Serve {
+                path: config.admin_address.clone(),
+                source,
+            })?;
+        }
+        Err(_) => tracing::warn!("in-flight calls did not finish within the grace period"),
+    }
+    Ok(())
+}
