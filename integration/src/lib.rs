@@ -1,1 +1,3 @@
-//! placeholder
+//! Harnesses for tarn's integration tests: real daemons, real mounts.
+
+pub mod daemon;
