@@ -13,12 +13,12 @@ pub const DEFAULT_ADMIN_ADDRESS: &str = "/run/tarn/admin.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("read config {path}: {source}")]
+    #[error("read config {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("parse config {path}: {source}")]
+    #[error("parse config {path}")]
     Parse {
         path: PathBuf,
         source: toml::de::Error,

@@ -26,7 +26,7 @@ pub enum Error {
         at: usize,
         reason: &'static str,
     },
-    #[error("invalid filter regular expression {pattern:?}: {source}")]
+    #[error("invalid filter regular expression {pattern:?}")]
     Regex {
         pattern: String,
         source: regex::Error,

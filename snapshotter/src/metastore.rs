@@ -48,9 +48,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("metadata store: {0}")]
+    #[error("metadata store")]
     Store(#[from] redb::Error),
-    #[error("metadata record of {key:?} is corrupt: {source}")]
+    #[error("metadata record of {key:?} is corrupt")]
     Corrupt {
         key: String,
         source: serde_json::Error,

@@ -17,21 +17,21 @@ use crate::snapshotter::Snapshotter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         source: std::io::Error,
     },
     #[error("{0} is in use by a running process")]
     InUse(PathBuf),
-    #[error("open snapshotter: {0}")]
+    #[error("open snapshotter")]
     Snapshotter(#[from] crate::snapshotter::Error),
-    #[error("serve {path}: {source}")]
+    #[error("serve {path}")]
     Serve {
         path: PathBuf,
         source: tonic::transport::Error,
     },
-    #[error("server task failed: {0}")]
+    #[error("server task failed")]
     Join(#[from] tokio::task::JoinError),
 }
 

@@ -24,21 +24,32 @@ const LIST_BATCH: usize = 100;
 /// clients rely on.
 fn to_status(e: snapshotter::Error) -> Status {
     use metastore::Error as M;
+    let msg = error_chain(&e);
     match &e {
-        snapshotter::Error::Meta(M::NotFound(_)) => Status::not_found(e.to_string()),
-        snapshotter::Error::Meta(M::AlreadyExists(_)) => Status::already_exists(e.to_string()),
-        snapshotter::Error::Meta(M::FailedPrecondition(_)) => {
-            Status::failed_precondition(e.to_string())
-        }
+        snapshotter::Error::Meta(M::NotFound(_)) => Status::not_found(msg),
+        snapshotter::Error::Meta(M::AlreadyExists(_)) => Status::already_exists(msg),
+        snapshotter::Error::Meta(M::FailedPrecondition(_)) => Status::failed_precondition(msg),
         snapshotter::Error::Meta(M::InvalidArgument(_)) | snapshotter::Error::Filter(_) => {
-            Status::invalid_argument(e.to_string())
+            Status::invalid_argument(msg)
         }
         snapshotter::Error::Meta(M::Store(_) | M::Corrupt { .. })
         | snapshotter::Error::Io { .. } => {
-            tracing::error!(error = %e, "snapshot operation failed");
-            Status::internal(e.to_string())
+            tracing::error!(error = %msg, "snapshot operation failed");
+            Status::internal(msg)
         }
     }
+}
+
+/// `outer: cause: root cause`, the message a client (ctr) shows.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
 }
 
 /// Runs blocking snapshotter work (redb, filesystem) off the async workers.
@@ -310,6 +321,12 @@ mod tests {
             context: "stat x".into(),
             source: std::io::Error::other("boom"),
         };
-        assert_eq!(to_status(io).code(), tonic::Code::Internal);
+        let status = to_status(io);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(
+            status.message(),
+            "stat x: boom",
+            "the cause reaches the client"
+        );
     }
 }

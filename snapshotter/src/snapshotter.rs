@@ -26,7 +26,7 @@ pub enum Error {
     Meta(#[from] metastore::Error),
     #[error(transparent)]
     Filter(#[from] filters::Error),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io { context: String, source: io::Error },
 }
 
