@@ -125,7 +125,7 @@ async fn containerd_pulls_and_runs_an_ordinary_image_through_tarn() {
         .unwrap();
     let reference = push_busybox_image(&registry, work.path());
 
-    let tarn = Daemon::start().expect("start tarn-snapshotter");
+    let mut tarn = Daemon::start().expect("start tarn-snapshotter");
     let ctrd = Containerd::start(&tarn.address()).expect("start containerd");
 
     let plugins =
@@ -252,4 +252,71 @@ async fn containerd_pulls_and_runs_an_ordinary_image_through_tarn() {
         .unwrap()
         .count();
     assert_eq!(dirs, 2, "only the two layers' directories remain");
+
+    // Restart tarn under a running containerd: the image's layers are still
+    // there, so a container runs without pulling again.
+    drop(c);
+    let status = tarn.restart().expect("restart tarn");
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    // containerd's proxy client reconnects with a back-off of a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = ctrd
+            .ctr(&[
+                "run",
+                "--snapshotter",
+                "tarn",
+                "--rm",
+                &reference,
+                "tarn-plain-3",
+                "cat",
+                "/etc/hello.txt",
+            ])
+            .unwrap();
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from layer two\n",
+        "after restart: {}\ntarn: {}",
+        String::from_utf8_lossy(&out.stderr),
+        tarn.log()
+    );
+
+    // Removing the image lets containerd's GC remove every snapshot and
+    // directory from tarn.
+    let rm = ctrd.ctr(&["image", "rm", "--sync", &reference]).unwrap();
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    let mut c = tarn.client().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut stream = c
+            .list(pb::ListSnapshotsRequest {
+                snapshotter: "tarn".into(),
+                filters: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut left = Vec::new();
+        while let Some(b) = stream.message().await.unwrap() {
+            left.extend(b.info);
+        }
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "containerd's GC left {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dirs = std::fs::read_dir(tarn.root().join("snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(dirs, 0, "no orphaned snapshot directory");
 }
