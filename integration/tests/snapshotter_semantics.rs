@@ -5,19 +5,18 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nix::mount::{MntFlags, MsFlags};
+use tarn_integration::client::{
+    Client, commit, commit_labels, list, prepare, remove, stat, usage, view,
+};
 use tarn_integration::daemon::{Daemon, unix_channel};
+use tarn_integration::mounts::Mounted;
 use tarn_proto::Mount;
-use tarn_proto::snapshots::snapshots_client::SnapshotsClient;
 use tarn_proto::snapshots::{self as pb, Kind};
 use tonic::Code;
-use tonic::transport::Channel;
-
-type Client = SnapshotsClient<Channel>;
 
 static SEQ: AtomicU64 = AtomicU64::new(1);
 
@@ -38,238 +37,8 @@ async fn setup() -> (Daemon, Client) {
     (d, c)
 }
 
-async fn prepare(c: &mut Client, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
-    c.prepare(pb::PrepareSnapshotRequest {
-        snapshotter: "tarn".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn view(c: &mut Client, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
-    c.view(pb::ViewSnapshotRequest {
-        snapshotter: "tarn".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn commit(c: &mut Client, name: &str, key: &str) -> Result<(), tonic::Status> {
-    commit_labels(c, name, key, HashMap::new()).await
-}
-
-async fn commit_labels(
-    c: &mut Client,
-    name: &str,
-    key: &str,
-    labels: HashMap<String, String>,
-) -> Result<(), tonic::Status> {
-    c.commit(pb::CommitSnapshotRequest {
-        snapshotter: "tarn".into(),
-        name: name.into(),
-        key: key.into(),
-        labels,
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn remove(c: &mut Client, key: &str) -> Result<(), tonic::Status> {
-    c.remove(pb::RemoveSnapshotRequest {
-        snapshotter: "tarn".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn stat(c: &mut Client, key: &str) -> Result<pb::Info, tonic::Status> {
-    c.stat(pb::StatSnapshotRequest {
-        snapshotter: "tarn".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|r| r.into_inner().info.expect("stat answers an info"))
-}
-
-async fn list(c: &mut Client, filters: &[&str]) -> Result<Vec<pb::Info>, tonic::Status> {
-    let mut stream = c
-        .list(pb::ListSnapshotsRequest {
-            snapshotter: "tarn".into(),
-            filters: filters.iter().map(|f| f.to_string()).collect(),
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(batch) = stream.message().await? {
-        out.extend(batch.info);
-    }
-    Ok(out)
-}
-
-async fn usage(c: &mut Client, key: &str) -> pb::UsageResponse {
-    c.usage(pb::UsageRequest {
-        snapshotter: "tarn".into(),
-        key: key.into(),
-    })
-    .await
-    .expect("usage")
-    .into_inner()
-}
-
 fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
     r.expect_err("call should have failed").code()
-}
-
-/// The mounts of a snapshot applied on a temp dir, undone on drop.
-struct Mounted {
-    target: PathBuf,
-    mounted: bool,
-    _dir: tempfile::TempDir,
-}
-
-impl Mounted {
-    fn new(mounts: &[Mount]) -> Self {
-        assert_eq!(mounts.len(), 1, "one mount per snapshot: {mounts:?}");
-        let dir = tempfile::Builder::new()
-            .prefix("tarn-mnt-")
-            .tempdir_in("/tmp")
-            .expect("mount dir");
-        let mut m = Mounted {
-            target: dir.path().to_owned(),
-            mounted: false,
-            _dir: dir,
-        };
-        mount(&mounts[0], &m.target);
-        m.mounted = true;
-        m
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.target.join(rel.trim_start_matches('/'))
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if self.mounted {
-            // MNT_DETACH so a failed test with an open file cannot leak it.
-            let _ = nix::mount::umount2(&self.target, MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-/// Applies one mount like containerd's mount package does.
-fn mount(m: &Mount, target: &Path) {
-    let ro = m.options.iter().any(|o| o == "ro");
-    match m.r#type.as_str() {
-        "bind" => {
-            let mut flags = MsFlags::MS_BIND;
-            if m.options.iter().any(|o| o == "rbind") {
-                flags |= MsFlags::MS_REC;
-            }
-            nix::mount::mount(
-                Some(m.source.as_str()),
-                target,
-                None::<&str>,
-                flags,
-                None::<&str>,
-            )
-            .unwrap_or_else(|e| panic!("bind mount {m:?}: {e}"));
-            if ro {
-                nix::mount::mount(
-                    None::<&str>,
-                    target,
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                    None::<&str>,
-                )
-                .unwrap_or_else(|e| panic!("remount ro {m:?}: {e}"));
-            }
-        }
-        "overlay" => {
-            let opts: Vec<String> = m
-                .options
-                .iter()
-                .filter(|o| *o != "ro" && *o != "rw")
-                .cloned()
-                .collect();
-            let flags = if ro {
-                MsFlags::MS_RDONLY
-            } else {
-                MsFlags::empty()
-            };
-            let (chdir, opts) = compact_lowerdir(opts);
-            let data = opts.join(",");
-            let target = target.to_owned();
-            let source = m.source.clone();
-            // Relative lowerdirs need a cwd; give this one thread its own
-            // (unshare CLONE_FS), as containerd does, so the process' cwd
-            // stays untouched.
-            std::thread::spawn(move || {
-                if let Some(dir) = chdir {
-                    // SAFETY: unshare(CLONE_FS) only detaches this thread's
-                    // cwd/umask/root from the process; it touches no memory.
-                    let rc = unsafe { libc::unshare(libc::CLONE_FS) };
-                    assert_eq!(
-                        rc,
-                        0,
-                        "unshare(CLONE_FS): {}",
-                        std::io::Error::last_os_error()
-                    );
-                    nix::unistd::chdir(&dir).expect("chdir to common lowerdir parent");
-                }
-                nix::mount::mount(
-                    Some(source.as_str()),
-                    &target,
-                    Some("overlay"),
-                    flags,
-                    Some(data.as_str()),
-                )
-            })
-            .join()
-            .expect("mount thread")
-            .unwrap_or_else(|e| panic!("overlay mount {m:?}: {e}"));
-        }
-        other => panic!("unexpected mount type {other}"),
-    }
-}
-
-/// Mount data is limited to a page: with many layers, make lowerdirs
-/// relative to their common parent (what containerd's mount package does).
-fn compact_lowerdir(opts: Vec<String>) -> (Option<PathBuf>, Vec<String>) {
-    if opts.iter().map(|o| o.len() + 1).sum::<usize>() < 4000 {
-        return (None, opts);
-    }
-    let Some(idx) = opts.iter().position(|o| o.starts_with("lowerdir=")) else {
-        return (None, opts);
-    };
-    let dirs: Vec<&str> = opts[idx]["lowerdir=".len()..].split(':').collect();
-    // Every snapshot dir is <root>/snapshots/<id>/fs.
-    let common = Path::new(dirs[0])
-        .parent()
-        .and_then(Path::parent)
-        .expect("snapshot path has a parent")
-        .to_owned();
-    let rel: Vec<String> = dirs
-        .iter()
-        .map(|d| {
-            Path::new(d)
-                .strip_prefix(&common)
-                .expect("all lowerdirs share the snapshots dir")
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    let mut out = opts.clone();
-    out[idx] = format!("lowerdir={}", rel.join(":"));
-    (Some(common), out)
 }
 
 fn write(path: &Path, content: &str) {
