@@ -41,8 +41,9 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
 
 /// Binds a unix socket at `path` readable and writable by root only.
 /// Creates the parent directory and replaces a stale socket file, but
-/// refuses one that a live process still answers on.
-pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+/// refuses one that a live process still answers on. Blocking (filesystem,
+/// a probe connect): call it off the async workers.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
     }
@@ -61,12 +62,22 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
         }
         std::fs::remove_file(path).map_err(io(format!("remove stale {}", path.display())))?;
     }
-    let listener = UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(io(format!("bind {}", path.display())))?;
     // Before the first accept: whoever can connect can create and delete
     // container filesystems.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io(format!("chmod {}", path.display())))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io(format!("set {} non-blocking", path.display())))?;
     Ok(listener)
+}
+
+async fn bind_async(path: &Path) -> Result<UnixListener, Error> {
+    let p = path.to_owned();
+    let listener = tokio::task::spawn_blocking(move || bind(&p)).await??;
+    UnixListener::from_std(listener).map_err(io(format!("listen on {}", path.display())))
 }
 
 /// Serves the Snapshots API on `address` and the admin API on the
@@ -80,8 +91,8 @@ pub async fn run(
 ) -> Result<(), Error> {
     let root = root.to_owned();
     let sn = Arc::new(tokio::task::spawn_blocking(move || Snapshotter::open(&root)).await??);
-    let snap_listener = bind(address)?;
-    let admin_listener = bind(&config.admin_address)?;
+    let snap_listener = bind_async(address).await?;
+    let admin_listener = bind_async(&config.admin_address).await?;
     tracing::info!(address = %address.display(), admin = %config.admin_address.display(), "serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -109,9 +120,15 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let drained =
         tokio::time::timeout(config.shutdown_grace(), async { (snap.await, admin.await) }).await;
-    for path in [address, config.admin_address.as_path()] {
-        let _ = std::fs::remove_file(path);
-    }
+    // Gone with the process, so containerd sees the plugin down rather
+    // than a socket nobody answers.
+    let sockets = [address.to_owned(), config.admin_address.clone()];
+    let _ = tokio::task::spawn_blocking(move || {
+        for path in sockets {
+            let _ = std::fs::remove_file(path);
+        }
+    })
+    .await;
     match drained {
         Ok((s, a)) => {
             s?.map_err(|source| Error::Serve {
@@ -126,4 +143,34 @@ pub async fn run(
         Err(_) => tracing::warn!("in-flight calls did not finish within the grace period"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn bind_makes_root_only_sockets_and_replaces_stale_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/tarn/tarn.sock");
+        let live = bind(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert!(
+            matches!(bind(&path), Err(Error::InUse(_))),
+            "a socket someone listens on is not stale"
+        );
+        // What a SIGKILLed daemon leaves behind: the file without a listener.
+        drop(live);
+        assert!(path.exists());
+        let _again = bind(&path).expect("stale socket replaced");
+        let other = dir.path().join("plain-file");
+        std::fs::write(&other, "x").unwrap();
+        assert!(
+            bind(&other).is_err(),
+            "never delete a file that is not a socket"
+        );
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), "x");
+    }
 }
