@@ -116,7 +116,7 @@ fn push_busybox_image(registry: &Registry, work: &Path) -> String {
     reference
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_and_runs_an_ordinary_image_through_tarn() {
     let registry = Registry::start();
     let work = tempfile::Builder::new()

@@ -75,7 +75,7 @@ async fn with_view(c: &mut Client, parent: &str, f: impl FnOnce(&Mounted)) {
     remove(c, &k).await.expect("remove view");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_layers_stack_and_file_contents_show_through() {
     let (_d, mut c) = setup().await;
     let active = key("preparing");
@@ -127,7 +127,7 @@ async fn basic_layers_stack_and_file_contents_show_through() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stat_and_usage_of_active_and_committed() {
     let (_d, mut c) = setup().await;
     let active = key("active");
@@ -167,7 +167,7 @@ async fn stat_and_usage_of_active_and_committed() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transitivity_of_parents() {
     let (_d, mut c) = setup().await;
     let a = key("a");
@@ -187,7 +187,7 @@ async fn transitivity_of_parents() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_prepare_view_commit_and_mounts() {
     let (_d, mut c) = setup().await;
     let active = key("active");
@@ -272,7 +272,7 @@ async fn prepare_mounts_again(c: &mut Client, key: &str) -> Vec<Mount> {
     .mounts
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_labels_with_field_paths() {
     let (_d, mut c) = setup().await;
     let k = key("labelled");
@@ -353,7 +353,7 @@ async fn update_labels_with_field_paths() {
     assert_eq!(code(c.update(update(info, &[])).await), Code::NotFound);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_with_and_without_children() {
     let (d, mut c) = setup().await;
     let base = key("base");
@@ -382,7 +382,7 @@ async fn remove_with_and_without_children() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_and_walk_with_filters() {
     let (_d, mut c) = setup().await;
     let base = key("base");
@@ -482,7 +482,7 @@ async fn list_and_walk_with_filters() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_deleted_in_child_and_directories_replaced() {
     let (_d, mut c) = setup().await;
     let l1 = key("l1");
@@ -517,7 +517,7 @@ async fn files_deleted_in_child_and_directories_replaced() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_moved_from_lower_layer_and_renames() {
     let (_d, mut c) = setup().await;
     let l1 = key("l1");
@@ -557,7 +557,7 @@ async fn files_moved_from_lower_layer_and_renames() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chown_and_directory_permissions_survive_commit() {
     let (_d, mut c) = setup().await;
     let l1 = key("l1");
@@ -605,7 +605,7 @@ async fn chown_and_directory_permissions_survive_commit() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_are_read_only() {
     let (_d, mut c) = setup().await;
     let l1 = key("l1");
@@ -625,7 +625,7 @@ async fn views_are_read_only() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_directory_permissions() {
     let (_d, mut c) = setup().await;
     let k = key("root");
@@ -653,7 +653,7 @@ async fn root_directory_permissions() {
 /// containerd's CloseTwice closes a snapshotter twice; for a daemon the
 /// equivalent is clients that connect and go away repeatedly and a Cleanup
 /// run twice, after which the daemon still serves.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_clients_and_cleanup_twice() {
     let (d, mut c) = setup().await;
     let k = key("keep");
@@ -684,7 +684,7 @@ async fn closing_clients_and_cleanup_twice() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stack_of_128_layers_mounts() {
     let (_d, mut c) = setup().await;
     let mut parent = String::new();
@@ -718,7 +718,7 @@ async fn stack_of_128_layers_mounts() {
     assert_eq!(list(&mut c, &[]).await.unwrap().len(), 129);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_are_root_only() {
     let (d, _c) = setup().await;
     for sock in [d.address(), d.admin_address()] {
@@ -736,7 +736,7 @@ async fn sockets_are_root_only() {
     assert_eq!(stats.snapshots, 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_sigterm_and_restart() {
     let (mut d, mut c) = setup().await;
     let base = key("base");

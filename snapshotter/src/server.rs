@@ -91,8 +91,10 @@ pub async fn run(
 ) -> Result<(), Error> {
     let root = root.to_owned();
     let sn = Arc::new(tokio::task::spawn_blocking(move || Snapshotter::open(&root)).await??);
-    let snap_listener = bind_async(address).await?;
+    // The Snapshots socket last: once it exists, everything is up (callers
+    // and tests take its appearance as the ready signal).
     let admin_listener = bind_async(&config.admin_address).await?;
+    let snap_listener = bind_async(address).await?;
     tracing::info!(address = %address.display(), admin = %config.admin_address.display(), "serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
