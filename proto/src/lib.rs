@@ -30,3 +30,45 @@ pub mod tarn {
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types::Mount;
 pub use tarn::v1 as admin;
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// Field numbers and enum values are containerd's wire contract; a
+    /// renumbering would still compile, so pin the bytes.
+    #[test]
+    fn wire_layout_matches_containerd() {
+        let info = snapshots::Info {
+            name: "n".into(),
+            parent: "p".into(),
+            kind: snapshots::Kind::Committed.into(),
+            ..Default::default()
+        };
+        // 1:"n", 2:"p", 3:varint 3
+        assert_eq!(info.encode_to_vec(), b"\x0a\x01n\x12\x01p\x18\x03");
+        assert_eq!(snapshots::Kind::View as i32, 1);
+        assert_eq!(snapshots::Kind::Active as i32, 2);
+
+        let m = Mount {
+            r#type: "bind".into(),
+            source: "/s".into(),
+            target: String::new(),
+            options: vec!["ro".into()],
+        };
+        // 1:"bind", 2:"/s", 4:"ro"
+        assert_eq!(m.encode_to_vec(), b"\x0a\x04bind\x12\x02/s\x22\x02ro");
+
+        let c = snapshots::CommitSnapshotRequest {
+            snapshotter: "t".into(),
+            name: "n".into(),
+            key: "k".into(),
+            ..Default::default()
+        };
+        assert_eq!(c.encode_to_vec(), b"\x0a\x01t\x12\x01n\x1a\x01k");
+        let u = snapshots::UsageResponse { size: 1, inodes: 2 };
+        assert_eq!(u.encode_to_vec(), b"\x08\x01\x10\x02");
+    }
+}

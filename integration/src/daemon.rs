@@ -1,0 +1,308 @@
+//! Starts the real `tarn-snapshotter` (and, for end-to-end tests, a
+//! containerd that uses it as a proxy plugin) with temp roots and sockets.
+//! Dropping a handle stops its process by PID (SIGTERM, then SIGKILL after
+//! a timeout), waits for it, and detaches every mount left under its
+//! directory, so a failing test leaves nothing running or mounted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tarn_proto::snapshots::snapshots_client::SnapshotsClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The daemon binary: `$TARN_SNAPSHOTTER_BIN`, or `tarn-snapshotter` in the
+/// cargo target dir this test binary was built into (build it first with
+/// `cargo build -p tarn-snapshotter`).
+pub fn snapshotter_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TARN_SNAPSHOTTER_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().context("locate the test binary")?;
+    // target/<profile>/deps/<test> -> target/<profile>/tarn-snapshotter
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("tarn-snapshotter"))
+        .context("test binary has no target dir")?;
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build -p tarn-snapshotter` first or set TARN_SNAPSHOTTER_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A running `tarn-snapshotter` with its own root and sockets in a temp dir.
+pub struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh temp dir and waits until its socket answers.
+    pub fn start() -> Result<Self> {
+        // Short paths: overlay mount options are limited to one page.
+        let dir = tempfile::Builder::new()
+            .prefix("tarn-")
+            .tempdir_in("/tmp")
+            .context("create daemon temp dir")?;
+        let mut d = Daemon { dir, child: None };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn address(&self) -> PathBuf {
+        self.dir.path().join("tarn.sock")
+    }
+
+    pub fn admin_address(&self) -> PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let config = self.dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!("admin_address = {:?}\n", self.admin_address()),
+        )
+        .context("write daemon config")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .context("open daemon log")?;
+        let child = Command::new(snapshotter_bin()?)
+            .arg("--root")
+            .arg(self.root())
+            .arg("--address")
+            .arg(self.address())
+            .arg("--config")
+            .arg(&config)
+            .arg("--log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("clone log fd")?)
+            .stderr(log)
+            .spawn()
+            .context("spawn tarn-snapshotter")?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(self.address()).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait().context("poll daemon")?
+            {
+                self.child = None;
+                bail!("tarn-snapshotter exited early ({status}): {}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("tarn-snapshotter did not listen in time: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("daemon is not running")?;
+        stop_child(&mut child, Duration::from_secs(10))
+    }
+
+    /// Stops the daemon gracefully and starts it again on the same root.
+    pub fn restart(&mut self) -> Result<ExitStatus> {
+        let status = self.stop()?;
+        self.spawn()?;
+        Ok(status)
+    }
+
+    /// A client of the Snapshots API on the daemon's socket.
+    pub async fn client(&self) -> Result<SnapshotsClient<Channel>> {
+        Ok(SnapshotsClient::new(unix_channel(&self.address()).await?))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = stop_child(&mut child, Duration::from_secs(10));
+        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// A tonic channel over a unix socket (the URI is a placeholder tonic
+/// requires; the connector ignores it).
+pub async fn unix_channel(path: &Path) -> Result<Channel> {
+    let path = path.to_owned();
+    Endpoint::try_from("http://[::1]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .context("connect to unix socket")
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL: never leaves a process behind.
+pub fn stop_child(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
+    let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(status) = child.try_wait().context("wait for child")? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let status = child.wait().context("wait for killed child")?;
+            bail!("process {pid} ignored SIGTERM for {grace:?} and was killed ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Lazily detaches every mount at or below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A containerd with its own config, root, state and socket, using a tarn
+/// daemon at `snapshotter` as proxy plugin `tarn`.
+pub struct Containerd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    pub fn start(snapshotter: &Path) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("ctrd-")
+            .tempdir_in("/tmp")
+            .context("create containerd temp dir")?;
+        let p = dir.path();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{sock}"
+
+[ttrpc]
+  address = "{sock}.ttrpc"
+
+[debug]
+  address = "{sock}.debug"
+
+[metrics]
+  address = ""
+
+[proxy_plugins.tarn]
+  type = "snapshot"
+  address = "{snap}"
+"#,
+            root = p.join("root").display(),
+            state = p.join("state").display(),
+            sock = p.join("containerd.sock").display(),
+            snap = snapshotter.display(),
+        );
+        std::fs::write(p.join("config.toml"), config).context("write containerd config")?;
+        let log = std::fs::File::create(p.join("containerd.log")).context("open containerd log")?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(p.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("clone log fd")?)
+            .stderr(log)
+            .spawn()
+            .context("spawn containerd")?;
+        let c = Containerd {
+            dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c
+            .ctr(&["version"])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            if Instant::now() > deadline {
+                bail!("containerd did not start: {}", c.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(c)
+    }
+
+    pub fn address(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr --address SOCK ARGS...` and returns its output.
+    pub fn ctr(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.address())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("run ctr")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = stop_child(&mut child, Duration::from_secs(10));
+        }
+        unmount_under(self.dir.path());
+    }
+}

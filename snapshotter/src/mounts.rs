@@ -1,0 +1,165 @@
+//! Mount specs of a snapshot: a pure function of the snapshot, its parents
+//! and where their directories are, as containerd's overlayfs snapshotter
+//! computes them.
+
+use std::path::{Path, PathBuf};
+
+use crate::metastore::{Kind, Snapshot};
+
+/// One mount a client applies (containerd's `Mount`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Where snapshot directories live: `<root>/snapshots/<id>/{fs,work}`.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    snapshots: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: &Path) -> Self {
+        Layout {
+            snapshots: root.join("snapshots"),
+        }
+    }
+
+    pub fn snapshots_dir(&self) -> &Path {
+        &self.snapshots
+    }
+
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.snapshots.join(id.to_string())
+    }
+
+    /// The snapshot's content: the upper dir of an active one, the layer of
+    /// a committed one.
+    pub fn fs(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    /// overlayfs' scratch dir, only for active snapshots.
+    pub fn work(&self, id: u64) -> PathBuf {
+        self.dir(id).join("work")
+    }
+}
+
+/// The mounts of `s`.
+///
+/// - no parents: a bind mount of its own fs dir (overlay needs at least one
+///   lower dir), read-only for a view;
+/// - a view of a single parent: a read-only bind of that parent;
+/// - otherwise overlay with `lowerdir=` nearest parent first, plus
+///   `upperdir`/`workdir` for an active snapshot.
+///
+/// `index=off` keeps overlayfs from recording the lower dirs' identity, so a
+/// committed layer can be a lower dir of many overlays over its lifetime.
+pub fn mounts(layout: &Layout, s: &Snapshot) -> Vec<Mount> {
+    let path = |id: u64| layout.fs(id).to_string_lossy().into_owned();
+    if s.parent_ids.is_empty() {
+        let mode = if s.kind == Kind::View { "ro" } else { "rw" };
+        return vec![Mount {
+            kind: "bind".into(),
+            source: path(s.id),
+            options: vec![mode.into(), "rbind".into()],
+        }];
+    }
+    let mut options = vec!["index=off".to_owned()];
+    if s.kind == Kind::Active {
+        options.push(format!("workdir={}", layout.work(s.id).display()));
+        options.push(format!("upperdir={}", path(s.id)));
+    } else if let [only] = s.parent_ids[..] {
+        return vec![Mount {
+            kind: "bind".into(),
+            source: path(only),
+            options: vec!["ro".into(), "rbind".into()],
+        }];
+    }
+    let lower: Vec<String> = s.parent_ids.iter().map(|&id| path(id)).collect();
+    options.push(format!("lowerdir={}", lower.join(":")));
+    vec![Mount {
+        kind: "overlay".into(),
+        source: "overlay".into(),
+        options,
+    }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout::new(Path::new("/r"))
+    }
+
+    fn snap(id: u64, kind: Kind, parents: &[u64]) -> Snapshot {
+        Snapshot {
+            id,
+            kind,
+            parent_ids: parents.to_vec(),
+        }
+    }
+
+    #[test]
+    fn lone_active_is_rw_bind_of_own_dir() {
+        let m = mounts(&layout(), &snap(1, Kind::Active, &[]));
+        assert_eq!(
+            m,
+            vec![Mount {
+                kind: "bind".into(),
+                source: "/r/snapshots/1/fs".into(),
+                options: vec!["rw".into(), "rbind".into()],
+            }]
+        );
+    }
+
+    #[test]
+    fn lone_view_is_ro_bind() {
+        let m = mounts(&layout(), &snap(2, Kind::View, &[]));
+        assert_eq!(m[0].options, vec!["ro", "rbind"]);
+        assert_eq!(m[0].source, "/r/snapshots/2/fs");
+    }
+
+    #[test]
+    fn view_of_one_parent_binds_the_parent_read_only() {
+        let m = mounts(&layout(), &snap(5, Kind::View, &[3]));
+        assert_eq!(
+            m,
+            vec![Mount {
+                kind: "bind".into(),
+                source: "/r/snapshots/3/fs".into(),
+                options: vec!["ro".into(), "rbind".into()],
+            }]
+        );
+    }
+
+    #[test]
+    fn active_on_parents_is_overlay_nearest_first() {
+        let m = mounts(&layout(), &snap(9, Kind::Active, &[7, 4, 1]));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].kind, "overlay");
+        assert_eq!(m[0].source, "overlay");
+        assert_eq!(
+            m[0].options,
+            vec![
+                "index=off",
+                "workdir=/r/snapshots/9/work",
+                "upperdir=/r/snapshots/9/fs",
+                "lowerdir=/r/snapshots/7/fs:/r/snapshots/4/fs:/r/snapshots/1/fs",
+            ]
+        );
+    }
+
+    #[test]
+    fn view_of_several_parents_is_lowerdir_only() {
+        let m = mounts(&layout(), &snap(9, Kind::View, &[7, 4]));
+        assert_eq!(
+            m[0].options,
+            vec!["index=off", "lowerdir=/r/snapshots/7/fs:/r/snapshots/4/fs"]
+        );
+        assert!(!m[0].options.iter().any(|o| o.starts_with("upperdir")));
+    }
+}

@@ -1,0 +1,178 @@
+//! Serving: root-only unix sockets, the gRPC services on them, and a
+//! graceful stop.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tarn_proto::admin::admin_server::AdminServer;
+use tarn_proto::snapshots::snapshots_server::SnapshotsServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::config::Config;
+use crate::service::{AdminService, SnapshotsService};
+use crate::snapshotter::Snapshotter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is in use by a running process")]
+    InUse(PathBuf),
+    #[error("open snapshotter")]
+    Snapshotter(#[from] crate::snapshotter::Error),
+    #[error("serve {path}")]
+    Serve {
+        path: PathBuf,
+        source: tonic::transport::Error,
+    },
+    #[error("server task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { context, source }
+}
+
+/// Binds a unix socket at `path` readable and writable by root only.
+/// Creates the parent directory and replaces a stale socket file, but
+/// refuses one that a live process still answers on. Blocking (filesystem,
+/// a probe connect): call it off the async workers.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+    }
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if !md.file_type().is_socket() {
+            return Err(Error::Io {
+                context: format!("bind {}", path.display()),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                ),
+            });
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io(format!("remove stale {}", path.display())))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(io(format!("bind {}", path.display())))?;
+    // Before the first accept: whoever can connect can create and delete
+    // container filesystems.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io(format!("set {} non-blocking", path.display())))?;
+    Ok(listener)
+}
+
+async fn bind_async(path: &Path) -> Result<UnixListener, Error> {
+    let p = path.to_owned();
+    let listener = tokio::task::spawn_blocking(move || bind(&p)).await??;
+    UnixListener::from_std(listener).map_err(io(format!("listen on {}", path.display())))
+}
+
+/// Serves the Snapshots API on `address` and the admin API on the
+/// configured admin socket until `shutdown` resolves, then lets in-flight
+/// calls finish for the configured grace period. State stays on disk.
+pub async fn run(
+    root: &Path,
+    address: &Path,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let root = root.to_owned();
+    let sn = Arc::new(tokio::task::spawn_blocking(move || Snapshotter::open(&root)).await??);
+    // The Snapshots socket last: once it exists, everything is up (callers
+    // and tests take its appearance as the ready signal).
+    let admin_listener = bind_async(&config.admin_address).await?;
+    let snap_listener = bind_async(address).await?;
+    tracing::info!(address = %address.display(), admin = %config.admin_address.display(), "serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let snap = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SnapshotsServer::new(SnapshotsService::new(sn.clone())))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(snap_listener),
+                stopped(stop_rx.clone()),
+            ),
+    );
+    let admin = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AdminServer::new(AdminService::new(sn)))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(admin_listener),
+                stopped(stop_rx),
+            ),
+    );
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let drained =
+        tokio::time::timeout(config.shutdown_grace(), async { (snap.await, admin.await) }).await;
+    // Gone with the process, so containerd sees the plugin down rather
+    // than a socket nobody answers.
+    let sockets = [address.to_owned(), config.admin_address.clone()];
+    let _ = tokio::task::spawn_blocking(move || {
+        for path in sockets {
+            let _ = std::fs::remove_file(path);
+        }
+    })
+    .await;
+    match drained {
+        Ok((s, a)) => {
+            s?.map_err(|source| Error::Serve {
+                path: address.to_owned(),
+                source,
+            })?;
+            a?.map_err(|source| Error::Serve {
+                path: config.admin_address.clone(),
+                source,
+            })?;
+        }
+        Err(_) => tracing::warn!("in-flight calls did not finish within the grace period"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn bind_makes_root_only_sockets_and_replaces_stale_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/tarn/tarn.sock");
+        let live = bind(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert!(
+            matches!(bind(&path), Err(Error::InUse(_))),
+            "a socket someone listens on is not stale"
+        );
+        // What a SIGKILLed daemon leaves behind: the file without a listener.
+        drop(live);
+        assert!(path.exists());
+        let _again = bind(&path).expect("stale socket replaced");
+        let other = dir.path().join("plain-file");
+        std::fs::write(&other, "x").unwrap();
+        assert!(
+            bind(&other).is_err(),
+            "never delete a file that is not a socket"
+        );
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), "x");
+    }
+}

@@ -1,0 +1,332 @@
+//! The gRPC edge: containerd's Snapshots service and tarn's admin service.
+//! Converts proto <-> domain types and errors -> status codes (the only
+//! place that does); no snapshot logic lives here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tarn_proto::admin::{self, admin_server::Admin};
+use tarn_proto::snapshots::{self as pb, snapshots_server::Snapshots};
+use tonic::{Request, Response, Status};
+
+use crate::metastore::{self, Info, Kind};
+use crate::mounts::Mount;
+use crate::snapshotter::{self, Snapshotter};
+
+/// Infos per List message: containerd's own service sends batches of 100
+/// so a large list never becomes one oversized message.
+const LIST_BATCH: usize = 100;
+
+/// The one mapping from errors to gRPC status codes. containerd turns the
+/// codes back into its errdefs (NotFound, AlreadyExists, ...), which its
+/// clients rely on.
+fn to_status(e: snapshotter::Error) -> Status {
+    use metastore::Error as M;
+    let msg = error_chain(&e);
+    match &e {
+        snapshotter::Error::Meta(M::NotFound(_)) => Status::not_found(msg),
+        snapshotter::Error::Meta(M::AlreadyExists(_)) => Status::already_exists(msg),
+        snapshotter::Error::Meta(M::FailedPrecondition(_)) => Status::failed_precondition(msg),
+        snapshotter::Error::Meta(M::InvalidArgument(_)) | snapshotter::Error::Filter(_) => {
+            Status::invalid_argument(msg)
+        }
+        snapshotter::Error::Meta(M::Store(_) | M::Corrupt { .. })
+        | snapshotter::Error::Io { .. } => {
+            tracing::error!(error = %msg, "snapshot operation failed");
+            Status::internal(msg)
+        }
+    }
+}
+
+/// `outer: cause: root cause`, the message a client (ctr) shows.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// Runs blocking snapshotter work (redb, filesystem) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> snapshotter::Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?
+        .map_err(to_status)
+}
+
+fn parent(p: String) -> Option<String> {
+    (!p.is_empty()).then_some(p)
+}
+
+fn labels(l: HashMap<String, String>) -> BTreeMap<String, String> {
+    l.into_iter().collect()
+}
+
+fn mounts_pb(mounts: Vec<Mount>) -> Vec<tarn_proto::Mount> {
+    mounts
+        .into_iter()
+        .map(|m| tarn_proto::Mount {
+            r#type: m.kind,
+            source: m.source,
+            target: String::new(),
+            options: m.options,
+        })
+        .collect()
+}
+
+fn kind_pb(k: Kind) -> pb::Kind {
+    match k {
+        Kind::View => pb::Kind::View,
+        Kind::Active => pb::Kind::Active,
+        Kind::Committed => pb::Kind::Committed,
+    }
+}
+
+fn info_pb(i: Info) -> pb::Info {
+    pb::Info {
+        name: i.name,
+        parent: i.parent.unwrap_or_default(),
+        kind: kind_pb(i.kind).into(),
+        created_at: Some(i.created.into()),
+        updated_at: Some(i.updated.into()),
+        labels: i.labels.into_iter().collect(),
+    }
+}
+
+/// Only name and labels of an Update's info matter; the rest is ignored as
+/// containerd's storage ignores it.
+fn info_domain(i: pb::Info) -> Info {
+    Info {
+        name: i.name,
+        parent: parent(i.parent),
+        kind: Kind::Active,
+        labels: labels(i.labels),
+        created: std::time::SystemTime::UNIX_EPOCH,
+        updated: std::time::SystemTime::UNIX_EPOCH,
+    }
+}
+
+#[derive(Clone)]
+pub struct SnapshotsService {
+    sn: Arc<Snapshotter>,
+}
+
+impl SnapshotsService {
+    pub fn new(sn: Arc<Snapshotter>) -> Self {
+        SnapshotsService { sn }
+    }
+}
+
+type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Snapshots for SnapshotsService {
+    async fn prepare(
+        &self,
+        req: Request<pb::PrepareSnapshotRequest>,
+    ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(key = %r.key, parent = %r.parent, "prepare");
+        let sn = self.sn.clone();
+        let mounts =
+            blocking(move || sn.prepare(&r.key, parent(r.parent).as_deref(), labels(r.labels)))
+                .await?;
+        Ok(Response::new(pb::PrepareSnapshotResponse {
+            mounts: mounts_pb(mounts),
+        }))
+    }
+
+    async fn view(
+        &self,
+        req: Request<pb::ViewSnapshotRequest>,
+    ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(key = %r.key, parent = %r.parent, "view");
+        let sn = self.sn.clone();
+        let mounts =
+            blocking(move || sn.view(&r.key, parent(r.parent).as_deref(), labels(r.labels)))
+                .await?;
+        Ok(Response::new(pb::ViewSnapshotResponse {
+            mounts: mounts_pb(mounts),
+        }))
+    }
+
+    async fn mounts(
+        &self,
+        req: Request<pb::MountsRequest>,
+    ) -> Result<Response<pb::MountsResponse>, Status> {
+        let r = req.into_inner();
+        let sn = self.sn.clone();
+        let mounts = blocking(move || sn.mounts(&r.key)).await?;
+        Ok(Response::new(pb::MountsResponse {
+            mounts: mounts_pb(mounts),
+        }))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<pb::CommitSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(key = %r.key, name = %r.name, "commit");
+        let sn = self.sn.clone();
+        blocking(move || sn.commit(&r.name, &r.key, labels(r.labels))).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<pb::RemoveSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let r = req.into_inner();
+        tracing::debug!(key = %r.key, "remove");
+        let sn = self.sn.clone();
+        blocking(move || sn.remove(&r.key)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(
+        &self,
+        req: Request<pb::StatSnapshotRequest>,
+    ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let sn = self.sn.clone();
+        let info = blocking(move || sn.stat(&r.key)).await?;
+        Ok(Response::new(pb::StatSnapshotResponse {
+            info: Some(info_pb(info)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        req: Request<pb::UpdateSnapshotRequest>,
+    ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let info = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without snapshot info"))?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let sn = self.sn.clone();
+        let info = blocking(move || sn.update(&info_domain(info), &paths)).await?;
+        Ok(Response::new(pb::UpdateSnapshotResponse {
+            info: Some(info_pb(info)),
+        }))
+    }
+
+    type ListStream = ListStream;
+
+    async fn list(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let r = req.into_inner();
+        let sn = self.sn.clone();
+        let infos = blocking(move || sn.list(&r.filters)).await?;
+        let mut batches = Vec::new();
+        let mut infos = infos.into_iter().map(info_pb).peekable();
+        while infos.peek().is_some() {
+            let info: Vec<_> = infos.by_ref().take(LIST_BATCH).collect();
+            batches.push(Ok(pb::ListSnapshotsResponse { info }));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(batches))))
+    }
+
+    async fn usage(
+        &self,
+        req: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
+        let r = req.into_inner();
+        let sn = self.sn.clone();
+        let u = blocking(move || sn.usage(&r.key)).await?;
+        Ok(Response::new(pb::UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
+    }
+
+    async fn cleanup(&self, _req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        let sn = self.sn.clone();
+        blocking(move || sn.cleanup()).await?;
+        Ok(Response::new(()))
+    }
+}
+
+/// tarn's admin API. Until remote layers exist it reports the snapshot
+/// count and no layers.
+#[derive(Clone)]
+pub struct AdminService {
+    sn: Arc<Snapshotter>,
+}
+
+impl AdminService {
+    pub fn new(sn: Arc<Snapshotter>) -> Self {
+        AdminService { sn }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_layers(
+        &self,
+        _req: Request<admin::ListLayersRequest>,
+    ) -> Result<Response<admin::ListLayersResponse>, Status> {
+        Ok(Response::new(admin::ListLayersResponse { layers: vec![] }))
+    }
+
+    async fn stats(
+        &self,
+        _req: Request<admin::StatsRequest>,
+    ) -> Result<Response<admin::StatsResponse>, Status> {
+        let sn = self.sn.clone();
+        let snapshots = blocking(move || sn.count()).await?;
+        Ok(Response::new(admin::StatsResponse {
+            snapshots: snapshots as u64,
+            ..Default::default()
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinels_map_to_their_codes() {
+        let m = |e: metastore::Error| to_status(e.into()).code();
+        assert_eq!(
+            m(metastore::Error::NotFound("x".into())),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            m(metastore::Error::AlreadyExists("x".into())),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(
+            m(metastore::Error::FailedPrecondition("x".into())),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            m(metastore::Error::InvalidArgument("x".into())),
+            tonic::Code::InvalidArgument
+        );
+        let io = snapshotter::Error::Io {
+            context: "stat x".into(),
+            source: std::io::Error::other("boom"),
+        };
+        let status = to_status(io);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(
+            status.message(),
+            "stat x: boom",
+            "the cause reaches the client"
+        );
+    }
+}
