@@ -31,7 +31,19 @@ usage() {
   exit 2
 }
 
-have() { [ -f "$CACHE/$1/index.json" ]; }
+manifest_of() { jq -r '.manifests[0].digest' "$CACHE/$1/index.json"; }
+
+# A plain image is present when its layout is; a converted one also needs to
+# come from the plain image now in the cache (rebuilt plain -> reconvert).
+have() {
+  [ -f "$CACHE/$1/index.json" ] || return 1
+  case "$1" in
+    *-esgz | *-esgz-opt)
+      have "${1%-esgz*}" &&
+        [ "$(cat "$CACHE/.sources/$1" 2>/dev/null)" = "$(manifest_of "${1%-esgz*}")" ]
+      ;;
+  esac
+}
 
 # Run "$@" and log how long it took.
 timed() {
@@ -101,6 +113,17 @@ EOF
   chmod 755 "$root/app/run.sh"
 }
 
+# stage_tree PATH ROOT: ROOT/PATH becomes a copy of PATH, hard-linked when
+# the cache shares a filesystem with it (instant, no space).
+stage_tree() {
+  local path="$1" root="$2"
+  mkdir -p "$root$(dirname "$path")"
+  cp -al "$path" "$root$path" 2>/dev/null || {
+    rm -rf "$root$path"
+    cp -a "$path" "$root$path"
+  }
+}
+
 # umoci_layer LAYOUT SRC [DEST]: add one layer holding SRC at DEST (default /).
 umoci_layer() {
   umoci insert --image "$1:latest" "$2" "${3:-/}" >/dev/null
@@ -139,8 +162,12 @@ build_plain() {
     multi)
       ensure python
       skopeo copy -q "oci:$CACHE/python:latest" "oci:$layout:latest"
-      umoci_layer "$layout" /usr/share/go-1.19 /usr/share/go-1.19
-      umoci_layer "$layout" /usr/lib/go-1.19 /usr/lib/go-1.19
+      # Staged under usr/ so the layers carry their parent directories, as
+      # layers built by docker do (ctr-remote optimize requires them).
+      stage_tree /usr/share/go-1.19 "$work/go-src"
+      umoci_layer "$layout" "$work/go-src"
+      stage_tree /usr/lib/go-1.19 "$work/go-lib"
+      umoci_layer "$layout" "$work/go-lib"
       stage_app "$work/app"
       umoci_layer "$layout" "$work/app"
       umoci_finish "$layout" --config.cmd /app/run.sh
@@ -165,7 +192,7 @@ build_esgz() {
   done
   bed="$(mktemp -d /tmp/tarn-images-bed.XXXXXX)"
   # shellcheck disable=SC2064 # expand $bed now: it is local
-  trap "'$SCRIPTS/testbed.sh' down '$bed' >/dev/null 2>&1 || true; rm -rf '$bed'" EXIT
+  trap "'$SCRIPTS/testbed.sh' down '$bed/tb' >/dev/null 2>&1 || true; rm -rf '$bed'" EXIT
   "$SCRIPTS/testbed.sh" up "$bed/tb" --registry --containerd
   local REGISTRY CONTAINERD_SOCK
   # shellcheck disable=SC1091
@@ -197,6 +224,8 @@ build_esgz() {
     skopeo copy -q --src-tls-verify=false "docker://$dst" "oci:$CACHE/.work/$name:latest"
     rm -rf "${CACHE:?}/$name"
     mv "$CACHE/.work/$name" "$CACHE/$name"
+    mkdir -p "$CACHE/.sources"
+    manifest_of "$src" >"$CACHE/.sources/$name"
   done
   "$SCRIPTS/testbed.sh" down "$bed/tb" >/dev/null
   rm -rf "$bed"
@@ -216,16 +245,21 @@ ensure() {
 }
 
 # Builds hold a lock on the cache so parallel tests never build one image
-# twice or read a half-written layout.
+# twice. Readers need no lock: a layout appears by rename only when complete.
 with_lock() {
   mkdir -p "$CACHE"
   exec 9>"$CACHE/.lock"
   flock 9
   "$@"
+  exec 9>&-
+}
+
+all_present() {
+  local name
+  for name in "$@"; do have "$name" || return 1; done
 }
 
 cmd_build() {
-  [ "$#" -gt 0 ] || set -- "${ALL[@]}"
   local name missing_esgz=()
   for name in "$@"; do
     case "$name" in
@@ -242,7 +276,7 @@ cmd_build() {
 
 cmd_push() {
   local name="$1" registry="$2" tag="${3:-latest}"
-  ensure "$name"
+  have "$name" || with_lock ensure "$name"
   skopeo copy -q --dest-tls-verify=false "oci:$CACHE/$name:latest" "docker://$registry/$name:$tag"
 }
 
@@ -256,7 +290,7 @@ cmd_info() {
       echo "$name: not built"
       continue
     }
-    manifest="$(jq -r '.manifests[0].digest' "$CACHE/$name/index.json")"
+    manifest="$(manifest_of "$name")"
     comp=0 unpacked=0 n=0
     while read -r digest; do
       local blob="$CACHE/$name/blobs/${digest%%:*}/${digest#*:}"
@@ -274,10 +308,17 @@ cmd_info() {
 verb="$1"
 shift
 case "$verb" in
-  build) with_lock cmd_build "$@" ;;
+  build)
+    [ "$#" -gt 0 ] || set -- "${ALL[@]}"
+    if all_present "$@"; then
+      for name in "$@"; do log "$name: $CACHE/$name"; done
+    else
+      with_lock cmd_build "$@"
+    fi
+    ;;
   push)
     [ "$#" -ge 2 ] || usage
-    with_lock cmd_push "$@"
+    cmd_push "$@"
     ;;
   info) cmd_info "$@" ;;
   path)

@@ -48,11 +48,13 @@ env_set() {
 
 # Start a command in the background, its stdout and stderr into LOG, its
 # pid into DIR/NAME.pid. setsid puts it in its own session so a Ctrl-C on the
-# caller's terminal does not reach it before `down` does.
+# caller's terminal does not reach it before `down` does. Descriptor 9 (the
+# image cache lock of images.sh) is not passed on: a daemon holding it would
+# hold the lock for its whole life.
 spawn() {
   local name="$1" logfile="$2"
   shift 2
-  setsid "$@" </dev/null >>"$logfile" 2>&1 &
+  setsid "$@" </dev/null >>"$logfile" 2>&1 9>&- &
   echo "$!" >"$DIR/$name.pid"
 }
 
@@ -61,8 +63,13 @@ pid_of() {
   [ -f "$f" ] && cat "$f"
 }
 
+# A zombie is not alive: its parent (when not us) may be slow to reap it.
 alive() {
-  [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null
+  [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"
+  [ "${stat%% *}" != Z ]
 }
 
 # wait_for NAME LOG CMD...: poll CMD until it succeeds, failing early if the
@@ -310,20 +317,62 @@ stop_tasks_gracefully() {
 }
 
 # Whatever is left of containers and their shims, found through containerd's
-# state dir: the container's init pid and the shim's pid are files in each
-# task bundle.
+# state dir: each task bundle holds the container's init pid, and a shim runs
+# with its bundle as working directory and names our containerd socket on its
+# command line.
 stop_shims() {
   local taskdir="$DIR/containerd/state/io.containerd.runtime.v2.task" f pid
   [ -d "$taskdir" ] || return 0
-  for f in "$taskdir"/*/*/init.pid "$taskdir"/*/*/shim.pid; do
+  for f in "$taskdir"/*/*/init.pid; do
     [ -f "$f" ] || continue
     pid="$(cat "$f" 2>/dev/null || true)"
     [[ "$pid" =~ ^[0-9]+$ ]] || continue
+    # A container's init is pid 1 in its namespace and ignores SIGTERM
+    # unless it handles it.
     if alive "$pid"; then
-      log "stopping leftover pid $pid ($f)"
-      kill_and_wait "$pid"
+      log "killing leftover container init $pid ($f)"
+      kill -KILL "$pid" 2>/dev/null || true
     fi
   done
+  for pid in $(shim_pids "$taskdir"); do
+    log "stopping leftover shim $pid"
+    kill_and_wait "$pid"
+  done
+  delete_runc_state "$taskdir"
+}
+
+# A shim that did not exit cleanly leaves runc's state (and cgroup) behind in
+# runc's root, which is a system path (/run/containerd/runc/NAMESPACE): delete
+# the containers there whose bundle is one of ours, and only those.
+delete_runc_state() {
+  local taskdir="$1" bundle ns id root
+  for bundle in "$taskdir"/*/*; do
+    [ -d "$bundle" ] || continue
+    id="$(basename "$bundle")"
+    ns="$(basename "$(dirname "$bundle")")"
+    root="/run/containerd/runc/$ns"
+    [ -d "$root/$id" ] || continue
+    if runc --root "$root" state "$id" 2>/dev/null | grep -qF "\"bundle\": \"$bundle\""; then
+      log "deleting leftover runc container $ns/$id"
+      runc --root "$root" delete -f "$id" >/dev/null 2>&1 || true
+    fi
+  done
+}
+
+shim_pids() {
+  "$PYTHON" - "$1" "$DIR/containerd.sock" <<'EOF'
+import os, sys
+taskdir, sock = sys.argv[1].rstrip("/") + "/", sys.argv[2]
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        continue
+    if cwd.startswith(taskdir) and sock.encode() in args:
+        print(pid)
+EOF
 }
 
 # Mount points under DIR, deepest first, with mountinfo's octal escapes
