@@ -295,7 +295,11 @@ kill_and_wait() {
   if alive "$pid"; then
     log "pid $pid ignored SIGTERM, killing"
     kill -KILL "$pid" 2>/dev/null || true
-    while alive "$pid"; do sleep 0.05; done
+    # Bounded: a process stuck in the kernel (say, on a dead FUSE mount)
+    # dies only once that mount is gone, which comes later.
+    deadline=$((SECONDS + STOP_TIMEOUT))
+    while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+    alive "$pid" && log "pid $pid survives SIGKILL (blocked in the kernel?)"
   fi
   # Reap it if it is our child (it is not when down runs in a new shell).
   wait "$pid" 2>/dev/null || true
