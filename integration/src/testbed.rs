@@ -32,6 +32,8 @@ pub enum TestbedError {
         #[source]
         source: io::Error,
     },
+    #[error("creating a temporary directory: {0}")]
+    TempDir(#[source] io::Error),
     #[error("test bed env has no {0} (component not started?)")]
     Missing(&'static str),
     #[error("unparsable line in {path}: {line}")]
@@ -118,10 +120,7 @@ impl Testbed {
         let dir = tempfile::Builder::new()
             .prefix("tarn-testbed-")
             .tempdir()
-            .map_err(|source| TestbedError::Read {
-                path: std::env::temp_dir(),
-                source,
-            })?;
+            .map_err(TestbedError::TempDir)?;
         let path = dir.path().join("bed");
         let mut cmd = Command::new(script("testbed.sh"));
         cmd.arg("up").arg(&path);
