@@ -4,7 +4,7 @@ set -euo pipefail
 
 PKGS=(containerd runc docker-registry skopeo stargz-snapshotter fuse3 umoci
       busybox-static iproute2 protobuf-compiler python3-minimal libpython3.11-stdlib
-      golang-1.19-src golang-1.19-go ca-certificates curl jq)
+      golang-1.19-src golang-1.19-go ca-certificates curl jq shellcheck)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,0 +1,50 @@
+# tarn's verbs. `make test` and `make demo` work on a fresh Debian machine as
+# root with only cargo installed: they install the packages they need first.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+CARGO ?= cargo
+TESTBED_DIR ?= .testbed
+# Tests start the release-built daemon and CLI from here.
+TARN_BIN_DIR ?= $(CURDIR)/target/release
+export TARN_BIN_DIR
+
+.PHONY: all setup deps build images test demo bench lint testbed-up testbed-down
+
+all: build
+
+setup: deps build
+
+deps:
+	scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release --workspace
+
+# Test images are built once into a cache kept between runs
+# ($$TARN_IMAGE_CACHE, default /var/cache/tarn-images).
+images: deps
+	scripts/images.sh build
+
+test: setup images
+	$(CARGO) test --workspace
+
+demo: setup images
+	scripts/demo.sh
+
+bench: setup images
+	@if [ -x scripts/bench.sh ]; then scripts/bench.sh; \
+	else echo "bench: scripts/bench.sh does not exist yet" >&2; exit 1; fi
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@if command -v shellcheck >/dev/null; then shellcheck scripts/*.sh .ci/run; \
+	else echo "lint: shellcheck not installed (make deps)" >&2; exit 1; fi
+
+testbed-up: build
+	scripts/testbed.sh up $(TESTBED_DIR) --all
+
+testbed-down:
+	scripts/testbed.sh down $(TESTBED_DIR)
+	rm -rf $(TESTBED_DIR)

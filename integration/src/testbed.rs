@@ -1,0 +1,344 @@
+//! The test bed from Rust: a registry, containerd and tarn-snapshotter started
+//! by `scripts/testbed.sh` in a fresh temporary directory, and stopped (every
+//! process, shim and mount of it) when the [`Testbed`] is dropped, also when a
+//! test fails.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tempfile::TempDir;
+
+/// What can go wrong while starting or using a test bed.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    #[error("running {cmd}: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{cmd} failed ({status}): {stderr}")]
+    Failed {
+        cmd: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating a temporary directory: {0}")]
+    TempDir(#[source] io::Error),
+    #[error("test bed env has no {0} (component not started?)")]
+    Missing(&'static str),
+    #[error("unparsable line in {path}: {line}")]
+    Parse { path: PathBuf, line: String },
+}
+
+/// A component `testbed.sh up` can start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Registry,
+    Containerd,
+    Tarn,
+}
+
+impl Component {
+    fn flag(self) -> &'static str {
+        match self {
+            Component::Registry => "--registry",
+            Component::Containerd => "--containerd",
+            Component::Tarn => "--tarn",
+        }
+    }
+}
+
+/// One request as the registry's access log recorded it. Registry 2.8 does
+/// not log request headers, so the Range of a ranged GET is not known; its
+/// status is 206.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// Body bytes the registry wrote in its response.
+    pub bytes: u64,
+}
+
+impl Request {
+    /// A GET of a blob (`/v2/NAME/blobs/DIGEST`), whole or ranged.
+    pub fn is_blob_get(&self) -> bool {
+        self.method == "GET" && self.path.contains("/blobs/sha256:")
+    }
+}
+
+/// A running test bed. Dropping it runs `testbed.sh down`.
+pub struct Testbed {
+    dir: Option<TempDir>,
+    path: PathBuf,
+    env: HashMap<String, String>,
+}
+
+/// The repository root, where `scripts/` lives.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the integration crate sits inside the repository")
+        .to_path_buf()
+}
+
+fn script(name: &str) -> PathBuf {
+    repo_root().join("scripts").join(name)
+}
+
+/// Runs a command to completion; a non-zero exit is an error carrying stderr.
+fn run(cmd: &mut Command) -> Result<Output, TestbedError> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| TestbedError::Spawn {
+        cmd: shown.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(TestbedError::Failed {
+            cmd: shown,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+impl Testbed {
+    /// Starts `components` in a fresh temporary directory and waits until
+    /// each answers. An empty slice starts everything.
+    pub fn up(components: &[Component]) -> Result<Testbed, TestbedError> {
+        let dir = tempfile::Builder::new()
+            .prefix("tarn-testbed-")
+            .tempdir()
+            .map_err(TestbedError::TempDir)?;
+        let path = dir.path().join("bed");
+        let mut cmd = Command::new(script("testbed.sh"));
+        cmd.arg("up").arg(&path);
+        if components.is_empty() {
+            cmd.arg("--all");
+        }
+        cmd.args(components.iter().map(|c| c.flag()));
+        // On failure testbed.sh has already stopped what it started.
+        run(&mut cmd)?;
+        let env = parse_env(&path.join("env"))?;
+        Ok(Testbed {
+            dir: Some(dir),
+            path,
+            env,
+        })
+    }
+
+    /// The directory holding the test bed's configs, data, logs and sockets.
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// A variable of `DIR/env` (`REGISTRY`, `CONTAINERD_SOCK`, `TARN_SOCK`...).
+    pub fn var(&self, key: &str) -> Option<&str> {
+        self.env.get(key).map(String::as_str)
+    }
+
+    fn require(&self, key: &'static str) -> Result<&str, TestbedError> {
+        self.var(key).ok_or(TestbedError::Missing(key))
+    }
+
+    /// `127.0.0.1:PORT` of the registry.
+    pub fn registry(&self) -> Result<&str, TestbedError> {
+        self.require("REGISTRY")
+    }
+
+    pub fn containerd_sock(&self) -> Result<&str, TestbedError> {
+        self.require("CONTAINERD_SOCK")
+    }
+
+    pub fn tarn_sock(&self) -> Result<&str, TestbedError> {
+        self.require("TARN_SOCK")
+    }
+
+    /// Pids of the daemons the test bed started.
+    pub fn pids(&self) -> Vec<u32> {
+        ["REGISTRY_PID", "CONTAINERD_PID", "TARN_PID"]
+            .iter()
+            .filter_map(|k| self.var(k)?.parse().ok())
+            .collect()
+    }
+
+    /// Every request the registry has answered so far, in order.
+    pub fn registry_log(&self) -> Result<Vec<Request>, TestbedError> {
+        let path = PathBuf::from(self.require("REGISTRY_LOG")?);
+        let text = fs::read_to_string(&path).map_err(|source| TestbedError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(parse_registry_log(&text))
+    }
+
+    /// Body bytes the registry has sent for all requests so far.
+    pub fn bytes_served(&self) -> Result<u64, TestbedError> {
+        Ok(self.registry_log()?.iter().map(|r| r.bytes).sum())
+    }
+
+    /// Runs `ctr --address CONTAINERD_SOCK ARGS...` (output whatever the exit).
+    pub fn ctr(&self, args: &[&str]) -> Result<Output, TestbedError> {
+        let sock = self.containerd_sock()?;
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(sock).args(args);
+        cmd.output().map_err(|source| TestbedError::Spawn {
+            cmd: format!("{cmd:?}"),
+            source,
+        })
+    }
+
+    /// Pushes the cached test image `name` (see `scripts/images.sh`, built if
+    /// missing) to the registry; returns its reference.
+    pub fn push_image(&self, name: &str) -> Result<String, TestbedError> {
+        let registry = self.registry()?;
+        run(Command::new(script("images.sh"))
+            .arg("push")
+            .arg(name)
+            .arg(registry))?;
+        Ok(format!("{registry}/{name}:latest"))
+    }
+
+    /// Stops the test bed now, reporting a failure to clean up.
+    pub fn down(mut self) -> Result<(), TestbedError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), TestbedError> {
+        let Some(dir) = self.dir.take() else {
+            return Ok(());
+        };
+        let result = run(Command::new(script("testbed.sh"))
+            .arg("down")
+            .arg(&self.path));
+        if result.is_err() {
+            // Something may still be mounted inside: removing the directory
+            // could reach through a mount, so leave it for a human.
+            let kept = dir.keep();
+            eprintln!("testbed: down failed, keeping {}", kept.display());
+        }
+        result.map(|_| ())
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("testbed: {e}");
+        }
+    }
+}
+
+/// Reads `DIR/env`: `KEY=VALUE` lines as bash's `printf %q` writes them.
+fn parse_env(path: &Path) -> Result<HashMap<String, String>, TestbedError> {
+    let text = fs::read_to_string(path).map_err(|source| TestbedError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut env = HashMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let parse_err = || TestbedError::Parse {
+            path: path.to_owned(),
+            line: line.to_owned(),
+        };
+        let (key, value) = line.split_once('=').ok_or_else(parse_err)?;
+        env.insert(key.to_owned(), unquote(value).ok_or_else(parse_err)?);
+    }
+    Ok(env)
+}
+
+/// Undoes `printf %q` for the values the test bed writes (paths, addresses,
+/// numbers): backslash escapes only; `$'...'` quoting is not expected.
+fn unquote(value: &str) -> Option<String> {
+    if value.starts_with("$'") {
+        return None;
+    }
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            out.push(chars.next()?);
+        } else {
+            out.push(c);
+        }
+    }
+    Some(out)
+}
+
+/// Picks the "response completed" JSON lines out of the registry's log.
+fn parse_registry_log(text: &str) -> Vec<Request> {
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| {
+            v["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("response completed"))
+        })
+        .filter_map(|v| {
+            Some(Request {
+                method: v["http.request.method"].as_str()?.to_owned(),
+                path: v["http.request.uri"].as_str()?.to_owned(),
+                status: u16::try_from(v["http.response.status"].as_u64()?).ok()?,
+                bytes: v["http.response.written"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_log_lines_become_requests() {
+        let log = r#"{"level":"info","msg":"listening on 127.0.0.1:5000"}
+{"http.request.method":"GET","http.request.uri":"/v2/","http.response.status":200,"http.response.written":2,"level":"info","msg":"response completed"}
+127.0.0.1 - - [22/Nov/2026:06:28:00 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
+{"http.request.method":"GET","http.request.uri":"/v2/x/blobs/sha256:00","http.response.status":206,"http.response.written":4096,"msg":"response completed"}
+{"http.request.method":"HEAD","http.request.uri":"/v2/x/blobs/sha256:11","http.response.status":404,"http.response.written":157,"level":"error","msg":"response completed with error"}
+"#;
+        let reqs = parse_registry_log(log);
+        assert_eq!(reqs.len(), 3);
+        assert_eq!(
+            reqs[1],
+            Request {
+                method: "GET".into(),
+                path: "/v2/x/blobs/sha256:00".into(),
+                status: 206,
+                bytes: 4096
+            }
+        );
+        assert!(reqs[1].is_blob_get());
+        assert!(!reqs[0].is_blob_get());
+        assert!(!reqs[2].is_blob_get());
+        assert_eq!(reqs.iter().map(|r| r.bytes).sum::<u64>(), 2 + 4096 + 157);
+    }
+
+    #[test]
+    fn env_values_are_unquoted() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("env");
+        fs::write(
+            &path,
+            "REGISTRY=127.0.0.1:5000\nTARN_ROOT=/tmp/a\\ b/tarn\nTARN_PID=42\n",
+        )
+        .expect("write env");
+        let env = parse_env(&path).expect("parse env");
+        assert_eq!(env["REGISTRY"], "127.0.0.1:5000");
+        assert_eq!(env["TARN_ROOT"], "/tmp/a b/tarn");
+        assert_eq!(env["TARN_PID"], "42");
+        fs::write(&path, "no equals sign\n").expect("write env");
+        assert!(parse_env(&path).is_err());
+    }
+}
