@@ -1,0 +1,69 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::fetch::Cache;
+use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of};
+use crate::format::{FileKind, Inode, ROOT_INO};
+
+pub(crate) fn inode(kind: FileKind, size: u64, chunks: std::ops::Range<u32>) -> Inode {
+    Inode {
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size,
+        nlink: 1,
+        rdev: (0, 0),
+        parent: ROOT_INO,
+        link_target: Box::default(),
+        xattrs: Vec::new(),
+        children: Vec::new(),
+        chunks,
+        digest: None,
+    }
+}
+
+/// A layer with one file, `/f`, whose content is `data` in 1000-byte chunks.
+fn layer_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<FakeBlob>, Arc<Layer>) {
+    let chunks = chunks_of(data, 1000);
+    let mut root = inode(FileKind::Dir, 0, 0..0);
+    root.children = vec![(Box::from(&b"f"[..]), 2)];
+    let file = inode(FileKind::Reg, data.len() as u64, 0..chunks.len() as u32);
+    let index = LayerIndex { inodes: vec![root, file], chunks, blob_size: data.len() as u64, prefetch: None };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+    let blob = FakeBlob::new(data.to_vec());
+    let layer = Arc::new(Layer::new(index, Fetcher::new(blob.clone(), Arc::new(PlainDecoder), cache)));
+    (dir, blob, layer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_fetches_its_chunks_once_then_is_answered_inline() {
+    let data: Vec<u8> = (0..5500u32).map(|i| (i % 253) as u8).collect();
+    let (_dir, blob, layer) = layer_with_file(&data);
+
+    // 1500..3200 spans chunks 1, 2 and 3.
+    assert_eq!(layer.read(2, 1500, 1700).await.unwrap(), &data[1500..3200]);
+    assert_eq!(blob.reads().len(), 1, "adjacent chunks of one read: one GET");
+    assert_eq!(blob.reads()[0].0, 1000..4000);
+
+    let l = layer.clone();
+    let again = tokio::task::spawn_blocking(move || l.read_cached(2, 1200, 2000).unwrap()).await.unwrap();
+    match again {
+        CachedRead::Hit(d) => assert_eq!(d, &data[1200..3200]),
+        CachedRead::Miss(_) => panic!("cached chunks must be answered inline"),
+    }
+    assert_eq!(blob.reads().len(), 1);
+
+    // The tail is short and reads past the end stop at the end.
+    assert_eq!(layer.read(2, 5000, 4096).await.unwrap(), &data[5000..]);
+    assert!(layer.read(2, 6000, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_directory_or_a_missing_inode_is_an_error() {
+    let (_dir, _blob, layer) = layer_with_file(b"hello");
+    assert!(matches!(layer.read(ROOT_INO, 0, 10).await, Err(LayerError::NotFile(1))));
+    assert!(matches!(layer.read(9, 0, 10).await, Err(LayerError::NoInode(9))));
+}
