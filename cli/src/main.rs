@@ -1,1 +1,43 @@
-fn main() {}
+//! `tarn`: the command line. Each subcommand lives in its own file; this one
+//! only parses flags, sets up logging and reports errors.
+
+mod mount_layer;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// tarn: lazily pulled, verified eStargz image layers for containerd.
+#[derive(Parser)]
+#[command(name = "tarn", version, about)]
+struct Cli {
+    /// Log filter (e.g. `info`, `tarn_fs=debug`); `RUST_LOG` works too.
+    #[arg(long, global = true, env = "TARN_LOG", default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    MountLayer(mount_layer::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let result = match cli.command {
+        Command::MountLayer(args) => mount_layer::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("tarn: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

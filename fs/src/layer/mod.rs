@@ -27,8 +27,6 @@ pub enum LayerError {
     Source(#[from] RegistryError),
     #[error(transparent)]
     Format(#[from] FormatError),
-    #[error("layer has no TOC digest to check against; refusing to trust its TOC")]
-    Unverified,
 }
 
 /// One layer: the decoded index plus the fetcher (and through it the cache)
