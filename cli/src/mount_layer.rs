@@ -55,9 +55,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let layer = runtime.block_on(open_layer(&args))?;
     let layer = Arc::new(layer);
-    let options = MountOptions { threads: args.threads, ..MountOptions::default() };
-    let handle = mount(layer.clone(), &args.mountpoint, runtime.handle().clone(), &options)?;
-    println!("mounted {} at {}", args.layer_digest, args.mountpoint.display());
+    let options = MountOptions {
+        threads: args.threads,
+        ..MountOptions::default()
+    };
+    let handle = mount(
+        layer.clone(),
+        &args.mountpoint,
+        runtime.handle().clone(),
+        &options,
+    )?;
+    println!(
+        "mounted {} at {}",
+        args.layer_digest,
+        args.mountpoint.display()
+    );
 
     runtime.block_on(wait_for_signal())?;
     handle.unmount()?;
@@ -78,13 +90,16 @@ async fn open_layer(args: &Args) -> anyhow::Result<Layer> {
     let client = RegistryClient::new(config)?;
     let image = client.resolve(&reference).await?;
     let Some(desc) = image.layers.iter().find(|l| l.digest == args.layer_digest) else {
-        bail!("image {} has no layer {}", args.image_ref, args.layer_digest);
+        bail!(
+            "image {} has no layer {}",
+            args.image_ref,
+            args.layer_digest
+        );
     };
     let toc_digest = match desc.annotations.get(TOC_DIGEST_ANNOTATION) {
-        Some(d) => Some(
-            d.parse::<Digest>()
-                .with_context(|| format!("layer {}: annotation {TOC_DIGEST_ANNOTATION}", desc.digest))?,
-        ),
+        Some(d) => Some(d.parse::<Digest>().with_context(|| {
+            format!("layer {}: annotation {TOC_DIGEST_ANNOTATION}", desc.digest)
+        })?),
         None if args.allow_unverified_toc => None,
         None => bail!(
             "layer {} has no {TOC_DIGEST_ANNOTATION} annotation: not a verifiable eStargz layer \

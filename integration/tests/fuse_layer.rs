@@ -27,7 +27,11 @@ impl BlobSource for MemBlob {
     fn size(&self) -> u64 {
         self.data.len() as u64
     }
-    fn read_range(&self, range: Range<u64>, _intent: Intent) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
+    fn read_range(
+        &self,
+        range: Range<u64>,
+        _intent: Intent,
+    ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let b = Bytes::copy_from_slice(&self.data[range.start as usize..range.end as usize]);
         Box::pin(async move { Ok(b) })
@@ -41,7 +45,10 @@ impl ChunkDecoder for Plain {
     fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
         let actual = Digest::of(compressed);
         if actual != chunk.digest {
-            return Err(FormatError::ChunkDigestMismatch { expected: chunk.digest, actual });
+            return Err(FormatError::ChunkDigestMismatch {
+                expected: chunk.digest,
+                actual,
+            });
         }
         Ok(compressed.to_vec())
     }
@@ -94,7 +101,13 @@ fn index_and_blob(tamper: bool) -> (LayerIndex, Vec<u8>, Vec<u8>, Vec<u8>) {
     }
     let mut root = node(FileKind::Dir, 0o755, ROOT_INO);
     root.nlink = 3;
-    root.children = vec![(name("a"), 2), (name("b"), 3), (name("d"), 6), (name("l"), 4), (name("wh"), 5)];
+    root.children = vec![
+        (name("a"), 2),
+        (name("b"), 3),
+        (name("d"), 6),
+        (name("l"), 4),
+        (name("wh"), 5),
+    ];
     let mut fa = node(FileKind::Reg, 0o4755, ROOT_INO);
     fa.size = a.len() as u64;
     fa.chunks = 0..2;
@@ -107,8 +120,16 @@ fn index_and_blob(tamper: bool) -> (LayerIndex, Vec<u8>, Vec<u8>, Vec<u8>) {
     let wh = node(FileKind::CharDev, 0o000, ROOT_INO);
     let mut d = node(FileKind::Dir, 0o755, ROOT_INO);
     d.nlink = 2;
-    d.xattrs = vec![(name("trusted.overlay.opaque"), name("y")), (name("user.note"), name("tarn"))];
-    let index = LayerIndex { inodes: vec![root, fa, fb, l, wh, d], chunks, blob_size: blob.len() as u64, prefetch: None };
+    d.xattrs = vec![
+        (name("trusted.overlay.opaque"), name("y")),
+        (name("user.note"), name("tarn")),
+    ];
+    let index = LayerIndex {
+        inodes: vec![root, fa, fb, l, wh, d],
+        chunks,
+        blob_size: blob.len() as u64,
+        prefetch: None,
+    };
     (index, blob, a, b)
 }
 
@@ -126,11 +147,31 @@ fn mount_layer(tamper: bool) -> (Mounted, Vec<u8>, Vec<u8>) {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let cache = Arc::new(Cache::open(&dir.path().join("cache")).unwrap());
-    let blob = Arc::new(MemBlob { data, reads: AtomicU64::new(0) });
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let layer = Arc::new(Layer::new(index, Fetcher::new(blob.clone(), Arc::new(Plain), cache)));
+    let blob = Arc::new(MemBlob {
+        data,
+        reads: AtomicU64::new(0),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = Arc::new(Layer::new(
+        index,
+        Fetcher::new(blob.clone(), Arc::new(Plain), cache),
+    ));
     let handle = mount(layer, &mnt, rt.handle().clone(), &MountOptions::default()).unwrap();
-    (Mounted { _dir: dir, mnt, blob, _handle: handle, _rt: rt }, a, b)
+    (
+        Mounted {
+            _dir: dir,
+            mnt,
+            blob,
+            _handle: handle,
+            _rt: rt,
+        },
+        a,
+        b,
+    )
 }
 
 fn getxattr(path: &Path, attr: &str) -> std::io::Result<Vec<u8>> {
@@ -151,7 +192,10 @@ fn the_kernel_sees_the_index() {
     let (m, a, b) = mount_layer(false);
     let mnt = &m.mnt;
 
-    let mut names: Vec<_> = std::fs::read_dir(mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     names.sort();
     assert_eq!(names, ["a", "b", "d", "l", "wh"]);
 
@@ -160,20 +204,45 @@ fn the_kernel_sees_the_index() {
     let reads = m.blob.reads.load(Ordering::Relaxed);
     assert_eq!(std::fs::read(mnt.join("l")).unwrap(), a, "symlink followed");
     assert_eq!(std::fs::read_link(mnt.join("l")).unwrap(), Path::new("a"));
-    assert_eq!(m.blob.reads.load(Ordering::Relaxed), reads, "second read of a: page cache or chunk cache");
+    assert_eq!(
+        m.blob.reads.load(Ordering::Relaxed),
+        reads,
+        "second read of a: page cache or chunk cache"
+    );
 
     let md = std::fs::metadata(mnt.join("a")).unwrap();
-    assert_eq!((md.mode() & 0o7777, md.uid(), md.gid(), md.mtime()), (0o4755, 1000, 2000, 1_600_000_000));
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid(), md.mtime()),
+        (0o4755, 1000, 2000, 1_600_000_000)
+    );
     let wh = std::fs::symlink_metadata(mnt.join("wh")).unwrap();
     assert_eq!((wh.mode() & libc::S_IFMT, wh.rdev()), (libc::S_IFCHR, 0));
 
     assert_eq!(getxattr(&mnt.join("d"), "user.note").unwrap(), b"tarn");
-    assert_eq!(getxattr(&mnt.join("d"), "trusted.overlay.opaque").unwrap(), b"y");
-    assert_eq!(getxattr(&mnt.join("a"), "user.none").unwrap_err().raw_os_error(), Some(libc::ENODATA));
+    assert_eq!(
+        getxattr(&mnt.join("d"), "trusted.overlay.opaque").unwrap(),
+        b"y"
+    );
+    assert_eq!(
+        getxattr(&mnt.join("a"), "user.none")
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENODATA)
+    );
 
-    let err = std::fs::OpenOptions::new().write(true).open(mnt.join("b")).unwrap_err();
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("b"))
+        .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
-    assert!(std::fs::metadata(mnt.join("d")).unwrap().permissions().mode() & 0o777 == 0o755);
+    assert!(
+        std::fs::metadata(mnt.join("d"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+            == 0o755
+    );
 }
 
 #[test]
@@ -208,12 +277,19 @@ fn overlayfs_honours_whiteouts_and_opaque_dirs_from_the_mount() {
     let merged = m._dir.path().join("merged");
     std::fs::create_dir(&merged).unwrap();
     let opts = format!("lowerdir={}:{}", m.mnt.display(), below.display());
-    let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status().unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged)
+        .status()
+        .unwrap();
     assert!(st.success(), "overlay mount failed");
     let _guard = Overlay(merged.clone());
 
     assert!(!merged.join("wh").exists(), "whiteout hides the lower file");
-    assert!(!merged.join("d/old").exists(), "opaque dir hides the lower dir's content");
+    assert!(
+        !merged.join("d/old").exists(),
+        "opaque dir hides the lower dir's content"
+    );
     assert_eq!(std::fs::read(merged.join("kept")).unwrap(), b"kept");
     assert_eq!(std::fs::read(merged.join("b")).unwrap(), b);
 }

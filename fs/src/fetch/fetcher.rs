@@ -64,7 +64,11 @@ struct Inner {
 }
 
 impl Fetcher {
-    pub fn new(source: Arc<dyn BlobSource>, decoder: Arc<dyn ChunkDecoder>, cache: Arc<Cache>) -> Fetcher {
+    pub fn new(
+        source: Arc<dyn BlobSource>,
+        decoder: Arc<dyn ChunkDecoder>,
+        cache: Arc<Cache>,
+    ) -> Fetcher {
         Fetcher {
             inner: Arc::new(Inner {
                 source,
@@ -139,7 +143,9 @@ impl Fetcher {
                 out.push(b);
                 continue;
             }
-            let rx = waits.get_mut(&c.digest).expect("every missed chunk has a flight");
+            let rx = waits
+                .get_mut(&c.digest)
+                .expect("every missed chunk has a flight");
             let res = match rx.wait_for(Option::is_some).await {
                 Ok(v) => v.clone().expect("waited for Some"),
                 Err(_) => Err(FetchError::Abandoned(c.digest)),
@@ -166,7 +172,10 @@ impl Inner {
 
     /// Fetches the chunks this task leads and completes their flights.
     async fn run_flights(self: Arc<Self>, lead: Vec<Chunk>, intent: Intent) {
-        let mut guard = FlightGuard { inner: self.clone(), pending: lead.iter().map(|c| c.digest).collect() };
+        let mut guard = FlightGuard {
+            inner: self.clone(),
+            pending: lead.iter().map(|c| c.digest).collect(),
+        };
 
         // A chunk may have landed in the cache between the reader's lookup
         // and the moment this task took the flight: look again.
@@ -186,26 +195,45 @@ impl Inner {
         }
 
         let groups = merge_adjacent(misses, self.max_merged_get);
-        let results = futures::future::join_all(groups.into_iter().map(|g| self.fetch_group(g, intent))).await;
+        let results =
+            futures::future::join_all(groups.into_iter().map(|g| self.fetch_group(g, intent)))
+                .await;
         for (digest, res) in results.into_iter().flatten() {
             guard.complete(digest, res);
         }
     }
 
     /// One ranged GET, split into verified chunks; good chunks are cached.
-    async fn fetch_group(&self, g: Group, intent: Intent) -> Vec<(Digest, Result<Bytes, FetchError>)> {
+    async fn fetch_group(
+        &self,
+        g: Group,
+        intent: Intent,
+    ) -> Vec<(Digest, Result<Bytes, FetchError>)> {
         let (start, end) = (g.range.start, g.range.end);
-        let fail = |e: FetchError| g.chunks.iter().map(|c| (c.digest, Err(e.clone()))).collect::<Vec<_>>();
+        let fail = |e: FetchError| {
+            g.chunks
+                .iter()
+                .map(|c| (c.digest, Err(e.clone())))
+                .collect::<Vec<_>>()
+        };
         let data = match self.source.read_range(g.range.clone(), intent).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(start, end, error = %e, "blob read failed");
-                return fail(FetchError::Source { start, end, source: Arc::new(e) });
+                return fail(FetchError::Source {
+                    start,
+                    end,
+                    source: Arc::new(e),
+                });
             }
         };
         self.stats.request(data.len() as u64);
         if data.len() as u64 != end - start {
-            return fail(FetchError::ShortRead { start, end, got: data.len() as u64 });
+            return fail(FetchError::ShortRead {
+                start,
+                end,
+                got: data.len() as u64,
+            });
         }
 
         let decoder = self.decoder.clone();
@@ -294,7 +322,11 @@ pub(crate) mod tests {
 
     impl FakeBlob {
         pub(crate) fn new(data: Vec<u8>) -> Arc<FakeBlob> {
-            Arc::new(FakeBlob { data, reads: Mutex::new(Vec::new()), delay: Duration::from_millis(20) })
+            Arc::new(FakeBlob {
+                data,
+                reads: Mutex::new(Vec::new()),
+                delay: Duration::from_millis(20),
+            })
         }
         pub(crate) fn reads(&self) -> Vec<(Range<u64>, Intent)> {
             self.reads.lock().unwrap().clone()
@@ -305,11 +337,17 @@ pub(crate) mod tests {
         fn size(&self) -> u64 {
             self.data.len() as u64
         }
-        fn read_range(&self, range: Range<u64>, intent: Intent) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
+        fn read_range(
+            &self,
+            range: Range<u64>,
+            intent: Intent,
+        ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
             self.reads.lock().unwrap().push((range.clone(), intent));
             Box::pin(async move {
                 tokio::time::sleep(self.delay).await;
-                Ok(Bytes::copy_from_slice(&self.data[range.start as usize..range.end as usize]))
+                Ok(Bytes::copy_from_slice(
+                    &self.data[range.start as usize..range.end as usize],
+                ))
             })
         }
     }
@@ -321,7 +359,10 @@ pub(crate) mod tests {
         fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
             let actual = Digest::of(compressed);
             if actual != chunk.digest {
-                return Err(FormatError::ChunkDigestMismatch { expected: chunk.digest, actual });
+                return Err(FormatError::ChunkDigestMismatch {
+                    expected: chunk.digest,
+                    actual,
+                });
             }
             Ok(compressed.to_vec())
         }
@@ -371,7 +412,10 @@ pub(crate) mod tests {
         assert_eq!(blob.reads().len(), 1, "cached chunks are not fetched again");
 
         let s = f.stats().snapshot();
-        assert_eq!((s.requests, s.bytes_fetched, s.chunks_fetched, s.cache_hits), (1, 4000, 4, 4));
+        assert_eq!(
+            (s.requests, s.bytes_fetched, s.chunks_fetched, s.cache_hits),
+            (1, 4000, 4, 4)
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,7 +434,11 @@ pub(crate) mod tests {
             assert_eq!(t.await.unwrap().unwrap().concat(), data);
         }
         // Every chunk travelled exactly once, whatever the grouping was.
-        let mut fetched: Vec<u64> = blob.reads().iter().flat_map(|(r, _)| r.clone().step_by(1000)).collect();
+        let mut fetched: Vec<u64> = blob
+            .reads()
+            .iter()
+            .flat_map(|(r, _)| r.clone().step_by(1000))
+            .collect();
         fetched.sort();
         assert_eq!(fetched, (0..8).map(|i| i * 1000).collect::<Vec<_>>());
     }
@@ -404,15 +452,24 @@ pub(crate) mod tests {
         let (_dir, blob, f) = setup(tampered);
 
         let err = f.fetch(&chunks, Intent::OnDemand).await.unwrap_err();
-        assert!(matches!(err, FetchError::Verify { offset: 1000, .. }), "{err}");
+        assert!(
+            matches!(err, FetchError::Verify { offset: 1000, .. }),
+            "{err}"
+        );
         assert_eq!(blob.reads().len(), 1);
         assert!(f.cache().contains(&chunks[0].digest) && f.cache().contains(&chunks[2].digest));
-        assert!(!f.cache().contains(&chunks[1].digest), "a chunk failing verification is never cached");
+        assert!(
+            !f.cache().contains(&chunks[1].digest),
+            "a chunk failing verification is never cached"
+        );
         assert_eq!(f.stats().snapshot().verify_failures, 1);
 
         // The good neighbours are now served from the cache; the bad one is
         // tried again (errors are not sticky) and fails again.
-        let ok = f.fetch(&[chunks[0], chunks[2]], Intent::OnDemand).await.unwrap();
+        let ok = f
+            .fetch(&[chunks[0], chunks[2]], Intent::OnDemand)
+            .await
+            .unwrap();
         assert_eq!(ok.concat(), [&data[..1000], &data[2000..]].concat());
         assert!(f.fetch(&chunks[1..2], Intent::OnDemand).await.is_err());
         assert_eq!(blob.reads().len(), 2);

@@ -26,7 +26,10 @@ pub(crate) fn merge_adjacent(mut chunks: Vec<Chunk>, max_len: u64) -> Vec<Group>
                 continue;
             }
         }
-        groups.push(Group { range: r, chunks: vec![c] });
+        groups.push(Group {
+            range: r,
+            chunks: vec![c],
+        });
     }
     groups
 }
@@ -52,15 +55,25 @@ mod tests {
 
     #[test]
     fn contiguous_chunks_share_one_get_and_gaps_split() {
-        let groups = merge_adjacent(vec![chunk(20, 30), chunk(0, 10), chunk(10, 20), chunk(40, 50)], 100);
+        let groups = merge_adjacent(
+            vec![chunk(20, 30), chunk(0, 10), chunk(10, 20), chunk(40, 50)],
+            100,
+        );
         assert_eq!(ranges(&groups), vec![0..30, 40..50]);
         assert_eq!(groups[0].chunks.len(), 3);
-        assert_eq!(groups[0].chunks[0].blob_range, (0, 10), "chunks are in blob order");
+        assert_eq!(
+            groups[0].chunks[0].blob_range,
+            (0, 10),
+            "chunks are in blob order"
+        );
     }
 
     #[test]
     fn merged_gets_respect_the_cap() {
-        let groups = merge_adjacent(vec![chunk(0, 10), chunk(10, 20), chunk(20, 30), chunk(30, 200)], 20);
+        let groups = merge_adjacent(
+            vec![chunk(0, 10), chunk(10, 20), chunk(20, 30), chunk(30, 200)],
+            20,
+        );
         assert_eq!(ranges(&groups), vec![0..20, 20..30, 30..200]);
     }
 }

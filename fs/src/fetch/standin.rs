@@ -21,7 +21,11 @@ pub enum RegistryError {
 /// A blob that can be read by ranges.
 pub trait BlobSource: Send + Sync {
     fn size(&self) -> u64;
-    fn read_range(&self, range: Range<u64>, intent: Intent) -> BoxFuture<'_, Result<Bytes, RegistryError>>;
+    fn read_range(
+        &self,
+        range: Range<u64>,
+        intent: Intent,
+    ) -> BoxFuture<'_, Result<Bytes, RegistryError>>;
 }
 
 /// Why the cache failed.
@@ -37,7 +41,9 @@ pub struct Cache {
 impl Cache {
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
         std::fs::create_dir_all(dir)?;
-        Ok(Cache { dir: dir.to_path_buf() })
+        Ok(Cache {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn file_path(&self, d: &Digest) -> PathBuf {
@@ -62,7 +68,9 @@ impl Cache {
     }
 
     pub fn insert(&self, d: &Digest, data: &[u8]) -> Result<(), CacheError> {
-        let tmp = self.dir.join(format!("{}.tmp{}", d.hex(), std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!("{}.tmp{}", d.hex(), std::process::id()));
         std::fs::write(&tmp, data)?;
         std::fs::rename(&tmp, self.file_path(d))?;
         Ok(())

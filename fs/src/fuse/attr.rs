@@ -67,6 +67,9 @@ mod tests {
     #[test]
     fn times_before_the_epoch_survive() {
         assert_eq!(time(-5), UNIX_EPOCH - Duration::from_secs(5));
-        assert_eq!(time(1_700_000_000), UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert_eq!(
+            time(1_700_000_000),
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        );
     }
 }

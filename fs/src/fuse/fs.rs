@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{
-    AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenAccMode,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request,
+    AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use super::attr::{attr, file_type};
@@ -122,15 +122,23 @@ impl Filesystem for LayerFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.layer.inode(ino.0) {
-            Ok(i) if i.kind == crate::format::FileKind::Dir => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
-            }
+            Ok(i) if i.kind == crate::format::FileKind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let index = self.layer.index();
         let dir = match self.layer.inode(ino.0) {
             Ok(d) if d.kind == crate::format::FileKind::Dir => d,
@@ -143,7 +151,9 @@ impl Filesystem for LayerFs {
             .into_iter()
             .map(|(i, n)| (i, FileType::Directory, n))
             .chain(dir.children.iter().map(|(name, child)| {
-                let kind = index.inode(*child).map_or(FileType::RegularFile, |c| file_type(c.kind));
+                let kind = index
+                    .inode(*child)
+                    .map_or(FileType::RegularFile, |c| file_type(c.kind));
                 (*child, kind, &name[..])
             }));
         for (k, (child, kind, name)) in entries.enumerate().skip(offset as usize) {
@@ -159,7 +169,10 @@ impl Filesystem for LayerFs {
             Ok(i) => i,
             Err(e) => return reply.error(errno(&e)),
         };
-        match i.xattrs.binary_search_by(|(n, _)| (**n).cmp(name.as_bytes())) {
+        match i
+            .xattrs
+            .binary_search_by(|(n, _)| (**n).cmp(name.as_bytes()))
+        {
             Ok(k) => reply_sized(reply, size, &i.xattrs[k].1),
             Err(_) => reply.error(Errno::NO_XATTR),
         }

@@ -27,7 +27,11 @@ pub struct MountOptions {
 
 impl Default for MountOptions {
     fn default() -> MountOptions {
-        MountOptions { threads: 4, allow_other: true, fsname: "tarn".to_string() }
+        MountOptions {
+            threads: 4,
+            allow_other: true,
+            fsname: "tarn".to_string(),
+        }
     }
 }
 
@@ -73,9 +77,15 @@ pub fn mount(
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
     let fs = fs::LayerFs::new(layer, runtime);
-    let session = fuser::spawn_mount(fs, mountpoint, &config)
-        .map_err(|source| FuseError::Mount { path: mountpoint.to_path_buf(), source })?;
-    Ok(MountHandle { session: Some(session), mountpoint: mountpoint.to_path_buf() })
+    let session =
+        fuser::spawn_mount(fs, mountpoint, &config).map_err(|source| FuseError::Mount {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+    Ok(MountHandle {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+    })
 }
 
 impl MountHandle {
@@ -90,9 +100,10 @@ impl MountHandle {
 
     fn unmount_inner(&mut self) -> Result<(), FuseError> {
         match self.session.take() {
-            Some(s) => s
-                .umount_and_join()
-                .map_err(|source| FuseError::Unmount { path: self.mountpoint.clone(), source }),
+            Some(s) => s.umount_and_join().map_err(|source| FuseError::Unmount {
+                path: self.mountpoint.clone(),
+                source,
+            }),
             None => Ok(()),
         }
     }

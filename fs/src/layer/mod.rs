@@ -84,7 +84,12 @@ impl Layer {
     /// Reads through cache and fetcher: the convenience form of
     /// [`Layer::read_cached`] followed by [`Layer::complete`]. Runs the
     /// cache lookup on the blocking pool.
-    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, len: u64) -> Result<Vec<u8>, LayerError> {
+    pub async fn read(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, LayerError> {
         let me = self.clone();
         let planned = tokio::task::spawn_blocking(move || me.read_cached(ino, offset, len))
             .await

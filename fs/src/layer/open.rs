@@ -30,13 +30,17 @@ impl Layer {
         let fetcher = Fetcher::new(source.clone(), Arc::new(Estargz), cache);
 
         let tail_len = size.min(TAIL_FETCH);
-        let tail = source.read_range(size - tail_len..size, Intent::OnDemand).await?;
+        let tail = source
+            .read_range(size - tail_len..size, Intent::OnDemand)
+            .await?;
         fetcher.stats().request(tail.len() as u64);
         let loc = parse_footer(&tail, size)?;
         let toc = match loc.toc_in_tail.clone() {
             Some(r) => tail.slice(r),
             None => {
-                let toc = source.read_range(loc.toc_range.clone(), Intent::OnDemand).await?;
+                let toc = source
+                    .read_range(loc.toc_range.clone(), Intent::OnDemand)
+                    .await?;
                 fetcher.stats().request(toc.len() as u64);
                 toc
             }
@@ -48,7 +52,10 @@ impl Layer {
             if let Some(expected) = expected_toc_digest
                 && decoded.digest != expected
             {
-                return Err(FormatError::TocDigestMismatch { expected, actual: decoded.digest });
+                return Err(FormatError::TocDigestMismatch {
+                    expected,
+                    actual: decoded.digest,
+                });
             }
             build_index(decoded.toc, size, loc.toc_offset)
         })

@@ -32,7 +32,13 @@ struct Piece {
 
 /// Plans a read of `[offset, offset + len)` of a file of `size` bytes whose
 /// content is `chunks` (in file order), looking each piece up in `cache`.
-pub(super) fn plan_read(chunks: &[Chunk], size: u64, offset: u64, len: u64, cache: &Cache) -> CachedRead {
+pub(super) fn plan_read(
+    chunks: &[Chunk],
+    size: u64,
+    offset: u64,
+    len: u64,
+    cache: &Cache,
+) -> CachedRead {
     let end = size.min(offset.saturating_add(len));
     if offset >= end {
         return CachedRead::Hit(Vec::new());
@@ -53,7 +59,12 @@ pub(super) fn plan_read(chunks: &[Chunk], size: u64, offset: u64, len: u64, cach
             }
         };
         complete &= data.is_some();
-        pieces.push(Piece { chunk: *c, start, len, data });
+        pieces.push(Piece {
+            chunk: *c,
+            start,
+            len,
+            data,
+        });
     }
     if complete {
         let mut out = Vec::with_capacity((end - offset) as usize);

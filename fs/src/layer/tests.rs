@@ -30,11 +30,19 @@ fn layer_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<FakeBlob>, Arc<Layer>
     let mut root = inode(FileKind::Dir, 0, 0..0);
     root.children = vec![(Box::from(&b"f"[..]), 2)];
     let file = inode(FileKind::Reg, data.len() as u64, 0..chunks.len() as u32);
-    let index = LayerIndex { inodes: vec![root, file], chunks, blob_size: data.len() as u64, prefetch: None };
+    let index = LayerIndex {
+        inodes: vec![root, file],
+        chunks,
+        blob_size: data.len() as u64,
+        prefetch: None,
+    };
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let blob = FakeBlob::new(data.to_vec());
-    let layer = Arc::new(Layer::new(index, Fetcher::new(blob.clone(), Arc::new(PlainDecoder), cache)));
+    let layer = Arc::new(Layer::new(
+        index,
+        Fetcher::new(blob.clone(), Arc::new(PlainDecoder), cache),
+    ));
     (dir, blob, layer)
 }
 
@@ -45,11 +53,17 @@ async fn a_read_fetches_its_chunks_once_then_is_answered_inline() {
 
     // 1500..3200 spans chunks 1, 2 and 3.
     assert_eq!(layer.read(2, 1500, 1700).await.unwrap(), &data[1500..3200]);
-    assert_eq!(blob.reads().len(), 1, "adjacent chunks of one read: one GET");
+    assert_eq!(
+        blob.reads().len(),
+        1,
+        "adjacent chunks of one read: one GET"
+    );
     assert_eq!(blob.reads()[0].0, 1000..4000);
 
     let l = layer.clone();
-    let again = tokio::task::spawn_blocking(move || l.read_cached(2, 1200, 2000).unwrap()).await.unwrap();
+    let again = tokio::task::spawn_blocking(move || l.read_cached(2, 1200, 2000).unwrap())
+        .await
+        .unwrap();
     match again {
         CachedRead::Hit(d) => assert_eq!(d, &data[1200..3200]),
         CachedRead::Miss(_) => panic!("cached chunks must be answered inline"),
@@ -64,6 +78,12 @@ async fn a_read_fetches_its_chunks_once_then_is_answered_inline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_a_directory_or_a_missing_inode_is_an_error() {
     let (_dir, _blob, layer) = layer_with_file(b"hello");
-    assert!(matches!(layer.read(ROOT_INO, 0, 10).await, Err(LayerError::NotFile(1))));
-    assert!(matches!(layer.read(9, 0, 10).await, Err(LayerError::NoInode(9))));
+    assert!(matches!(
+        layer.read(ROOT_INO, 0, 10).await,
+        Err(LayerError::NotFile(1))
+    ));
+    assert!(matches!(
+        layer.read(9, 0, 10).await,
+        Err(LayerError::NoInode(9))
+    ));
 }
