@@ -22,6 +22,9 @@ pub enum FileKind {
     Fifo,
 }
 
+/// One extended attribute: raw name bytes, raw value bytes.
+pub type Xattr = (Box<[u8]>, Box<[u8]>);
+
 /// One file of the layer, as the kernel will see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inode {
@@ -43,7 +46,7 @@ pub struct Inode {
     /// Symlink target, raw bytes.
     pub link_target: Box<[u8]>,
     /// Extended attributes: raw name bytes -> raw value bytes, sorted by name.
-    pub xattrs: Vec<(Box<[u8]>, Box<[u8]>)>,
+    pub xattrs: Vec<Xattr>,
     /// Directory entries, sorted by name bytes for binary search.
     pub children: Vec<(Box<[u8]>, u64)>,
     /// Regular files: the range of [`LayerIndex::chunks`] holding the content,
@@ -98,7 +101,10 @@ impl LayerIndex {
     /// The child `name` of directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<u64> {
         let dir = self.inode(parent)?;
-        let i = dir.children.binary_search_by(|(n, _)| (**n).cmp(name)).ok()?;
+        let i = dir
+            .children
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()?;
         Some(dir.children[i].1)
     }
 

@@ -7,7 +7,7 @@
 pub mod estargz;
 pub mod index;
 
-pub use index::{Chunk, FileKind, Inode, LayerIndex, ROOT_INO};
+pub use index::{Chunk, FileKind, Inode, LayerIndex, ROOT_INO, Xattr};
 
 /// Why a layer or a chunk could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -17,9 +17,15 @@ pub enum FormatError {
     #[error("invalid TOC: {0}")]
     Toc(String),
     #[error("TOC digest {actual} does not match the layer's annotation {expected}")]
-    TocDigestMismatch { expected: crate::Digest, actual: crate::Digest },
+    TocDigestMismatch {
+        expected: crate::Digest,
+        actual: crate::Digest,
+    },
     #[error("chunk {expected} failed verification (got {actual})")]
-    ChunkDigestMismatch { expected: crate::Digest, actual: crate::Digest },
+    ChunkDigestMismatch {
+        expected: crate::Digest,
+        actual: crate::Digest,
+    },
     #[error("corrupt compressed data: {0}")]
     Corrupt(String),
 }

@@ -5,6 +5,7 @@
 //! only when something is missing does the read go to the [`Fetcher`], on
 //! the async runtime.
 
+mod open;
 mod plan;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, Intent, RegistryError};
 use crate::format::{FileKind, FormatError, Inode, LayerIndex};
 
+pub use open::TAIL_FETCH;
 pub use plan::{CachedRead, PendingRead};
 
 /// Why a layer could not be opened or read.

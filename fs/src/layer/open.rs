@@ -4,11 +4,9 @@
 use std::sync::Arc;
 
 use crate::Digest;
-use crate::cache::Cache;
-use crate::fetch::{Fetcher, Intent};
+use crate::fetch::{BlobSource, Cache, Fetcher, Intent};
 use crate::format::FormatError;
 use crate::format::estargz::{Estargz, build_index, decode_toc, parse_footer};
-use crate::registry::BlobSource;
 
 use super::{Layer, LayerError};
 

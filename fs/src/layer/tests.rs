@@ -87,3 +87,65 @@ async fn reading_a_directory_or_a_missing_inode_is_an_error() {
         Err(LayerError::NoInode(9))
     ));
 }
+
+/// An eStargz blob from tarn's writer holding `/dir/file` with `content`.
+fn estargz_with(content: &[u8]) -> (Vec<u8>, crate::Digest) {
+    use crate::format::estargz::{WriteOptions, write_estargz};
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut h, "dir/file", content).unwrap();
+    let tar = tar.into_inner().unwrap();
+    let mut blob = Vec::new();
+    let opts = WriteOptions {
+        chunk_size: 64 << 10,
+        ..WriteOptions::default()
+    };
+    let res = write_estargz(&tar[..], &mut blob, &opts).unwrap();
+    (blob, res.toc_digest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
+    let content: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 256) as u8).collect();
+    let (blob, toc_digest) = estargz_with(&content);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+
+    let src = FakeBlob::new(blob.clone());
+    let layer = Arc::new(
+        Layer::open(src.clone(), Some(toc_digest), cache.clone())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        src.reads().len(),
+        1,
+        "footer and a small TOC come in one GET"
+    );
+    let ino = layer.index().resolve("dir/file").unwrap();
+    assert_eq!(
+        layer.read(ino, 70_000, 100_000).await.unwrap(),
+        &content[70_000..170_000]
+    );
+    assert_eq!(
+        layer.stats().requests,
+        2,
+        "then one merged GET for the chunks read"
+    );
+
+    let wrong = crate::Digest::of(b"not the toc");
+    let err = Layer::open(FakeBlob::new(blob), Some(wrong), cache)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            LayerError::Format(FormatError::TocDigestMismatch { .. })
+        ),
+        "{err}"
+    );
+}

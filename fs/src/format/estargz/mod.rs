@@ -1,1 +1,42 @@
 //! eStargz: footer, TOC, index building, chunk decoding and the writer.
+//!
+//! Reading a layer, given ranged access to its blob:
+//!
+//! 1. fetch the blob's tail (generously: the TOC usually fits) and call
+//!    [`parse_footer`]; it says where the TOC is and whether the tail already
+//!    holds it ([`TocLocation::toc_in_tail`]);
+//! 2. [`decode_toc`] on the TOC range gives the JSON, its digest (compare it
+//!    to the layer's `containerd.io/snapshot/stargz/toc.digest` annotation)
+//!    and the parsed [`Toc`];
+//! 3. [`build_index`] turns the TOC into a compact [`LayerIndex`], refusing
+//!    hostile input (escaping names, conflicting duplicates, offsets past the
+//!    TOC, chunk gaps, unverifiable files, absurd sizes);
+//! 4. for each chunk read, fetch `chunk.blob_range()` and call
+//!    [`Estargz`]'s [`ChunkDecoder::decode_chunk`]: it returns the bytes only
+//!    if their sha256 matches.
+//!
+//! Writing: [`write_estargz`] converts a tar stream into an eStargz blob that
+//! other eStargz readers accept and that `tar xzf` extracts as the input.
+//!
+//! [`LayerIndex`]: crate::format::LayerIndex
+//! [`ChunkDecoder::decode_chunk`]: crate::format::ChunkDecoder::decode_chunk
+
+mod build;
+mod decode;
+mod footer;
+mod rfc3339;
+mod tarin;
+mod toc;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use build::{MAX_FILE_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, build_index};
+pub use decode::Estargz;
+pub use footer::{FOOTER_SIZE, LEGACY_FOOTER_SIZE, TocLocation, footer_bytes, parse_footer};
+pub use toc::{
+    DecodedToc, MAX_TOC_ENTRIES, MAX_TOC_JSON, TOC_TAR_NAME, Toc, TocEntry, decode_toc,
+    parse_toc_json,
+};
+pub use writer::{WriteError, WriteOptions, WriteResult, write_estargz};

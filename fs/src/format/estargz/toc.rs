@@ -1,0 +1,218 @@
+//! The TOC: a gzip member holding a tar stream with one entry,
+//! `stargz.index.json`, whose JSON lists every entry of the layer.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use flate2::read::GzDecoder;
+use serde::{Deserialize, Serialize};
+
+use crate::Digest;
+use crate::format::FormatError;
+
+/// Name of the TOC's tar entry.
+pub const TOC_TAR_NAME: &str = "stargz.index.json";
+/// Largest TOC JSON we accept; a real one is a few hundred bytes per file.
+pub const MAX_TOC_JSON: u64 = 512 << 20;
+/// Most TOC entries we accept in one layer.
+pub const MAX_TOC_ENTRIES: usize = 4_000_000;
+
+/// The decoded TOC JSON: `{"version":1,"entries":[...]}`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Toc {
+    pub version: u32,
+    pub entries: Vec<TocEntry>,
+}
+
+/// One TOC entry. Field names and omission rules follow the eStargz
+/// specification so other readers understand what the writer produces.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TocEntry {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub size: u64,
+    /// RFC 3339, whole seconds; absent means the epoch.
+    #[serde(rename = "modtime", skip_serializing_if = "String::is_empty")]
+    pub mod_time: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub link_name: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub mode: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub uid: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub gid: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub user_name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub group_name: String,
+    /// Blob offset of the gzip member holding this entry's payload.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: u64,
+    /// Offset of the payload within that member, once decompressed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub inner_offset: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dev_major: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dev_minor: u64,
+    /// Extended attributes, values base64 (standard alphabet, padded).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+    /// sha256 of the whole file (`reg` only).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub chunk_offset: u64,
+    /// Size of this chunk; 0 means up to the end of the file.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub chunk_size: u64,
+    /// sha256 of this chunk's uncompressed bytes.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub chunk_digest: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A decoded TOC member.
+#[derive(Debug)]
+pub struct DecodedToc {
+    /// The raw JSON bytes exactly as stored.
+    pub json: Vec<u8>,
+    /// sha256 of `json`: what the layer's `toc.digest` annotation names.
+    pub digest: Digest,
+    pub toc: Toc,
+}
+
+/// Decodes the TOC member, `compressed` being the blob bytes from the TOC
+/// offset up to the footer.
+pub fn decode_toc(compressed: &[u8]) -> Result<DecodedToc, FormatError> {
+    let json = read_toc_json(compressed)?;
+    let digest = Digest::of(&json);
+    let toc = parse_toc_json(&json)?;
+    Ok(DecodedToc { json, digest, toc })
+}
+
+/// Parses TOC JSON, refusing absurd entry counts.
+pub fn parse_toc_json(json: &[u8]) -> Result<Toc, FormatError> {
+    let toc: Toc = serde_json::from_slice(json)
+        .map_err(|e| FormatError::Toc(format!("decoding TOC JSON: {e}")))?;
+    if toc.version != 1 {
+        return Err(FormatError::Toc(format!(
+            "unsupported TOC version {}",
+            toc.version
+        )));
+    }
+    if toc.entries.len() > MAX_TOC_ENTRIES {
+        return Err(FormatError::Toc(format!(
+            "{} entries is more than the limit of {MAX_TOC_ENTRIES}",
+            toc.entries.len()
+        )));
+    }
+    Ok(toc)
+}
+
+fn read_toc_json(compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let corrupt = |e: std::io::Error| FormatError::Toc(format!("reading TOC member: {e}"));
+    // One member only: the footer after it is not part of the TOC.
+    let mut archive = tar::Archive::new(GzDecoder::new(compressed));
+    let mut entries = archive.entries().map_err(corrupt)?;
+    let mut entry = entries
+        .next()
+        .ok_or_else(|| FormatError::Toc("TOC member holds no tar entry".into()))?
+        .map_err(corrupt)?;
+    let name = entry.path_bytes().into_owned();
+    if name != TOC_TAR_NAME.as_bytes() {
+        return Err(FormatError::Toc(format!(
+            "TOC tar entry is named {:?}, want {TOC_TAR_NAME}",
+            String::from_utf8_lossy(&name)
+        )));
+    }
+    let size = entry.header().entry_size().map_err(corrupt)?;
+    if size > MAX_TOC_JSON {
+        return Err(FormatError::Toc(format!(
+            "TOC JSON of {size} bytes is larger than the limit of {MAX_TOC_JSON}"
+        )));
+    }
+    // `size` is bounded above, so the capacity is sane.
+    let mut json = Vec::with_capacity(size as usize);
+    (&mut entry)
+        .take(size)
+        .read_to_end(&mut json)
+        .map_err(corrupt)?;
+    if json.len() as u64 != size {
+        return Err(FormatError::Toc(format!(
+            "TOC JSON truncated: {} of {size} bytes",
+            json.len()
+        )));
+    }
+    Ok(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::{Compression, write::GzEncoder};
+    use std::io::Write;
+
+    pub(crate) fn toc_member(name: &str, json: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+        let mut h = tar::Header::new_ustar();
+        h.set_size(json.len() as u64);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append_data(&mut h, name, json).unwrap();
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn decodes_json_and_digest() {
+        let json = br#"{"version":1,"entries":[{"name":"a","type":"reg","size":3,"modtime":"2009-02-13T23:31:30Z","xattrs":{"user.x":"eQ=="},"chunkDigest":"sha256:00"}]}"#;
+        let mut member = toc_member(TOC_TAR_NAME, json);
+        member.extend_from_slice(&[1, 2, 3]); // trailing bytes are not read
+        let d = decode_toc(&member).unwrap();
+        assert_eq!(d.json, json);
+        assert_eq!(d.digest, Digest::of(json));
+        let e = &d.toc.entries[0];
+        assert_eq!((e.name.as_str(), e.kind.as_str(), e.size), ("a", "reg", 3));
+        assert_eq!(e.xattrs["user.x"], "eQ==");
+        assert_eq!(e.mod_time, "2009-02-13T23:31:30Z");
+    }
+
+    #[test]
+    fn rejects_wrong_name_bad_json_and_garbage() {
+        let e = decode_toc(&toc_member("other.json", b"{}")).unwrap_err();
+        assert!(e.to_string().contains("named \"other.json\""), "{e}");
+        let e = decode_toc(&toc_member(TOC_TAR_NAME, b"{not json")).unwrap_err();
+        assert!(e.to_string().contains("decoding TOC JSON"), "{e}");
+        let e =
+            decode_toc(&toc_member(TOC_TAR_NAME, br#"{"version":2,"entries":[]}"#)).unwrap_err();
+        assert!(e.to_string().contains("version 2"), "{e}");
+        let e = decode_toc(&toc_member(
+            TOC_TAR_NAME,
+            br#"{"version":1,"entries":[{"name":"a","type":"reg","size":-1}]}"#,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("decoding TOC JSON"), "{e}");
+        let e = decode_toc(b"definitely not gzip").unwrap_err();
+        assert!(e.to_string().contains("reading TOC member"), "{e}");
+    }
+
+    #[test]
+    fn rejects_oversized_toc_without_reading_it() {
+        // A tar header claiming a 1 TiB JSON, and nothing after it.
+        let mut h = tar::Header::new_ustar();
+        h.set_path(TOC_TAR_NAME).unwrap();
+        h.set_size(1 << 40);
+        h.set_cksum();
+        let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+        gz.write_all(h.as_bytes()).unwrap();
+        let e = decode_toc(&gz.finish().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("larger than the limit"), "{e}");
+    }
+}

@@ -1,0 +1,438 @@
+//! The eStargz writer: a tar stream in, an eStargz blob out.
+//!
+//! Layout (DESIGN.md section 3): a gzip member starts at the blob start, at
+//! each regular file's payload, at each chunk of a large file, at the TOC and
+//! at the footer. Tar headers go into whatever member is open, so the member
+//! of a file's last chunk also holds the tar padding and the headers of the
+//! entries that follow it. Input headers are copied byte for byte, so the
+//! blob's decompressed stream is the input tar with the landmark entry added
+//! and the TOC entry appended, and `tar xzf` extracts the same files.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+
+use base64::Engine as _;
+use flate2::Compression;
+use flate2::write::GzEncoder;
+
+use super::build::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, normalize};
+use super::footer::footer_bytes;
+use super::rfc3339;
+use super::tarin::{BLOCK, Kind, Meta, TarIn, read_full};
+use super::toc::{TOC_TAR_NAME, Toc, TocEntry};
+use crate::Digest;
+use crate::digest::Hasher;
+
+/// The landmark files' one byte, as other eStargz writers put it.
+const LANDMARK_CONTENT: u8 = 0x0f;
+
+/// Why a blob could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("eStargz writer i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("invalid input tar: {0}")]
+    InvalidTar(String),
+    #[error("unsupported input: {0}")]
+    Unsupported(String),
+    #[error("invalid writer options: {0}")]
+    Options(String),
+}
+
+/// How to write a blob.
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    /// Largest uncompressed chunk of a regular file (default 4 MiB).
+    pub chunk_size: u64,
+    /// gzip level 0-9 (default 6: level 9 costs about twice the time for a
+    /// few percent).
+    pub level: u32,
+    /// Paths whose entries go first, followed by `.prefetch.landmark`.
+    /// Empty: no reordering and a `.no.prefetch.landmark` at the start.
+    /// Reordering needs the whole input in memory.
+    pub prioritized: Vec<String>,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            chunk_size: 4 << 20,
+            level: 6,
+            prioritized: Vec::new(),
+        }
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteResult {
+    /// sha256 of the TOC JSON: the `containerd.io/snapshot/stargz/toc.digest`
+    /// annotation.
+    pub toc_digest: Digest,
+    /// sha256 of the blob decompressed: the layer's diff ID.
+    pub diff_id: Digest,
+    pub blob_digest: Digest,
+    pub blob_size: u64,
+    /// Size of the decompressed blob (the `uncompressed-size` annotation).
+    pub uncompressed_size: u64,
+    /// Prioritized paths that the input does not hold.
+    pub missing_prioritized: Vec<String>,
+}
+
+/// Converts the tar stream `input` into an eStargz blob written to `output`.
+pub fn write_estargz<R: Read, W: Write>(
+    input: R,
+    output: W,
+    opts: &WriteOptions,
+) -> Result<WriteResult, WriteError> {
+    if opts.chunk_size == 0 || opts.level > 9 {
+        return Err(WriteError::Options(format!(
+            "chunk size {} (must be > 0), level {} (must be 0-9)",
+            opts.chunk_size, opts.level
+        )));
+    }
+    let mut tar = TarIn::new(io::BufReader::with_capacity(1 << 20, input));
+    let mut w = BlobWriter::new(output, opts);
+    let mut missing = Vec::new();
+    if opts.prioritized.is_empty() {
+        w.landmark(NO_PREFETCH_LANDMARK)?;
+        while let Some(meta) = tar.next_meta()? {
+            let padded = meta.padded_size();
+            w.entry(&meta, &mut tar.reader().take(padded))?;
+        }
+    } else {
+        let mut entries = Vec::new();
+        while let Some(meta) = tar.next_meta()? {
+            let mut data = Vec::new();
+            tar.reader()
+                .take(meta.padded_size())
+                .read_to_end(&mut data)?;
+            entries.push((meta, data));
+        }
+        let order = priority_order(&entries, &opts.prioritized, &mut missing);
+        let mut placed = vec![false; entries.len()];
+        for i in order {
+            placed[i] = true;
+            let (meta, data) = &entries[i];
+            w.entry(meta, &mut &data[..])?;
+        }
+        w.landmark(PREFETCH_LANDMARK)?;
+        for (i, (meta, data)) in entries.iter().enumerate() {
+            if !placed[i] {
+                w.entry(meta, &mut &data[..])?;
+            }
+        }
+    }
+    let mut result = w.finish()?;
+    result.missing_prioritized = missing;
+    Ok(result)
+}
+
+/// Indices of the entries to put first: each prioritized path after its
+/// parent directories (and, for a hardlink, its target), in list order.
+fn priority_order(
+    entries: &[(Meta, Vec<u8>)],
+    prioritized: &[String],
+    missing: &mut Vec<String>,
+) -> Vec<usize> {
+    let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, (m, _)) in entries.iter().enumerate() {
+        if let Ok(n) = normalize(&String::from_utf8_lossy(&m.path)) {
+            by_name.entry(n).or_default().push(i);
+        }
+    }
+    let mut order = Vec::new();
+    let mut moved = vec![false; entries.len()];
+    for p in prioritized {
+        let Ok(name) = normalize(p) else {
+            missing.push(p.clone());
+            continue;
+        };
+        if name.is_empty() || !by_name.contains_key(&name) {
+            missing.push(p.clone());
+            continue;
+        }
+        move_rec(&name, entries, &by_name, &mut moved, &mut order, 0);
+    }
+    order
+}
+
+fn move_rec(
+    name: &str,
+    entries: &[(Meta, Vec<u8>)],
+    by_name: &HashMap<String, Vec<usize>>,
+    moved: &mut [bool],
+    order: &mut Vec<usize>,
+    depth: usize,
+) {
+    // Hardlink chains are short; the bound only stops a cycle.
+    if depth > 64 {
+        return;
+    }
+    if !name.is_empty() {
+        let parent = name.rfind('/').map_or("", |i| &name[..i]);
+        move_rec(parent, entries, by_name, moved, order, depth + 1);
+    }
+    for &i in by_name.get(name).map(Vec::as_slice).unwrap_or_default() {
+        if moved[i] {
+            continue;
+        }
+        let m = &entries[i].0;
+        if m.kind == Kind::Hardlink
+            && let Ok(target) = normalize(&String::from_utf8_lossy(&m.link))
+        {
+            move_rec(&target, entries, by_name, moved, order, depth + 1);
+        }
+        moved[i] = true;
+        order.push(i);
+    }
+}
+
+/// Counts and hashes what reaches the output.
+struct Counter<W> {
+    w: W,
+    n: u64,
+    hash: Hasher,
+}
+
+impl<W: Write> Write for Counter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let k = self.w.write(buf)?;
+        self.n += k as u64;
+        self.hash.update(&buf[..k]);
+        Ok(k)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+enum Sink<W: Write> {
+    Member(Box<GzEncoder<Counter<W>>>),
+    Between(Counter<W>),
+}
+
+struct BlobWriter<W: Write> {
+    /// Always Some except while switching members.
+    sink: Option<Sink<W>>,
+    level: Compression,
+    chunk_size: u64,
+    diff: Hasher,
+    uncompressed: u64,
+    toc: Toc,
+}
+
+impl<W: Write> BlobWriter<W> {
+    fn new(w: W, opts: &WriteOptions) -> BlobWriter<W> {
+        BlobWriter {
+            sink: Some(Sink::Between(Counter {
+                w,
+                n: 0,
+                hash: Hasher::default(),
+            })),
+            level: Compression::new(opts.level),
+            chunk_size: opts.chunk_size,
+            diff: Hasher::default(),
+            uncompressed: 0,
+            toc: Toc {
+                version: 1,
+                entries: Vec::new(),
+            },
+        }
+    }
+
+    fn take_sink(&mut self) -> Sink<W> {
+        self.sink
+            .take()
+            .expect("the sink is put back after every switch")
+    }
+
+    /// Ends the open member, if any. Returns the blob offset after it.
+    fn close_member(&mut self) -> io::Result<u64> {
+        let out = match self.take_sink() {
+            Sink::Member(gz) => gz.finish()?,
+            Sink::Between(out) => out,
+        };
+        let n = out.n;
+        self.sink = Some(Sink::Between(out));
+        Ok(n)
+    }
+
+    /// Writes uncompressed tar bytes into the open member, opening one if
+    /// none is.
+    fn write_tar(&mut self, data: &[u8]) -> io::Result<()> {
+        let mut gz = match self.take_sink() {
+            Sink::Member(gz) => gz,
+            Sink::Between(out) => Box::new(GzEncoder::new(out, self.level)),
+        };
+        let r = gz.write_all(data);
+        self.sink = Some(Sink::Member(gz));
+        r?;
+        self.diff.update(data);
+        self.uncompressed += data.len() as u64;
+        Ok(())
+    }
+
+    /// Copies one entry: `payload` yields its data and tar padding.
+    fn entry(&mut self, m: &Meta, payload: &mut impl Read) -> Result<(), WriteError> {
+        let name = String::from_utf8_lossy(&m.path).into_owned();
+        if normalize(&name).is_ok_and(|n| n == TOC_TAR_NAME) {
+            // A blob converted twice: the old TOC is not content.
+            io::copy(payload, &mut io::sink())?;
+            return Ok(());
+        }
+        self.write_tar(&m.raw)?;
+        let mut ent = TocEntry {
+            name,
+            kind: m.kind.toc_type().into(),
+            mode: m.mode,
+            uid: m.uid,
+            gid: m.gid,
+            user_name: String::from_utf8_lossy(&m.uname).into_owned(),
+            group_name: String::from_utf8_lossy(&m.gname).into_owned(),
+            mod_time: if m.mtime == 0 {
+                String::new()
+            } else {
+                rfc3339::format(m.mtime)
+            },
+            xattrs: m
+                .xattrs
+                .iter()
+                .map(|(k, v)| {
+                    let v = base64::engine::general_purpose::STANDARD.encode(v);
+                    (String::from_utf8_lossy(k).into_owned(), v)
+                })
+                .collect(),
+            ..TocEntry::default()
+        };
+        match m.kind {
+            Kind::Hardlink | Kind::Symlink => {
+                ent.link_name = String::from_utf8_lossy(&m.link).into_owned();
+            }
+            Kind::Char | Kind::Block => (ent.dev_major, ent.dev_minor) = m.dev,
+            _ => {}
+        }
+        if m.kind != Kind::Reg {
+            self.copy(payload, m.padded_size(), None)?;
+            self.toc.entries.push(ent);
+            return Ok(());
+        }
+        ent.size = m.size;
+        let first = self.toc.entries.len();
+        let mut whole = Hasher::default();
+        let mut written = 0;
+        let mut ent = Some(ent);
+        while written < m.size {
+            let mut e = ent.take().unwrap_or_else(|| TocEntry {
+                name: self.toc.entries[first].name.clone(),
+                kind: "chunk".into(),
+                ..TocEntry::default()
+            });
+            let remain = m.size - written;
+            let size = remain.min(self.chunk_size);
+            if size == self.chunk_size {
+                e.chunk_size = size;
+            }
+            e.offset = self.close_member()?;
+            e.chunk_offset = written;
+            let mut chunk = Hasher::default();
+            self.copy(payload, size, Some((&mut chunk, &mut whole)))?;
+            e.chunk_digest = chunk.finish().to_string();
+            self.toc.entries.push(e);
+            written += size;
+        }
+        if let Some(e) = ent {
+            self.toc.entries.push(e); // an empty file: no payload member
+        }
+        self.toc.entries[first].digest = whole.finish().to_string();
+        // The padding goes into the last chunk's member.
+        self.copy(payload, m.padded_size() - m.size, None)?;
+        Ok(())
+    }
+
+    fn copy(
+        &mut self,
+        r: &mut impl Read,
+        mut n: u64,
+        mut hashers: Option<(&mut Hasher, &mut Hasher)>,
+    ) -> Result<(), WriteError> {
+        let mut buf = vec![0u8; n.min(256 << 10) as usize];
+        while n > 0 {
+            let want = n.min(buf.len() as u64) as usize;
+            let got = read_full(r, &mut buf[..want])?;
+            if got < want {
+                return Err(WriteError::InvalidTar(
+                    "archive ends inside an entry's data".into(),
+                ));
+            }
+            if let Some((a, b)) = hashers.as_mut() {
+                a.update(&buf[..got]);
+                b.update(&buf[..got]);
+            }
+            self.write_tar(&buf[..got])?;
+            n -= got as u64;
+        }
+        Ok(())
+    }
+
+    /// A landmark file: one byte, in its own member like any payload.
+    fn landmark(&mut self, name: &str) -> Result<(), WriteError> {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name)?;
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let meta = Meta {
+            raw: h.as_bytes().to_vec(),
+            kind: Kind::Reg,
+            path: name.as_bytes().to_vec(),
+            link: Vec::new(),
+            size: 1,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            uname: Vec::new(),
+            gname: Vec::new(),
+            mtime: 0,
+            dev: (0, 0),
+            xattrs: Vec::new(),
+        };
+        let mut data = [0u8; BLOCK as usize];
+        data[0] = LANDMARK_CONTENT;
+        self.entry(&meta, &mut &data[..])
+    }
+
+    fn finish(mut self) -> Result<WriteResult, WriteError> {
+        let toc_offset = self.close_member()?;
+        let json = serde_json::to_vec(&self.toc)
+            .map_err(|e| io::Error::other(format!("encoding TOC JSON: {e}")))?;
+        let toc_digest = Digest::of(&json);
+        let mut h = tar::Header::new_ustar();
+        h.set_path(TOC_TAR_NAME)?;
+        h.set_size(json.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        self.write_tar(h.as_bytes())?;
+        self.write_tar(&json)?;
+        let pad = (json.len() as u64).div_ceil(BLOCK) * BLOCK - json.len() as u64;
+        // Padding, then the two zero blocks that end the archive.
+        self.write_tar(&vec![0u8; (pad + 2 * BLOCK) as usize])?;
+        self.close_member()?;
+        let Some(Sink::Between(mut out)) = self.sink.take() else {
+            unreachable!("close_member leaves the sink between members");
+        };
+        out.write_all(&footer_bytes(toc_offset))?;
+        out.flush()?;
+        Ok(WriteResult {
+            toc_digest,
+            diff_id: self.diff.finish(),
+            blob_digest: out.hash.finish(),
+            blob_size: out.n,
+            uncompressed_size: self.uncompressed,
+            missing_prioritized: Vec::new(),
+        })
+    }
+}
