@@ -293,3 +293,110 @@ fn overlayfs_honours_whiteouts_and_opaque_dirs_from_the_mount() {
     assert_eq!(std::fs::read(merged.join("kept")).unwrap(), b"kept");
     assert_eq!(std::fs::read(merged.join("b")).unwrap(), b);
 }
+
+/// Cached sequential read of a large file through tarn against the same
+/// bytes from a local file, both warm in memory: the FUSE path's cost.
+/// Prints the figures; not a timed assertion.
+#[test]
+fn cached_sequential_read_throughput_against_local_disk() {
+    const SIZE: usize = 256 << 20;
+    const CHUNK: usize = 4 << 20;
+    let data: Vec<u8> = (0..SIZE)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
+        .collect();
+    let chunks: Vec<Chunk> = data
+        .chunks(CHUNK)
+        .enumerate()
+        .map(|(i, c)| Chunk {
+            file_offset: (i * CHUNK) as u64,
+            size: c.len() as u64,
+            digest: Digest::of(c),
+            blob_range: ((i * CHUNK) as u64, (i * CHUNK + c.len()) as u64),
+            inner_offset: 0,
+        })
+        .collect();
+    let mut root = node(FileKind::Dir, 0o755, ROOT_INO);
+    root.children = vec![(name("big"), 2)];
+    let mut big = node(FileKind::Reg, 0o644, ROOT_INO);
+    big.size = SIZE as u64;
+    big.chunks = 0..chunks.len() as u32;
+    let index = LayerIndex {
+        inodes: vec![root, big],
+        chunks,
+        blob_size: SIZE as u64,
+        prefetch: None,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    std::fs::write(&local, &data).unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let blob = Arc::new(MemBlob {
+        data,
+        reads: AtomicU64::new(0),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = Arc::new(Cache::open(&dir.path().join("cache")).unwrap());
+
+    // Compares as it reads (memcmp costs far less than the read itself).
+    let read_all = |p: &Path, want: &[u8]| {
+        let t = std::time::Instant::now();
+        let mut f = std::fs::File::open(p).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0usize;
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            assert!(
+                buf[..n] == want[total..total + n],
+                "content differs at {total}"
+            );
+            total += n;
+        }
+        assert_eq!(total, SIZE);
+        t.elapsed()
+    };
+
+    // First mount: fetch everything into the chunk cache.
+    let layer = Arc::new(Layer::new(
+        index.clone(),
+        Fetcher::new(blob.clone(), Arc::new(Plain), cache.clone()),
+    ));
+    let h = mount(layer, &mnt, rt.handle().clone(), &MountOptions::default()).unwrap();
+    let cold = read_all(&mnt.join("big"), &blob.data);
+    h.unmount().unwrap();
+    let fetched = blob.reads.load(Ordering::Relaxed);
+
+    // Second mount over the same cache: nothing in the kernel's page cache
+    // for the new mount, every read goes through FUSE to the chunk cache.
+    let layer = Arc::new(Layer::new(
+        index,
+        Fetcher::new(blob.clone(), Arc::new(Plain), cache),
+    ));
+    let h = mount(layer, &mnt, rt.handle().clone(), &MountOptions::default()).unwrap();
+    let warm = read_all(&mnt.join("big"), &blob.data);
+    let disk = read_all(&local, &blob.data);
+    h.unmount().unwrap();
+    assert_eq!(
+        blob.reads.load(Ordering::Relaxed),
+        fetched,
+        "a cached layer fetches nothing"
+    );
+
+    let mbps = |d: std::time::Duration| SIZE as f64 / d.as_secs_f64() / 1e6;
+    eprintln!(
+        "throughput: 256 MiB sequential (1 MiB reads): tarn first read {:.0} MB/s, \
+         tarn cached {:.0} MB/s, local file {:.0} MB/s, cached/local ratio {:.2}",
+        mbps(cold),
+        mbps(warm),
+        mbps(disk),
+        disk.as_secs_f64() / warm.as_secs_f64()
+    );
+}
