@@ -1,6 +1,8 @@
 //! The FUSE adapter over a hand-built layer index and an in-memory blob:
 //! what the kernel, and overlayfs on top, see. Needs root and /dev/fuse.
 
+mod support;
+
 use std::ffi::CString;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
@@ -399,4 +401,43 @@ fn cached_sequential_read_throughput_against_local_disk() {
         mbps(disk),
         disk.as_secs_f64() / warm.as_secs_f64()
     );
+}
+
+/// tarn's writer -> Layer::open -> FUSE: the mount equals the input tar.
+#[test]
+fn an_estargz_from_the_writer_mounts_equal_to_its_tar() {
+    use tarn_fs::format::estargz::{WriteOptions, write_estargz};
+    let tar = support::tree::sample_tar(64 << 10);
+    let mut blob = Vec::new();
+    let opts = WriteOptions {
+        chunk_size: 64 << 10,
+        ..WriteOptions::default()
+    };
+    let res = write_estargz(&tar[..], &mut blob, &opts).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let cache = Arc::new(Cache::open(&dir.path().join("cache")).unwrap());
+    let src = Arc::new(MemBlob {
+        data: blob,
+        reads: AtomicU64::new(0),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = rt
+        .block_on(Layer::open(src, Some(res.toc_digest), cache))
+        .unwrap();
+    let _h = mount(
+        Arc::new(layer),
+        &mnt,
+        rt.handle().clone(),
+        &MountOptions::default(),
+    )
+    .unwrap();
+    let n = support::tree::assert_tree_matches_tar(&mnt, &tar);
+    assert!(n > 25, "checked {n} paths");
 }
