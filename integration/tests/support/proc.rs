@@ -13,8 +13,16 @@ pub fn tarn_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/tarn
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("tarn");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p tarn` before these tests", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("tarn");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p tarn` before these tests",
+        bin.display()
+    );
     bin
 }
 
@@ -47,15 +55,28 @@ pub struct Exit {
 impl Exit {
     /// (bytes, requests) from the "fetched N bytes in M requests" line.
     pub fn fetched(&self) -> (u64, u64) {
-        let line = self.stdout.lines().find(|l| l.starts_with("fetched ")).expect("a fetched line on exit");
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("fetched "))
+            .expect("a fetched line on exit");
         let w: Vec<&str> = line.split_whitespace().collect();
-        (w[1].parse().expect("bytes"), w[4].parse().expect("requests"))
+        (
+            w[1].parse().expect("bytes"),
+            w[4].parse().expect("requests"),
+        )
     }
 }
 
 impl MountLayer {
     /// Starts `tarn mount-layer ARGS... REF DIGEST MNT --root ROOT`; does not wait.
-    pub fn spawn(image: &str, layer: &str, mountpoint: &Path, root: &Path, extra: &[&str]) -> MountLayer {
+    pub fn spawn(
+        image: &str,
+        layer: &str,
+        mountpoint: &Path,
+        root: &Path,
+        extra: &[&str],
+    ) -> MountLayer {
         let logs = root.with_extension(format!("log{}", std::process::id()));
         std::fs::create_dir_all(&logs).expect("log dir");
         let n = std::fs::read_dir(&logs).map(|d| d.count()).unwrap_or(0);
@@ -72,17 +93,31 @@ impl MountLayer {
             .stderr(std::fs::File::create(&err).expect("stderr file"))
             .spawn()
             .expect("starting tarn");
-        MountLayer { child: Some(child), mountpoint: mountpoint.to_path_buf(), out, err }
+        MountLayer {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+            out,
+            err,
+        }
     }
 
     /// Starts it and waits until the layer is mounted; panics with tarn's
     /// stderr if it exits first.
-    pub fn start(image: &str, layer: &str, mountpoint: &Path, root: &Path, extra: &[&str]) -> MountLayer {
+    pub fn start(
+        image: &str,
+        layer: &str,
+        mountpoint: &Path,
+        root: &Path,
+        extra: &[&str],
+    ) -> MountLayer {
         let mut m = MountLayer::spawn(image, layer, mountpoint, root, extra);
         let deadline = Instant::now() + Duration::from_secs(60);
         while !is_mounted(mountpoint) {
             if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().expect("wait")) {
-                panic!("tarn mount-layer exited ({st}) before mounting: {}", m.read(&m.err));
+                panic!(
+                    "tarn mount-layer exited ({st}) before mounting: {}",
+                    m.read(&m.err)
+                );
             }
             assert!(Instant::now() < deadline, "not mounted after 60 s");
             std::thread::sleep(Duration::from_millis(20));
@@ -101,14 +136,22 @@ impl MountLayer {
     /// Waits for the process to end (as it does on its own after an error).
     pub fn wait(mut self) -> Exit {
         let st = self.child.take().expect("running").wait().expect("wait");
-        Exit { success: st.success(), stdout: self.read(&self.out), stderr: self.read(&self.err) }
+        Exit {
+            success: st.success(),
+            stdout: self.read(&self.out),
+            stderr: self.read(&self.err),
+        }
     }
 
     /// SIGTERM, then wait: tarn unmounts and prints what it fetched.
     pub fn stop(self) -> Exit {
         self.signal(libc::SIGTERM);
         let exit = self.wait();
-        assert!(exit.success, "tarn exited badly on SIGTERM: {}", exit.stderr);
+        assert!(
+            exit.success,
+            "tarn exited badly on SIGTERM: {}",
+            exit.stderr
+        );
         exit
     }
 
@@ -125,7 +168,11 @@ impl Drop for MountLayer {
             let _ = c.wait();
         }
         if is_mounted(&self.mountpoint) {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mountpoint).status();
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mountpoint)
+                .status();
         }
     }
 }
@@ -133,6 +180,8 @@ impl Drop for MountLayer {
 /// Blob GETs in a registry log: (requests, bytes written).
 pub fn blob_gets(log: &[tarn_integration::registry::LoggedRequest]) -> (u64, u64) {
     log.iter()
-        .filter(|r| r.method == "GET" && r.path.contains("/blobs/") && (r.status == 200 || r.status == 206))
+        .filter(|r| {
+            r.method == "GET" && r.path.contains("/blobs/") && (r.status == 200 || r.status == 206)
+        })
         .fold((0, 0), |(n, b), r| (n + 1, b + r.written))
 }
