@@ -1,1 +1,3 @@
-//! placeholder
+//! Harnesses for tests of tarn against real components.
+
+pub mod registry;
