@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 /// tarn: lazily pulled, verified eStargz image layers for containerd.
 #[derive(Parser)]
-#[command(name = "tarn", version, about)]
+#[command(name = "tarn", version)]
 struct Cli {
     /// Log filter (e.g. `info`, `tarn_fs=debug`); `RUST_LOG` works too.
     #[arg(long, global = true, env = "TARN_LOG", default_value = "warn")]

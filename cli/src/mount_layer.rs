@@ -85,7 +85,7 @@ async fn open_layer(args: &Args) -> anyhow::Result<Layer> {
     let reference: Reference = args.image_ref.parse()?;
     let mut config = RegistryConfig::default();
     if args.plain_http {
-        config.plain_http.push(reference.registry().to_string());
+        config.plain_http.push(reference.repository.registry.clone());
     }
     let client = RegistryClient::new(config)?;
     let image = client.resolve(&reference).await?;
@@ -111,7 +111,12 @@ async fn open_layer(args: &Args) -> anyhow::Result<Layer> {
     let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_dir))
         .await
         .context("opening the cache")??;
-    let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob::new(client, reference, desc.clone()));
+    let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
+        client,
+        repo: reference.repository.clone(),
+        digest: desc.digest,
+        size: desc.size,
+    });
     Layer::open(source, toc_digest, Arc::new(cache))
         .await
         .with_context(|| format!("opening layer {}", desc.digest))

@@ -15,7 +15,9 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::watch;
 
 use super::plan::{Group, merge_adjacent};
-use super::{BlobSource, Cache, FetchStats, Intent, RegistryError};
+use super::{FetchStats, Intent};
+use crate::cache::Cache;
+use crate::registry::{BlobSource, RegistryError};
 use crate::Digest;
 use crate::format::{Chunk, ChunkDecoder, FormatError};
 

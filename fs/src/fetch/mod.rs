@@ -12,12 +12,10 @@
 mod fetcher;
 mod intent;
 mod plan;
-mod standin;
 mod stats;
 
 #[cfg(test)]
 pub(crate) use fetcher::tests as fetcher_tests;
 pub use fetcher::{FetchError, Fetcher, MAX_MERGED_GET};
 pub use intent::Intent;
-pub use standin::{BlobSource, Cache, CacheError, RegistryError};
 pub use stats::{FetchStats, FetchStatsSnapshot};

@@ -10,7 +10,8 @@ mod plan;
 
 use std::sync::Arc;
 
-use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, Intent, RegistryError};
+use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, Intent};
+use crate::registry::RegistryError;
 use crate::format::{FileKind, FormatError, Inode, LayerIndex};
 
 pub use open::TAIL_FETCH;

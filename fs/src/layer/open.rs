@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use crate::Digest;
-use crate::fetch::{BlobSource, Cache, Fetcher, Intent};
+use crate::cache::Cache;
+use crate::fetch::{Fetcher, Intent};
+use crate::registry::BlobSource;
 use crate::format::FormatError;
 use crate::format::estargz::{Estargz, build_index, decode_toc, parse_footer};
 

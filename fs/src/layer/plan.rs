@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::fetch::Cache;
+use crate::cache::Cache;
 use crate::format::Chunk;
 
 /// The outcome of planning a read against the cache.

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::fetch::Cache;
+use crate::cache::Cache;
 use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of};
 use crate::format::{FileKind, Inode, ROOT_INO};
 
