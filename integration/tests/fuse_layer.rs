@@ -17,10 +17,10 @@ use futures::future::BoxFuture;
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
 use tarn_fs::fetch::{Fetcher, Intent};
-use tarn_fs::registry::{BlobSource, RegistryError};
 use tarn_fs::format::{Chunk, ChunkDecoder, FileKind, FormatError, Inode, LayerIndex, ROOT_INO};
 use tarn_fs::fuse::{MountOptions, mount};
 use tarn_fs::layer::Layer;
+use tarn_fs::registry::{BlobSource, RegistryError};
 
 struct MemBlob {
     data: Vec<u8>,

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -16,10 +16,10 @@ use tokio::sync::watch;
 
 use super::plan::{Group, merge_adjacent};
 use super::{FetchStats, Intent};
-use crate::cache::Cache;
-use crate::registry::{BlobSource, RegistryError};
 use crate::Digest;
+use crate::cache::Cache;
 use crate::format::{Chunk, ChunkDecoder, FormatError};
+use crate::registry::{BlobSource, RegistryError};
 
 /// Largest ranged GET built by merging adjacent misses.
 pub const MAX_MERGED_GET: u64 = 8 << 20;
@@ -63,6 +63,9 @@ struct Inner {
     inflight: DashMap<Digest, Flight>,
     stats: FetchStats,
     max_merged_get: u64,
+    /// The blob's last bytes, `(offset, bytes)`, fetched when the layer was
+    /// opened; chunks there are served from it.
+    tail: OnceLock<(u64, Bytes)>,
 }
 
 impl Fetcher {
@@ -79,8 +82,15 @@ impl Fetcher {
                 inflight: DashMap::new(),
                 stats: FetchStats::default(),
                 max_merged_get: MAX_MERGED_GET,
+                tail: OnceLock::new(),
             }),
         }
+    }
+
+    /// Keeps the blob's bytes from `offset` to its end (already fetched, for
+    /// the footer and TOC) to serve the chunks that lie there. Set once.
+    pub fn keep_tail(&self, offset: u64, bytes: Bytes) {
+        let _ = self.inner.tail.set((offset, bytes));
     }
 
     pub fn stats(&self) -> &FetchStats {
@@ -218,18 +228,37 @@ impl Inner {
                 .map(|c| (c.digest, Err(e.clone())))
                 .collect::<Vec<_>>()
         };
-        let data = match self.source.read_range(g.range.clone(), intent).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(start, end, error = %e, "blob read failed");
-                return fail(FetchError::Source {
-                    start,
-                    end,
-                    source: Arc::new(e),
-                });
-            }
-        };
-        self.stats.request(data.len() as u64);
+        // The part of the range inside the blob's tail (kept from opening
+        // the layer) is not fetched again.
+        let tail = self.tail.get().filter(|(ts, _)| end > *ts);
+        let get_end = tail.map_or(end, |(ts, _)| (*ts).max(start));
+        let mut data = Bytes::new();
+        if get_end > start {
+            data = match self.source.read_range(start..get_end, intent).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(start, end = get_end, error = %e, "blob read failed");
+                    return fail(FetchError::Source {
+                        start,
+                        end: get_end,
+                        source: Arc::new(e),
+                    });
+                }
+            };
+            self.stats.request(data.len() as u64);
+        }
+        if let Some((ts, tb)) = tail {
+            let from = (start.max(*ts) - ts) as usize;
+            let to = ((end - ts) as usize).min(tb.len());
+            data = if data.is_empty() {
+                tb.slice(from..to)
+            } else {
+                let mut joined = Vec::with_capacity(data.len() + to - from);
+                joined.extend_from_slice(&data);
+                joined.extend_from_slice(&tb[from..to]);
+                Bytes::from(joined)
+            };
+        }
         if data.len() as u64 != end - start {
             return fail(FetchError::ShortRead {
                 start,

@@ -11,8 +11,8 @@ mod plan;
 use std::sync::Arc;
 
 use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, Intent};
-use crate::registry::RegistryError;
 use crate::format::{FileKind, FormatError, Inode, LayerIndex};
+use crate::registry::RegistryError;
 
 pub use open::TAIL_FETCH;
 pub use plan::{CachedRead, PendingRead};

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use crate::Digest;
 use crate::cache::Cache;
 use crate::fetch::{Fetcher, Intent};
-use crate::registry::BlobSource;
 use crate::format::FormatError;
 use crate::format::estargz::{Estargz, build_index, decode_toc, parse_footer};
+use crate::registry::BlobSource;
 
 use super::{Layer, LayerError};
 
@@ -34,6 +34,7 @@ impl Layer {
             .read_range(size - tail_len..size, Intent::OnDemand)
             .await?;
         fetcher.stats().request(tail.len() as u64);
+        fetcher.keep_tail(size - tail.len() as u64, tail.clone());
         let loc = parse_footer(&tail, size)?;
         let toc = match loc.toc_in_tail.clone() {
             Some(r) => tail.slice(r),

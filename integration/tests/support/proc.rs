@@ -66,6 +66,21 @@ impl Exit {
             w[4].parse().expect("requests"),
         )
     }
+
+    /// The verification failures tarn counted.
+    pub fn verify_failures(&self) -> u64 {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("fetched "))
+            .expect("a fetched line on exit");
+        let w: Vec<&str> = line.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+        let i = w
+            .iter()
+            .position(|w| *w == "verification")
+            .expect("verification count");
+        w[i - 1].parse().expect("number")
+    }
 }
 
 impl MountLayer {
@@ -134,6 +149,7 @@ impl MountLayer {
     }
 
     /// Waits for the process to end (as it does on its own after an error).
+    /// Whatever it left mounted is then the caller's to unmount.
     pub fn wait(mut self) -> Exit {
         let st = self.child.take().expect("running").wait().expect("wait");
         Exit {
@@ -163,10 +179,13 @@ impl MountLayer {
 
 impl Drop for MountLayer {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // After `wait`, the caller owns the aftermath (a test may want to
+        // unmount a dead mount itself).
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = c.kill();
+        let _ = c.wait();
         if is_mounted(&self.mountpoint) {
             let _ = Command::new("fusermount3")
                 .arg("-u")
