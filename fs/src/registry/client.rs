@@ -91,7 +91,8 @@ struct Get<'a> {
 }
 
 impl RegistryClient {
-    /// Builds the client and reads the docker config file once.
+    /// Builds the client and reads the docker config file once (a small
+    /// blocking read: call it at startup, not on a busy async worker).
     pub fn new(config: RegistryConfig) -> Result<RegistryClient, RegistryError> {
         let docker = match config
             .docker_config
