@@ -85,7 +85,9 @@ async fn open_layer(args: &Args) -> anyhow::Result<Layer> {
     let reference: Reference = args.image_ref.parse()?;
     let mut config = RegistryConfig::default();
     if args.plain_http {
-        config.plain_http.push(reference.repository.registry.clone());
+        config
+            .plain_http
+            .push(reference.repository.registry.clone());
     }
     let client = RegistryClient::new(config)?;
     let image = client.resolve(&reference).await?;
