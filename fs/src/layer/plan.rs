@@ -67,6 +67,11 @@ pub(super) fn plan_read(
         });
     }
     if complete {
+        if pieces.len() == 1 {
+            // The common case: one piece, handed over without a copy.
+            let data = pieces.pop().and_then(|p| p.data);
+            return CachedRead::Hit(data.expect("complete means every piece is present"));
+        }
         let mut out = Vec::with_capacity((end - offset) as usize);
         for p in pieces {
             out.extend_from_slice(&p.data.expect("complete means every piece is present"));

@@ -109,7 +109,16 @@ fn estargz_with(content: &[u8]) -> (Vec<u8>, crate::Digest) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
-    let content: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 256) as u8).collect();
+    // Incompressible, so the chunks read lie before the blob's tail.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let content: Vec<u8> = (0..1_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
     let (blob, toc_digest) = estargz_with(&content);
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
@@ -134,6 +143,16 @@ async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
         layer.stats().requests,
         2,
         "then one merged GET for the chunks read"
+    );
+    let last = content.len() as u64 - 10_000;
+    assert_eq!(
+        layer.read(ino, last, 10_000).await.unwrap(),
+        &content[last as usize..]
+    );
+    assert_eq!(
+        layer.stats().requests,
+        2,
+        "the file's end lies in the tail fetched at open: no GET"
     );
 
     let wrong = crate::Digest::of(b"not the toc");
