@@ -1,10 +1,14 @@
 //! `tarn`: the command line. Each subcommand lives in its own file; this one
 //! only parses flags, sets up logging and reports errors.
 
+mod containerd;
 mod mount_layer;
+mod pull;
+mod status;
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// tarn: lazily pulled, verified eStargz image layers for containerd.
@@ -20,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Pull(pull::PullArgs),
+    Status(status::StatusArgs),
     MountLayer(mount_layer::Args),
 }
 
@@ -33,7 +39,10 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
+        // Owns its runtime: FUSE replies need a handle to it after mounting.
         Command::MountLayer(args) => mount_layer::run(args),
+        Command::Pull(args) => block_on(pull::run(args)),
+        Command::Status(args) => block_on(status::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -43,4 +52,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
 }
