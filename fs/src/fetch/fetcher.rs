@@ -25,23 +25,22 @@ use crate::registry::{BlobSource, RegistryError};
 pub const MAX_MERGED_GET: u64 = 8 << 20;
 
 /// Why the bytes of a chunk could not be produced. Cloneable because every
-/// reader waiting on a shared fetch receives the same error.
+/// reader waiting on a shared fetch receives the same error. The cause is
+/// part of the message (and not a `source`) so a one-line report says it once.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
-    #[error("reading blob range {start}..{end}: {source}")]
+    #[error("reading blob range {start}..{end}: {error}")]
     Source {
         start: u64,
         end: u64,
-        #[source]
-        source: Arc<RegistryError>,
+        error: Arc<RegistryError>,
     },
     #[error("reading blob range {start}..{end}: got {got} bytes")]
     ShortRead { start: u64, end: u64, got: u64 },
-    #[error("chunk at blob offset {offset}: {source}")]
+    #[error("chunk at blob offset {offset}: {error}")]
     Verify {
         offset: u64,
-        #[source]
-        source: Arc<FormatError>,
+        error: Arc<FormatError>,
     },
     #[error("fetch of chunk {0} was abandoned")]
     Abandoned(Digest),
@@ -241,7 +240,7 @@ impl Inner {
                     return fail(FetchError::Source {
                         start,
                         end: get_end,
-                        source: Arc::new(e),
+                        error: Arc::new(e),
                     });
                 }
             };
@@ -287,7 +286,7 @@ impl Inner {
                         }
                         Err(e) => {
                             tracing::warn!(chunk = %c.digest, offset = r.start, error = %e, "chunk rejected");
-                            Err(FetchError::Verify { offset: r.start, source: Arc::new(e) })
+                            Err(FetchError::Verify { offset: r.start, error: Arc::new(e) })
                         }
                     };
                     (c.digest, res)

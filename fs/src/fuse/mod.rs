@@ -38,10 +38,12 @@ impl Default for MountOptions {
 /// Why a layer could not be mounted or unmounted.
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
-    #[error("mounting at {path}: {source}")]
-    Mount { path: PathBuf, source: io::Error },
-    #[error("unmounting {path}: {source}")]
-    Unmount { path: PathBuf, source: io::Error },
+    // The io::Error is in the message, not a `source`, so that a chain
+    // printed as one line does not say it twice.
+    #[error("mounting at {path}: {error}")]
+    Mount { path: PathBuf, error: io::Error },
+    #[error("unmounting {path}: {error}")]
+    Unmount { path: PathBuf, error: io::Error },
 }
 
 /// A mounted layer. Dropping it, or calling [`MountHandle::unmount`],
@@ -78,9 +80,9 @@ pub fn mount(
     config.clone_fd = true;
     let fs = fs::LayerFs::new(layer, runtime);
     let session =
-        fuser::spawn_mount(fs, mountpoint, &config).map_err(|source| FuseError::Mount {
+        fuser::spawn_mount(fs, mountpoint, &config).map_err(|error| FuseError::Mount {
             path: mountpoint.to_path_buf(),
-            source,
+            error,
         })?;
     Ok(MountHandle {
         session: Some(session),
@@ -100,9 +102,9 @@ impl MountHandle {
 
     fn unmount_inner(&mut self) -> Result<(), FuseError> {
         match self.session.take() {
-            Some(s) => s.umount_and_join().map_err(|source| FuseError::Unmount {
+            Some(s) => s.umount_and_join().map_err(|error| FuseError::Unmount {
                 path: self.mountpoint.clone(),
-                source,
+                error,
             }),
             None => Ok(()),
         }

@@ -26,10 +26,17 @@ pub enum LayerError {
     NotFile(u64),
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    // The cause in the message, not as a `source`: one-line reports say it once.
     #[error("reading the layer's footer and TOC: {0}")]
-    Source(#[from] RegistryError),
+    Source(RegistryError),
     #[error(transparent)]
     Format(#[from] FormatError),
+}
+
+impl From<RegistryError> for LayerError {
+    fn from(e: RegistryError) -> LayerError {
+        LayerError::Source(e)
+    }
 }
 
 /// One layer: the decoded index plus the fetcher (and through it the cache)
