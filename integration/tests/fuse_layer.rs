@@ -378,16 +378,21 @@ fn cached_sequential_read_throughput_against_local_disk() {
     h.unmount().unwrap();
     let fetched = blob.reads.load(Ordering::Relaxed);
 
-    // Second mount over the same cache: nothing in the kernel's page cache
-    // for the new mount, every read goes through FUSE to the chunk cache.
-    let layer = Arc::new(Layer::new(
-        index,
-        Fetcher::new(blob.clone(), Arc::new(Plain), cache),
-    ));
-    let h = mount(layer, &mnt, rt.handle().clone(), &MountOptions::default()).unwrap();
-    let warm = read_all(&mnt.join("big"), &blob.data);
-    let disk = read_all(&local, &blob.data);
-    h.unmount().unwrap();
+    // Fresh mounts over the same cache: nothing in the kernel's page cache
+    // for a new mount, every read goes through FUSE to the chunk cache. The
+    // machine is shared, so the best of three runs of each is compared.
+    let mut warm = std::time::Duration::MAX;
+    let mut disk = std::time::Duration::MAX;
+    for _ in 0..3 {
+        let layer = Arc::new(Layer::new(
+            index.clone(),
+            Fetcher::new(blob.clone(), Arc::new(Plain), cache.clone()),
+        ));
+        let h = mount(layer, &mnt, rt.handle().clone(), &MountOptions::default()).unwrap();
+        warm = warm.min(read_all(&mnt.join("big"), &blob.data));
+        h.unmount().unwrap();
+        disk = disk.min(read_all(&local, &blob.data));
+    }
     assert_eq!(
         blob.reads.load(Ordering::Relaxed),
         fetched,
@@ -396,7 +401,7 @@ fn cached_sequential_read_throughput_against_local_disk() {
 
     let mbps = |d: std::time::Duration| SIZE as f64 / d.as_secs_f64() / 1e6;
     eprintln!(
-        "throughput: 256 MiB sequential (1 MiB reads): tarn first read {:.0} MB/s, \
+        "throughput: 256 MiB sequential (1 MiB reads, best of 3): tarn first read {:.0} MB/s, \
          tarn cached {:.0} MB/s, local file {:.0} MB/s, cached/local ratio {:.2}",
         mbps(cold),
         mbps(warm),
