@@ -1,19 +1,23 @@
-//! tarn's command line. (Temporary main of branch `pull`; the real one with
-//! `mount-layer` lives on branch `fuse`.)
+//! `tarn`: the command line. Each subcommand lives in its own file; this one
+//! only parses flags, sets up logging and reports errors.
 
 mod containerd;
+mod mount_layer;
 mod pull;
 mod status;
 
+use std::process::ExitCode;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+/// tarn: lazily pulled, verified eStargz image layers for containerd.
 #[derive(Parser)]
-#[command(
-    name = "tarn",
-    version,
-    about = "Lazy-pulling containerd snapshotter: command line"
-)]
+#[command(name = "tarn", version)]
 struct Cli {
+    /// Log filter (e.g. `info`, `tarn_fs=debug`); `RUST_LOG` works too.
+    #[arg(long, global = true, env = "TARN_LOG", default_value = "warn")]
+    log_level: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -22,28 +26,38 @@ struct Cli {
 enum Command {
     Pull(pull::PullArgs),
     Status(status::StatusArgs),
+    MountLayer(mount_layer::Args),
 }
 
-fn main() {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build();
-    let result = match rt {
-        Ok(rt) => rt.block_on(async {
-            match cli.command {
-                Command::Pull(args) => pull::run(args).await,
-                Command::Status(args) => status::run(args).await,
-            }
-        }),
-        Err(e) => Err(anyhow::Error::from(e).context("cannot start the async runtime")),
+
+    let result = match cli.command {
+        // Owns its runtime: FUSE replies need a handle to it after mounting.
+        Command::MountLayer(args) => mount_layer::run(args),
+        Command::Pull(args) => block_on(pull::run(args)),
+        Command::Status(args) => block_on(status::run(args)),
     };
-    if let Err(e) = result {
-        eprintln!("tarn: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("tarn: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
 }

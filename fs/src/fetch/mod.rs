@@ -1,5 +1,21 @@
-//! The fetch scheduler: singleflight per chunk, intents, merging.
+//! The fetch scheduler: turns "these chunks, for this reason" into verified
+//! plain bytes, from the cache when it has them, from the blob otherwise.
+//!
+//! - singleflight per chunk digest: concurrent misses of one chunk share one
+//!   fetch and its result, success or error;
+//! - adjacent misses of one request are merged into one ranged GET (up to
+//!   [`MAX_MERGED_GET`]), then split, decoded and verified chunk by chunk; a
+//!   chunk failing verification is an error for its readers and is never
+//!   cached, the rest of the GET still is;
+//! - every request carries its [`Intent`] down to the [`BlobSource`].
 
+mod fetcher;
 mod intent;
+mod plan;
+mod stats;
 
+#[cfg(test)]
+pub(crate) use fetcher::tests as fetcher_tests;
+pub use fetcher::{FetchError, Fetcher, MAX_MERGED_GET};
 pub use intent::Intent;
+pub use stats::{FetchStats, FetchStatsSnapshot};

@@ -1,1 +1,115 @@
 //! One mounted layer: its index, and read planning over cache and fetch.
+//!
+//! A read is planned into the chunks that cover it. The cache is asked for
+//! each piece synchronously (a blocking file read, fine on a FUSE thread);
+//! only when something is missing does the read go to the [`Fetcher`], on
+//! the async runtime.
+
+mod open;
+mod plan;
+
+use std::sync::Arc;
+
+use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, Intent};
+use crate::format::{FileKind, FormatError, Inode, LayerIndex};
+use crate::registry::RegistryError;
+
+pub use open::TAIL_FETCH;
+pub use plan::{CachedRead, PendingRead};
+
+/// Why a layer could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("no inode {0} in this layer")]
+    NoInode(u64),
+    #[error("inode {0} is not a regular file")]
+    NotFile(u64),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    // The cause in the message, not as a `source`: one-line reports say it once.
+    #[error("reading the layer's footer and TOC: {0}")]
+    Source(RegistryError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+impl From<RegistryError> for LayerError {
+    fn from(e: RegistryError) -> LayerError {
+        LayerError::Source(e)
+    }
+}
+
+/// One layer: the decoded index plus the fetcher (and through it the cache)
+/// that produces its file contents.
+pub struct Layer {
+    index: LayerIndex,
+    fetcher: Fetcher,
+}
+
+impl Layer {
+    /// A layer from an index already built and verified.
+    pub fn new(index: LayerIndex, fetcher: Fetcher) -> Layer {
+        Layer { index, fetcher }
+    }
+
+    pub fn index(&self) -> &LayerIndex {
+        &self.index
+    }
+
+    pub fn inode(&self, ino: u64) -> Result<&Inode, LayerError> {
+        self.index.inode(ino).ok_or(LayerError::NoInode(ino))
+    }
+
+    /// The fetch counters of this layer.
+    pub fn stats(&self) -> FetchStatsSnapshot {
+        self.fetcher.stats().snapshot()
+    }
+
+    /// Plans a read of `len` bytes at `offset` of regular file `ino` and
+    /// answers it from the cache if every byte is there. Blocking (cache file
+    /// reads), never touches the network or the async runtime.
+    pub fn read_cached(&self, ino: u64, offset: u64, len: u64) -> Result<CachedRead, LayerError> {
+        let inode = self.inode(ino)?;
+        if inode.kind != FileKind::Reg {
+            return Err(LayerError::NotFile(ino));
+        }
+        let chunks = self.index.file_chunks(inode);
+        let read = plan::plan_read(chunks, inode.size, offset, len, self.fetcher.cache());
+        if let CachedRead::Hit(_) = &read {
+            self.fetcher.stats().cache_hits(1);
+        }
+        Ok(read)
+    }
+
+    /// Fetches what a planned read is missing and assembles its bytes.
+    pub async fn complete(&self, pending: PendingRead) -> Result<Vec<u8>, LayerError> {
+        let missing = pending.missing_chunks();
+        // Seam for read-ahead (a later issue): the chunks after `missing`
+        // in this file and in blob order would be queued here with
+        // `Intent::Prefetch`, without making this read wait for them.
+        let fetched = self.fetcher.fetch(&missing, Intent::OnDemand).await?;
+        Ok(pending.assemble(&missing, &fetched))
+    }
+
+    /// Reads through cache and fetcher: the convenience form of
+    /// [`Layer::read_cached`] followed by [`Layer::complete`]. Runs the
+    /// cache lookup on the blocking pool.
+    pub async fn read(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, LayerError> {
+        let me = self.clone();
+        let planned = tokio::task::spawn_blocking(move || me.read_cached(ino, offset, len))
+            .await
+            .expect("read planning does not panic")?;
+        match planned {
+            CachedRead::Hit(data) => Ok(data),
+            CachedRead::Miss(p) => self.complete(p).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+//! `tarn mount-layer`: mount one eStargz layer of an image, in the
+//! foreground, until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tarn_fs::Digest;
+use tarn_fs::cache::Cache;
+use tarn_fs::fuse::{MountOptions, mount};
+use tarn_fs::layer::Layer;
+use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RegistryConfig, RemoteBlob};
+
+/// The manifest annotation naming the sha256 of a layer's TOC JSON.
+const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+
+/// Mount one eStargz layer of an image as a lazily fetched, verified,
+/// read-only filesystem (a debugging aid).
+///
+/// Only the chunks that are read are fetched; each is checked against its
+/// digest in the layer's TOC, and the TOC against the manifest's
+/// `containerd.io/snapshot/stargz/toc.digest` annotation. Verified chunks are
+/// cached under ROOT/cache and reused by later mounts. Stays in the
+/// foreground; SIGINT or SIGTERM unmounts and prints what was fetched.
+#[derive(clap::Args)]
+#[command(long_about)]
+pub struct Args {
+    /// Image reference, e.g. `127.0.0.1:5000/app:latest`.
+    image_ref: String,
+    /// Digest of the layer to mount (`sha256:...`), as in the manifest.
+    layer_digest: Digest,
+    /// Empty directory to mount the layer on.
+    mountpoint: PathBuf,
+    /// tarn's state directory; the chunk cache lives in ROOT/cache.
+    #[arg(long, default_value = "/var/lib/tarn")]
+    root: PathBuf,
+    /// Speak plain HTTP to the image's registry (always done for loopback).
+    #[arg(long)]
+    plain_http: bool,
+    /// Mount even if the manifest gives no TOC digest for the layer. Chunks
+    /// are still verified, but against a TOC nobody vouched for.
+    #[arg(long)]
+    allow_unverified_toc: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tarn-worker")
+        .build()
+        .context("starting the async runtime")?;
+
+    let layer = runtime.block_on(open_layer(&args))?;
+    let layer = Arc::new(layer);
+    let options = MountOptions {
+        threads: args.threads,
+        ..MountOptions::default()
+    };
+    let handle = mount(
+        layer.clone(),
+        &args.mountpoint,
+        runtime.handle().clone(),
+        &options,
+    )?;
+    println!(
+        "mounted {} at {}",
+        args.layer_digest,
+        args.mountpoint.display()
+    );
+
+    runtime.block_on(wait_for_signal())?;
+    handle.unmount()?;
+    let s = layer.stats();
+    println!(
+        "fetched {} bytes in {} requests ({} chunks fetched, {} cache hits, {} verification failures)",
+        s.bytes_fetched, s.requests, s.chunks_fetched, s.cache_hits, s.verify_failures
+    );
+    Ok(())
+}
+
+async fn open_layer(args: &Args) -> anyhow::Result<Layer> {
+    let reference: Reference = args.image_ref.parse()?;
+    let mut config = RegistryConfig::default();
+    if args.plain_http {
+        config
+            .plain_http
+            .push(reference.repository.registry.clone());
+    }
+    let client = RegistryClient::new(config)?;
+    let image = client.resolve(&reference).await?;
+    let Some(desc) = image.layers.iter().find(|l| l.digest == args.layer_digest) else {
+        bail!(
+            "image {} has no layer {}",
+            args.image_ref,
+            args.layer_digest
+        );
+    };
+    let toc_digest = match desc.annotations.get(TOC_DIGEST_ANNOTATION) {
+        Some(d) => Some(d.parse::<Digest>().with_context(|| {
+            format!("layer {}: annotation {TOC_DIGEST_ANNOTATION}", desc.digest)
+        })?),
+        None if args.allow_unverified_toc => None,
+        None => bail!(
+            "layer {} has no {TOC_DIGEST_ANNOTATION} annotation: not a verifiable eStargz layer \
+             (--allow-unverified-toc mounts it anyway)",
+            desc.digest
+        ),
+    };
+    let cache_dir = args.root.join("cache");
+    let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_dir))
+        .await
+        .context("opening the cache")??;
+    let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
+        client,
+        repo: reference.repository.clone(),
+        digest: desc.digest,
+        size: desc.size,
+    });
+    Layer::open(source, toc_digest, Arc::new(cache))
+        .await
+        .with_context(|| format!("opening layer {}", desc.digest))
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,507 @@
+//! [`Fetcher`]: cache lookups, singleflight, merged GETs, verification.
+//!
+//! One fetcher serves one layer: it holds that layer's blob source, decoder
+//! and counters. Chunks are deduplicated across layers by the shared cache
+//! (keyed by chunk digest); only two layers missing the *same* chunk at the
+//! *same* moment fetch it twice, which is rare and harmless.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::watch;
+
+use super::plan::{Group, merge_adjacent};
+use super::{FetchStats, Intent};
+use crate::Digest;
+use crate::cache::Cache;
+use crate::format::{Chunk, ChunkDecoder, FormatError};
+use crate::registry::{BlobSource, RegistryError};
+
+/// Largest ranged GET built by merging adjacent misses.
+pub const MAX_MERGED_GET: u64 = 8 << 20;
+
+/// Why the bytes of a chunk could not be produced. Cloneable because every
+/// reader waiting on a shared fetch receives the same error. The cause is
+/// part of the message (and not a `source`) so a one-line report says it once.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("reading blob range {start}..{end}: {error}")]
+    Source {
+        start: u64,
+        end: u64,
+        error: Arc<RegistryError>,
+    },
+    #[error("reading blob range {start}..{end}: got {got} bytes")]
+    ShortRead { start: u64, end: u64, got: u64 },
+    #[error("chunk at blob offset {offset}: {error}")]
+    Verify {
+        offset: u64,
+        error: Arc<FormatError>,
+    },
+    #[error("fetch of chunk {0} was abandoned")]
+    Abandoned(Digest),
+}
+
+type FlightResult = Option<Result<Bytes, FetchError>>;
+type Flight = Arc<watch::Sender<FlightResult>>;
+
+/// Fetches chunks of one layer's blob; see the module docs.
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    source: Arc<dyn BlobSource>,
+    decoder: Arc<dyn ChunkDecoder>,
+    cache: Arc<Cache>,
+    /// Chunks being fetched now; readers that miss one subscribe to it.
+    inflight: DashMap<Digest, Flight>,
+    stats: FetchStats,
+    max_merged_get: u64,
+    /// The blob's last bytes, `(offset, bytes)`, fetched when the layer was
+    /// opened; chunks there are served from it.
+    tail: OnceLock<(u64, Bytes)>,
+}
+
+impl Fetcher {
+    pub fn new(
+        source: Arc<dyn BlobSource>,
+        decoder: Arc<dyn ChunkDecoder>,
+        cache: Arc<Cache>,
+    ) -> Fetcher {
+        Fetcher {
+            inner: Arc::new(Inner {
+                source,
+                decoder,
+                cache,
+                inflight: DashMap::new(),
+                stats: FetchStats::default(),
+                max_merged_get: MAX_MERGED_GET,
+                tail: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Keeps the blob's bytes from `offset` to its end (already fetched, for
+    /// the footer and TOC) to serve the chunks that lie there. Set once.
+    pub fn keep_tail(&self, offset: u64, bytes: Bytes) {
+        let _ = self.inner.tail.set((offset, bytes));
+    }
+
+    pub fn stats(&self) -> &FetchStats {
+        &self.inner.stats
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.inner.cache
+    }
+
+    pub fn source(&self) -> &Arc<dyn BlobSource> {
+        &self.inner.source
+    }
+
+    /// The verified plain bytes of each chunk, in the order given. Must run
+    /// inside a tokio runtime: the fetch itself runs as a spawned task so a
+    /// reader that gives up does not cancel it for the others.
+    pub async fn fetch(&self, chunks: &[Chunk], intent: Intent) -> Result<Vec<Bytes>, FetchError> {
+        let owned = chunks.to_vec();
+        let inner = self.inner.clone();
+        let cached = tokio::task::spawn_blocking(move || {
+            let hits: Vec<Option<Bytes>> = owned.iter().map(|c| inner.cached(c)).collect();
+            (owned, hits)
+        })
+        .await;
+        let (chunks, cached) = match cached {
+            Ok(v) => v,
+            // The lookup only reads files; if its task died, fetch everything.
+            Err(_) => (chunks.to_vec(), vec![None; chunks.len()]),
+        };
+        let hits = cached.iter().filter(|c| c.is_some()).count();
+        self.inner.stats.cache_hits(hits as u64);
+
+        let mut waits: HashMap<Digest, watch::Receiver<FlightResult>> = HashMap::new();
+        let mut lead = Vec::new();
+        for (c, hit) in chunks.iter().zip(&cached) {
+            if hit.is_some() {
+                continue;
+            }
+            let MapEntry::Vacant(slot) = waits.entry(c.digest) else {
+                continue;
+            };
+            match self.inner.inflight.entry(c.digest) {
+                Entry::Occupied(e) => {
+                    slot.insert(e.get().subscribe());
+                }
+                Entry::Vacant(e) => {
+                    let (tx, rx) = watch::channel(None);
+                    e.insert(Arc::new(tx));
+                    slot.insert(rx);
+                    lead.push(*c);
+                }
+            }
+        }
+        if !lead.is_empty() {
+            tokio::spawn(self.inner.clone().run_flights(lead, intent));
+        }
+
+        let mut out = Vec::with_capacity(chunks.len());
+        for (c, hit) in chunks.iter().zip(cached) {
+            if let Some(b) = hit {
+                out.push(b);
+                continue;
+            }
+            let rx = waits
+                .get_mut(&c.digest)
+                .expect("every missed chunk has a flight");
+            let res = match rx.wait_for(Option::is_some).await {
+                Ok(v) => v.clone().expect("waited for Some"),
+                Err(_) => Err(FetchError::Abandoned(c.digest)),
+            };
+            out.push(res?);
+        }
+        Ok(out)
+    }
+}
+
+impl Inner {
+    /// A chunk's bytes from the cache, if there and whole. Blocking.
+    fn cached(&self, c: &Chunk) -> Option<Bytes> {
+        match self.cache.read(&c.digest, 0, c.size as usize) {
+            Ok(Some(b)) if b.len() as u64 == c.size => Some(Bytes::from(b)),
+            Ok(_) => None,
+            Err(e) => {
+                // The cache is only a cache: a broken entry is fetched again.
+                tracing::warn!(chunk = %c.digest, error = %e, "cache read failed");
+                None
+            }
+        }
+    }
+
+    /// Fetches the chunks this task leads and completes their flights.
+    async fn run_flights(self: Arc<Self>, lead: Vec<Chunk>, intent: Intent) {
+        let mut guard = FlightGuard {
+            inner: self.clone(),
+            pending: lead.iter().map(|c| c.digest).collect(),
+        };
+
+        // A chunk may have landed in the cache between the reader's lookup
+        // and the moment this task took the flight: look again.
+        let me = self.clone();
+        let rechecked = tokio::task::spawn_blocking(move || {
+            let hits: Vec<Option<Bytes>> = lead.iter().map(|c| me.cached(c)).collect();
+            (lead, hits)
+        })
+        .await;
+        let Ok((lead, hits)) = rechecked else { return };
+        let mut misses = Vec::new();
+        for (c, hit) in lead.into_iter().zip(hits) {
+            match hit {
+                Some(b) => guard.complete(c.digest, Ok(b)),
+                None => misses.push(c),
+            }
+        }
+
+        let groups = merge_adjacent(misses, self.max_merged_get);
+        let results =
+            futures::future::join_all(groups.into_iter().map(|g| self.fetch_group(g, intent)))
+                .await;
+        for (digest, res) in results.into_iter().flatten() {
+            guard.complete(digest, res);
+        }
+    }
+
+    /// One ranged GET, split into verified chunks; good chunks are cached.
+    async fn fetch_group(
+        &self,
+        g: Group,
+        intent: Intent,
+    ) -> Vec<(Digest, Result<Bytes, FetchError>)> {
+        let (start, end) = (g.range.start, g.range.end);
+        let fail = |e: FetchError| {
+            g.chunks
+                .iter()
+                .map(|c| (c.digest, Err(e.clone())))
+                .collect::<Vec<_>>()
+        };
+        // The part of the range inside the blob's tail (kept from opening
+        // the layer) is not fetched again.
+        let tail = self.tail.get().filter(|(ts, _)| end > *ts);
+        let get_end = tail.map_or(end, |(ts, _)| (*ts).max(start));
+        let mut data = Bytes::new();
+        if get_end > start {
+            data = match self.source.read_range(start..get_end, intent).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(start, end = get_end, error = %e, "blob read failed");
+                    return fail(FetchError::Source {
+                        start,
+                        end: get_end,
+                        error: Arc::new(e),
+                    });
+                }
+            };
+            self.stats.request(data.len() as u64);
+        }
+        if let Some((ts, tb)) = tail {
+            let from = (start.max(*ts) - ts) as usize;
+            let to = ((end - ts) as usize).min(tb.len());
+            data = if data.is_empty() {
+                tb.slice(from..to)
+            } else {
+                let mut joined = Vec::with_capacity(data.len() + to - from);
+                joined.extend_from_slice(&data);
+                joined.extend_from_slice(&tb[from..to]);
+                Bytes::from(joined)
+            };
+        }
+        if data.len() as u64 != end - start {
+            return fail(FetchError::ShortRead {
+                start,
+                end,
+                got: data.len() as u64,
+            });
+        }
+
+        let decoder = self.decoder.clone();
+        let cache = self.cache.clone();
+        let chunks = g.chunks.clone();
+        // Decompressing and hashing is CPU work and caching is file I/O:
+        // neither belongs on an async worker.
+        let decoded = tokio::task::spawn_blocking(move || {
+            chunks
+                .iter()
+                .map(|c| {
+                    let r = c.blob_range();
+                    let compressed = data.slice((r.start - start) as usize..(r.end - start) as usize);
+                    let res = match decoder.decode_chunk(c, &compressed) {
+                        Ok(plain) => {
+                            if let Err(e) = cache.insert(&c.digest, &plain) {
+                                tracing::warn!(chunk = %c.digest, error = %e, "cache insert failed");
+                            }
+                            Ok(Bytes::from(plain))
+                        }
+                        Err(e) => {
+                            tracing::warn!(chunk = %c.digest, offset = r.start, error = %e, "chunk rejected");
+                            Err(FetchError::Verify { offset: r.start, error: Arc::new(e) })
+                        }
+                    };
+                    (c.digest, res)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let Ok(decoded) = decoded else {
+            return Vec::new(); // the guard answers Abandoned
+        };
+        let ok = decoded.iter().filter(|(_, r)| r.is_ok()).count() as u64;
+        self.stats.chunks_fetched(ok);
+        self.stats.verify_failures(decoded.len() as u64 - ok);
+        decoded
+    }
+}
+
+/// Completes flights; whatever is still pending when it drops (a panic, a
+/// runtime shutting down) is answered `Abandoned` so no reader waits forever.
+struct FlightGuard {
+    inner: Arc<Inner>,
+    pending: Vec<Digest>,
+}
+
+impl FlightGuard {
+    fn complete(&mut self, digest: Digest, res: Result<Bytes, FetchError>) {
+        self.pending.retain(|d| *d != digest);
+        // Removed before answering: a later miss starts a fresh fetch (an
+        // error is not sticky) or finds the chunk already in the cache.
+        if let Some((_, tx)) = self.inner.inflight.remove(&digest) {
+            tx.send_replace(Some(res));
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        for d in std::mem::take(&mut self.pending) {
+            if let Some((_, tx)) = self.inner.inflight.remove(&d) {
+                tx.send_replace(Some(Err(FetchError::Abandoned(d))));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::ops::Range;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+
+    /// A blob in memory that records every read and answers after a delay,
+    /// so concurrent readers overlap.
+    pub(crate) struct FakeBlob {
+        pub data: Vec<u8>,
+        pub reads: Mutex<Vec<(Range<u64>, Intent)>>,
+        pub delay: Duration,
+    }
+
+    impl FakeBlob {
+        pub(crate) fn new(data: Vec<u8>) -> Arc<FakeBlob> {
+            Arc::new(FakeBlob {
+                data,
+                reads: Mutex::new(Vec::new()),
+                delay: Duration::from_millis(20),
+            })
+        }
+        pub(crate) fn reads(&self) -> Vec<(Range<u64>, Intent)> {
+            self.reads.lock().unwrap().clone()
+        }
+    }
+
+    impl BlobSource for FakeBlob {
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_range(
+            &self,
+            range: Range<u64>,
+            intent: Intent,
+        ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
+            self.reads.lock().unwrap().push((range.clone(), intent));
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                Ok(Bytes::copy_from_slice(
+                    &self.data[range.start as usize..range.end as usize],
+                ))
+            })
+        }
+    }
+
+    /// "Compression" is the identity; verification is real.
+    pub(crate) struct PlainDecoder;
+
+    impl ChunkDecoder for PlainDecoder {
+        fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+            let actual = Digest::of(compressed);
+            if actual != chunk.digest {
+                return Err(FormatError::ChunkDigestMismatch {
+                    expected: chunk.digest,
+                    actual,
+                });
+            }
+            Ok(compressed.to_vec())
+        }
+    }
+
+    /// Splits `data` into chunks of `size` laid out back to back in the blob.
+    pub(crate) fn chunks_of(data: &[u8], size: usize) -> Vec<Chunk> {
+        data.chunks(size)
+            .enumerate()
+            .map(|(i, piece)| {
+                let start = (i * size) as u64;
+                Chunk {
+                    file_offset: start,
+                    size: piece.len() as u64,
+                    digest: Digest::of(piece),
+                    blob_range: (start, start + piece.len() as u64),
+                    inner_offset: 0,
+                }
+            })
+            .collect()
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    fn setup(data: Vec<u8>) -> (tempfile::TempDir, Arc<FakeBlob>, Fetcher) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path()).unwrap());
+        let blob = FakeBlob::new(data);
+        let fetcher = Fetcher::new(blob.clone(), Arc::new(PlainDecoder), cache);
+        (dir, blob, fetcher)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn adjacent_misses_share_one_get_and_hits_never_touch_the_blob() {
+        let data = pattern(10_000);
+        let (_dir, blob, f) = setup(data.clone());
+        let chunks = chunks_of(&data, 1000);
+
+        let got = f.fetch(&chunks[2..6], Intent::OnDemand).await.unwrap();
+        assert_eq!(got.concat(), &data[2000..6000]);
+        assert_eq!(blob.reads(), vec![(2000..6000, Intent::OnDemand)]);
+
+        let again = f.fetch(&chunks[2..6], Intent::Prefetch).await.unwrap();
+        assert_eq!(again.concat(), &data[2000..6000]);
+        assert_eq!(blob.reads().len(), 1, "cached chunks are not fetched again");
+
+        let s = f.stats().snapshot();
+        assert_eq!(
+            (s.requests, s.bytes_fetched, s.chunks_fetched, s.cache_hits),
+            (1, 4000, 4, 4)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_of_one_chunk_cause_one_fetch() {
+        let data = pattern(8_000);
+        let (_dir, blob, f) = setup(data.clone());
+        let f = Arc::new(f);
+        let chunks = Arc::new(chunks_of(&data, 1000));
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (f, chunks) = (f.clone(), chunks.clone());
+                tokio::spawn(async move { f.fetch(&chunks, Intent::OnDemand).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().concat(), data);
+        }
+        // Every chunk travelled exactly once, whatever the grouping was.
+        let mut fetched: Vec<u64> = blob
+            .reads()
+            .iter()
+            .flat_map(|(r, _)| r.clone().step_by(1000))
+            .collect();
+        fetched.sort();
+        assert_eq!(fetched, (0..8).map(|i| i * 1000).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tampered_chunk_fails_alone_and_is_not_cached() {
+        let data = pattern(3_000);
+        let chunks = chunks_of(&data, 1000);
+        let mut tampered = data.clone();
+        tampered[1500] ^= 0xff;
+        let (_dir, blob, f) = setup(tampered);
+
+        let err = f.fetch(&chunks, Intent::OnDemand).await.unwrap_err();
+        assert!(
+            matches!(err, FetchError::Verify { offset: 1000, .. }),
+            "{err}"
+        );
+        assert_eq!(blob.reads().len(), 1);
+        assert!(f.cache().contains(&chunks[0].digest) && f.cache().contains(&chunks[2].digest));
+        assert!(
+            !f.cache().contains(&chunks[1].digest),
+            "a chunk failing verification is never cached"
+        );
+        assert_eq!(f.stats().snapshot().verify_failures, 1);
+
+        // The good neighbours are now served from the cache; the bad one is
+        // tried again (errors are not sticky) and fails again.
+        let ok = f
+            .fetch(&[chunks[0], chunks[2]], Intent::OnDemand)
+            .await
+            .unwrap();
+        assert_eq!(ok.concat(), [&data[..1000], &data[2000..]].concat());
+        assert!(f.fetch(&chunks[1..2], Intent::OnDemand).await.is_err());
+        assert_eq!(blob.reads().len(), 2);
+    }
+}

@@ -1,0 +1,67 @@
+//! Opening a layer: footer and TOC in (usually) one ranged GET, the TOC
+//! checked against the digest the manifest promised, then the index built.
+
+use std::sync::Arc;
+
+use crate::Digest;
+use crate::cache::Cache;
+use crate::fetch::{Fetcher, Intent};
+use crate::format::FormatError;
+use crate::format::estargz::{Estargz, build_index, decode_toc, parse_footer};
+use crate::registry::BlobSource;
+
+use super::{Layer, LayerError};
+
+/// How much of the blob's end the first GET asks for: the footer and, for
+/// most layers, the whole TOC, so that opening costs one round trip. A TOC
+/// larger than this costs a second GET.
+pub const TAIL_FETCH: u64 = 256 << 10;
+
+impl Layer {
+    /// Opens the eStargz layer in `source`. With `expected_toc_digest`, a TOC
+    /// whose sha256 differs is refused; `None` means the caller chose to
+    /// trust an unverified TOC (chunks are still verified against it).
+    pub async fn open(
+        source: Arc<dyn BlobSource>,
+        expected_toc_digest: Option<Digest>,
+        cache: Arc<Cache>,
+    ) -> Result<Layer, LayerError> {
+        let size = source.size();
+        let fetcher = Fetcher::new(source.clone(), Arc::new(Estargz), cache);
+
+        let tail_len = size.min(TAIL_FETCH);
+        let tail = source
+            .read_range(size - tail_len..size, Intent::OnDemand)
+            .await?;
+        fetcher.stats().request(tail.len() as u64);
+        fetcher.keep_tail(size - tail.len() as u64, tail.clone());
+        let loc = parse_footer(&tail, size)?;
+        let toc = match loc.toc_in_tail.clone() {
+            Some(r) => tail.slice(r),
+            None => {
+                let toc = source
+                    .read_range(loc.toc_range.clone(), Intent::OnDemand)
+                    .await?;
+                fetcher.stats().request(toc.len() as u64);
+                toc
+            }
+        };
+
+        // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work.
+        let index = tokio::task::spawn_blocking(move || {
+            let decoded = decode_toc(&toc)?;
+            if let Some(expected) = expected_toc_digest
+                && decoded.digest != expected
+            {
+                return Err(FormatError::TocDigestMismatch {
+                    expected,
+                    actual: decoded.digest,
+                });
+            }
+            build_index(decoded.toc, size, loc.toc_offset)
+        })
+        .await
+        .expect("TOC decoding does not panic")?;
+        Ok(Layer::new(index, fetcher))
+    }
+}

@@ -1,0 +1,170 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::cache::Cache;
+use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of};
+use crate::format::{FileKind, Inode, ROOT_INO};
+
+pub(crate) fn inode(kind: FileKind, size: u64, chunks: std::ops::Range<u32>) -> Inode {
+    Inode {
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size,
+        nlink: 1,
+        rdev: (0, 0),
+        parent: ROOT_INO,
+        link_target: Box::default(),
+        xattrs: Vec::new(),
+        children: Vec::new(),
+        chunks,
+        digest: None,
+    }
+}
+
+/// A layer with one file, `/f`, whose content is `data` in 1000-byte chunks.
+fn layer_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<FakeBlob>, Arc<Layer>) {
+    let chunks = chunks_of(data, 1000);
+    let mut root = inode(FileKind::Dir, 0, 0..0);
+    root.children = vec![(Box::from(&b"f"[..]), 2)];
+    let file = inode(FileKind::Reg, data.len() as u64, 0..chunks.len() as u32);
+    let index = LayerIndex {
+        inodes: vec![root, file],
+        chunks,
+        blob_size: data.len() as u64,
+        prefetch: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+    let blob = FakeBlob::new(data.to_vec());
+    let layer = Arc::new(Layer::new(
+        index,
+        Fetcher::new(blob.clone(), Arc::new(PlainDecoder), cache),
+    ));
+    (dir, blob, layer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_fetches_its_chunks_once_then_is_answered_inline() {
+    let data: Vec<u8> = (0..5500u32).map(|i| (i % 253) as u8).collect();
+    let (_dir, blob, layer) = layer_with_file(&data);
+
+    // 1500..3200 spans chunks 1, 2 and 3.
+    assert_eq!(layer.read(2, 1500, 1700).await.unwrap(), &data[1500..3200]);
+    assert_eq!(
+        blob.reads().len(),
+        1,
+        "adjacent chunks of one read: one GET"
+    );
+    assert_eq!(blob.reads()[0].0, 1000..4000);
+
+    let l = layer.clone();
+    let again = tokio::task::spawn_blocking(move || l.read_cached(2, 1200, 2000).unwrap())
+        .await
+        .unwrap();
+    match again {
+        CachedRead::Hit(d) => assert_eq!(d, &data[1200..3200]),
+        CachedRead::Miss(_) => panic!("cached chunks must be answered inline"),
+    }
+    assert_eq!(blob.reads().len(), 1);
+
+    // The tail is short and reads past the end stop at the end.
+    assert_eq!(layer.read(2, 5000, 4096).await.unwrap(), &data[5000..]);
+    assert!(layer.read(2, 6000, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_directory_or_a_missing_inode_is_an_error() {
+    let (_dir, _blob, layer) = layer_with_file(b"hello");
+    assert!(matches!(
+        layer.read(ROOT_INO, 0, 10).await,
+        Err(LayerError::NotFile(1))
+    ));
+    assert!(matches!(
+        layer.read(9, 0, 10).await,
+        Err(LayerError::NoInode(9))
+    ));
+}
+
+/// An eStargz blob from tarn's writer holding `/dir/file` with `content`.
+fn estargz_with(content: &[u8]) -> (Vec<u8>, crate::Digest) {
+    use crate::format::estargz::{WriteOptions, write_estargz};
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut h, "dir/file", content).unwrap();
+    let tar = tar.into_inner().unwrap();
+    let mut blob = Vec::new();
+    let opts = WriteOptions {
+        chunk_size: 64 << 10,
+        ..WriteOptions::default()
+    };
+    let res = write_estargz(&tar[..], &mut blob, &opts).unwrap();
+    (blob, res.toc_digest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
+    // Incompressible, so the chunks read lie before the blob's tail.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let content: Vec<u8> = (0..1_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let (blob, toc_digest) = estargz_with(&content);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+
+    let src = FakeBlob::new(blob.clone());
+    let layer = Arc::new(
+        Layer::open(src.clone(), Some(toc_digest), cache.clone())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        src.reads().len(),
+        1,
+        "footer and a small TOC come in one GET"
+    );
+    let ino = layer.index().resolve("dir/file").unwrap();
+    assert_eq!(
+        layer.read(ino, 70_000, 100_000).await.unwrap(),
+        &content[70_000..170_000]
+    );
+    assert_eq!(
+        layer.stats().requests,
+        2,
+        "then one merged GET for the chunks read"
+    );
+    let last = content.len() as u64 - 10_000;
+    assert_eq!(
+        layer.read(ino, last, 10_000).await.unwrap(),
+        &content[last as usize..]
+    );
+    assert_eq!(
+        layer.stats().requests,
+        2,
+        "the file's end lies in the tail fetched at open: no GET"
+    );
+
+    let wrong = crate::Digest::of(b"not the toc");
+    let err = Layer::open(FakeBlob::new(blob), Some(wrong), cache)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            LayerError::Format(FormatError::TocDigestMismatch { .. })
+        ),
+        "{err}"
+    );
+}

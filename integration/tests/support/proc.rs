@@ -1,0 +1,206 @@
+//! The real `tarn mount-layer` binary as a child process, and registry log
+//! arithmetic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `tarn` binary of this workspace: `$TARN_BIN`, else the one cargo
+/// built next to this test (run `cargo build -p tarn` first).
+pub fn tarn_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TARN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/tarn
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("tarn");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p tarn` before these tests",
+        bin.display()
+    );
+    bin
+}
+
+/// Whether `path` is a mount point now (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// A running `tarn mount-layer`. Dropping it kills the process (by PID) and
+/// unmounts whatever it left mounted.
+pub struct MountLayer {
+    child: Option<Child>,
+    pub mountpoint: PathBuf,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+/// What a finished `tarn mount-layer` printed.
+#[derive(Debug)]
+pub struct Exit {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Exit {
+    /// (bytes, requests) from the "fetched N bytes in M requests" line.
+    pub fn fetched(&self) -> (u64, u64) {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("fetched "))
+            .expect("a fetched line on exit");
+        let w: Vec<&str> = line.split_whitespace().collect();
+        (
+            w[1].parse().expect("bytes"),
+            w[4].parse().expect("requests"),
+        )
+    }
+
+    /// The verification failures tarn counted.
+    pub fn verify_failures(&self) -> u64 {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("fetched "))
+            .expect("a fetched line on exit");
+        let w: Vec<&str> = line.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+        let i = w
+            .iter()
+            .position(|w| *w == "verification")
+            .expect("verification count");
+        w[i - 1].parse().expect("number")
+    }
+}
+
+impl MountLayer {
+    /// Starts `tarn mount-layer ARGS... REF DIGEST MNT --root ROOT`; does not wait.
+    pub fn spawn(
+        image: &str,
+        layer: &str,
+        mountpoint: &Path,
+        root: &Path,
+        extra: &[&str],
+    ) -> MountLayer {
+        let logs = root.with_extension(format!("log{}", std::process::id()));
+        std::fs::create_dir_all(&logs).expect("log dir");
+        let n = std::fs::read_dir(&logs).map(|d| d.count()).unwrap_or(0);
+        let (out, err) = (logs.join(format!("{n}.out")), logs.join(format!("{n}.err")));
+        let child = Command::new(tarn_bin())
+            .arg("mount-layer")
+            .args(extra)
+            .args([image, layer])
+            .arg(mountpoint)
+            .arg("--root")
+            .arg(root)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("stdout file"))
+            .stderr(std::fs::File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("starting tarn");
+        MountLayer {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+            out,
+            err,
+        }
+    }
+
+    /// Starts it and waits until the layer is mounted; panics with tarn's
+    /// stderr if it exits first.
+    pub fn start(
+        image: &str,
+        layer: &str,
+        mountpoint: &Path,
+        root: &Path,
+        extra: &[&str],
+    ) -> MountLayer {
+        let mut m = MountLayer::spawn(image, layer, mountpoint, root, extra);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !is_mounted(mountpoint) {
+            if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().expect("wait")) {
+                panic!(
+                    "tarn mount-layer exited ({st}) before mounting: {}",
+                    m.read(&m.err)
+                );
+            }
+            assert!(Instant::now() < deadline, "not mounted after 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn read(&self, p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Waits for the process to end (as it does on its own after an error).
+    /// Whatever it left mounted is then the caller's to unmount.
+    pub fn wait(mut self) -> Exit {
+        let st = self.child.take().expect("running").wait().expect("wait");
+        Exit {
+            success: st.success(),
+            stdout: self.read(&self.out),
+            stderr: self.read(&self.err),
+        }
+    }
+
+    /// SIGTERM, then wait: tarn unmounts and prints what it fetched.
+    pub fn stop(self) -> Exit {
+        self.signal(libc::SIGTERM);
+        let exit = self.wait();
+        assert!(
+            exit.success,
+            "tarn exited badly on SIGTERM: {}",
+            exit.stderr
+        );
+        exit
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+}
+
+impl Drop for MountLayer {
+    fn drop(&mut self) {
+        // After `wait`, the caller owns the aftermath (a test may want to
+        // unmount a dead mount itself).
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = c.kill();
+        let _ = c.wait();
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
+}
+
+/// Blob GETs in a registry log: (requests, bytes written).
+pub fn blob_gets(log: &[tarn_integration::registry::LoggedRequest]) -> (u64, u64) {
+    log.iter()
+        .filter(|r| {
+            r.method == "GET" && r.path.contains("/blobs/") && (r.status == 200 || r.status == 206)
+        })
+        .fold((0, 0), |(n, b), r| (n + 1, b + r.written))
+}
