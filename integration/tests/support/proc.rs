@@ -5,25 +5,38 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `tarn` binary of this workspace: `$TARN_BIN`, else the one cargo
-/// built next to this test (run `cargo build -p tarn` first).
+/// The `tarn` binary of this workspace: `$TARN_BIN`, else the one of this
+/// test's profile, (re)built once per test process so it is never stale:
+/// `cargo test` alone does not build another package's binaries.
 pub fn tarn_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TARN_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> -> target/<profile>/tarn
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("tarn");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p tarn` before these tests",
-        bin.display()
-    );
-    bin
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("TARN_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test> -> target/<profile>/tarn
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "tarn", "--bin", "tarn"]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            build.arg("--target-dir").arg(target);
+        }
+        let st = build.status().expect("running cargo build -p tarn");
+        assert!(st.success(), "cargo build -p tarn failed");
+        let bin = profile_dir.join("tarn");
+        assert!(bin.exists(), "{} is missing after the build", bin.display());
+        bin
+    })
+    .clone()
 }
 
 /// Whether `path` is a mount point now (per /proc/self/mountinfo).
