@@ -27,7 +27,7 @@ images: deps
 	scripts/images.sh build
 
 test: setup images
-	$(CARGO) test --workspace
+	$(CARGO) test --release --workspace
 
 demo: setup images
 	scripts/demo.sh

@@ -24,6 +24,9 @@ pub struct LoggedRequest {
 
 /// A running registry. Distribution 2.8 does not log request headers, so a
 /// ranged GET shows only as status 206 with the bytes it wrote.
+/// A layer to push: its blob bytes and its manifest annotations.
+pub type TestLayer = (Vec<u8>, Vec<(String, String)>);
+
 pub struct TestRegistry {
     child: Child,
     dir: tempfile::TempDir,
@@ -197,7 +200,7 @@ impl TestRegistry {
         repo: &str,
         tag: Option<&str>,
         arch: &str,
-        layers: &[(Vec<u8>, Vec<(String, String)>)],
+        layers: &[TestLayer],
     ) -> Result<(Digest, Vec<u8>)> {
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": arch,
