@@ -13,9 +13,12 @@
 
 pub mod config;
 pub mod filters;
+pub mod labels;
+pub mod layers;
 pub mod locks;
 pub mod metastore;
 pub mod mounts;
+pub mod remote;
 pub mod server;
 pub mod service;
 pub mod snapshotter;
