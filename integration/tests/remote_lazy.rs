@@ -458,7 +458,24 @@ fn sigkill_during_a_pull_then_restart_pull_and_cleanup_leave_nothing() {
     );
 
     b.tarn.start_again().expect("restart after SIGKILL");
-    b.rpull(&image);
+    // containerd's proxy client backs off for a few seconds after the
+    // snapshotter went away.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = b
+            .ctr_remote(&["image", "rpull", "--plain-http", "--snapshotter", "tarn", &image])
+            .output()
+            .expect("run rpull");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rpull after restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     b.run_workload(&image, "after-kill");
     let (layers, _) = b.admin();
     assert_eq!(layers.len(), 5, "{layers:?}");
@@ -517,12 +534,12 @@ fn hanging_server() -> (TcpListener, std::thread::JoinHandle<()>, u16) {
     (l, h, port)
 }
 
-/// busybox-esgz with the TOC digest annotation removed from its manifest,
-/// copied to `registry` as `busybox-notoc:latest`.
-fn push_without_toc_digest(registry: &str, work: &Path) -> String {
+/// The eStargz image `name` with the TOC digest annotations removed from
+/// its manifest, copied to `registry` as `notoc:latest`.
+fn push_without_toc_digest(name: &str, registry: &str, work: &Path) -> String {
     let out = run_ok({
         let mut c = Command::new(repo_root().join("scripts/images.sh"));
-        c.args(["path", "busybox-esgz"]);
+        c.args(["path", name]);
         c
     });
     let src = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -549,14 +566,14 @@ fn push_without_toc_digest(registry: &str, work: &Path) -> String {
                 .is_some() as usize;
         }
     }
-    assert!(removed > 0, "busybox-esgz has TOC digest annotations");
+    assert!(removed > 0, "{name} has TOC digest annotations");
     let bytes = serde_json::to_vec(&manifest).expect("json");
     let digest = tarn_fs::Digest::of(&bytes);
     std::fs::write(blobs.join(digest.hex()), &bytes).expect("write manifest");
     index["manifests"][0]["digest"] = digest.to_string().into();
     index["manifests"][0]["size"] = bytes.len().into();
     std::fs::write(&index_path, serde_json::to_vec(&index).expect("json")).expect("index");
-    let reference = format!("{registry}/busybox-notoc:latest");
+    let reference = format!("{registry}/notoc:latest");
     run_ok({
         let mut c = Command::new("skopeo");
         c.args(["copy", "--dest-tls-verify=false"])
@@ -575,8 +592,8 @@ fn unservable_layers_fall_back_within_the_resolve_timeout_and_run() {
     let mut fallbacks = 0;
     let mut check = |what: &str, reference: &str, id: &str, elapsed: Duration| {
         let (_, stats) = b.admin();
-        fallbacks += 1;
-        assert_eq!(stats.fallbacks, fallbacks, "{what}: counted as a fallback");
+        assert!(stats.fallbacks > fallbacks, "{what}: counted as a fallback");
+        fallbacks = stats.fallbacks;
         assert_eq!(b.already_exists_answers(), 0, "{what}: nothing lazy");
         assert!(b.fuse_mounts().is_empty(), "{what}: nothing mounted");
         let out = b.run(reference, id, &cmd);
@@ -590,15 +607,8 @@ fn unservable_layers_fall_back_within_the_resolve_timeout_and_run() {
     b.rpull(&plain);
     check("non-eStargz layer", &plain, "fb1", t.elapsed());
 
-    // 2. eStargz without the TOC digest annotation (unverifiable).
     let work = tempfile::tempdir().expect("temp dir");
-    let notoc = push_without_toc_digest(&registry, work.path());
-    let t = Instant::now();
-    b.rpull(&notoc);
-    check("layer without TOC digest", &notoc, "fb2", t.elapsed());
-    assert!(b.tarn.log().contains("toc.digest"), "the reason is logged");
-
-    // 3. A registry that hangs during Prepare: containerd reaches the
+    // 2. A registry that hangs during Prepare: containerd reaches the
     // image through a mirror (hosts.toml), tarn through the reference,
     // which names a server that accepts and never answers.
     let esgz = b.push("busybox-esgz");
@@ -630,8 +640,26 @@ fn unservable_layers_fall_back_within_the_resolve_timeout_and_run() {
         elapsed < Duration::from_secs(10),
         "fallback within the 2 s resolve timeout (plus the ordinary pull): {elapsed:?}"
     );
-    assert!(b.tarn.log().contains("resolve timeout"), "{}", tail(&b.tarn.log(), 10));
+    let reasons: Vec<String> = b
+        .tarn
+        .log()
+        .lines()
+        .filter(|l| l.contains("not lazy"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        reasons.last().is_some_and(|l| l.contains("resolve timeout")),
+        "the hung registry's fallback reason: {reasons:#?}"
+    );
     check("registry hanging during Prepare", &hung, "fb3", elapsed);
+
+    // 3. eStargz without the TOC digest annotation (unverifiable).
+    // (python-esgz: its python layer is in no image pulled before.)
+    let notoc = push_without_toc_digest("python-esgz", &registry, work.path());
+    let t = Instant::now();
+    b.rpull(&notoc);
+    check("layer without TOC digest", &notoc, "fb2", t.elapsed());
+    assert!(b.tarn.log().contains("toc.digest"), "the reason is logged");
 
     let snapshot_dirs: HashMap<String, ()> = std::fs::read_dir(b.tarn.root().join("layers"))
         .expect("layers dir")
