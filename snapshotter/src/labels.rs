@@ -41,7 +41,10 @@ pub enum Decision {
     /// An image layer tarn will not serve lazily, with the reason.
     Fallback(String),
     /// Try to serve it lazily, committing it as `chain_id`.
-    Remote { chain_id: String, layer: RemoteLayer },
+    Remote {
+        chain_id: String,
+        layer: RemoteLayer,
+    },
 }
 
 /// Reads a Prepare's labels. Stargz-style labels win over CRI ones when
@@ -189,7 +192,9 @@ mod tests {
             (STARGZ_REFERENCE, "r/x:1"),
             (STARGZ_DIGEST, &a),
         ]);
-        assert!(matches!(decide(&no_toc, false), Decision::Fallback(r) if r.contains("toc.digest")));
+        assert!(
+            matches!(decide(&no_toc, false), Decision::Fallback(r) if r.contains("toc.digest"))
+        );
         assert!(
             matches!(decide(&no_toc, true), Decision::Remote { layer, .. } if layer.toc_digest.is_none()),
             "allowed unverified layers are served without a TOC digest"

@@ -320,7 +320,10 @@ async fn open(
                 .iter()
                 .find(|l| l.digest == info.digest)
                 .ok_or_else(|| {
-                    LayerError::new(format!("image {} has no layer {}", info.image_ref, info.digest))
+                    LayerError::new(format!(
+                        "image {} has no layer {}",
+                        info.image_ref, info.digest
+                    ))
                 })?;
             desc.size
         }

@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown_signal()?,
     )
     .await
-        .context("tarn-snapshotter failed")?;
+    .context("tarn-snapshotter failed")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -148,7 +148,10 @@ mod tests {
         let m = mounts(&layout(), &s);
         assert_eq!(
             m[0].options.last().unwrap(),
-            &format!("lowerdir=/r/snapshots/7/fs:/r/layers/{}/fs", "ab".repeat(32))
+            &format!(
+                "lowerdir=/r/snapshots/7/fs:/r/layers/{}/fs",
+                "ab".repeat(32)
+            )
         );
         let mut v = snap(5, Kind::View, &[4]);
         v.remote.insert(4, d);
