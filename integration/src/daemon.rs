@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use tarn_proto::admin::admin_client::AdminClient;
 use tarn_proto::snapshots::snapshots_client::SnapshotsClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -42,17 +43,32 @@ pub fn snapshotter_bin() -> Result<PathBuf> {
 pub struct Daemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    address: PathBuf,
+    /// TOML appended to the daemon's config file (sections of its own).
+    config: String,
 }
 
 impl Daemon {
     /// Starts a daemon on a fresh temp dir and waits until its socket answers.
     pub fn start() -> Result<Self> {
+        Daemon::start_with(None, "")
+    }
+
+    /// Starts a daemon serving on `address` (default: in its temp dir) with
+    /// `config` (TOML sections, e.g. `[registry]`) in its config file.
+    pub fn start_with(address: Option<PathBuf>, config: &str) -> Result<Self> {
         // Short paths: overlay mount options are limited to one page.
         let dir = tempfile::Builder::new()
             .prefix("tarn-")
             .tempdir_in("/tmp")
             .context("create daemon temp dir")?;
-        let mut d = Daemon { dir, child: None };
+        let address = address.unwrap_or_else(|| dir.path().join("tarn.sock"));
+        let mut d = Daemon {
+            dir,
+            child: None,
+            address,
+            config: config.to_owned(),
+        };
         d.spawn()?;
         Ok(d)
     }
@@ -66,7 +82,7 @@ impl Daemon {
     }
 
     pub fn address(&self) -> PathBuf {
-        self.dir.path().join("tarn.sock")
+        self.address.clone()
     }
 
     pub fn admin_address(&self) -> PathBuf {
@@ -81,7 +97,11 @@ impl Daemon {
         let config = self.dir.path().join("config.toml");
         std::fs::write(
             &config,
-            format!("admin_address = {:?}\n", self.admin_address()),
+            format!(
+                "admin_address = {:?}\n{}\n",
+                self.admin_address(),
+                self.config
+            ),
         )
         .context("write daemon config")?;
         let log = std::fs::OpenOptions::new()
@@ -142,6 +162,26 @@ impl Daemon {
         let status = self.stop()?;
         self.spawn()?;
         Ok(status)
+    }
+
+    /// SIGKILL and wait: a crash, leaving whatever it had mounted.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("daemon is not running")?;
+        child.kill().context("kill daemon")?;
+        child.wait().context("wait for killed daemon")
+    }
+
+    /// Starts the daemon again (after [`Daemon::kill`] or [`Daemon::stop`]).
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("daemon is running");
+        }
+        self.spawn()
+    }
+
+    /// A client of tarn's admin API.
+    pub async fn admin(&self) -> Result<AdminClient<Channel>> {
+        Ok(AdminClient::new(unix_channel(&self.admin_address()).await?))
     }
 
     /// A client of the Snapshots API on the daemon's socket.

@@ -1,5 +1,19 @@
 //! The daemon's configuration file (TOML). Every field has a default, so no
-//! file is needed; the remote-layer half adds its options here.
+//! file is needed.
+//!
+//! ```toml
+//! admin_address = "/run/tarn/admin.sock"  # default: admin.sock beside --address
+//! [snapshotter]
+//! resolve_timeout_secs = 10
+//! allow_unverified_layers = false
+//! [registry]
+//! plain_http = ["127.0.0.1:5000"]
+//! docker_config = "/root/.docker/config.json"
+//! [cache]
+//! dir = "/var/lib/tarn/cache"              # default: ROOT/cache
+//! [fetch]
+//! background = false
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,7 +23,11 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_ROOT: &str = "/var/lib/tarn";
 pub const DEFAULT_ADDRESS: &str = "/run/tarn/tarn.sock";
 pub const DEFAULT_CONFIG: &str = "/etc/tarn/config.toml";
-pub const DEFAULT_ADMIN_ADDRESS: &str = "/run/tarn/admin.sock";
+/// The admin socket's file name beside the Snapshots socket when neither
+/// the flag nor the config names one: `/run/tarn/admin.sock` for the
+/// default address (where `tarn status` looks), and distinct per daemon
+/// when several run on one machine with different `--address`es.
+pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,36 +43,70 @@ pub enum Error {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Socket of tarn's admin API (used by `tarn status`).
-    pub admin_address: PathBuf,
+    /// Socket of tarn's admin API (used by `tarn status`); `--admin-address`
+    /// wins over it.
+    pub admin_address: Option<PathBuf>,
+    pub snapshotter: SnapshotterConfig,
+    pub registry: RegistrySection,
+    pub cache: CacheSection,
+    pub fetch: FetchSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotterConfig {
     /// How long Prepare may spend resolving a remote layer (manifest,
     /// footer, TOC) before it falls back to an ordinary pull.
     pub resolve_timeout_secs: u64,
     /// Mount eStargz layers whose TOC digest annotation is missing
-    /// (their TOC cannot be verified).
+    /// (their TOC cannot be verified; chunks still are, against it).
     pub allow_unverified_layers: bool,
-    /// Chunk cache; default `<root>/cache`.
-    pub cache_dir: Option<PathBuf>,
-    /// Registry hosts (`host:port`) reached over plain HTTP.
-    pub plain_http: Vec<String>,
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
     pub shutdown_grace_secs: u64,
+    /// FUSE worker threads per mounted layer.
+    pub fuse_threads: usize,
 }
 
-impl Default for Config {
+impl Default for SnapshotterConfig {
     fn default() -> Self {
-        Config {
-            admin_address: PathBuf::from(DEFAULT_ADMIN_ADDRESS),
-            resolve_timeout_secs: 5,
+        SnapshotterConfig {
+            resolve_timeout_secs: 10,
             allow_unverified_layers: false,
-            cache_dir: None,
-            plain_http: Vec::new(),
             shutdown_grace_secs: 5,
+            fuse_threads: 4,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    /// Registry hosts (`host` or `host:port`) reached over plain HTTP;
+    /// loopback always is.
+    pub plain_http: Vec<String>,
+    /// Docker config file with credentials; default `$DOCKER_CONFIG` or
+    /// `~/.docker/config.json`.
+    pub docker_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Chunk cache directory; default `ROOT/cache`.
+    pub dir: Option<PathBuf>,
+}
+
+/// Knobs of the background fetcher (issue 5); read but not acted on yet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchSection {
+    /// Fetch every chunk of a mounted layer in the background.
+    pub background: bool,
+    /// How long a Prepare may wait for a layer's prefetch; 0: not at all.
+    pub prefetch_timeout_ms: u64,
 }
 
 impl Config {
@@ -80,15 +132,35 @@ impl Config {
     }
 
     pub fn cache_dir(&self, root: &Path) -> PathBuf {
-        self.cache_dir.clone().unwrap_or_else(|| root.join("cache"))
+        self.cache.dir.clone().unwrap_or_else(|| root.join("cache"))
+    }
+
+    /// The admin socket: the configured one, else `admin.sock` beside the
+    /// Snapshots socket `address`.
+    pub fn admin_address(&self, address: &Path) -> PathBuf {
+        self.admin_address.clone().unwrap_or_else(|| {
+            address
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join(ADMIN_SOCKET_NAME)
+        })
     }
 
     pub fn resolve_timeout(&self) -> Duration {
-        Duration::from_secs(self.resolve_timeout_secs)
+        Duration::from_secs(self.snapshotter.resolve_timeout_secs)
     }
 
     pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_secs(self.shutdown_grace_secs)
+        Duration::from_secs(self.snapshotter.shutdown_grace_secs)
+    }
+
+    /// How tarn-fs reaches registries.
+    pub fn registry_config(&self) -> tarn_fs::registry::RegistryConfig {
+        tarn_fs::registry::RegistryConfig {
+            plain_http: self.registry.plain_http.clone(),
+            docker_config: self.registry.docker_config.clone(),
+            ..Default::default()
+        }
     }
 }
 
@@ -106,25 +178,42 @@ mod tests {
     }
 
     #[test]
-    fn partial_file_keeps_other_defaults_and_unknown_keys_fail() {
+    fn sections_keep_other_defaults_and_unknown_keys_fail() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(
             &p,
-            "plain_http = [\"127.0.0.1:5000\"]\nresolve_timeout_secs = 2\n",
+            "[registry]\nplain_http = [\"127.0.0.1:5000\"]\n[snapshotter]\nresolve_timeout_secs = 2\n",
         )
         .unwrap();
         let c = Config::load(&p, true).unwrap();
-        assert_eq!(c.plain_http, vec!["127.0.0.1:5000"]);
+        assert_eq!(c.registry.plain_http, vec!["127.0.0.1:5000"]);
         assert_eq!(c.resolve_timeout(), Duration::from_secs(2));
-        assert_eq!(c.admin_address, PathBuf::from(DEFAULT_ADMIN_ADDRESS));
-        assert!(!c.allow_unverified_layers);
+        assert!(!c.snapshotter.allow_unverified_layers);
         assert_eq!(c.cache_dir(Path::new("/r")), PathBuf::from("/r/cache"));
+        assert_eq!(
+            c.admin_address(Path::new("/run/tarn/tarn.sock")),
+            PathBuf::from("/run/tarn/admin.sock"),
+            "the default admin socket is where `tarn status` looks"
+        );
+        assert!(c.registry_config().is_plain_http("127.0.0.1:5000"));
 
-        std::fs::write(&p, "resolve_timeout = 2\n").unwrap();
-        assert!(
-            Config::load(&p, true).is_err(),
-            "a typo must not be ignored"
+        for typo in [
+            "resolve_timeout_secs = 2\n",
+            "[snapshotter]\nresolve_timeout = 2\n",
+            "[cache]\ndirectory = \"/x\"\n",
+        ] {
+            std::fs::write(&p, typo).unwrap();
+            assert!(
+                Config::load(&p, true).is_err(),
+                "a misplaced or misspelt key must not be ignored: {typo:?}"
+            );
+        }
+        std::fs::write(&p, "admin_address = \"/a/admin.sock\"\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(
+            c.admin_address(Path::new("/x/tarn.sock")),
+            PathBuf::from("/a/admin.sock")
         );
     }
 }

@@ -8,14 +8,21 @@
 //!   labels, ids, and every legal transition.
 //! - [`mounts`]: snapshot + parents -> mount specs, pure.
 //! - [`filters`]: containerd's List filter syntax.
+//! - [`remote`]: the remote-layer decision around the snapshotter: lazy
+//!   Prepare answering ALREADY_EXISTS, fallbacks, restore on start.
+//! - [`layers`]: FUSE mounts of remote layers, one per layer digest.
+//! - [`labels`]: the remote-snapshot protocol's labels, pure.
 //! - [`locks`]: keyed mutex and singleflight for duplicate suppression.
 //! - [`config`], [`server`]: configuration file, sockets and serving.
 
 pub mod config;
 pub mod filters;
+pub mod labels;
+pub mod layers;
 pub mod locks;
 pub mod metastore;
 pub mod mounts;
+pub mod remote;
 pub mod server;
 pub mod service;
 pub mod snapshotter;

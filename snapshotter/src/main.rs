@@ -18,6 +18,10 @@ struct Args {
     /// Unix socket serving containerd's Snapshots API.
     #[arg(long, value_name = "SOCK", default_value = config::DEFAULT_ADDRESS)]
     address: PathBuf,
+    /// Unix socket serving tarn's admin API (`tarn status`).
+    /// [default: the config's admin_address, else admin.sock beside --address]
+    #[arg(long, value_name = "SOCK")]
+    admin_address: Option<PathBuf>,
     /// Configuration file (TOML); the default may be missing, an explicit
     /// one may not. [default: /etc/tarn/config.toml]
     #[arg(long, value_name = "FILE")]
@@ -40,9 +44,19 @@ async fn main() -> anyhow::Result<()> {
         Some(path) => Config::load(path, true)?,
         None => Config::load(config::DEFAULT_CONFIG.as_ref(), false)?,
     };
-    tarn_snapshotter::server::run(&args.root, &args.address, &config, shutdown_signal()?)
-        .await
-        .context("tarn-snapshotter failed")?;
+    let admin_address = args
+        .admin_address
+        .clone()
+        .unwrap_or_else(|| config.admin_address(&args.address));
+    tarn_snapshotter::server::run(
+        &args.root,
+        &args.address,
+        &admin_address,
+        &config,
+        shutdown_signal()?,
+    )
+    .await
+    .context("tarn-snapshotter failed")?;
     tracing::info!("stopped");
     Ok(())
 }

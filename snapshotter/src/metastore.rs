@@ -149,6 +149,9 @@ pub struct Snapshot {
     pub id: u64,
     pub kind: Kind,
     pub parent_ids: Vec<u64>,
+    /// Parents that are remote layers: id -> layer digest (their content is
+    /// the layer's FUSE mount, not their own directory).
+    pub remote: BTreeMap<u64, tarn_fs::Digest>,
 }
 
 pub struct MetaStore {
@@ -333,8 +336,52 @@ impl Tx<'_> {
         Ok(committed.id)
     }
 
-    /// Removes `key`, refused while it has children. Returns its id.
-    pub fn remove(&mut self, key: &str) -> Result<u64> {
+    /// Creates the Committed snapshot `name` on `parent` directly, without
+    /// an Active one before it: a remote layer, whose content is a FUSE
+    /// mount and which has no directory of its own. Returns its id.
+    pub fn create_committed(
+        &mut self,
+        name: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<u64> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "snapshot name must not be empty".into(),
+            ));
+        }
+        let labels = validate_labels(labels)?;
+        if get_record(&self.snapshots, name)?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {name:?} already exists"
+            )));
+        }
+        if let Some(parent) = parent {
+            let p = get_record(&self.snapshots, parent)?
+                .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?} not found")))?;
+            if p.kind != Kind::Committed {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {parent:?} is not a committed snapshot"
+                )));
+            }
+            self.children.insert((parent, name), ())?;
+        }
+        let now = SystemTime::now();
+        let r = Record {
+            id: self.next_id()?,
+            kind: Kind::Committed,
+            parent: parent.map(str::to_owned),
+            labels,
+            created: now,
+            updated: now,
+            usage: Usage::default(),
+        };
+        self.put(name, &r)?;
+        Ok(r.id)
+    }
+
+    /// Removes `key`, refused while it has children. Returns its record.
+    pub fn remove(&mut self, key: &str) -> Result<Record> {
         let r = get_record(&self.snapshots, key)?.ok_or_else(|| not_found(key))?;
         let has_children = self
             .children
@@ -351,7 +398,7 @@ impl Tx<'_> {
             self.children.remove((parent.as_str(), key))?;
         }
         self.snapshots.remove(key)?;
-        Ok(r.id)
+        Ok(r)
     }
 
     /// Updates the mutable fields (labels) of `info.name` as containerd's
@@ -448,17 +495,22 @@ fn build_snapshot<T: ReadableTable<&'static str, &'static [u8]>>(
     r: &Record,
 ) -> Result<Snapshot> {
     let mut parent_ids = Vec::new();
+    let mut remote = BTreeMap::new();
     let mut next = r.parent.clone();
     while let Some(p) = next {
         let pr = get_record(table, &p)?
             .ok_or_else(|| Error::NotFound(format!("parent snapshot {p:?} not found")))?;
         parent_ids.push(pr.id);
+        if let Some(d) = crate::labels::remote_layer(&pr.labels) {
+            remote.insert(pr.id, d);
+        }
         next = pr.parent;
     }
     Ok(Snapshot {
         id: r.id,
         kind: r.kind,
         parent_ids,
+        remote,
     })
 }
 

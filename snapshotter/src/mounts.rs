@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use tarn_fs::Digest;
+
 use crate::metastore::{Kind, Snapshot};
 
 /// One mount a client applies (containerd's `Mount`).
@@ -14,16 +16,46 @@ pub struct Mount {
     pub options: Vec<String>,
 }
 
-/// Where snapshot directories live: `<root>/snapshots/<id>/{fs,work}`.
+/// Where snapshot directories live: `<root>/snapshots/<id>/{fs,work}`,
+/// and remote layers' FUSE mounts: `<root>/layers/<digest hex>/fs`.
+///
+/// Remote layers live outside `snapshots/` and are named by layer digest,
+/// not snapshot id: one mount serves every snapshot (chain ID) made of
+/// that layer, the snapshot cleanup never walks into a FUSE mount, and a
+/// restarted daemon finds a layer's mountpoint from its digest alone.
 #[derive(Debug, Clone)]
 pub struct Layout {
     snapshots: PathBuf,
+    layers: PathBuf,
 }
 
 impl Layout {
     pub fn new(root: &Path) -> Self {
         Layout {
             snapshots: root.join("snapshots"),
+            layers: root.join("layers"),
+        }
+    }
+
+    pub fn layers_dir(&self) -> &Path {
+        &self.layers
+    }
+
+    pub fn layer_dir(&self, digest: &Digest) -> PathBuf {
+        self.layers.join(digest.hex())
+    }
+
+    /// The FUSE mountpoint of a remote layer.
+    pub fn layer_fs(&self, digest: &Digest) -> PathBuf {
+        self.layer_dir(digest).join("fs")
+    }
+
+    /// What a snapshot of `s`'s ancestry with id `id` contributes as a
+    /// lower layer: its own fs dir, or its layer's FUSE mount.
+    pub fn lower(&self, s: &Snapshot, id: u64) -> PathBuf {
+        match s.remote.get(&id) {
+            Some(d) => self.layer_fs(d),
+            None => self.fs(id),
         }
     }
 
@@ -55,15 +87,17 @@ impl Layout {
 /// - otherwise overlay with `lowerdir=` nearest parent first, plus
 ///   `upperdir`/`workdir` for an active snapshot.
 ///
+/// A remote parent contributes its layer's FUSE mountpoint.
+///
 /// `index=off` keeps overlayfs from recording the lower dirs' identity, so a
 /// committed layer can be a lower dir of many overlays over its lifetime.
 pub fn mounts(layout: &Layout, s: &Snapshot) -> Vec<Mount> {
-    let path = |id: u64| layout.fs(id).to_string_lossy().into_owned();
+    let path = |id: u64| layout.lower(s, id).to_string_lossy().into_owned();
     if s.parent_ids.is_empty() {
         let mode = if s.kind == Kind::View { "ro" } else { "rw" };
         return vec![Mount {
             kind: "bind".into(),
-            source: path(s.id),
+            source: layout.fs(s.id).to_string_lossy().into_owned(),
             options: vec![mode.into(), "rbind".into()],
         }];
     }
@@ -89,6 +123,8 @@ pub fn mounts(layout: &Layout, s: &Snapshot) -> Vec<Mount> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn layout() -> Layout {
@@ -100,7 +136,30 @@ mod tests {
             id,
             kind,
             parent_ids: parents.to_vec(),
+            remote: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn remote_parents_are_their_fuse_mounts() {
+        let d: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+        let mut s = snap(9, Kind::Active, &[7, 4]);
+        s.remote.insert(4, d);
+        let m = mounts(&layout(), &s);
+        assert_eq!(
+            m[0].options.last().unwrap(),
+            &format!(
+                "lowerdir=/r/snapshots/7/fs:/r/layers/{}/fs",
+                "ab".repeat(32)
+            )
+        );
+        let mut v = snap(5, Kind::View, &[4]);
+        v.remote.insert(4, d);
+        assert_eq!(
+            mounts(&layout(), &v)[0].source,
+            format!("/r/layers/{}/fs", "ab".repeat(32)),
+            "a view of a lone remote layer binds its mount"
+        );
     }
 
     #[test]

@@ -12,8 +12,8 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
+use crate::remote::RemoteSnapshotter;
 use crate::service::{AdminService, SnapshotsService};
-use crate::snapshotter::Snapshotter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -80,22 +80,42 @@ async fn bind_async(path: &Path) -> Result<UnixListener, Error> {
     UnixListener::from_std(listener).map_err(io(format!("listen on {}", path.display())))
 }
 
-/// Serves the Snapshots API on `address` and the admin API on the
-/// configured admin socket until `shutdown` resolves, then lets in-flight
-/// calls finish for the configured grace period. State stays on disk.
+/// Serves the Snapshots API on `address` and the admin API on
+/// `admin_address` until `shutdown` resolves, then lets in-flight calls
+/// finish for the configured grace period and unmounts the remote layers.
+/// State stays on disk.
+///
+/// Remote layers are mounted again before either socket exists, so
+/// containerd never sees a remote snapshot whose layer is missing.
 pub async fn run(
     root: &Path,
     address: &Path,
+    admin_address: &Path,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let root = root.to_owned();
-    let sn = Arc::new(tokio::task::spawn_blocking(move || Snapshotter::open(&root)).await??);
+    let rs = Arc::new(RemoteSnapshotter::open(root, config).await?);
+    let served = serve(&rs, address, admin_address, config, shutdown).await;
+    // Unmounted even when serving failed: a FUSE mount without its daemon
+    // only answers ENOTCONN. (A running container's overlay keeps the old
+    // FUSE connection either way, and loses it with this process: handing
+    // /dev/fuse to a successor is the seam of DESIGN.md §7.)
+    rs.shutdown().await;
+    served
+}
+
+async fn serve(
+    rs: &Arc<RemoteSnapshotter>,
+    address: &Path,
+    admin_address: &Path,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     // The Snapshots socket last: once it exists, everything is up (callers
     // and tests take its appearance as the ready signal).
-    let admin_listener = bind_async(&config.admin_address).await?;
+    let admin_listener = bind_async(admin_address).await?;
     let snap_listener = bind_async(address).await?;
-    tracing::info!(address = %address.display(), admin = %config.admin_address.display(), "serving");
+    tracing::info!(address = %address.display(), admin = %admin_address.display(), "serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -103,7 +123,7 @@ pub async fn run(
     };
     let snap = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(SnapshotsServer::new(SnapshotsService::new(sn.clone())))
+            .add_service(SnapshotsServer::new(SnapshotsService::new(rs.clone())))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(snap_listener),
                 stopped(stop_rx.clone()),
@@ -111,7 +131,7 @@ pub async fn run(
     );
     let admin = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AdminServer::new(AdminService::new(sn)))
+            .add_service(AdminServer::new(AdminService::new(rs.clone())))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(admin_listener),
                 stopped(stop_rx),
@@ -124,7 +144,7 @@ pub async fn run(
         tokio::time::timeout(config.shutdown_grace(), async { (snap.await, admin.await) }).await;
     // Gone with the process, so containerd sees the plugin down rather
     // than a socket nobody answers.
-    let sockets = [address.to_owned(), config.admin_address.clone()];
+    let sockets = [address.to_owned(), admin_address.to_owned()];
     let _ = tokio::task::spawn_blocking(move || {
         for path in sockets {
             let _ = std::fs::remove_file(path);
@@ -138,7 +158,7 @@ pub async fn run(
                 source,
             })?;
             a?.map_err(|source| Error::Serve {
-                path: config.admin_address.clone(),
+                path: admin_address.to_owned(),
                 source,
             })?;
         }

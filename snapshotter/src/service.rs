@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::metastore::{self, Info, Kind};
 use crate::mounts::Mount;
+use crate::remote::RemoteSnapshotter;
 use crate::snapshotter::{self, Snapshotter};
 
 /// Infos per List message: containerd's own service sends batches of 100
@@ -116,12 +117,14 @@ fn info_domain(i: pb::Info) -> Info {
 
 #[derive(Clone)]
 pub struct SnapshotsService {
+    rs: Arc<RemoteSnapshotter>,
     sn: Arc<Snapshotter>,
 }
 
 impl SnapshotsService {
-    pub fn new(sn: Arc<Snapshotter>) -> Self {
-        SnapshotsService { sn }
+    pub fn new(rs: Arc<RemoteSnapshotter>) -> Self {
+        let sn = rs.snapshotter().clone();
+        SnapshotsService { rs, sn }
     }
 }
 
@@ -135,10 +138,11 @@ impl Snapshots for SnapshotsService {
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
         tracing::debug!(key = %r.key, parent = %r.parent, "prepare");
-        let sn = self.sn.clone();
-        let mounts =
-            blocking(move || sn.prepare(&r.key, parent(r.parent).as_deref(), labels(r.labels)))
-                .await?;
+        let mounts = self
+            .rs
+            .prepare(r.key, parent(r.parent), labels(r.labels))
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::PrepareSnapshotResponse {
             mounts: mounts_pb(mounts),
         }))
@@ -188,8 +192,7 @@ impl Snapshots for SnapshotsService {
     ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
         tracing::debug!(key = %r.key, "remove");
-        let sn = self.sn.clone();
-        blocking(move || sn.remove(&r.key)).await?;
+        self.rs.remove(r.key).await.map_err(to_status)?;
         Ok(Response::new(()))
     }
 
@@ -253,22 +256,21 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn cleanup(&self, _req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
-        let sn = self.sn.clone();
-        blocking(move || sn.cleanup()).await?;
+        self.rs.cleanup().await.map_err(to_status)?;
         Ok(Response::new(()))
     }
 }
 
-/// tarn's admin API. Until remote layers exist it reports the snapshot
-/// count and no layers.
+/// tarn's admin API: mounted layers with their fetch figures, and the
+/// daemon's counters.
 #[derive(Clone)]
 pub struct AdminService {
-    sn: Arc<Snapshotter>,
+    rs: Arc<RemoteSnapshotter>,
 }
 
 impl AdminService {
-    pub fn new(sn: Arc<Snapshotter>) -> Self {
-        AdminService { sn }
+    pub fn new(rs: Arc<RemoteSnapshotter>) -> Self {
+        AdminService { rs }
     }
 }
 
@@ -278,18 +280,51 @@ impl Admin for AdminService {
         &self,
         _req: Request<admin::ListLayersRequest>,
     ) -> Result<Response<admin::ListLayersResponse>, Status> {
-        Ok(Response::new(admin::ListLayersResponse { layers: vec![] }))
+        let names = self.rs.layer_snapshots().await.map_err(to_status)?;
+        let layers = self
+            .rs
+            .layers()
+            .into_iter()
+            .map(|l| {
+                let state = match &l.failed {
+                    Some(_) => admin::LayerState::Failed,
+                    None => admin::LayerState::Mounted,
+                };
+                admin::Layer {
+                    image_ref: l.image_ref,
+                    layer_digest: l.digest.to_string(),
+                    mountpoint: l.mountpoint.to_string_lossy().into_owned(),
+                    bytes_fetched: l.stats.bytes_fetched,
+                    blob_size: l.blob_size,
+                    requests: l.stats.requests,
+                    state: state.into(),
+                    snapshot: names
+                        .get(&l.digest)
+                        .map(|n| n.join(","))
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(admin::ListLayersResponse { layers }))
     }
 
     async fn stats(
         &self,
         _req: Request<admin::StatsRequest>,
     ) -> Result<Response<admin::StatsResponse>, Status> {
-        let sn = self.sn.clone();
-        let snapshots = blocking(move || sn.count()).await?;
+        let s = self.rs.stats().await.map_err(to_status)?;
+        let lookups = s.cache_hits + s.cache_misses;
         Ok(Response::new(admin::StatsResponse {
-            snapshots: snapshots as u64,
-            ..Default::default()
+            cache_bytes: s.cache_bytes,
+            cache_entries: s.cache_entries,
+            hit_rate: if lookups == 0 {
+                0.0
+            } else {
+                s.cache_hits as f64 / lookups as f64
+            },
+            fallbacks: s.fallbacks,
+            snapshots: s.snapshots,
+            mounted_layers: s.lazy_layers,
         }))
     }
 }

@@ -52,7 +52,7 @@ impl Snapshotter {
     /// Opens the snapshotter rooted at `root`, creating it if needed.
     pub fn open(root: &Path) -> Result<Self> {
         let layout = Layout::new(root);
-        for dir in [root, layout.snapshots_dir()] {
+        for dir in [root, layout.snapshots_dir(), layout.layers_dir()] {
             std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
             // Snapshot contents are container filesystems: root only.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -107,15 +107,36 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Creates the committed snapshot `name` of a remote layer, whose
+    /// content is the layer's FUSE mount (made by the caller).
+    pub fn create_remote(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.ms
+            .update(|tx| tx.create_committed(name, parent, labels))?;
+        Ok(())
+    }
+
     /// Removes `key` (refused while it has children) and every directory no
-    /// snapshot references.
-    pub fn remove(&self, key: &str) -> Result<()> {
-        let strays = self.ms.update(|tx| {
-            tx.remove(key)?;
-            self.strays(&tx.ids()?)
+    /// snapshot references. Returns the remote layer the snapshot was made
+    /// of, whose mount may now be unused.
+    pub fn remove(&self, key: &str) -> Result<Option<tarn_fs::Digest>> {
+        let (removed, strays) = self.ms.update(|tx| {
+            let r = tx.remove(key)?;
+            Ok::<_, Error>((r, self.strays(&tx.ids()?)?))
         })?;
         self.delete(strays);
-        Ok(())
+        Ok(crate::labels::remote_layer(&removed.labels))
+    }
+
+    /// The remote snapshots: name and labels of each.
+    pub fn remote_snapshots(&self) -> Result<Vec<Info>> {
+        let mut infos = self.ms.list()?;
+        infos.retain(|i| crate::labels::remote_layer(&i.labels).is_some());
+        Ok(infos)
     }
 
     pub fn stat(&self, key: &str) -> Result<Info> {
@@ -169,7 +190,7 @@ impl Snapshotter {
             if let Some(&parent_id) = s.parent_ids.first() {
                 // The new layer's root starts owned like its parent's, so a
                 // container sees the same owner of `/` in every layer.
-                let pfs = self.layout.fs(parent_id);
+                let pfs = self.layout.lower(&s, parent_id);
                 let md =
                     std::fs::metadata(&pfs).map_err(io_err(format!("stat {}", pfs.display())))?;
                 let fs = temp.join("fs");

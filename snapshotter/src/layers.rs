@@ -1,0 +1,378 @@
+//! Remote layers as FUSE mounts: one mount per layer digest at
+//! `ROOT/layers/<digest hex>/fs`, shared by every snapshot made of that
+//! layer, over one chunk cache and one registry client for the daemon.
+//!
+//! Who uses a layer is not counted here but read from the metastore (the
+//! snapshots labelled with its digest), so the count survives restarts and
+//! cannot drift. Callers hold [`Layers::lock`] for a layer digest while they
+//! mount it and record its snapshot, or check its users and unmount it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tarn_fs::Digest;
+use tarn_fs::cache::{Cache, CacheStats};
+use tarn_fs::fetch::FetchStatsSnapshot;
+use tarn_fs::fuse::{MountHandle, MountOptions};
+use tarn_fs::layer::Layer;
+use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RemoteBlob};
+
+use crate::labels::RemoteLayer;
+use crate::locks::{KeyedGuard, KeyedMutex, Singleflight};
+use crate::mounts::Layout;
+
+/// Why a layer could not be resolved or mounted. Each one only makes its
+/// Prepare fall back to an ordinary pull, so the message is what matters.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct LayerError(Arc<str>);
+
+impl LayerError {
+    pub fn new(msg: impl std::fmt::Display) -> Self {
+        LayerError(msg.to_string().into())
+    }
+}
+
+/// A layer opened (footer and TOC fetched and verified), not yet mounted.
+#[derive(Clone)]
+pub struct Resolved {
+    layer: Arc<Layer>,
+    blob_size: u64,
+}
+
+impl Resolved {
+    pub fn blob_size(&self) -> u64 {
+        self.blob_size
+    }
+}
+
+struct Mounted {
+    info: RemoteLayer,
+    blob_size: u64,
+    layer: Arc<Layer>,
+    handle: MountHandle,
+}
+
+/// A mounted or failed layer, for the admin API.
+#[derive(Debug, Clone)]
+pub struct LayerStatus {
+    pub image_ref: String,
+    pub digest: Digest,
+    pub mountpoint: PathBuf,
+    pub blob_size: u64,
+    pub stats: FetchStatsSnapshot,
+    /// Why it could not be restored, if it could not.
+    pub failed: Option<String>,
+}
+
+pub struct Layers {
+    layout: Layout,
+    cache: Arc<Cache>,
+    client: RegistryClient,
+    runtime: tokio::runtime::Handle,
+    fuse_threads: usize,
+    mounted: Mutex<HashMap<Digest, Mounted>>,
+    /// Layers that could not be restored at start: (layer, blob size, why).
+    failed: Mutex<HashMap<Digest, (RemoteLayer, u64, String)>>,
+    resolving: Singleflight<Digest, Result<Resolved, LayerError>>,
+    locks: KeyedMutex<Digest>,
+}
+
+impl Layers {
+    /// `runtime` serves the FUSE mounts' cache misses; it must outlive them.
+    pub fn new(
+        layout: Layout,
+        cache: Arc<Cache>,
+        client: RegistryClient,
+        runtime: tokio::runtime::Handle,
+        fuse_threads: usize,
+    ) -> Self {
+        Layers {
+            layout,
+            cache,
+            client,
+            runtime,
+            fuse_threads,
+            mounted: Mutex::default(),
+            failed: Mutex::default(),
+            resolving: Singleflight::default(),
+            locks: KeyedMutex::default(),
+        }
+    }
+
+    /// The lock of one layer digest: held while mounting it and recording
+    /// its snapshot, or while deciding it is unused and unmounting it.
+    pub async fn lock(&self, digest: Digest) -> KeyedGuard<Digest> {
+        self.locks.lock(digest).await
+    }
+
+    pub fn is_mounted(&self, digest: &Digest) -> bool {
+        self.mounted
+            .lock()
+            .expect("mounted map poisoned")
+            .contains_key(digest)
+    }
+
+    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        let mounted = self.mounted.lock().expect("mounted map poisoned");
+        mounted.get(digest).map(|m| m.blob_size)
+    }
+
+    pub fn mountpoint(&self, digest: &Digest) -> PathBuf {
+        self.layout.layer_fs(digest)
+    }
+
+    /// Opens `layer`: its blob size from the image manifest unless given,
+    /// then footer and TOC, the TOC checked against its digest. Concurrent
+    /// calls for one digest share one resolution, which runs to its end
+    /// even when every caller stopped waiting (the next one then finds it
+    /// done or nearly).
+    pub async fn resolve(
+        &self,
+        layer: &RemoteLayer,
+        blob_size: Option<u64>,
+    ) -> Result<Resolved, LayerError> {
+        let (client, cache, layer) = (self.client.clone(), self.cache.clone(), layer.clone());
+        self.resolving
+            .run(layer.digest, move || async move {
+                let task = tokio::spawn(open(client, cache, layer, blob_size));
+                task.await
+                    .unwrap_or_else(|e| Err(LayerError::new(format!("resolve task failed: {e}"))))
+            })
+            .await
+    }
+
+    /// Mounts a resolved layer at its mountpoint, replacing whatever a
+    /// killed daemon left there. Nothing is left behind on error.
+    pub async fn mount(&self, info: &RemoteLayer, resolved: Resolved) -> Result<(), LayerError> {
+        let mountpoint = self.mountpoint(&info.digest);
+        let dir = self.layout.layer_dir(&info.digest);
+        let (layer, runtime) = (resolved.layer.clone(), self.runtime.clone());
+        let options = MountOptions {
+            threads: self.fuse_threads,
+            fsname: format!("tarn:{}", info.digest),
+            ..MountOptions::default()
+        };
+        let handle = tokio::task::spawn_blocking(move || {
+            detach(&mountpoint);
+            std::fs::create_dir_all(&mountpoint)
+                .map_err(|e| LayerError::new(format!("create {}: {e}", mountpoint.display())))?;
+            tarn_fs::fuse::mount(layer, &mountpoint, runtime, &options).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                LayerError::new(e)
+            })
+        })
+        .await
+        .map_err(|e| LayerError::new(format!("mount task failed: {e}")))??;
+        self.failed
+            .lock()
+            .expect("failed map poisoned")
+            .remove(&info.digest);
+        self.mounted.lock().expect("mounted map poisoned").insert(
+            info.digest,
+            Mounted {
+                info: info.clone(),
+                blob_size: resolved.blob_size,
+                layer: resolved.layer,
+                handle,
+            },
+        );
+        Ok(())
+    }
+
+    /// Records a layer that could not be restored, for the admin API.
+    pub fn mark_failed(&self, info: &RemoteLayer, blob_size: u64, why: String) {
+        self.failed
+            .lock()
+            .expect("failed map poisoned")
+            .insert(info.digest, (info.clone(), blob_size, why));
+    }
+
+    /// Unmounts a layer (if mounted) and removes its directory.
+    pub async fn unmount(&self, digest: &Digest) {
+        let mounted = self
+            .mounted
+            .lock()
+            .expect("mounted map poisoned")
+            .remove(digest);
+        self.failed
+            .lock()
+            .expect("failed map poisoned")
+            .remove(digest);
+        let dir = self.layout.layer_dir(digest);
+        let digest = *digest;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(m) = mounted
+                && let Err(e) = m.handle.unmount()
+            {
+                tracing::warn!(layer = %digest, error = %e, "unmount failed");
+            }
+            // A dead mount of a killed daemon may still sit there.
+            detach(&dir.join("fs"));
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove layer directory");
+            }
+        })
+        .await;
+    }
+
+    /// Digests with a mount or a directory under `ROOT/layers`.
+    pub async fn known(&self) -> Vec<Digest> {
+        let mut out: Vec<Digest> = self
+            .mounted
+            .lock()
+            .expect("mounted map poisoned")
+            .keys()
+            .copied()
+            .collect();
+        let dir = self.layout.layers_dir().to_owned();
+        let on_disk = tokio::task::spawn_blocking(move || dir_digests(&dir))
+            .await
+            .unwrap_or_default();
+        for d in on_disk {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    /// Unmounts every layer (on shutdown); their directories stay for the
+    /// next start.
+    pub async fn unmount_all(&self) {
+        let all: Vec<Mounted> = self
+            .mounted
+            .lock()
+            .expect("mounted map poisoned")
+            .drain()
+            .map(|(_, m)| m)
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for m in all {
+                if let Err(e) = m.handle.unmount() {
+                    tracing::warn!(layer = %m.info.digest, error = %e, "unmount failed");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Every mounted layer, and every one that failed to come back.
+    pub fn status(&self) -> Vec<LayerStatus> {
+        let mut out: Vec<LayerStatus> = self
+            .mounted
+            .lock()
+            .expect("mounted map poisoned")
+            .values()
+            .map(|m| LayerStatus {
+                image_ref: m.info.image_ref.clone(),
+                digest: m.info.digest,
+                mountpoint: m.handle.mountpoint().to_owned(),
+                blob_size: m.blob_size,
+                stats: m.layer.stats(),
+                failed: None,
+            })
+            .collect();
+        out.extend(
+            self.failed
+                .lock()
+                .expect("failed map poisoned")
+                .values()
+                .map(|(info, size, why)| LayerStatus {
+                    image_ref: info.image_ref.clone(),
+                    digest: info.digest,
+                    mountpoint: self.mountpoint(&info.digest),
+                    blob_size: *size,
+                    stats: FetchStatsSnapshot::default(),
+                    failed: Some(why.clone()),
+                }),
+        );
+        out.sort_by_key(|l| l.digest);
+        out
+    }
+
+    pub fn mounted_count(&self) -> usize {
+        self.mounted.lock().expect("mounted map poisoned").len()
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+}
+
+/// Opens the layer of `info` from its registry.
+async fn open(
+    client: RegistryClient,
+    cache: Arc<Cache>,
+    info: RemoteLayer,
+    blob_size: Option<u64>,
+) -> Result<Resolved, LayerError> {
+    let reference: Reference = info.image_ref.parse().map_err(LayerError::new)?;
+    let size = match blob_size {
+        Some(s) => s,
+        None => {
+            let image = client.resolve(&reference).await.map_err(LayerError::new)?;
+            let desc = image
+                .layers
+                .iter()
+                .find(|l| l.digest == info.digest)
+                .ok_or_else(|| {
+                    LayerError::new(format!(
+                        "image {} has no layer {}",
+                        info.image_ref, info.digest
+                    ))
+                })?;
+            desc.size
+        }
+    };
+    let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
+        client,
+        repo: reference.repository.clone(),
+        digest: info.digest,
+        size,
+    });
+    let layer = Layer::open(source, info.toc_digest, cache)
+        .await
+        .map_err(LayerError::new)?;
+    Ok(Resolved {
+        layer: Arc::new(layer),
+        blob_size: size,
+    })
+}
+
+/// Lazily detaches whatever is mounted at `path` (a killed daemon's FUSE
+/// mount answers ENOTCONN to everything, even to mkdir under its parent).
+/// Not mounted is fine.
+fn detach(path: &Path) {
+    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+}
+
+/// The layer digests named by directories in `dir`.
+fn dir_digests(dir: &Path) -> Vec<Digest> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|name| format!("sha256:{name}").parse().ok())
+        .collect()
+}
+
+/// Groups remote snapshots by layer: digest -> (layer, blob size, names).
+pub fn by_layer(
+    snapshots: &[(String, BTreeMap<String, String>)],
+) -> BTreeMap<Digest, (crate::labels::Restore, Vec<String>)> {
+    let mut out: BTreeMap<Digest, (crate::labels::Restore, Vec<String>)> = BTreeMap::new();
+    for (name, labels) in snapshots {
+        if let Some(r) = crate::labels::restore_info(labels) {
+            out.entry(r.layer.digest)
+                .or_insert_with(|| (r, Vec::new()))
+                .1
+                .push(name.clone());
+        }
+    }
+    out
+}
