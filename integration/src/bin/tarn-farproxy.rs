@@ -50,7 +50,11 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate_bytes: f64) -> Bucket {
-        Bucket { rate: rate_bytes, burst: Duration::from_millis(5), free_at: Mutex::new(Instant::now()) }
+        Bucket {
+            rate: rate_bytes,
+            burst: Duration::from_millis(5),
+            free_at: Mutex::new(Instant::now()),
+        }
     }
 
     /// Waits until `n` bytes may pass. Holding the lock while sleeping makes
@@ -74,14 +78,25 @@ struct Link {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(args.listen.ip().is_loopback(), "--listen must be a loopback address");
-    anyhow::ensure!(args.upstream.ip().is_loopback(), "--upstream must be a loopback address");
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("bind {}", args.listen))?;
+    anyhow::ensure!(
+        args.listen.ip().is_loopback(),
+        "--listen must be a loopback address"
+    );
+    anyhow::ensure!(
+        args.upstream.ip().is_loopback(),
+        "--upstream must be a loopback address"
+    );
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
     let local = listener.local_addr()?;
     if let Some(f) = &args.addr_file {
         std::fs::write(f, local.to_string()).with_context(|| format!("write {}", f.display()))?;
     }
-    eprintln!("tarn-farproxy: {local} -> {} rtt {} ms rate {} Mbit/s", args.upstream, args.rtt_ms, args.rate_mbit);
+    eprintln!(
+        "tarn-farproxy: {local} -> {} rtt {} ms rate {} Mbit/s",
+        args.upstream, args.rtt_ms, args.rate_mbit
+    );
     let bucket = |mbit: f64| (mbit > 0.0).then(|| Bucket::new(mbit * 1e6 / 8.0));
     let link = Arc::new(Link {
         one_way: Duration::from_millis(args.rtt_ms) / 2,
@@ -102,7 +117,9 @@ async fn main() -> Result<()> {
 
 async fn serve(client: TcpStream, upstream: SocketAddr, link: Arc<Link>) -> Result<()> {
     let accepted = Instant::now();
-    let server = TcpStream::connect(upstream).await.context("connect upstream")?;
+    let server = TcpStream::connect(upstream)
+        .await
+        .context("connect upstream")?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
     let (cr, cw) = client.into_split();
@@ -120,7 +137,13 @@ async fn serve(client: TcpStream, upstream: SocketAddr, link: Arc<Link>) -> Resu
 
 /// Moves bytes from `r` to `w`, each chunk released `one_way` after it was
 /// read and only when the direction's bucket allows.
-async fn pipe<R, W>(mut r: R, mut w: W, link: &Link, upward: bool, not_before: Instant) -> Result<()>
+async fn pipe<R, W>(
+    mut r: R,
+    mut w: W,
+    link: &Link,
+    upward: bool,
+    not_before: Instant,
+) -> Result<()>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin,
