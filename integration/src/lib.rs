@@ -1,4 +1,5 @@
-//! Tests and benchmarks of tarn against a real registry, containerd, runc and
-//! FUSE. [`cri`] is a small Kubernetes CRI client for the CRI tests.
+//! Harnesses for tests of tarn against real components: [`registry`] runs a
+//! registry, [`cri`] is a small Kubernetes CRI client for the CRI tests.
 
 pub mod cri;
+pub mod registry;

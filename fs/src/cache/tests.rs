@@ -1,0 +1,226 @@
+use std::sync::Arc;
+
+use super::*;
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn small_and_large_round_trip_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = data(1000, 1);
+    let large = data(300 * 1024, 2);
+    let empty: Vec<u8> = Vec::new();
+    let (ds, dl, de) = (Digest::of(&small), Digest::of(&large), Digest::of(&empty));
+    {
+        let cache = Cache::open(dir.path()).unwrap();
+        assert_eq!(cache.read(&ds, 0, 1).unwrap(), None);
+        cache.insert(&ds, &small).unwrap();
+        cache.insert(&dl, &large).unwrap();
+        cache.insert(&de, &empty).unwrap();
+        assert_eq!(cache.read(&ds, 10, 20).unwrap().unwrap(), &small[10..30]);
+        assert_eq!(
+            cache.read(&dl, 70_000, 5000).unwrap().unwrap(),
+            &large[70_000..75_000]
+        );
+        assert_eq!(cache.read(&de, 0, 0).unwrap().unwrap(), Vec::<u8>::new());
+        let s = cache.stats();
+        assert_eq!((s.entries, s.bytes), (3, 1000 + 300 * 1024));
+        assert_eq!((s.hits, s.misses), (3, 1));
+        // Only the large item is a standalone file, holding exactly its bytes.
+        assert_eq!(cache.file_path(&ds), None);
+        let path = cache.file_path(&dl).unwrap();
+        assert_eq!(fs::read(path).unwrap(), large);
+    }
+    let cache = Cache::open(dir.path()).unwrap();
+    assert!(cache.contains(&ds) && cache.contains(&dl) && cache.contains(&de));
+    assert_eq!(cache.read(&ds, 0, 1000).unwrap().unwrap(), small);
+    assert_eq!(cache.read(&dl, 0, large.len()).unwrap().unwrap(), large);
+    assert_eq!(cache.stats().corrupt, 0);
+}
+
+#[test]
+fn out_of_range_read_is_an_error_not_short_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let d = Digest::of(b"four");
+    cache.insert(&d, b"four").unwrap();
+    assert!(matches!(
+        cache.read(&d, 2, 3),
+        Err(CacheError::OutOfRange { size: 4, .. })
+    ));
+    assert!(cache.read(&d, u64::MAX, 2).is_err());
+}
+
+#[test]
+fn second_open_of_a_root_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Cache::open(dir.path()).unwrap();
+    assert!(matches!(
+        Cache::open(dir.path()),
+        Err(CacheError::Locked(_))
+    ));
+}
+
+/// Flips one byte of a pack file at the data of the record for `digest`.
+fn corrupt_pack_record(root: &Path, needle: &[u8]) {
+    for i in 0..PACKS {
+        let path = root.join("packs").join(format!("pack-{i}.dat"));
+        let mut bytes = fs::read(&path).unwrap();
+        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
+            bytes[pos] ^= 0xff;
+            fs::write(&path, bytes).unwrap();
+            return;
+        }
+    }
+    panic!("record not found in any pack");
+}
+
+#[test]
+fn corrupt_pack_record_is_a_miss_after_reopen_and_others_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = b"this record will be corrupted on disk".to_vec();
+    let good = data(5000, 9);
+    let (db, dg) = (Digest::of(&bad), Digest::of(&good));
+    {
+        let cache = Cache::open(dir.path()).unwrap();
+        cache.insert(&db, &bad).unwrap();
+        cache.insert(&dg, &good).unwrap();
+    }
+    corrupt_pack_record(dir.path(), &bad);
+
+    let cache = Cache::open(dir.path()).unwrap();
+    assert_eq!(cache.read(&db, 0, 4).unwrap(), None);
+    assert!(!cache.contains(&db), "a corrupt entry is dropped");
+    assert_eq!(cache.stats().corrupt, 1);
+    assert_eq!(cache.read(&dg, 0, good.len()).unwrap().unwrap(), good);
+    // It can be fetched and stored again.
+    cache.insert(&db, &bad).unwrap();
+    assert_eq!(cache.read(&db, 0, bad.len()).unwrap().unwrap(), bad);
+}
+
+#[test]
+fn corrupt_or_truncated_object_file_is_a_miss_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = data(100_000, 3);
+    let b = data(200_000, 4);
+    let (da, db) = (Digest::of(&a), Digest::of(&b));
+    let (pa, pb);
+    {
+        let cache = Cache::open(dir.path()).unwrap();
+        cache.insert(&da, &a).unwrap();
+        cache.insert(&db, &b).unwrap();
+        pa = cache.file_path(&da).unwrap();
+        pb = cache.file_path(&db).unwrap();
+    }
+    // A flipped byte in the middle and a file zeroed past a point, as a
+    // power loss can leave behind.
+    let mut bytes = fs::read(&pa).unwrap();
+    bytes[50_000] ^= 1;
+    fs::write(&pa, bytes).unwrap();
+    let mut bytes = fs::read(&pb).unwrap();
+    bytes[4096..].fill(0);
+    fs::write(&pb, bytes).unwrap();
+
+    let cache = Cache::open(dir.path()).unwrap();
+    // Even a read of an intact-looking prefix is refused: the entry as a
+    // whole is unproven.
+    assert_eq!(cache.read(&da, 0, 10).unwrap(), None);
+    assert_eq!(
+        cache.file_path(&db),
+        None,
+        "never hand a bad file to the kernel"
+    );
+    assert!(!pa.exists() && !pb.exists());
+    assert_eq!(cache.stats().corrupt, 2);
+}
+
+#[test]
+fn torn_pack_tail_is_truncated_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let items: Vec<Vec<u8>> = (0..50).map(|i| data(100 + i * 37, i as u8)).collect();
+    {
+        let cache = Cache::open(dir.path()).unwrap();
+        for it in &items {
+            cache.insert(&Digest::of(it), it).unwrap();
+        }
+    }
+    // Tear the last record of every pack in half, as a crash mid-write does.
+    let mut torn = 0;
+    for i in 0..PACKS {
+        let path = dir.path().join("packs").join(format!("pack-{i}.dat"));
+        let len = fs::metadata(&path).unwrap().len();
+        if len > 0 {
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(len - 20).unwrap();
+            torn += 1;
+        }
+    }
+    let cache = Cache::open(dir.path()).unwrap();
+    let present = items
+        .iter()
+        .filter(|it| cache.read(&Digest::of(it), 0, it.len()).unwrap().as_deref() == Some(&it[..]))
+        .count();
+    assert_eq!(
+        present,
+        items.len() - torn,
+        "exactly the torn records are lost"
+    );
+    // New appends after the truncated tail are found by the next open.
+    let extra = data(777, 200);
+    cache.insert(&Digest::of(&extra), &extra).unwrap();
+    drop(cache);
+    let cache = Cache::open(dir.path()).unwrap();
+    assert_eq!(
+        cache.read(&Digest::of(&extra), 0, 777).unwrap().unwrap(),
+        extra
+    );
+    assert_eq!(cache.stats().entries as usize, items.len() - torn + 1);
+}
+
+#[test]
+fn concurrent_inserts_and_reads_from_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+    // Every thread inserts the same 64 items (half small, half large) and
+    // reads each back; duplicates must be harmless.
+    let items: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..64)
+            .map(|i| data(if i % 2 == 0 { 3000 } else { 70_000 }, i as u8))
+            .collect(),
+    );
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let cache = Arc::clone(&cache);
+            let items = Arc::clone(&items);
+            std::thread::spawn(move || {
+                for k in 0..items.len() {
+                    let it = &items[(k + t * 7) % items.len()];
+                    let d = Digest::of(it);
+                    cache.insert(&d, it).unwrap();
+                    assert_eq!(cache.read(&d, 0, it.len()).unwrap().unwrap(), *it);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = cache.stats();
+    let total: u64 = items.iter().map(|i| i.len() as u64).sum();
+    assert_eq!((s.entries, s.bytes), (64, total));
+    assert_eq!(s.dedup_bytes, total * 7);
+    drop(cache);
+    // No duplicate or interleaved records: a reopen finds each item intact.
+    let cache = Cache::open(dir.path()).unwrap();
+    for it in items.iter() {
+        assert_eq!(
+            cache.read(&Digest::of(it), 0, it.len()).unwrap().unwrap(),
+            *it
+        );
+    }
+    assert_eq!(cache.stats().bytes, total);
+}
