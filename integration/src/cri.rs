@@ -19,10 +19,11 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
     CreateContainerRequest, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PullImageRequest, RemoveContainerRequest,
-    RemoveImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest, VersionRequest, VersionResponse,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, ListImagesRequest,
+    ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+    PullImageRequest, RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    VersionRequest, VersionResponse,
 };
 use tempfile::TempDir;
 use tokio::net::UnixStream;
@@ -485,6 +486,57 @@ impl Cri {
         remove_pod(&mut self.runtime(), pod).await?;
         self.owned().pods.retain(|(id, _)| id != pod);
         Ok(())
+    }
+
+    /// Ids of every pod sandbox the runtime knows, made here or not.
+    pub async fn list_pods(&self) -> Result<Vec<String>, CriError> {
+        let req = ListPodSandboxRequest { filter: None };
+        Ok(self
+            .runtime()
+            .list_pod_sandbox(req)
+            .await
+            .map_err(CriError::call("list pod sandboxes", ""))?
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|p| p.id)
+            .collect())
+    }
+
+    /// Ids of every container the runtime knows, made here or not.
+    pub async fn list_containers(&self) -> Result<Vec<String>, CriError> {
+        let req = ListContainersRequest { filter: None };
+        Ok(self
+            .runtime()
+            .list_containers(req)
+            .await
+            .map_err(CriError::call("list containers", ""))?
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect())
+    }
+
+    /// Every image CRI knows, as its tags (or its id when untagged).
+    pub async fn list_images(&self) -> Result<Vec<String>, CriError> {
+        let req = ListImagesRequest { filter: None };
+        Ok(self
+            .images()
+            .list_images(req)
+            .await
+            .map_err(CriError::call("list images", ""))?
+            .into_inner()
+            .images
+            .into_iter()
+            .flat_map(|i| {
+                if i.repo_tags.is_empty() {
+                    vec![i.id]
+                } else {
+                    i.repo_tags
+                }
+            })
+            .collect())
     }
 
     /// Removes everything this client made and has not removed yet: its

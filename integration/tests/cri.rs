@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tarn_integration::cri::Cri;
 use tarn_integration::testbed::{Request, Testbed, repo_root};
@@ -125,7 +125,9 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
 async fn pull_and_run(cri: &Cri, image: &str) -> String {
     let version = cri.version().await.expect("cri version");
     assert_eq!(version.runtime_name, "containerd");
+    let start = Instant::now();
     let image_id = cri.pull_image(image).await.expect("cri pull");
+    let pulled = start.elapsed();
     assert!(image_id.starts_with("sha256:"), "image id {image_id}");
     let pod = cri.run_pod("tarn-cri-test").await.expect("run pod");
     let container = cri
@@ -139,6 +141,10 @@ async fn pull_and_run(cri: &Cri, image: &str) -> String {
         .expect("container exits");
     let logs = cri.logs(&container).await.expect("container logs");
     assert_eq!(code, 0, "workload failed; its log: {logs:?}");
+    eprintln!(
+        "{image}: CRI pull {pulled:.2?}, pull + pod + run {:.2?}",
+        start.elapsed()
+    );
     cri.stdout(&container).await.expect("container stdout")
 }
 
@@ -224,8 +230,19 @@ fn cri_pulls_an_ordinary_image_in_full_through_tarn_and_runs_a_pod() {
         "a full pull fetched only {served} of {image_size} bytes"
     );
 
-    rt.block_on(cri.cleanup()).expect("cri cleanup");
+    // Dropping the client removes its container, pod and image, even
+    // without an explicit cleanup (as when a test panics).
     drop(cri);
+    let check = rt.block_on(Cri::connect(&sock)).expect("cri connect");
+    let pods = rt.block_on(check.list_pods()).expect("list pods");
+    let containers = rt
+        .block_on(check.list_containers())
+        .expect("list containers");
+    let images = rt.block_on(check.list_images()).expect("list images");
+    assert!(pods.is_empty(), "pods left: {pods:?}");
+    assert!(containers.is_empty(), "containers left: {containers:?}");
+    assert!(!images.contains(&image), "{image} left in {images:?}");
+    drop(check);
     bed.down().expect("test bed down");
 }
 
