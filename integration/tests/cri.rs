@@ -120,6 +120,21 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// The last `n` lines of tarn's log, for failure messages.
+fn log_tail(path: Option<&str>, n: usize) -> String {
+    let Some(path) = path else {
+        return "(no log)".to_owned();
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            // tarn's own lines only: at debug level gRPC's are most of it.
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains("tarn")).collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(reading {path}: {e})"),
+    }
+}
+
 /// Pulls `image` through CRI, runs the workload in a new pod and returns the
 /// container's standard output.
 async fn pull_and_run(cri: &Cri, image: &str) -> String {
@@ -185,8 +200,10 @@ fn cri_pulls_estargz_lazily_through_tarn_and_runs_a_pod() {
     let mounts = fuse_mounts_under(&tarn_root);
     assert!(
         mounts.len() >= lazy,
-        "expected a FUSE mount per eStargz layer ({lazy}) under {}, found {mounts:?}",
-        tarn_root.display()
+        "expected a FUSE mount per eStargz layer ({lazy}) under {}, found {mounts:?}; \
+         tarn's log ends with:\n{}",
+        tarn_root.display(),
+        log_tail(bed.var("TARN_LOG"), 20)
     );
     let served = blob_bytes(&bed.registry_log().expect("registry log"), "python-esgz");
     eprintln!(
