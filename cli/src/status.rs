@@ -1,0 +1,244 @@
+//! `tarn status`: what the daemon serves, from its admin API — each lazily
+//! mounted layer with how much of it has been fetched, then the cache.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use tarn_proto::admin::{
+    Layer, LayerState, ListLayersRequest, StatsRequest, StatsResponse, admin_client::AdminClient,
+};
+
+use crate::pull::human;
+
+/// Show mounted layers, bytes fetched and cache statistics.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The daemon's admin socket
+    #[arg(long, default_value = "/run/tarn/admin.sock")]
+    pub admin_address: PathBuf,
+}
+
+pub async fn run(args: StatusArgs) -> Result<()> {
+    let (layers, stats) = fetch(&args.admin_address).await?;
+    print!("{}", render(&layers, &stats));
+    Ok(())
+}
+
+async fn fetch(address: &Path) -> Result<(Vec<Layer>, StatsResponse)> {
+    if !address.exists() {
+        bail!(
+            "tarn daemon admin socket {} does not exist (is tarn-snapshotter running? see --admin-address)",
+            address.display()
+        );
+    }
+    // The admin API is plain gRPC over a unix socket, like containerd's.
+    let channel = containerd_client::connect(address)
+        .await
+        .with_context(|| format!("cannot connect to the tarn daemon at {}", address.display()))?;
+    let mut admin = AdminClient::new(channel);
+    let layers = admin
+        .list_layers(ListLayersRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))
+        .context("cannot list the daemon's layers")?
+        .into_inner()
+        .layers;
+    let stats = admin
+        .stats(StatsRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))
+        .context("cannot read the daemon's statistics")?
+        .into_inner();
+    Ok((layers, stats))
+}
+
+/// The report, as printed: a table of layers (or a note that there are
+/// none), then one line about the cache.
+fn render(layers: &[Layer], stats: &StatsResponse) -> String {
+    let mut out = String::new();
+    if layers.is_empty() {
+        out.push_str("no lazily mounted layers\n");
+    } else {
+        let rows: Vec<[String; 6]> = layers
+            .iter()
+            .map(|l| {
+                [
+                    l.image_ref.clone(),
+                    short(&l.layer_digest),
+                    state(l),
+                    fetched(l.bytes_fetched, l.blob_size),
+                    l.requests.to_string(),
+                    l.mountpoint.clone(),
+                ]
+            })
+            .collect();
+        let header = [
+            "IMAGE",
+            "LAYER",
+            "STATE",
+            "FETCHED",
+            "REQUESTS",
+            "MOUNTPOINT",
+        ]
+        .map(String::from);
+        let mut widths = header.each_ref().map(String::len);
+        for r in &rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        for r in std::iter::once(&header).chain(&rows) {
+            let line: Vec<String> = r
+                .iter()
+                .zip(widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+    }
+    out.push_str(&format!(
+        "cache: {} in {} entries, hit rate {:.1}%; {} mounted layers, {} snapshots, {} fallbacks to full pulls\n",
+        human(stats.cache_bytes),
+        stats.cache_entries,
+        stats.hit_rate * 100.0,
+        stats.mounted_layers,
+        stats.snapshots,
+        stats.fallbacks
+    ));
+    out
+}
+
+fn state(l: &Layer) -> String {
+    match LayerState::try_from(l.state).unwrap_or(LayerState::Unknown) {
+        LayerState::Mounted => "mounted",
+        LayerState::Complete => "complete",
+        LayerState::Failed => "failed",
+        LayerState::Unknown => "unknown",
+    }
+    .to_string()
+}
+
+fn fetched(done: u64, total: u64) -> String {
+    if total == 0 {
+        return human(done);
+    }
+    let pct = done as f64 * 100.0 / total as f64;
+    format!("{} / {} ({pct:.1}%)", human(done), human(total))
+}
+
+/// `sha256:` and the first 12 hex digits are enough to tell layers apart.
+fn short(digest: &str) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    hex.chars().take(12).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tarn_proto::admin::admin_server::{Admin, AdminServer};
+    use tarn_proto::admin::{ListLayersResponse, StatsResponse};
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    fn layer() -> Layer {
+        Layer {
+            image_ref: "127.0.0.1:5000/app:1".into(),
+            layer_digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                .into(),
+            mountpoint: "/var/lib/tarn/layers/1/fs".into(),
+            bytes_fetched: 3 * 1024 * 1024,
+            blob_size: 12 * 1024 * 1024,
+            requests: 7,
+            state: LayerState::Mounted.into(),
+            snapshot: "sha256:aa".into(),
+        }
+    }
+
+    fn stats() -> StatsResponse {
+        StatsResponse {
+            cache_bytes: 5 * 1024 * 1024,
+            cache_entries: 42,
+            hit_rate: 0.875,
+            fallbacks: 1,
+            snapshots: 4,
+            mounted_layers: 1,
+        }
+    }
+
+    #[test]
+    fn render_shows_each_layer_and_the_cache() {
+        let text = render(&[layer()], &stats());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("IMAGE"));
+        let row = lines[1];
+        for want in [
+            "127.0.0.1:5000/app:1",
+            "0123456789ab",
+            "mounted",
+            "3.0 MiB / 12.0 MiB (25.0%)",
+            " 7 ",
+            "/var/lib/tarn/layers/1/fs",
+        ] {
+            assert!(row.contains(want), "{want:?} missing from {row:?}");
+        }
+        assert!(!row.contains("cdef0123"), "digest not shortened: {row}");
+        assert_eq!(
+            lines[2],
+            "cache: 5.0 MiB in 42 entries, hit rate 87.5%; 1 mounted layers, 4 snapshots, 1 fallbacks to full pulls"
+        );
+        // Columns line up: the FETCHED header sits above the fetched figure.
+        assert_eq!(lines[0].find("FETCHED"), row.find("3.0 MiB"));
+    }
+
+    #[test]
+    fn render_without_layers_says_so() {
+        let text = render(&[], &StatsResponse::default());
+        assert!(text.starts_with("no lazily mounted layers\n"), "{text}");
+        assert!(text.contains("hit rate 0.0%"));
+    }
+
+    struct Fake;
+
+    #[tonic::async_trait]
+    impl Admin for Fake {
+        async fn list_layers(
+            &self,
+            _: Request<ListLayersRequest>,
+        ) -> Result<Response<ListLayersResponse>, Status> {
+            Ok(Response::new(ListLayersResponse {
+                layers: vec![layer()],
+            }))
+        }
+        async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+            Ok(Response::new(stats()))
+        }
+    }
+
+    #[tokio::test]
+    async fn fetches_from_a_daemon_over_its_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("admin.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AdminServer::new(Fake))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        let (layers, s) = fetch(&sock).await.unwrap();
+        server.abort();
+        assert_eq!(layers, vec![layer()]);
+        assert_eq!(s, stats());
+    }
+
+    #[tokio::test]
+    async fn missing_daemon_is_one_clear_error() {
+        let err = fetch(Path::new("/nonexistent/admin.sock"))
+            .await
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("is tarn-snapshotter running"), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+}

@@ -1,0 +1,413 @@
+//! `tarn pull` against a real registry and containerd 1.6: ordinary images
+//! pull and run, errors are one line with a non-zero exit, and concurrent
+//! pulls of one reference cost about one pull at the registry.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tarn_integration::registry::{TestRegistry, free_port};
+
+/// Snapshotter the pulls unpack into.
+const SNAPSHOTTER: &str = "overlayfs";
+
+/// The `tarn` binary of this build (tests run from target/<profile>/deps).
+fn tarn_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary has a path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .join("tarn");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p tarn` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A registry and a containerd of our own, stopped and deleted on drop.
+struct Bed {
+    registry: TestRegistry,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+    containerd: Child,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe { libc::kill(self.containerd.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.containerd.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.containerd.kill();
+        let _ = self.containerd.wait();
+        // Containers ran with --rm, so containerd unmounted their rootfs; this
+        // matters only if a test failed midway.
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.path().join("root"))
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Bed {
+    fn up() -> Bed {
+        let registry = TestRegistry::start().expect("start docker-registry");
+        let dir = tempfile::Builder::new()
+            .prefix("tarn-pull-test-")
+            .tempdir()
+            .expect("temp dir");
+        let d = dir.path();
+        let sock = d.join("ctd.sock");
+        let config = format!(
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             root = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{}\"\n\
+             [proxy_plugins.tarn]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+            d.join("root").display(),
+            d.join("state").display(),
+            sock.display(),
+            d.join("tarn.sock").display()
+        );
+        std::fs::write(d.join("ctd.toml"), config).expect("write containerd config");
+        let log = std::fs::File::create(d.join("containerd.log")).expect("create containerd log");
+        let containerd = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("ctd.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let bed = Bed {
+            registry,
+            dir,
+            sock,
+            containerd,
+        };
+        wait_for("containerd", || bed.sock.exists());
+        bed
+    }
+
+    fn host(&self) -> String {
+        self.registry.host()
+    }
+
+    /// Builds a two-layer busybox image with umoci and pushes it as `repo:1`.
+    /// Returns the bytes of its blobs and manifest (what one pull fetches).
+    fn push_busybox(&self, repo: &str) -> u64 {
+        let d = self.dir.path().join(format!("img-{repo}"));
+        let l1 = d.join("l1/bin");
+        let l2 = d.join("l2/etc");
+        std::fs::create_dir_all(&l1).expect("mkdir layer 1");
+        std::fs::create_dir_all(&l2).expect("mkdir layer 2");
+        std::fs::copy("/bin/busybox", l1.join("busybox")).expect("copy busybox-static");
+        for a in ["sh", "cat", "echo"] {
+            std::os::unix::fs::symlink("busybox", l1.join(a)).expect("applet link");
+        }
+        std::fs::write(l2.join("greeting"), format!("hello from {repo}\n"))
+            .expect("write greeting");
+        let layout = format!("{}:img", d.join("oci").display());
+        run_ok(
+            Command::new("umoci")
+                .args(["init", "--layout"])
+                .arg(d.join("oci")),
+        );
+        run_ok(Command::new("umoci").args(["new", "--image", &layout]));
+        for l in ["l1", "l2"] {
+            run_ok(
+                Command::new("umoci")
+                    .args(["insert", "--image", &layout])
+                    .arg(d.join(l))
+                    .arg("/"),
+            );
+        }
+        run_ok(Command::new("umoci").args([
+            "config",
+            "--image",
+            &layout,
+            "--config.cmd",
+            "/bin/sh",
+        ]));
+        run_ok(Command::new("skopeo").args([
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{layout}"),
+            &format!("docker://{}/{repo}:1", self.host()),
+        ]));
+        // Sum blob sizes from the layout: manifest + config + layers.
+        let blobs = d.join("oci/blobs/sha256");
+        let manifest_digest = {
+            let idx: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(d.join("oci/index.json")).expect("read index"),
+            )
+            .expect("index json");
+            idx["manifests"][0]["digest"]
+                .as_str()
+                .expect("manifest digest")
+                .trim_start_matches("sha256:")
+                .to_string()
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(blobs.join(&manifest_digest)).expect("read manifest"),
+        )
+        .expect("manifest json");
+        let mut total = std::fs::metadata(blobs.join(&manifest_digest))
+            .expect("manifest size")
+            .len();
+        total += manifest["config"]["size"].as_u64().expect("config size");
+        for l in manifest["layers"].as_array().expect("layers") {
+            total += l["size"].as_u64().expect("layer size");
+        }
+        total
+    }
+
+    fn pull_cmd(&self, reference: &str) -> Command {
+        let mut c = Command::new(tarn_bin());
+        c.arg("pull").arg("--address").arg(&self.sock).args([
+            "--snapshotter",
+            SNAPSHOTTER,
+            reference,
+        ]);
+        c
+    }
+
+    /// Bytes the registry has served for GETs since it started.
+    fn registry_bytes_served(&self) -> u64 {
+        let log = self.registry.log().expect("read registry log");
+        log.iter()
+            .filter(|r| r.method == "GET")
+            .map(|r| r.written)
+            .sum()
+    }
+
+    fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(&self.sock);
+        c
+    }
+}
+
+fn run_ok(c: &mut Command) -> Output {
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A failed pull: non-zero exit, and stderr is exactly one `tarn: ...` line.
+fn assert_one_line_error(out: &Output, expect: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pull should fail; stderr: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "error is not one line: {err}"
+    );
+    assert!(err.starts_with("tarn: "), "{err}");
+    assert!(
+        err.contains(expect),
+        "error {err:?} does not mention {expect:?}"
+    );
+}
+
+#[test]
+fn ordinary_image_pulls_and_runs() {
+    let bed = Bed::up();
+    bed.push_busybox("plain");
+    let reference = format!("{}/plain:1", bed.host());
+    let out = run_ok(&mut bed.pull_cmd(&reference));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Not a terminal: one plain line per layer state, then the summary.
+    assert!(stdout.contains("layer 1/2"), "{stdout}");
+    assert!(stdout.contains("2 unpacked"), "{stdout}");
+
+    let images = run_ok(bed.ctr().args(["images", "ls", "-q"]));
+    assert!(
+        String::from_utf8_lossy(&images.stdout)
+            .lines()
+            .any(|l| l == reference)
+    );
+    let run = run_ok(bed.ctr().args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &reference,
+        "pull-run-2",
+        "cat",
+        "/etc/greeting",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from plain\n");
+
+    // A second pull finds everything in place and downloads nothing.
+    let before = bed.registry_bytes_served();
+    let again = run_ok(&mut bed.pull_cmd(&reference));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("is up to date"));
+    let manifest_only = bed.registry_bytes_served() - before;
+    assert!(
+        manifest_only < 4096,
+        "repeat pull fetched {manifest_only} bytes"
+    );
+    // The pull's lease is gone: nothing pins content beyond the image.
+    let leases = run_ok(bed.ctr().args(["leases", "ls", "-q"]));
+    assert_eq!(String::from_utf8_lossy(&leases.stdout).trim(), "");
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let bed = Bed::up();
+    bed.push_busybox("exists");
+    let missing = bed
+        .pull_cmd(&format!("{}/nosuch:1", bed.host()))
+        .output()
+        .expect("run tarn");
+    assert_one_line_error(&missing, "nosuch");
+    let bad = bed.pull_cmd("Not A Reference").output().expect("run tarn");
+    assert_one_line_error(&bad, "invalid image reference");
+    let unreachable = bed
+        .pull_cmd(&format!(
+            "127.0.0.1:{}/exists:1",
+            free_port().expect("free port")
+        ))
+        .output()
+        .expect("run tarn");
+    assert_one_line_error(&unreachable, "cannot resolve");
+    let no_ctd = Command::new(tarn_bin())
+        .args([
+            "pull",
+            "--address",
+            "/nonexistent/containerd.sock",
+            &format!("{}/exists:1", bed.host()),
+        ])
+        .output()
+        .expect("run tarn");
+    assert_one_line_error(&no_ctd, "containerd socket");
+    let no_snap = Command::new(tarn_bin())
+        .arg("pull")
+        .arg("--address")
+        .arg(&bed.sock)
+        .args([
+            "--snapshotter",
+            "nosuch",
+            &format!("{}/exists:1", bed.host()),
+        ])
+        .output()
+        .expect("run tarn");
+    assert_one_line_error(&no_snap, "snapshotter \"nosuch\"");
+    // Nothing was created by the failed pulls.
+    let images = run_ok(bed.ctr().args(["images", "ls", "-q"]));
+    assert_eq!(String::from_utf8_lossy(&images.stdout).trim(), "");
+}
+
+#[test]
+fn concurrent_pulls_of_one_reference_cost_one_pull() {
+    let bed = Bed::up();
+    let one_pull = bed.push_busybox("shared");
+    let reference = format!("{}/shared:1", bed.host());
+    let before = bed.registry_bytes_served();
+    let children: Vec<Child> = (0..5)
+        .map(|_| {
+            bed.pull_cmd(&reference)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start tarn pull")
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().expect("wait for tarn pull");
+        assert!(
+            out.status.success(),
+            "a concurrent pull failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let served = bed.registry_bytes_served() - before;
+    // One pull's blobs, plus the manifest each waiting pull re-resolves.
+    assert!(
+        served as f64 <= one_pull as f64 * 1.05,
+        "5 pulls fetched {served} bytes; one pull is {one_pull}"
+    );
+    assert!(
+        served >= one_pull,
+        "registry log undercounts: {served} < {one_pull}"
+    );
+    let run = run_ok(bed.ctr().args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &reference,
+        "pull-conc",
+        "cat",
+        "/etc/greeting",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from shared\n");
+}
+
+#[test]
+fn concurrent_pulls_of_two_tags_sharing_blobs_all_succeed() {
+    // Different references take different pull locks, so their writes of the
+    // same blobs meet in containerd's content store: the losers must wait for
+    // the winner's write instead of failing on the locked ref.
+    let bed = Bed::up();
+    bed.push_busybox("twins");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{}/twins:1", bed.host()),
+        &format!("docker://{}/twins:2", bed.host()),
+    ]));
+    let children: Vec<Child> = (0..6)
+        .map(|i| {
+            let reference = format!("{}/twins:{}", bed.host(), 1 + i % 2);
+            bed.pull_cmd(&reference)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start tarn pull")
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().expect("wait for tarn pull");
+        assert!(
+            out.status.success(),
+            "a concurrent pull failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for tag in ["1", "2"] {
+        let reference = format!("{}/twins:{tag}", bed.host());
+        let id = format!("pull-twins-{tag}");
+        let run = run_ok(bed.ctr().args([
+            "run",
+            "--rm",
+            "--snapshotter",
+            SNAPSHOTTER,
+            &reference,
+            &id,
+            "cat",
+            "/etc/greeting",
+        ]));
+        assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from twins\n");
+    }
+}
