@@ -4,6 +4,7 @@
 //! it from Rust.
 
 pub mod client;
+pub mod cri;
 pub mod daemon;
 pub mod mounts;
 pub mod registry;
