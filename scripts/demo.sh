@@ -58,6 +58,7 @@ fi
 # shellcheck disable=SC1091
 . "$BED/env"
 CTR=(ctr --address "$CONTAINERD_SOCK")
+TARN="${TARN_BIN_DIR:-$SCRIPTS/../target/release}/tarn"
 
 say "pushing the sample image (5 layers) as plain gzip and as eStargz"
 "$SCRIPTS/images.sh" push multi "$REGISTRY"
@@ -86,10 +87,10 @@ FULL_BYTES=$((b1 - b0))
 if [ "$FULL_ONLY" = 0 ]; then
   say "lazy pull + run with tarn"
   t0="$(now)"
-  # ctr-remote adds the labels a lazy snapshotter needs (image reference,
-  # layer digests); `tarn pull` will do the same.
-  ctr-remote --address "$CONTAINERD_SOCK" image rpull --plain-http --snapshotter tarn \
-    "$REGISTRY/multi-esgz:latest" >/dev/null
+  # tarn pull gives each layer's Prepare the labels a lazy snapshotter needs
+  # (image reference, layer digest, TOC digest); tarn answers at once for
+  # every eStargz layer and containerd downloads nothing.
+  "$TARN" pull --address "$CONTAINERD_SOCK" --snapshotter tarn "$REGISTRY/multi-esgz:latest"
   out="$("${CTR[@]}" run --rm --snapshotter tarn "$REGISTRY/multi-esgz:latest" "demo-lazy-$$" /app/run.sh)"
   t1="$(now)"
   # Measured at once: tarn may go on fetching in the background.
@@ -98,6 +99,8 @@ if [ "$FULL_ONLY" = 0 ]; then
   check_output "$out"
   LAZY_TIME="$(elapsed "$t0" "$t1")"
   LAZY_BYTES=$((b2 - b1))
+  say "what tarn fetched per layer (tarn status)"
+  "$TARN" status --admin-address "$TARN_ADMIN_SOCK"
 fi
 
 say "results (pull + run of /app/run.sh)"
