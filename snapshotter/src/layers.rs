@@ -7,7 +7,7 @@
 //! cannot drift. Callers hold [`Layers::lock`] for a layer digest while they
 //! mount it and record its snapshot, or check its users and unmount it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -16,11 +16,12 @@ use tarn_fs::cache::{Cache, CacheStats};
 use tarn_fs::fetch::FetchStatsSnapshot;
 use tarn_fs::fuse::{MountHandle, MountOptions};
 use tarn_fs::layer::Layer;
-use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RemoteBlob};
+use tarn_fs::registry::RegistryClient;
 
 use crate::labels::RemoteLayer;
-use crate::locks::{KeyedGuard, KeyedMutex, Singleflight};
+use crate::locks::{KeyedGuard, KeyedMutex};
 use crate::mounts::Layout;
+use crate::resolve::Resolver;
 
 /// Why a layer could not be resolved or mounted. Each one only makes its
 /// Prepare fall back to an ordinary pull, so the message is what matters.
@@ -39,11 +40,25 @@ impl LayerError {
 pub struct Resolved {
     layer: Arc<Layer>,
     blob_size: u64,
+    toc_digest: Option<Digest>,
 }
 
 impl Resolved {
+    pub fn new(layer: Arc<Layer>, blob_size: u64, toc_digest: Option<Digest>) -> Self {
+        Resolved {
+            layer,
+            blob_size,
+            toc_digest,
+        }
+    }
+
     pub fn blob_size(&self) -> u64 {
         self.blob_size
+    }
+
+    /// The TOC digest the layer was verified against.
+    pub fn toc_digest(&self) -> Option<Digest> {
+        self.toc_digest
     }
 }
 
@@ -69,13 +84,12 @@ pub struct LayerStatus {
 pub struct Layers {
     layout: Layout,
     cache: Arc<Cache>,
-    client: RegistryClient,
+    resolver: Arc<Resolver>,
     runtime: tokio::runtime::Handle,
     fuse_threads: usize,
     mounted: Mutex<HashMap<Digest, Mounted>>,
     /// Layers that could not be restored at start: (layer, blob size, why).
     failed: Mutex<HashMap<Digest, (RemoteLayer, u64, String)>>,
-    resolving: Singleflight<Digest, Result<Resolved, LayerError>>,
     locks: KeyedMutex<Digest>,
 }
 
@@ -90,13 +104,12 @@ impl Layers {
     ) -> Self {
         Layers {
             layout,
+            resolver: Resolver::new(client, cache.clone()),
             cache,
-            client,
             runtime,
             fuse_threads,
             mounted: Mutex::default(),
             failed: Mutex::default(),
-            resolving: Singleflight::default(),
             locks: KeyedMutex::default(),
         }
     }
@@ -123,24 +136,22 @@ impl Layers {
         self.layout.layer_fs(digest)
     }
 
-    /// Opens `layer`: its blob size from the image manifest unless given,
-    /// then footer and TOC, the TOC checked against its digest. Concurrent
-    /// calls for one digest share one resolution, which runs to its end
-    /// even when every caller stopped waiting (the next one then finds it
-    /// done or nearly).
+    /// Opens `layer`; see [`Resolver::layer`].
     pub async fn resolve(
         &self,
         layer: &RemoteLayer,
         blob_size: Option<u64>,
     ) -> Result<Resolved, LayerError> {
-        let (client, cache, layer) = (self.client.clone(), self.cache.clone(), layer.clone());
-        self.resolving
-            .run(layer.digest, move || async move {
-                let task = tokio::spawn(open(client, cache, layer, blob_size));
-                task.await
-                    .unwrap_or_else(|e| Err(LayerError::new(format!("resolve task failed: {e}"))))
-            })
-            .await
+        self.resolver.layer(layer, blob_size).await
+    }
+
+    /// Starts resolving every eStargz layer of `image_ref` that is not
+    /// mounted yet, in the background; see [`Resolver::ahead`].
+    pub fn resolve_ahead(&self, image_ref: &str) {
+        let mounted = self.mounted.lock().expect("mounted map poisoned");
+        let skip: HashSet<Digest> = mounted.keys().copied().collect();
+        drop(mounted);
+        self.resolver.ahead(image_ref, skip);
     }
 
     /// Mounts a resolved layer at its mountpoint, replacing whatever a
@@ -169,6 +180,7 @@ impl Layers {
             .lock()
             .expect("failed map poisoned")
             .remove(&info.digest);
+        self.resolver.mounted(&info.digest);
         self.mounted.lock().expect("mounted map poisoned").insert(
             info.digest,
             Mounted {
@@ -301,46 +313,6 @@ impl Layers {
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
     }
-}
-
-/// Opens the layer of `info` from its registry.
-async fn open(
-    client: RegistryClient,
-    cache: Arc<Cache>,
-    info: RemoteLayer,
-    blob_size: Option<u64>,
-) -> Result<Resolved, LayerError> {
-    let reference: Reference = info.image_ref.parse().map_err(LayerError::new)?;
-    let size = match blob_size {
-        Some(s) => s,
-        None => {
-            let image = client.resolve(&reference).await.map_err(LayerError::new)?;
-            let desc = image
-                .layers
-                .iter()
-                .find(|l| l.digest == info.digest)
-                .ok_or_else(|| {
-                    LayerError::new(format!(
-                        "image {} has no layer {}",
-                        info.image_ref, info.digest
-                    ))
-                })?;
-            desc.size
-        }
-    };
-    let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
-        client,
-        repo: reference.repository.clone(),
-        digest: info.digest,
-        size,
-    });
-    let layer = Layer::open(source, info.toc_digest, cache)
-        .await
-        .map_err(LayerError::new)?;
-    Ok(Resolved {
-        layer: Arc::new(layer),
-        blob_size: size,
-    })
 }
 
 /// Lazily detaches whatever is mounted at `path` (a killed daemon's FUSE

@@ -11,6 +11,8 @@
 //! - [`remote`]: the remote-layer decision around the snapshotter: lazy
 //!   Prepare answering ALREADY_EXISTS, fallbacks, restore on start.
 //! - [`layers`]: FUSE mounts of remote layers, one per layer digest.
+//! - [`resolve`]: manifest, footer and TOC of remote layers, once each, all
+//!   of an image's layers at once.
 //! - [`labels`]: the remote-snapshot protocol's labels, pure.
 //! - [`locks`]: keyed mutex and singleflight for duplicate suppression.
 //! - [`config`], [`server`]: configuration file, sockets and serving.
@@ -23,6 +25,7 @@ pub mod locks;
 pub mod metastore;
 pub mod mounts;
 pub mod remote;
+pub mod resolve;
 pub mod server;
 pub mod service;
 pub mod snapshotter;

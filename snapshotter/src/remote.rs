@@ -120,6 +120,7 @@ impl RemoteSnapshotter {
             Decision::Ordinary => {}
             Decision::Fallback(reason) => self.fallback(&key, &reason),
             Decision::Remote { chain_id, layer } => {
+                self.layers.resolve_ahead(&layer.image_ref);
                 match self
                     .prepare_remote(&chain_id, parent.clone(), labels.clone(), &layer)
                     .await

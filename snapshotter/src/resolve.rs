@@ -1,0 +1,220 @@
+//! Resolution of remote layers: an image's manifest, then a layer's footer
+//! and TOC, each done once however many Prepares ask at the same time.
+//!
+//! containerd prepares an image's layers one after another, each Prepare
+//! waiting for the last. On a far registry, resolving them one by one costs
+//! a few round trips per layer; so the first Prepare of an image starts
+//! resolving all of the image's eStargz layers at once ([`Resolver::ahead`]),
+//! and the Prepares that follow find their layer resolved or in flight.
+//! Results are kept for a short while ([`KEEP`]) for those Prepares; a layer
+//! that gets mounted is taken out of that memo.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tarn_fs::Digest;
+use tarn_fs::cache::Cache;
+use tarn_fs::layer::Layer;
+use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RemoteBlob, ResolvedImage};
+
+use crate::labels::{RemoteLayer, TOC_DIGEST};
+use crate::layers::{LayerError, Resolved};
+use crate::locks::Singleflight;
+
+/// How long a resolved image or layer waits for the Prepare that wants it.
+const KEEP: Duration = Duration::from_secs(120);
+
+/// Results younger than [`KEEP`], by key.
+struct Memo<K, V>(Mutex<HashMap<K, (Instant, V)>>);
+
+impl<K: Eq + Hash, V: Clone> Memo<K, V> {
+    fn new() -> Self {
+        Memo(Mutex::new(HashMap::new()))
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        let map = self.0.lock().expect("memo poisoned");
+        map.get(key)
+            .filter(|(at, _)| at.elapsed() < KEEP)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, key: K, value: V) {
+        let mut map = self.0.lock().expect("memo poisoned");
+        map.retain(|_, (at, _)| at.elapsed() < KEEP);
+        map.insert(key, (Instant::now(), value));
+    }
+
+    fn take(&self, key: &K) {
+        self.0.lock().expect("memo poisoned").remove(key);
+    }
+}
+
+/// Resolves images and layers; shared by background tasks, hence `Arc`.
+pub struct Resolver {
+    client: RegistryClient,
+    cache: Arc<Cache>,
+    images: Singleflight<String, Result<Arc<ResolvedImage>, LayerError>>,
+    recent_images: Memo<String, Arc<ResolvedImage>>,
+    layers: Singleflight<Digest, Result<Resolved, LayerError>>,
+    recent_layers: Memo<Digest, Resolved>,
+}
+
+impl Resolver {
+    pub fn new(client: RegistryClient, cache: Arc<Cache>) -> Arc<Self> {
+        Arc::new(Resolver {
+            client,
+            cache,
+            images: Singleflight::default(),
+            recent_images: Memo::new(),
+            layers: Singleflight::default(),
+            recent_layers: Memo::new(),
+        })
+    }
+
+    /// The manifest of `image_ref` (linux/amd64), fetched once per image.
+    async fn image(self: &Arc<Self>, image_ref: &str) -> Result<Arc<ResolvedImage>, LayerError> {
+        if let Some(image) = self.recent_images.get(&image_ref.to_owned()) {
+            return Ok(image);
+        }
+        let (me, r) = (self.clone(), image_ref.to_owned());
+        self.images
+            .run(image_ref.to_owned(), move || async move {
+                // A task of its own, so it completes even if every caller
+                // stopped waiting (the next one then finds it in the memo).
+                let task = tokio::spawn(async move {
+                    let reference: Reference = r.parse().map_err(LayerError::new)?;
+                    let image = me
+                        .client
+                        .resolve(&reference)
+                        .await
+                        .map_err(LayerError::new)?;
+                    let image = Arc::new(image);
+                    me.recent_images.put(r, image.clone());
+                    Ok(image)
+                });
+                task.await
+                    .unwrap_or_else(|e| Err(LayerError::new(format!("resolve task failed: {e}"))))
+            })
+            .await
+    }
+
+    /// Opens `layer` (blob size from its image's manifest unless given,
+    /// then footer and TOC, the TOC checked against its digest). Concurrent
+    /// calls for one digest share one resolution.
+    pub async fn layer(
+        self: &Arc<Self>,
+        layer: &RemoteLayer,
+        blob_size: Option<u64>,
+    ) -> Result<Resolved, LayerError> {
+        let resolved = match self.recent_layers.get(&layer.digest) {
+            Some(r) => r,
+            None => {
+                let (me, info) = (self.clone(), layer.clone());
+                self.layers
+                    .run(layer.digest, move || async move {
+                        let task = tokio::spawn(async move {
+                            let r = me.open(&info, blob_size).await?;
+                            me.recent_layers.put(info.digest, r.clone());
+                            Ok(r)
+                        });
+                        task.await.unwrap_or_else(|e| {
+                            Err(LayerError::new(format!("resolve task failed: {e}")))
+                        })
+                    })
+                    .await?
+            }
+        };
+        // Resolved ahead from the registry's manifest: it must be the TOC
+        // this Prepare names (a tag moved in between would differ).
+        if layer.toc_digest.is_some() && resolved.toc_digest() != layer.toc_digest {
+            return Err(LayerError::new(format!(
+                "TOC digest {:?} of the Prepare differs from the manifest's {:?}",
+                layer.toc_digest,
+                resolved.toc_digest()
+            )));
+        }
+        Ok(resolved)
+    }
+
+    /// Forgets the memo of a layer that is now mounted.
+    pub fn mounted(&self, digest: &Digest) {
+        self.recent_layers.take(digest);
+    }
+
+    /// Starts resolving, in the background and all at once, every layer of
+    /// `image_ref` that carries a TOC digest annotation, except `skip`.
+    pub fn ahead(self: &Arc<Self>, image_ref: &str, skip: HashSet<Digest>) {
+        if self.recent_images.get(&image_ref.to_owned()).is_some() {
+            // Already started for this image.
+            return;
+        }
+        let (me, r) = (self.clone(), image_ref.to_owned());
+        tokio::spawn(async move {
+            let image = match me.image(&r).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::debug!(image = %r, error = %e, "resolve ahead: no manifest");
+                    return;
+                }
+            };
+            for desc in image.layers.iter().filter(|d| !skip.contains(&d.digest)) {
+                let Some(toc) = desc
+                    .annotations
+                    .get(TOC_DIGEST)
+                    .and_then(|t| t.parse().ok())
+                else {
+                    continue;
+                };
+                let info = RemoteLayer {
+                    image_ref: r.clone(),
+                    digest: desc.digest,
+                    toc_digest: Some(toc),
+                };
+                let (me, size) = (me.clone(), desc.size);
+                tokio::spawn(async move {
+                    if let Err(e) = me.layer(&info, Some(size)).await {
+                        tracing::debug!(layer = %info.digest, error = %e, "resolve ahead failed");
+                    }
+                });
+            }
+        });
+    }
+
+    async fn open(
+        self: &Arc<Self>,
+        info: &RemoteLayer,
+        blob_size: Option<u64>,
+    ) -> Result<Resolved, LayerError> {
+        let reference: Reference = info.image_ref.parse().map_err(LayerError::new)?;
+        let size = match blob_size {
+            Some(s) => s,
+            None => {
+                let image = self.image(&info.image_ref).await?;
+                let desc = image
+                    .layers
+                    .iter()
+                    .find(|l| l.digest == info.digest)
+                    .ok_or_else(|| {
+                        LayerError::new(format!(
+                            "image {} has no layer {}",
+                            info.image_ref, info.digest
+                        ))
+                    })?;
+                desc.size
+            }
+        };
+        let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
+            client: self.client.clone(),
+            repo: reference.repository.clone(),
+            digest: info.digest,
+            size,
+        });
+        let layer = Layer::open(source, info.toc_digest, self.cache.clone())
+            .await
+            .map_err(LayerError::new)?;
+        Ok(Resolved::new(Arc::new(layer), size, info.toc_digest))
+    }
+}
