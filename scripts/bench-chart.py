@@ -41,11 +41,11 @@ def grouped(ax, data, title, records, scenario):
     ax.set_ylabel("seconds")
     ax.set_title(title)
     if variants:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     bad = failed(records, scenario)
     if bad:
-        ax.text(0.01, 0.97, "FAILED: " + ", ".join(bad), transform=ax.transAxes, fontsize=6,
-                va="top", color="crimson", wrap=True)
+        # Below the axis: a failed variant has no bar, only its name.
+        ax.set_xlabel("FAILED: " + ", ".join(bad), fontsize=7, color="crimson", wrap=True)
 
 
 def targets(ax, checks):
@@ -62,6 +62,9 @@ def targets(ax, checks):
         values.append(v)
         colors.append("seagreen" if c["verdict"] == "PASS" else "crimson")
     ax.barh(range(len(rows)), values, color=colors)
+    for i, c in enumerate(rows):
+        if c["value"] is None:
+            ax.text(0.02, i, "FAILED", va="center", fontsize=7, color="crimson")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()

@@ -85,9 +85,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Walk { dir } => measure::walk(&dir)?,
         Command::Rss { pid } => measure::rss(pid)?,
         Command::TocEntries { blobs } => measure::toc_entries(&blobs)?,
-        Command::WaitFetched { admin, timeout, min_layers } => {
-            measure::admin::wait_fetched(&admin, std::time::Duration::from_secs(timeout), min_layers)?
-        }
+        Command::WaitFetched {
+            admin,
+            timeout,
+            min_layers,
+        } => measure::admin::wait_fetched(
+            &admin,
+            std::time::Duration::from_secs(timeout),
+            min_layers,
+        )?,
         Command::Layers { admin } => measure::admin::layers(&admin)?,
         Command::Report { records, out } => {
             let text = report::run(&records, &out)?;

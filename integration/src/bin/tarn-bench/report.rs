@@ -39,7 +39,9 @@ pub enum Verdict {
     Pass,
     Fail,
     /// A variant it needs did not run to the end.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     /// No target for this profile: the figure is shown for information.
     Info,
 }
@@ -76,11 +78,19 @@ struct Spec {
 type Variants<'a> = BTreeMap<&'a str, &'a Record>;
 
 fn metric(v: &Variants, variant: &str, name: &str) -> Result<f64, String> {
-    let r = v.get(variant).ok_or_else(|| format!("{variant}: not run"))?;
+    let r = v
+        .get(variant)
+        .ok_or_else(|| format!("{variant}: not run"))?;
     if !r.ok {
-        return Err(format!("{variant}: {}", r.reason.as_deref().unwrap_or("failed")));
+        return Err(format!(
+            "{variant}: {}",
+            r.reason.as_deref().unwrap_or("failed")
+        ));
     }
-    r.metrics.get(name).copied().ok_or_else(|| format!("{variant}: no {name} measured"))
+    r.metrics
+        .get(name)
+        .copied()
+        .ok_or_else(|| format!("{variant}: no {name} measured"))
 }
 
 fn ratio(v: &Variants, a: &str, b: &str, name: &str) -> Result<f64, String> {
@@ -228,12 +238,16 @@ const SPECS: &[Spec] = &[
 pub fn checks(records: &[Record]) -> Vec<Check> {
     let mut groups: BTreeMap<(&str, &str), Variants> = BTreeMap::new();
     for r in records {
-        groups.entry((r.scenario.as_str(), r.profile.as_str())).or_default().insert(r.variant.as_str(), r);
+        groups
+            .entry((r.scenario.as_str(), r.profile.as_str()))
+            .or_default()
+            .insert(r.variant.as_str(), r);
     }
     let mut out = Vec::new();
     for ((scenario, profile), variants) in &groups {
         for spec in SPECS.iter().filter(|s| s.scenario == *scenario) {
-            let applies = !spec.target.is_nan() && spec.target_profile.is_none_or(|p| p == *profile);
+            let applies =
+                !spec.target.is_nan() && spec.target_profile.is_none_or(|p| p == *profile);
             let (value, verdict) = match (spec.value)(variants) {
                 Ok(x) if !applies => (Some(x), Verdict::Info),
                 Ok(x) => {
@@ -273,23 +287,52 @@ fn fmt_metric(name: &str, x: f64) -> String {
 pub fn render(records: &[Record], checks: &[Check]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "\nMeasurements");
-    let _ = writeln!(s, "{:<9} {:<3} {:<16} {}", "PROFILE", "", "VARIANT", "RESULT");
+    let _ = writeln!(
+        s,
+        "{:<9} {:<3} {:<16} {}",
+        "PROFILE", "", "VARIANT", "RESULT"
+    );
     for r in records {
         let result = if r.ok {
             // secs first, the rest in name order.
-            let mut parts: Vec<String> =
-                r.metrics.get("secs").map(|x| fmt_metric("secs", *x)).into_iter().collect();
-            parts.extend(r.metrics.iter().filter(|(k, _)| *k != "secs").map(|(k, x)| fmt_metric(k, *x)));
+            let mut parts: Vec<String> = r
+                .metrics
+                .get("secs")
+                .map(|x| fmt_metric("secs", *x))
+                .into_iter()
+                .collect();
+            parts.extend(
+                r.metrics
+                    .iter()
+                    .filter(|(k, _)| *k != "secs")
+                    .map(|(k, x)| fmt_metric(k, *x)),
+            );
             parts.join("  ")
         } else {
-            format!("FAILED: {}", r.reason.as_deref().unwrap_or("no reason given"))
+            format!(
+                "FAILED: {}",
+                r.reason.as_deref().unwrap_or("no reason given")
+            )
         };
-        let _ = writeln!(s, "{:<9} {:<3} {:<16} {}", r.profile, r.scenario, r.variant, result);
+        let _ = writeln!(
+            s,
+            "{:<9} {:<3} {:<16} {}",
+            r.profile, r.scenario, r.variant, result
+        );
     }
-    let _ = writeln!(s, "\nTargets (issue 5), ratios against baselines measured in this run");
-    let _ = writeln!(s, "{:<3} {:<9} {:<48} {:>10} {:>9}  VERDICT", "", "PROFILE", "FIGURE", "VALUE", "TARGET");
+    let _ = writeln!(
+        s,
+        "\nTargets (issue 5), ratios against baselines measured in this run"
+    );
+    let _ = writeln!(
+        s,
+        "{:<3} {:<9} {:<48} {:>10} {:>9}  VERDICT",
+        "", "PROFILE", "FIGURE", "VALUE", "TARGET"
+    );
     for c in checks {
-        let value = c.value.map_or("-".to_string(), |x| format!("{x:.3}{}", c.unit));
+        let value = c
+            .value
+            .map_or("-".to_string(), |x| format!("{x:.3}{}", c.unit));
         let target = c.target.map_or("-".to_string(), |t| {
             let op = if c.op == Op::Le { "<=" } else { ">=" };
             format!("{op}{t}{}", c.unit)
@@ -300,8 +343,11 @@ pub fn render(records: &[Record], checks: &[Check]) -> String {
             Verdict::Info => "info".to_string(),
             Verdict::Failed { reason } => format!("FAILED ({reason})"),
         };
-        let _ =
-            writeln!(s, "{:<3} {:<9} {:<48} {:>10} {:>9}  {verdict}", c.scenario, c.profile, c.name, value, target);
+        let _ = writeln!(
+            s,
+            "{:<3} {:<9} {:<48} {:>10} {:>9}  {verdict}",
+            c.scenario, c.profile, c.name, value, target
+        );
     }
     let count = |f: fn(&Verdict) -> bool| checks.iter().filter(|c| f(&c.verdict)).count();
     let _ = writeln!(
@@ -318,7 +364,9 @@ pub fn parse_records(text: &str) -> Result<Vec<Record>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("bad record on line {}", i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("bad record on line {}", i + 1))
+        })
         .collect()
 }
 
@@ -351,13 +399,21 @@ mod tests {
     }
 
     fn find<'a>(checks: &'a [Check], profile: &str, name: &str) -> &'a Check {
-        checks.iter().find(|c| c.profile == profile && c.name == name).expect("check present")
+        checks
+            .iter()
+            .find(|c| c.profile == profile && c.name == name)
+            .expect("check present")
     }
 
     #[test]
     fn s1_targets_apply_at_rtt100_only() {
         let records = vec![
-            rec("rtt100", "S1", "overlayfs", &[("secs", 20.0), ("bytes", 151e6)]),
+            rec(
+                "rtt100",
+                "S1",
+                "overlayfs",
+                &[("secs", 20.0), ("bytes", 151e6)],
+            ),
             rec("rtt100", "S1", "tarn", &[("secs", 2.0), ("bytes", 7e6)]),
             rec("loopback", "S1", "overlayfs", &[("secs", 7.0)]),
             rec("loopback", "S1", "tarn", &[("secs", 2.0)]),
@@ -366,11 +422,20 @@ mod tests {
         let far = find(&c, "rtt100", "tarn / overlayfs pull+run time");
         assert_eq!(far.verdict, Verdict::Pass);
         assert!((far.value.expect("value") - 0.1).abs() < 1e-9);
-        assert_eq!(find(&c, "rtt100", "tarn pull+run time").verdict, Verdict::Pass);
+        assert_eq!(
+            find(&c, "rtt100", "tarn pull+run time").verdict,
+            Verdict::Pass
+        );
         // 2/7 would fail 0.15 but loopback has no target.
-        assert_eq!(find(&c, "loopback", "tarn / overlayfs pull+run time").verdict, Verdict::Info);
+        assert_eq!(
+            find(&c, "loopback", "tarn / overlayfs pull+run time").verdict,
+            Verdict::Info
+        );
         // Bytes ratio is informative everywhere.
-        assert_eq!(find(&c, "rtt100", "tarn / overlayfs registry bytes").verdict, Verdict::Info);
+        assert_eq!(
+            find(&c, "rtt100", "tarn / overlayfs registry bytes").verdict,
+            Verdict::Info
+        );
     }
 
     #[test]
@@ -382,10 +447,20 @@ mod tests {
         let c = checks(&records);
         let check = find(&c, "rtt100", "tarn / overlayfs pull+run time");
         assert_eq!(check.value, None);
-        assert_eq!(check.verdict, Verdict::Failed { reason: "tarn: ctr run exited 1".into() });
+        assert_eq!(
+            check.verdict,
+            Verdict::Failed {
+                reason: "tarn: ctr run exited 1".into()
+            }
+        );
         // The optimized variant never ran.
         let opt = find(&c, "rtt100", "tarn optimized pull+run time");
-        assert_eq!(opt.verdict, Verdict::Failed { reason: "tarn-opt: not run".into() });
+        assert_eq!(
+            opt.verdict,
+            Verdict::Failed {
+                reason: "tarn-opt: not run".into()
+            }
+        );
         let table = render(&records, &c);
         assert!(table.contains("FAILED: ctr run exited 1"), "{table}");
         assert!(table.contains("0 PASS, 0 FAIL, 4 FAILED"), "{table}");
@@ -401,7 +476,12 @@ mod tests {
                 &[("bytes", 125e6), ("rate_mbit", 100.0), ("secs", 12.5)],
             ),
             rec("rtt200", "S2", "skopeo", &[("secs", 10.0)]),
-            rec("local", "S5", "tarn", &[("rss_bytes", 30e6), ("toc_entries", 50_000.0)]),
+            rec(
+                "local",
+                "S5",
+                "tarn",
+                &[("rss_bytes", 30e6), ("toc_entries", 50_000.0)],
+            ),
             rec("local", "S4", "read-tarn", &[("mb_per_s", 900.0)]),
             rec("local", "S4", "read-overlayfs", &[("mb_per_s", 1000.0)]),
         ];
@@ -410,10 +490,24 @@ mod tests {
         let cap = find(&c, "rtt200", "background fetch / link capacity");
         assert!((cap.value.expect("value") - 0.8).abs() < 1e-9);
         assert_eq!(cap.verdict, Verdict::Fail);
-        assert_eq!(find(&c, "rtt200", "background fetch / skopeo copy time").verdict, Verdict::Fail);
+        assert_eq!(
+            find(&c, "rtt200", "background fetch / skopeo copy time").verdict,
+            Verdict::Fail
+        );
         // 30 MB / 50k entries = 600 B > 300 B.
-        assert_eq!(find(&c, "local", "daemon RSS per TOC entry").verdict, Verdict::Fail);
-        assert_eq!(find(&c, "local", "cached 1 GiB read, tarn / overlayfs throughput").verdict, Verdict::Pass);
+        assert_eq!(
+            find(&c, "local", "daemon RSS per TOC entry").verdict,
+            Verdict::Fail
+        );
+        assert_eq!(
+            find(
+                &c,
+                "local",
+                "cached 1 GiB read, tarn / overlayfs throughput"
+            )
+            .verdict,
+            Verdict::Pass
+        );
     }
 
     #[test]

@@ -16,7 +16,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 const POLL: Duration = Duration::from_millis(100);
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a tokio runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a tokio runtime")
 }
 
 /// A tonic channel over a unix socket (the URI is a placeholder tonic
@@ -26,7 +29,9 @@ async fn connect(path: &Path) -> Result<AdminClient<Channel>> {
     let channel = Endpoint::try_from("http://[::1]:50051")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = owned.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
         }))
         .await
         .with_context(|| format!("cannot connect to tarn's admin socket {}", path.display()))?;
@@ -61,7 +66,9 @@ pub fn wait_fetched(admin: &Path, timeout: Duration, min_layers: usize) -> Resul
             let fetched: u64 = layers.iter().map(|l| l.bytes_fetched).sum();
             let total: u64 = layers.iter().map(|l| l.blob_size).sum();
             if layers.len() >= min_layers && layers.iter().all(complete) {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).context("clock before 1970")?;
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .context("clock before 1970")?;
                 return Ok(json!({
                     "done_at": now.as_secs_f64(),
                     "bytes": fetched,

@@ -15,9 +15,14 @@ use tarn_fs::format::estargz::{decode_toc, parse_footer};
 /// The registry writes one JSON object per request; `http.response.written`
 /// is the body it sent (206 bodies for ranged GETs included).
 pub fn reglog(log: &Path, from: u64) -> Result<Value> {
-    let mut file = File::open(log).with_context(|| format!("cannot open registry log {}", log.display()))?;
-    let end = file.metadata().context("cannot stat the registry log")?.len();
-    file.seek(SeekFrom::Start(from.min(end))).context("cannot seek in the registry log")?;
+    let mut file =
+        File::open(log).with_context(|| format!("cannot open registry log {}", log.display()))?;
+    let end = file
+        .metadata()
+        .context("cannot stat the registry log")?
+        .len();
+    file.seek(SeekFrom::Start(from.min(end)))
+        .context("cannot seek in the registry log")?;
     let (bytes, requests) = sum_responses(BufReader::new(file.take(end.saturating_sub(from))))?;
     Ok(json!({ "bytes": bytes, "requests": requests, "end": end }))
 }
@@ -28,11 +33,19 @@ fn sum_responses(reader: impl BufRead) -> Result<(u64, u64)> {
     let (mut bytes, mut requests) = (0u64, 0u64);
     for line in reader.lines() {
         let line = line.context("cannot read the registry log")?;
-        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
-        let completed = v.get("msg").and_then(Value::as_str).is_some_and(|m| m.starts_with("response completed"));
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        let completed = v
+            .get("msg")
+            .and_then(Value::as_str)
+            .is_some_and(|m| m.starts_with("response completed"));
         if completed {
             requests += 1;
-            bytes += v.get("http.response.written").and_then(Value::as_u64).unwrap_or(0);
+            bytes += v
+                .get("http.response.written")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
         }
     }
     Ok((bytes, requests))
@@ -45,7 +58,9 @@ pub fn read(path: &Path) -> Result<Value> {
     let start = Instant::now();
     let mut total = 0u64;
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -61,11 +76,14 @@ pub fn walk(root: &Path) -> Result<Value> {
     let mut stack: Vec<PathBuf> = vec![root.to_owned()];
     let mut entries = 0u64;
     while let Some(dir) = stack.pop() {
-        let listing = std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+        let listing =
+            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
         for entry in listing {
-            let path = entry.with_context(|| format!("cannot list {}", dir.display()))?.path();
-            let meta =
-                std::fs::symlink_metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+            let path = entry
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .path();
+            let meta = std::fs::symlink_metadata(&path)
+                .with_context(|| format!("cannot stat {}", path.display()))?;
             entries += 1;
             if meta.is_dir() {
                 stack.push(path);
@@ -73,18 +91,28 @@ pub fn walk(root: &Path) -> Result<Value> {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok(json!({ "entries": entries, "secs": secs, "entries_per_s": entries as f64 / secs.max(1e-9) }))
+    Ok(
+        json!({ "entries": entries, "secs": secs, "entries_per_s": entries as f64 / secs.max(1e-9) }),
+    )
 }
 
 pub fn rss(pid: u32) -> Result<Value> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    Ok(json!({ "rss_bytes": parse_vm_rss(&status).with_context(|| format!("no VmRSS in {path}"))? }))
+    Ok(
+        json!({ "rss_bytes": parse_vm_rss(&status).with_context(|| format!("no VmRSS in {path}"))? }),
+    )
 }
 
 fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
     Some(kib * 1024)
 }
 
@@ -94,7 +122,8 @@ pub fn toc_entries(blobs: &[PathBuf]) -> Result<Value> {
     let mut total = 0usize;
     let mut per_blob = Vec::new();
     for blob in blobs {
-        let n = count_toc_entries(blob).with_context(|| format!("cannot read the TOC of {}", blob.display()))?;
+        let n = count_toc_entries(blob)
+            .with_context(|| format!("cannot read the TOC of {}", blob.display()))?;
         total += n;
         per_blob.push(json!({ "blob": blob, "entries": n }));
     }
@@ -110,9 +139,13 @@ fn count_toc_entries(blob: &Path) -> Result<usize> {
     file.read_exact(&mut tail)?;
     let loc = parse_footer(&tail, size)?;
     if loc.toc_range.end > size || loc.toc_range.start > loc.toc_range.end {
-        bail!("toc range {:?} outside a blob of {size} bytes", loc.toc_range);
+        bail!(
+            "toc range {:?} outside a blob of {size} bytes",
+            loc.toc_range
+        );
     }
-    let toc_len = usize::try_from(loc.toc_range.end - loc.toc_range.start).context("toc fits in memory")?;
+    let toc_len =
+        usize::try_from(loc.toc_range.end - loc.toc_range.start).context("toc fits in memory")?;
     let mut toc = vec![0u8; toc_len];
     file.seek(SeekFrom::Start(loc.toc_range.start))?;
     file.read_exact(&mut toc)?;
@@ -127,13 +160,24 @@ mod tests {
     #[test]
     fn reglog_counts_only_completed_responses_after_the_mark() {
         let mut log = tempfile::NamedTempFile::new().expect("temp file");
-        writeln!(log, r#"{{"msg":"response completed","http.response.written":100}}"#).expect("write");
+        writeln!(
+            log,
+            r#"{{"msg":"response completed","http.response.written":100}}"#
+        )
+        .expect("write");
         let mark = log.as_file().metadata().expect("stat").len();
         writeln!(log, "not json at all").expect("write");
-        writeln!(log, r#"{{"msg":"response completed","http.response.written":7,"http.response.status":206}}"#)
-            .expect("write");
+        writeln!(
+            log,
+            r#"{{"msg":"response completed","http.response.written":7,"http.response.status":206}}"#
+        )
+        .expect("write");
         writeln!(log, r#"{{"msg":"response completed"}}"#).expect("write");
-        writeln!(log, r#"{{"msg":"authorized request","http.response.written":9999}}"#).expect("write");
+        writeln!(
+            log,
+            r#"{{"msg":"authorized request","http.response.written":9999}}"#
+        )
+        .expect("write");
         let all = reglog(log.path(), 0).expect("reglog");
         assert_eq!(all["bytes"], 107);
         assert_eq!(all["requests"], 3);
@@ -160,7 +204,12 @@ mod tests {
         let status = "Name:\ttarn\nVmPeak:\t  9000 kB\nVmRSS:\t   1234 kB\nThreads:\t4\n";
         assert_eq!(parse_vm_rss(status), Some(1234 * 1024));
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
-        assert!(rss(std::process::id()).expect("own rss")["rss_bytes"].as_u64().expect("number") > 0);
+        assert!(
+            rss(std::process::id()).expect("own rss")["rss_bytes"]
+                .as_u64()
+                .expect("number")
+                > 0
+        );
     }
 
     #[test]
@@ -172,7 +221,8 @@ mod tests {
             h.set_size(5);
             h.set_mode(0o644);
             h.set_cksum();
-            tar.append_data(&mut h, name, &b"hello"[..]).expect("append");
+            tar.append_data(&mut h, name, &b"hello"[..])
+                .expect("append");
         }
         let tar = tar.into_inner().expect("tar");
         let dir = tempfile::tempdir().expect("temp dir");
