@@ -125,8 +125,17 @@ bed_up() {
   . "$BED/env"
 }
 
+# Stops the bed and deletes it, keeping its logs in BED.logs: every bed
+# holds a containerd root with an unpacked image, and a run makes dozens.
+# A bed whose down failed (something still mounted) is left alone.
 bed_down() {
-  "$BED_SCRIPTS/testbed.sh" down "$BED" >/dev/null 2>&1 || log "down $BED failed"
+  if ! "$BED_SCRIPTS/testbed.sh" down "$BED" >"$BED.down.log" 2>&1; then
+    log "down $BED failed (see $BED.down.log); left in place"
+    return 0
+  fi
+  mkdir -p "$BED.logs"
+  cp "$BED"/*.log "$BED.logs/" 2>/dev/null || true
+  rm -rf "$BED"
 }
 
 # step LOG CMD...: run CMD bounded in time, output to LOG; on failure REASON

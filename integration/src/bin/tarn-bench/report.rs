@@ -287,11 +287,7 @@ fn fmt_metric(name: &str, x: f64) -> String {
 pub fn render(records: &[Record], checks: &[Check]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "\nMeasurements");
-    let _ = writeln!(
-        s,
-        "{:<9} {:<3} {:<16} {}",
-        "PROFILE", "", "VARIANT", "RESULT"
-    );
+    let _ = writeln!(s, "{:<9} {:<3} {:<16} RESULT", "PROFILE", "", "VARIANT");
     for r in records {
         let result = if r.ok {
             // secs first, the rest in name order.

@@ -25,6 +25,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// A tonic channel over a unix socket (the URI is a placeholder tonic
 /// requires; the connector ignores it).
 async fn connect(path: &Path) -> Result<AdminClient<Channel>> {
+    if !path.exists() {
+        bail!(
+            "tarn's admin socket {} does not exist (daemon without the admin API?)",
+            path.display()
+        );
+    }
     let owned = path.to_owned();
     let channel = Endpoint::try_from("http://[::1]:50051")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
