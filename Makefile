@@ -32,9 +32,10 @@ test: setup images
 demo: setup images
 	scripts/demo.sh
 
+# PROFILES=loopback,rtt50,rtt100,rtt200 (default all); results in bench/.
 bench: setup images
-	@if [ -x scripts/bench.sh ]; then scripts/bench.sh; \
-	else echo "bench: scripts/bench.sh does not exist yet" >&2; exit 1; fi
+	scripts/install-deps.sh --bench
+	scripts/bench.sh
 
 lint:
 	$(CARGO) fmt --all --check

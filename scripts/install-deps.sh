@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Idempotent install of the Debian packages tarn's build, tests and demo need.
+#   install-deps.sh [--bench]   (--bench: also what `make bench` needs for its chart)
 set -euo pipefail
 
 PKGS=(containerd runc docker-registry skopeo stargz-snapshotter fuse3 umoci
       busybox-static iproute2 protobuf-compiler python3-minimal libpython3.11-stdlib
       golang-1.19-src golang-1.19-go ca-certificates curl jq shellcheck)
+# Only the benchmark's chart needs matplotlib: the test path stays lean.
+if [ "${1:-}" = --bench ]; then
+  PKGS+=(python3-matplotlib)
+fi
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,0 +1,517 @@
+//! The report: records written by scripts/bench.sh (one JSON object per
+//! line) become a table of measurements, ratios against the baselines of the
+//! same run, and the targets of issue 5 with PASS/FAIL. A scenario variant
+//! that failed shows FAILED with its reason, never a number.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// One measured variant of one scenario under one network profile.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Record {
+    pub profile: String,
+    pub scenario: String,
+    pub variant: String,
+    pub ok: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// The value must be at most the target.
+    Le,
+    /// The value must be at least the target.
+    Ge,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "verdict", rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    /// A variant it needs did not run to the end.
+    Failed {
+        reason: String,
+    },
+    /// No target for this profile: the figure is shown for information.
+    Info,
+}
+
+/// A figure derived from records, with its target when the issue sets one
+/// for this profile.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub scenario: String,
+    pub profile: String,
+    pub name: String,
+    pub value: Option<f64>,
+    pub unit: &'static str,
+    pub op: Op,
+    pub target: Option<f64>,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
+/// The targets of issue 5, and the profile each applies to (None: every
+/// profile the scenario ran in).
+struct Spec {
+    scenario: &'static str,
+    name: &'static str,
+    unit: &'static str,
+    op: Op,
+    target: f64,
+    target_profile: Option<&'static str>,
+    /// Computes the value from the scenario's variants in one profile;
+    /// `Err(variant)` names a variant that is missing or failed.
+    value: fn(&Variants) -> Result<f64, String>,
+}
+
+type Variants<'a> = BTreeMap<&'a str, &'a Record>;
+
+fn metric(v: &Variants, variant: &str, name: &str) -> Result<f64, String> {
+    let r = v
+        .get(variant)
+        .ok_or_else(|| format!("{variant}: not run"))?;
+    if !r.ok {
+        return Err(format!(
+            "{variant}: {}",
+            r.reason.as_deref().unwrap_or("failed")
+        ));
+    }
+    r.metrics
+        .get(name)
+        .copied()
+        .ok_or_else(|| format!("{variant}: no {name} measured"))
+}
+
+fn ratio(v: &Variants, a: &str, b: &str, name: &str) -> Result<f64, String> {
+    let x = metric(v, a, name)?;
+    let y = metric(v, b, name)?;
+    if y <= 0.0 {
+        return Err(format!("{b}: {name} is zero"));
+    }
+    Ok(x / y)
+}
+
+const SPECS: &[Spec] = &[
+    Spec {
+        scenario: "S1",
+        name: "tarn / overlayfs pull+run time",
+        unit: "x",
+        op: Op::Le,
+        target: 0.15,
+        target_profile: Some("rtt100"),
+        value: |v| ratio(v, "tarn", "overlayfs", "secs"),
+    },
+    Spec {
+        scenario: "S1",
+        name: "tarn pull+run time",
+        unit: "s",
+        op: Op::Le,
+        target: 2.5,
+        target_profile: Some("rtt100"),
+        value: |v| metric(v, "tarn", "secs"),
+    },
+    Spec {
+        scenario: "S1",
+        name: "tarn optimized pull+run time",
+        unit: "s",
+        op: Op::Le,
+        target: 1.2,
+        target_profile: Some("rtt100"),
+        value: |v| metric(v, "tarn-opt", "secs"),
+    },
+    Spec {
+        scenario: "S1",
+        name: "tarn / overlayfs registry bytes",
+        unit: "x",
+        op: Op::Le,
+        target: f64::NAN,
+        target_profile: None,
+        value: |v| ratio(v, "tarn", "overlayfs", "bytes"),
+    },
+    Spec {
+        scenario: "S2",
+        name: "background fetch / link capacity",
+        unit: "x",
+        op: Op::Ge,
+        target: 0.9,
+        target_profile: Some("rtt200"),
+        value: |v| {
+            let bytes = metric(v, "tarn-background", "bytes")?;
+            let rate = metric(v, "tarn-background", "rate_mbit")?;
+            let secs = metric(v, "tarn-background", "secs")?;
+            Ok(bytes * 8.0 / (rate * 1e6) / secs)
+        },
+    },
+    Spec {
+        scenario: "S2",
+        name: "background fetch / skopeo copy time",
+        unit: "x",
+        op: Op::Le,
+        target: 1.0,
+        target_profile: Some("rtt200"),
+        value: |v| ratio(v, "tarn-background", "skopeo", "secs"),
+    },
+    Spec {
+        scenario: "S3",
+        name: "tarn 20 pulls / 1 pull time",
+        unit: "x",
+        op: Op::Le,
+        target: 1.3,
+        target_profile: None,
+        value: |v| ratio(v, "tarn-20", "tarn-1", "secs"),
+    },
+    Spec {
+        scenario: "S3",
+        name: "tarn 20 pulls / 1 pull registry bytes",
+        unit: "x",
+        op: Op::Le,
+        target: 1.05,
+        target_profile: None,
+        value: |v| ratio(v, "tarn-20", "tarn-1", "bytes"),
+    },
+    Spec {
+        scenario: "S3",
+        name: "overlayfs 20 pulls / 1 pull time",
+        unit: "x",
+        op: Op::Le,
+        target: f64::NAN,
+        target_profile: None,
+        value: |v| ratio(v, "overlayfs-20", "overlayfs-1", "secs"),
+    },
+    Spec {
+        scenario: "S3",
+        name: "overlayfs 20 pulls / 1 pull registry bytes",
+        unit: "x",
+        op: Op::Le,
+        target: f64::NAN,
+        target_profile: None,
+        value: |v| ratio(v, "overlayfs-20", "overlayfs-1", "bytes"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "cached 1 GiB read, tarn / overlayfs throughput",
+        unit: "x",
+        op: Op::Ge,
+        target: 0.8,
+        target_profile: None,
+        value: |v| ratio(v, "read-tarn", "read-overlayfs", "mb_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "walk+stat of 50k files, tarn / overlayfs rate",
+        unit: "x",
+        op: Op::Ge,
+        target: 0.5,
+        target_profile: None,
+        value: |v| ratio(v, "walk-tarn", "walk-overlayfs", "entries_per_s"),
+    },
+    Spec {
+        scenario: "S5",
+        name: "daemon RSS per TOC entry",
+        unit: "B",
+        op: Op::Le,
+        target: 300.0,
+        target_profile: None,
+        value: |v| {
+            let rss = metric(v, "tarn", "rss_bytes")?;
+            let entries = metric(v, "tarn", "toc_entries")?;
+            if entries <= 0.0 {
+                return Err("tarn: no TOC entries mounted".into());
+            }
+            Ok(rss / entries)
+        },
+    },
+];
+
+/// Every check whose scenario ran in a profile.
+pub fn checks(records: &[Record]) -> Vec<Check> {
+    let mut groups: BTreeMap<(&str, &str), Variants> = BTreeMap::new();
+    for r in records {
+        groups
+            .entry((r.scenario.as_str(), r.profile.as_str()))
+            .or_default()
+            .insert(r.variant.as_str(), r);
+    }
+    let mut out = Vec::new();
+    for ((scenario, profile), variants) in &groups {
+        for spec in SPECS.iter().filter(|s| s.scenario == *scenario) {
+            let applies =
+                !spec.target.is_nan() && spec.target_profile.is_none_or(|p| p == *profile);
+            let (value, verdict) = match (spec.value)(variants) {
+                Ok(x) if !applies => (Some(x), Verdict::Info),
+                Ok(x) => {
+                    let pass = match spec.op {
+                        Op::Le => x <= spec.target,
+                        Op::Ge => x >= spec.target,
+                    };
+                    (Some(x), if pass { Verdict::Pass } else { Verdict::Fail })
+                }
+                Err(reason) => (None, Verdict::Failed { reason }),
+            };
+            out.push(Check {
+                scenario: scenario.to_string(),
+                profile: profile.to_string(),
+                name: spec.name.to_string(),
+                value,
+                unit: spec.unit,
+                op: spec.op,
+                target: applies.then_some(spec.target),
+                verdict,
+            });
+        }
+    }
+    out
+}
+
+fn fmt_metric(name: &str, x: f64) -> String {
+    match name {
+        "bytes" | "blob_bytes" | "rss_bytes" => format!("{name}={:.1}MB", x / 1e6),
+        "secs" => format!("{x:.2}s"),
+        _ if x.fract() == 0.0 && x.abs() < 1e15 => format!("{name}={x:.0}"),
+        _ => format!("{name}={x:.2}"),
+    }
+}
+
+/// The table printed at the end of `make bench`.
+pub fn render(records: &[Record], checks: &[Check]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\nMeasurements");
+    let _ = writeln!(s, "{:<9} {:<3} {:<16} RESULT", "PROFILE", "", "VARIANT");
+    for r in records {
+        let result = if r.ok {
+            // secs first, the rest in name order.
+            let mut parts: Vec<String> = r
+                .metrics
+                .get("secs")
+                .map(|x| fmt_metric("secs", *x))
+                .into_iter()
+                .collect();
+            parts.extend(
+                r.metrics
+                    .iter()
+                    .filter(|(k, _)| *k != "secs")
+                    .map(|(k, x)| fmt_metric(k, *x)),
+            );
+            parts.join("  ")
+        } else {
+            format!(
+                "FAILED: {}",
+                r.reason.as_deref().unwrap_or("no reason given")
+            )
+        };
+        let _ = writeln!(
+            s,
+            "{:<9} {:<3} {:<16} {}",
+            r.profile, r.scenario, r.variant, result
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nTargets (issue 5), ratios against baselines measured in this run"
+    );
+    let _ = writeln!(
+        s,
+        "{:<3} {:<9} {:<48} {:>10} {:>9}  VERDICT",
+        "", "PROFILE", "FIGURE", "VALUE", "TARGET"
+    );
+    for c in checks {
+        let value = c
+            .value
+            .map_or("-".to_string(), |x| format!("{x:.3}{}", c.unit));
+        let target = c.target.map_or("-".to_string(), |t| {
+            let op = if c.op == Op::Le { "<=" } else { ">=" };
+            format!("{op}{t}{}", c.unit)
+        });
+        let verdict = match &c.verdict {
+            Verdict::Pass => "PASS".to_string(),
+            Verdict::Fail => "FAIL".to_string(),
+            Verdict::Info => "info".to_string(),
+            Verdict::Failed { reason } => format!("FAILED ({reason})"),
+        };
+        let _ = writeln!(
+            s,
+            "{:<3} {:<9} {:<48} {:>10} {:>9}  {verdict}",
+            c.scenario, c.profile, c.name, value, target
+        );
+    }
+    let count = |f: fn(&Verdict) -> bool| checks.iter().filter(|c| f(&c.verdict)).count();
+    let _ = writeln!(
+        s,
+        "\n{} PASS, {} FAIL, {} FAILED (could not be measured)",
+        count(|v| *v == Verdict::Pass),
+        count(|v| *v == Verdict::Fail),
+        count(|v| matches!(v, Verdict::Failed { .. })),
+    );
+    s
+}
+
+pub fn parse_records(text: &str) -> Result<Vec<Record>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("bad record on line {}", i + 1))
+        })
+        .collect()
+}
+
+/// Reads the records, writes results.json next to nothing else, returns the
+/// table.
+pub fn run(records_path: &Path, out: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(records_path)
+        .with_context(|| format!("cannot read records {}", records_path.display()))?;
+    let records = parse_records(&text)?;
+    let checks = checks(&records);
+    let doc = json!({ "records": records, "checks": checks });
+    let body = serde_json::to_string_pretty(&doc).context("cannot encode results")?;
+    std::fs::write(out, body + "\n").with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(render(&records, &checks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(profile: &str, scenario: &str, variant: &str, metrics: &[(&str, f64)]) -> Record {
+        Record {
+            profile: profile.into(),
+            scenario: scenario.into(),
+            variant: variant.into(),
+            ok: true,
+            reason: None,
+            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    fn find<'a>(checks: &'a [Check], profile: &str, name: &str) -> &'a Check {
+        checks
+            .iter()
+            .find(|c| c.profile == profile && c.name == name)
+            .expect("check present")
+    }
+
+    #[test]
+    fn s1_targets_apply_at_rtt100_only() {
+        let records = vec![
+            rec(
+                "rtt100",
+                "S1",
+                "overlayfs",
+                &[("secs", 20.0), ("bytes", 151e6)],
+            ),
+            rec("rtt100", "S1", "tarn", &[("secs", 2.0), ("bytes", 7e6)]),
+            rec("loopback", "S1", "overlayfs", &[("secs", 7.0)]),
+            rec("loopback", "S1", "tarn", &[("secs", 2.0)]),
+        ];
+        let c = checks(&records);
+        let far = find(&c, "rtt100", "tarn / overlayfs pull+run time");
+        assert_eq!(far.verdict, Verdict::Pass);
+        assert!((far.value.expect("value") - 0.1).abs() < 1e-9);
+        assert_eq!(
+            find(&c, "rtt100", "tarn pull+run time").verdict,
+            Verdict::Pass
+        );
+        // 2/7 would fail 0.15 but loopback has no target.
+        assert_eq!(
+            find(&c, "loopback", "tarn / overlayfs pull+run time").verdict,
+            Verdict::Info
+        );
+        // Bytes ratio is informative everywhere.
+        assert_eq!(
+            find(&c, "rtt100", "tarn / overlayfs registry bytes").verdict,
+            Verdict::Info
+        );
+    }
+
+    #[test]
+    fn a_failed_variant_is_failed_with_its_reason_not_a_number() {
+        let mut tarn = rec("rtt100", "S1", "tarn", &[]);
+        tarn.ok = false;
+        tarn.reason = Some("ctr run exited 1".into());
+        let records = vec![rec("rtt100", "S1", "overlayfs", &[("secs", 20.0)]), tarn];
+        let c = checks(&records);
+        let check = find(&c, "rtt100", "tarn / overlayfs pull+run time");
+        assert_eq!(check.value, None);
+        assert_eq!(
+            check.verdict,
+            Verdict::Failed {
+                reason: "tarn: ctr run exited 1".into()
+            }
+        );
+        // The optimized variant never ran.
+        let opt = find(&c, "rtt100", "tarn optimized pull+run time");
+        assert_eq!(
+            opt.verdict,
+            Verdict::Failed {
+                reason: "tarn-opt: not run".into()
+            }
+        );
+        let table = render(&records, &c);
+        assert!(table.contains("FAILED: ctr run exited 1"), "{table}");
+        assert!(table.contains("0 PASS, 0 FAIL, 4 FAILED"), "{table}");
+    }
+
+    #[test]
+    fn ge_targets_and_derived_figures() {
+        let records = vec![
+            rec(
+                "rtt200",
+                "S2",
+                "tarn-background",
+                &[("bytes", 125e6), ("rate_mbit", 100.0), ("secs", 12.5)],
+            ),
+            rec("rtt200", "S2", "skopeo", &[("secs", 10.0)]),
+            rec(
+                "local",
+                "S5",
+                "tarn",
+                &[("rss_bytes", 30e6), ("toc_entries", 50_000.0)],
+            ),
+            rec("local", "S4", "read-tarn", &[("mb_per_s", 900.0)]),
+            rec("local", "S4", "read-overlayfs", &[("mb_per_s", 1000.0)]),
+        ];
+        let c = checks(&records);
+        // 125 MB at 100 Mbit/s is 10 s of link time: 10 / 12.5 = 0.8 < 0.9.
+        let cap = find(&c, "rtt200", "background fetch / link capacity");
+        assert!((cap.value.expect("value") - 0.8).abs() < 1e-9);
+        assert_eq!(cap.verdict, Verdict::Fail);
+        assert_eq!(
+            find(&c, "rtt200", "background fetch / skopeo copy time").verdict,
+            Verdict::Fail
+        );
+        // 30 MB / 50k entries = 600 B > 300 B.
+        assert_eq!(
+            find(&c, "local", "daemon RSS per TOC entry").verdict,
+            Verdict::Fail
+        );
+        assert_eq!(
+            find(
+                &c,
+                "local",
+                "cached 1 GiB read, tarn / overlayfs throughput"
+            )
+            .verdict,
+            Verdict::Pass
+        );
+    }
+
+    #[test]
+    fn records_parse_from_json_lines_and_bad_lines_are_errors() {
+        let text = "{\"profile\":\"loopback\",\"scenario\":\"S1\",\"variant\":\"tarn\",\"ok\":false,\"reason\":\"x\"}\n\n";
+        let r = parse_records(text).expect("parse");
+        assert_eq!(r.len(), 1);
+        assert!(r[0].metrics.is_empty());
+        assert!(parse_records("{\"profile\":1}\n").is_err());
+    }
+}

@@ -1,0 +1,563 @@
+#!/usr/bin/env bash
+# `make bench`: tarn's benchmark (issue 5). Runs the scenarios against a
+# private registry, behind the far-registry emulator (tarn-farproxy) for the
+# far profiles, with fresh containerd and tarn daemons per run; prints a
+# table with ratios against the baselines measured in the same run and the
+# issue's targets; writes OUT/records.jsonl, OUT/results.json and
+# OUT/results.png.
+#
+#   bench.sh [--profiles P,...] [--scenarios S,...] [--out DIR]
+#
+# Profiles: loopback (no proxy), rtt50, rtt100, rtt200 (all at 100 Mbit/s).
+# Scenarios: S1 pull+create+run, S2 background fetch (profiles with a rate
+# limit), S3 20 concurrent pulls, S4 cached read and walk (once, local),
+# S5 daemon RSS per TOC entry (once, local).
+# The environment works too: PROFILES, SCENARIOS, BENCH_OUT; BENCH_STEP_TIMEOUT
+# bounds each step (default 600 s), BENCH_STRICT=1 fails unless every target
+# passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference. Everything started is stopped by PID on exit, also on failure.
+set -euo pipefail
+
+SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPTS/.." && pwd)"
+BED_SCRIPTS="${TARN_BED_SCRIPTS:-$SCRIPTS}"
+PYTHON=/usr/bin/python3
+[ -x "$PYTHON" ] || PYTHON=python3
+
+PROFILES="${PROFILES:-loopback,rtt50,rtt100,rtt200}"
+SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5}"
+OUT="${BENCH_OUT:-$REPO_ROOT/bench}"
+STEP_TIMEOUT="${BENCH_STEP_TIMEOUT:-600}"
+CONCURRENT=20
+RATE_MBIT=100
+
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --profiles) PROFILES="$2"; shift 2 ;;
+    --scenarios) SCENARIOS="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    *)
+      awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
+      exit 2
+      ;;
+  esac
+done
+[ "$PROFILES" = all ] && PROFILES=loopback,rtt50,rtt100,rtt200
+
+log() { echo "bench: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# profile NAME -> "RTT_MS RATE_MBIT" (loopback: no proxy at all)
+profile_params() {
+  case "$1" in
+    loopback) echo "0 0" ;;
+    rtt50) echo "50 $RATE_MBIT" ;;
+    rtt100) echo "100 $RATE_MBIT" ;;
+    rtt200) echo "200 $RATE_MBIT" ;;
+    *) die "unknown profile $1 (known: loopback rtt50 rtt100 rtt200)" ;;
+  esac
+}
+IFS=, read -r -a PROFILE_LIST <<<"$PROFILES"
+for p in "${PROFILE_LIST[@]}"; do profile_params "$p" >/dev/null; done
+wants() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+
+# ---------------------------------------------------------------- binaries
+
+bin() {
+  local d
+  for d in ${TARN_BIN_DIR:+"$TARN_BIN_DIR"} "$REPO_ROOT/target/release" "$REPO_ROOT/target/debug"; do
+    if [ -x "$d/$1" ]; then
+      echo "$d/$1"
+      return 0
+    fi
+  done
+  die "$1 not found (run cargo build --release --workspace, or set TARN_BIN_DIR)"
+}
+BENCH_BIN="$(bin tarn-bench)"
+PROXY_BIN="$(bin tarn-farproxy)"
+# The CLI may be missing while the daemon is being built: its variants then
+# fail with that reason.
+TARN_BIN="$(bin tarn 2>/dev/null || echo "")"
+
+# ---------------------------------------------------------------- lifecycle
+
+WORK="$(mktemp -d /tmp/tarn-bench.XXXXXX)"
+RECORDS="$WORK/records.jsonl"
+: >"$RECORDS"
+PROXY_PIDS=()
+BEDS=()
+
+cleanup() {
+  local rc=$? b pid
+  for b in "${BEDS[@]}"; do
+    [ -d "$b" ] && { "$BED_SCRIPTS/testbed.sh" down "$b" >/dev/null 2>&1 || log "down $b failed"; }
+  done
+  for pid in "${PROXY_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [ "${KEEP_WORK:-0}" = 1 ] || [ "$rc" -ne 0 ]; then
+    log "work dir kept: $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# bed_up NAME FLAGS...: a fresh test bed; its env is sourced (CONTAINERD_SOCK,
+# TARN_ADMIN_SOCK, TARN_PID...). REGISTRY in the environment is what
+# testbed.sh configures containerd and tarn to reach (plain HTTP).
+bed_up() {
+  local name="$1"
+  shift
+  BED="$WORK/$name"
+  BEDS+=("$BED")
+  unset CONTAINERD_SOCK TARN_ADMIN_SOCK TARN_PID CONTAINERD_STATE
+  if ! REGISTRY="$TARGET" timeout "$STEP_TIMEOUT" "$BED_SCRIPTS/testbed.sh" up "$BED" "$@" >"$BED.up.log" 2>&1; then
+    # The daemon's own first error says more than testbed.sh's summary.
+    local why
+    why="$(grep -h -m1 -E '^Error|panicked|error' "$BED/tarn.log" "$BED/containerd.log" "$BED.up.log" 2>/dev/null |
+      head -n1 | cut -c1-160)"
+    REASON="test bed did not start: ${why:-see $BED.up.log}"
+    return 1
+  fi
+  # shellcheck disable=SC1091
+  . "$BED/env"
+}
+
+# Stops the bed and deletes it, keeping its logs in BED.logs: every bed
+# holds a containerd root with an unpacked image, and a run makes dozens.
+# A bed whose down failed (something still mounted) is left alone.
+bed_down() {
+  if ! "$BED_SCRIPTS/testbed.sh" down "$BED" >"$BED.down.log" 2>&1; then
+    log "down $BED failed (see $BED.down.log); left in place"
+    return 0
+  fi
+  mkdir -p "$BED.logs"
+  cp "$BED"/*.log "$BED.logs/" 2>/dev/null || true
+  rm -rf "$BED"
+}
+
+# step LOG CMD...: run CMD bounded in time, output to LOG; on failure REASON
+# says why in one line.
+step() {
+  local logfile="$1" rc=0
+  shift
+  timeout "$STEP_TIMEOUT" "$@" >>"$logfile" 2>&1 || rc=$?
+  [ "$rc" -eq 0 ] && return 0
+  if [ "$rc" -eq 124 ]; then
+    REASON="$(basename "$1") timed out after ${STEP_TIMEOUT}s"
+  else
+    REASON="$(basename "$1") exited $rc: $(grep -v '^\s*$' "$logfile" | tail -n1 | cut -c1-160)"
+  fi
+  return 1
+}
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+
+# record PROFILE SCENARIO VARIANT ok|fail REASON [KEY VALUE]...
+record() {
+  local profile="$1" scenario="$2" variant="$3" status="$4" reason="$5" metrics="{}"
+  shift 5
+  while [ "$#" -ge 2 ]; do
+    metrics="$(jq -c --arg k "$1" --argjson v "$2" '. + {($k): $v}' <<<"$metrics")"
+    shift 2
+  done
+  jq -nc --arg p "$profile" --arg s "$scenario" --arg v "$variant" --arg st "$status" \
+    --arg r "$reason" --argjson m "$metrics" \
+    '{profile: $p, scenario: $s, variant: $v, ok: ($st == "ok"),
+      reason: (if $st == "ok" then null else $r end), metrics: $m}' >>"$RECORDS"
+  if [ "$status" = ok ]; then
+    log "$profile $scenario $variant: $metrics"
+  else
+    log "$profile $scenario $variant: FAILED: $reason"
+  fi
+}
+
+reg_mark() { stat -c %s "$REG_LOG"; }
+# reg_since MARK -> "BYTES REQUESTS"
+reg_since() { "$BENCH_BIN" reglog "$REG_LOG" --from "$1" | jq -r '"\(.bytes) \(.requests)"'; }
+
+# Registry bytes a tarn run fetched in a variant that failed still belong
+# in the record: measured, not made up.
+tarn_lazy_check() {
+  local info
+  info="$("$BENCH_BIN" layers --admin "$TARN_ADMIN_SOCK" 2>"$BED.layers.err")" || {
+    REASON="cannot ask tarn which layers are lazy: $(tail -n1 "$BED.layers.err")"
+    return 1
+  }
+  LAZY_LAYERS="$(jq .layers <<<"$info")"
+  local fallbacks
+  fallbacks="$(jq .fallbacks <<<"$info")"
+  if [ "$LAZY_LAYERS" -eq 0 ] || [ "$fallbacks" -gt 0 ]; then
+    REASON="not lazy: $LAZY_LAYERS layers mounted lazily, $fallbacks fell back to a full pull"
+    return 1
+  fi
+}
+
+tarn_pull() {
+  [ -n "$TARN_BIN" ] || { REASON="the tarn CLI is not built"; return 1; }
+  step "$1" "$TARN_BIN" pull --plain-http --address "$CONTAINERD_SOCK" "$2"
+}
+
+# ---------------------------------------------------------------- images
+
+images_up() {
+  log "building images (cached in ${TARN_IMAGE_CACHE:-/var/cache/tarn-images})"
+  "$BED_SCRIPTS/images.sh" build busybox busybox-esgz python-esgz multi multi-esgz multi-esgz-opt >/dev/null
+  if wants S4 || wants S5; then "$SCRIPTS/bench-images.sh" build; fi
+  REGBED="$WORK/registry"
+  BEDS+=("$REGBED")
+  "$BED_SCRIPTS/testbed.sh" up "$REGBED" --registry >/dev/null 2>&1 || die "the registry did not start"
+  # shellcheck disable=SC1091
+  REG_ADDR="$(. "$REGBED/env" && echo "$REGISTRY")"
+  # shellcheck disable=SC1091
+  REG_LOG="$(. "$REGBED/env" && echo "$REGISTRY_LOG")"
+  local name
+  for name in busybox-esgz python-esgz multi multi-esgz multi-esgz-opt; do
+    "$BED_SCRIPTS/images.sh" push "$name" "$REG_ADDR"
+  done
+  if wants S4 || wants S5; then
+    for name in bench-bigfile bench-bigfile-esgz bench-manyfiles bench-manyfiles-esgz; do
+      skopeo copy -q --dest-tls-verify=false "oci:$("$SCRIPTS/bench-images.sh" path "$name"):latest" \
+        "docker://$REG_ADDR/$name:latest"
+    done
+  fi
+  log "registry $REG_ADDR holds the images"
+}
+
+# Sum of the layer blobs of a cached image: what a full fetch must move.
+image_layer_bytes() {
+  local dir
+  dir="$("$BED_SCRIPTS/images.sh" path "$1")"
+  local manifest
+  manifest="$(jq -r '.manifests[0].digest' "$dir/index.json")"
+  jq '[.layers[].size] | add' "$dir/blobs/sha256/${manifest#sha256:}"
+}
+
+# The far registry of a profile: a proxy in front of the shared registry;
+# sets TARGET to the address clients use.
+proxy_up() {
+  local rtt rate
+  read -r rtt rate <<<"$(profile_params "$1")"
+  if [ "$rtt" = 0 ] && [ "$rate" = 0 ]; then
+    TARGET="$REG_ADDR"
+    return 0
+  fi
+  local addr_file="$WORK/proxy-$1.addr"
+  "$PROXY_BIN" --upstream "$REG_ADDR" --listen 127.0.0.1:0 --addr-file "$addr_file" \
+    --rtt-ms "$rtt" --rate-mbit "$rate" >"$WORK/proxy-$1.log" 2>&1 &
+  PROXY_PIDS+=("$!")
+  local i
+  for i in $(seq 100); do
+    [ -s "$addr_file" ] && break
+    sleep 0.1
+  done
+  [ -s "$addr_file" ] || die "tarn-farproxy for $1 did not start: $(tail -n1 "$WORK/proxy-$1.log")"
+  TARGET="$(cat "$addr_file")"
+  log "profile $1: registry behind $TARGET (rtt ${rtt} ms, ${rate} Mbit/s)"
+}
+
+# ---------------------------------------------------------------- scenarios
+
+check_workload() {
+  grep -q "tarn test workload" "$1" || { REASON="workload output missing (see $1)"; return 1; }
+}
+
+# S1 overlayfs: containerd's own full pull, then run.
+s1_overlayfs() {
+  local p="$1" ref="$TARGET/multi:latest" lg="$WORK/$1-s1-overlayfs.log" mark t0 bytes reqs
+  REASON=""
+  if bed_up "$p-s1-overlayfs" --containerd; then
+    mark="$(reg_mark)"
+    t0="$(now)"
+    if step "$lg" ctr --address "$CONTAINERD_SOCK" image pull --plain-http "$ref" &&
+      step "$lg" ctr --address "$CONTAINERD_SOCK" run --rm --snapshotter overlayfs "$ref" "bench-$$" /app/run.sh &&
+      check_workload "$lg"; then
+      local secs
+      secs="$(since "$t0")"
+      read -r bytes reqs <<<"$(reg_since "$mark")"
+      record "$p" S1 overlayfs ok "" secs "$secs" bytes "$bytes" requests "$reqs"
+    else
+      record "$p" S1 overlayfs fail "$REASON"
+    fi
+    bed_down
+  else
+    record "$p" S1 overlayfs fail "$REASON"
+  fi
+}
+
+# S1 tarn: a lazy pull and run; bytes counted right after the run, before
+# any background fetch could add to them, then the daemons go.
+s1_tarn() {
+  local p="$1" variant="$2" image="$3" ref lg mark t0 secs bytes reqs
+  ref="$TARGET/$image:latest"
+  lg="$WORK/$p-s1-$variant.log"
+  REASON=""
+  if ! bed_up "$p-s1-$variant" --containerd --tarn; then
+    record "$p" S1 "$variant" fail "$REASON"
+    return 0
+  fi
+  mark="$(reg_mark)"
+  t0="$(now)"
+  if tarn_pull "$lg" "$ref" &&
+    step "$lg" ctr --address "$CONTAINERD_SOCK" run --rm --snapshotter tarn "$ref" "bench-$$" /app/run.sh &&
+    check_workload "$lg"; then
+    secs="$(since "$t0")"
+    read -r bytes reqs <<<"$(reg_since "$mark")"
+    if tarn_lazy_check; then
+      record "$p" S1 "$variant" ok "" secs "$secs" bytes "$bytes" requests "$reqs" layers "$LAZY_LAYERS"
+    else
+      record "$p" S1 "$variant" fail "$REASON ($secs s, $bytes bytes)"
+    fi
+  else
+    record "$p" S1 "$variant" fail "$REASON"
+  fi
+  bed_down
+}
+
+# S2: time until tarn has every chunk of multi-esgz, from the start of the
+# pull, against the link's capacity and against skopeo copy through the
+# same proxy.
+s2() {
+  local p="$1" rate ref="$TARGET/multi-esgz:latest" lg="$WORK/$1-s2.log" mark t0 done_at bytes reqs total
+  read -r _ rate <<<"$(profile_params "$p")"
+  total="$(image_layer_bytes multi-esgz)"
+  REASON=""
+  if bed_up "$p-s2-tarn" --containerd --tarn; then
+    mark="$(reg_mark)"
+    t0="$(now)"
+    local info
+    if tarn_pull "$lg" "$ref" &&
+      info="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" wait-fetched --admin "$TARN_ADMIN_SOCK" \
+        --min-layers 5 --timeout "$STEP_TIMEOUT" 2>>"$lg")"; then
+      done_at="$(jq .done_at <<<"$info")"
+      read -r bytes reqs <<<"$(reg_since "$mark")"
+      record "$p" S2 tarn-background ok "" \
+        secs "$(awk -v a="$t0" -v b="$done_at" 'BEGIN { printf "%.3f", b - a }')" \
+        bytes "$total" registry_bytes "$bytes" requests "$reqs" rate_mbit "$rate"
+    else
+      [ -n "$REASON" ] || REASON="$(tail -n1 "$lg" | cut -c1-160)"
+      record "$p" S2 tarn-background fail "$REASON"
+    fi
+    bed_down
+  else
+    record "$p" S2 tarn-background fail "$REASON"
+  fi
+  local dest="$WORK/$p-s2-skopeo"
+  mark="$(reg_mark)"
+  t0="$(now)"
+  if step "$lg" skopeo copy -q --src-tls-verify=false "docker://$ref" "oci:$dest:latest"; then
+    local secs
+    secs="$(since "$t0")"
+    read -r bytes reqs <<<"$(reg_since "$mark")"
+    record "$p" S2 skopeo ok "" secs "$secs" bytes "$bytes" requests "$reqs"
+  else
+    record "$p" S2 skopeo fail "$REASON"
+  fi
+  rm -rf "$dest"
+}
+
+# pull_n N LOG CMD...: N copies of CMD at once; fails unless all succeed.
+pull_n() {
+  local n="$1" lg="$2" i pids=() failed=0
+  shift 2
+  for ((i = 0; i < n; i++)); do
+    timeout "$STEP_TIMEOUT" "$@" >"$lg.$i" 2>&1 &
+    pids+=("$!")
+  done
+  for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then
+      failed=$((failed + 1))
+      REASON="$failed of $n pulls failed; e.g. $(grep -v '^\s*$' "$lg.$i" | tail -n1 | cut -c1-140)"
+    fi
+  done
+  [ "$failed" -eq 0 ]
+}
+
+# S3: N concurrent pulls of one image against one pull, each on fresh
+# daemons.
+s3_one() {
+  local p="$1" kind="$2" n="$3" ref lg mark t0 secs bytes reqs
+  lg="$WORK/$p-s3-$kind-$n.log"
+  REASON=""
+  local flags=(--containerd) cmd
+  if [ "$kind" = tarn ]; then
+    flags+=(--tarn)
+    ref="$TARGET/multi-esgz:latest"
+  else
+    ref="$TARGET/multi:latest"
+  fi
+  if ! bed_up "$p-s3-$kind-$n" "${flags[@]}"; then
+    record "$p" S3 "$kind-$n" fail "$REASON"
+    return 0
+  fi
+  if [ "$kind" = tarn ]; then
+    if [ -z "$TARN_BIN" ]; then
+      record "$p" S3 "$kind-$n" fail "the tarn CLI is not built"
+      bed_down
+      return 0
+    fi
+    cmd=("$TARN_BIN" pull --plain-http --address "$CONTAINERD_SOCK" "$ref")
+  else
+    cmd=(ctr --address "$CONTAINERD_SOCK" image pull --plain-http "$ref")
+  fi
+  mark="$(reg_mark)"
+  t0="$(now)"
+  if pull_n "$n" "$lg" "${cmd[@]}"; then
+    secs="$(since "$t0")"
+    read -r bytes reqs <<<"$(reg_since "$mark")"
+    if [ "$kind" = overlayfs ] || tarn_lazy_check; then
+      record "$p" S3 "$kind-$n" ok "" secs "$secs" bytes "$bytes" requests "$reqs"
+    else
+      record "$p" S3 "$kind-$n" fail "$REASON"
+    fi
+  else
+    record "$p" S3 "$kind-$n" fail "$REASON"
+  fi
+  bed_down
+}
+
+# S4 on one snapshotter: run a container that sleeps, then read and walk
+# through its rootfs mount from the host. The first pass fills the caches
+# (tarn's chunk cache and the page cache), the second is measured.
+s4_on() {
+  local snap="$1" suffix="" lg="$WORK/local-s4-$1.log"
+  [ "$snap" = tarn ] && suffix=-esgz
+  REASON=""
+  local flags=(--containerd)
+  [ "$snap" = tarn ] && flags+=(--tarn)
+  if ! bed_up "local-s4-$snap" "${flags[@]}"; then
+    record local S4 "read-$snap" fail "$REASON"
+    record local S4 "walk-$snap" fail "$REASON"
+    return 0
+  fi
+  local what image id rootfs out metrics
+  for what in read walk; do
+    if [ "$what" = read ]; then image=bench-bigfile$suffix; else image=bench-manyfiles$suffix; fi
+    id="bench-$what-$$"
+    local ref="$TARGET/$image:latest"
+    REASON=""
+    if [ "$snap" = tarn ]; then
+      tarn_pull "$lg" "$ref" || { record local S4 "$what-$snap" fail "$REASON"; continue; }
+    else
+      step "$lg" ctr --address "$CONTAINERD_SOCK" image pull --plain-http "$ref" ||
+        { record local S4 "$what-$snap" fail "$REASON"; continue; }
+    fi
+    if ! step "$lg" ctr --address "$CONTAINERD_SOCK" run -d --snapshotter "$snap" "$ref" "$id"; then
+      record local S4 "$what-$snap" fail "$REASON"
+      continue
+    fi
+    rootfs="$CONTAINERD_STATE/io.containerd.runtime.v2.task/default/$id/rootfs"
+    if [ "$what" = read ]; then
+      out=(read "$rootfs/data/big.bin")
+    else
+      out=(walk "$rootfs/data")
+    fi
+    if step "$lg" "$BENCH_BIN" "${out[@]}" &&
+      metrics="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" "${out[@]}" 2>>"$lg")"; then
+      if [ "$what" = read ]; then
+        record local S4 "$what-$snap" ok "" secs "$(jq .secs <<<"$metrics")" \
+          bytes "$(jq .bytes <<<"$metrics")" mb_per_s "$(jq .mb_per_s <<<"$metrics")"
+      else
+        record local S4 "$what-$snap" ok "" secs "$(jq .secs <<<"$metrics")" \
+          entries "$(jq .entries <<<"$metrics")" entries_per_s "$(jq .entries_per_s <<<"$metrics")"
+      fi
+    else
+      record local S4 "$what-$snap" fail "${REASON:-measurement failed}"
+    fi
+    timeout 30 ctr --address "$CONTAINERD_SOCK" task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+    timeout 30 ctr --address "$CONTAINERD_SOCK" task delete "$id" >/dev/null 2>&1 || true
+    timeout 30 ctr --address "$CONTAINERD_SOCK" container rm "$id" >/dev/null 2>&1 || true
+  done
+  bed_down
+}
+
+# S5: RSS of the daemon with five images mounted, per TOC entry of the
+# layers it serves.
+s5() {
+  local lg="$WORK/local-s5.log" image info rss blobs=() digest dir
+  REASON=""
+  if ! bed_up local-s5 --containerd --tarn; then
+    record local S5 tarn fail "$REASON"
+    return 0
+  fi
+  for image in busybox-esgz python-esgz multi-esgz multi-esgz-opt bench-manyfiles-esgz; do
+    tarn_pull "$lg" "$TARGET/$image:latest" || { record local S5 tarn fail "$REASON"; bed_down; return 0; }
+  done
+  if ! info="$("$BENCH_BIN" layers --admin "$TARN_ADMIN_SOCK" 2>>"$lg")"; then
+    record local S5 tarn fail "cannot list tarn's layers: $(tail -n1 "$lg")"
+    bed_down
+    return 0
+  fi
+  for digest in $(jq -r '.digests[]' <<<"$info"); do
+    for dir in busybox-esgz python-esgz multi-esgz multi-esgz-opt bench-manyfiles-esgz; do
+      dir="$("$BED_SCRIPTS/images.sh" path "$dir")/blobs/sha256/${digest#sha256:}"
+      if [ -f "$dir" ]; then
+        blobs+=("$dir")
+        break
+      fi
+    done
+  done
+  local entries
+  if [ "${#blobs[@]}" -eq 0 ]; then
+    record local S5 tarn fail "no lazily mounted layers"
+  elif entries="$("$BENCH_BIN" toc-entries "${blobs[@]}" 2>>"$lg" | jq .toc_entries)" &&
+    rss="$("$BENCH_BIN" rss "${TARN_PID:?set by the test bed env}" | jq .rss_bytes)"; then
+    record local S5 tarn ok "" rss_bytes "$rss" toc_entries "$entries" layers "${#blobs[@]}"
+  else
+    record local S5 tarn fail "measurement failed: $(tail -n1 "$lg")"
+  fi
+  bed_down
+}
+
+# ---------------------------------------------------------------- main
+
+mkdir -p "$OUT"
+log "profiles $PROFILES; scenarios $SCENARIOS; work dir $WORK"
+images_up
+
+for p in "${PROFILE_LIST[@]}"; do
+  proxy_up "$p"
+  if wants S1; then
+    s1_overlayfs "$p"
+    s1_tarn "$p" tarn multi-esgz
+    s1_tarn "$p" tarn-opt multi-esgz-opt
+  fi
+  if wants S2; then
+    read -r _ rate <<<"$(profile_params "$p")"
+    if [ "$rate" != 0 ]; then s2 "$p"; fi
+  fi
+  if wants S3; then
+    s3_one "$p" tarn 1
+    s3_one "$p" tarn "$CONCURRENT"
+    # The overlayfs reference of S3 is slow (containerd's lock back-off:
+    # minutes per profile); BENCH_S3_OVERLAYFS=0 leaves it out.
+    if [ "${BENCH_S3_OVERLAYFS:-1}" = 1 ]; then
+      s3_one "$p" overlayfs 1
+      s3_one "$p" overlayfs "$CONCURRENT"
+    fi
+  fi
+done
+
+# S4 and S5 do not depend on the network: run once, straight to the registry.
+TARGET="$REG_ADDR"
+if wants S4; then
+  s4_on overlayfs
+  s4_on tarn
+fi
+if wants S5; then s5; fi
+
+cp "$RECORDS" "$OUT/records.jsonl"
+"$BENCH_BIN" report "$OUT/records.jsonl" --out "$OUT/results.json" | tee "$OUT/results.txt"
+if "$PYTHON" -c 'import matplotlib' 2>/dev/null; then
+  "$PYTHON" "$SCRIPTS/bench-chart.py" "$OUT/results.json" "$OUT/results.png"
+  log "chart: $OUT/results.png"
+else
+  log "no chart: python3-matplotlib is missing (scripts/install-deps.sh --bench)"
+fi
+log "results: $OUT/results.json"
+if [ "${BENCH_STRICT:-0}" = 1 ]; then
+  jq -e '[.checks[] | select(.target != null and .verdict != "PASS")] | length == 0' "$OUT/results.json" >/dev/null
+fi
