@@ -15,6 +15,7 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::watch;
 
 use super::plan::{Group, merge_adjacent};
+use super::scheduler::{FetchScheduler, Permit};
 use super::{FetchStats, Intent};
 use crate::Digest;
 use crate::cache::Cache;
@@ -49,7 +50,9 @@ pub enum FetchError {
 type FlightResult = Option<Result<Bytes, FetchError>>;
 type Flight = Arc<watch::Sender<FlightResult>>;
 
-/// Fetches chunks of one layer's blob; see the module docs.
+/// Fetches chunks of one layer's blob; see the module docs. Cloning is
+/// cheap and shares everything (flights, counters, scheduler).
+#[derive(Clone)]
 pub struct Fetcher {
     inner: Arc<Inner>,
 }
@@ -61,6 +64,7 @@ struct Inner {
     /// Chunks being fetched now; readers that miss one subscribe to it.
     inflight: DashMap<Digest, Flight>,
     stats: FetchStats,
+    scheduler: FetchScheduler,
     max_merged_get: u64,
     /// The blob's last bytes, `(offset, bytes)`, fetched when the layer was
     /// opened; chunks there are served from it.
@@ -68,10 +72,22 @@ struct Inner {
 }
 
 impl Fetcher {
+    /// A fetcher admitted by the process-wide [`FetchScheduler::global`].
     pub fn new(
         source: Arc<dyn BlobSource>,
         decoder: Arc<dyn ChunkDecoder>,
         cache: Arc<Cache>,
+    ) -> Fetcher {
+        Fetcher::with_scheduler(source, decoder, cache, FetchScheduler::global())
+    }
+
+    /// A fetcher whose GETs are admitted by `scheduler` (share one across
+    /// all layers so intents order them across layers).
+    pub fn with_scheduler(
+        source: Arc<dyn BlobSource>,
+        decoder: Arc<dyn ChunkDecoder>,
+        cache: Arc<Cache>,
+        scheduler: FetchScheduler,
     ) -> Fetcher {
         Fetcher {
             inner: Arc::new(Inner {
@@ -80,6 +96,7 @@ impl Fetcher {
                 cache,
                 inflight: DashMap::new(),
                 stats: FetchStats::default(),
+                scheduler,
                 max_merged_get: MAX_MERGED_GET,
                 tail: OnceLock::new(),
             }),
@@ -104,10 +121,32 @@ impl Fetcher {
         &self.inner.source
     }
 
+    pub fn scheduler(&self) -> &FetchScheduler {
+        &self.inner.scheduler
+    }
+
+    /// Whether a fetch of chunk `digest` is under way.
+    pub fn in_flight(&self, digest: &Digest) -> bool {
+        self.inner.inflight.contains_key(digest)
+    }
+
     /// The verified plain bytes of each chunk, in the order given. Must run
     /// inside a tokio runtime: the fetch itself runs as a spawned task so a
     /// reader that gives up does not cancel it for the others.
     pub async fn fetch(&self, chunks: &[Chunk], intent: Intent) -> Result<Vec<Bytes>, FetchError> {
+        self.fetch_with_read_ahead(chunks, &[], intent).await
+    }
+
+    /// Like [`Fetcher::fetch`], and also fetches `ahead` (chunks the caller
+    /// expects to be read next) in the same GETs where they are adjacent,
+    /// into the cache, without waiting for them. Chunks of `ahead` that are
+    /// in flight already are left to their fetch.
+    pub async fn fetch_with_read_ahead(
+        &self,
+        chunks: &[Chunk],
+        ahead: &[Chunk],
+        intent: Intent,
+    ) -> Result<Vec<Bytes>, FetchError> {
         let owned = chunks.to_vec();
         let inner = self.inner.clone();
         let cached = tokio::task::spawn_blocking(move || {
@@ -145,7 +184,17 @@ impl Fetcher {
             }
         }
         if !lead.is_empty() {
-            tokio::spawn(self.inner.clone().run_flights(lead, intent));
+            for c in ahead {
+                if waits.contains_key(&c.digest) {
+                    continue;
+                }
+                if let Entry::Vacant(e) = self.inner.inflight.entry(c.digest) {
+                    let (tx, _) = watch::channel(None);
+                    e.insert(Arc::new(tx));
+                    lead.push(*c);
+                }
+            }
+            tokio::spawn(self.inner.clone().run_flights(lead, intent, None));
         }
 
         let mut out = Vec::with_capacity(chunks.len());
@@ -165,6 +214,76 @@ impl Fetcher {
         }
         Ok(out)
     }
+
+    /// Brings `chunks` into the cache: those not cached yet are fetched
+    /// (adjacent ones merged), those another fetch is producing are waited
+    /// for. Returns how many chunks were fetched by this call, or the first
+    /// error (the other chunks are still fetched and cached).
+    ///
+    /// For `Intent::Background` the scheduler's admission is taken *before*
+    /// the flights are registered, so an on-demand reader never joins a
+    /// flight that is paused behind it.
+    pub async fn warm(&self, chunks: &[Chunk], intent: Intent) -> Result<usize, FetchError> {
+        self.warm_admitted(chunks, intent, None).await
+    }
+
+    /// [`Fetcher::warm`] with the scheduler's admission already in hand
+    /// (`permit`), for callers that pace themselves on admission.
+    pub async fn warm_admitted(
+        &self,
+        chunks: &[Chunk],
+        intent: Intent,
+        permit: Option<Permit>,
+    ) -> Result<usize, FetchError> {
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<Chunk> = chunks
+            .iter()
+            .filter(|c| seen.insert(c.digest) && !self.inner.cache.contains(&c.digest))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let permit = match (intent, permit) {
+            (_, Some(p)) => Some(p),
+            (Intent::Background, None) => {
+                let bytes = missing.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
+                Some(self.inner.scheduler.admit(intent, bytes).await)
+            }
+            (_, None) => None,
+        };
+        let mut waits = Vec::new();
+        let mut lead = Vec::new();
+        for c in &missing {
+            match self.inner.inflight.entry(c.digest) {
+                Entry::Occupied(e) => waits.push((c.digest, e.get().subscribe())),
+                Entry::Vacant(e) => {
+                    let (tx, rx) = watch::channel(None);
+                    e.insert(Arc::new(tx));
+                    waits.push((c.digest, rx));
+                    lead.push(*c);
+                }
+            }
+        }
+        let led = lead.len();
+        if !lead.is_empty() {
+            tokio::spawn(self.inner.clone().run_flights(lead, intent, permit));
+        }
+        let mut first_err = None;
+        for (digest, mut rx) in waits {
+            let res = match rx.wait_for(Option::is_some).await {
+                Ok(v) => v.clone().expect("waited for Some").map(|_| ()),
+                Err(_) => Err(FetchError::Abandoned(digest)),
+            };
+            if let Err(e) = res {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(led),
+        }
+    }
 }
 
 impl Inner {
@@ -182,7 +301,10 @@ impl Inner {
     }
 
     /// Fetches the chunks this task leads and completes their flights.
-    async fn run_flights(self: Arc<Self>, lead: Vec<Chunk>, intent: Intent) {
+    /// `permit`: the scheduler's admission, if the caller took it before
+    /// registering the flights (background does, so that a reader never
+    /// waits on a flight that is itself waiting for admission).
+    async fn run_flights(self: Arc<Self>, lead: Vec<Chunk>, intent: Intent, permit: Option<Permit>) {
         let mut guard = FlightGuard {
             inner: self.clone(),
             pending: lead.iter().map(|c| c.digest).collect(),
@@ -205,7 +327,17 @@ impl Inner {
             }
         }
 
+        if misses.is_empty() {
+            return;
+        }
         let groups = merge_adjacent(misses, self.max_merged_get);
+        let _permit = match permit {
+            Some(p) => p,
+            None => {
+                let bytes = groups.iter().map(|g| g.range.end - g.range.start).sum();
+                self.scheduler.admit(intent, bytes).await
+            }
+        };
         let results =
             futures::future::join_all(groups.into_iter().map(|g| self.fetch_group(g, intent)))
                 .await;

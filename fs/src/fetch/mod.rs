@@ -7,15 +7,20 @@
 //!   [`MAX_MERGED_GET`]), then split, decoded and verified chunk by chunk; a
 //!   chunk failing verification is an error for its readers and is never
 //!   cached, the rest of the GET still is;
-//! - every request carries its [`Intent`] down to the [`BlobSource`].
+//! - every request carries its [`Intent`] down to the [`BlobSource`], and
+//!   the process-wide [`FetchScheduler`] admits it by that intent:
+//!   on-demand and prefetch at once, background paused while they run,
+//!   bounded in concurrency and optionally in rate.
 
 mod fetcher;
 mod intent;
 mod plan;
+mod scheduler;
 mod stats;
 
 #[cfg(test)]
 pub(crate) use fetcher::tests as fetcher_tests;
 pub use fetcher::{FetchError, Fetcher, MAX_MERGED_GET};
 pub use intent::Intent;
+pub use scheduler::{FetchScheduler, Permit, SchedulerConfig};
 pub use stats::{FetchStats, FetchStatsSnapshot};
