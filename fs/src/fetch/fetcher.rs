@@ -247,7 +247,10 @@ impl Fetcher {
         let permit = match (intent, permit) {
             (_, Some(p)) => Some(p),
             (Intent::Background, None) => {
-                let bytes = missing.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
+                let bytes = missing
+                    .iter()
+                    .map(|c| c.blob_range.1 - c.blob_range.0)
+                    .sum();
                 Some(self.inner.scheduler.admit(intent, bytes).await)
             }
             (_, None) => None,
@@ -304,7 +307,12 @@ impl Inner {
     /// `permit`: the scheduler's admission, if the caller took it before
     /// registering the flights (background does, so that a reader never
     /// waits on a flight that is itself waiting for admission).
-    async fn run_flights(self: Arc<Self>, lead: Vec<Chunk>, intent: Intent, permit: Option<Permit>) {
+    async fn run_flights(
+        self: Arc<Self>,
+        lead: Vec<Chunk>,
+        intent: Intent,
+        permit: Option<Permit>,
+    ) {
         let mut guard = FlightGuard {
             inner: self.clone(),
             pending: lead.iter().map(|c| c.digest).collect(),
@@ -474,24 +482,58 @@ pub(crate) mod tests {
 
     use super::*;
 
+    /// One read seen by a [`FakeBlob`]: when it started and ended.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Seen {
+        pub range: Range<u64>,
+        pub intent: Intent,
+        pub started: std::time::Instant,
+        pub ended: Option<std::time::Instant>,
+    }
+
     /// A blob in memory that records every read and answers after a delay,
     /// so concurrent readers overlap.
     pub(crate) struct FakeBlob {
         pub data: Vec<u8>,
-        pub reads: Mutex<Vec<(Range<u64>, Intent)>>,
+        pub seen: Arc<Mutex<Vec<Seen>>>,
         pub delay: Duration,
     }
 
     impl FakeBlob {
         pub(crate) fn new(data: Vec<u8>) -> Arc<FakeBlob> {
+            FakeBlob::with_delay(data, Duration::from_millis(20))
+        }
+        pub(crate) fn with_delay(data: Vec<u8>, delay: Duration) -> Arc<FakeBlob> {
             Arc::new(FakeBlob {
                 data,
-                reads: Mutex::new(Vec::new()),
-                delay: Duration::from_millis(20),
+                seen: Arc::default(),
+                delay,
             })
         }
         pub(crate) fn reads(&self) -> Vec<(Range<u64>, Intent)> {
-            self.reads.lock().unwrap().clone()
+            self.seen()
+                .into_iter()
+                .map(|s| (s.range, s.intent))
+                .collect()
+        }
+        pub(crate) fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().unwrap().clone()
+        }
+        /// The most reads of `intent` that were on the wire at once.
+        pub(crate) fn max_concurrent(&self, intent: Intent) -> usize {
+            let seen: Vec<Seen> = self
+                .seen()
+                .into_iter()
+                .filter(|s| s.intent == intent)
+                .collect();
+            seen.iter()
+                .map(|a| {
+                    seen.iter()
+                        .filter(|b| b.started <= a.started && b.ended.is_none_or(|e| e > a.started))
+                        .count()
+                })
+                .max()
+                .unwrap_or(0)
         }
     }
 
@@ -504,9 +546,19 @@ pub(crate) mod tests {
             range: Range<u64>,
             intent: Intent,
         ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
-            self.reads.lock().unwrap().push((range.clone(), intent));
+            let slot = {
+                let mut seen = self.seen.lock().unwrap();
+                seen.push(Seen {
+                    range: range.clone(),
+                    intent,
+                    started: std::time::Instant::now(),
+                    ended: None,
+                });
+                seen.len() - 1
+            };
             Box::pin(async move {
                 tokio::time::sleep(self.delay).await;
+                self.seen.lock().unwrap()[slot].ended = Some(std::time::Instant::now());
                 Ok(Bytes::copy_from_slice(
                     &self.data[range.start as usize..range.end as usize],
                 ))
@@ -547,7 +599,7 @@ pub(crate) mod tests {
             .collect()
     }
 
-    fn pattern(len: usize) -> Vec<u8> {
+    pub(crate) fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()
     }
 

@@ -260,12 +260,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!bg.is_finished(), "background must pause for on-demand");
         // Prefetch is foreground too, and is admitted at once.
-        let pf = tokio::time::timeout(
-            Duration::from_millis(50),
-            s.admit(Intent::Prefetch, 10),
-        )
-        .await
-        .expect("prefetch is not paused");
+        let pf = tokio::time::timeout(Duration::from_millis(50), s.admit(Intent::Prefetch, 10))
+            .await
+            .expect("prefetch is not paused");
         drop(fg);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!bg.is_finished(), "prefetch still holds background");
@@ -284,11 +281,8 @@ mod tests {
         });
         let a = s.admit(Intent::Background, 1).await;
         let _b = s.admit(Intent::Background, 1).await;
-        let third = tokio::time::timeout(
-            Duration::from_millis(50),
-            s.admit(Intent::Background, 1),
-        )
-        .await;
+        let third =
+            tokio::time::timeout(Duration::from_millis(50), s.admit(Intent::Background, 1)).await;
         assert!(third.is_err(), "a third background GET must wait");
         drop(a);
         tokio::time::timeout(Duration::from_secs(1), s.admit(Intent::Background, 1))

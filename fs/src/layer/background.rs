@@ -104,8 +104,7 @@ impl Layer {
             .collect();
         let bytes: u64 = chunks.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
         let fetcher = self.fetcher.clone();
-        let mut task =
-            tokio::spawn(async move { fetcher.warm(&chunks, Intent::Prefetch).await });
+        let mut task = tokio::spawn(async move { fetcher.warm(&chunks, Intent::Prefetch).await });
         match tokio::time::timeout(timeout, &mut task).await {
             Err(_) => PrefetchOutcome::TimedOut,
             Ok(Ok(Ok(fetched))) => PrefetchOutcome::Done { fetched, bytes },

@@ -140,4 +140,6 @@ impl Layer {
 }
 
 #[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
 mod tests;
