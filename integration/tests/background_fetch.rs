@@ -6,6 +6,9 @@
 //! prints the time against blob size / link rate with `--nocapture`.
 //! `TARN_BG_SWEEP=1,4,8,16` runs one fetch per background concurrency.
 //! `TARN_BG_MB` sets the layer size in MB (default 100).
+//!
+//! Also: the cost of read-ahead for a small read, and its gain for reads
+//! of files in blob order, over the same far link.
 
 mod support;
 
@@ -72,9 +75,14 @@ impl Drop for FarProxy {
 
 /// An eStargz blob of `mb` MB of incompressible files (4 MiB each).
 fn random_layer(mb: usize) -> Vec<u8> {
+    files_layer(4 << 20, (mb << 20).div_ceil(4 << 20))
+}
+
+/// An eStargz blob of `count` incompressible files `data/fNNN` of `file`
+/// bytes each.
+fn files_layer(file: usize, count: usize) -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
-    let file = 4 << 20;
-    for i in 0..(mb << 20).div_ceil(file) {
+    for i in 0..count {
         let data = pseudo_random(file, i as u64 + 1);
         let mut h = tar::Header::new_ustar();
         h.set_size(data.len() as u64);
@@ -92,6 +100,91 @@ fn random_layer(mb: usize) -> Vec<u8> {
     };
     write_estargz(&tar[..], &mut blob, &opts).expect("writer");
     blob
+}
+
+fn remote(addr: &str, digest: tarn_fs::Digest, size: usize) -> Arc<dyn BlobSource> {
+    Arc::new(RemoteBlob {
+        client: RegistryClient::new(RegistryConfig::default()).expect("client"),
+        repo: Repository {
+            registry: addr.to_string(),
+            name: "bg/layer".into(),
+        },
+        digest,
+        size: size as u64,
+    })
+}
+
+#[test]
+fn read_ahead_costs_a_small_read_little_and_saves_round_trips() {
+    const FILE: usize = 16 << 10;
+    let reg = TestRegistry::start().expect("registry");
+    let blob = files_layer(FILE, 400);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let digest = rt.block_on(reg.push_blob("bg/layer", &blob)).expect("push");
+    let proxy = FarProxy::start(&reg.host());
+    let originals: Vec<Vec<u8>> = (0..400).map(|i| pseudo_random(FILE, i + 1)).collect();
+
+    for read_ahead in [0, SchedulerConfig::default().read_ahead] {
+        let cache_dir = tempfile::tempdir().expect("cache dir");
+        let cache = Arc::new(Cache::open(cache_dir.path()).expect("cache"));
+        let scheduler = FetchScheduler::new(SchedulerConfig {
+            read_ahead,
+            ..SchedulerConfig::default()
+        });
+        let (small, seq, requests) = rt.block_on(async {
+            let layer = Arc::new(
+                Layer::open_with(
+                    remote(&proxy.addr, digest, blob.len()),
+                    None,
+                    cache,
+                    scheduler,
+                )
+                .await
+                .expect("open"),
+            );
+            let ino = |i: usize| {
+                layer
+                    .index()
+                    .resolve(&format!("data/f{i:03}"))
+                    .expect("file in layer")
+            };
+            // Small reads of files far apart: each is a miss.
+            let mut small = Vec::new();
+            for i in [10, 150, 300] {
+                let t = Instant::now();
+                let got = layer.read(ino(i), 0, 4096).await.expect("read");
+                small.push(t.elapsed().as_secs_f64() * 1000.0);
+                assert_eq!(got, &originals[i][..4096]);
+            }
+            // Then 10 whole files in blob order, as a workload reading a
+            // directory would.
+            let before = layer.stats().requests;
+            let t = Instant::now();
+            for i in 100..110 {
+                let got = layer.read(ino(i), 0, FILE as u64).await.expect("read");
+                assert_eq!(got, originals[i]);
+            }
+            let seq = t.elapsed().as_secs_f64() * 1000.0;
+            (small, seq, layer.stats().requests - before)
+        });
+        if read_ahead > 0 {
+            assert_eq!(requests, 1, "read-ahead brings the next files in one GET");
+        } else {
+            assert_eq!(requests, 10);
+        }
+        println!(
+            "read-ahead {} KiB at RTT {RTT_MS} ms, {RATE_MBIT} Mbit/s: small 4 KiB misses \
+             {:.0} / {:.0} / {:.0} ms; 10 files of 16 KiB in blob order {seq:.0} ms in {requests} GETs",
+            read_ahead >> 10,
+            small[0],
+            small[1],
+            small[2]
+        );
+    }
 }
 
 #[test]
@@ -112,25 +205,14 @@ fn background_fetch_fills_a_far_link() {
         .enable_all()
         .build()
         .expect("runtime");
-    let digest = rt
-        .block_on(reg.push_blob("bg/layer", &blob))
-        .expect("push");
+    let digest = rt.block_on(reg.push_blob("bg/layer", &blob)).expect("push");
     let proxy = FarProxy::start(&reg.host());
     let link_secs = blob.len() as f64 * 8.0 / (RATE_MBIT * 1e6);
 
     for concurrency in sweep {
         let cache_dir = tempfile::tempdir().expect("cache dir");
         let cache = Arc::new(Cache::open(cache_dir.path()).expect("cache"));
-        let client = RegistryClient::new(RegistryConfig::default()).expect("client");
-        let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
-            client,
-            repo: Repository {
-                registry: proxy.addr.clone(),
-                name: "bg/layer".into(),
-            },
-            digest,
-            size: blob.len() as u64,
-        });
+        let source = remote(&proxy.addr, digest, blob.len());
         let scheduler = FetchScheduler::new(SchedulerConfig {
             background_concurrency: concurrency,
             ..SchedulerConfig::default()
