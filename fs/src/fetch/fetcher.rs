@@ -7,11 +7,12 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::plan::{Group, merge_adjacent};
@@ -346,46 +347,115 @@ impl Inner {
                 self.scheduler.admit(intent, bytes).await
             }
         };
-        let results =
-            futures::future::join_all(groups.into_iter().map(|g| self.fetch_group(g, intent)))
-                .await;
-        for (digest, res) in results.into_iter().flatten() {
-            guard.complete(digest, res);
-        }
+        let guard = Mutex::new(guard);
+        futures::future::join_all(
+            groups
+                .into_iter()
+                .map(|g| self.fetch_group(g, intent, &guard)),
+        )
+        .await;
     }
 
-    /// One ranged GET, split into verified chunks; good chunks are cached.
-    async fn fetch_group(
-        &self,
-        g: Group,
-        intent: Intent,
-    ) -> Vec<(Digest, Result<Bytes, FetchError>)> {
+    /// One ranged GET, split into verified chunks as its body arrives; good
+    /// chunks are cached, and every chunk's flight is completed as soon as
+    /// its bytes are in, when a reader waits for it: a reader whose chunks
+    /// lead a long GET (read-ahead, background) does not wait for its end.
+    async fn fetch_group(&self, g: Group, intent: Intent, guard: &Mutex<FlightGuard>) {
         let (start, end) = (g.range.start, g.range.end);
-        let fail = |e: FetchError| {
-            g.chunks
-                .iter()
-                .map(|c| (c.digest, Err(e.clone())))
-                .collect::<Vec<_>>()
+        let complete = |results: Vec<(Digest, Result<Bytes, FetchError>)>| {
+            let mut guard = guard.lock().expect("flight guard lock poisoned");
+            for (digest, res) in results {
+                guard.complete(digest, res);
+            }
+        };
+        let fail_from = |from: usize, e: FetchError| {
+            complete(
+                g.chunks[from..]
+                    .iter()
+                    .map(|c| (c.digest, Err(e.clone())))
+                    .collect(),
+            );
         };
         // The part of the range inside the blob's tail (kept from opening
         // the layer) is not fetched again.
         let tail = self.tail.get().filter(|(ts, _)| end > *ts);
         let get_end = tail.map_or(end, |(ts, _)| (*ts).max(start));
-        let mut data = Bytes::new();
+
+        // `body` holds blob bytes `[body_start, body_start + body.len())`;
+        // `next` is the first chunk not completed yet.
+        let mut body = BytesMut::new();
+        let mut body_start = start;
+        let mut next = 0;
+        let mut received = 0u64;
         if get_end > start {
-            data = match self.source.read_range(start..get_end, intent).await {
-                Ok(d) => d,
+            let mut stream = match self.source.read_range_stream(start..get_end, intent).await {
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(start, end = get_end, error = %e, "blob read failed");
-                    return fail(FetchError::Source {
-                        start,
-                        end: get_end,
-                        error: Arc::new(e),
-                    });
+                    return fail_from(
+                        0,
+                        FetchError::Source {
+                            start,
+                            end: get_end,
+                            error: Arc::new(e),
+                        },
+                    );
                 }
             };
-            self.stats.request(data.len() as u64);
+            body.reserve((get_end - start).min(MAX_MERGED_GET) as usize);
+            loop {
+                let piece = match stream.next().await {
+                    None => break,
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => {
+                        // The body broke: ask again (with retries) for the rest.
+                        let at = body_start + body.len() as u64;
+                        tracing::debug!(at, end = get_end, error = %e, "blob body broke; resuming");
+                        match self.source.read_range(at..get_end, intent).await {
+                            Ok(rest) => rest,
+                            Err(e) => {
+                                self.stats.request(received);
+                                tracing::warn!(start = at, end = get_end, error = %e, "blob read failed");
+                                return fail_from(
+                                    next,
+                                    FetchError::Source {
+                                        start: at,
+                                        end: get_end,
+                                        error: Arc::new(e),
+                                    },
+                                );
+                            }
+                        }
+                    }
+                };
+                received += piece.len() as u64;
+                if body_start + (body.len() + piece.len()) as u64 > get_end {
+                    break; // more than asked for: caught as a short/long read below
+                }
+                body.extend_from_slice(&piece);
+                // Hand over the chunks now complete if a reader waits for one.
+                let have = body_start + body.len() as u64;
+                let ready = g.chunks[next..]
+                    .iter()
+                    .take_while(|c| c.blob_range.1 <= have)
+                    .count();
+                let cut = next + ready;
+                let clean_cut = g
+                    .chunks
+                    .get(cut)
+                    .is_none_or(|c| ready > 0 && c.blob_range.0 >= g.chunks[cut - 1].blob_range.1);
+                if ready > 0 && clean_cut && self.awaited(&g.chunks[next..cut]) {
+                    let seg_end = g.chunks[cut - 1].blob_range.1;
+                    let seg = body.split_to((seg_end - body_start) as usize).freeze();
+                    let chunks = g.chunks[next..cut].to_vec();
+                    complete(self.decode(chunks, body_start, seg).await);
+                    body_start = seg_end;
+                    next = cut;
+                }
+            }
+            self.stats.request(received);
         }
+        let mut data = body.freeze();
         if let Some((ts, tb)) = tail {
             let from = (start.max(*ts) - ts) as usize;
             let to = ((end - ts) as usize).min(tb.len());
@@ -398,17 +468,36 @@ impl Inner {
                 Bytes::from(joined)
             };
         }
-        if data.len() as u64 != end - start {
-            return fail(FetchError::ShortRead {
-                start,
-                end,
-                got: data.len() as u64,
-            });
+        if body_start + data.len() as u64 != end {
+            let got = body_start - start + data.len() as u64;
+            return fail_from(next, FetchError::ShortRead { start, end, got });
         }
+        let chunks = g.chunks[next..].to_vec();
+        complete(self.decode(chunks, body_start, data).await);
+    }
 
+    /// Whether a reader waits for any of `chunks`.
+    fn awaited(&self, chunks: &[Chunk]) -> bool {
+        chunks.iter().any(|c| {
+            self.inflight
+                .get(&c.digest)
+                .is_some_and(|f| f.receiver_count() > 0)
+        })
+    }
+
+    /// Decodes, verifies and caches `chunks`, whose bytes are `data`
+    /// (blob bytes from `data_start`).
+    async fn decode(
+        &self,
+        chunks: Vec<Chunk>,
+        data_start: u64,
+        data: Bytes,
+    ) -> Vec<(Digest, Result<Bytes, FetchError>)> {
+        if chunks.is_empty() {
+            return Vec::new();
+        }
         let decoder = self.decoder.clone();
         let cache = self.cache.clone();
-        let chunks = g.chunks.clone();
         // Decompressing and hashing is CPU work and caching is file I/O:
         // neither belongs on an async worker.
         let decoded = tokio::task::spawn_blocking(move || {
@@ -416,7 +505,7 @@ impl Inner {
                 .iter()
                 .map(|c| {
                     let r = c.blob_range();
-                    let compressed = data.slice((r.start - start) as usize..(r.end - start) as usize);
+                    let compressed = data.slice((r.start - data_start) as usize..(r.end - data_start) as usize);
                     let res = match decoder.decode_chunk(c, &compressed) {
                         Ok(plain) => {
                             if let Err(e) = cache.insert(&c.digest, &plain) {
@@ -497,6 +586,10 @@ pub(crate) mod tests {
         pub data: Vec<u8>,
         pub seen: Arc<Mutex<Vec<Seen>>>,
         pub delay: Duration,
+        /// Streamed reads yield pieces of this many bytes, one per
+        /// `piece_delay`, after `delay`.
+        pub piece: usize,
+        pub piece_delay: Duration,
     }
 
     impl FakeBlob {
@@ -504,11 +597,31 @@ pub(crate) mod tests {
             FakeBlob::with_delay(data, Duration::from_millis(20))
         }
         pub(crate) fn with_delay(data: Vec<u8>, delay: Duration) -> Arc<FakeBlob> {
+            FakeBlob::streaming(data, delay, usize::MAX, Duration::ZERO)
+        }
+        pub(crate) fn streaming(
+            data: Vec<u8>,
+            delay: Duration,
+            piece: usize,
+            piece_delay: Duration,
+        ) -> Arc<FakeBlob> {
             Arc::new(FakeBlob {
                 data,
                 seen: Arc::default(),
                 delay,
+                piece,
+                piece_delay,
             })
+        }
+        fn record(&self, range: &Range<u64>, intent: Intent) -> usize {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push(Seen {
+                range: range.clone(),
+                intent,
+                started: std::time::Instant::now(),
+                ended: None,
+            });
+            seen.len() - 1
         }
         pub(crate) fn reads(&self) -> Vec<(Range<u64>, Intent)> {
             self.seen()
@@ -546,16 +659,7 @@ pub(crate) mod tests {
             range: Range<u64>,
             intent: Intent,
         ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
-            let slot = {
-                let mut seen = self.seen.lock().unwrap();
-                seen.push(Seen {
-                    range: range.clone(),
-                    intent,
-                    started: std::time::Instant::now(),
-                    ended: None,
-                });
-                seen.len() - 1
-            };
+            let slot = self.record(&range, intent);
             Box::pin(async move {
                 tokio::time::sleep(self.delay).await;
                 self.seen.lock().unwrap()[slot].ended = Some(std::time::Instant::now());
@@ -563,6 +667,48 @@ pub(crate) mod tests {
                     &self.data[range.start as usize..range.end as usize],
                 ))
             })
+        }
+        fn read_range_stream(
+            &self,
+            range: Range<u64>,
+            intent: Intent,
+        ) -> BoxFuture<
+            '_,
+            Result<
+                futures::stream::BoxStream<'static, Result<Bytes, RegistryError>>,
+                RegistryError,
+            >,
+        > {
+            let stream = self.stream_of(range, intent);
+            Box::pin(async move { Ok(stream) })
+        }
+    }
+
+    impl FakeBlob {
+        fn stream_of(
+            &self,
+            range: Range<u64>,
+            intent: Intent,
+        ) -> futures::stream::BoxStream<'static, Result<Bytes, RegistryError>> {
+            let slot = self.record(&range, intent);
+            let bytes =
+                Bytes::copy_from_slice(&self.data[range.start as usize..range.end as usize]);
+            let (delay, piece, piece_delay) = (self.delay, self.piece, self.piece_delay);
+            let seen = self.seen.clone();
+            futures::stream::unfold((bytes, true), move |(rest, first)| {
+                let seen = seen.clone();
+                async move {
+                    if rest.is_empty() {
+                        seen.lock().unwrap()[slot].ended = Some(std::time::Instant::now());
+                        return None;
+                    }
+                    tokio::time::sleep(if first { delay } else { piece_delay }).await;
+                    let mut rest = rest;
+                    let head = rest.split_to(piece.min(rest.len()));
+                    Some((Ok(head), (rest, false)))
+                }
+            })
+            .boxed()
         }
     }
 

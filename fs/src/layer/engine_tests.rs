@@ -110,6 +110,48 @@ async fn a_miss_reads_ahead_in_the_same_get_and_the_next_reads_hit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_does_not_wait_for_its_read_ahead_to_arrive() {
+    let data = pattern(8000);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+    // The GET's first byte after 20 ms, then one chunk per 100 ms.
+    let blob = FakeBlob::streaming(
+        data.clone(),
+        Duration::from_millis(20),
+        CHUNK,
+        Duration::from_millis(100),
+    );
+    let mut root = tests::inode(FileKind::Dir, 0, 0..0);
+    root.children = vec![(Box::from(&b"f"[..]), 2)];
+    let index = LayerIndex {
+        inodes: vec![root, tests::inode(FileKind::Reg, 8000, 0..8)],
+        chunks: chunks_of(&data, CHUNK),
+        blob_size: 8000,
+        prefetch: None,
+    };
+    let fetcher = Fetcher::with_scheduler(
+        blob.clone(),
+        Arc::new(PlainDecoder),
+        cache,
+        FetchScheduler::new(config(7000, 4000, 2)),
+    );
+    let layer = Arc::new(Layer::new(index, fetcher));
+
+    let t = Instant::now();
+    assert_eq!(layer.read(2, 0, 10).await.unwrap(), &data[..10]);
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(100),
+        "waited for the read-ahead: {took:?}"
+    );
+    assert_eq!(blob.reads(), vec![(0..8000, Intent::OnDemand)]);
+    // The read-ahead lands in the cache when its bytes are in.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(layer.progress().complete);
+    assert_eq!(layer.stats().bytes_fetched, 8000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_fetches_exactly_the_landmark_range_in_one_get() {
     let f = fixture(
         20_000,
