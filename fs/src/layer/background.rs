@@ -38,6 +38,9 @@ pub enum BackgroundOutcome {
     /// Ran through the layer, but `failed` GETs failed (first error given);
     /// their chunks are fetched on demand.
     Failed { failed: usize, first: FetchError },
+    /// Ran through the layer twice without error, yet `missing` chunks are
+    /// not cached (evicted meanwhile, or their cache writes failed).
+    Incomplete { missing: usize },
 }
 
 /// Progress of a layer towards being complete (every chunk cached).
@@ -184,7 +187,45 @@ impl Job {
         outcome
     }
 
+    /// Two passes over the blob: the first skips chunks another fetch is
+    /// producing, the second picks up whatever is still missing (such a
+    /// fetch may have failed) and waits for fetches still under way.
     async fn fetch_all(&mut self) -> BackgroundOutcome {
+        let (mut failed, mut first) = (0, None);
+        for pass in 0..2 {
+            match self.pass(pass == 0).await {
+                None => return BackgroundOutcome::Stopped,
+                Some((n, e)) => {
+                    failed += n;
+                    if let Some(e) = e {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if let Some(first) = first {
+            return BackgroundOutcome::Failed { failed, first };
+        }
+        let missing = self
+            .order
+            .iter()
+            .filter(|&&i| {
+                !self
+                    .fetcher
+                    .cache()
+                    .contains(&self.index.chunks[i as usize].digest)
+            })
+            .count();
+        if missing > 0 {
+            return BackgroundOutcome::Incomplete { missing };
+        }
+        self.state.complete.store(true, Ordering::Release);
+        BackgroundOutcome::Complete
+    }
+
+    /// One pass in blob order; `None` if stopped, else the failed GETs and
+    /// the first error.
+    async fn pass(&mut self, skip_in_flight: bool) -> Option<(usize, Option<FetchError>)> {
         let max_get = self.fetcher.scheduler().config().background_get.max(1);
         let mut tasks: JoinSet<Result<usize, FetchError>> = JoinSet::new();
         let (mut failed, mut first) = (0, None);
@@ -195,13 +236,13 @@ impl Job {
             }
         };
         let mut pos = 0;
-        while let Some(group) = self.next_group(&mut pos, max_get) {
+        while let Some(group) = self.next_group(&mut pos, max_get, skip_in_flight) {
             let bytes = group.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
             let scheduler = self.fetcher.scheduler().clone();
             let permit = tokio::select! {
                 p = scheduler.admit(Intent::Background, bytes) => p,
-                _ = self.stop.changed() => return BackgroundOutcome::Stopped,
-                _ = self.alive.changed() => return BackgroundOutcome::Stopped,
+                _ = self.stop.changed() => return None,
+                _ = self.alive.changed() => return None,
             };
             // Reap finished GETs as we go so errors are seen and the set
             // stays as small as the scheduler's concurrency.
@@ -224,26 +265,26 @@ impl Job {
                     Some(res) => note(res),
                     None => break,
                 },
-                _ = self.stop.changed() => return BackgroundOutcome::Stopped,
-                _ = self.alive.changed() => return BackgroundOutcome::Stopped,
+                _ = self.stop.changed() => return None,
+                _ = self.alive.changed() => return None,
             }
         }
-        match first {
-            Some(first) => BackgroundOutcome::Failed { failed, first },
-            None => {
-                self.state.complete.store(true, Ordering::Release);
-                BackgroundOutcome::Complete
-            }
-        }
+        Some((failed, first))
     }
 
     /// The next run of blob-contiguous chunks, from `pos` in blob order,
-    /// that are neither cached nor in flight, of at most `max_get`
-    /// compressed bytes (a larger chunk goes alone).
-    fn next_group(&self, pos: &mut usize, max_get: u64) -> Option<Vec<Chunk>> {
+    /// that are not cached (nor in flight, with `skip_in_flight`), of at
+    /// most `max_get` compressed bytes (a larger chunk goes alone).
+    fn next_group(
+        &self,
+        pos: &mut usize,
+        max_get: u64,
+        skip_in_flight: bool,
+    ) -> Option<Vec<Chunk>> {
         let chunks = &self.index.chunks;
         let skip = |c: &Chunk| {
-            self.fetcher.cache().contains(&c.digest) || self.fetcher.in_flight(&c.digest)
+            self.fetcher.cache().contains(&c.digest)
+                || (skip_in_flight && self.fetcher.in_flight(&c.digest))
         };
         while *pos < self.order.len() && skip(&chunks[self.order[*pos] as usize]) {
             *pos += 1;

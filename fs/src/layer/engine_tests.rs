@@ -327,3 +327,42 @@ async fn dropping_the_handle_or_the_layer_stops_background() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(blob.reads().len(), n);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_rate_limit_paces_the_fetch() {
+    let mut cfg = config(0, 4000, 8);
+    cfg.background_rate = Some(20_000);
+    let f = fixture(60_000, Duration::ZERO, cfg, None);
+    let t = Instant::now();
+    assert!(matches!(
+        f.layer.start_background().wait().await,
+        BackgroundOutcome::Complete
+    ));
+    // A burst of one second (20 kB), then 40 kB at 20 kB/s.
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1700) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_picks_up_chunks_whose_other_fetch_was_under_way() {
+    let f = fixture(8000, Duration::from_millis(150), config(0, 1000, 4), None);
+    // An on-demand read of chunk 5 is on the wire when background starts.
+    let layer = f.layer.clone();
+    let read = tokio::spawn(async move { layer.read(2, 5000, 10).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let outcome = f.layer.start_background().wait().await;
+    assert!(
+        matches!(outcome, BackgroundOutcome::Complete),
+        "{outcome:?}"
+    );
+    assert_eq!(read.await.unwrap().unwrap(), &f.data[5000..5010]);
+    assert!(f.layer.progress().complete);
+    assert_eq!(
+        chunk_starts(&f.blob.reads()),
+        (0..8).map(|i| i * 1000).collect::<Vec<u64>>(),
+        "the chunk in flight was waited for, not fetched twice"
+    );
+}

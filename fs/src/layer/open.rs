@@ -44,6 +44,8 @@ impl Layer {
         let fetcher = Fetcher::with_scheduler(source.clone(), Arc::new(Estargz), cache, scheduler);
 
         let tail_len = size.min(TAIL_FETCH);
+        // Opening is on the path of a Prepare: foreground, like a read.
+        let permit = fetcher.scheduler().admit(Intent::OnDemand, tail_len).await;
         let tail = source
             .read_range(size - tail_len..size, Intent::OnDemand)
             .await?;
@@ -60,6 +62,7 @@ impl Layer {
                 toc
             }
         };
+        drop(permit);
 
         // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work.
         let index = tokio::task::spawn_blocking(move || {
