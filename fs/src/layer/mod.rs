@@ -3,7 +3,12 @@
 //! A read is planned into the chunks that cover it. The cache is asked for
 //! each piece synchronously (a blocking file read, fine on a FUSE thread);
 //! only when something is missing does the read go to the [`Fetcher`], on
-//! the async runtime.
+//! the async runtime, together with the chunks that follow it in the blob
+//! (read-ahead, `ahead.rs`).
+//!
+//! Whole-layer fetches live in `background.rs`: [`Layer::prefetch`] (the
+//! landmark range, before a layer is announced) and
+//! [`Layer::start_background`] (everything, until the layer is complete).
 
 mod ahead;
 mod background;
