@@ -9,7 +9,8 @@
 //!   as its bytes are in, so read-ahead at the end of a GET costs the reader
 //!   nothing); a chunk failing verification is an error for its readers and
 //!   is never cached, the rest of the GET still is;
-//! - every request carries its [`Intent`] down to the [`BlobSource`], and
+//! - every request carries its [`Intent`] down to the
+//!   [`BlobSource`](crate::registry::BlobSource), and
 //!   the process-wide [`FetchScheduler`] admits it by that intent:
 //!   on-demand and prefetch at once, background paused while they run,
 //!   bounded in concurrency and optionally in rate.
