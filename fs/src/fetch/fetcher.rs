@@ -386,7 +386,6 @@ impl Inner {
         let mut body = BytesMut::new();
         let mut body_start = start;
         let mut next = 0;
-        let mut received = 0u64;
         if get_end > start {
             let mut stream = match self.source.read_range_stream(start..get_end, intent).await {
                 Ok(s) => s,
@@ -402,6 +401,7 @@ impl Inner {
                     );
                 }
             };
+            self.stats.request_started();
             body.reserve((get_end - start).min(MAX_MERGED_GET) as usize);
             loop {
                 let piece = match stream.next().await {
@@ -414,7 +414,6 @@ impl Inner {
                         match self.source.read_range(at..get_end, intent).await {
                             Ok(rest) => rest,
                             Err(e) => {
-                                self.stats.request(received);
                                 tracing::warn!(start = at, end = get_end, error = %e, "blob read failed");
                                 return fail_from(
                                     next,
@@ -428,7 +427,7 @@ impl Inner {
                         }
                     }
                 };
-                received += piece.len() as u64;
+                self.stats.bytes_received(piece.len() as u64);
                 if body_start + (body.len() + piece.len()) as u64 > get_end {
                     break; // more than asked for: caught as a short/long read below
                 }
@@ -453,7 +452,6 @@ impl Inner {
                     next = cut;
                 }
             }
-            self.stats.request(received);
         }
         let mut data = body.freeze();
         if let Some((ts, tb)) = tail {
@@ -699,12 +697,15 @@ pub(crate) mod tests {
                 let seen = seen.clone();
                 async move {
                     if rest.is_empty() {
-                        seen.lock().unwrap()[slot].ended = Some(std::time::Instant::now());
                         return None;
                     }
                     tokio::time::sleep(if first { delay } else { piece_delay }).await;
                     let mut rest = rest;
                     let head = rest.split_to(piece.min(rest.len()));
+                    if rest.is_empty() {
+                        // Ended when the last byte is handed over.
+                        seen.lock().unwrap()[slot].ended = Some(std::time::Instant::now());
+                    }
                     Some((Ok(head), (rest, false)))
                 }
             })

@@ -80,6 +80,18 @@ impl BackgroundHandle {
         self.task.as_ref().is_none_or(|t| t.is_finished())
     }
 
+    /// Lets the fetch run on without a handle, until it ends or the layer
+    /// is dropped (unmounted). Must run inside a tokio runtime.
+    pub fn detach(mut self) {
+        if let Some(task) = self.task.take() {
+            let stop = std::mem::replace(&mut self._stop, watch::Sender::new(()));
+            tokio::spawn(async move {
+                let _stop = stop; // held until the fetch ends
+                let _ = task.await;
+            });
+        }
+    }
+
     /// Waits for the fetch to end.
     pub async fn wait(mut self) -> BackgroundOutcome {
         match self.task.take() {
