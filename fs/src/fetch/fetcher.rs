@@ -403,16 +403,21 @@ impl Inner {
             };
             self.stats.request_started();
             body.reserve((get_end - start).min(MAX_MERGED_GET) as usize);
-            loop {
+            let mut resumed = false;
+            while !resumed {
                 let piece = match stream.next().await {
                     None => break,
                     Some(Ok(p)) => p,
                     Some(Err(e)) => {
+                        resumed = true;
                         // The body broke: ask again (with retries) for the rest.
                         let at = body_start + body.len() as u64;
                         tracing::debug!(at, end = get_end, error = %e, "blob body broke; resuming");
                         match self.source.read_range(at..get_end, intent).await {
-                            Ok(rest) => rest,
+                            Ok(rest) => {
+                                self.stats.request_started();
+                                rest
+                            }
                             Err(e) => {
                                 tracing::warn!(start = at, end = get_end, error = %e, "blob read failed");
                                 return fail_from(
@@ -588,6 +593,8 @@ pub(crate) mod tests {
         /// `piece_delay`, after `delay`.
         pub piece: usize,
         pub piece_delay: Duration,
+        /// The next streamed read breaks after this many pieces (once).
+        pub break_after: Mutex<Option<usize>>,
     }
 
     impl FakeBlob {
@@ -609,6 +616,7 @@ pub(crate) mod tests {
                 delay,
                 piece,
                 piece_delay,
+                break_after: Mutex::new(None),
             })
         }
         fn record(&self, range: &Range<u64>, intent: Intent) -> usize {
@@ -693,11 +701,22 @@ pub(crate) mod tests {
                 Bytes::copy_from_slice(&self.data[range.start as usize..range.end as usize]);
             let (delay, piece, piece_delay) = (self.delay, self.piece, self.piece_delay);
             let seen = self.seen.clone();
+            let mut break_after = self.break_after.lock().unwrap().take();
             futures::stream::unfold((bytes, true), move |(rest, first)| {
                 let seen = seen.clone();
+                let broken = break_after == Some(0);
+                break_after = break_after.map(|n| n.saturating_sub(1));
                 async move {
                     if rest.is_empty() {
                         return None;
+                    }
+                    if broken {
+                        let e = RegistryError::BadResponse {
+                            host: "fake".into(),
+                            what: "a streamed read".into(),
+                            reason: "connection reset".into(),
+                        };
+                        return Some((Err(e), (Bytes::new(), false)));
                     }
                     tokio::time::sleep(if first { delay } else { piece_delay }).await;
                     let mut rest = rest;
@@ -776,6 +795,35 @@ pub(crate) mod tests {
         assert_eq!(
             (s.requests, s.bytes_fetched, s.chunks_fetched, s.cache_hits),
             (1, 4000, 4, 4)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_that_breaks_midway_is_resumed_where_it_broke() {
+        let data = pattern(4000);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path()).unwrap());
+        let blob = FakeBlob::streaming(data.clone(), Duration::ZERO, 1000, Duration::ZERO);
+        *blob.break_after.lock().unwrap() = Some(2);
+        let f = Fetcher::with_scheduler(
+            blob.clone(),
+            Arc::new(PlainDecoder),
+            cache,
+            FetchScheduler::default(),
+        );
+        let got = f
+            .fetch(&chunks_of(&data, 1000), Intent::OnDemand)
+            .await
+            .unwrap();
+        assert_eq!(got.concat(), data);
+        assert_eq!(
+            blob.reads(),
+            vec![(0..4000, Intent::OnDemand), (2000..4000, Intent::OnDemand)]
+        );
+        let s = f.stats().snapshot();
+        assert_eq!(
+            (s.requests, s.bytes_fetched, s.chunks_fetched),
+            (2, 4000, 4)
         );
     }
 
