@@ -1,5 +1,6 @@
 //! A fake blob source and decoder shared by the fetch and layer tests,
 //! and the fetcher's own tests.
+
 use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
