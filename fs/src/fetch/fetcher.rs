@@ -7,14 +7,16 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::plan::{Group, merge_adjacent};
+use super::scheduler::{FetchScheduler, Permit};
 use super::{FetchStats, Intent};
 use crate::Digest;
 use crate::cache::Cache;
@@ -49,7 +51,9 @@ pub enum FetchError {
 type FlightResult = Option<Result<Bytes, FetchError>>;
 type Flight = Arc<watch::Sender<FlightResult>>;
 
-/// Fetches chunks of one layer's blob; see the module docs.
+/// Fetches chunks of one layer's blob; see the module docs. Cloning is
+/// cheap and shares everything (flights, counters, scheduler).
+#[derive(Clone)]
 pub struct Fetcher {
     inner: Arc<Inner>,
 }
@@ -61,6 +65,7 @@ struct Inner {
     /// Chunks being fetched now; readers that miss one subscribe to it.
     inflight: DashMap<Digest, Flight>,
     stats: FetchStats,
+    scheduler: FetchScheduler,
     max_merged_get: u64,
     /// The blob's last bytes, `(offset, bytes)`, fetched when the layer was
     /// opened; chunks there are served from it.
@@ -68,10 +73,22 @@ struct Inner {
 }
 
 impl Fetcher {
+    /// A fetcher admitted by the process-wide [`FetchScheduler::global`].
     pub fn new(
         source: Arc<dyn BlobSource>,
         decoder: Arc<dyn ChunkDecoder>,
         cache: Arc<Cache>,
+    ) -> Fetcher {
+        Fetcher::with_scheduler(source, decoder, cache, FetchScheduler::global())
+    }
+
+    /// A fetcher whose GETs are admitted by `scheduler` (share one across
+    /// all layers so intents order them across layers).
+    pub fn with_scheduler(
+        source: Arc<dyn BlobSource>,
+        decoder: Arc<dyn ChunkDecoder>,
+        cache: Arc<Cache>,
+        scheduler: FetchScheduler,
     ) -> Fetcher {
         Fetcher {
             inner: Arc::new(Inner {
@@ -80,6 +97,7 @@ impl Fetcher {
                 cache,
                 inflight: DashMap::new(),
                 stats: FetchStats::default(),
+                scheduler,
                 max_merged_get: MAX_MERGED_GET,
                 tail: OnceLock::new(),
             }),
@@ -104,10 +122,32 @@ impl Fetcher {
         &self.inner.source
     }
 
+    pub fn scheduler(&self) -> &FetchScheduler {
+        &self.inner.scheduler
+    }
+
+    /// Whether a fetch of chunk `digest` is under way.
+    pub fn in_flight(&self, digest: &Digest) -> bool {
+        self.inner.inflight.contains_key(digest)
+    }
+
     /// The verified plain bytes of each chunk, in the order given. Must run
     /// inside a tokio runtime: the fetch itself runs as a spawned task so a
     /// reader that gives up does not cancel it for the others.
     pub async fn fetch(&self, chunks: &[Chunk], intent: Intent) -> Result<Vec<Bytes>, FetchError> {
+        self.fetch_with_read_ahead(chunks, &[], intent).await
+    }
+
+    /// Like [`Fetcher::fetch`], and also fetches `ahead` (chunks the caller
+    /// expects to be read next) in the same GETs where they are adjacent,
+    /// into the cache, without waiting for them. Chunks of `ahead` that are
+    /// in flight already are left to their fetch.
+    pub async fn fetch_with_read_ahead(
+        &self,
+        chunks: &[Chunk],
+        ahead: &[Chunk],
+        intent: Intent,
+    ) -> Result<Vec<Bytes>, FetchError> {
         let owned = chunks.to_vec();
         let inner = self.inner.clone();
         let cached = tokio::task::spawn_blocking(move || {
@@ -145,7 +185,17 @@ impl Fetcher {
             }
         }
         if !lead.is_empty() {
-            tokio::spawn(self.inner.clone().run_flights(lead, intent));
+            for c in ahead {
+                if waits.contains_key(&c.digest) {
+                    continue;
+                }
+                if let Entry::Vacant(e) = self.inner.inflight.entry(c.digest) {
+                    let (tx, _) = watch::channel(None);
+                    e.insert(Arc::new(tx));
+                    lead.push(*c);
+                }
+            }
+            tokio::spawn(self.inner.clone().run_flights(lead, intent, None));
         }
 
         let mut out = Vec::with_capacity(chunks.len());
@@ -165,6 +215,79 @@ impl Fetcher {
         }
         Ok(out)
     }
+
+    /// Brings `chunks` into the cache: those not cached yet are fetched
+    /// (adjacent ones merged), those another fetch is producing are waited
+    /// for. Returns how many chunks were fetched by this call, or the first
+    /// error (the other chunks are still fetched and cached).
+    ///
+    /// For `Intent::Background` the scheduler's admission is taken *before*
+    /// the flights are registered, so an on-demand reader never joins a
+    /// flight that is paused behind it.
+    pub async fn warm(&self, chunks: &[Chunk], intent: Intent) -> Result<usize, FetchError> {
+        self.warm_admitted(chunks, intent, None).await
+    }
+
+    /// [`Fetcher::warm`] with the scheduler's admission already in hand
+    /// (`permit`), for callers that pace themselves on admission.
+    pub async fn warm_admitted(
+        &self,
+        chunks: &[Chunk],
+        intent: Intent,
+        permit: Option<Permit>,
+    ) -> Result<usize, FetchError> {
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<Chunk> = chunks
+            .iter()
+            .filter(|c| seen.insert(c.digest) && !self.inner.cache.contains(&c.digest))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let permit = match (intent, permit) {
+            (_, Some(p)) => Some(p),
+            (Intent::Background, None) => {
+                let bytes = missing
+                    .iter()
+                    .map(|c| c.blob_range.1 - c.blob_range.0)
+                    .sum();
+                Some(self.inner.scheduler.admit(intent, bytes).await)
+            }
+            (_, None) => None,
+        };
+        let mut waits = Vec::new();
+        let mut lead = Vec::new();
+        for c in &missing {
+            match self.inner.inflight.entry(c.digest) {
+                Entry::Occupied(e) => waits.push((c.digest, e.get().subscribe())),
+                Entry::Vacant(e) => {
+                    let (tx, rx) = watch::channel(None);
+                    e.insert(Arc::new(tx));
+                    waits.push((c.digest, rx));
+                    lead.push(*c);
+                }
+            }
+        }
+        let led = lead.len();
+        if !lead.is_empty() {
+            tokio::spawn(self.inner.clone().run_flights(lead, intent, permit));
+        }
+        let mut first_err = None;
+        for (digest, mut rx) in waits {
+            let res = match rx.wait_for(Option::is_some).await {
+                Ok(v) => v.clone().expect("waited for Some").map(|_| ()),
+                Err(_) => Err(FetchError::Abandoned(digest)),
+            };
+            if let Err(e) = res {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(led),
+        }
+    }
 }
 
 impl Inner {
@@ -182,7 +305,15 @@ impl Inner {
     }
 
     /// Fetches the chunks this task leads and completes their flights.
-    async fn run_flights(self: Arc<Self>, lead: Vec<Chunk>, intent: Intent) {
+    /// `permit`: the scheduler's admission, if the caller took it before
+    /// registering the flights (background does, so that a reader never
+    /// waits on a flight that is itself waiting for admission).
+    async fn run_flights(
+        self: Arc<Self>,
+        lead: Vec<Chunk>,
+        intent: Intent,
+        permit: Option<Permit>,
+    ) {
         let mut guard = FlightGuard {
             inner: self.clone(),
             pending: lead.iter().map(|c| c.digest).collect(),
@@ -205,47 +336,129 @@ impl Inner {
             }
         }
 
-        let groups = merge_adjacent(misses, self.max_merged_get);
-        let results =
-            futures::future::join_all(groups.into_iter().map(|g| self.fetch_group(g, intent)))
-                .await;
-        for (digest, res) in results.into_iter().flatten() {
-            guard.complete(digest, res);
+        if misses.is_empty() {
+            return;
         }
+        let groups = merge_adjacent(misses, self.max_merged_get);
+        let _permit = match permit {
+            Some(p) => p,
+            None => {
+                let bytes = groups.iter().map(|g| g.range.end - g.range.start).sum();
+                self.scheduler.admit(intent, bytes).await
+            }
+        };
+        let guard = Mutex::new(guard);
+        futures::future::join_all(
+            groups
+                .into_iter()
+                .map(|g| self.fetch_group(g, intent, &guard)),
+        )
+        .await;
     }
 
-    /// One ranged GET, split into verified chunks; good chunks are cached.
-    async fn fetch_group(
-        &self,
-        g: Group,
-        intent: Intent,
-    ) -> Vec<(Digest, Result<Bytes, FetchError>)> {
+    /// One ranged GET, split into verified chunks as its body arrives; good
+    /// chunks are cached, and every chunk's flight is completed as soon as
+    /// its bytes are in, when a reader waits for it: a reader whose chunks
+    /// lead a long GET (read-ahead, background) does not wait for its end.
+    async fn fetch_group(&self, g: Group, intent: Intent, guard: &Mutex<FlightGuard>) {
         let (start, end) = (g.range.start, g.range.end);
-        let fail = |e: FetchError| {
-            g.chunks
-                .iter()
-                .map(|c| (c.digest, Err(e.clone())))
-                .collect::<Vec<_>>()
+        let complete = |results: Vec<(Digest, Result<Bytes, FetchError>)>| {
+            let mut guard = guard.lock().expect("flight guard lock poisoned");
+            for (digest, res) in results {
+                guard.complete(digest, res);
+            }
+        };
+        let fail_from = |from: usize, e: FetchError| {
+            complete(
+                g.chunks[from..]
+                    .iter()
+                    .map(|c| (c.digest, Err(e.clone())))
+                    .collect(),
+            );
         };
         // The part of the range inside the blob's tail (kept from opening
         // the layer) is not fetched again.
         let tail = self.tail.get().filter(|(ts, _)| end > *ts);
         let get_end = tail.map_or(end, |(ts, _)| (*ts).max(start));
-        let mut data = Bytes::new();
+
+        // `body` holds blob bytes `[body_start, body_start + body.len())`;
+        // `next` is the first chunk not completed yet.
+        let mut body = BytesMut::new();
+        let mut body_start = start;
+        let mut next = 0;
         if get_end > start {
-            data = match self.source.read_range(start..get_end, intent).await {
-                Ok(d) => d,
+            let mut stream = match self.source.read_range_stream(start..get_end, intent).await {
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(start, end = get_end, error = %e, "blob read failed");
-                    return fail(FetchError::Source {
-                        start,
-                        end: get_end,
-                        error: Arc::new(e),
-                    });
+                    return fail_from(
+                        0,
+                        FetchError::Source {
+                            start,
+                            end: get_end,
+                            error: Arc::new(e),
+                        },
+                    );
                 }
             };
-            self.stats.request(data.len() as u64);
+            self.stats.request_started();
+            body.reserve((get_end - start).min(MAX_MERGED_GET) as usize);
+            let mut resumed = false;
+            while !resumed {
+                let piece = match stream.next().await {
+                    None => break,
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => {
+                        resumed = true;
+                        // The body broke: ask again (with retries) for the rest.
+                        let at = body_start + body.len() as u64;
+                        tracing::debug!(at, end = get_end, error = %e, "blob body broke; resuming");
+                        match self.source.read_range(at..get_end, intent).await {
+                            Ok(rest) => {
+                                self.stats.request_started();
+                                rest
+                            }
+                            Err(e) => {
+                                tracing::warn!(start = at, end = get_end, error = %e, "blob read failed");
+                                return fail_from(
+                                    next,
+                                    FetchError::Source {
+                                        start: at,
+                                        end: get_end,
+                                        error: Arc::new(e),
+                                    },
+                                );
+                            }
+                        }
+                    }
+                };
+                self.stats.bytes_received(piece.len() as u64);
+                if body_start + (body.len() + piece.len()) as u64 > get_end {
+                    break; // more than asked for: caught as a short/long read below
+                }
+                body.extend_from_slice(&piece);
+                // Hand over the chunks now complete if a reader waits for one.
+                let have = body_start + body.len() as u64;
+                let ready = g.chunks[next..]
+                    .iter()
+                    .take_while(|c| c.blob_range.1 <= have)
+                    .count();
+                let cut = next + ready;
+                let clean_cut = g
+                    .chunks
+                    .get(cut)
+                    .is_none_or(|c| ready > 0 && c.blob_range.0 >= g.chunks[cut - 1].blob_range.1);
+                if ready > 0 && clean_cut && self.awaited(&g.chunks[next..cut]) {
+                    let seg_end = g.chunks[cut - 1].blob_range.1;
+                    let seg = body.split_to((seg_end - body_start) as usize).freeze();
+                    let chunks = g.chunks[next..cut].to_vec();
+                    complete(self.decode(chunks, body_start, seg).await);
+                    body_start = seg_end;
+                    next = cut;
+                }
+            }
         }
+        let mut data = body.freeze();
         if let Some((ts, tb)) = tail {
             let from = (start.max(*ts) - ts) as usize;
             let to = ((end - ts) as usize).min(tb.len());
@@ -258,17 +471,36 @@ impl Inner {
                 Bytes::from(joined)
             };
         }
-        if data.len() as u64 != end - start {
-            return fail(FetchError::ShortRead {
-                start,
-                end,
-                got: data.len() as u64,
-            });
+        if body_start + data.len() as u64 != end {
+            let got = body_start - start + data.len() as u64;
+            return fail_from(next, FetchError::ShortRead { start, end, got });
         }
+        let chunks = g.chunks[next..].to_vec();
+        complete(self.decode(chunks, body_start, data).await);
+    }
 
+    /// Whether a reader waits for any of `chunks`.
+    fn awaited(&self, chunks: &[Chunk]) -> bool {
+        chunks.iter().any(|c| {
+            self.inflight
+                .get(&c.digest)
+                .is_some_and(|f| f.receiver_count() > 0)
+        })
+    }
+
+    /// Decodes, verifies and caches `chunks`, whose bytes are `data`
+    /// (blob bytes from `data_start`).
+    async fn decode(
+        &self,
+        chunks: Vec<Chunk>,
+        data_start: u64,
+        data: Bytes,
+    ) -> Vec<(Digest, Result<Bytes, FetchError>)> {
+        if chunks.is_empty() {
+            return Vec::new();
+        }
         let decoder = self.decoder.clone();
         let cache = self.cache.clone();
-        let chunks = g.chunks.clone();
         // Decompressing and hashing is CPU work and caching is file I/O:
         // neither belongs on an async worker.
         let decoded = tokio::task::spawn_blocking(move || {
@@ -276,7 +508,7 @@ impl Inner {
                 .iter()
                 .map(|c| {
                     let r = c.blob_range();
-                    let compressed = data.slice((r.start - start) as usize..(r.end - start) as usize);
+                    let compressed = data.slice((r.start - data_start) as usize..(r.end - data_start) as usize);
                     let res = match decoder.decode_chunk(c, &compressed) {
                         Ok(plain) => {
                             if let Err(e) = cache.insert(&c.digest, &plain) {
@@ -333,175 +565,4 @@ impl Drop for FlightGuard {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::ops::Range;
-    use std::sync::Mutex;
-    use std::time::Duration;
-
-    use futures::future::BoxFuture;
-
-    use super::*;
-
-    /// A blob in memory that records every read and answers after a delay,
-    /// so concurrent readers overlap.
-    pub(crate) struct FakeBlob {
-        pub data: Vec<u8>,
-        pub reads: Mutex<Vec<(Range<u64>, Intent)>>,
-        pub delay: Duration,
-    }
-
-    impl FakeBlob {
-        pub(crate) fn new(data: Vec<u8>) -> Arc<FakeBlob> {
-            Arc::new(FakeBlob {
-                data,
-                reads: Mutex::new(Vec::new()),
-                delay: Duration::from_millis(20),
-            })
-        }
-        pub(crate) fn reads(&self) -> Vec<(Range<u64>, Intent)> {
-            self.reads.lock().unwrap().clone()
-        }
-    }
-
-    impl BlobSource for FakeBlob {
-        fn size(&self) -> u64 {
-            self.data.len() as u64
-        }
-        fn read_range(
-            &self,
-            range: Range<u64>,
-            intent: Intent,
-        ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
-            self.reads.lock().unwrap().push((range.clone(), intent));
-            Box::pin(async move {
-                tokio::time::sleep(self.delay).await;
-                Ok(Bytes::copy_from_slice(
-                    &self.data[range.start as usize..range.end as usize],
-                ))
-            })
-        }
-    }
-
-    /// "Compression" is the identity; verification is real.
-    pub(crate) struct PlainDecoder;
-
-    impl ChunkDecoder for PlainDecoder {
-        fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
-            let actual = Digest::of(compressed);
-            if actual != chunk.digest {
-                return Err(FormatError::ChunkDigestMismatch {
-                    expected: chunk.digest,
-                    actual,
-                });
-            }
-            Ok(compressed.to_vec())
-        }
-    }
-
-    /// Splits `data` into chunks of `size` laid out back to back in the blob.
-    pub(crate) fn chunks_of(data: &[u8], size: usize) -> Vec<Chunk> {
-        data.chunks(size)
-            .enumerate()
-            .map(|(i, piece)| {
-                let start = (i * size) as u64;
-                Chunk {
-                    file_offset: start,
-                    size: piece.len() as u64,
-                    digest: Digest::of(piece),
-                    blob_range: (start, start + piece.len() as u64),
-                    inner_offset: 0,
-                }
-            })
-            .collect()
-    }
-
-    fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i * 7 % 251) as u8).collect()
-    }
-
-    fn setup(data: Vec<u8>) -> (tempfile::TempDir, Arc<FakeBlob>, Fetcher) {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(Cache::open(dir.path()).unwrap());
-        let blob = FakeBlob::new(data);
-        let fetcher = Fetcher::new(blob.clone(), Arc::new(PlainDecoder), cache);
-        (dir, blob, fetcher)
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn adjacent_misses_share_one_get_and_hits_never_touch_the_blob() {
-        let data = pattern(10_000);
-        let (_dir, blob, f) = setup(data.clone());
-        let chunks = chunks_of(&data, 1000);
-
-        let got = f.fetch(&chunks[2..6], Intent::OnDemand).await.unwrap();
-        assert_eq!(got.concat(), &data[2000..6000]);
-        assert_eq!(blob.reads(), vec![(2000..6000, Intent::OnDemand)]);
-
-        let again = f.fetch(&chunks[2..6], Intent::Prefetch).await.unwrap();
-        assert_eq!(again.concat(), &data[2000..6000]);
-        assert_eq!(blob.reads().len(), 1, "cached chunks are not fetched again");
-
-        let s = f.stats().snapshot();
-        assert_eq!(
-            (s.requests, s.bytes_fetched, s.chunks_fetched, s.cache_hits),
-            (1, 4000, 4, 4)
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_readers_of_one_chunk_cause_one_fetch() {
-        let data = pattern(8_000);
-        let (_dir, blob, f) = setup(data.clone());
-        let f = Arc::new(f);
-        let chunks = Arc::new(chunks_of(&data, 1000));
-        let tasks: Vec<_> = (0..32)
-            .map(|_| {
-                let (f, chunks) = (f.clone(), chunks.clone());
-                tokio::spawn(async move { f.fetch(&chunks, Intent::OnDemand).await })
-            })
-            .collect();
-        for t in tasks {
-            assert_eq!(t.await.unwrap().unwrap().concat(), data);
-        }
-        // Every chunk travelled exactly once, whatever the grouping was.
-        let mut fetched: Vec<u64> = blob
-            .reads()
-            .iter()
-            .flat_map(|(r, _)| r.clone().step_by(1000))
-            .collect();
-        fetched.sort();
-        assert_eq!(fetched, (0..8).map(|i| i * 1000).collect::<Vec<_>>());
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_tampered_chunk_fails_alone_and_is_not_cached() {
-        let data = pattern(3_000);
-        let chunks = chunks_of(&data, 1000);
-        let mut tampered = data.clone();
-        tampered[1500] ^= 0xff;
-        let (_dir, blob, f) = setup(tampered);
-
-        let err = f.fetch(&chunks, Intent::OnDemand).await.unwrap_err();
-        assert!(
-            matches!(err, FetchError::Verify { offset: 1000, .. }),
-            "{err}"
-        );
-        assert_eq!(blob.reads().len(), 1);
-        assert!(f.cache().contains(&chunks[0].digest) && f.cache().contains(&chunks[2].digest));
-        assert!(
-            !f.cache().contains(&chunks[1].digest),
-            "a chunk failing verification is never cached"
-        );
-        assert_eq!(f.stats().snapshot().verify_failures, 1);
-
-        // The good neighbours are now served from the cache; the bad one is
-        // tried again (errors are not sticky) and fails again.
-        let ok = f
-            .fetch(&[chunks[0], chunks[2]], Intent::OnDemand)
-            .await
-            .unwrap();
-        assert_eq!(ok.concat(), [&data[..1000], &data[2000..]].concat());
-        assert!(f.fetch(&chunks[1..2], Intent::OnDemand).await.is_err());
-        assert_eq!(blob.reads().len(), 2);
-    }
-}
+pub(crate) mod tests;

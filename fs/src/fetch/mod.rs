@@ -4,18 +4,26 @@
 //! - singleflight per chunk digest: concurrent misses of one chunk share one
 //!   fetch and its result, success or error;
 //! - adjacent misses of one request are merged into one ranged GET (up to
-//!   [`MAX_MERGED_GET`]), then split, decoded and verified chunk by chunk; a
-//!   chunk failing verification is an error for its readers and is never
-//!   cached, the rest of the GET still is;
-//! - every request carries its [`Intent`] down to the [`BlobSource`].
+//!   [`MAX_MERGED_GET`]), then split, decoded and verified chunk by chunk as
+//!   the body streams in (a chunk a reader waits for is handed over as soon
+//!   as its bytes are in, so read-ahead at the end of a GET costs the reader
+//!   nothing); a chunk failing verification is an error for its readers and
+//!   is never cached, the rest of the GET still is;
+//! - every request carries its [`Intent`] down to the
+//!   [`BlobSource`](crate::registry::BlobSource), and
+//!   the process-wide [`FetchScheduler`] admits it by that intent:
+//!   on-demand and prefetch at once, background paused while they run,
+//!   bounded in concurrency and optionally in rate.
 
 mod fetcher;
 mod intent;
 mod plan;
+mod scheduler;
 mod stats;
 
 #[cfg(test)]
 pub(crate) use fetcher::tests as fetcher_tests;
 pub use fetcher::{FetchError, Fetcher, MAX_MERGED_GET};
 pub use intent::Intent;
+pub use scheduler::{FetchScheduler, Permit, SchedulerConfig};
 pub use stats::{FetchStats, FetchStatsSnapshot};

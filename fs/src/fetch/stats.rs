@@ -28,8 +28,18 @@ pub struct FetchStatsSnapshot {
 }
 
 impl FetchStats {
+    /// One whole request of `bytes`.
     pub(crate) fn request(&self, bytes: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes_fetched.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A streamed request was answered; its bytes are counted as they come.
+    pub(crate) fn request_started(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn bytes_received(&self, bytes: u64) {
         self.bytes_fetched.fetch_add(bytes, Ordering::Relaxed);
     }
 

@@ -3,17 +3,27 @@
 //! A read is planned into the chunks that cover it. The cache is asked for
 //! each piece synchronously (a blocking file read, fine on a FUSE thread);
 //! only when something is missing does the read go to the [`Fetcher`], on
-//! the async runtime.
+//! the async runtime, together with the chunks that follow it in the blob
+//! (read-ahead, `ahead.rs`).
+//!
+//! Whole-layer fetches live in `background.rs`: [`Layer::prefetch`] (the
+//! landmark range, before a layer is announced) and
+//! [`Layer::start_background`] (everything, until the layer is complete).
 
+mod ahead;
+mod background;
 mod open;
 mod plan;
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, Intent};
-use crate::format::{FileKind, FormatError, Inode, LayerIndex};
+use crate::format::{Chunk, FileKind, FormatError, Inode, LayerIndex};
 use crate::registry::RegistryError;
 
+pub use background::{BackgroundHandle, BackgroundOutcome, PrefetchOutcome, Progress};
 pub use open::TAIL_FETCH;
 pub use plan::{CachedRead, PendingRead};
 
@@ -42,14 +52,36 @@ impl From<RegistryError> for LayerError {
 /// One layer: the decoded index plus the fetcher (and through it the cache)
 /// that produces its file contents.
 pub struct Layer {
-    index: LayerIndex,
+    index: Arc<LayerIndex>,
     fetcher: Fetcher,
+    /// Indices into `index.chunks`, sorted by blob offset, one per blob
+    /// range: the order of read-ahead and background fetch.
+    blob_order: Arc<[u32]>,
+    /// Dropped with the layer (unmount): its background fetches stop.
+    alive: watch::Sender<()>,
+    background: Arc<background::State>,
 }
 
 impl Layer {
     /// A layer from an index already built and verified.
     pub fn new(index: LayerIndex, fetcher: Fetcher) -> Layer {
-        Layer { index, fetcher }
+        let mut order: Vec<u32> = (0..index.chunks.len() as u32).collect();
+        order.sort_by_key(|&i| index.chunks[i as usize].blob_range);
+        order.dedup_by_key(|i| index.chunks[*i as usize].blob_range.0);
+        Layer {
+            index: Arc::new(index),
+            fetcher,
+            blob_order: order.into(),
+            alive: watch::Sender::new(()),
+            background: Arc::default(),
+        }
+    }
+
+    /// The chunks of the blob in blob order, each range once.
+    fn blob_chunks(&self) -> impl Iterator<Item = &Chunk> + '_ {
+        self.blob_order
+            .iter()
+            .map(|&i| &self.index.chunks[i as usize])
     }
 
     pub fn index(&self) -> &LayerIndex {
@@ -84,10 +116,11 @@ impl Layer {
     /// Fetches what a planned read is missing and assembles its bytes.
     pub async fn complete(&self, pending: PendingRead) -> Result<Vec<u8>, LayerError> {
         let missing = pending.missing_chunks();
-        // Seam for read-ahead (a later issue): the chunks after `missing`
-        // in this file and in blob order would be queued here with
-        // `Intent::Prefetch`, without making this read wait for them.
-        let fetched = self.fetcher.fetch(&missing, Intent::OnDemand).await?;
+        let ahead = self.read_ahead(&missing);
+        let fetched = self
+            .fetcher
+            .fetch_with_read_ahead(&missing, &ahead, Intent::OnDemand)
+            .await?;
         Ok(pending.assemble(&missing, &fetched))
     }
 
@@ -111,5 +144,7 @@ impl Layer {
     }
 }
 
+#[cfg(test)]
+mod engine_tests;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::Digest;
 use crate::cache::Cache;
-use crate::fetch::{Fetcher, Intent};
+use crate::fetch::{FetchScheduler, Fetcher, Intent};
 use crate::format::FormatError;
 use crate::format::estargz::{Estargz, build_index, decode_toc, parse_footer};
 use crate::registry::BlobSource;
@@ -21,15 +21,31 @@ impl Layer {
     /// Opens the eStargz layer in `source`. With `expected_toc_digest`, a TOC
     /// whose sha256 differs is refused; `None` means the caller chose to
     /// trust an unverified TOC (chunks are still verified against it).
+    ///
+    /// Its GETs are admitted by the process-wide [`FetchScheduler::global`];
+    /// [`Layer::open_with`] takes a scheduler of the caller's.
     pub async fn open(
         source: Arc<dyn BlobSource>,
         expected_toc_digest: Option<Digest>,
         cache: Arc<Cache>,
     ) -> Result<Layer, LayerError> {
+        Layer::open_with(source, expected_toc_digest, cache, FetchScheduler::global()).await
+    }
+
+    /// [`Layer::open`] with the scheduler that orders this layer's GETs
+    /// against those of the other layers sharing it.
+    pub async fn open_with(
+        source: Arc<dyn BlobSource>,
+        expected_toc_digest: Option<Digest>,
+        cache: Arc<Cache>,
+        scheduler: FetchScheduler,
+    ) -> Result<Layer, LayerError> {
         let size = source.size();
-        let fetcher = Fetcher::new(source.clone(), Arc::new(Estargz), cache);
+        let fetcher = Fetcher::with_scheduler(source.clone(), Arc::new(Estargz), cache, scheduler);
 
         let tail_len = size.min(TAIL_FETCH);
+        // Opening is on the path of a Prepare: foreground, like a read.
+        let permit = fetcher.scheduler().admit(Intent::OnDemand, tail_len).await;
         let tail = source
             .read_range(size - tail_len..size, Intent::OnDemand)
             .await?;
@@ -46,6 +62,7 @@ impl Layer {
                 toc
             }
         };
+        drop(permit);
 
         // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work.
         let index = tokio::task::spawn_blocking(move || {

@@ -3,6 +3,7 @@ use std::sync::Arc;
 use super::*;
 use crate::cache::Cache;
 use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of};
+use crate::fetch::{FetchScheduler, SchedulerConfig};
 use crate::format::{FileKind, Inode, ROOT_INO};
 
 pub(crate) fn inode(kind: FileKind, size: u64, chunks: std::ops::Range<u32>) -> Inode {
@@ -39,9 +40,14 @@ fn layer_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<FakeBlob>, Arc<Layer>
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let blob = FakeBlob::new(data.to_vec());
+    // No read-ahead: these tests check the GETs of reads themselves.
+    let scheduler = FetchScheduler::new(SchedulerConfig {
+        read_ahead: 0,
+        ..SchedulerConfig::default()
+    });
     let layer = Arc::new(Layer::new(
         index,
-        Fetcher::new(blob.clone(), Arc::new(PlainDecoder), cache),
+        Fetcher::with_scheduler(blob.clone(), Arc::new(PlainDecoder), cache, scheduler),
     ));
     (dir, blob, layer)
 }

@@ -15,6 +15,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use reqwest::header::{
     ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE,
 };
@@ -299,6 +301,74 @@ impl RegistryClient {
             Ok(body.freeze().slice(start..end))
         })
         .await
+    }
+
+    /// Like [`RegistryClient::read_range`], but hands the body over as it
+    /// arrives, so a caller can use the front of a large range before its
+    /// end is in. Retries cover the request up to the response headers; a
+    /// body that breaks mid-way is an error item of the stream (the caller
+    /// asks again for what is missing). A registry that ignores `Range` is
+    /// answered with one item from the non-streaming path.
+    pub async fn read_range_stream(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Range<u64>,
+        intent: Intent,
+    ) -> Result<BoxStream<'static, Result<Bytes, RegistryError>>, RegistryError> {
+        if range.start >= range.end {
+            return Ok(futures::stream::empty().boxed());
+        }
+        let get = Get {
+            repo,
+            path: format!("/v2/{}/blobs/{digest}", repo.name),
+            what: format!(
+                "bytes {}-{} of blob {digest} of {repo}",
+                range.start,
+                range.end - 1
+            ),
+            accept: None,
+            range: Some(range.clone()),
+            blob: Some(*digest),
+        };
+        let resp = self
+            .with_retries(intent, &get, || async {
+                let resp = self.send(&get).await?;
+                if resp.status() != StatusCode::PARTIAL_CONTENT {
+                    return Ok(None);
+                }
+                if let Some(cr) = resp.headers().get(CONTENT_RANGE) {
+                    let cr = cr.to_str().unwrap_or_default();
+                    if parse_content_range(cr) != Some((range.start, range.end - 1)) {
+                        return Err(Failure::transient(RegistryError::BadResponse {
+                            host: repo.host().to_string(),
+                            what: get.what.clone(),
+                            reason: format!(
+                                "asked for a different range, got Content-Range {cr:?}"
+                            ),
+                        }));
+                    }
+                }
+                Ok(Some(resp))
+            })
+            .await?;
+        let Some(resp) = resp else {
+            let whole = self.read_range(repo, digest, range, intent).await?;
+            return Ok(futures::stream::once(futures::future::ready(Ok(whole))).boxed());
+        };
+        let inner = self.inner.clone();
+        let host = repo.host().to_string();
+        let what = get.what.clone();
+        Ok(resp
+            .bytes_stream()
+            .map(move |piece| match piece {
+                Ok(b) => {
+                    inner.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    Ok(b)
+                }
+                Err(e) => Err(classify(&e, &host, &what)),
+            })
+            .boxed())
     }
 
     async fn get_manifest(

@@ -9,6 +9,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::stream::{BoxStream, StreamExt};
 
 use super::{RegistryClient, RegistryError, Repository};
 use crate::Digest;
@@ -26,6 +27,21 @@ pub trait BlobSource: Send + Sync {
         range: Range<u64>,
         intent: Intent,
     ) -> BoxFuture<'_, Result<Bytes, RegistryError>>;
+
+    /// The bytes of `range` as they arrive, in order, for callers that can
+    /// use the front of a range before its end is in. The default reads
+    /// the whole range and yields it as one piece.
+    fn read_range_stream(
+        &self,
+        range: Range<u64>,
+        intent: Intent,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<Bytes, RegistryError>>, RegistryError>>
+    {
+        Box::pin(async move {
+            let whole = self.read_range(range, intent).await?;
+            Ok(futures::stream::once(futures::future::ready(Ok(whole))).boxed())
+        })
+    }
 }
 
 /// A blob in a registry repository.
@@ -60,6 +76,24 @@ impl BlobSource for RemoteBlob {
             }
             self.client
                 .read_range(&self.repo, &self.digest, range, intent)
+                .await
+        })
+    }
+
+    fn read_range_stream(
+        &self,
+        range: Range<u64>,
+        intent: Intent,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<Bytes, RegistryError>>, RegistryError>>
+    {
+        Box::pin(async move {
+            if range.end > self.size || range.start > range.end {
+                // The checks (and their error) of the plain read.
+                let whole = self.read_range(range, intent).await?;
+                return Ok(futures::stream::once(futures::future::ready(Ok(whole))).boxed());
+            }
+            self.client
+                .read_range_stream(&self.repo, &self.digest, range, intent)
                 .await
         })
     }

@@ -1,0 +1,319 @@
+//! Whole-layer fetches: the landmark prefetch before a layer is announced,
+//! and the background fetch that makes a layer complete.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::fetch::{FetchError, Fetcher, Intent};
+use crate::format::{Chunk, LayerIndex};
+
+use super::Layer;
+
+/// How a [`Layer::prefetch`] ended.
+#[derive(Debug, Clone)]
+pub enum PrefetchOutcome {
+    /// The layer has no prefetch landmark: nothing to do.
+    NoLandmark,
+    /// Every chunk of the landmark range is cached. `fetched` chunks
+    /// (`bytes` compressed) were fetched by this call; the rest was cached
+    /// already or fetched by someone else meanwhile.
+    Done { fetched: usize, bytes: u64 },
+    /// The timeout passed first; the fetch goes on in the background.
+    TimedOut,
+    /// Some chunks could not be fetched (they will be on first read).
+    Failed(FetchError),
+}
+
+/// How a background fetch ended.
+#[derive(Debug, Clone)]
+pub enum BackgroundOutcome {
+    /// Every chunk of the layer is cached.
+    Complete,
+    /// Stopped by dropping its handle or the layer before completing.
+    Stopped,
+    /// Ran through the layer, but `failed` GETs failed (first error given);
+    /// their chunks are fetched on demand.
+    Failed { failed: usize, first: FetchError },
+    /// Ran through the layer twice without error, yet `missing` chunks are
+    /// not cached (evicted meanwhile, or their cache writes failed).
+    Incomplete { missing: usize },
+}
+
+/// Progress of a layer towards being complete (every chunk cached).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Compressed bytes of the blob's chunks that are cached.
+    pub cached_bytes: u64,
+    /// Compressed bytes of all the blob's chunks.
+    pub total_bytes: u64,
+    /// Whether a background fetch is running now.
+    pub background_running: bool,
+    /// Every chunk is cached (`cached_bytes == total_bytes`).
+    pub complete: bool,
+}
+
+/// Shared between a layer and its background task.
+#[derive(Debug, Default)]
+pub(super) struct State {
+    running: AtomicBool,
+    /// Set once a scan found every chunk cached; saves later scans.
+    complete: AtomicBool,
+    /// Compressed bytes fetched by background GETs (for logs).
+    background_bytes: AtomicU64,
+}
+
+/// A running background fetch. Dropping it stops the fetch: GETs already
+/// on the wire finish and are cached, no new one starts.
+#[derive(Debug)]
+pub struct BackgroundHandle {
+    _stop: watch::Sender<()>,
+    task: Option<tokio::task::JoinHandle<BackgroundOutcome>>,
+}
+
+impl BackgroundHandle {
+    /// Whether the fetch has ended (complete, failed or stopped).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Lets the fetch run on without a handle, until it ends or the layer
+    /// is dropped (unmounted). Must run inside a tokio runtime.
+    pub fn detach(mut self) {
+        if let Some(task) = self.task.take() {
+            let stop = std::mem::replace(&mut self._stop, watch::Sender::new(()));
+            tokio::spawn(async move {
+                let _stop = stop; // held until the fetch ends
+                let _ = task.await;
+            });
+        }
+    }
+
+    /// Waits for the fetch to end.
+    pub async fn wait(mut self) -> BackgroundOutcome {
+        match self.task.take() {
+            Some(t) => t.await.unwrap_or(BackgroundOutcome::Stopped),
+            None => BackgroundOutcome::Stopped,
+        }
+    }
+}
+
+impl Layer {
+    /// Fetches the chunks of the prefetch landmark's range (the files the
+    /// image marked as needed at start) with `Intent::Prefetch`, adjacent
+    /// chunks merged into as few GETs as the GET size cap allows. Returns
+    /// when they are cached, or after `timeout`, in which case the fetch
+    /// continues (it is not cancelled). Must run inside a tokio runtime.
+    pub async fn prefetch(&self, timeout: Duration) -> PrefetchOutcome {
+        let Some(range) = self.index.prefetch.clone() else {
+            return PrefetchOutcome::NoLandmark;
+        };
+        let chunks: Vec<Chunk> = self
+            .blob_chunks()
+            .filter(|c| c.blob_range.0 >= range.start && c.blob_range.1 <= range.end)
+            .filter(|c| !self.fetcher.cache().contains(&c.digest))
+            .copied()
+            .collect();
+        let bytes: u64 = chunks.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
+        let fetcher = self.fetcher.clone();
+        let mut task = tokio::spawn(async move { fetcher.warm(&chunks, Intent::Prefetch).await });
+        match tokio::time::timeout(timeout, &mut task).await {
+            Err(_) => PrefetchOutcome::TimedOut,
+            Ok(Ok(Ok(fetched))) => PrefetchOutcome::Done { fetched, bytes },
+            Ok(Ok(Err(e))) => PrefetchOutcome::Failed(e),
+            Ok(Err(join)) => {
+                // Only a panic or a runtime shutting down gets here.
+                tracing::warn!(error = %join, "prefetch task ended abnormally");
+                PrefetchOutcome::TimedOut
+            }
+        }
+    }
+
+    /// Starts fetching every chunk of the layer not cached yet, in blob
+    /// order, with `Intent::Background`: GETs of up to the scheduler's
+    /// `background_get` bytes, as many at once as it admits, paused while
+    /// on-demand reads are on the wire. Stops when the handle is dropped or
+    /// the layer is dropped (unmounted). Must run inside a tokio runtime.
+    pub fn start_background(&self) -> BackgroundHandle {
+        let (stop, stop_rx) = watch::channel(());
+        let job = Job {
+            fetcher: self.fetcher.clone(),
+            index: self.index.clone(),
+            order: self.blob_order.clone(),
+            state: self.background.clone(),
+            stop: stop_rx,
+            alive: self.alive.subscribe(),
+        };
+        self.background.running.store(true, Ordering::Release);
+        let task = tokio::spawn(job.run());
+        BackgroundHandle {
+            _stop: stop,
+            task: Some(task),
+        }
+    }
+
+    /// How much of the layer is cached. Scans the chunk list (in-memory
+    /// lookups) until the layer was once found complete.
+    pub fn progress(&self) -> Progress {
+        let mut p = Progress {
+            background_running: self.background.running.load(Ordering::Acquire),
+            ..Progress::default()
+        };
+        let complete = self.background.complete.load(Ordering::Acquire);
+        for c in self.blob_chunks() {
+            let len = c.blob_range.1 - c.blob_range.0;
+            p.total_bytes += len;
+            if complete || self.fetcher.cache().contains(&c.digest) {
+                p.cached_bytes += len;
+            }
+        }
+        p.complete = p.cached_bytes == p.total_bytes;
+        if p.complete {
+            self.background.complete.store(true, Ordering::Release);
+        }
+        p
+    }
+}
+
+struct Job {
+    fetcher: Fetcher,
+    index: Arc<LayerIndex>,
+    order: Arc<[u32]>,
+    state: Arc<State>,
+    stop: watch::Receiver<()>,
+    alive: watch::Receiver<()>,
+}
+
+impl Job {
+    async fn run(mut self) -> BackgroundOutcome {
+        let outcome = self.fetch_all().await;
+        self.state.running.store(false, Ordering::Release);
+        tracing::debug!(
+            ?outcome,
+            background_bytes = self.state.background_bytes.load(Ordering::Relaxed),
+            "background fetch ended"
+        );
+        outcome
+    }
+
+    /// Two passes over the blob: the first skips chunks another fetch is
+    /// producing, the second picks up whatever is still missing (such a
+    /// fetch may have failed) and waits for fetches still under way.
+    async fn fetch_all(&mut self) -> BackgroundOutcome {
+        let (mut failed, mut first) = (0, None);
+        for pass in 0..2 {
+            match self.pass(pass == 0).await {
+                None => return BackgroundOutcome::Stopped,
+                Some((n, e)) => {
+                    failed += n;
+                    if let Some(e) = e {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if let Some(first) = first {
+            return BackgroundOutcome::Failed { failed, first };
+        }
+        let missing = self
+            .order
+            .iter()
+            .filter(|&&i| {
+                !self
+                    .fetcher
+                    .cache()
+                    .contains(&self.index.chunks[i as usize].digest)
+            })
+            .count();
+        if missing > 0 {
+            return BackgroundOutcome::Incomplete { missing };
+        }
+        self.state.complete.store(true, Ordering::Release);
+        BackgroundOutcome::Complete
+    }
+
+    /// One pass in blob order; `None` if stopped, else the failed GETs and
+    /// the first error.
+    async fn pass(&mut self, skip_in_flight: bool) -> Option<(usize, Option<FetchError>)> {
+        let max_get = self.fetcher.scheduler().config().background_get.max(1);
+        let mut tasks: JoinSet<Result<usize, FetchError>> = JoinSet::new();
+        let (mut failed, mut first) = (0, None);
+        let mut note = |res: Result<Result<usize, FetchError>, tokio::task::JoinError>| {
+            if let Ok(Err(e)) = res {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+        };
+        let mut pos = 0;
+        while let Some(group) = self.next_group(&mut pos, max_get, skip_in_flight) {
+            let bytes = group.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
+            let scheduler = self.fetcher.scheduler().clone();
+            let permit = tokio::select! {
+                p = scheduler.admit(Intent::Background, bytes) => p,
+                _ = self.stop.changed() => return None,
+                _ = self.alive.changed() => return None,
+            };
+            // Reap finished GETs as we go so errors are seen and the set
+            // stays as small as the scheduler's concurrency.
+            while let Some(res) = tasks.try_join_next() {
+                note(res);
+            }
+            let fetcher = self.fetcher.clone();
+            let state = self.state.clone();
+            tasks.spawn(async move {
+                let n = fetcher
+                    .warm_admitted(&group, Intent::Background, Some(permit))
+                    .await?;
+                state.background_bytes.fetch_add(bytes, Ordering::Relaxed);
+                Ok(n)
+            });
+        }
+        loop {
+            tokio::select! {
+                res = tasks.join_next() => match res {
+                    Some(res) => note(res),
+                    None => break,
+                },
+                _ = self.stop.changed() => return None,
+                _ = self.alive.changed() => return None,
+            }
+        }
+        Some((failed, first))
+    }
+
+    /// The next run of blob-contiguous chunks, from `pos` in blob order,
+    /// that are not cached (nor in flight, with `skip_in_flight`), of at
+    /// most `max_get` compressed bytes (a larger chunk goes alone).
+    fn next_group(
+        &self,
+        pos: &mut usize,
+        max_get: u64,
+        skip_in_flight: bool,
+    ) -> Option<Vec<Chunk>> {
+        let chunks = &self.index.chunks;
+        let skip = |c: &Chunk| {
+            self.fetcher.cache().contains(&c.digest)
+                || (skip_in_flight && self.fetcher.in_flight(&c.digest))
+        };
+        while *pos < self.order.len() && skip(&chunks[self.order[*pos] as usize]) {
+            *pos += 1;
+        }
+        let first = chunks.get(*self.order.get(*pos)? as usize)?;
+        let mut group = vec![*first];
+        let (start, mut end) = first.blob_range;
+        *pos += 1;
+        while let Some(&i) = self.order.get(*pos) {
+            let c = &chunks[i as usize];
+            if c.blob_range.0 != end || c.blob_range.1 - start > max_get || skip(c) {
+                break;
+            }
+            end = c.blob_range.1;
+            group.push(*c);
+            *pos += 1;
+        }
+        Some(group)
+    }
+}
