@@ -35,7 +35,11 @@ impl Cache {
     /// object is indexed only if the bytes hash to `digest`, so an
     /// unverified whole file is never exposed. Blocking: reads and writes
     /// the whole file.
-    pub fn assemble(&self, digest: &Digest, parts: &[(Digest, u64)]) -> Result<Assembled, CacheError> {
+    pub fn assemble(
+        &self,
+        digest: &Digest,
+        parts: &[(Digest, u64)],
+    ) -> Result<Assembled, CacheError> {
         if self.index.contains_key(digest) {
             return Ok(Assembled::Done);
         }

@@ -267,7 +267,10 @@ fn parts_that_do_not_hash_to_the_file_digest_leave_nothing_behind() {
     let cache = Cache::open(dir.path()).unwrap();
     let (_whole, parts) = file_in_parts(&cache);
     let claimed = Digest::of(b"some other file");
-    assert_eq!(cache.assemble(&claimed, &parts).unwrap(), Assembled::Mismatch);
+    assert_eq!(
+        cache.assemble(&claimed, &parts).unwrap(),
+        Assembled::Mismatch
+    );
     assert!(!cache.contains(&claimed));
     assert_eq!(cache.verified_file(&claimed), None);
     let hex = claimed.hex();

@@ -168,7 +168,9 @@ impl Passthrough {
             return None;
         }
         File::open(&path)
-            .inspect_err(|e| tracing::debug!(path = %path.display(), error = %e, "cannot open cache file"))
+            .inspect_err(
+                |e| tracing::debug!(path = %path.display(), error = %e, "cannot open cache file"),
+            )
             .ok()
     }
 
@@ -196,13 +198,18 @@ impl Passthrough {
         }
         let parts: Vec<(Digest, u64)> = chunks.iter().map(|c| (c.digest, c.size)).collect();
         let counters = self.counters.clone();
-        self.runtime.spawn_blocking(move || match cache.assemble(&key, &parts) {
-            Ok(crate::cache::Assembled::Done) => {
-                counters.assembled.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(other) => tracing::debug!(digest = %key, outcome = ?other, "whole file not assembled"),
-            Err(e) => tracing::warn!(digest = %key, error = %e, "assembling a whole file failed"),
-        });
+        self.runtime
+            .spawn_blocking(move || match cache.assemble(&key, &parts) {
+                Ok(crate::cache::Assembled::Done) => {
+                    counters.assembled.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(other) => {
+                    tracing::debug!(digest = %key, outcome = ?other, "whole file not assembled")
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %key, error = %e, "assembling a whole file failed")
+                }
+            });
     }
 }
 
