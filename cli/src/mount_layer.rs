@@ -44,6 +44,10 @@ pub struct Args {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Serve every read through tarn, even of fully cached files the
+    /// kernel could read directly (FUSE passthrough).
+    #[arg(long)]
+    no_passthrough: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -57,6 +61,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let layer = Arc::new(layer);
     let options = MountOptions {
         threads: args.threads,
+        passthrough: !args.no_passthrough,
         ..MountOptions::default()
     };
     let handle = mount(

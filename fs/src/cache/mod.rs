@@ -6,7 +6,8 @@
 //! ```text
 //! lock                      flock: one process owns a cache root at a time
 //! packs/pack-N.dat          small items (< 64 KiB) appended behind headers
-//! objects/sha256/ab/<hex>   larger items, one file each (passthrough-able)
+//! objects/sha256/ab/<hex>   larger items and assembled whole files, one file
+//!                           each (passthrough-able)
 //! ```
 //!
 //! Nothing is ever fsynced. Instead, trust is per process: bytes this process
@@ -21,7 +22,10 @@
 //! access stamp; packs would need compaction) and dedup accounting, of which
 //! [`CacheStats::dedup_bytes`] is the start.
 
+mod assemble;
 mod pack;
+
+pub use assemble::Assembled;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -116,6 +120,8 @@ pub struct Cache {
     corrupt: AtomicU64,
     dedup_bytes: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Whole-file objects being assembled (see [`Cache::assemble`]).
+    assembling: DashMap<Digest, ()>,
     /// Holds the flock for the cache's lifetime.
     _lock: File,
 }
@@ -184,6 +190,7 @@ impl Cache {
             corrupt: AtomicU64::new(0),
             dedup_bytes: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
+            assembling: DashMap::new(),
             _lock: lock,
         })
     }
@@ -379,12 +386,7 @@ impl Cache {
         let path = self.object_path(digest);
         let dir = path.parent().expect("object path has a parent");
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(
-            ".tmp-{}-{}-{seq}",
-            digest.hex(),
-            std::process::id()
-        ));
+        let tmp = self.tmp_path(digest);
         let write = || -> io::Result<()> {
             fs::write(&tmp, data)?;
             fs::rename(&tmp, &path)
@@ -393,6 +395,19 @@ impl Cache {
             let _ = fs::remove_file(&tmp);
             io_err(&path)(e)
         })
+    }
+
+    /// A fresh temp name beside the object's final path; `open` removes
+    /// leftovers of a process that died mid-write.
+    fn tmp_path(&self, digest: &Digest) -> PathBuf {
+        let path = self.object_path(digest);
+        let dir = path.parent().expect("object path has a parent");
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        dir.join(format!(
+            ".tmp-{}-{}-{seq}",
+            digest.hex(),
+            std::process::id()
+        ))
     }
 
     fn read_whole_pack_entry(

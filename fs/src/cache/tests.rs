@@ -224,3 +224,68 @@ fn concurrent_inserts_and_reads_from_threads() {
     }
     assert_eq!(cache.stats().bytes, total);
 }
+
+/// Parts (a pack item and two objects) of a file and the file itself.
+fn file_in_parts(cache: &Cache) -> (Vec<u8>, Vec<(Digest, u64)>) {
+    let pieces = [data(200 * 1024, 7), data(100, 8), data(1_300_000, 9)];
+    let mut parts = Vec::new();
+    for p in &pieces {
+        let d = Digest::of(p);
+        cache.insert(&d, p).unwrap();
+        parts.push((d, p.len() as u64));
+    }
+    (pieces.concat(), parts)
+}
+
+#[test]
+fn assembled_whole_file_is_a_verified_standalone_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let (whole, parts) = file_in_parts(&cache);
+    let d = Digest::of(&whole);
+    assert_eq!(cache.verified_file(&d), None);
+    assert_eq!(cache.assemble(&d, &parts).unwrap(), Assembled::Done);
+    let (path, len) = cache.verified_file(&d).expect("assembled file is trusted");
+    assert_eq!(len, whole.len() as u64);
+    assert_eq!(fs::read(&path).unwrap(), whole);
+    assert_eq!(cache.read(&d, 5, 10).unwrap().unwrap(), &whole[5..15]);
+    // Again: nothing to do.
+    assert_eq!(cache.assemble(&d, &parts).unwrap(), Assembled::Done);
+    drop(cache);
+
+    // After a restart the object is known but not trusted until verified.
+    let cache = Cache::open(dir.path()).unwrap();
+    assert!(cache.contains(&d));
+    assert_eq!(cache.verified_file(&d), None);
+    assert!(cache.file_path(&d).is_some());
+    assert!(cache.verified_file(&d).is_some());
+}
+
+#[test]
+fn parts_that_do_not_hash_to_the_file_digest_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let (_whole, parts) = file_in_parts(&cache);
+    let claimed = Digest::of(b"some other file");
+    assert_eq!(
+        cache.assemble(&claimed, &parts).unwrap(),
+        Assembled::Mismatch
+    );
+    assert!(!cache.contains(&claimed));
+    assert_eq!(cache.verified_file(&claimed), None);
+    let hex = claimed.hex();
+    let sub = dir.path().join("objects/sha256").join(&hex[..2]);
+    let left = fs::read_dir(&sub).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "no temp or final file remains");
+}
+
+#[test]
+fn a_missing_part_means_no_whole_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let (whole, mut parts) = file_in_parts(&cache);
+    parts.push((Digest::of(b"never inserted"), 14));
+    let d = Digest::of(&whole);
+    assert_eq!(cache.assemble(&d, &parts).unwrap(), Assembled::PartMissing);
+    assert!(!cache.contains(&d));
+}

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use fuser::{
     AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use super::attr::{attr, file_type};
+use super::passthrough::{Counters, Passthrough};
 use crate::layer::{CachedRead, Layer, LayerError};
 
 /// The layer never changes while mounted: let the kernel keep what it learnt.
@@ -20,11 +21,25 @@ const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 pub(super) struct LayerFs {
     layer: Arc<Layer>,
     runtime: tokio::runtime::Handle,
+    /// Whether to ask the kernel for passthrough at init.
+    want_passthrough: bool,
+    passthrough: Passthrough,
 }
 
 impl LayerFs {
-    pub(super) fn new(layer: Arc<Layer>, runtime: tokio::runtime::Handle) -> LayerFs {
-        LayerFs { layer, runtime }
+    pub(super) fn new(
+        layer: Arc<Layer>,
+        runtime: tokio::runtime::Handle,
+        want_passthrough: bool,
+        counters: Arc<Counters>,
+    ) -> LayerFs {
+        let passthrough = Passthrough::new(layer.clone(), runtime.clone(), counters);
+        LayerFs {
+            layer,
+            runtime,
+            want_passthrough,
+            passthrough,
+        }
     }
 }
 
@@ -54,6 +69,25 @@ fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if !self.want_passthrough {
+            return Ok(());
+        }
+        match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+            Ok(()) => {
+                // Depth 1: backing files must be on a plain filesystem, and
+                // overlayfs may still stack on this mount (a container's
+                // rootfs), which a depth of 2 would forbid.
+                config
+                    .set_max_stack_depth(1)
+                    .expect("1 is within the kernel's stacking limit");
+                self.passthrough.enable();
+            }
+            Err(_) => tracing::info!("kernel offers no FUSE passthrough; serving reads ourselves"),
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let index = self.layer.index();
         match index.lookup(parent.0, name.as_bytes()) {
@@ -85,9 +119,24 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::EROFS);
         }
         match self.layer.inode(ino.0) {
-            // Immutable content: page cache stays valid across opens.
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(i) => self.passthrough.open(ino.0, i, reply),
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+        if let Ok(i) = self.layer.inode(ino.0) {
+            self.passthrough.release(ino.0, i);
         }
     }
 

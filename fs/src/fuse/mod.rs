@@ -4,9 +4,13 @@
 //! answered on the worker thread; misses are handed to a tokio runtime and
 //! answered when their bytes arrive, so a slow fetch never holds a worker.
 //! The layer is immutable, so attributes, entries and page cache live long.
+//! Fully cached files are handed to the kernel (see [`passthrough`]).
 
 mod attr;
 mod fs;
+mod passthrough;
+
+pub use passthrough::PassthroughStats;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -23,6 +27,10 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Shown as the mount's source in /proc/mounts.
     pub fsname: String,
+    /// Hand fully cached regular files to the kernel (FUSE passthrough,
+    /// Linux >= 6.9) so their reads skip this process. Ignored where the
+    /// kernel does not offer it.
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -31,6 +39,7 @@ impl Default for MountOptions {
             threads: 4,
             allow_other: true,
             fsname: "tarn".to_string(),
+            passthrough: true,
         }
     }
 }
@@ -51,6 +60,7 @@ pub enum FuseError {
 pub struct MountHandle {
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
+    passthrough: Arc<passthrough::Counters>,
 }
 
 /// Mounts `layer` at `mountpoint`. Reads that miss the cache run on `runtime`,
@@ -78,7 +88,8 @@ pub fn mount(
     }
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    let fs = fs::LayerFs::new(layer, runtime);
+    let counters = Arc::new(passthrough::Counters::default());
+    let fs = fs::LayerFs::new(layer, runtime, options.passthrough, counters.clone());
     let session =
         fuser::spawn_mount(fs, mountpoint, &config).map_err(|error| FuseError::Mount {
             path: mountpoint.to_path_buf(),
@@ -87,12 +98,18 @@ pub fn mount(
     Ok(MountHandle {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
+        passthrough: counters,
     })
 }
 
 impl MountHandle {
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// What passthrough did on this mount so far.
+    pub fn passthrough_stats(&self) -> PassthroughStats {
+        self.passthrough.snapshot()
     }
 
     /// Unmounts (lazily if busy, so it cannot hang) and waits for the workers.

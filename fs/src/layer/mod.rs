@@ -92,6 +92,11 @@ impl Layer {
         self.index.inode(ino).ok_or(LayerError::NoInode(ino))
     }
 
+    /// The cache this layer's chunks are stored in.
+    pub fn cache(&self) -> &Arc<crate::cache::Cache> {
+        self.fetcher.cache()
+    }
+
     /// The fetch counters of this layer.
     pub fn stats(&self) -> FetchStatsSnapshot {
         self.fetcher.stats().snapshot()

@@ -1,0 +1,227 @@
+//! FUSE passthrough: a regular file whose content sits in the cache as one
+//! standalone, verified file is handed to the kernel at `open`, so its reads
+//! go to that file's page cache without a round trip through this process.
+//!
+//! The kernel fixes one I/O mode per inode while it is open: every open of
+//! an inode must either pass through the same backing file or none, or the
+//! open fails with EIO. So the mode is decided at an inode's first open and
+//! kept until its last release (the kernel drops its side first, so keeping
+//! ours a little longer is always consistent).
+//!
+//! Multi-chunk files get their standalone file by assembly: once all chunks
+//! are cached, the blocking pool writes the whole file under its TOC digest
+//! (verified while writing), and opens after that pass through.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
+
+use crate::Digest;
+use crate::format::{FileKind, Inode};
+use crate::layer::Layer;
+
+/// Files smaller than this live in cache packs (no standalone file) and
+/// are cheap to serve through the daemon anyway.
+const MIN_SIZE: u64 = 64 * 1024;
+
+/// Counters of one mount's passthrough decisions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassthroughStats {
+    /// Opens answered with a backing file.
+    pub opens: u64,
+    /// Opens of a cached standalone file the kernel refused to pass
+    /// through (served the normal way instead).
+    pub refused: u64,
+    /// Whole-file objects this mount assembled from chunks.
+    pub assembled: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    opens: AtomicU64,
+    refused: AtomicU64,
+    assembled: AtomicU64,
+}
+
+impl Counters {
+    pub(super) fn snapshot(&self) -> PassthroughStats {
+        PassthroughStats {
+            opens: self.opens.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            assembled: self.assembled.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The mode an open inode is in, and how many opens hold it.
+struct Open {
+    backing: Option<BackingId>,
+    count: u64,
+}
+
+pub(super) struct Passthrough {
+    layer: Arc<Layer>,
+    runtime: tokio::runtime::Handle,
+    /// Set by `init` once the kernel agreed to passthrough.
+    enabled: bool,
+    open: Mutex<HashMap<u64, Open>>,
+    counters: Arc<Counters>,
+}
+
+/// Immutable content: the page cache stays valid across opens.
+const CACHED: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+
+impl Passthrough {
+    pub(super) fn new(
+        layer: Arc<Layer>,
+        runtime: tokio::runtime::Handle,
+        counters: Arc<Counters>,
+    ) -> Passthrough {
+        Passthrough {
+            layer,
+            runtime,
+            enabled: false,
+            open: Mutex::new(HashMap::new()),
+            counters,
+        }
+    }
+
+    pub(super) fn enable(&mut self) {
+        self.enabled = true;
+    }
+
+    /// Answers an open of regular file `ino`: through a backing file when
+    /// the inode already has one or can get one now, the normal way else.
+    pub(super) fn open(&self, ino: u64, inode: &Inode, reply: ReplyOpen) {
+        if !self.enabled || inode.kind != FileKind::Reg {
+            return reply.opened(FileHandle(0), CACHED);
+        }
+        let mut open = self.open.lock().expect("open-inode table poisoned");
+        if let Some(o) = open.get_mut(&ino) {
+            o.count += 1;
+            return match &o.backing {
+                Some(id) => {
+                    self.counters.opens.fetch_add(1, Ordering::Relaxed);
+                    reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id)
+                }
+                None => reply.opened(FileHandle(0), CACHED),
+            };
+        }
+        let backing = self.backing_file(inode).and_then(|file| {
+            reply
+                .open_backing(&file)
+                .inspect_err(|e| {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(ino, error = %e, "kernel refused a passthrough backing file");
+                })
+                .ok()
+            // `file` closes here: the kernel holds its own reference.
+        });
+        match &backing {
+            Some(id) => {
+                self.counters.opens.fetch_add(1, Ordering::Relaxed);
+                reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id);
+            }
+            None => reply.opened(FileHandle(0), CACHED),
+        }
+        open.insert(ino, Open { backing, count: 1 });
+    }
+
+    /// Notes a release of `ino`; the last one drops the backing id (which
+    /// closes it in the kernel) and, for a file read the normal way, starts
+    /// assembly if its chunks are all cached by now.
+    pub(super) fn release(&self, ino: u64, inode: &Inode) {
+        let last = {
+            let mut open = self.open.lock().expect("open-inode table poisoned");
+            match open.get_mut(&ino) {
+                Some(o) if o.count > 1 => {
+                    o.count -= 1;
+                    None
+                }
+                Some(_) => open.remove(&ino),
+                None => None,
+            }
+        };
+        if let Some(o) = last
+            && o.backing.is_none()
+        {
+            self.prepare(inode);
+        }
+    }
+
+    /// A standalone, verified cache file holding exactly this file's
+    /// content, opened read-only; otherwise starts whatever background work
+    /// (verification, assembly) lets a later open pass through.
+    fn backing_file(&self, inode: &Inode) -> Option<File> {
+        let key = key(&self.layer, inode)?;
+        let cache = self.layer.cache();
+        let Some((path, len)) = cache.verified_file(&key) else {
+            self.prepare(inode);
+            return None;
+        };
+        // A whole-file digest shared with other content of another size
+        // would be a lying TOC; never pass such a file through.
+        if len != inode.size {
+            return None;
+        }
+        File::open(&path)
+            .inspect_err(
+                |e| tracing::debug!(path = %path.display(), error = %e, "cannot open cache file"),
+            )
+            .ok()
+    }
+
+    /// Starts, on the blocking pool, the work that gives `inode` a verified
+    /// standalone file: verifying one found on disk, or assembling one from
+    /// the file's cached chunks.
+    fn prepare(&self, inode: &Inode) {
+        if !self.enabled {
+            return;
+        }
+        let Some(key) = key(&self.layer, inode) else {
+            return;
+        };
+        let cache = self.layer.cache().clone();
+        if cache.contains(&key) {
+            if cache.verified_file(&key).is_none() {
+                // Found on disk at startup: hash it once, off the FUSE thread.
+                self.runtime.spawn_blocking(move || cache.file_path(&key));
+            }
+            return;
+        }
+        let chunks = self.layer.index().file_chunks(inode);
+        if chunks.len() < 2 || !chunks.iter().all(|c| cache.contains(&c.digest)) {
+            return;
+        }
+        let parts: Vec<(Digest, u64)> = chunks.iter().map(|c| (c.digest, c.size)).collect();
+        let counters = self.counters.clone();
+        self.runtime
+            .spawn_blocking(move || match cache.assemble(&key, &parts) {
+                Ok(crate::cache::Assembled::Done) => {
+                    counters.assembled.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(other) => {
+                    tracing::debug!(digest = %key, outcome = ?other, "whole file not assembled")
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %key, error = %e, "assembling a whole file failed")
+                }
+            });
+    }
+}
+
+/// The cache key of a file's standalone copy: its only chunk, or its
+/// whole-file digest from the TOC. `None` for files not worth passing
+/// through or without a usable key.
+fn key(layer: &Layer, inode: &Inode) -> Option<Digest> {
+    if inode.kind != FileKind::Reg || inode.size < MIN_SIZE {
+        return None;
+    }
+    match layer.index().file_chunks(inode) {
+        [only] if only.file_offset == 0 && only.size == inode.size => Some(only.digest),
+        _ => inode.digest,
+    }
+}
