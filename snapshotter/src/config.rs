@@ -68,6 +68,9 @@ pub struct SnapshotterConfig {
     pub shutdown_grace_secs: u64,
     /// FUSE worker threads per mounted layer.
     pub fuse_threads: usize,
+    /// Hand fully cached files to the kernel (FUSE passthrough, Linux >=
+    /// 6.9), so their reads skip the daemon; ignored where unsupported.
+    pub fuse_passthrough: bool,
 }
 
 impl Default for SnapshotterConfig {
@@ -77,6 +80,7 @@ impl Default for SnapshotterConfig {
             allow_unverified_layers: false,
             shutdown_grace_secs: 5,
             fuse_threads: 4,
+            fuse_passthrough: true,
         }
     }
 }
@@ -99,14 +103,38 @@ pub struct CacheSection {
     pub dir: Option<PathBuf>,
 }
 
-/// Knobs of the background fetcher (issue 5); read but not acted on yet.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// When and how much tarn fetches beyond what containers read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FetchSection {
-    /// Fetch every chunk of a mounted layer in the background.
+    /// Fetch every chunk of a mounted layer in the background, below
+    /// on-demand reads, until the layer is complete.
     pub background: bool,
-    /// How long a Prepare may wait for a layer's prefetch; 0: not at all.
+    /// How long a Prepare waits for a layer's prioritized files (those
+    /// before its `.prefetch.landmark`) before it answers; the rest goes on
+    /// in the background. 0: do not prefetch.
     pub prefetch_timeout_ms: u64,
+    /// Background GETs on the wire at once, all layers together; sized to
+    /// fill the bandwidth-delay product of a far registry.
+    pub background_requests: usize,
+    /// Limit on background fetching in MB/s (10^6 bytes); 0: none.
+    pub background_rate_mbps: u64,
+    /// KiB an on-demand miss also fetches, in the same GET, of what follows
+    /// it in the blob; 0: no read-ahead.
+    pub read_ahead_kib: u64,
+}
+
+impl Default for FetchSection {
+    fn default() -> Self {
+        let sched = tarn_fs::fetch::SchedulerConfig::default();
+        FetchSection {
+            background: false,
+            prefetch_timeout_ms: 10_000,
+            background_requests: sched.background_concurrency,
+            background_rate_mbps: 0,
+            read_ahead_kib: sched.read_ahead / 1024,
+        }
+    }
 }
 
 impl Config {
@@ -144,6 +172,24 @@ impl Config {
                 .unwrap_or(Path::new("/"))
                 .join(ADMIN_SOCKET_NAME)
         })
+    }
+
+    /// The fetch scheduler's settings from `[fetch]`.
+    pub fn scheduler_config(&self) -> tarn_fs::fetch::SchedulerConfig {
+        let f = &self.fetch;
+        tarn_fs::fetch::SchedulerConfig {
+            background_concurrency: f.background_requests.max(1),
+            background_rate: (f.background_rate_mbps > 0)
+                .then(|| f.background_rate_mbps * 1_000_000),
+            read_ahead: f.read_ahead_kib * 1024,
+            ..tarn_fs::fetch::SchedulerConfig::default()
+        }
+    }
+
+    /// `None` when prefetching is off.
+    pub fn prefetch_timeout(&self) -> Option<Duration> {
+        (self.fetch.prefetch_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.fetch.prefetch_timeout_ms))
     }
 
     pub fn resolve_timeout(&self) -> Duration {

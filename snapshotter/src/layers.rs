@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use tarn_fs::Digest;
 use tarn_fs::cache::{Cache, CacheStats};
-use tarn_fs::fetch::FetchStatsSnapshot;
+use tarn_fs::fetch::{FetchScheduler, FetchStatsSnapshot};
 use tarn_fs::fuse::{MountHandle, MountOptions};
-use tarn_fs::layer::Layer;
+use tarn_fs::layer::{Layer, PrefetchOutcome};
 use tarn_fs::registry::RegistryClient;
 
 use crate::labels::RemoteLayer;
@@ -81,12 +81,25 @@ pub struct LayerStatus {
     pub failed: Option<String>,
 }
 
+/// How layers are mounted and fetched, from the daemon's config.
+#[derive(Clone)]
+pub struct LayerOptions {
+    pub fuse_threads: usize,
+    pub passthrough: bool,
+    /// One scheduler for every layer, so intents order all GETs together.
+    pub scheduler: FetchScheduler,
+    /// Wait this long for a layer's prioritized files before Prepare answers.
+    pub prefetch_timeout: Option<std::time::Duration>,
+    /// Fetch whole layers in the background.
+    pub background: bool,
+}
+
 pub struct Layers {
     layout: Layout,
     cache: Arc<Cache>,
     resolver: Arc<Resolver>,
     runtime: tokio::runtime::Handle,
-    fuse_threads: usize,
+    options: LayerOptions,
     mounted: Mutex<HashMap<Digest, Mounted>>,
     /// Layers that could not be restored at start: (layer, blob size, why).
     failed: Mutex<HashMap<Digest, (RemoteLayer, u64, String)>>,
@@ -100,14 +113,14 @@ impl Layers {
         cache: Arc<Cache>,
         client: RegistryClient,
         runtime: tokio::runtime::Handle,
-        fuse_threads: usize,
+        options: LayerOptions,
     ) -> Self {
         Layers {
             layout,
-            resolver: Resolver::new(client, cache.clone()),
+            resolver: Resolver::new(client, cache.clone(), options.scheduler.clone()),
             cache,
             runtime,
-            fuse_threads,
+            options,
             mounted: Mutex::default(),
             failed: Mutex::default(),
             locks: KeyedMutex::default(),
@@ -161,8 +174,9 @@ impl Layers {
         let dir = self.layout.layer_dir(&info.digest);
         let (layer, runtime) = (resolved.layer.clone(), self.runtime.clone());
         let options = MountOptions {
-            threads: self.fuse_threads,
+            threads: self.options.fuse_threads,
             fsname: format!("tarn:{}", info.digest),
+            passthrough: self.options.passthrough,
             ..MountOptions::default()
         };
         let handle = tokio::task::spawn_blocking(move || {
@@ -181,6 +195,7 @@ impl Layers {
             .expect("failed map poisoned")
             .remove(&info.digest);
         self.resolver.mounted(&info.digest);
+        let layer = resolved.layer.clone();
         self.mounted.lock().expect("mounted map poisoned").insert(
             info.digest,
             Mounted {
@@ -190,7 +205,29 @@ impl Layers {
                 handle,
             },
         );
+        self.warm(info, &layer).await;
         Ok(())
+    }
+
+    /// Prefetches a freshly mounted layer's prioritized files, waiting for
+    /// them up to the prefetch timeout, then starts its background fetch if
+    /// configured. The background fetch stops when the layer is unmounted.
+    async fn warm(&self, info: &RemoteLayer, layer: &Layer) {
+        if let Some(timeout) = self.options.prefetch_timeout {
+            let started = std::time::Instant::now();
+            match layer.prefetch(timeout).await {
+                PrefetchOutcome::NoLandmark => {}
+                outcome => tracing::info!(
+                    layer = %info.digest,
+                    ?outcome,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "prefetch"
+                ),
+            }
+        }
+        if self.options.background {
+            layer.start_background().detach();
+        }
     }
 
     /// Records a layer that could not be restored, for the admin API.

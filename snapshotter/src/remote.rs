@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
+use tarn_fs::fetch::FetchScheduler;
 use tarn_fs::registry::RegistryClient;
 
 use crate::config::Config;
 use crate::labels::{self, Decision, RemoteLayer};
-use crate::layers::{LayerStatus, Layers, Resolved};
+use crate::layers::{LayerOptions, LayerStatus, Layers, Resolved};
 use crate::locks::KeyedMutex;
 use crate::metastore;
 use crate::mounts::Mount;
@@ -91,7 +92,13 @@ impl RemoteSnapshotter {
             Arc::new(cache),
             client,
             tokio::runtime::Handle::current(),
-            config.snapshotter.fuse_threads,
+            LayerOptions {
+                fuse_threads: config.snapshotter.fuse_threads,
+                passthrough: config.snapshotter.fuse_passthrough,
+                scheduler: FetchScheduler::new(config.scheduler_config()),
+                prefetch_timeout: config.prefetch_timeout(),
+                background: config.fetch.background,
+            },
         );
         let rs = RemoteSnapshotter {
             sn,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
+use tarn_fs::fetch::FetchScheduler;
 use tarn_fs::layer::Layer;
 use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RemoteBlob, ResolvedImage};
 
@@ -56,6 +57,7 @@ impl<K: Eq + Hash, V: Clone> Memo<K, V> {
 pub struct Resolver {
     client: RegistryClient,
     cache: Arc<Cache>,
+    scheduler: FetchScheduler,
     images: Singleflight<String, Result<Arc<ResolvedImage>, LayerError>>,
     recent_images: Memo<String, Arc<ResolvedImage>>,
     layers: Singleflight<Digest, Result<Resolved, LayerError>>,
@@ -63,10 +65,11 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(client: RegistryClient, cache: Arc<Cache>) -> Arc<Self> {
+    pub fn new(client: RegistryClient, cache: Arc<Cache>, scheduler: FetchScheduler) -> Arc<Self> {
         Arc::new(Resolver {
             client,
             cache,
+            scheduler,
             images: Singleflight::default(),
             recent_images: Memo::new(),
             layers: Singleflight::default(),
@@ -212,9 +215,14 @@ impl Resolver {
             digest: info.digest,
             size,
         });
-        let layer = Layer::open(source, info.toc_digest, self.cache.clone())
-            .await
-            .map_err(LayerError::new)?;
+        let layer = Layer::open_with(
+            source,
+            info.toc_digest,
+            self.cache.clone(),
+            self.scheduler.clone(),
+        )
+        .await
+        .map_err(LayerError::new)?;
         Ok(Resolved::new(Arc::new(layer), size, info.toc_digest))
     }
 }
