@@ -159,13 +159,17 @@ tarn_bin() {
 }
 
 # The daemon's configuration. Kept in one function because its keys follow
-# the daemon as it grows.
+# the daemon as it grows. $TARN_CONFIG_EXTRA (TOML sections other than
+# [registry]) is appended, e.g. $'[fetch]\nbackground = true'.
 write_tarn_config() {
   {
     echo "# written by scripts/testbed.sh"
     if [ -n "${REGISTRY:-}" ]; then
       echo "[registry]"
       echo "plain_http = [\"$REGISTRY\"]"
+    fi
+    if [ -n "${TARN_CONFIG_EXTRA:-}" ]; then
+      printf '%s\n' "$TARN_CONFIG_EXTRA"
     fi
   } >"$DIR/tarn.toml"
 }
