@@ -56,6 +56,10 @@ impl Resolved {
         self.blob_size
     }
 
+    pub fn layer(&self) -> &Arc<Layer> {
+        &self.layer
+    }
+
     /// The TOC digest the layer was verified against.
     pub fn toc_digest(&self) -> Option<Digest> {
         self.toc_digest
@@ -117,7 +121,12 @@ impl Layers {
     ) -> Self {
         Layers {
             layout,
-            resolver: Resolver::new(client, cache.clone(), options.scheduler.clone()),
+            resolver: Resolver::new(
+                client,
+                cache.clone(),
+                options.scheduler.clone(),
+                options.prefetch_timeout,
+            ),
             cache,
             runtime,
             options,

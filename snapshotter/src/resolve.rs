@@ -6,6 +6,7 @@
 //! a few round trips per layer; so the first Prepare of an image starts
 //! resolving all of the image's eStargz layers at once ([`Resolver::ahead`]),
 //! and the Prepares that follow find their layer resolved or in flight.
+//! Each layer resolved ahead also starts prefetching its prioritized files.
 //! Results are kept for a short while ([`KEEP`]) for those Prepares; a layer
 //! that gets mounted is taken out of that memo.
 
@@ -58,6 +59,8 @@ pub struct Resolver {
     client: RegistryClient,
     cache: Arc<Cache>,
     scheduler: FetchScheduler,
+    /// Prefetch layers resolved ahead, for up to this long.
+    prefetch: Option<Duration>,
     images: Singleflight<String, Result<Arc<ResolvedImage>, LayerError>>,
     recent_images: Memo<String, Arc<ResolvedImage>>,
     layers: Singleflight<Digest, Result<Resolved, LayerError>>,
@@ -65,11 +68,17 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(client: RegistryClient, cache: Arc<Cache>, scheduler: FetchScheduler) -> Arc<Self> {
+    pub fn new(
+        client: RegistryClient,
+        cache: Arc<Cache>,
+        scheduler: FetchScheduler,
+        prefetch: Option<Duration>,
+    ) -> Arc<Self> {
         Arc::new(Resolver {
             client,
             cache,
             scheduler,
+            prefetch,
             images: Singleflight::default(),
             recent_images: Memo::new(),
             layers: Singleflight::default(),
@@ -178,8 +187,18 @@ impl Resolver {
                 };
                 let (me, size) = (me.clone(), desc.size);
                 tokio::spawn(async move {
-                    if let Err(e) = me.layer(&info, Some(size)).await {
-                        tracing::debug!(layer = %info.digest, error = %e, "resolve ahead failed");
+                    match me.layer(&info, Some(size)).await {
+                        // Its prioritized files too, all layers at once: the
+                        // Prepare of this layer then waits only for what is
+                        // still on the wire (chunk fetches are shared).
+                        Ok(r) => {
+                            if let Some(timeout) = me.prefetch {
+                                let _ = r.layer().prefetch(timeout).await;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(layer = %info.digest, error = %e, "resolve ahead failed");
+                        }
                     }
                 });
             }
