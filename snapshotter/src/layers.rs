@@ -81,6 +81,8 @@ pub struct LayerStatus {
     pub mountpoint: PathBuf,
     pub blob_size: u64,
     pub stats: FetchStatsSnapshot,
+    /// Every chunk is cached: reads no longer touch the network.
+    pub complete: bool,
     /// Why it could not be restored, if it could not.
     pub failed: Option<String>,
 }
@@ -331,6 +333,7 @@ impl Layers {
                 mountpoint: m.handle.mountpoint().to_owned(),
                 blob_size: m.blob_size,
                 stats: m.layer.stats(),
+                complete: m.layer.progress().complete,
                 failed: None,
             })
             .collect();
@@ -345,6 +348,7 @@ impl Layers {
                     mountpoint: self.mountpoint(&info.digest),
                     blob_size: *size,
                     stats: FetchStatsSnapshot::default(),
+                    complete: false,
                     failed: Some(why.clone()),
                 }),
         );

@@ -288,6 +288,7 @@ impl Admin for AdminService {
             .map(|l| {
                 let state = match &l.failed {
                     Some(_) => admin::LayerState::Failed,
+                    None if l.complete => admin::LayerState::Complete,
                     None => admin::LayerState::Mounted,
                 };
                 admin::Layer {
