@@ -27,7 +27,7 @@ images: deps
 	scripts/images.sh build
 
 test: setup images
-	$(CARGO) test --release --workspace
+	$(CARGO) test --release --workspace --no-fail-fast
 
 demo: setup images
 	scripts/demo.sh
