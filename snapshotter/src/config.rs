@@ -263,38 +263,3 @@ mod tests {
         );
     }
 }
-
-#[cfg(test)]
-mod deploy_tests {
-    use super::Config;
-
-    /// The example shipped in deploy/ is what operators copy: it must load
-    /// with exactly the keys this daemon accepts, and say what the defaults
-    /// are.
-    #[test]
-    fn shipped_example_config_loads_and_states_the_defaults() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config.toml");
-        let config = Config::load(&path, true).expect("deploy/config.toml loads");
-        assert_eq!(config, Config::default());
-    }
-
-    /// The DaemonSet's ConfigMap carries a config.toml block too.
-    #[test]
-    fn daemonset_config_map_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy/kubernetes/daemonset.yaml");
-        let yaml = std::fs::read_to_string(path).expect("read daemonset.yaml");
-        let block: String = yaml
-            .lines()
-            .skip_while(|l| l.trim() != "config.toml: |")
-            .skip(1)
-            .take_while(|l| l.starts_with("    ") || l.is_empty())
-            .map(|l| format!("{}\n", l.trim_start()))
-            .collect();
-        assert!(
-            block.contains("[registry]"),
-            "no config.toml block found in the ConfigMap"
-        );
-        toml::from_str::<Config>(&block).expect("the ConfigMap's config.toml loads");
-    }
-}
