@@ -8,4 +8,5 @@ pub mod cri;
 pub mod daemon;
 pub mod mounts;
 pub mod registry;
+pub mod settle;
 pub mod testbed;

@@ -124,7 +124,7 @@ impl TestRegistry {
 
     /// Every completed request so far, in order.
     pub fn log(&self) -> Result<Vec<LoggedRequest>> {
-        let text = fs::read_to_string(self.log_path())?;
+        let text = crate::settle::read_settled(&self.log_path())?;
         Ok(parse_log(&text))
     }
 

@@ -176,7 +176,7 @@ impl Testbed {
     /// Every request the registry has answered so far, in order.
     pub fn registry_log(&self) -> Result<Vec<Request>, TestbedError> {
         let path = PathBuf::from(self.require("REGISTRY_LOG")?);
-        let text = fs::read_to_string(&path).map_err(|source| TestbedError::Read {
+        let text = crate::settle::read_settled(&path).map_err(|source| TestbedError::Read {
             path: path.clone(),
             source,
         })?;
