@@ -28,6 +28,9 @@ SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5}"
 OUT="${BENCH_OUT:-$REPO_ROOT/bench}"
 STEP_TIMEOUT="${BENCH_STEP_TIMEOUT:-600}"
 CONCURRENT=20
+# tarn's own debug events (Prepare, resolve) without the per-request
+# debug lines of FUSE, HTTP/2 and hyper, which cost time on the paths timed.
+export TARN_LOG_LEVEL="${TARN_LOG_LEVEL:-info,tarn_snapshotter=debug,tarn_fs=debug}"
 RATE_MBIT=100
 
 while [ "$#" -gt 0 ]; do
@@ -198,7 +201,7 @@ tarn_lazy_check() {
 
 tarn_pull() {
   [ -n "$TARN_BIN" ] || { REASON="the tarn CLI is not built"; return 1; }
-  step "$1" "$TARN_BIN" pull --plain-http --address "$CONTAINERD_SOCK" "$2"
+  step "$1" "$TARN_BIN" pull --plain-http --address "$CONTAINERD_SOCK" --admin-address "$TARN_ADMIN_SOCK" "$2"
 }
 
 # ---------------------------------------------------------------- images
@@ -404,7 +407,7 @@ s3_one() {
       bed_down
       return 0
     fi
-    cmd=("$TARN_BIN" pull --plain-http --address "$CONTAINERD_SOCK" "$ref")
+    cmd=("$TARN_BIN" pull --plain-http --address "$CONTAINERD_SOCK" --admin-address "$TARN_ADMIN_SOCK" "$ref")
   else
     cmd=(ctr --address "$CONTAINERD_SOCK" image pull --plain-http "$ref")
   fi

@@ -90,7 +90,7 @@ if [ "$FULL_ONLY" = 0 ]; then
   # tarn pull gives each layer's Prepare the labels a lazy snapshotter needs
   # (image reference, layer digest, TOC digest); tarn answers at once for
   # every eStargz layer and containerd downloads nothing.
-  "$TARN" pull --address "$CONTAINERD_SOCK" --snapshotter tarn "$REGISTRY/multi-esgz:latest"
+  "$TARN" pull --address "$CONTAINERD_SOCK" --admin-address "$TARN_ADMIN_SOCK" --snapshotter tarn "$REGISTRY/multi-esgz:latest"
   out="$("${CTR[@]}" run --rm --snapshotter tarn "$REGISTRY/multi-esgz:latest" "demo-lazy-$$" /app/run.sh)"
   t1="$(now)"
   # Measured at once: tarn may go on fetching in the background.

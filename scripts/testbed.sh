@@ -179,7 +179,7 @@ start_tarn() {
   bin="$(tarn_bin)"
   mkdir -p "$DIR/tarn"
   write_tarn_config
-  local args=(--root "$DIR/tarn" --address "$DIR/tarn.sock" --config "$DIR/tarn.toml" --log-level debug)
+  local args=(--root "$DIR/tarn" --address "$DIR/tarn.sock" --config "$DIR/tarn.toml" --log-level "${TARN_LOG_LEVEL:-debug}")
   # The admin socket flag is passed only when this daemon build knows it.
   if "$bin" --help 2>/dev/null | grep -q -- '--admin-address'; then
     args+=(--admin-address "$DIR/tarn-admin.sock")

@@ -214,6 +214,12 @@ mod tests {
         async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
             Ok(Response::new(stats()))
         }
+        async fn expect(
+            &self,
+            _: Request<tarn_proto::admin::ExpectRequest>,
+        ) -> Result<Response<tarn_proto::admin::ExpectResponse>, Status> {
+            Err(Status::unimplemented("not used by status"))
+        }
     }
 
     #[tokio::test]

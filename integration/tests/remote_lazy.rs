@@ -425,14 +425,19 @@ fn concurrent_pulls_resolve_each_layer_once() {
     let out = b.run(&plain, "conc2", &["/bin/sh", "-c", "echo ordinary-ok"]);
     assert!(out.contains("ordinary-ok"), "{out}");
 
-    // `tarn pull` of another eStargz image, 20 at once.
+    // `tarn pull` of another eStargz image, 20 at once, each telling the
+    // daemon about the pull (the head start): still one resolution each.
     let python = b.push("python-esgz");
+    let python_layers = image_layers("python-esgz");
+    let before = b.registry_log().len();
     let tarn = tarn_bin();
     let pulls: Vec<_> = (0..20)
         .map(|_| {
             Command::new(&tarn)
                 .args(["pull", "--snapshotter", "tarn", "--address"])
                 .arg(b.bed.containerd_sock().expect("containerd"))
+                .arg("--admin-address")
+                .arg(b.tarn.admin_address())
                 .arg(&python)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -448,6 +453,20 @@ fn concurrent_pulls_resolve_each_layer_once() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let (gets, _) = blob_gets(&b.registry_log()[before..], &python_layers);
+    assert_eq!(
+        gets.len(),
+        python_layers.len(),
+        "every layer resolved: {gets:?}"
+    );
+    assert!(
+        gets.values().all(|&n| n <= 2),
+        "20 pulls with hints: each layer's footer and TOC fetched once: {gets:?}"
+    );
+    assert!(
+        b.tarn.log().contains("pull expected"),
+        "the daemon took the pull hints"
+    );
     let out = b.run(
         &python,
         "conc3",

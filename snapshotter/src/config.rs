@@ -122,6 +122,9 @@ pub struct FetchSection {
     /// KiB an on-demand miss also fetches, in the same GET, of what follows
     /// it in the blob; 0: no read-ahead.
     pub read_ahead_kib: u64,
+    /// KiB the read-ahead window grows to (doubling) while reads walk along
+    /// the blob.
+    pub read_ahead_max_kib: u64,
 }
 
 impl Default for FetchSection {
@@ -133,6 +136,7 @@ impl Default for FetchSection {
             background_requests: sched.background_concurrency,
             background_rate_mbps: 0,
             read_ahead_kib: sched.read_ahead / 1024,
+            read_ahead_max_kib: sched.read_ahead_max / 1024,
         }
     }
 }
@@ -182,6 +186,7 @@ impl Config {
             background_rate: (f.background_rate_mbps > 0)
                 .then(|| f.background_rate_mbps * 1_000_000),
             read_ahead: f.read_ahead_kib * 1024,
+            read_ahead_max: f.read_ahead_max_kib * 1024,
             ..tarn_fs::fetch::SchedulerConfig::default()
         }
     }

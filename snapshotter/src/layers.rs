@@ -16,7 +16,7 @@ use tarn_fs::cache::{Cache, CacheStats};
 use tarn_fs::fetch::{FetchScheduler, FetchStatsSnapshot};
 use tarn_fs::fuse::{MountHandle, MountOptions};
 use tarn_fs::layer::{Layer, PrefetchOutcome};
-use tarn_fs::registry::RegistryClient;
+use tarn_fs::registry::{RegistryClient, ResolvedImage};
 
 use crate::labels::RemoteLayer;
 use crate::locks::{KeyedGuard, KeyedMutex};
@@ -128,6 +128,7 @@ impl Layers {
                 cache.clone(),
                 options.scheduler.clone(),
                 options.prefetch_timeout,
+                options.background,
             ),
             cache,
             runtime,
@@ -176,6 +177,15 @@ impl Layers {
         let skip: HashSet<Digest> = mounted.keys().copied().collect();
         drop(mounted);
         self.resolver.ahead(image_ref, skip);
+    }
+
+    /// Starts resolving the layers of `image`, the manifest of `image_ref`
+    /// handed over by a pull; see [`Resolver::expect`].
+    pub fn expect(&self, image_ref: &str, image: ResolvedImage) -> usize {
+        let mounted = self.mounted.lock().expect("mounted map poisoned");
+        let skip: HashSet<Digest> = mounted.keys().copied().collect();
+        drop(mounted);
+        self.resolver.expect(image_ref, image, skip)
     }
 
     /// Mounts a resolved layer at its mountpoint, replacing whatever a

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
 use tarn_fs::fetch::FetchScheduler;
-use tarn_fs::registry::RegistryClient;
+use tarn_fs::registry::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
+use tarn_fs::registry::{Reference, RegistryClient, ResolvedImage};
 
 use crate::config::Config;
 use crate::labels::{self, Decision, RemoteLayer};
@@ -114,6 +115,39 @@ impl RemoteSnapshotter {
 
     pub fn snapshotter(&self) -> &Arc<Snapshotter> {
         &self.sn
+    }
+
+    /// A pull of `image_ref` whose manifest is `manifest` has begun: starts
+    /// resolving its layers; see [`crate::resolve::Resolver::expect`].
+    /// An error is the reason the hint is refused, for the caller.
+    pub fn expect(&self, image_ref: &str, manifest: &[u8]) -> Result<usize, String> {
+        image_ref
+            .parse::<Reference>()
+            .map_err(|e| format!("image reference {image_ref:?}: {e}"))?;
+        if manifest.len() > MAX_MANIFEST_BYTES {
+            return Err(format!(
+                "manifest of {} bytes is over the {MAX_MANIFEST_BYTES}-byte limit",
+                manifest.len()
+            ));
+        }
+        let image = match manifest::parse(manifest, None) {
+            Ok(Parsed::Image {
+                media_type,
+                config,
+                layers,
+            }) => ResolvedImage {
+                manifest_digest: Digest::of(manifest),
+                manifest_bytes: manifest.to_vec(),
+                manifest_media_type: media_type,
+                config,
+                layers,
+            },
+            Ok(Parsed::Index { .. }) => {
+                return Err("an image index, not an image manifest".to_string());
+            }
+            Err(e) => return Err(format!("manifest: {e}")),
+        };
+        Ok(self.layers.expect(image_ref, image))
     }
 
     /// Prepare: lazily for a layer tarn can serve, ordinarily otherwise.

@@ -6,7 +6,11 @@
 //! a few round trips per layer; so the first Prepare of an image starts
 //! resolving all of the image's eStargz layers at once ([`Resolver::ahead`]),
 //! and the Prepares that follow find their layer resolved or in flight.
-//! Each layer resolved ahead also starts prefetching its prioritized files.
+//! Each layer resolved ahead also starts prefetching its prioritized files,
+//! and its background fetch when that is on. `tarn pull` goes one step
+//! earlier: it hands the daemon the manifest it just fetched
+//! ([`Resolver::expect`]), so resolution starts while the pull is still
+//! fetching the config, and the daemon's own manifest GET is saved.
 //! Results are kept for a short while ([`KEEP`]) for those Prepares; a layer
 //! that gets mounted is taken out of that memo.
 
@@ -61,6 +65,10 @@ pub struct Resolver {
     scheduler: FetchScheduler,
     /// Prefetch layers resolved ahead, for up to this long.
     prefetch: Option<Duration>,
+    /// Start the background fetch of layers resolved ahead.
+    background: bool,
+    /// Images whose layers are being resolved ahead (or were, recently).
+    started: Memo<String, ()>,
     images: Singleflight<String, Result<Arc<ResolvedImage>, LayerError>>,
     recent_images: Memo<String, Arc<ResolvedImage>>,
     layers: Singleflight<Digest, Result<Resolved, LayerError>>,
@@ -73,12 +81,15 @@ impl Resolver {
         cache: Arc<Cache>,
         scheduler: FetchScheduler,
         prefetch: Option<Duration>,
+        background: bool,
     ) -> Arc<Self> {
         Arc::new(Resolver {
             client,
             cache,
             scheduler,
             prefetch,
+            background,
+            started: Memo::new(),
             images: Singleflight::default(),
             recent_images: Memo::new(),
             layers: Singleflight::default(),
@@ -156,19 +167,46 @@ impl Resolver {
         self.recent_layers.take(digest);
     }
 
+    /// Takes `image` as the manifest of `image_ref` (from a client that
+    /// fetched it, `tarn pull`) and starts resolving its layers ahead.
+    /// Returns how many layers carry a TOC digest.
+    pub fn expect(
+        self: &Arc<Self>,
+        image_ref: &str,
+        image: ResolvedImage,
+        skip: HashSet<Digest>,
+    ) -> usize {
+        let lazy = image
+            .layers
+            .iter()
+            .filter(|d| d.annotations.contains_key(TOC_DIGEST))
+            .count();
+        // A newer manifest for the tag: resolve its layers too.
+        let known = self.recent_images.get(&image_ref.to_owned());
+        if known.is_some_and(|k| k.manifest_digest != image.manifest_digest) {
+            self.started.take(&image_ref.to_owned());
+        }
+        self.recent_images
+            .put(image_ref.to_owned(), Arc::new(image));
+        self.ahead(image_ref, skip);
+        lazy
+    }
+
     /// Starts resolving, in the background and all at once, every layer of
     /// `image_ref` that carries a TOC digest annotation, except `skip`.
     pub fn ahead(self: &Arc<Self>, image_ref: &str, skip: HashSet<Digest>) {
-        if self.recent_images.get(&image_ref.to_owned()).is_some() {
-            // Already started for this image.
+        if self.started.get(&image_ref.to_owned()).is_some() {
             return;
         }
+        self.started.put(image_ref.to_owned(), ());
         let (me, r) = (self.clone(), image_ref.to_owned());
         tokio::spawn(async move {
             let image = match me.image(&r).await {
                 Ok(i) => i,
                 Err(e) => {
                     tracing::debug!(image = %r, error = %e, "resolve ahead: no manifest");
+                    // The Prepares will say why; a later one may try again.
+                    me.started.take(&r);
                     return;
                 }
             };
@@ -194,6 +232,12 @@ impl Resolver {
                         Ok(r) => {
                             if let Some(timeout) = me.prefetch {
                                 let _ = r.layer().prefetch(timeout).await;
+                            }
+                            // Fills the link from now, not from the mount;
+                            // it stops if the layer is never mounted and
+                            // leaves the memo.
+                            if me.background {
+                                r.layer().start_background().detach();
                             }
                         }
                         Err(e) => {

@@ -309,6 +309,21 @@ impl Admin for AdminService {
         Ok(Response::new(admin::ListLayersResponse { layers }))
     }
 
+    async fn expect(
+        &self,
+        req: Request<admin::ExpectRequest>,
+    ) -> Result<Response<admin::ExpectResponse>, Status> {
+        let req = req.into_inner();
+        let layers = self
+            .rs
+            .expect(&req.image_ref, &req.manifest)
+            .map_err(Status::invalid_argument)?;
+        tracing::debug!(image = %req.image_ref, layers, "pull expected");
+        Ok(Response::new(admin::ExpectResponse {
+            layers: layers as u32,
+        }))
+    }
+
     async fn stats(
         &self,
         _req: Request<admin::StatsRequest>,

@@ -54,6 +54,49 @@ pub struct PullArgs {
     /// layer is used (passed as the stargz prefetch label)
     #[arg(long)]
     pub prefetch_size: Option<u64>,
+    /// The tarn daemon's admin socket: told about the pull as soon as the
+    /// manifest is in, so it resolves the lazy layers while the pull goes
+    /// on (default with --snapshotter tarn: /run/tarn/admin.sock)
+    #[arg(long)]
+    pub admin_address: Option<PathBuf>,
+}
+
+/// Where the tarn daemon listens when `--admin-address` is not given.
+const DEFAULT_ADMIN_ADDRESS: &str = "/run/tarn/admin.sock";
+
+impl PullArgs {
+    /// The admin socket to tell about this pull: the one given, else the
+    /// default when the snapshotter is tarn (no other daemon listens there).
+    fn expect_address(&self) -> Option<PathBuf> {
+        self.admin_address
+            .clone()
+            .or_else(|| (self.snapshotter == "tarn").then(|| PathBuf::from(DEFAULT_ADMIN_ADDRESS)))
+    }
+}
+
+/// Tells the tarn daemon at `address` that `reference`, whose manifest is
+/// `manifest`, is being pulled. A hint: a daemon that is not there or
+/// refuses only costs the head start, so failures are logged, not raised.
+async fn expect(address: PathBuf, reference: String, manifest: Vec<u8>) {
+    use tarn_proto::admin::{ExpectRequest, admin_client::AdminClient};
+    if !address.exists() {
+        tracing::debug!(address = %address.display(), "no tarn admin socket; no head start");
+        return;
+    }
+    let sent = async {
+        let channel = containerd_client::connect(&address).await?;
+        let reply = AdminClient::new(channel)
+            .expect(ExpectRequest {
+                image_ref: reference,
+                manifest,
+            })
+            .await?;
+        anyhow::Ok(reply.into_inner().layers)
+    };
+    match sent.await {
+        Ok(layers) => tracing::debug!(layers, "tarn resolves the lazy layers ahead"),
+        Err(e) => tracing::debug!(error = %e, "tarn did not take the pull hint"),
+    }
 }
 
 /// What a finished pull did, for the summary line and tests.
@@ -95,6 +138,16 @@ pub async fn run(args: PullArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot resolve {}", args.reference))?;
 
+    // The daemon starts on the layers while the config is fetched and the
+    // unpack begins; the hint must not delay the pull itself.
+    let hint = args.expect_address().map(|a| {
+        tokio::spawn(expect(
+            a,
+            args.reference.clone(),
+            image.manifest_bytes.clone(),
+        ))
+    });
+
     let nonce = format!("{}-{}", std::process::id(), now_nanos());
     ctd.create_lease(&format!("tarn-pull-{nonce}"), LEASE_EXPIRY)
         .await?;
@@ -102,6 +155,10 @@ pub async fn run(args: PullArgs) -> Result<()> {
     // The image record (written last) now holds everything; without it the
     // lease's end lets containerd collect a failed pull's leftovers.
     let released = ctd.delete_lease().await;
+    if let Some(h) = hint {
+        // Long done by now; never worth failing the pull over.
+        let _ = h.await;
+    }
     let outcome = pulled?;
     released?;
 

@@ -25,5 +25,6 @@ mod stats;
 pub(crate) use fetcher::tests as fetcher_tests;
 pub use fetcher::{FetchError, Fetcher, MAX_MERGED_GET};
 pub use intent::Intent;
+pub use plan::MAX_GAP;
 pub use scheduler::{FetchScheduler, Permit, SchedulerConfig};
 pub use stats::{FetchStats, FetchStatsSnapshot};

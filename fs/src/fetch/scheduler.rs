@@ -36,6 +36,9 @@ pub struct SchedulerConfig {
     /// Compressed bytes an on-demand miss also fetches, in the same GET, of
     /// the chunks that follow it in blob order (0 disables read-ahead).
     pub read_ahead: u64,
+    /// The largest read-ahead window: a workload that keeps missing where
+    /// the last window ended doubles it up to this.
+    pub read_ahead_max: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -45,6 +48,7 @@ impl Default for SchedulerConfig {
             background_get: 4 << 20,
             background_rate: None,
             read_ahead: 1 << 20,
+            read_ahead_max: 8 << 20,
         }
     }
 }

@@ -5,41 +5,231 @@
 //! order it did read them). So the chunks that follow a miss in the blob are
 //! the likeliest next misses; fetching them in the same GET costs transfer
 //! time but no extra round trip.
+//!
+//! The window grows while a workload walks along the blob, as the kernel's
+//! page-cache readahead does along a file: a miss that lands at or shortly
+//! after the end of an earlier window doubles that stream's window, up to
+//! the scheduler's `read_ahead_max`; a miss anywhere else starts a stream
+//! at `read_ahead`. Half a base window before the miss comes too, in a GET
+//! of its own (read-behind). Python importing its standard library is such a walk:
+//! one `__pycache__` directory is megabytes of small files, read in
+//! roughly blob order, each one a round trip if fetched alone.
 
+use std::sync::Mutex;
+
+use crate::fetch::MAX_GAP;
 use crate::format::Chunk;
 
 use super::Layer;
 
+/// Streams remembered per layer: enough for a few interleaved walks.
+const STREAMS: usize = 4;
+
+/// One walk along the blob: where its last window ended and how large it
+/// was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stream {
+    start: u64,
+    end: u64,
+    window: u64,
+}
+
+/// The recent streams of a layer, most recent first.
+#[derive(Debug, Default)]
+pub(super) struct Streams(Mutex<Vec<Stream>>);
+
+impl Streams {
+    /// The window for a miss covering blob bytes from `start`, given the
+    /// base and largest windows; the stream it continues moves to the front.
+    fn window_for(&self, start: u64, base: u64, max: u64) -> u64 {
+        let streams = self.0.lock().expect("read-ahead streams poisoned");
+        // Continuing a stream: the miss is inside its last window (a chunk
+        // that was in flight or skipped) or within one window after it.
+        streams
+            .iter()
+            .find(|s| start >= s.start && start <= s.end.saturating_add(s.window))
+            .map_or(base, |s| {
+                s.window.saturating_mul(2).clamp(base, max.max(base))
+            })
+    }
+
+    fn record(&self, s: Stream) {
+        let mut streams = self.0.lock().expect("read-ahead streams poisoned");
+        streams.retain(|o| !(s.start >= o.start && s.start <= o.end.saturating_add(o.window)));
+        streams.insert(0, s);
+        streams.truncate(STREAMS);
+    }
+}
+
+/// What a miss fetches besides its own chunks.
+#[derive(Debug, Default)]
+pub(super) struct Plan {
+    /// Chunks of the file before the miss, and those just before it in the
+    /// blob: a GET of their own.
+    pub behind: Vec<Chunk>,
+    /// The rest of the file and what follows in the blob: with the miss.
+    pub ahead: Vec<Chunk>,
+}
+
 impl Layer {
-    /// The chunks to fetch along with `missing`: those right after the last
-    /// of them in blob order, contiguous, neither cached nor in flight, up
-    /// to the scheduler's read-ahead window of compressed bytes.
-    pub(super) fn read_ahead(&self, missing: &[Chunk]) -> Vec<Chunk> {
-        let window = self.fetcher.scheduler().config().read_ahead;
-        let Some(mut end) = missing.iter().map(|c| c.blob_range.1).max() else {
-            return Vec::new();
+    /// What to fetch along with `missing`, chunks of the file `file`
+    /// (its chunks in file order). A file that misses is likely read whole
+    /// (a program or library being mapped faults its pages in any order):
+    /// its other chunks come too when the file is at most `read_ahead_max`
+    /// compressed. Then the chunks after it in blob order, neither cached
+    /// nor in flight, separated by at most [`MAX_GAP`], up to the stream's
+    /// window of compressed bytes.
+    pub(super) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk]) -> Plan {
+        let config = self.fetcher.scheduler().config();
+        let (base, max) = (config.read_ahead, config.read_ahead_max);
+        let (Some(start), Some(mut end)) = (
+            missing.iter().map(|c| c.blob_range.0).min(),
+            missing.iter().map(|c| c.blob_range.1).max(),
+        ) else {
+            return Plan::default();
         };
+        if base == 0 {
+            return Plan::default();
+        }
+        let mut plan = Plan::default();
+        let wanted = |c: &Chunk| {
+            !missing.iter().any(|m| m.digest == c.digest)
+                && !self.fetcher.cache().contains(&c.digest)
+                && !self.fetcher.in_flight(&c.digest)
+        };
+        let file_bytes: u64 = file.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
+        if file_bytes <= max.max(base) {
+            for c in file.iter().filter(|c| wanted(c)) {
+                if c.blob_range.0 < start {
+                    plan.behind.push(*c);
+                } else {
+                    end = end.max(c.blob_range.1);
+                    plan.ahead.push(*c);
+                }
+            }
+        }
+        let window = self.streams.window_for(start, base, max);
         let chunks = &self.index.chunks;
+        // Read-behind, half a base window: the files just before a miss
+        // are often next (a program's libraries, modules imported out of
+        // blob order), and a GET of their own costs no round trip.
+        let mut first = plan
+            .behind
+            .iter()
+            .map(|c| c.blob_range.0)
+            .fold(start, u64::min);
+        let mut budget = base / 2;
+        let before = self
+            .blob_order
+            .partition_point(|&i| chunks[i as usize].blob_range.0 < first);
+        for &i in self.blob_order[..before].iter().rev() {
+            let c = &chunks[i as usize];
+            let len = first.saturating_sub(c.blob_range.0);
+            if c.blob_range.1 + MAX_GAP < first || len > budget || !wanted(c) {
+                break;
+            }
+            budget -= len;
+            first = c.blob_range.0;
+            plan.behind.push(*c);
+        }
         let from = self
             .blob_order
             .partition_point(|&i| chunks[i as usize].blob_range.0 < end);
-        let mut budget = window;
-        let mut out = Vec::new();
+        budget = window;
+        let out = &mut plan.ahead;
         for &i in &self.blob_order[from..] {
             let c = &chunks[i as usize];
-            let len = c.blob_range.1 - c.blob_range.0;
-            if c.blob_range.0 != end
-                || len > budget
-                || missing.iter().any(|m| m.digest == c.digest)
-                || self.fetcher.cache().contains(&c.digest)
-                || self.fetcher.in_flight(&c.digest)
-            {
+            // The gap's bytes travel too: they count against the window.
+            let len = c.blob_range.1 - end;
+            if c.blob_range.0 > end + MAX_GAP || len > budget || self.fetcher.in_flight(&c.digest) {
                 break;
+            }
+            if !wanted(c) {
+                // Cached (an identical file came before): a gap to carry.
+                continue;
             }
             budget -= len;
             end = c.blob_range.1;
             out.push(*c);
         }
-        out
+        self.streams.record(Stream { start, end, window });
+        tracing::debug!(
+            start,
+            end,
+            window,
+            behind = plan.behind.len(),
+            ahead = plan.ahead.len(),
+            "read-ahead"
+        );
+        plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_walk_along_the_blob_doubles_its_window_up_to_the_max() {
+        let s = Streams::default();
+        let mut at = 0;
+        let mut windows = Vec::new();
+        for _ in 0..5 {
+            let w = s.window_for(at, MIB, 8 * MIB);
+            windows.push(w / MIB);
+            s.record(Stream {
+                start: at,
+                end: at + w,
+                window: w,
+            });
+            at += w + 4096; // the next miss lands just past the window
+        }
+        assert_eq!(windows, vec![1, 2, 4, 8, 8]);
+    }
+
+    #[test]
+    fn a_miss_elsewhere_starts_at_the_base_window_and_keeps_the_other_stream() {
+        let s = Streams::default();
+        s.record(Stream {
+            start: 0,
+            end: 4 * MIB,
+            window: 4 * MIB,
+        });
+        assert_eq!(s.window_for(100 * MIB, MIB, 8 * MIB), MIB, "far away: base");
+        s.record(Stream {
+            start: 100 * MIB,
+            end: 101 * MIB,
+            window: MIB,
+        });
+        assert_eq!(
+            s.window_for(5 * MIB, MIB, 8 * MIB),
+            8 * MIB,
+            "the first walk goes on"
+        );
+        assert_eq!(
+            s.window_for(101 * MIB, MIB, 8 * MIB),
+            2 * MIB,
+            "so does the second"
+        );
+    }
+
+    #[test]
+    fn streams_are_bounded() {
+        let s = Streams::default();
+        for i in 0..10 {
+            s.record(Stream {
+                start: i * 100 * MIB,
+                end: i * 100 * MIB + MIB,
+                window: MIB,
+            });
+        }
+        assert_eq!(s.0.lock().unwrap().len(), STREAMS);
+        assert_eq!(
+            s.window_for(0, MIB, 8 * MIB),
+            MIB,
+            "the oldest stream was forgotten"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::fetch::{FetchError, Fetcher, Intent};
+use crate::fetch::{FetchError, Fetcher, Intent, MAX_GAP};
 use crate::format::{Chunk, LayerIndex};
 
 use super::Layer;
@@ -137,8 +137,18 @@ impl Layer {
     /// `background_get` bytes, as many at once as it admits, paused while
     /// on-demand reads are on the wire. Stops when the handle is dropped or
     /// the layer is dropped (unmounted). Must run inside a tokio runtime.
+    ///
+    /// One background fetch per layer: while one runs (started when the
+    /// layer was resolved ahead, say), this returns a finished handle and
+    /// the running fetch goes on.
     pub fn start_background(&self) -> BackgroundHandle {
         let (stop, stop_rx) = watch::channel(());
+        if self.background.running.swap(true, Ordering::AcqRel) {
+            return BackgroundHandle {
+                _stop: stop,
+                task: None,
+            };
+        }
         let job = Job {
             fetcher: self.fetcher.clone(),
             index: self.index.clone(),
@@ -147,7 +157,6 @@ impl Layer {
             stop: stop_rx,
             alive: self.alive.subscribe(),
         };
-        self.background.running.store(true, Ordering::Release);
         let task = tokio::spawn(job.run());
         BackgroundHandle {
             _stop: stop,
@@ -284,9 +293,12 @@ impl Job {
         Some((failed, first))
     }
 
-    /// The next run of blob-contiguous chunks, from `pos` in blob order,
-    /// that are not cached (nor in flight, with `skip_in_flight`), of at
-    /// most `max_get` compressed bytes (a larger chunk goes alone).
+    /// The next run of chunks, from `pos` in blob order, that are not
+    /// cached (nor in flight, with `skip_in_flight`) and at most
+    /// [`MAX_GAP`] apart (skipped chunks count as gap), spanning at most `max_get` compressed bytes (a
+    /// larger chunk goes alone). Stopping at every gap (the headers of
+    /// directories and symlinks) made a layer of many small files cost
+    /// hundreds of GETs.
     fn next_group(
         &self,
         pos: &mut usize,
@@ -307,7 +319,20 @@ impl Job {
         *pos += 1;
         while let Some(&i) = self.order.get(*pos) {
             let c = &chunks[i as usize];
-            if c.blob_range.0 != end || c.blob_range.1 - start > max_get || skip(c) {
+            if c.blob_range.1 - start > max_get {
+                break;
+            }
+            if skip(c) {
+                // A chunk cached already (a file identical to one before
+                // it: Go's source tree has hundreds) is a gap like any other:
+                // carried if small, so the GET goes on past it.
+                if c.blob_range.1 > end + MAX_GAP {
+                    break;
+                }
+                *pos += 1;
+                continue;
+            }
+            if c.blob_range.0 > end + MAX_GAP {
                 break;
             }
             end = c.blob_range.1;

@@ -60,6 +60,8 @@ pub struct Layer {
     /// Dropped with the layer (unmount): its background fetches stop.
     alive: watch::Sender<()>,
     background: Arc<background::State>,
+    /// Recent walks along the blob, for read-ahead windows (`ahead.rs`).
+    streams: ahead::Streams,
 }
 
 impl Layer {
@@ -74,6 +76,7 @@ impl Layer {
             blob_order: order.into(),
             alive: watch::Sender::new(()),
             background: Arc::default(),
+            streams: ahead::Streams::default(),
         }
     }
 
@@ -111,9 +114,10 @@ impl Layer {
             return Err(LayerError::NotFile(ino));
         }
         let chunks = self.index.file_chunks(inode);
-        let read = plan::plan_read(chunks, inode.size, offset, len, self.fetcher.cache());
-        if let CachedRead::Hit(_) = &read {
-            self.fetcher.stats().cache_hits(1);
+        let mut read = plan::plan_read(chunks, inode.size, offset, len, self.fetcher.cache());
+        match &mut read {
+            CachedRead::Hit(_) => self.fetcher.stats().cache_hits(1),
+            CachedRead::Miss(p) => p.ino = ino,
         }
         Ok(read)
     }
@@ -121,7 +125,18 @@ impl Layer {
     /// Fetches what a planned read is missing and assembles its bytes.
     pub async fn complete(&self, pending: PendingRead) -> Result<Vec<u8>, LayerError> {
         let missing = pending.missing_chunks();
-        let ahead = self.read_ahead(&missing);
+        let file = self
+            .index
+            .inode(pending.ino)
+            .map(|i| self.index.file_chunks(i))
+            .unwrap_or_default();
+        let ahead::Plan { behind, ahead } = self.read_ahead(&missing, file);
+        if !behind.is_empty() {
+            // Its own GET, so the bytes this read waits for do not queue
+            // behind them; below on-demand reads in the scheduler.
+            let fetcher = self.fetcher.clone();
+            tokio::spawn(async move { fetcher.warm(&behind, Intent::Prefetch).await });
+        }
         let fetched = self
             .fetcher
             .fetch_with_read_ahead(&missing, &ahead, Intent::OnDemand)

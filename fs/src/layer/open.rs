@@ -14,7 +14,7 @@ use super::{Layer, LayerError};
 
 /// How much of the blob's end the first GET asks for: the footer and, for
 /// most layers, the whole TOC, so that opening costs one round trip. A TOC
-/// larger than this costs a second GET.
+/// larger than this costs a second GET, of the part the first did not bring.
 pub const TAIL_FETCH: u64 = 256 << 10;
 
 impl Layer {
@@ -55,11 +55,17 @@ impl Layer {
         let toc = match loc.toc_in_tail.clone() {
             Some(r) => tail.slice(r),
             None => {
-                let toc = source
-                    .read_range(loc.toc_range.clone(), Intent::OnDemand)
+                // Only the part before the tail: the rest is in hand.
+                let tail_start = size - tail.len() as u64;
+                let head = source
+                    .read_range(loc.toc_range.start..tail_start, Intent::OnDemand)
                     .await?;
-                fetcher.stats().request(toc.len() as u64);
-                toc
+                fetcher.stats().request(head.len() as u64);
+                let in_tail = (loc.toc_range.end - tail_start) as usize;
+                let mut toc = Vec::with_capacity(head.len() + in_tail);
+                toc.extend_from_slice(&head);
+                toc.extend_from_slice(&tail[..in_tail]);
+                bytes::Bytes::from(toc)
             }
         };
         drop(permit);

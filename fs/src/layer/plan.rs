@@ -19,6 +19,8 @@ pub enum CachedRead {
 #[derive(Debug)]
 pub struct PendingRead {
     pieces: Vec<Piece>,
+    /// The inode read, for read-ahead over the rest of its file.
+    pub(super) ino: u64,
 }
 
 #[derive(Debug)]
@@ -78,7 +80,7 @@ pub(super) fn plan_read(
         }
         return CachedRead::Hit(out);
     }
-    CachedRead::Miss(PendingRead { pieces })
+    CachedRead::Miss(PendingRead { pieces, ino: 0 })
 }
 
 impl PendingRead {

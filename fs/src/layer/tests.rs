@@ -130,8 +130,13 @@ async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
 
     let src = FakeBlob::new(blob.clone());
+    // No read-ahead: the GETs counted are those of the reads themselves.
+    let scheduler = FetchScheduler::new(SchedulerConfig {
+        read_ahead: 0,
+        ..SchedulerConfig::default()
+    });
     let layer = Arc::new(
-        Layer::open(src.clone(), Some(toc_digest), cache.clone())
+        Layer::open_with(src.clone(), Some(toc_digest), cache.clone(), scheduler)
             .await
             .unwrap(),
     );
