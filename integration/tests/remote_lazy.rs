@@ -453,16 +453,17 @@ fn concurrent_pulls_resolve_each_layer_once() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // Layers multi-esgz shares are mounted already: the hints must not
+    // resolve them again; any other layer is resolved once.
     let (gets, _) = blob_gets(&b.registry_log()[before..], &python_layers);
-    assert_eq!(
-        gets.len(),
-        python_layers.len(),
-        "every layer resolved: {gets:?}"
-    );
-    assert!(
-        gets.values().all(|&n| n <= 2),
-        "20 pulls with hints: each layer's footer and TOC fetched once: {gets:?}"
-    );
+    for (digest, _) in &python_layers {
+        let n = gets.get(digest).copied().unwrap_or(0);
+        let shared = layers.iter().any(|(d, _)| d == digest);
+        assert!(
+            if shared { n == 0 } else { (1..=2).contains(&n) },
+            "20 pulls with hints: layer {digest} (mounted already: {shared}) took {n} GETs"
+        );
+    }
     assert!(
         b.tarn.log().contains("pull expected"),
         "the daemon took the pull hints"
