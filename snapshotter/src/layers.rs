@@ -16,7 +16,7 @@ use tarn_fs::cache::{Cache, CacheStats};
 use tarn_fs::fetch::{FetchScheduler, FetchStatsSnapshot};
 use tarn_fs::fuse::{MountHandle, MountOptions};
 use tarn_fs::layer::{Layer, PrefetchOutcome};
-use tarn_fs::registry::{RegistryClient, ResolvedImage};
+use tarn_fs::registry::{Reference, RegistryClient, ResolvedImage};
 
 use crate::labels::RemoteLayer;
 use crate::locks::{KeyedGuard, KeyedMutex};
@@ -177,6 +177,12 @@ impl Layers {
         let skip: HashSet<Digest> = mounted.keys().copied().collect();
         drop(mounted);
         self.resolver.ahead(image_ref, skip);
+    }
+
+    /// Opens connections to the registry of `reference` in the background,
+    /// as many as the layers resolved at once are likely to want.
+    pub fn preconnect(&self, reference: &Reference) {
+        self.resolver.preconnect(reference);
     }
 
     /// Starts resolving the layers of `image`, the manifest of `image_ref`

@@ -119,11 +119,17 @@ impl RemoteSnapshotter {
 
     /// A pull of `image_ref` whose manifest is `manifest` has begun: starts
     /// resolving its layers; see [`crate::resolve::Resolver::expect`].
-    /// An error is the reason the hint is refused, for the caller.
+    /// An empty `manifest` means the pull has only just begun: the daemon
+    /// opens connections to the registry meanwhile. An error is the reason
+    /// the hint is refused, for the caller.
     pub fn expect(&self, image_ref: &str, manifest: &[u8]) -> Result<usize, String> {
-        image_ref
+        let reference = image_ref
             .parse::<Reference>()
             .map_err(|e| format!("image reference {image_ref:?}: {e}"))?;
+        if manifest.is_empty() {
+            self.layers.preconnect(&reference);
+            return Ok(0);
+        }
         if manifest.len() > MAX_MANIFEST_BYTES {
             return Err(format!(
                 "manifest of {} bytes is over the {MAX_MANIFEST_BYTES}-byte limit",

@@ -19,6 +19,8 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
 use tarn_fs::fetch::FetchScheduler;
@@ -28,6 +30,13 @@ use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RemoteBlob, Resol
 use crate::labels::{RemoteLayer, TOC_DIGEST};
 use crate::layers::{LayerError, Resolved};
 use crate::locks::Singleflight;
+
+/// Connections opened to a registry when a pull is announced: enough for
+/// the tails of a typical image's layers, resolved at once.
+const PRECONNECT: usize = 8;
+
+/// The longest a GET waits for connections being opened to its registry.
+const PRECONNECT_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a resolved image or layer waits for the Prepare that wants it.
 const KEEP: Duration = Duration::from_secs(120);
@@ -69,6 +78,9 @@ pub struct Resolver {
     background: bool,
     /// Images whose layers are being resolved ahead (or were, recently).
     started: Memo<String, ()>,
+    /// Registries being connected to ([`Resolver::preconnect`]), by host:
+    /// `true` once done.
+    connecting: Mutex<HashMap<String, watch::Receiver<bool>>>,
     images: Singleflight<String, Result<Arc<ResolvedImage>, LayerError>>,
     recent_images: Memo<String, Arc<ResolvedImage>>,
     layers: Singleflight<Digest, Result<Resolved, LayerError>>,
@@ -90,6 +102,7 @@ impl Resolver {
             prefetch,
             background,
             started: Memo::new(),
+            connecting: Mutex::new(HashMap::new()),
             images: Singleflight::default(),
             recent_images: Memo::new(),
             layers: Singleflight::default(),
@@ -165,6 +178,37 @@ impl Resolver {
     /// Forgets the memo of a layer that is now mounted.
     pub fn mounted(&self, digest: &Digest) {
         self.recent_layers.take(digest);
+    }
+
+    /// Opens keep-alive connections to `reference`'s registry in the
+    /// background: one per GET that resolving an image's layers at once
+    /// starts (a tail per layer), so none waits for a TCP handshake.
+    pub fn preconnect(self: &Arc<Self>, reference: &Reference) {
+        let (me, repo) = (self.clone(), reference.repository.clone());
+        let (done, rx) = watch::channel(false);
+        self.connecting
+            .lock()
+            .expect("connecting map poisoned")
+            .insert(repo.host().to_string(), rx);
+        tokio::spawn(async move {
+            me.client.preconnect(&repo, PRECONNECT).await;
+            let _ = done.send(true);
+        });
+    }
+
+    /// Waits (a bounded while) for connections being opened to `host`:
+    /// they were started before this GET, so they are ready before a new
+    /// one would be; without the wait the GET opens one of its own.
+    async fn connected(&self, host: &str) {
+        let rx = self
+            .connecting
+            .lock()
+            .expect("connecting map poisoned")
+            .get(host)
+            .cloned();
+        if let Some(mut rx) = rx {
+            let _ = tokio::time::timeout(PRECONNECT_WAIT, rx.wait_for(|d| *d)).await;
+        }
     }
 
     /// Takes `image` as the manifest of `image_ref` (from a client that
@@ -272,6 +316,7 @@ impl Resolver {
                 desc.size
             }
         };
+        self.connected(reference.repository.host()).await;
         let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
             client: self.client.clone(),
             repo: reference.repository.clone(),

@@ -133,6 +133,10 @@ pub async fn run(args: PullArgs) -> Result<()> {
         .await
         .context("registry client setup task failed")?
         .context("cannot set up the registry client")?;
+    // While the manifest is fetched, the daemon connects to the registry.
+    let warmup = args
+        .expect_address()
+        .map(|a| tokio::spawn(expect(a, args.reference.clone(), Vec::new())));
     let image = registry
         .resolve(&reference)
         .await
@@ -155,7 +159,7 @@ pub async fn run(args: PullArgs) -> Result<()> {
     // The image record (written last) now holds everything; without it the
     // lease's end lets containerd collect a failed pull's leftovers.
     let released = ctd.delete_lease().await;
-    if let Some(h) = hint {
+    for h in [warmup, hint].into_iter().flatten() {
         // Long done by now; never worth failing the pull over.
         let _ = h.await;
     }

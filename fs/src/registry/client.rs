@@ -450,6 +450,32 @@ impl RegistryClient {
         }
     }
 
+    /// Opens up to `n` keep-alive connections to `repo`'s registry ahead of
+    /// the GETs that will need them (one `GET /v2/` each, at once), so those
+    /// do not pay a connection's round trips. The answers do not matter
+    /// (401 is usual); failures are left for the real requests to report.
+    pub async fn preconnect(&self, repo: &Repository, n: usize) {
+        let host = repo.host();
+        let scheme = if self.inner.config.is_plain_http(host) {
+            "http"
+        } else {
+            "https"
+        };
+        let Ok(url) = Url::parse(&format!("{scheme}://{host}/v2/")) else {
+            return;
+        };
+        let pings = (0..n).map(|_| {
+            let req = self.inner.http.get(url.clone());
+            async move {
+                if let Ok(resp) = req.send().await {
+                    // Reading the (tiny) body returns the connection to the pool.
+                    let _ = resp.bytes().await;
+                }
+            }
+        });
+        futures::future::join_all(pings).await;
+    }
+
     /// One GET with auth and redirects; returns a 200 or 206 response.
     async fn send(&self, get: &Get<'_>) -> Result<reqwest::Response, Failure> {
         let host = get.repo.host();
