@@ -35,6 +35,10 @@ use crate::locks::Singleflight;
 /// the tails of a typical image's layers, resolved at once.
 const PRECONNECT: usize = 8;
 
+/// Connections opened this recently are still in the pool (idle ones live
+/// 90 s): a pull announced meanwhile opens none.
+const PRECONNECT_FRESH: Duration = Duration::from_secs(30);
+
 /// The longest a GET waits for connections being opened to its registry.
 const PRECONNECT_WAIT: Duration = Duration::from_secs(1);
 
@@ -79,8 +83,8 @@ pub struct Resolver {
     /// Images whose layers are being resolved ahead (or were, recently).
     started: Memo<String, ()>,
     /// Registries being connected to ([`Resolver::preconnect`]), by host:
-    /// `true` once done.
-    connecting: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// when it started, and `true` once done.
+    connecting: Mutex<HashMap<String, (Instant, watch::Receiver<bool>)>>,
     images: Singleflight<String, Result<Arc<ResolvedImage>, LayerError>>,
     recent_images: Memo<String, Arc<ResolvedImage>>,
     layers: Singleflight<Digest, Result<Resolved, LayerError>>,
@@ -186,10 +190,17 @@ impl Resolver {
     pub fn preconnect(self: &Arc<Self>, reference: &Reference) {
         let (me, repo) = (self.clone(), reference.repository.clone());
         let (done, rx) = watch::channel(false);
-        self.connecting
-            .lock()
-            .expect("connecting map poisoned")
-            .insert(repo.host().to_string(), rx);
+        {
+            let mut connecting = self.connecting.lock().expect("connecting map poisoned");
+            // Twenty pulls at once need the connections once.
+            if connecting
+                .get(repo.host())
+                .is_some_and(|(at, _)| at.elapsed() < PRECONNECT_FRESH)
+            {
+                return;
+            }
+            connecting.insert(repo.host().to_string(), (Instant::now(), rx));
+        }
         tokio::spawn(async move {
             me.client.preconnect(&repo, PRECONNECT).await;
             let _ = done.send(true);
@@ -205,7 +216,7 @@ impl Resolver {
             .lock()
             .expect("connecting map poisoned")
             .get(host)
-            .cloned();
+            .map(|(_, rx)| rx.clone());
         if let Some(mut rx) = rx {
             let _ = tokio::time::timeout(PRECONNECT_WAIT, rx.wait_for(|d| *d)).await;
         }

@@ -117,11 +117,6 @@ pub async fn run(args: PullArgs) -> Result<()> {
     let mut ctd = Containerd::connect(&args.address, &args.namespace).await?;
     ctd.check_snapshotter(&args.snapshotter).await?;
 
-    let _lock = lock::acquire(&args.address, &args.namespace, &args.reference, || {
-        println!("waiting for another tarn pull of {}", args.reference);
-    })
-    .await?;
-
     let mut config = RegistryConfig::default();
     if args.plain_http {
         config
@@ -141,6 +136,14 @@ pub async fn run(args: PullArgs) -> Result<()> {
         .resolve(&reference)
         .await
         .with_context(|| format!("cannot resolve {}", args.reference))?;
+
+    // Concurrent pulls of one reference resolve it side by side (a round
+    // trip or two each), then take turns: the first does the work, the
+    // others find it done.
+    let _lock = lock::acquire(&args.address, &args.namespace, &args.reference, || {
+        println!("waiting for another tarn pull of {}", args.reference);
+    })
+    .await?;
 
     // The daemon starts on the layers while the config is fetched and the
     // unpack begins; the hint must not delay the pull itself.
