@@ -45,7 +45,7 @@ pub(super) fn attr(ino: u64, i: &Inode) -> FileAttr {
         nlink: i.nlink,
         uid: i.uid,
         gid: i.gid,
-        rdev: encode_dev(i.rdev.0, i.rdev.1),
+        rdev: encode_dev(i.rdev().0, i.rdev().1),
         blksize: 4096,
         flags: 0,
     }

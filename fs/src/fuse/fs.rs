@@ -108,7 +108,9 @@ impl Filesystem for LayerFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.layer.inode(ino.0) {
-            Ok(i) if i.kind == crate::format::FileKind::Symlink => reply.data(&i.link_target),
+            Ok(i) if i.kind == crate::format::FileKind::Symlink => {
+                reply.data(self.layer.index().link_target(i))
+            }
             Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(errno(&e)),
         }
@@ -195,15 +197,15 @@ impl Filesystem for LayerFs {
             Err(e) => return reply.error(errno(&e)),
         };
         // Entry k (0-based) is passed offset k + 1: where the next call resumes.
-        let dots = [(ino.0, &b"."[..]), (dir.parent, &b".."[..])];
+        let dots = [(ino.0, &b"."[..]), (dir.parent(), &b".."[..])];
         let entries = dots
             .into_iter()
             .map(|(i, n)| (i, FileType::Directory, n))
-            .chain(dir.children.iter().map(|(name, child)| {
+            .chain(index.children(dir).map(|(name, child)| {
                 let kind = index
-                    .inode(*child)
+                    .inode(child)
                     .map_or(FileType::RegularFile, |c| file_type(c.kind));
-                (*child, kind, &name[..])
+                (child, kind, name)
             }));
         for (k, (child, kind, name)) in entries.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), k as u64 + 1, kind, OsStr::from_bytes(name)) {
@@ -214,26 +216,22 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let i = match self.layer.inode(ino.0) {
-            Ok(i) => i,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        match i
-            .xattrs
-            .binary_search_by(|(n, _)| (**n).cmp(name.as_bytes()))
-        {
-            Ok(k) => reply_sized(reply, size, &i.xattrs[k].1),
+        if let Err(e) = self.layer.inode(ino.0) {
+            return reply.error(errno(&e));
+        }
+        let xattrs = self.layer.index().xattrs(ino.0);
+        match xattrs.binary_search_by(|(n, _)| (**n).cmp(name.as_bytes())) {
+            Ok(k) => reply_sized(reply, size, &xattrs[k].1),
             Err(_) => reply.error(Errno::NO_XATTR),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let i = match self.layer.inode(ino.0) {
-            Ok(i) => i,
-            Err(e) => return reply.error(errno(&e)),
-        };
+        if let Err(e) = self.layer.inode(ino.0) {
+            return reply.error(errno(&e));
+        }
         let mut names = Vec::new();
-        for (n, _) in &i.xattrs {
+        for (n, _) in self.layer.index().xattrs(ino.0) {
             names.extend_from_slice(n);
             names.push(0);
         }
@@ -251,8 +249,8 @@ impl Filesystem for LayerFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let index = self.layer.index();
-        let bytes: u64 = index.inodes.iter().map(|i| i.size).sum();
-        let files = index.inodes.len() as u64;
+        let bytes: u64 = index.inodes().iter().map(|i| i.size).sum();
+        let files = index.inodes().len() as u64;
         reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }
 }

@@ -1,13 +1,16 @@
 //! Opening a layer: footer and TOC in (usually) one ranged GET, the TOC
 //! checked against the digest the manifest promised, then the index built.
+//! Chunks that came along in that GET are verified and cached.
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 
 use crate::Digest;
 use crate::cache::Cache;
 use crate::fetch::{FetchScheduler, Fetcher, Intent};
-use crate::format::FormatError;
 use crate::format::estargz::{Estargz, build_index, decode_toc, parse_footer};
+use crate::format::{ChunkDecoder, FormatError, LayerIndex};
 use crate::registry::BlobSource;
 
 use super::{Layer, LayerError};
@@ -50,7 +53,7 @@ impl Layer {
             .read_range(size - tail_len..size, Intent::OnDemand)
             .await?;
         fetcher.stats().request(tail.len() as u64);
-        fetcher.keep_tail(size - tail.len() as u64, tail.clone());
+        let tail_start = size - tail.len() as u64;
         let loc = parse_footer(&tail, size)?;
         let toc = match loc.toc_in_tail.clone() {
             Some(r) => tail.slice(r),
@@ -64,21 +67,84 @@ impl Layer {
         };
         drop(permit);
 
-        // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work.
-        let index = tokio::task::spawn_blocking(move || {
-            let decoded = decode_toc(&toc)?;
-            if let Some(expected) = expected_toc_digest
-                && decoded.digest != expected
-            {
-                return Err(FormatError::TocDigestMismatch {
-                    expected,
-                    actual: decoded.digest,
-                });
-            }
-            build_index(decoded.toc, size, loc.toc_offset)
+        // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work;
+        // so is verifying the chunks in the tail, and caching is file I/O.
+        let cache = fetcher.cache().clone();
+        let (index, straddling) = tokio::task::spawn_blocking(move || {
+            let index = decode_and_build(&toc, expected_toc_digest, size, loc.toc_offset);
+            drop(toc);
+            let straddling = index
+                .as_ref()
+                .map(|index| settle_tail(index, &tail, tail_start, loc.toc_offset, &cache))
+                .unwrap_or_default();
+            drop(tail);
+            // Decoding allocated several times the index's size in small
+            // pieces, now all freed; give those pages back rather than let
+            // the allocator keep them for the daemon's lifetime.
+            crate::memory::release_free_memory();
+            index.map(|index| (index, straddling))
         })
         .await
         .expect("TOC decoding does not panic")?;
+        if !straddling.is_empty() {
+            fetcher.keep_tail(tail_start, straddling);
+        }
         Ok(Layer::new(index, fetcher))
     }
+}
+
+/// The verified TOC member `toc` as an index.
+fn decode_and_build(
+    toc: &[u8],
+    expected_digest: Option<Digest>,
+    blob_size: u64,
+    toc_offset: u64,
+) -> Result<LayerIndex, FormatError> {
+    let decoded = decode_toc(toc)?;
+    if let Some(expected) = expected_digest
+        && decoded.digest != expected
+    {
+        return Err(FormatError::TocDigestMismatch {
+            expected,
+            actual: decoded.digest,
+        });
+    }
+    // The JSON goes before the index is built: the index needs only `toc`.
+    drop(decoded.json);
+    build_index(decoded.toc, blob_size, toc_offset)
+}
+
+/// Stores in the cache the chunks that lie wholly in `tail` (the blob's
+/// bytes from `tail_start` to its end, fetched to open the layer): reading
+/// them then costs no GET, and the layer holds no copy of them in memory
+/// for as long as it is mounted. Returns the tail's bytes before the first
+/// such chunk, the end of a chunk that begins before the tail, for the
+/// fetcher to complete that chunk with when it is read.
+fn settle_tail(
+    index: &LayerIndex,
+    tail: &[u8],
+    tail_start: u64,
+    toc_offset: u64,
+    cache: &Cache,
+) -> Bytes {
+    let mut first_whole = toc_offset;
+    for c in index.chunks.iter().filter(|c| c.blob_range.0 >= tail_start) {
+        first_whole = first_whole.min(c.blob_range.0);
+        if cache.contains(&c.digest) {
+            continue;
+        }
+        // build_index bounds every chunk by the TOC offset, inside the tail.
+        let r = (c.blob_range.0 - tail_start) as usize..(c.blob_range.1 - tail_start) as usize;
+        match Estargz.decode_chunk(c, &tail[r]) {
+            Ok(plain) => {
+                if let Err(e) = cache.insert(&c.digest, &plain) {
+                    tracing::warn!(chunk = %c.digest, error = %e, "cache insert failed");
+                }
+            }
+            // A read of it will fetch it again and fail the same way.
+            Err(e) => tracing::warn!(chunk = %c.digest, error = %e, "chunk in the tail rejected"),
+        }
+    }
+    let straddling = first_whole.saturating_sub(tail_start) as usize;
+    Bytes::copy_from_slice(&tail[..straddling.min(tail.len())])
 }

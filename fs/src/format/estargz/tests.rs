@@ -395,8 +395,8 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
         assert_eq!(ino.mode, e.mode, "{}", e.path);
         assert_eq!((ino.uid, ino.gid), (e.uid, e.gid), "{}", e.path);
         assert_eq!(ino.mtime, MTIME as i64, "{}", e.path);
-        assert_eq!(ino.rdev, e.rdev, "{}", e.path);
-        assert_eq!(&*ino.link_target, e.link.as_bytes(), "{}", e.path);
+        assert_eq!(ino.rdev(), e.rdev, "{}", e.path);
+        assert_eq!(idx.link_target(ino), e.link.as_bytes(), "{}", e.path);
         let mut want_x: Vec<(&[u8], &[u8])> = e
             .xattrs
             .iter()
@@ -404,8 +404,8 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
             .collect();
         want_x.sort();
         // The opaque marker comes from the whiteout entry, checked below.
-        let got_x: Vec<(&[u8], &[u8])> = ino
-            .xattrs
+        let got_x: Vec<(&[u8], &[u8])> = idx
+            .xattrs(idx.resolve(&e.path).unwrap())
             .iter()
             .map(|(k, v)| (&**k, &**v))
             .filter(|(k, _)| *k != b"trusted.overlay.opaque")
@@ -414,7 +414,8 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
         if e.kind == FileKind::Reg {
             assert_eq!(ino.size, e.data.len() as u64, "{}", e.path);
             assert_eq!(file_content(&c, ino), e.data, "{}", e.path);
-            assert_eq!(ino.digest, Some(Digest::of(&e.data)), "{}", e.path);
+            let n = idx.resolve(&e.path).unwrap();
+            assert_eq!(idx.file_digest(n), Some(Digest::of(&e.data)), "{}", e.path);
         }
     }
     // Chunking: 10 full chunks and a tail; exactly two for the exact file.
@@ -437,14 +438,13 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
     // Whiteout and opaque directory in overlay form.
     let wh = node(idx, "gone/removed");
     assert_eq!(
-        (wh.kind, wh.mode, wh.rdev, wh.uid),
+        (wh.kind, wh.mode, wh.rdev(), wh.uid),
         (FileKind::CharDev, 0, (0, 0), 0)
     );
     assert!(idx.resolve("gone/.wh.removed").is_none());
-    let opq = node(idx, "opq");
     assert_eq!(
-        opq.xattrs,
-        vec![(
+        idx.xattrs(idx.resolve("opq").unwrap()),
+        [(
             b"trusted.overlay.opaque".as_slice().into(),
             b"y".as_slice().into()
         )]
@@ -456,12 +456,12 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
     assert_eq!(idx.prefetch, None);
     // Directory link counts and sorted children.
     let root = idx.inode(crate::format::ROOT_INO).unwrap();
-    let subdirs = root
-        .children
-        .iter()
+    let subdirs = idx
+        .children(root)
         .filter(|(_, i)| idx.inode(*i).unwrap().kind == FileKind::Dir);
     assert_eq!(root.nlink, 2 + subdirs.count() as u32);
-    assert!(root.children.windows(2).all(|w| w[0].0 < w[1].0));
+    let names: Vec<&[u8]> = idx.children(root).map(|(n, _)| n).collect();
+    assert!(names.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(node(idx, "big").nlink, 2);
     assert_eq!(c.index.blob_size, c.blob.len() as u64);
 }
@@ -772,5 +772,5 @@ fn legal_oddities_are_accepted() {
         [(600, 700), (700, 1000)]
     );
     assert_eq!(z[1].size, 5);
-    assert_eq!(&*node(&idx, "s").link_target, b"/abs/target");
+    assert_eq!(idx.link_target(node(&idx, "s")), b"/abs/target");
 }
