@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-
 use crate::Digest;
 use crate::cache::Cache;
 use crate::fetch::{FetchScheduler, Fetcher, Intent};
@@ -70,25 +68,21 @@ impl Layer {
         // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work;
         // so is verifying the chunks in the tail, and caching is file I/O.
         let cache = fetcher.cache().clone();
-        let (index, straddling) = tokio::task::spawn_blocking(move || {
+        let index = tokio::task::spawn_blocking(move || {
             let index = decode_and_build(&toc, expected_toc_digest, size, loc.toc_offset);
             drop(toc);
-            let straddling = index
-                .as_ref()
-                .map(|index| settle_tail(index, &tail, tail_start, loc.toc_offset, &cache))
-                .unwrap_or_default();
+            if let Ok(index) = &index {
+                cache_tail_chunks(index, &tail, tail_start, &cache);
+            }
             drop(tail);
             // Decoding allocated several times the index's size in small
             // pieces, now all freed; give those pages back rather than let
             // the allocator keep them for the daemon's lifetime.
             crate::memory::release_free_memory();
-            index.map(|index| (index, straddling))
+            index
         })
         .await
         .expect("TOC decoding does not panic")?;
-        if !straddling.is_empty() {
-            fetcher.keep_tail(tail_start, straddling);
-        }
         Ok(Layer::new(index, fetcher))
     }
 }
@@ -115,21 +109,14 @@ fn decode_and_build(
 }
 
 /// Stores in the cache the chunks that lie wholly in `tail` (the blob's
-/// bytes from `tail_start` to its end, fetched to open the layer): reading
-/// them then costs no GET, and the layer holds no copy of them in memory
-/// for as long as it is mounted. Returns the tail's bytes before the first
-/// such chunk, the end of a chunk that begins before the tail, for the
-/// fetcher to complete that chunk with when it is read.
-fn settle_tail(
-    index: &LayerIndex,
-    tail: &[u8],
-    tail_start: u64,
-    toc_offset: u64,
-    cache: &Cache,
-) -> Bytes {
-    let mut first_whole = toc_offset;
+/// bytes from `tail_start` to its end, fetched to open the layer), so that
+/// reading them costs no GET while the layer holds no copy of them in
+/// memory for as long as it is mounted. The end of a chunk that begins
+/// before the tail is not kept: reading that chunk fetches it whole, which
+/// needs a GET anyway, up to a tail's length more bytes once per layer
+/// instead of up to that much memory per mounted layer for its lifetime.
+fn cache_tail_chunks(index: &LayerIndex, tail: &[u8], tail_start: u64, cache: &Cache) {
     for c in index.chunks.iter().filter(|c| c.blob_range.0 >= tail_start) {
-        first_whole = first_whole.min(c.blob_range.0);
         if cache.contains(&c.digest) {
             continue;
         }
@@ -145,6 +132,4 @@ fn settle_tail(
             Err(e) => tracing::warn!(chunk = %c.digest, error = %e, "chunk in the tail rejected"),
         }
     }
-    let straddling = first_whole.saturating_sub(tail_start) as usize;
-    Bytes::copy_from_slice(&tail[..straddling.min(tail.len())])
 }
