@@ -94,26 +94,23 @@ impl InodeSpec {
 }
 
 /// One file of the layer, as the kernel will see it: the fixed-size
-/// attributes. What varies in length (entries, target, chunks, xattrs) is
-/// reached through the [`LayerIndex`].
+/// attributes, 40 bytes. What varies in length (entries, target, chunks,
+/// xattrs) is reached through the [`LayerIndex`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Inode {
-    /// Size in bytes (regular files: content; symlinks: target length).
-    pub size: u64,
-    /// Modification time, seconds since the epoch.
-    pub mtime: i64,
-    /// Permission bits including setuid, setgid and sticky (`mode & 0o7777`).
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    /// Number of names this inode has (directories: 2 + subdirectories).
-    pub nlink: u32,
-    parent: u32,
+    /// Directories: the parent's inode number (a directory's size is 0);
+    /// others: the size. Files have no single parent (hardlinks).
+    size_or_parent: u64,
+    mtime: i64,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
     /// By kind: regular file, its range of `chunks`; directory, its range
     /// of `dirents`; symlink, its target's range of `names`; device, (major,
     /// minor).
     span: (u32, u32),
-    pub kind: FileKind,
+    mode: u16,
+    kind: FileKind,
     /// Where the whole-file digest is (`DIGEST_*`).
     digest: u8,
 }
@@ -126,9 +123,49 @@ const DIGEST_OF_CHUNK: u8 = 1;
 const DIGEST_SIDE: u8 = 2;
 
 impl Inode {
-    /// The parent directory's inode (the root is its own parent).
-    pub fn parent(&self) -> u64 {
-        u64::from(self.parent)
+    pub fn kind(&self) -> FileKind {
+        self.kind
+    }
+
+    /// Permission bits including setuid, setgid and sticky (`mode & 0o7777`).
+    pub fn mode(&self) -> u32 {
+        u32::from(self.mode)
+    }
+
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    pub fn gid(&self) -> u32 {
+        self.gid
+    }
+
+    /// Modification time, seconds since the epoch.
+    pub fn mtime(&self) -> i64 {
+        self.mtime
+    }
+
+    /// Size in bytes (regular files: content; symlinks: target length;
+    /// others: 0).
+    pub fn size(&self) -> u64 {
+        match self.kind {
+            FileKind::Dir => 0,
+            _ => self.size_or_parent,
+        }
+    }
+
+    /// Number of names this inode has (directories: 2 + subdirectories).
+    pub fn nlink(&self) -> u32 {
+        self.nlink
+    }
+
+    /// A directory's parent directory (the root is its own parent); `None`
+    /// for anything else, which may have several names.
+    pub fn parent(&self) -> Option<u64> {
+        match self.kind {
+            FileKind::Dir => Some(self.size_or_parent),
+            _ => None,
+        }
     }
 
     /// Regular files: the range of [`LayerIndex::chunks`] holding the
@@ -153,11 +190,11 @@ impl Inode {
     }
 }
 
-/// One directory entry: its name's range of `names` and its inode.
+/// One directory entry: where its name starts in `names` (it ends where
+/// the next entry's starts) and its inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Dirent {
     name: u32,
-    name_len: u32,
     ino: u32,
 }
 
@@ -190,8 +227,10 @@ pub struct LayerIndex {
     inodes: Vec<Inode>,
     /// Every directory's entries, one sorted run per directory.
     dirents: Vec<Dirent>,
-    /// Entry names and symlink targets.
+    /// The entries' names, in entry order, then symlink targets.
     names: Vec<u8>,
+    /// Where the entries' names end in `names`.
+    entry_names_end: u32,
     /// Inodes with extended attributes, sorted by inode number; each
     /// inode's attributes sorted by name.
     xattrs: Vec<(u32, Box<[Xattr]>)>,
@@ -235,6 +274,7 @@ impl LayerIndex {
             inodes: Vec::with_capacity(count),
             dirents: Vec::with_capacity(entries),
             names: Vec::new(),
+            entry_names_end: 0,
             xattrs: Vec::new(),
             digests: Vec::new(),
             chunks,
@@ -242,6 +282,9 @@ impl LayerIndex {
             prefetch,
         };
         let valid_ino = |ino: u64| (1..=count as u64).contains(&ino);
+        // Symlink targets go after every entry name, so that an entry's name
+        // ends where the next entry's begins.
+        let mut targets = Vec::new();
         for (i, spec) in inodes.into_iter().enumerate() {
             let ino = i as u64 + 1;
             if !valid_ino(spec.parent) {
@@ -251,8 +294,10 @@ impl LayerIndex {
                 )));
             }
             let mut digest = DIGEST_NONE;
+            let mut size_or_parent = spec.size;
             let span = match spec.kind {
                 FileKind::Dir => {
+                    size_or_parent = spec.parent;
                     let start = index.dirents.len();
                     let mut children = spec.children;
                     children.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -269,10 +314,9 @@ impl LayerIndex {
                                 String::from_utf8_lossy(&name)
                             )));
                         }
-                        let (name, name_len) = index.push_name(&name)?;
+                        let (name, _) = index.push_name(&name)?;
                         index.dirents.push(Dirent {
                             name,
-                            name_len,
                             ino: child as u32,
                         });
                     }
@@ -309,9 +353,10 @@ impl LayerIndex {
                         "inode {ino}: a {kind:?} cannot have chunks"
                     )));
                 }
-                FileKind::Symlink => index
-                    .push_name(&spec.link_target)
-                    .map(|(s, l)| (s, s + l))?,
+                FileKind::Symlink => {
+                    targets.push((i, spec.link_target));
+                    (0, 0)
+                }
                 FileKind::CharDev | FileKind::BlockDev => spec.rdev,
                 FileKind::Fifo => (0, 0),
             };
@@ -321,17 +366,21 @@ impl LayerIndex {
                 index.xattrs.push((ino as u32, xattrs.into_boxed_slice()));
             }
             index.inodes.push(Inode {
-                size: spec.size,
+                size_or_parent,
                 mtime: spec.mtime,
-                mode: spec.mode & 0o7777,
                 uid: spec.uid,
                 gid: spec.gid,
                 nlink: spec.nlink,
-                parent: spec.parent as u32,
                 span,
+                mode: (spec.mode & 0o7777) as u16,
                 kind: spec.kind,
                 digest,
             });
+        }
+        index.entry_names_end = to_u32(index.names.len(), "name bytes")?;
+        for (i, target) in targets {
+            let (start, len) = index.push_name(&target)?;
+            index.inodes[i].span = (start, start + len);
         }
         index.names.shrink_to_fit();
         index.xattrs.shrink_to_fit();
@@ -358,22 +407,37 @@ impl LayerIndex {
         &self.inodes
     }
 
-    fn name(&self, d: &Dirent) -> &[u8] {
-        &self.names[d.name as usize..(d.name + d.name_len) as usize]
+    /// The name of entry `i` of `dirents`.
+    fn name(&self, i: usize) -> &[u8] {
+        let end = self
+            .dirents
+            .get(i + 1)
+            .map_or(self.entry_names_end, |next| next.name);
+        &self.names[self.dirents[i].name as usize..end as usize]
     }
 
-    fn dirents(&self, dir: &Inode) -> &[Dirent] {
+    /// The range of `dirents` holding directory `dir`'s entries.
+    fn entries(&self, dir: &Inode) -> Range<usize> {
         match dir.kind {
-            FileKind::Dir => &self.dirents[dir.span()],
-            _ => &[],
+            FileKind::Dir => dir.span(),
+            _ => 0..0,
         }
     }
 
     /// The child `name` of directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<u64> {
-        let entries = self.dirents(self.inode(parent)?);
-        let i = entries.binary_search_by(|d| self.name(d).cmp(name)).ok()?;
-        Some(u64::from(entries[i].ino))
+        let entries = self.entries(self.inode(parent)?);
+        // Binary search by name within the directory's sorted run.
+        let (mut lo, mut hi) = (entries.start, entries.end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.name(mid).cmp(name) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(u64::from(self.dirents[mid].ino)),
+            }
+        }
+        None
     }
 
     /// The entries of directory `dir` (name bytes, inode), sorted by name.
@@ -382,9 +446,8 @@ impl LayerIndex {
         &'a self,
         dir: &Inode,
     ) -> impl ExactSizeIterator<Item = (&'a [u8], u64)> + 'a {
-        self.dirents(dir)
-            .iter()
-            .map(|d| (self.name(d), u64::from(d.ino)))
+        self.entries(dir)
+            .map(|i| (self.name(i), u64::from(self.dirents[i].ino)))
     }
 
     /// A symlink's target, raw bytes; empty for anything else.
@@ -524,8 +587,12 @@ mod tests {
             "sorted by name"
         );
         assert_eq!(idx.children(idx.inode(2).unwrap()).len(), 0);
-        assert_eq!(idx.inode(5).unwrap().parent(), 4);
-        assert_eq!(idx.inode(4).unwrap().mtime, -7);
+        assert_eq!(idx.inode(4).unwrap().parent(), Some(ROOT_INO));
+        assert_eq!(idx.inode(ROOT_INO).unwrap().parent(), Some(ROOT_INO));
+        assert_eq!(idx.inode(5).unwrap().parent(), None, "only directories");
+        assert_eq!(idx.inode(4).unwrap().mtime(), -7);
+        assert_eq!(idx.inode(4).unwrap().size(), 0);
+        assert_eq!(idx.inode(5).unwrap().size(), 7);
         assert_eq!(idx.inodes().len(), 6);
         assert!(idx.inode(0).is_none() && idx.inode(7).is_none());
     }
@@ -595,9 +662,9 @@ mod tests {
     #[test]
     fn stored_inodes_stay_small() {
         // The per-entry budget rests on these sizes.
-        assert_eq!(std::mem::size_of::<Inode>(), 48);
-        assert_eq!(std::mem::size_of::<Dirent>(), 12);
+        assert_eq!(std::mem::size_of::<Inode>(), 40);
+        assert_eq!(std::mem::size_of::<Dirent>(), 8);
         let idx = sample();
-        assert!(idx.heap_bytes() < 6 * 48 + 5 * 12 + 3 * 72 + 200);
+        assert!(idx.heap_bytes() < 6 * 40 + 5 * 8 + 3 * 72 + 200);
     }
 }

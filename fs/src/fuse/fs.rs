@@ -13,6 +13,7 @@ use fuser::{
 
 use super::attr::{attr, file_type};
 use super::passthrough::{Counters, Passthrough};
+use crate::format::ROOT_INO;
 use crate::layer::{CachedRead, Layer, LayerError};
 
 /// The layer never changes while mounted: let the kernel keep what it learnt.
@@ -108,7 +109,7 @@ impl Filesystem for LayerFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.layer.inode(ino.0) {
-            Ok(i) if i.kind == crate::format::FileKind::Symlink => {
+            Ok(i) if i.kind() == crate::format::FileKind::Symlink => {
                 reply.data(self.layer.index().link_target(i))
             }
             Ok(_) => reply.error(Errno::EINVAL),
@@ -173,7 +174,7 @@ impl Filesystem for LayerFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.layer.inode(ino.0) {
-            Ok(i) if i.kind == crate::format::FileKind::Dir => reply.opened(
+            Ok(i) if i.kind() == crate::format::FileKind::Dir => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
             ),
@@ -192,19 +193,22 @@ impl Filesystem for LayerFs {
     ) {
         let index = self.layer.index();
         let dir = match self.layer.inode(ino.0) {
-            Ok(d) if d.kind == crate::format::FileKind::Dir => d,
+            Ok(d) if d.kind() == crate::format::FileKind::Dir => d,
             Ok(_) => return reply.error(Errno::ENOTDIR),
             Err(e) => return reply.error(errno(&e)),
         };
         // Entry k (0-based) is passed offset k + 1: where the next call resumes.
-        let dots = [(ino.0, &b"."[..]), (dir.parent(), &b".."[..])];
+        let dots = [
+            (ino.0, &b"."[..]),
+            (dir.parent().unwrap_or(ROOT_INO), &b".."[..]),
+        ];
         let entries = dots
             .into_iter()
             .map(|(i, n)| (i, FileType::Directory, n))
             .chain(index.children(dir).map(|(name, child)| {
                 let kind = index
                     .inode(child)
-                    .map_or(FileType::RegularFile, |c| file_type(c.kind));
+                    .map_or(FileType::RegularFile, |c| file_type(c.kind()));
                 (child, kind, name)
             }));
         for (k, (child, kind, name)) in entries.enumerate().skip(offset as usize) {
@@ -249,7 +253,7 @@ impl Filesystem for LayerFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let index = self.layer.index();
-        let bytes: u64 = index.inodes().iter().map(|i| i.size).sum();
+        let bytes: u64 = index.inodes().iter().map(|i| i.size()).sum();
         let files = index.inodes().len() as u64;
         reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }

@@ -96,7 +96,7 @@ impl Passthrough {
     /// Answers an open of regular file `ino`: through a backing file when
     /// the inode already has one or can get one now, the normal way else.
     pub(super) fn open(&self, ino: u64, inode: &Inode, reply: ReplyOpen) {
-        if !self.enabled || inode.kind != FileKind::Reg {
+        if !self.enabled || inode.kind() != FileKind::Reg {
             return reply.opened(FileHandle(0), CACHED);
         }
         let mut open = self.open.lock().expect("open-inode table poisoned");
@@ -164,7 +164,7 @@ impl Passthrough {
         };
         // A whole-file digest shared with other content of another size
         // would be a lying TOC; never pass such a file through.
-        if len != inode.size {
+        if len != inode.size() {
             return None;
         }
         File::open(&path)
@@ -217,11 +217,11 @@ impl Passthrough {
 /// whole-file digest from the TOC. `None` for files not worth passing
 /// through or without a usable key.
 fn key(layer: &Layer, ino: u64, inode: &Inode) -> Option<Digest> {
-    if inode.kind != FileKind::Reg || inode.size < MIN_SIZE {
+    if inode.kind() != FileKind::Reg || inode.size() < MIN_SIZE {
         return None;
     }
     match layer.index().file_chunks(inode) {
-        [only] if only.file_offset == 0 && only.size == inode.size => Some(only.digest),
+        [only] if only.file_offset == 0 && only.size == inode.size() => Some(only.digest),
         _ => layer.index().file_digest(ino),
     }
 }

@@ -107,11 +107,11 @@ impl Layer {
     /// reads), never touches the network or the async runtime.
     pub fn read_cached(&self, ino: u64, offset: u64, len: u64) -> Result<CachedRead, LayerError> {
         let inode = self.inode(ino)?;
-        if inode.kind != FileKind::Reg {
+        if inode.kind() != FileKind::Reg {
             return Err(LayerError::NotFile(ino));
         }
         let chunks = self.index.file_chunks(inode);
-        let read = plan::plan_read(chunks, inode.size, offset, len, self.fetcher.cache());
+        let read = plan::plan_read(chunks, inode.size(), offset, len, self.fetcher.cache());
         if let CachedRead::Hit(_) = &read {
             self.fetcher.stats().cache_hits(1);
         }

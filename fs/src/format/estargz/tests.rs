@@ -391,10 +391,10 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
     let idx = &c.index;
     for e in &expect {
         let ino = node(idx, &e.path);
-        assert_eq!(ino.kind, e.kind, "{}", e.path);
-        assert_eq!(ino.mode, e.mode, "{}", e.path);
-        assert_eq!((ino.uid, ino.gid), (e.uid, e.gid), "{}", e.path);
-        assert_eq!(ino.mtime, MTIME as i64, "{}", e.path);
+        assert_eq!(ino.kind(), e.kind, "{}", e.path);
+        assert_eq!(ino.mode(), e.mode, "{}", e.path);
+        assert_eq!((ino.uid(), ino.gid()), (e.uid, e.gid), "{}", e.path);
+        assert_eq!(ino.mtime(), MTIME as i64, "{}", e.path);
         assert_eq!(ino.rdev(), e.rdev, "{}", e.path);
         assert_eq!(idx.link_target(ino), e.link.as_bytes(), "{}", e.path);
         let mut want_x: Vec<(&[u8], &[u8])> = e
@@ -412,7 +412,7 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
             .collect();
         assert_eq!(got_x, want_x, "{}", e.path);
         if e.kind == FileKind::Reg {
-            assert_eq!(ino.size, e.data.len() as u64, "{}", e.path);
+            assert_eq!(ino.size(), e.data.len() as u64, "{}", e.path);
             assert_eq!(file_content(&c, ino), e.data, "{}", e.path);
             let n = idx.resolve(&e.path).unwrap();
             assert_eq!(idx.file_digest(n), Some(Digest::of(&e.data)), "{}", e.path);
@@ -428,17 +428,17 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
         idx.resolve("other/link").unwrap(),
     );
     assert_eq!(a, b);
-    assert_eq!(idx.inode(a).unwrap().nlink, 2);
+    assert_eq!(idx.inode(a).unwrap().nlink(), 2);
     // Implicit directories: root-owned, 0755, epoch.
     let imp = node(idx, "implicit/a");
     assert_eq!(
-        (imp.kind, imp.mode, imp.uid, imp.mtime),
+        (imp.kind(), imp.mode(), imp.uid(), imp.mtime()),
         (FileKind::Dir, 0o755, 0, 0)
     );
     // Whiteout and opaque directory in overlay form.
     let wh = node(idx, "gone/removed");
     assert_eq!(
-        (wh.kind, wh.mode, wh.rdev(), wh.uid),
+        (wh.kind(), wh.mode(), wh.rdev(), wh.uid()),
         (FileKind::CharDev, 0, (0, 0), 0)
     );
     assert!(idx.resolve("gone/.wh.removed").is_none());
@@ -458,11 +458,11 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
     let root = idx.inode(crate::format::ROOT_INO).unwrap();
     let subdirs = idx
         .children(root)
-        .filter(|(_, i)| idx.inode(*i).unwrap().kind == FileKind::Dir);
-    assert_eq!(root.nlink, 2 + subdirs.count() as u32);
+        .filter(|(_, i)| idx.inode(*i).unwrap().kind() == FileKind::Dir);
+    assert_eq!(root.nlink(), 2 + subdirs.count() as u32);
     let names: Vec<&[u8]> = idx.children(root).map(|(n, _)| n).collect();
     assert!(names.windows(2).all(|w| w[0] < w[1]));
-    assert_eq!(node(idx, "big").nlink, 2);
+    assert_eq!(node(idx, "big").nlink(), 2);
     assert_eq!(c.index.blob_size, c.blob.len() as u64);
 }
 
@@ -759,8 +759,8 @@ fn legal_oddities_are_accepted() {
     ))
     .unwrap();
     let a = node(&idx, "a");
-    assert_eq!((a.mode, a.uid, a.mtime), (0o700, 5, 1_000_000_000));
-    assert_eq!(idx.inode(1).unwrap().uid, 7);
+    assert_eq!((a.mode(), a.uid(), a.mtime()), (0o700, 5, 1_000_000_000));
+    assert_eq!(idx.inode(1).unwrap().uid(), 7);
     assert_eq!(idx.resolve("h"), idx.resolve("a/b/c"));
     assert_eq!(idx.prefetch, Some(0..500));
     // Blob ranges end at the next payload member or the TOC.
