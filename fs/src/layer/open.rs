@@ -68,21 +68,25 @@ impl Layer {
         // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work;
         // so is verifying the chunks in the tail, and caching is file I/O.
         let cache = fetcher.cache().clone();
-        let index = tokio::task::spawn_blocking(move || {
+        let (index, straddling) = tokio::task::spawn_blocking(move || {
             let index = decode_and_build(&toc, expected_toc_digest, size, loc.toc_offset);
             drop(toc);
-            if let Ok(index) = &index {
-                cache_tail_chunks(index, &tail, tail_start, &cache);
-            }
+            let straddling = match &index {
+                Ok(index) => settle_tail(index, &tail, tail_start, loc.toc_offset, &cache),
+                Err(_) => None,
+            };
             drop(tail);
             // Decoding allocated several times the index's size in small
             // pieces, now all freed; give those pages back rather than let
             // the allocator keep them for the daemon's lifetime.
             crate::memory::release_free_memory();
-            index
+            index.map(|index| (index, straddling))
         })
         .await
         .expect("TOC decoding does not panic")?;
+        if let Some((len, key)) = straddling {
+            fetcher.keep_tail(tail_start, len, key);
+        }
         Ok(Layer::new(index, fetcher))
     }
 }
@@ -110,13 +114,21 @@ fn decode_and_build(
 
 /// Stores in the cache the chunks that lie wholly in `tail` (the blob's
 /// bytes from `tail_start` to its end, fetched to open the layer), so that
-/// reading them costs no GET while the layer holds no copy of them in
-/// memory for as long as it is mounted. The end of a chunk that begins
-/// before the tail is not kept: reading that chunk fetches it whole, which
-/// needs a GET anyway, up to a tail's length more bytes once per layer
-/// instead of up to that much memory per mounted layer for its lifetime.
-fn cache_tail_chunks(index: &LayerIndex, tail: &[u8], tail_start: u64, cache: &Cache) {
+/// reading them costs no GET while the layer holds no copy of them in memory
+/// for as long as it is mounted. The tail's bytes before the first such
+/// chunk end a chunk that begins before the tail: they are cached too, under
+/// their own sha256, so that reading that chunk fetches only its beginning;
+/// returns their length and key.
+fn settle_tail(
+    index: &LayerIndex,
+    tail: &[u8],
+    tail_start: u64,
+    toc_offset: u64,
+    cache: &Cache,
+) -> Option<(u64, Digest)> {
+    let mut first_whole = toc_offset;
     for c in index.chunks.iter().filter(|c| c.blob_range.0 >= tail_start) {
+        first_whole = first_whole.min(c.blob_range.0);
         if cache.contains(&c.digest) {
             continue;
         }
@@ -132,4 +144,16 @@ fn cache_tail_chunks(index: &LayerIndex, tail: &[u8], tail_start: u64, cache: &C
             Err(e) => tracing::warn!(chunk = %c.digest, error = %e, "chunk in the tail rejected"),
         }
     }
+    let straddling = &tail[..(first_whole.saturating_sub(tail_start) as usize).min(tail.len())];
+    if straddling.is_empty() {
+        return None;
+    }
+    let key = Digest::of(straddling);
+    if !cache.contains(&key)
+        && let Err(e) = cache.insert(&key, straddling)
+    {
+        tracing::warn!(error = %e, "cache insert of the blob tail failed");
+        return None;
+    }
+    Some((straddling.len() as u64, key))
 }
