@@ -6,16 +6,21 @@
 //!
 //! A daemon keeps the index of every mounted layer for as long as it is
 //! mounted, so the stored form is compact (issue 5's budget is 300 bytes of
-//! daemon memory per TOC entry, everything included): inodes are fixed-size
-//! [`Inode`]s in one vector; all directory entries of the layer are
-//! `(name, inode)` triples in one vector, each directory's run sorted by
-//! name; names and symlink targets live in one byte arena; the rare parts
-//! (extended attributes, whole-file digests that a file's only chunk does not
-//! already give) are side tables keyed by inode number. A handful of
-//! allocations per layer, whatever its size, also leaves the allocator
-//! nothing to fragment. [`InodeSpec`] is the owned, convenient description
-//! an index is built from ([`LayerIndex::new`]).
+//! daemon memory per TOC entry, everything included): inodes are 32-byte
+//! records in one vector, their (mode, owner, mtime) in a table of the
+//! layer's distinct combinations (a few hundred even in a layer of 50,000
+//! files); all directory entries of the layer are (name start, inode) pairs
+//! in one vector, each directory's run sorted by name; names and symlink
+//! targets live in one byte arena; the rare parts (extended attributes,
+//! whole-file digests that a file's only chunk does not already give) are
+//! side tables keyed by inode number. A handful of allocations per layer,
+//! whatever its size, also leaves the allocator nothing to fragment.
+//! [`LayerIndex::inode`] hands out an [`Inode`] assembled by value;
+//! [`InodeSpec`] is the owned description an index is built from
+//! ([`LayerIndex::new`]).
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::ops::Range;
 
 use super::FormatError;
@@ -94,8 +99,8 @@ impl InodeSpec {
 }
 
 /// One file of the layer, as the kernel will see it: the fixed-size
-/// attributes, 40 bytes. What varies in length (entries, target, chunks,
-/// xattrs) is reached through the [`LayerIndex`].
+/// attributes, handed out by value. What varies in length (entries, target,
+/// chunks, xattrs) is reached through the [`LayerIndex`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Inode {
     /// Directories: the parent's inode number (a directory's size is 0);
@@ -190,6 +195,27 @@ impl Inode {
     }
 }
 
+/// An inode as stored: 32 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Node {
+    size_or_parent: u64,
+    span: (u32, u32),
+    nlink: u32,
+    /// Index into `LayerIndex::attrs`.
+    attrs: u32,
+    kind: FileKind,
+    digest: u8,
+}
+
+/// The attributes many inodes of a layer share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Attrs {
+    mtime: i64,
+    uid: u32,
+    gid: u32,
+    mode: u16,
+}
+
 /// One directory entry: where its name starts in `names` (it ends where
 /// the next entry's starts) and its inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,7 +250,9 @@ impl Chunk {
 #[derive(Clone, Debug, Default)]
 pub struct LayerIndex {
     /// Inode `n` is `inodes[n - 1]`.
-    inodes: Vec<Inode>,
+    inodes: Vec<Node>,
+    /// The distinct (mode, owner, mtime) of the layer's inodes.
+    attrs: Vec<Attrs>,
     /// Every directory's entries, one sorted run per directory.
     dirents: Vec<Dirent>,
     /// The entries' names, in entry order, then symlink targets.
@@ -272,6 +300,7 @@ impl LayerIndex {
         let entries: usize = inodes.iter().map(|i| i.children.len()).sum();
         let mut index = LayerIndex {
             inodes: Vec::with_capacity(count),
+            attrs: Vec::new(),
             dirents: Vec::with_capacity(entries),
             names: Vec::new(),
             entry_names_end: 0,
@@ -282,6 +311,7 @@ impl LayerIndex {
             prefetch,
         };
         let valid_ino = |ino: u64| (1..=count as u64).contains(&ino);
+        let mut attr_slots: HashMap<Attrs, u32> = HashMap::new();
         // Symlink targets go after every entry name, so that an entry's name
         // ends where the next entry's begins.
         let mut targets = Vec::new();
@@ -365,23 +395,35 @@ impl LayerIndex {
                 xattrs.sort_by(|a, b| a.0.cmp(&b.0));
                 index.xattrs.push((ino as u32, xattrs.into_boxed_slice()));
             }
-            index.inodes.push(Inode {
-                size_or_parent,
+            let attrs = Attrs {
                 mtime: spec.mtime,
                 uid: spec.uid,
                 gid: spec.gid,
-                nlink: spec.nlink,
-                span,
                 mode: (spec.mode & 0o7777) as u16,
+            };
+            let slot = match attr_slots.entry(attrs) {
+                Entry::Occupied(e) => *e.get(),
+                Entry::Vacant(e) => {
+                    index.attrs.push(attrs);
+                    *e.insert(to_u32(index.attrs.len() - 1, "attributes")?)
+                }
+            };
+            index.inodes.push(Node {
+                size_or_parent,
+                span,
+                nlink: spec.nlink,
+                attrs: slot,
                 kind: spec.kind,
                 digest,
             });
         }
+        drop(attr_slots);
         index.entry_names_end = to_u32(index.names.len(), "name bytes")?;
         for (i, target) in targets {
             let (start, len) = index.push_name(&target)?;
             index.inodes[i].span = (start, start + len);
         }
+        index.attrs.shrink_to_fit();
         index.names.shrink_to_fit();
         index.xattrs.shrink_to_fit();
         index.digests.shrink_to_fit();
@@ -397,14 +439,34 @@ impl LayerIndex {
         Ok((start, name.len() as u32))
     }
 
-    pub fn inode(&self, ino: u64) -> Option<&Inode> {
+    pub fn inode(&self, ino: u64) -> Option<Inode> {
         let i = usize::try_from(ino.checked_sub(1)?).ok()?;
-        self.inodes.get(i)
+        Some(self.assemble(self.inodes.get(i)?))
     }
 
-    /// Every inode, inode `n` at position `n - 1`.
-    pub fn inodes(&self) -> &[Inode] {
-        &self.inodes
+    /// Number of inodes (the highest inode number).
+    pub fn inode_count(&self) -> u64 {
+        self.inodes.len() as u64
+    }
+
+    /// Every inode, inode `n` first `n - 1`.
+    pub fn inodes(&self) -> impl ExactSizeIterator<Item = Inode> + '_ {
+        self.inodes.iter().map(|n| self.assemble(n))
+    }
+
+    fn assemble(&self, n: &Node) -> Inode {
+        let a = self.attrs[n.attrs as usize];
+        Inode {
+            size_or_parent: n.size_or_parent,
+            mtime: a.mtime,
+            uid: a.uid,
+            gid: a.gid,
+            nlink: n.nlink,
+            span: n.span,
+            mode: a.mode,
+            kind: n.kind,
+            digest: n.digest,
+        }
     }
 
     /// The name of entry `i` of `dirents`.
@@ -426,7 +488,7 @@ impl LayerIndex {
 
     /// The child `name` of directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<u64> {
-        let entries = self.entries(self.inode(parent)?);
+        let entries = self.entries(&self.inode(parent)?);
         // Binary search by name within the directory's sorted run.
         let (mut lo, mut hi) = (entries.start, entries.end);
         while lo < hi {
@@ -472,7 +534,9 @@ impl LayerIndex {
     /// The whole-file sha256 of regular file `ino` from the TOC, where the
     /// format gives one.
     pub fn file_digest(&self, ino: u64) -> Option<Digest> {
-        let inode = self.inode(ino)?;
+        let inode = self
+            .inodes
+            .get(usize::try_from(ino.checked_sub(1)?).ok()?)?;
         match inode.digest {
             DIGEST_OF_CHUNK => Some(self.chunks[inode.span.0 as usize].digest),
             DIGEST_SIDE => {
@@ -502,7 +566,8 @@ impl LayerIndex {
     /// Heap bytes this index holds (for memory accounting and tests).
     pub fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
-        self.inodes.capacity() * size_of::<Inode>()
+        self.inodes.capacity() * size_of::<Node>()
+            + self.attrs.capacity() * size_of::<Attrs>()
             + self.dirents.capacity() * size_of::<Dirent>()
             + self.names.capacity()
             + self.chunks.capacity() * size_of::<Chunk>()
@@ -580,20 +645,20 @@ mod tests {
         assert_eq!(idx.resolve("b/c"), None, "a file has no entries");
         assert_eq!(idx.lookup(99, b"b"), None);
         let root = idx.inode(ROOT_INO).unwrap();
-        let names: Vec<(&[u8], u64)> = idx.children(root).collect();
+        let names: Vec<(&[u8], u64)> = idx.children(&root).collect();
         assert_eq!(
             names,
             [(&b"a"[..], 3), (&b"b"[..], 2), (&b"d"[..], 4)],
             "sorted by name"
         );
-        assert_eq!(idx.children(idx.inode(2).unwrap()).len(), 0);
+        assert_eq!(idx.children(&idx.inode(2).unwrap()).len(), 0);
         assert_eq!(idx.inode(4).unwrap().parent(), Some(ROOT_INO));
         assert_eq!(idx.inode(ROOT_INO).unwrap().parent(), Some(ROOT_INO));
         assert_eq!(idx.inode(5).unwrap().parent(), None, "only directories");
         assert_eq!(idx.inode(4).unwrap().mtime(), -7);
         assert_eq!(idx.inode(4).unwrap().size(), 0);
         assert_eq!(idx.inode(5).unwrap().size(), 7);
-        assert_eq!(idx.inodes().len(), 6);
+        assert_eq!((idx.inodes().len(), idx.inode_count()), (6, 6));
         assert!(idx.inode(0).is_none() && idx.inode(7).is_none());
     }
 
@@ -601,8 +666,8 @@ mod tests {
     fn variable_parts_come_back_as_given() {
         let idx = sample();
         let a = idx.inode(3).unwrap();
-        assert_eq!(idx.link_target(a), b"b");
-        assert_eq!(idx.link_target(idx.inode(2).unwrap()), b"");
+        assert_eq!(idx.link_target(&a), b"b");
+        assert_eq!(idx.link_target(&idx.inode(2).unwrap()), b"");
         assert_eq!(idx.inode(6).unwrap().rdev(), (1, 3));
         assert_eq!(idx.inode(2).unwrap().rdev(), (0, 0));
         let x = idx.xattrs(2);
@@ -611,7 +676,7 @@ mod tests {
         assert!(idx.xattrs(3).is_empty() && idx.xattrs(u64::MAX).is_empty());
         let c = idx.inode(5).unwrap();
         assert_eq!(c.chunks(), 1..3);
-        assert_eq!(idx.file_chunks(c).len(), 2);
+        assert_eq!(idx.file_chunks(&c).len(), 2);
         assert_eq!(idx.file_digest(5), Some(Digest([9; 32])));
         assert_eq!(
             idx.file_digest(2),
@@ -662,9 +727,10 @@ mod tests {
     #[test]
     fn stored_inodes_stay_small() {
         // The per-entry budget rests on these sizes.
-        assert_eq!(std::mem::size_of::<Inode>(), 40);
+        assert_eq!(std::mem::size_of::<Node>(), 32);
         assert_eq!(std::mem::size_of::<Dirent>(), 8);
         let idx = sample();
-        assert!(idx.heap_bytes() < 6 * 40 + 5 * 8 + 3 * 72 + 200);
+        assert_eq!(idx.attrs.len(), 3, "six inodes, three (mode, owner, mtime)");
+        assert!(idx.heap_bytes() < 6 * 32 + 3 * 24 + 5 * 8 + 3 * 72 + 200);
     }
 }

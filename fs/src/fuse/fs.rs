@@ -93,7 +93,7 @@ impl Filesystem for LayerFs {
         let index = self.layer.index();
         match index.lookup(parent.0, name.as_bytes()) {
             Some(ino) => match index.inode(ino) {
-                Some(i) => reply.entry(&TTL, &attr(ino, i), Generation(0)),
+                Some(i) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
                 None => reply.error(Errno::ENOENT),
             },
             None => reply.error(Errno::ENOENT),
@@ -102,7 +102,7 @@ impl Filesystem for LayerFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.layer.inode(ino.0) {
-            Ok(i) => reply.attr(&TTL, &attr(ino.0, i)),
+            Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -110,7 +110,7 @@ impl Filesystem for LayerFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.layer.inode(ino.0) {
             Ok(i) if i.kind() == crate::format::FileKind::Symlink => {
-                reply.data(self.layer.index().link_target(i))
+                reply.data(self.layer.index().link_target(&i))
             }
             Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(errno(&e)),
@@ -122,7 +122,7 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::EROFS);
         }
         match self.layer.inode(ino.0) {
-            Ok(i) => self.passthrough.open(ino.0, i, reply),
+            Ok(i) => self.passthrough.open(ino.0, &i, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -139,7 +139,7 @@ impl Filesystem for LayerFs {
     ) {
         reply.ok();
         if let Ok(i) = self.layer.inode(ino.0) {
-            self.passthrough.release(ino.0, i);
+            self.passthrough.release(ino.0, &i);
         }
     }
 
@@ -205,7 +205,7 @@ impl Filesystem for LayerFs {
         let entries = dots
             .into_iter()
             .map(|(i, n)| (i, FileType::Directory, n))
-            .chain(index.children(dir).map(|(name, child)| {
+            .chain(index.children(&dir).map(|(name, child)| {
                 let kind = index
                     .inode(child)
                     .map_or(FileType::RegularFile, |c| file_type(c.kind()));
@@ -253,8 +253,8 @@ impl Filesystem for LayerFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let index = self.layer.index();
-        let bytes: u64 = index.inodes().iter().map(|i| i.size()).sum();
-        let files = index.inodes().len() as u64;
+        let bytes: u64 = index.inodes().map(|i| i.size()).sum();
+        let files = index.inode_count();
         reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }
 }

@@ -88,7 +88,7 @@ impl Layer {
         &self.index
     }
 
-    pub fn inode(&self, ino: u64) -> Result<&Inode, LayerError> {
+    pub fn inode(&self, ino: u64) -> Result<Inode, LayerError> {
         self.index.inode(ino).ok_or(LayerError::NoInode(ino))
     }
 
@@ -110,7 +110,7 @@ impl Layer {
         if inode.kind() != FileKind::Reg {
             return Err(LayerError::NotFile(ino));
         }
-        let chunks = self.index.file_chunks(inode);
+        let chunks = self.index.file_chunks(&inode);
         let read = plan::plan_read(chunks, inode.size(), offset, len, self.fetcher.cache());
         if let CachedRead::Hit(_) = &read {
             self.fetcher.stats().cache_hits(1);

@@ -183,7 +183,7 @@ async fn chunks_that_came_with_the_tail_are_cached_and_the_one_across_its_start_
     let ino = layer.index().resolve("dir/file").unwrap();
     let chunks = layer
         .index()
-        .file_chunks(layer.inode(ino).unwrap())
+        .file_chunks(&layer.inode(ino).unwrap())
         .to_vec();
     let (whole, before): (Vec<&Chunk>, Vec<&Chunk>) =
         chunks.iter().partition(|c| c.blob_range.0 >= tail_start);

@@ -373,7 +373,7 @@ fn file_content(c: &Converted, ino: &Inode) -> Vec<u8> {
     out
 }
 
-fn node<'a>(idx: &'a LayerIndex, path: &str) -> &'a Inode {
+fn node(idx: &LayerIndex, path: &str) -> Inode {
     let ino = idx
         .resolve(path)
         .unwrap_or_else(|| panic!("{path} missing"));
@@ -396,7 +396,7 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
         assert_eq!((ino.uid(), ino.gid()), (e.uid, e.gid), "{}", e.path);
         assert_eq!(ino.mtime(), MTIME as i64, "{}", e.path);
         assert_eq!(ino.rdev(), e.rdev, "{}", e.path);
-        assert_eq!(idx.link_target(ino), e.link.as_bytes(), "{}", e.path);
+        assert_eq!(idx.link_target(&ino), e.link.as_bytes(), "{}", e.path);
         let mut want_x: Vec<(&[u8], &[u8])> = e
             .xattrs
             .iter()
@@ -413,15 +413,15 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
         assert_eq!(got_x, want_x, "{}", e.path);
         if e.kind == FileKind::Reg {
             assert_eq!(ino.size(), e.data.len() as u64, "{}", e.path);
-            assert_eq!(file_content(&c, ino), e.data, "{}", e.path);
+            assert_eq!(file_content(&c, &ino), e.data, "{}", e.path);
             let n = idx.resolve(&e.path).unwrap();
             assert_eq!(idx.file_digest(n), Some(Digest::of(&e.data)), "{}", e.path);
         }
     }
     // Chunking: 10 full chunks and a tail; exactly two for the exact file.
-    assert_eq!(idx.file_chunks(node(idx, "big/file")).len(), 11);
-    assert_eq!(idx.file_chunks(node(idx, "big/exact")).len(), 2);
-    assert!(idx.file_chunks(node(idx, "empty")).is_empty());
+    assert_eq!(idx.file_chunks(&node(idx, "big/file")).len(), 11);
+    assert_eq!(idx.file_chunks(&node(idx, "big/exact")).len(), 2);
+    assert!(idx.file_chunks(&node(idx, "empty")).is_empty());
     // Hardlink across directories: one inode, two names.
     let (a, b) = (
         idx.resolve("etc/passwd").unwrap(),
@@ -457,10 +457,10 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
     // Directory link counts and sorted children.
     let root = idx.inode(crate::format::ROOT_INO).unwrap();
     let subdirs = idx
-        .children(root)
+        .children(&root)
         .filter(|(_, i)| idx.inode(*i).unwrap().kind() == FileKind::Dir);
     assert_eq!(root.nlink(), 2 + subdirs.count() as u32);
-    let names: Vec<&[u8]> = idx.children(root).map(|(n, _)| n).collect();
+    let names: Vec<&[u8]> = idx.children(&root).map(|(n, _)| n).collect();
     assert!(names.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(node(idx, "big").nlink(), 2);
     assert_eq!(c.index.blob_size, c.blob.len() as u64);
@@ -525,15 +525,15 @@ fn prioritized_files_come_first_and_set_the_prefetch_range() {
     let prefetch = idx.prefetch.clone().expect("a prefetch landmark");
     // The prioritized files (and the hardlink's target) lie in the range.
     for p in ["big/file", "etc/passwd"] {
-        for ch in idx.file_chunks(node(idx, p)) {
+        for ch in idx.file_chunks(&node(idx, p)) {
             assert!(ch.blob_range.1 <= prefetch.end, "{p} outside prefetch");
         }
     }
-    for ch in idx.file_chunks(node(idx, "bin/ping")) {
+    for ch in idx.file_chunks(&node(idx, "bin/ping")) {
         assert!(ch.blob_range.0 >= prefetch.end);
     }
     assert_eq!(
-        file_content(&c, node(idx, "big/file")),
+        file_content(&c, &node(idx, "big/file")),
         pseudo_random(10 * CHUNK as usize + 123, 7)
     );
     assert!(idx.resolve(PREFETCH_LANDMARK).is_none());
@@ -575,7 +575,7 @@ fn tampered_and_truncated_chunks_are_refused() {
     };
     let c = convert(&tar, &opts);
     let ino = node(&c.index, "big/file");
-    let chunk = c.index.file_chunks(ino)[3];
+    let chunk = c.index.file_chunks(&ino)[3];
     let r = chunk.blob_range();
     let member = &c.blob[r.start as usize..r.end as usize];
     // Same length, one byte changed, validly compressed: only the digest
@@ -764,13 +764,13 @@ fn legal_oddities_are_accepted() {
     assert_eq!(idx.resolve("h"), idx.resolve("a/b/c"));
     assert_eq!(idx.prefetch, Some(0..500));
     // Blob ranges end at the next payload member or the TOC.
-    let c = idx.file_chunks(node(&idx, "a/b/c"));
+    let c = idx.file_chunks(&node(&idx, "a/b/c"));
     assert_eq!(c[0].blob_range, (10, 500));
-    let z = idx.file_chunks(node(&idx, "z"));
+    let z = idx.file_chunks(&node(&idx, "z"));
     assert_eq!(
         z.iter().map(|c| c.blob_range).collect::<Vec<_>>(),
         [(600, 700), (700, 1000)]
     );
     assert_eq!(z[1].size, 5);
-    assert_eq!(idx.link_target(node(&idx, "s")), b"/abs/target");
+    assert_eq!(idx.link_target(&node(&idx, "s")), b"/abs/target");
 }
