@@ -6,8 +6,8 @@
 //!
 //! A daemon keeps the index of every mounted layer for as long as it is
 //! mounted, so the stored form is compact (issue 5's budget is 300 bytes of
-//! daemon memory per TOC entry, everything included): inodes are 32-byte
-//! records in one vector, their (mode, owner, mtime) in a table of the
+//! daemon memory per TOC entry, everything included): inodes are 24-byte
+//! records in one vector, their kind, mode, owner and mtime in a table of the
 //! layer's distinct combinations (a few hundred even in a layer of 50,000
 //! files); all directory entries of the layer are (name start, inode) pairs
 //! in one vector, each directory's run sorted by name; names and symlink
@@ -30,7 +30,7 @@ use crate::Digest;
 pub const ROOT_INO: u64 = 1;
 
 /// What kind of file an inode is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FileKind {
     Dir,
     Reg,
@@ -195,7 +195,7 @@ impl Inode {
     }
 }
 
-/// An inode as stored: 32 bytes.
+/// An inode as stored: 24 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Node {
     size_or_parent: u64,
@@ -203,17 +203,18 @@ struct Node {
     nlink: u32,
     /// Index into `LayerIndex::attrs`.
     attrs: u32,
-    kind: FileKind,
-    digest: u8,
 }
 
-/// The attributes many inodes of a layer share.
+/// The attributes many inodes of a layer share: kind, mode, owner, mtime,
+/// and where a regular file's whole digest is (`DIGEST_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Attrs {
     mtime: i64,
     uid: u32,
     gid: u32,
     mode: u16,
+    kind: FileKind,
+    digest: u8,
 }
 
 /// One directory entry: where its name starts in `names` (it ends where
@@ -400,6 +401,8 @@ impl LayerIndex {
                 uid: spec.uid,
                 gid: spec.gid,
                 mode: (spec.mode & 0o7777) as u16,
+                kind: spec.kind,
+                digest,
             };
             let slot = match attr_slots.entry(attrs) {
                 Entry::Occupied(e) => *e.get(),
@@ -413,8 +416,6 @@ impl LayerIndex {
                 span,
                 nlink: spec.nlink,
                 attrs: slot,
-                kind: spec.kind,
-                digest,
             });
         }
         drop(attr_slots);
@@ -464,8 +465,8 @@ impl LayerIndex {
             nlink: n.nlink,
             span: n.span,
             mode: a.mode,
-            kind: n.kind,
-            digest: n.digest,
+            kind: a.kind,
+            digest: a.digest,
         }
     }
 
@@ -534,9 +535,7 @@ impl LayerIndex {
     /// The whole-file sha256 of regular file `ino` from the TOC, where the
     /// format gives one.
     pub fn file_digest(&self, ino: u64) -> Option<Digest> {
-        let inode = self
-            .inodes
-            .get(usize::try_from(ino.checked_sub(1)?).ok()?)?;
+        let inode = self.inode(ino)?;
         match inode.digest {
             DIGEST_OF_CHUNK => Some(self.chunks[inode.span.0 as usize].digest),
             DIGEST_SIDE => {
@@ -727,10 +726,22 @@ mod tests {
     #[test]
     fn stored_inodes_stay_small() {
         // The per-entry budget rests on these sizes.
-        assert_eq!(std::mem::size_of::<Node>(), 32);
+        assert_eq!(std::mem::size_of::<Node>(), 24);
         assert_eq!(std::mem::size_of::<Dirent>(), 8);
         let idx = sample();
-        assert_eq!(idx.attrs.len(), 3, "six inodes, three (mode, owner, mtime)");
-        assert!(idx.heap_bytes() < 6 * 32 + 3 * 24 + 5 * 8 + 3 * 72 + 200);
+        // Root and /d (dirs, one mtime each), /b (reg, digest is its chunk's),
+        // /a (symlink), /d/c (reg, digest aside), /d/n (char device).
+        assert_eq!(idx.attrs.len(), 6);
+        let mut files = vec![dir(&[])];
+        for k in 0..100u8 {
+            let mut f = InodeSpec::new(FileKind::Reg);
+            (f.chunks, f.digest) = (u32::from(k)..u32::from(k) + 1, Some(Digest([k; 32])));
+            files[0].children.push((vec![k].into(), u64::from(k) + 2));
+            files.push(f);
+        }
+        let chunks = (0..100u8).map(|k| chunk(1, k)).collect();
+        let many = LayerIndex::new(files, chunks, 100, None).unwrap();
+        assert_eq!(many.attrs.len(), 2, "a hundred alike files share one");
+        assert!(idx.heap_bytes() < 6 * 24 + 6 * 24 + 5 * 8 + 3 * 72 + 200);
     }
 }
