@@ -13,7 +13,8 @@
 //!   -> format/    pure decoding: footer, TOC, index, one chunk, its digest
 //! ```
 //!
-//! `digest` and `format::index` hold the vocabulary every layer shares.
+//! `digest` and `format::index` hold the vocabulary every layer shares;
+//! `memory` tunes the allocator for a daemon that keeps many layers.
 
 pub mod cache;
 pub mod digest;
@@ -21,6 +22,7 @@ pub mod fetch;
 pub mod format;
 pub mod fuse;
 pub mod layer;
+pub mod memory;
 pub mod registry;
 
 pub use digest::Digest;

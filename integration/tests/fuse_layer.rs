@@ -17,7 +17,9 @@ use futures::future::BoxFuture;
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
 use tarn_fs::fetch::{Fetcher, Intent};
-use tarn_fs::format::{Chunk, ChunkDecoder, FileKind, FormatError, Inode, LayerIndex, ROOT_INO};
+use tarn_fs::format::{
+    Chunk, ChunkDecoder, FileKind, FormatError, InodeSpec, LayerIndex, ROOT_INO,
+};
 use tarn_fs::fuse::{MountOptions, mount};
 use tarn_fs::layer::Layer;
 use tarn_fs::registry::{BlobSource, RegistryError};
@@ -58,22 +60,14 @@ impl ChunkDecoder for Plain {
     }
 }
 
-fn node(kind: FileKind, mode: u32, parent: u64) -> Inode {
-    Inode {
-        kind,
+fn node(kind: FileKind, mode: u32, parent: u64) -> InodeSpec {
+    InodeSpec {
         mode,
         uid: 1000,
         gid: 2000,
         mtime: 1_600_000_000,
-        size: 0,
-        nlink: 1,
-        rdev: (0, 0),
         parent,
-        link_target: Box::default(),
-        xattrs: Vec::new(),
-        children: Vec::new(),
-        chunks: 0..0,
-        digest: None,
+        ..InodeSpec::new(kind)
     }
 }
 
@@ -128,12 +122,13 @@ fn index_and_blob(tamper: bool) -> (LayerIndex, Vec<u8>, Vec<u8>, Vec<u8>) {
         (name("trusted.overlay.opaque"), name("y")),
         (name("user.note"), name("tarn")),
     ];
-    let index = LayerIndex {
-        inodes: vec![root, fa, fb, l, wh, d],
+    let index = LayerIndex::new(
+        vec![root, fa, fb, l, wh, d],
         chunks,
-        blob_size: blob.len() as u64,
-        prefetch: None,
-    };
+        blob.len() as u64,
+        None,
+    )
+    .expect("a consistent index");
     (index, blob, a, b)
 }
 
@@ -324,12 +319,8 @@ fn cached_sequential_read_throughput_against_local_disk() {
     let mut big = node(FileKind::Reg, 0o644, ROOT_INO);
     big.size = SIZE as u64;
     big.chunks = 0..chunks.len() as u32;
-    let index = LayerIndex {
-        inodes: vec![root, big],
-        chunks,
-        blob_size: SIZE as u64,
-        prefetch: None,
-    };
+    let index =
+        LayerIndex::new(vec![root, big], chunks, SIZE as u64, None).expect("a consistent index");
 
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("local");

@@ -16,7 +16,9 @@ use futures::future::BoxFuture;
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
 use tarn_fs::fetch::{Fetcher, Intent};
-use tarn_fs::format::{Chunk, ChunkDecoder, FileKind, FormatError, Inode, LayerIndex, ROOT_INO};
+use tarn_fs::format::{
+    Chunk, ChunkDecoder, FileKind, FormatError, InodeSpec, LayerIndex, ROOT_INO,
+};
 use tarn_fs::fuse::{MountHandle, MountOptions, mount};
 use tarn_fs::layer::Layer;
 use tarn_fs::registry::{BlobSource, RegistryError};
@@ -73,22 +75,13 @@ impl ChunkDecoder for Plain {
     }
 }
 
-fn node(kind: FileKind, parent: u64) -> Inode {
-    Inode {
-        kind,
+fn node(kind: FileKind, parent: u64) -> InodeSpec {
+    InodeSpec {
         mode: if kind == FileKind::Dir { 0o755 } else { 0o644 },
-        uid: 0,
-        gid: 0,
         mtime: 1_600_000_000,
-        size: 0,
         nlink: if kind == FileKind::Dir { 2 } else { 1 },
-        rdev: (0, 0),
         parent,
-        link_target: Box::default(),
-        xattrs: Vec::new(),
-        children: Vec::new(),
-        chunks: 0..0,
-        digest: None,
+        ..InodeSpec::new(kind)
     }
 }
 
@@ -142,12 +135,7 @@ fn flat_layer(files: &[Spec], copy_to: Option<&Path>) -> (LayerIndex, Vec<Range<
     }
     root.children.sort();
     inodes.insert(0, root);
-    let index = LayerIndex {
-        inodes,
-        chunks,
-        blob_size: base,
-        prefetch: None,
-    };
+    let index = LayerIndex::new(inodes, chunks, base, None).expect("a consistent index");
     (index, ranges)
 }
 
@@ -295,7 +283,7 @@ fn fully_cached_files_pass_through_with_their_content_also_under_overlayfs() {
     let bed = Bed::new(&files(), false);
     let (_, ranges) = flat_layer(&files(), None);
     let cache = bed.cache();
-    let big_digest = bed.index.inode(3).unwrap().digest.unwrap();
+    let big_digest = bed.index.file_digest(3).unwrap();
 
     // Cold: every read fetches; closing `big` with all chunks cached starts
     // its assembly.
@@ -367,8 +355,8 @@ fn corrupt(path: &Path) {
 fn a_cache_file_corrupted_on_disk_is_never_served() {
     let bed = Bed::new(&files(), false);
     let (_, ranges) = flat_layer(&files(), None);
-    let small = bed.index.chunks[bed.index.inode(2).unwrap().chunks.start as usize].digest;
-    let big = bed.index.inode(3).unwrap().digest.unwrap();
+    let small = bed.index.chunks[bed.index.inode(2).unwrap().chunks().start as usize].digest;
+    let big = bed.index.file_digest(3).unwrap();
     {
         let cache = bed.cache();
         let m = bed.mount("first", cache.clone(), true);
@@ -446,7 +434,7 @@ fn cached_read_of_1gib_through_passthrough_against_overlayfs() {
         chunk: 4 << 20,
     }];
     let bed = Bed::new(&spec, true);
-    let digest = bed.index.inode(2).unwrap().digest.unwrap();
+    let digest = bed.index.file_digest(2).unwrap();
     let cache = bed.cache();
 
     let on = bed.mount("on", cache.clone(), true);

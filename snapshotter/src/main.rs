@@ -32,14 +32,25 @@ struct Args {
     log_level: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads exist: see tarn_fs::memory.
+    let tuned = tarn_fs::memory::tune_allocator();
     let args = Args::parse();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&args.log_level))
         .with_context(|| format!("invalid log level {:?}", args.log_level))?;
     tracing_subscriber::fmt().with_env_filter(filter).init();
+    if !tuned {
+        tracing::warn!("could not tune malloc; the daemon may hold more memory than it uses");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(args))
+}
 
+async fn serve(args: Args) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(path) => Config::load(path, true)?,
         None => Config::load(config::DEFAULT_CONFIG.as_ref(), false)?,

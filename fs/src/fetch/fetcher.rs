@@ -67,9 +67,18 @@ struct Inner {
     stats: FetchStats,
     scheduler: FetchScheduler,
     max_merged_get: u64,
-    /// The blob's last bytes, `(offset, bytes)`, fetched when the layer was
-    /// opened; chunks there are served from it.
-    tail: OnceLock<(u64, Bytes)>,
+    /// Blob bytes fetched when the layer was opened that end a chunk
+    /// starting before them; that chunk is completed with them.
+    tail: OnceLock<Tail>,
+}
+
+/// Blob bytes `[offset, offset + len)`, kept in the cache under their own
+/// sha256 (`key`) rather than in memory for the layer's lifetime.
+#[derive(Clone, Copy, Debug)]
+struct Tail {
+    offset: u64,
+    len: u64,
+    key: Digest,
 }
 
 impl Fetcher {
@@ -104,10 +113,13 @@ impl Fetcher {
         }
     }
 
-    /// Keeps the blob's bytes from `offset` to its end (already fetched, for
-    /// the footer and TOC) to serve the chunks that lie there. Set once.
-    pub fn keep_tail(&self, offset: u64, bytes: Bytes) {
-        let _ = self.inner.tail.set((offset, bytes));
+    /// Notes that blob bytes from `offset`, `len` of them (already fetched,
+    /// with the footer and TOC), are in the cache under their own sha256
+    /// `key`, so that the chunk they end is completed with them instead of
+    /// fetched twice. Set once. If the cache has lost them by the time the
+    /// chunk is read, the chunk is fetched whole.
+    pub fn keep_tail(&self, offset: u64, len: u64, key: Digest) {
+        let _ = self.inner.tail.set(Tail { offset, len, key });
     }
 
     pub fn stats(&self) -> &FetchStats {
@@ -378,8 +390,11 @@ impl Inner {
         };
         // The part of the range inside the blob's tail (kept from opening
         // the layer) is not fetched again.
-        let tail = self.tail.get().filter(|(ts, _)| end > *ts);
-        let get_end = tail.map_or(end, |(ts, _)| (*ts).max(start));
+        let tail = match self.tail.get().filter(|t| end > t.offset) {
+            Some(t) => self.read_tail(*t).await,
+            None => None,
+        };
+        let get_end = tail.as_ref().map_or(end, |(ts, _)| (*ts).max(start));
 
         // `body` holds blob bytes `[body_start, body_start + body.len())`;
         // `next` is the first chunk not completed yet.
@@ -459,7 +474,7 @@ impl Inner {
             }
         }
         let mut data = body.freeze();
-        if let Some((ts, tb)) = tail {
+        if let Some((ts, tb)) = &tail {
             let from = (start.max(*ts) - ts) as usize;
             let to = ((end - ts) as usize).min(tb.len());
             data = if data.is_empty() {
@@ -480,6 +495,22 @@ impl Inner {
     }
 
     /// Whether a reader waits for any of `chunks`.
+    /// The kept tail's bytes, `(offset, bytes)`, read from the cache on the
+    /// blocking pool; `None` if the cache no longer has them.
+    async fn read_tail(&self, t: Tail) -> Option<(u64, Bytes)> {
+        let cache = self.cache.clone();
+        let len = usize::try_from(t.len).ok()?;
+        let read = tokio::task::spawn_blocking(move || cache.read(&t.key, 0, len)).await;
+        match read {
+            Ok(Ok(Some(bytes))) if bytes.len() == len => Some((t.offset, Bytes::from(bytes))),
+            Ok(Ok(_)) | Err(_) => None,
+            Ok(Err(e)) => {
+                tracing::debug!(offset = t.offset, error = %e, "kept blob tail gone; fetching it");
+                None
+            }
+        }
+    }
+
     fn awaited(&self, chunks: &[Chunk]) -> bool {
         chunks.iter().any(|c| {
             self.inflight

@@ -7,7 +7,7 @@
 pub mod estargz;
 pub mod index;
 
-pub use index::{Chunk, FileKind, Inode, LayerIndex, ROOT_INO, Xattr};
+pub use index::{Chunk, FileKind, Inode, InodeSpec, LayerIndex, ROOT_INO, Xattr};
 
 /// Why a layer or a chunk could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +16,8 @@ pub enum FormatError {
     Footer(String),
     #[error("invalid TOC: {0}")]
     Toc(String),
+    #[error("inconsistent layer index: {0}")]
+    Index(String),
     #[error("TOC digest {actual} does not match the layer's annotation {expected}")]
     TocDigestMismatch {
         expected: crate::Digest,

@@ -31,21 +31,22 @@ fn time(secs: i64) -> SystemTime {
 }
 
 pub(super) fn attr(ino: u64, i: &Inode) -> FileAttr {
-    let t = time(i.mtime);
+    let t = time(i.mtime());
+    let (major, minor) = i.rdev();
     FileAttr {
         ino: INodeNo(ino),
-        size: i.size,
-        blocks: i.size.div_ceil(512),
+        size: i.size(),
+        blocks: i.size().div_ceil(512),
         atime: t,
         mtime: t,
         ctime: t,
         crtime: t,
-        kind: file_type(i.kind),
-        perm: (i.mode & 0o7777) as u16,
-        nlink: i.nlink,
-        uid: i.uid,
-        gid: i.gid,
-        rdev: encode_dev(i.rdev.0, i.rdev.1),
+        kind: file_type(i.kind()),
+        perm: (i.mode() & 0o7777) as u16,
+        nlink: i.nlink(),
+        uid: i.uid(),
+        gid: i.gid(),
+        rdev: encode_dev(major, minor),
         blksize: 4096,
         flags: 0,
     }

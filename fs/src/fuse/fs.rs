@@ -13,6 +13,7 @@ use fuser::{
 
 use super::attr::{attr, file_type};
 use super::passthrough::{Counters, Passthrough};
+use crate::format::ROOT_INO;
 use crate::layer::{CachedRead, Layer, LayerError};
 
 /// The layer never changes while mounted: let the kernel keep what it learnt.
@@ -92,7 +93,7 @@ impl Filesystem for LayerFs {
         let index = self.layer.index();
         match index.lookup(parent.0, name.as_bytes()) {
             Some(ino) => match index.inode(ino) {
-                Some(i) => reply.entry(&TTL, &attr(ino, i), Generation(0)),
+                Some(i) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
                 None => reply.error(Errno::ENOENT),
             },
             None => reply.error(Errno::ENOENT),
@@ -101,14 +102,16 @@ impl Filesystem for LayerFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.layer.inode(ino.0) {
-            Ok(i) => reply.attr(&TTL, &attr(ino.0, i)),
+            Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.layer.inode(ino.0) {
-            Ok(i) if i.kind == crate::format::FileKind::Symlink => reply.data(&i.link_target),
+            Ok(i) if i.kind() == crate::format::FileKind::Symlink => {
+                reply.data(self.layer.index().link_target(&i))
+            }
             Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(errno(&e)),
         }
@@ -119,7 +122,7 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::EROFS);
         }
         match self.layer.inode(ino.0) {
-            Ok(i) => self.passthrough.open(ino.0, i, reply),
+            Ok(i) => self.passthrough.open(ino.0, &i, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -136,7 +139,7 @@ impl Filesystem for LayerFs {
     ) {
         reply.ok();
         if let Ok(i) = self.layer.inode(ino.0) {
-            self.passthrough.release(ino.0, i);
+            self.passthrough.release(ino.0, &i);
         }
     }
 
@@ -171,7 +174,7 @@ impl Filesystem for LayerFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.layer.inode(ino.0) {
-            Ok(i) if i.kind == crate::format::FileKind::Dir => reply.opened(
+            Ok(i) if i.kind() == crate::format::FileKind::Dir => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
             ),
@@ -190,20 +193,23 @@ impl Filesystem for LayerFs {
     ) {
         let index = self.layer.index();
         let dir = match self.layer.inode(ino.0) {
-            Ok(d) if d.kind == crate::format::FileKind::Dir => d,
+            Ok(d) if d.kind() == crate::format::FileKind::Dir => d,
             Ok(_) => return reply.error(Errno::ENOTDIR),
             Err(e) => return reply.error(errno(&e)),
         };
         // Entry k (0-based) is passed offset k + 1: where the next call resumes.
-        let dots = [(ino.0, &b"."[..]), (dir.parent, &b".."[..])];
+        let dots = [
+            (ino.0, &b"."[..]),
+            (dir.parent().unwrap_or(ROOT_INO), &b".."[..]),
+        ];
         let entries = dots
             .into_iter()
             .map(|(i, n)| (i, FileType::Directory, n))
-            .chain(dir.children.iter().map(|(name, child)| {
+            .chain(index.children(&dir).map(|(name, child)| {
                 let kind = index
-                    .inode(*child)
-                    .map_or(FileType::RegularFile, |c| file_type(c.kind));
-                (*child, kind, &name[..])
+                    .inode(child)
+                    .map_or(FileType::RegularFile, |c| file_type(c.kind()));
+                (child, kind, name)
             }));
         for (k, (child, kind, name)) in entries.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), k as u64 + 1, kind, OsStr::from_bytes(name)) {
@@ -214,26 +220,22 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let i = match self.layer.inode(ino.0) {
-            Ok(i) => i,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        match i
-            .xattrs
-            .binary_search_by(|(n, _)| (**n).cmp(name.as_bytes()))
-        {
-            Ok(k) => reply_sized(reply, size, &i.xattrs[k].1),
+        if let Err(e) = self.layer.inode(ino.0) {
+            return reply.error(errno(&e));
+        }
+        let xattrs = self.layer.index().xattrs(ino.0);
+        match xattrs.binary_search_by(|(n, _)| (**n).cmp(name.as_bytes())) {
+            Ok(k) => reply_sized(reply, size, &xattrs[k].1),
             Err(_) => reply.error(Errno::NO_XATTR),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let i = match self.layer.inode(ino.0) {
-            Ok(i) => i,
-            Err(e) => return reply.error(errno(&e)),
-        };
+        if let Err(e) = self.layer.inode(ino.0) {
+            return reply.error(errno(&e));
+        }
         let mut names = Vec::new();
-        for (n, _) in &i.xattrs {
+        for (n, _) in self.layer.index().xattrs(ino.0) {
             names.extend_from_slice(n);
             names.push(0);
         }
@@ -251,8 +253,8 @@ impl Filesystem for LayerFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let index = self.layer.index();
-        let bytes: u64 = index.inodes.iter().map(|i| i.size).sum();
-        let files = index.inodes.len() as u64;
+        let bytes: u64 = index.inodes().map(|i| i.size()).sum();
+        let files = index.inode_count();
         reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }
 }

@@ -96,7 +96,7 @@ impl Passthrough {
     /// Answers an open of regular file `ino`: through a backing file when
     /// the inode already has one or can get one now, the normal way else.
     pub(super) fn open(&self, ino: u64, inode: &Inode, reply: ReplyOpen) {
-        if !self.enabled || inode.kind != FileKind::Reg {
+        if !self.enabled || inode.kind() != FileKind::Reg {
             return reply.opened(FileHandle(0), CACHED);
         }
         let mut open = self.open.lock().expect("open-inode table poisoned");
@@ -110,7 +110,7 @@ impl Passthrough {
                 None => reply.opened(FileHandle(0), CACHED),
             };
         }
-        let backing = self.backing_file(inode).and_then(|file| {
+        let backing = self.backing_file(ino, inode).and_then(|file| {
             reply
                 .open_backing(&file)
                 .inspect_err(|e| {
@@ -148,23 +148,23 @@ impl Passthrough {
         if let Some(o) = last
             && o.backing.is_none()
         {
-            self.prepare(inode);
+            self.prepare(ino, inode);
         }
     }
 
     /// A standalone, verified cache file holding exactly this file's
     /// content, opened read-only; otherwise starts whatever background work
     /// (verification, assembly) lets a later open pass through.
-    fn backing_file(&self, inode: &Inode) -> Option<File> {
-        let key = key(&self.layer, inode)?;
+    fn backing_file(&self, ino: u64, inode: &Inode) -> Option<File> {
+        let key = key(&self.layer, ino, inode)?;
         let cache = self.layer.cache();
         let Some((path, len)) = cache.verified_file(&key) else {
-            self.prepare(inode);
+            self.prepare(ino, inode);
             return None;
         };
         // A whole-file digest shared with other content of another size
         // would be a lying TOC; never pass such a file through.
-        if len != inode.size {
+        if len != inode.size() {
             return None;
         }
         File::open(&path)
@@ -177,11 +177,11 @@ impl Passthrough {
     /// Starts, on the blocking pool, the work that gives `inode` a verified
     /// standalone file: verifying one found on disk, or assembling one from
     /// the file's cached chunks.
-    fn prepare(&self, inode: &Inode) {
+    fn prepare(&self, ino: u64, inode: &Inode) {
         if !self.enabled {
             return;
         }
-        let Some(key) = key(&self.layer, inode) else {
+        let Some(key) = key(&self.layer, ino, inode) else {
             return;
         };
         let cache = self.layer.cache().clone();
@@ -216,12 +216,12 @@ impl Passthrough {
 /// The cache key of a file's standalone copy: its only chunk, or its
 /// whole-file digest from the TOC. `None` for files not worth passing
 /// through or without a usable key.
-fn key(layer: &Layer, inode: &Inode) -> Option<Digest> {
-    if inode.kind != FileKind::Reg || inode.size < MIN_SIZE {
+fn key(layer: &Layer, ino: u64, inode: &Inode) -> Option<Digest> {
+    if inode.kind() != FileKind::Reg || inode.size() < MIN_SIZE {
         return None;
     }
     match layer.index().file_chunks(inode) {
-        [only] if only.file_offset == 0 && only.size == inode.size => Some(only.digest),
-        _ => inode.digest,
+        [only] if only.file_offset == 0 && only.size == inode.size() => Some(only.digest),
+        _ => layer.index().file_digest(ino),
     }
 }

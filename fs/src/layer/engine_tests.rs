@@ -33,12 +33,7 @@ fn fixture(
     let mut root = tests::inode(FileKind::Dir, 0, 0..0);
     root.children = vec![(Box::from(&b"f"[..]), 2)];
     let file = tests::inode(FileKind::Reg, len as u64, 0..chunks.len() as u32);
-    let index = LayerIndex {
-        inodes: vec![root, file],
-        chunks,
-        blob_size: len as u64,
-        prefetch,
-    };
+    let index = LayerIndex::new(vec![root, file], chunks, len as u64, prefetch).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let blob = FakeBlob::with_delay(data.clone(), delay);
@@ -131,12 +126,13 @@ async fn a_read_does_not_wait_for_its_read_ahead_to_arrive() {
     );
     let mut root = tests::inode(FileKind::Dir, 0, 0..0);
     root.children = vec![(Box::from(&b"f"[..]), 2)];
-    let index = LayerIndex {
-        inodes: vec![root, tests::inode(FileKind::Reg, 8000, 0..8)],
-        chunks: chunks_of(&data, CHUNK),
-        blob_size: 8000,
-        prefetch: None,
-    };
+    let index = LayerIndex::new(
+        vec![root, tests::inode(FileKind::Reg, 8000, 0..8)],
+        chunks_of(&data, CHUNK),
+        8000,
+        None,
+    )
+    .unwrap();
     let fetcher = Fetcher::with_scheduler(
         blob.clone(),
         Arc::new(PlainDecoder),

@@ -91,7 +91,7 @@ impl Layer {
         &self.index
     }
 
-    pub fn inode(&self, ino: u64) -> Result<&Inode, LayerError> {
+    pub fn inode(&self, ino: u64) -> Result<Inode, LayerError> {
         self.index.inode(ino).ok_or(LayerError::NoInode(ino))
     }
 
@@ -110,11 +110,11 @@ impl Layer {
     /// reads), never touches the network or the async runtime.
     pub fn read_cached(&self, ino: u64, offset: u64, len: u64) -> Result<CachedRead, LayerError> {
         let inode = self.inode(ino)?;
-        if inode.kind != FileKind::Reg {
+        if inode.kind() != FileKind::Reg {
             return Err(LayerError::NotFile(ino));
         }
-        let chunks = self.index.file_chunks(inode);
-        let mut read = plan::plan_read(chunks, inode.size, offset, len, self.fetcher.cache());
+        let chunks = self.index.file_chunks(&inode);
+        let mut read = plan::plan_read(chunks, inode.size(), offset, len, self.fetcher.cache());
         match &mut read {
             CachedRead::Hit(_) => self.fetcher.stats().cache_hits(1),
             CachedRead::Miss(p) => p.ino = ino,
@@ -128,7 +128,7 @@ impl Layer {
         let file = self
             .index
             .inode(pending.ino)
-            .map(|i| self.index.file_chunks(i))
+            .map(|i| self.index.file_chunks(&i))
             .unwrap_or_default();
         let ahead::Plan { behind, ahead } = self.read_ahead(&missing, file);
         if !behind.is_empty() {

@@ -1,13 +1,14 @@
 //! Opening a layer: footer and TOC in (usually) one ranged GET, the TOC
 //! checked against the digest the manifest promised, then the index built.
+//! Chunks that came along in that GET are verified and cached.
 
 use std::sync::Arc;
 
 use crate::Digest;
 use crate::cache::Cache;
 use crate::fetch::{FetchScheduler, Fetcher, Intent};
-use crate::format::FormatError;
 use crate::format::estargz::{Estargz, build_index, decode_toc, parse_footer};
+use crate::format::{ChunkDecoder, FormatError, LayerIndex};
 use crate::registry::BlobSource;
 
 use super::{Layer, LayerError};
@@ -50,7 +51,7 @@ impl Layer {
             .read_range(size - tail_len..size, Intent::OnDemand)
             .await?;
         fetcher.stats().request(tail.len() as u64);
-        fetcher.keep_tail(size - tail.len() as u64, tail.clone());
+        let tail_start = size - tail.len() as u64;
         let loc = parse_footer(&tail, size)?;
         let toc = match loc.toc_in_tail.clone() {
             Some(r) => tail.slice(r),
@@ -70,21 +71,95 @@ impl Layer {
         };
         drop(permit);
 
-        // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work.
-        let index = tokio::task::spawn_blocking(move || {
-            let decoded = decode_toc(&toc)?;
-            if let Some(expected) = expected_toc_digest
-                && decoded.digest != expected
-            {
-                return Err(FormatError::TocDigestMismatch {
-                    expected,
-                    actual: decoded.digest,
-                });
-            }
-            build_index(decoded.toc, size, loc.toc_offset)
+        // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work;
+        // so is verifying the chunks in the tail, and caching is file I/O.
+        let cache = fetcher.cache().clone();
+        let (index, straddling) = tokio::task::spawn_blocking(move || {
+            let index = decode_and_build(&toc, expected_toc_digest, size, loc.toc_offset);
+            drop(toc);
+            let straddling = match &index {
+                Ok(index) => settle_tail(index, &tail, tail_start, loc.toc_offset, &cache),
+                Err(_) => None,
+            };
+            drop(tail);
+            // Decoding allocated several times the index's size in small
+            // pieces, now all freed; give those pages back rather than let
+            // the allocator keep them for the daemon's lifetime.
+            crate::memory::release_free_memory();
+            index.map(|index| (index, straddling))
         })
         .await
         .expect("TOC decoding does not panic")?;
+        if let Some((len, key)) = straddling {
+            fetcher.keep_tail(tail_start, len, key);
+        }
         Ok(Layer::new(index, fetcher))
     }
+}
+
+/// The verified TOC member `toc` as an index.
+fn decode_and_build(
+    toc: &[u8],
+    expected_digest: Option<Digest>,
+    blob_size: u64,
+    toc_offset: u64,
+) -> Result<LayerIndex, FormatError> {
+    let decoded = decode_toc(toc)?;
+    if let Some(expected) = expected_digest
+        && decoded.digest != expected
+    {
+        return Err(FormatError::TocDigestMismatch {
+            expected,
+            actual: decoded.digest,
+        });
+    }
+    // The JSON goes before the index is built: the index needs only `toc`.
+    drop(decoded.json);
+    build_index(decoded.toc, blob_size, toc_offset)
+}
+
+/// Stores in the cache the chunks that lie wholly in `tail` (the blob's
+/// bytes from `tail_start` to its end, fetched to open the layer), so that
+/// reading them costs no GET while the layer holds no copy of them in memory
+/// for as long as it is mounted. The tail's bytes before the first such
+/// chunk end a chunk that begins before the tail: they are cached too, under
+/// their own sha256, so that reading that chunk fetches only its beginning;
+/// returns their length and key.
+fn settle_tail(
+    index: &LayerIndex,
+    tail: &[u8],
+    tail_start: u64,
+    toc_offset: u64,
+    cache: &Cache,
+) -> Option<(u64, Digest)> {
+    let mut first_whole = toc_offset;
+    for c in index.chunks.iter().filter(|c| c.blob_range.0 >= tail_start) {
+        first_whole = first_whole.min(c.blob_range.0);
+        if cache.contains(&c.digest) {
+            continue;
+        }
+        // build_index bounds every chunk by the TOC offset, inside the tail.
+        let r = (c.blob_range.0 - tail_start) as usize..(c.blob_range.1 - tail_start) as usize;
+        match Estargz.decode_chunk(c, &tail[r]) {
+            Ok(plain) => {
+                if let Err(e) = cache.insert(&c.digest, &plain) {
+                    tracing::warn!(chunk = %c.digest, error = %e, "cache insert failed");
+                }
+            }
+            // A read of it will fetch it again and fail the same way.
+            Err(e) => tracing::warn!(chunk = %c.digest, error = %e, "chunk in the tail rejected"),
+        }
+    }
+    let straddling = &tail[..(first_whole.saturating_sub(tail_start) as usize).min(tail.len())];
+    if straddling.is_empty() {
+        return None;
+    }
+    let key = Digest::of(straddling);
+    if !cache.contains(&key)
+        && let Err(e) = cache.insert(&key, straddling)
+    {
+        tracing::warn!(error = %e, "cache insert of the blob tail failed");
+        return None;
+    }
+    Some((straddling.len() as u64, key))
 }

@@ -4,24 +4,14 @@ use super::*;
 use crate::cache::Cache;
 use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of};
 use crate::fetch::{FetchScheduler, SchedulerConfig};
-use crate::format::{FileKind, Inode, ROOT_INO};
+use crate::format::{FileKind, InodeSpec, ROOT_INO};
 
-pub(crate) fn inode(kind: FileKind, size: u64, chunks: std::ops::Range<u32>) -> Inode {
-    Inode {
-        kind,
+pub(crate) fn inode(kind: FileKind, size: u64, chunks: std::ops::Range<u32>) -> InodeSpec {
+    InodeSpec {
         mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
         size,
-        nlink: 1,
-        rdev: (0, 0),
-        parent: ROOT_INO,
-        link_target: Box::default(),
-        xattrs: Vec::new(),
-        children: Vec::new(),
         chunks,
-        digest: None,
+        ..InodeSpec::new(kind)
     }
 }
 
@@ -31,12 +21,7 @@ fn layer_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<FakeBlob>, Arc<Layer>
     let mut root = inode(FileKind::Dir, 0, 0..0);
     root.children = vec![(Box::from(&b"f"[..]), 2)];
     let file = inode(FileKind::Reg, data.len() as u64, 0..chunks.len() as u32);
-    let index = LayerIndex {
-        inodes: vec![root, file],
-        chunks,
-        blob_size: data.len() as u64,
-        prefetch: None,
-    };
+    let index = LayerIndex::new(vec![root, file], chunks, data.len() as u64, None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let blob = FakeBlob::new(data.to_vec());
@@ -113,18 +98,23 @@ fn estargz_with(content: &[u8]) -> (Vec<u8>, crate::Digest) {
     (blob, res.toc_digest)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
-    // Incompressible, so the chunks read lie before the blob's tail.
+/// `len` incompressible bytes.
+fn noise(len: usize) -> Vec<u8> {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let content: Vec<u8> = (0..1_000_000)
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             (x >> 24) as u8
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
+    // Incompressible, so the chunks read lie before the blob's tail.
+    let content = noise(1_000_000);
     let (blob, toc_digest) = estargz_with(&content);
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
@@ -178,4 +168,68 @@ async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
         ),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_that_came_with_the_tail_are_cached_and_the_one_across_its_start_completed() {
+    // 64 KiB chunks of noise: the 256 KiB tail holds a few whole chunks
+    // and the end of one that starts before it.
+    let content = noise(1_000_000);
+    let (blob, toc_digest) = estargz_with(&content);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+    let src = FakeBlob::new(blob.clone());
+    // No read-ahead: the GETs counted are those of the reads themselves.
+    let scheduler = FetchScheduler::new(SchedulerConfig {
+        read_ahead: 0,
+        ..SchedulerConfig::default()
+    });
+    let layer = Arc::new(
+        Layer::open_with(src.clone(), Some(toc_digest), cache.clone(), scheduler)
+            .await
+            .unwrap(),
+    );
+    let tail_start = blob.len() as u64 - super::TAIL_FETCH;
+    let ino = layer.index().resolve("dir/file").unwrap();
+    let chunks = layer
+        .index()
+        .file_chunks(&layer.inode(ino).unwrap())
+        .to_vec();
+    let (whole, before): (Vec<&Chunk>, Vec<&Chunk>) =
+        chunks.iter().partition(|c| c.blob_range.0 >= tail_start);
+    assert!(whole.len() >= 2, "the test needs whole chunks in the tail");
+    assert!(
+        whole.iter().all(|c| cache.contains(&c.digest)),
+        "chunks in the tail are cached at open"
+    );
+    assert!(before.iter().all(|c| !cache.contains(&c.digest)));
+    let across = before.last().unwrap();
+    assert!(
+        across.blob_range.1 > tail_start,
+        "a chunk straddles the tail"
+    );
+    let kept = &blob[tail_start as usize..across.blob_range.1 as usize];
+    assert!(
+        cache.contains(&crate::Digest::of(kept)),
+        "its end is kept on disk, not in memory"
+    );
+
+    // Reading the whole chunks costs no GET.
+    let from = whole[0].file_offset;
+    assert_eq!(
+        layer.read(ino, from, 1 << 20).await.unwrap(),
+        &content[from as usize..]
+    );
+    assert_eq!(src.reads().len(), 1, "only the GET that opened the layer");
+
+    // The chunk across the tail's start: only its part before the tail is
+    // fetched; the rest comes from the cache.
+    let at = across.file_offset;
+    assert_eq!(
+        layer.read(ino, at, across.size).await.unwrap(),
+        &content[at as usize..(at + across.size) as usize]
+    );
+    let reads = src.reads();
+    assert_eq!(reads.len(), 2);
+    assert_eq!(reads[1].0, across.blob_range.0..tail_start);
 }

@@ -314,3 +314,24 @@ async fn a_tampered_chunk_fails_alone_and_is_not_cached() {
     assert!(f.fetch(&chunks[1..2], Intent::OnDemand).await.is_err());
     assert_eq!(blob.reads().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_tail_completes_its_chunk_and_a_lost_one_means_a_whole_get() {
+    let data = pattern(4000);
+    let chunks = chunks_of(&data, 1000);
+    // Blob bytes 2500.. were fetched with the footer; chunk 2 straddles them.
+    let (_dir, blob, f) = setup(data.clone());
+    let kept = &data[2500..3000];
+    f.cache().insert(&Digest::of(kept), kept).unwrap();
+    f.keep_tail(2500, kept.len() as u64, Digest::of(kept));
+    let got = f.fetch(&chunks[2..3], Intent::OnDemand).await.unwrap();
+    assert_eq!(got.concat(), &data[2000..3000]);
+    assert_eq!(blob.reads(), vec![(2000..2500, Intent::OnDemand)]);
+
+    // The cache no longer holds the kept bytes: the chunk comes whole.
+    let (_dir, blob, f) = setup(data.clone());
+    f.keep_tail(2500, kept.len() as u64, Digest::of(kept));
+    let got = f.fetch(&chunks[2..3], Intent::OnDemand).await.unwrap();
+    assert_eq!(got.concat(), &data[2000..3000]);
+    assert_eq!(blob.reads(), vec![(2000..3000, Intent::OnDemand)]);
+}

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use super::rfc3339;
 use super::toc::{MAX_TOC_ENTRIES, TOC_TAR_NAME, Toc, TocEntry};
 use crate::Digest;
-use crate::format::{Chunk, FileKind, FormatError, Inode, LayerIndex, ROOT_INO};
+use crate::format::{Chunk, FileKind, FormatError, InodeSpec, LayerIndex, ROOT_INO};
 
 /// Largest regular file we accept.
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
@@ -49,7 +49,7 @@ pub fn build_index(toc: Toc, blob_size: u64, toc_offset: u64) -> Result<LayerInd
     for (path, target) in hardlinks {
         b.hardlink(path, &target)?;
     }
-    Ok(b.finish(blob_size))
+    b.finish(blob_size)
 }
 
 /// Sorted, distinct blob offsets where a payload's gzip member starts; each
@@ -121,7 +121,7 @@ struct OpenFile {
 }
 
 struct Builder {
-    inodes: Vec<Inode>,
+    inodes: Vec<InodeSpec>,
     chunks: Vec<Chunk>,
     paths: HashMap<String, u64>,
     opaque: HashSet<u64>,
@@ -252,7 +252,7 @@ impl Builder {
     }
 
     /// The attributes common to every kind, checked.
-    fn inode_of(&self, e: &TocEntry, kind: FileKind) -> Result<Inode, FormatError> {
+    fn inode_of(&self, e: &TocEntry, kind: FileKind) -> Result<InodeSpec, FormatError> {
         let id = |v: u64, what: &str| {
             u32::try_from(v).map_err(|_| err(format!("{:?}: {what} {v} is out of range", e.name)))
         };
@@ -284,7 +284,7 @@ impl Builder {
             FileKind::Symlink => link_target.len() as u64,
             _ => 0,
         };
-        Ok(Inode {
+        Ok(InodeSpec {
             kind,
             mode: (e.mode & 0o7777) as u32,
             uid: id(e.uid, "uid")?,
@@ -424,7 +424,7 @@ impl Builder {
         Ok(self.add(path, base, parent_ino, implicit_dir(parent_ino)))
     }
 
-    fn add(&mut self, path: &str, base: &str, parent: u64, mut inode: Inode) -> u64 {
+    fn add(&mut self, path: &str, base: &str, parent: u64, mut inode: InodeSpec) -> u64 {
         inode.parent = parent;
         self.inodes.push(inode);
         let ino = self.inodes.len() as u64;
@@ -437,7 +437,7 @@ impl Builder {
 
     /// Adds `inode` at `path`. Returns its number, or None when an
     /// identical file already sits there (a harmless duplicate).
-    fn insert(&mut self, path: &str, inode: Inode) -> Result<Option<u64>, FormatError> {
+    fn insert(&mut self, path: &str, inode: InodeSpec) -> Result<Option<u64>, FormatError> {
         if path.is_empty() && inode.kind != FileKind::Dir {
             return Err(err("an entry with an empty name is not the root directory"));
         }
@@ -492,40 +492,32 @@ impl Builder {
         Ok(())
     }
 
-    fn finish(mut self, blob_size: u64) -> LayerIndex {
+    fn finish(mut self, blob_size: u64) -> Result<LayerIndex, FormatError> {
         for &ino in &self.opaque {
             let d = &mut self.inodes[(ino - 1) as usize];
             d.xattrs.retain(|(k, _)| &**k != OPAQUE_XATTR);
             d.xattrs.push((OPAQUE_XATTR.into(), b"y".as_slice().into()));
-            d.xattrs.sort_by(|a, b| a.0.cmp(&b.0));
         }
         let kinds: Vec<FileKind> = self.inodes.iter().map(|i| i.kind).collect();
         for inode in &mut self.inodes {
             if inode.kind == FileKind::Dir {
-                inode.children.sort_by(|a, b| a.0.cmp(&b.0));
                 let subdirs = inode
                     .children
                     .iter()
                     .filter(|(_, c)| kinds[(*c - 1) as usize] == FileKind::Dir)
                     .count();
                 inode.nlink = 2 + subdirs as u32;
-                inode.children.shrink_to_fit();
             }
         }
-        self.inodes.shrink_to_fit();
-        self.chunks.shrink_to_fit();
-        LayerIndex {
-            inodes: self.inodes,
-            chunks: self.chunks,
-            blob_size,
-            prefetch: self.prefetch,
-        }
+        // Everything built so far is transient; the index is the compact copy.
+        drop(self.paths);
+        LayerIndex::new(self.inodes, self.chunks, blob_size, self.prefetch)
     }
 }
 
 /// A directory no entry describes: root-owned, 0755, epoch mtime.
-fn implicit_dir(parent: u64) -> Inode {
-    Inode {
+fn implicit_dir(parent: u64) -> InodeSpec {
+    InodeSpec {
         kind: FileKind::Dir,
         mode: 0o755,
         uid: 0,
@@ -544,7 +536,7 @@ fn implicit_dir(parent: u64) -> Inode {
 }
 
 /// Whether a second entry for a path describes the same file.
-fn same_file(a: &Inode, b: &Inode) -> bool {
+fn same_file(a: &InodeSpec, b: &InodeSpec) -> bool {
     // Regular files are the same only if their content is provably the same.
     let content =
         a.kind != FileKind::Reg || a.size == 0 || (a.digest.is_some() && a.digest == b.digest);
