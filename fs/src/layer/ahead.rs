@@ -121,8 +121,8 @@ impl Layer {
         let mut budget = base / 2;
         let before = self
             .blob_order
-            .partition_point(|&i| chunks[i as usize].blob_range.0 < first);
-        for &i in self.blob_order[..before].iter().rev() {
+            .partition_point(|i| chunks[i as usize].blob_range.0 < first);
+        for i in (0..before).rev().filter_map(|p| self.blob_order.get(p)) {
             let c = &chunks[i as usize];
             let len = first.saturating_sub(c.blob_range.0);
             if c.blob_range.1 + MAX_GAP < first || len > budget || !wanted(c) {
@@ -134,10 +134,10 @@ impl Layer {
         }
         let from = self
             .blob_order
-            .partition_point(|&i| chunks[i as usize].blob_range.0 < end);
+            .partition_point(|i| chunks[i as usize].blob_range.0 < end);
         budget = window;
         let out = &mut plan.ahead;
-        for &i in &self.blob_order[from..] {
+        for i in self.blob_order.iter_from(from) {
             let c = &chunks[i as usize];
             // The gap's bytes travel too: they count against the window.
             let len = c.blob_range.1 - end;

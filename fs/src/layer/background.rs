@@ -190,7 +190,7 @@ impl Layer {
 struct Job {
     fetcher: Fetcher,
     index: Arc<LayerIndex>,
-    order: Arc<[u32]>,
+    order: super::BlobOrder,
     state: Arc<State>,
     stop: watch::Receiver<()>,
     alive: watch::Receiver<()>,
@@ -230,7 +230,7 @@ impl Job {
         let missing = self
             .order
             .iter()
-            .filter(|&&i| {
+            .filter(|&i| {
                 !self
                     .fetcher
                     .cache()
@@ -310,14 +310,19 @@ impl Job {
             self.fetcher.cache().contains(&c.digest)
                 || (skip_in_flight && self.fetcher.in_flight(&c.digest))
         };
-        while *pos < self.order.len() && skip(&chunks[self.order[*pos] as usize]) {
+        while *pos < self.order.len()
+            && self
+                .order
+                .get(*pos)
+                .is_some_and(|i| skip(&chunks[i as usize]))
+        {
             *pos += 1;
         }
-        let first = chunks.get(*self.order.get(*pos)? as usize)?;
+        let first = chunks.get(self.order.get(*pos)? as usize)?;
         let mut group = vec![*first];
         let (start, mut end) = first.blob_range;
         *pos += 1;
-        while let Some(&i) = self.order.get(*pos) {
+        while let Some(i) = self.order.get(*pos) {
             let c = &chunks[i as usize];
             if c.blob_range.1 - start > max_get {
                 break;

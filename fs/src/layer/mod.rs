@@ -56,7 +56,7 @@ pub struct Layer {
     fetcher: Fetcher,
     /// Indices into `index.chunks`, sorted by blob offset, one per blob
     /// range: the order of read-ahead and background fetch.
-    blob_order: Arc<[u32]>,
+    blob_order: BlobOrder,
     /// Dropped with the layer (unmount): its background fetches stop.
     alive: watch::Sender<()>,
     background: Arc<background::State>,
@@ -67,13 +67,10 @@ pub struct Layer {
 impl Layer {
     /// A layer from an index already built and verified.
     pub fn new(index: LayerIndex, fetcher: Fetcher) -> Layer {
-        let mut order: Vec<u32> = (0..index.chunks.len() as u32).collect();
-        order.sort_by_key(|&i| index.chunks[i as usize].blob_range);
-        order.dedup_by_key(|i| index.chunks[*i as usize].blob_range.0);
         Layer {
+            blob_order: BlobOrder::new(&index.chunks),
             index: Arc::new(index),
             fetcher,
-            blob_order: order.into(),
             alive: watch::Sender::new(()),
             background: Arc::default(),
             streams: ahead::Streams::default(),
@@ -84,7 +81,7 @@ impl Layer {
     fn blob_chunks(&self) -> impl Iterator<Item = &Chunk> + '_ {
         self.blob_order
             .iter()
-            .map(|&i| &self.index.chunks[i as usize])
+            .map(|i| &self.index.chunks[i as usize])
     }
 
     pub fn index(&self) -> &LayerIndex {
@@ -168,3 +165,102 @@ impl Layer {
 mod engine_tests;
 #[cfg(test)]
 mod tests;
+
+/// Indices into a layer's chunks in blob order, one per blob range: the
+/// order of read-ahead and background fetch. The chunks of an eStargz TOC
+/// are in blob order already, each range once, so for most layers nothing
+/// is stored (4 bytes per chunk saved for as long as the layer is mounted).
+#[derive(Clone)]
+pub(crate) struct BlobOrder {
+    /// `None`: the identity over `len` chunks.
+    sorted: Option<Arc<[u32]>>,
+    len: usize,
+}
+
+impl BlobOrder {
+    fn new(chunks: &[Chunk]) -> BlobOrder {
+        let in_order = chunks
+            .windows(2)
+            .all(|w| w[0].blob_range.0 < w[1].blob_range.0 && w[0].blob_range <= w[1].blob_range);
+        if in_order {
+            return BlobOrder {
+                sorted: None,
+                len: chunks.len(),
+            };
+        }
+        let mut order: Vec<u32> = (0..chunks.len() as u32).collect();
+        order.sort_by_key(|&i| chunks[i as usize].blob_range);
+        order.dedup_by_key(|i| chunks[*i as usize].blob_range.0);
+        BlobOrder {
+            len: order.len(),
+            sorted: Some(order.into()),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The chunk index at position `pos` in blob order.
+    pub(crate) fn get(&self, pos: usize) -> Option<u32> {
+        match &self.sorted {
+            _ if pos >= self.len => None,
+            Some(order) => Some(order[pos]),
+            None => Some(pos as u32),
+        }
+    }
+
+    /// Chunk indices from position `from` on, in blob order.
+    pub(crate) fn iter_from(&self, from: usize) -> impl DoubleEndedIterator<Item = u32> + '_ {
+        (from..self.len).filter_map(|p| self.get(p))
+    }
+
+    pub(crate) fn iter(&self) -> impl DoubleEndedIterator<Item = u32> + '_ {
+        self.iter_from(0)
+    }
+
+    /// The first position whose chunk index fails `pred` (which must hold
+    /// for a prefix of the order), by binary search.
+    pub(crate) fn partition_point(&self, mut pred: impl FnMut(u32) -> bool) -> usize {
+        let (mut lo, mut hi) = (0, self.len);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if pred(self.get(mid).expect("mid is below len")) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+    use crate::Digest;
+
+    fn chunk(start: u64, end: u64) -> Chunk {
+        Chunk {
+            file_offset: 0,
+            size: 1,
+            digest: Digest::of(&start.to_le_bytes()),
+            blob_range: (start, end),
+            inner_offset: 0,
+        }
+    }
+
+    #[test]
+    fn chunks_in_blob_order_store_nothing_and_others_are_sorted_once_per_range() {
+        let ordered = BlobOrder::new(&[chunk(0, 10), chunk(10, 20), chunk(25, 30)]);
+        assert!(ordered.sorted.is_none());
+        assert_eq!(ordered.iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(ordered.partition_point(|i| i < 2), 2);
+
+        // Out of order, and two chunks sharing one range (a hard link's).
+        let mixed = BlobOrder::new(&[chunk(20, 30), chunk(0, 10), chunk(20, 30), chunk(10, 20)]);
+        assert_eq!(mixed.iter().collect::<Vec<_>>(), vec![1, 3, 0]);
+        assert_eq!(mixed.iter_from(1).rev().collect::<Vec<_>>(), vec![0, 3]);
+        assert_eq!(mixed.get(3), None);
+    }
+}
