@@ -33,7 +33,7 @@ use crate::locks::Singleflight;
 
 /// Connections opened to a registry when a pull is announced: enough for
 /// the tails of a typical image's layers, resolved at once.
-const PRECONNECT: usize = tarn_fs::registry::client::MAX_IDLE_PER_HOST;
+const PRECONNECT: usize = 8;
 
 /// Connections opened this recently are still in the pool (idle ones live
 /// 90 s): a pull announced meanwhile opens none.

@@ -38,9 +38,6 @@ pub struct ClientStats {
     pub bytes: u64,
 }
 
-/// Idle keep-alive connections kept per registry host.
-pub const MAX_IDLE_PER_HOST: usize = 6;
-
 /// A handle to the registry client; cheap to clone, share freely.
 #[derive(Clone)]
 pub struct RegistryClient {
@@ -112,9 +109,6 @@ impl RegistryClient {
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
-            // Idle connections keep their read buffers (up to ~400 KB each):
-            // enough for one wave of an image's GETs, no more.
-            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
             .tcp_nodelay(true)
             .user_agent(concat!("tarn/", env!("CARGO_PKG_VERSION")))
             .build()
