@@ -114,6 +114,22 @@ fn remote(addr: &str, digest: tarn_fs::Digest, size: usize) -> Arc<dyn BlobSourc
     })
 }
 
+/// The layer's GET count once it stops changing. Read-behind GETs start
+/// after the read that caused them returns, and a GET counts once its
+/// response begins (a round trip later): wait longer than that.
+async fn settled_requests(layer: &Layer) -> u64 {
+    let mut last = layer.stats().requests;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(3 * RTT_MS)).await;
+        let now = layer.stats().requests;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 #[test]
 fn read_ahead_costs_a_small_read_little_and_saves_round_trips() {
     const FILE: usize = 16 << 10;
@@ -160,17 +176,7 @@ fn read_ahead_costs_a_small_read_little_and_saves_round_trips() {
                 small.push(t.elapsed().as_secs_f64() * 1000.0);
                 assert_eq!(got, &originals[i][..4096]);
             }
-            // Read-behind GETs of those misses start after the reads
-            // return: let them start before counting.
-            let mut before = layer.stats().requests;
-            for _ in 0..30 {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                let now = layer.stats().requests;
-                if now == before {
-                    break;
-                }
-                before = now;
-            }
+            let before = settled_requests(&layer).await;
             // Then 10 whole files in blob order, as a workload reading a
             // directory would.
             let t = Instant::now();
@@ -179,7 +185,7 @@ fn read_ahead_costs_a_small_read_little_and_saves_round_trips() {
                 assert_eq!(&got, want);
             }
             let seq = t.elapsed().as_secs_f64() * 1000.0;
-            (small, seq, layer.stats().requests - before)
+            (small, seq, settled_requests(&layer).await - before)
         });
         if read_ahead > 0 {
             assert_eq!(
