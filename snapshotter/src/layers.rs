@@ -173,10 +173,13 @@ impl Layers {
     /// Starts resolving every eStargz layer of `image_ref` that is not
     /// mounted yet, in the background; see [`Resolver::ahead`].
     pub fn resolve_ahead(&self, image_ref: &str) {
+        self.resolver.ahead(image_ref, self.mounted_digests());
+    }
+
+    /// The layers mounted now: resolving them ahead would be wasted.
+    fn mounted_digests(&self) -> HashSet<Digest> {
         let mounted = self.mounted.lock().expect("mounted map poisoned");
-        let skip: HashSet<Digest> = mounted.keys().copied().collect();
-        drop(mounted);
-        self.resolver.ahead(image_ref, skip);
+        mounted.keys().copied().collect()
     }
 
     /// Opens connections to the registry of `reference` in the background,
@@ -188,10 +191,7 @@ impl Layers {
     /// Starts resolving the layers of `image`, the manifest of `image_ref`
     /// handed over by a pull; see [`Resolver::expect`].
     pub fn expect(&self, image_ref: &str, image: ResolvedImage) -> usize {
-        let mounted = self.mounted.lock().expect("mounted map poisoned");
-        let skip: HashSet<Digest> = mounted.keys().copied().collect();
-        drop(mounted);
-        self.resolver.expect(image_ref, image, skip)
+        self.resolver.expect(image_ref, image, self.mounted_digests())
     }
 
     /// Mounts a resolved layer at its mountpoint, replacing whatever a

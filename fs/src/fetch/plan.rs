@@ -46,17 +46,7 @@ pub(crate) fn merge_adjacent(mut chunks: Vec<Chunk>, max_len: u64) -> Vec<Group>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Digest;
-
-    fn chunk(start: u64, end: u64) -> Chunk {
-        Chunk {
-            file_offset: 0,
-            size: 1,
-            digest: Digest::of(&start.to_le_bytes()),
-            blob_range: (start, end),
-            inner_offset: 0,
-        }
-    }
+    use crate::fetch::fetcher_tests::chunk_at as chunk;
 
     fn ranges(groups: &[Group]) -> Vec<Range<u64>> {
         groups.iter().map(|g| g.range.clone()).collect()

@@ -38,16 +38,23 @@ struct Stream {
 #[derive(Debug, Default)]
 pub(super) struct Streams(Mutex<Vec<Stream>>);
 
+impl Stream {
+    /// Whether a miss from `start` continues this walk: it lands inside
+    /// the last window (a chunk that was in flight or skipped) or within
+    /// one window after it.
+    fn continued_by(&self, start: u64) -> bool {
+        start >= self.start && start <= self.end.saturating_add(self.window)
+    }
+}
+
 impl Streams {
     /// The window for a miss covering blob bytes from `start`, given the
     /// base and largest windows; the stream it continues moves to the front.
     fn window_for(&self, start: u64, base: u64, max: u64) -> u64 {
         let streams = self.0.lock().expect("read-ahead streams poisoned");
-        // Continuing a stream: the miss is inside its last window (a chunk
-        // that was in flight or skipped) or within one window after it.
         streams
             .iter()
-            .find(|s| start >= s.start && start <= s.end.saturating_add(s.window))
+            .find(|s| s.continued_by(start))
             .map_or(base, |s| {
                 s.window.saturating_mul(2).clamp(base, max.max(base))
             })
@@ -55,7 +62,7 @@ impl Streams {
 
     fn record(&self, s: Stream) {
         let mut streams = self.0.lock().expect("read-ahead streams poisoned");
-        streams.retain(|o| !(s.start >= o.start && s.start <= o.end.saturating_add(o.window)));
+        streams.retain(|o| !o.continued_by(s.start));
         streams.insert(0, s);
         streams.truncate(STREAMS);
     }

@@ -238,17 +238,7 @@ impl BlobOrder {
 #[cfg(test)]
 mod order_tests {
     use super::*;
-    use crate::Digest;
-
-    fn chunk(start: u64, end: u64) -> Chunk {
-        Chunk {
-            file_offset: 0,
-            size: 1,
-            digest: Digest::of(&start.to_le_bytes()),
-            blob_range: (start, end),
-            inner_offset: 0,
-        }
-    }
+    use crate::fetch::fetcher_tests::chunk_at as chunk;
 
     #[test]
     fn chunks_in_blob_order_store_nothing_and_others_are_sorted_once_per_range() {

@@ -25,16 +25,21 @@ fn layer_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<FakeBlob>, Arc<Layer>
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let blob = FakeBlob::new(data.to_vec());
-    // No read-ahead: these tests check the GETs of reads themselves.
-    let scheduler = FetchScheduler::new(SchedulerConfig {
-        read_ahead: 0,
-        ..SchedulerConfig::default()
-    });
+    let scheduler = no_read_ahead();
     let layer = Arc::new(Layer::new(
         index,
         Fetcher::with_scheduler(blob.clone(), Arc::new(PlainDecoder), cache, scheduler),
     ));
     (dir, blob, layer)
+}
+
+/// A scheduler without read-ahead: the GETs these tests count are those of
+/// the reads themselves.
+fn no_read_ahead() -> FetchScheduler {
+    FetchScheduler::new(SchedulerConfig {
+        read_ahead: 0,
+        ..SchedulerConfig::default()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,15 +125,15 @@ async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
 
     let src = FakeBlob::new(blob.clone());
-    // No read-ahead: the GETs counted are those of the reads themselves.
-    let scheduler = FetchScheduler::new(SchedulerConfig {
-        read_ahead: 0,
-        ..SchedulerConfig::default()
-    });
     let layer = Arc::new(
-        Layer::open_with(src.clone(), Some(toc_digest), cache.clone(), scheduler)
-            .await
-            .unwrap(),
+        Layer::open_with(
+            src.clone(),
+            Some(toc_digest),
+            cache.clone(),
+            no_read_ahead(),
+        )
+        .await
+        .unwrap(),
     );
     assert_eq!(
         src.reads().len(),
@@ -179,15 +184,15 @@ async fn chunks_that_came_with_the_tail_are_cached_and_the_one_across_its_start_
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let src = FakeBlob::new(blob.clone());
-    // No read-ahead: the GETs counted are those of the reads themselves.
-    let scheduler = FetchScheduler::new(SchedulerConfig {
-        read_ahead: 0,
-        ..SchedulerConfig::default()
-    });
     let layer = Arc::new(
-        Layer::open_with(src.clone(), Some(toc_digest), cache.clone(), scheduler)
-            .await
-            .unwrap(),
+        Layer::open_with(
+            src.clone(),
+            Some(toc_digest),
+            cache.clone(),
+            no_read_ahead(),
+        )
+        .await
+        .unwrap(),
     );
     let tail_start = blob.len() as u64 - super::TAIL_FETCH;
     let ino = layer.index().resolve("dir/file").unwrap();

@@ -455,13 +455,7 @@ impl RegistryClient {
     /// do not pay a connection's round trips. The answers do not matter
     /// (401 is usual); failures are left for the real requests to report.
     pub async fn preconnect(&self, repo: &Repository, n: usize) {
-        let host = repo.host();
-        let scheme = if self.inner.config.is_plain_http(host) {
-            "http"
-        } else {
-            "https"
-        };
-        let Ok(url) = Url::parse(&format!("{scheme}://{host}/v2/")) else {
+        let Ok(url) = self.url(repo.host(), "/v2/") else {
             return;
         };
         let pings = (0..n).map(|_| {
@@ -476,15 +470,20 @@ impl RegistryClient {
         futures::future::join_all(pings).await;
     }
 
-    /// One GET with auth and redirects; returns a 200 or 206 response.
-    async fn send(&self, get: &Get<'_>) -> Result<reqwest::Response, Failure> {
-        let host = get.repo.host();
+    /// `path` on `host`, over plain HTTP where the config says so.
+    fn url(&self, host: &str, path: &str) -> Result<Url, String> {
         let scheme = if self.inner.config.is_plain_http(host) {
             "http"
         } else {
             "https"
         };
-        let registry_url = Url::parse(&format!("{scheme}://{host}{}", get.path)).map_err(|e| {
+        Url::parse(&format!("{scheme}://{host}{path}")).map_err(|e| e.to_string())
+    }
+
+    /// One GET with auth and redirects; returns a 200 or 206 response.
+    async fn send(&self, get: &Get<'_>) -> Result<reqwest::Response, Failure> {
+        let host = get.repo.host();
+        let registry_url = self.url(host, &get.path).map_err(|e| {
             Failure::fatal(RegistryError::BadResponse {
                 host: host.to_string(),
                 what: get.what.clone(),

@@ -196,6 +196,18 @@ pub(crate) fn chunks_of(data: &[u8], size: usize) -> Vec<Chunk> {
         .collect()
 }
 
+/// A one-byte chunk at blob range `[start, end)`, named by its start: for
+/// tests of GET planning, which look only at ranges.
+pub(crate) fn chunk_at(start: u64, end: u64) -> Chunk {
+    Chunk {
+        file_offset: 0,
+        size: 1,
+        digest: Digest::of(&start.to_le_bytes()),
+        blob_range: (start, end),
+        inner_offset: 0,
+    }
+}
+
 pub(crate) fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 251) as u8).collect()
 }
