@@ -54,8 +54,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// One thread: these commands wait on containerd and the registry, not the
+/// CPU, and twenty `tarn pull`s started at once should not each start a
+/// worker per core.
 fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?

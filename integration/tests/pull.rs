@@ -192,6 +192,21 @@ impl Bed {
             .sum()
     }
 
+    /// What `/etc/greeting` says in a container `id` of `reference`.
+    fn greeting(&self, reference: &str, id: &str) -> String {
+        let run = run_ok(self.ctr().args([
+            "run",
+            "--rm",
+            "--snapshotter",
+            SNAPSHOTTER,
+            reference,
+            id,
+            "cat",
+            "/etc/greeting",
+        ]));
+        String::from_utf8_lossy(&run.stdout).into_owned()
+    }
+
     fn ctr(&self) -> Command {
         let mut c = Command::new("ctr");
         c.arg("--address").arg(&self.sock);
@@ -245,17 +260,7 @@ fn ordinary_image_pulls_and_runs() {
             .lines()
             .any(|l| l == reference)
     );
-    let run = run_ok(bed.ctr().args([
-        "run",
-        "--rm",
-        "--snapshotter",
-        SNAPSHOTTER,
-        &reference,
-        "pull-run-2",
-        "cat",
-        "/etc/greeting",
-    ]));
-    assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from plain\n");
+    assert_eq!(bed.greeting(&reference, "pull-run-2"), "hello from plain\n");
 
     // A second pull finds everything in place and downloads nothing.
     let before = bed.registry_bytes_served();
@@ -332,6 +337,7 @@ fn concurrent_pulls_of_one_reference_cost_one_pull() {
                 .expect("start tarn pull")
         })
         .collect();
+    let mut joined = 0;
     for c in children {
         let out = c.wait_with_output().expect("wait for tarn pull");
         assert!(
@@ -339,9 +345,21 @@ fn concurrent_pulls_of_one_reference_cost_one_pull() {
             "a concurrent pull failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if stdout.contains("pulled by a concurrent tarn pull") {
+            joined += 1;
+        } else {
+            assert!(
+                stdout.contains("pulled ") || stdout.contains("is up to date"),
+                "{stdout}"
+            );
+        }
     }
+    // The pull takes far longer than starting five: some find it in flight.
+    assert!(joined >= 1, "no pull joined the one in flight");
     let served = bed.registry_bytes_served() - before;
-    // One pull's blobs, plus the manifest each waiting pull re-resolves.
+    // One pull's blobs, plus the manifest of each pull that came after the
+    // first ended; one that joined fetches nothing.
     assert!(
         served as f64 <= one_pull as f64 * 1.05,
         "5 pulls fetched {served} bytes; one pull is {one_pull}"
@@ -350,17 +368,81 @@ fn concurrent_pulls_of_one_reference_cost_one_pull() {
         served >= one_pull,
         "registry log undercounts: {served} < {one_pull}"
     );
-    let run = run_ok(bed.ctr().args([
-        "run",
-        "--rm",
-        "--snapshotter",
-        SNAPSHOTTER,
-        &reference,
-        "pull-conc",
-        "cat",
-        "/etc/greeting",
-    ]));
-    assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from shared\n");
+    assert_eq!(bed.greeting(&reference, "pull-conc"), "hello from shared\n");
+}
+
+/// The lock file `tarn pull` takes for `reference` on `bed`'s containerd
+/// (cli/src/pull/lock.rs names it so).
+fn pull_lock_path(bed: &Bed, reference: &str) -> PathBuf {
+    use sha2::Digest as _;
+    let run = Path::new("/run/tarn/pull-locks");
+    let dir = if std::fs::create_dir_all(run).is_ok() {
+        run.to_path_buf()
+    } else {
+        std::env::temp_dir().join("tarn-pull-locks")
+    };
+    let key = format!("{}\ndefault\n{reference}", bed.sock.display());
+    let hex: String = sha2::Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dir.join(format!("{hex}.lock"))
+}
+
+#[test]
+fn a_pull_that_waited_for_a_failed_pull_pulls_itself() {
+    use std::io::BufRead as _;
+    let bed = Bed::up();
+    bed.push_busybox("orphan");
+    let reference = format!("{}/orphan:1", bed.host());
+    // A pull in flight: it holds the lock and, like every holder, has
+    // cleared the record of the one before.
+    let path = pull_lock_path(&bed, &reference);
+    std::fs::create_dir_all(path.parent().expect("lock dir")).expect("mkdir lock dir");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .expect("open pull lock");
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, e)| panic!("lock {}: {e}", path.display()));
+
+    let mut child = bed
+        .pull_cmd(&reference)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tarn pull");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    stdout.read_line(&mut first).expect("read tarn pull output");
+    assert!(
+        first.starts_with("waiting for another tarn pull"),
+        "{first}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "the pull ended while another held the lock"
+    );
+    // That pull fails: it ends without a record.
+    drop(held);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("read tarn pull output");
+    let status = child.wait().expect("wait for tarn pull");
+    assert!(
+        status.success(),
+        "the pull after a failed one failed: {rest}"
+    );
+    assert!(
+        rest.contains("pulled ") && rest.contains("2 unpacked"),
+        "{rest}"
+    );
+    assert_eq!(
+        bed.greeting(&reference, "pull-orphan"),
+        "hello from orphan\n"
+    );
 }
 
 #[test]
@@ -398,16 +480,6 @@ fn concurrent_pulls_of_two_tags_sharing_blobs_all_succeed() {
     for tag in ["1", "2"] {
         let reference = format!("{}/twins:{tag}", bed.host());
         let id = format!("pull-twins-{tag}");
-        let run = run_ok(bed.ctr().args([
-            "run",
-            "--rm",
-            "--snapshotter",
-            SNAPSHOTTER,
-            &reference,
-            &id,
-            "cat",
-            "/etc/greeting",
-        ]));
-        assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from twins\n");
+        assert_eq!(bed.greeting(&reference, &id), "hello from twins\n");
     }
 }

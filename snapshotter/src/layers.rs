@@ -191,7 +191,8 @@ impl Layers {
     /// Starts resolving the layers of `image`, the manifest of `image_ref`
     /// handed over by a pull; see [`Resolver::expect`].
     pub fn expect(&self, image_ref: &str, image: ResolvedImage) -> usize {
-        self.resolver.expect(image_ref, image, self.mounted_digests())
+        self.resolver
+            .expect(image_ref, image, self.mounted_digests())
     }
 
     /// Mounts a resolved layer at its mountpoint, replacing whatever a

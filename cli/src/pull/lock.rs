@@ -1,10 +1,20 @@
 //! Coalescing of concurrent pulls (DESIGN.md §4): `tarn pull`s of one
 //! reference into one containerd namespace take turns on an exclusive
-//! `flock`, and each re-checks after getting it whether the image is already
-//! complete, so N concurrent pulls cost about one pull. The kernel drops the
-//! lock when the process dies, so a killed pull never blocks the next one.
+//! `flock`. The kernel drops the lock when the process dies, so a killed
+//! pull never blocks the next one.
+//!
+//! A pull that finds the lock taken joins the pull in flight, as concurrent
+//! `docker pull`s do: it waits for the lock *shared*, so that when the
+//! holder ends every waiter gets it at once, and reads what the holder wrote
+//! in the lock file: the manifest it finished, into which snapshotter. Each
+//! exclusive holder starts by clearing that record, and writes it only once
+//! the image record is in containerd, so a record a waiter reads comes from
+//! a pull that held the lock after the waiter asked for it and succeeded:
+//! the waiter's work is done, with no request of its own. Without a record
+//! (that pull failed) a waiter turns its lock exclusive and pulls itself.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -14,9 +24,98 @@ use tarn_fs::Digest;
 
 const LOCK_DIR: &str = "/run/tarn/pull-locks";
 
-/// Held while this process pulls; dropping it unlocks.
+/// Held exclusively while this process pulls; dropping it unlocks.
 pub struct PullLock {
-    _flock: Flock<File>,
+    flock: Flock<File>,
+    path: PathBuf,
+}
+
+/// What the last holder of a lock finished: a hint, to be checked.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Done {
+    pub manifest: Digest,
+    /// The snapshotter that unpacked it.
+    pub snapshotter: String,
+}
+
+/// How this pull got its turn.
+pub enum Turn {
+    /// Nobody held the lock: this pull holds it exclusively.
+    First(PullLock),
+    /// Another pull held it and has ended; this one holds it shared.
+    After(Waited),
+}
+
+/// The lock held shared after another pull's turn, with what that pull
+/// recorded.
+pub struct Waited {
+    lock: PullLock,
+    pub done: Option<Done>,
+}
+
+impl Waited {
+    /// Turns the shared lock exclusive, waiting for the other waiters'
+    /// checks: this pull does the work after all.
+    pub async fn take(self) -> Result<PullLock> {
+        let Waited { lock, .. } = self;
+        // flock(2) blocks: keep it off the async workers.
+        tokio::task::spawn_blocking(move || {
+            lock.flock
+                .relock(FlockArg::LockExclusive)
+                .with_context(|| format!("cannot lock {}", lock.path.display()))?;
+            lock.clear()?;
+            Ok(lock)
+        })
+        .await
+        .context("pull lock task failed")?
+    }
+}
+
+impl PullLock {
+    /// Tells the pulls waiting for this lock that `manifest` is now in
+    /// containerd, unpacked by `snapshotter`. Call it only once it is.
+    pub fn record_done(&self, manifest: &Digest, snapshotter: &str) -> Result<()> {
+        self.write(&format!("done {manifest} {snapshotter}\n"))
+    }
+
+    /// Forgets an earlier holder's record, so a waiter after a failed pull
+    /// does not read an old one.
+    fn clear(&self) -> Result<()> {
+        self.write("")
+    }
+
+    fn write(&self, text: &str) -> Result<()> {
+        let mut file: &File = &self.flock;
+        file.set_len(0)
+            .and_then(|()| file.seek(SeekFrom::Start(0)))
+            .and_then(|_| file.write_all(text.as_bytes()))
+            .with_context(|| format!("cannot write pull lock {}", self.path.display()))
+    }
+
+    fn read_done(&self) -> Option<Done> {
+        let mut file: &File = &self.flock;
+        let mut text = String::new();
+        file.seek(SeekFrom::Start(0)).ok()?;
+        // A record is two digests: more is not ours.
+        file.take(256).read_to_string(&mut text).ok()?;
+        parse_done(&text)
+    }
+}
+
+fn parse_done(text: &str) -> Option<Done> {
+    let mut words = text.strip_suffix('\n')?.split(' ');
+    let (Some("done"), Some(manifest), Some(snapshotter), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return None;
+    };
+    if snapshotter.is_empty() {
+        return None;
+    }
+    Some(Done {
+        manifest: manifest.parse().ok()?,
+        snapshotter: snapshotter.to_string(),
+    })
 }
 
 /// The lock file of one (containerd, namespace, reference).
@@ -25,33 +124,41 @@ pub fn lock_path(dir: &Path, address: &Path, namespace: &str, reference: &str) -
     dir.join(format!("{}.lock", Digest::of(key.as_bytes()).hex()))
 }
 
-/// Takes the pull lock, calling `on_wait` once if another pull holds it.
+/// Takes the pull lock: exclusively if it is free, else shared once the
+/// pull holding it ends, calling `on_wait` first.
 pub async fn acquire(
     address: &Path,
     namespace: &str,
     reference: &str,
     on_wait: impl FnOnce(),
-) -> Result<PullLock> {
+) -> Result<Turn> {
     let dir = lock_dir();
     let path = lock_path(&dir, address, namespace, reference);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot open pull lock {}", path.display()))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(flock) => Ok(PullLock { _flock: flock }),
+        Ok(flock) => {
+            let lock = PullLock { flock, path };
+            lock.clear()?;
+            Ok(Turn::First(lock))
+        }
         Err((file, Errno::EWOULDBLOCK)) => {
             on_wait();
-            // flock(2) blocks: keep it off the async workers.
+            let shared = path.clone();
             let flock =
-                tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive))
+                tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockShared))
                     .await
                     .context("pull lock task failed")?
                     .map_err(|(_, e)| e)
-                    .with_context(|| format!("cannot lock {}", path.display()))?;
-            Ok(PullLock { _flock: flock })
+                    .with_context(|| format!("cannot lock {}", shared.display()))?;
+            let lock = PullLock { flock, path };
+            let done = lock.read_done();
+            Ok(Turn::After(Waited { lock, done }))
         }
         Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
     }
@@ -94,29 +201,130 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn second_holder_waits_until_the_first_drops() {
-        let addr = std::env::temp_dir().join(format!("tarn-lock-test-{}", std::process::id()));
-        let first = acquire(&addr, "ns", "ref", || {}).await.unwrap();
-        let waited = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    fn digest(s: &str) -> Digest {
+        Digest::of(s.as_bytes())
+    }
+
+    /// A lock key of this test alone: tests run side by side in one process.
+    fn address(test: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("tarn-lock-test-{}-{test}", std::process::id()))
+    }
+
+    async fn first(addr: &Path) -> PullLock {
+        match acquire(addr, "ns", "ref", || {}).await.unwrap() {
+            Turn::First(lock) => lock,
+            Turn::After(_) => panic!("a free lock was taken as if held by another pull"),
+        }
+    }
+
+    /// Starts a pull that waits for the lock; true in the flag once it waits.
+    fn waiter(addr: &Path) -> (tokio::task::JoinHandle<Result<Turn>>, Arc<AtomicBool>) {
+        let waited = Arc::new(AtomicBool::new(false));
         let w = waited.clone();
-        let second = tokio::spawn(async move {
-            acquire(&addr, "ns", "ref", move || {
-                w.store(true, std::sync::atomic::Ordering::SeqCst)
-            })
-            .await
+        let addr = addr.to_path_buf();
+        let task = tokio::spawn(async move {
+            acquire(&addr, "ns", "ref", move || w.store(true, Ordering::SeqCst)).await
         });
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        (task, waited)
+    }
+
+    /// A waiter that has found the lock held.
+    async fn waiting(addr: &Path) -> tokio::task::JoinHandle<Result<Turn>> {
+        let (task, waited) = waiter(addr);
+        for _ in 0..500 {
+            if waited.load(Ordering::SeqCst) {
+                return task;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("a pull never found the lock held");
+    }
+
+    async fn after(task: tokio::task::JoinHandle<Result<Turn>>) -> Waited {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(Turn::After(w)))) => w,
+            Ok(Ok(Ok(Turn::First(_)))) => panic!("a waiter did not see that it waited"),
+            _ => panic!("a waiting pull never got the lock"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiters_wait_for_the_holder_then_all_read_its_record_together() {
+        let addr = address("record");
+        let holder = first(&addr).await;
+        let (a, a_waited) = waiter(&addr);
+        let (b, b_waited) = waiter(&addr);
+        tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
-            !second.is_finished(),
-            "second pull got the lock while the first held it"
+            !a.is_finished() && !b.is_finished(),
+            "a pull got the lock while another held it"
         );
-        assert!(waited.load(std::sync::atomic::Ordering::SeqCst));
-        drop(first);
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), second).await;
+        assert!(a_waited.load(Ordering::SeqCst) && b_waited.load(Ordering::SeqCst));
+
+        holder.record_done(&digest("m"), "tarn").unwrap();
+        drop(holder);
+        // Both hold it at once: neither waits for the other's check.
+        let (a, b) = (after(a).await, after(b).await);
+        let want = Done {
+            manifest: digest("m"),
+            snapshotter: "tarn".into(),
+        };
+        assert_eq!(a.done.as_ref(), Some(&want));
+        assert_eq!(b.done.as_ref(), Some(&want));
+
+        // A waiter that must pull after all waits until the others are done.
+        let taking = tokio::spawn(a.take());
+        tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
-            matches!(got, Ok(Ok(Ok(_)))),
-            "second pull never got the lock"
+            !taking.is_finished(),
+            "the lock turned exclusive while another pull held it shared"
         );
+        drop(b);
+        let taken = tokio::time::timeout(Duration::from_secs(5), taking).await;
+        let lock = match taken {
+            Ok(Ok(Ok(lock))) => lock,
+            _ => panic!("the lock never turned exclusive"),
+        };
+        // Every holder starts from no record, so a failure leaves none.
+        let c = waiting(&addr).await;
+        drop(lock);
+        assert_eq!(after(c).await.done, None);
+        let recorder = first(&addr).await;
+        let d = waiting(&addr).await;
+        recorder.record_done(&digest("m"), "tarn").unwrap();
+        drop(recorder);
+        assert!(after(d).await.done.is_some());
+        let next = first(&addr).await;
+        let e = waiting(&addr).await;
+        drop(next);
+        assert_eq!(after(e).await.done, None);
+    }
+
+    #[test]
+    fn records_parse_only_when_whole() {
+        let m = digest("m");
+        assert_eq!(
+            parse_done(&format!("done {m} tarn\n")),
+            Some(Done {
+                manifest: m,
+                snapshotter: "tarn".into()
+            })
+        );
+        for bad in [
+            String::new(),
+            format!("done {m} tarn"),
+            format!("done {m}\n"),
+            format!("done {m} tarn x\n"),
+            format!("ready {m} tarn\n"),
+            "done sha256:12 tarn\n".to_string(),
+            "done  tarn\n".to_string(),
+            format!("done {m} \n"),
+        ] {
+            assert_eq!(parse_done(&bad), None, "{bad:?}");
+        }
     }
 }

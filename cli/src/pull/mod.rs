@@ -114,6 +114,31 @@ pub async fn run(args: PullArgs) -> Result<()> {
     let start = Instant::now();
     // The parse error already names the reference and what is wrong with it.
     let reference: Reference = args.reference.parse()?;
+    // Concurrent pulls of one reference take turns. One that finds another
+    // in flight joins it, as `docker pull` does: it waits, reads what that
+    // pull finished, and is done without a request of its own to containerd
+    // or the registry. Waiting comes first: twenty pulls started at once
+    // should leave the CPU to the one that works.
+    let turn = lock::acquire(&args.address, &args.namespace, &args.reference, || {
+        println!("waiting for another tarn pull of {}", args.reference);
+    })
+    .await?;
+    let lock = match turn {
+        lock::Turn::First(lock) => lock,
+        lock::Turn::After(waited) => {
+            if let Some(done) = &waited.done
+                && done.snapshotter == args.snapshotter
+            {
+                println!(
+                    "{} is up to date ({}, pulled by a concurrent tarn pull)",
+                    args.reference, done.manifest
+                );
+                return Ok(());
+            }
+            // That pull failed, or unpacked into another snapshotter.
+            waited.take().await?
+        }
+    };
     let mut ctd = Containerd::connect(&args.address, &args.namespace).await?;
     ctd.check_snapshotter(&args.snapshotter).await?;
 
@@ -136,14 +161,6 @@ pub async fn run(args: PullArgs) -> Result<()> {
         .resolve(&reference)
         .await
         .with_context(|| format!("cannot resolve {}", args.reference))?;
-
-    // Concurrent pulls of one reference resolve it side by side (a round
-    // trip or two each), then take turns: the first does the work, the
-    // others find it done.
-    let _lock = lock::acquire(&args.address, &args.namespace, &args.reference, || {
-        println!("waiting for another tarn pull of {}", args.reference);
-    })
-    .await?;
 
     // The daemon starts on the layers while the config is fetched and the
     // unpack begins; the hint must not delay the pull itself.
@@ -168,6 +185,7 @@ pub async fn run(args: PullArgs) -> Result<()> {
     }
     let outcome = pulled?;
     released?;
+    lock.record_done(&image.manifest_digest, &args.snapshotter)?;
 
     if outcome.up_to_date {
         println!(
