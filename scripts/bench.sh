@@ -14,7 +14,8 @@
 # S5 daemon RSS per TOC entry (once, local).
 # The environment works too: PROFILES, SCENARIOS, BENCH_OUT; BENCH_STEP_TIMEOUT
 # bounds each step (default 600 s), BENCH_STRICT=1 fails unless every target
-# passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference. Everything started is stopped by PID on exit, also on failure.
+# passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference,
+# BENCH_S1_OVERLAYFS=0 S1's (to try tarn settings through TARN_CONFIG_EXTRA). Everything started is stopped by PID on exit, also on failure.
 set -euo pipefail
 
 SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -546,7 +547,7 @@ images_up
 for p in "${PROFILE_LIST[@]}"; do
   proxy_up "$p"
   if wants S1; then
-    s1_overlayfs "$p"
+    if [ "${BENCH_S1_OVERLAYFS:-1}" = 1 ]; then s1_overlayfs "$p"; fi
     s1_tarn "$p" tarn multi-esgz
     s1_tarn "$p" tarn-opt multi-esgz-opt
   fi
