@@ -116,25 +116,54 @@ fn noise(len: usize) -> Vec<u8> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
-    // Incompressible, so the chunks read lie before the blob's tail.
-    let content = noise(1_000_000);
-    let (blob, toc_digest) = estargz_with(&content);
-    let dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+/// A layer of one 1 MB file of noise (so the chunks read lie before the
+/// blob's tail), opened without read-ahead.
+struct NoiseLayer {
+    content: Vec<u8>,
+    blob: Vec<u8>,
+    cache: Arc<Cache>,
+    src: Arc<FakeBlob>,
+    layer: Arc<Layer>,
+    _dir: tempfile::TempDir,
+}
 
-    let src = FakeBlob::new(blob.clone());
-    let layer = Arc::new(
-        Layer::open_with(
+impl NoiseLayer {
+    async fn open() -> NoiseLayer {
+        let content = noise(1_000_000);
+        let (blob, toc_digest) = estargz_with(&content);
+        let _dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(_dir.path()).unwrap());
+        let src = FakeBlob::new(blob.clone());
+        let layer = Layer::open_with(
             src.clone(),
             Some(toc_digest),
             cache.clone(),
             no_read_ahead(),
         )
         .await
-        .unwrap(),
-    );
+        .unwrap();
+        NoiseLayer {
+            content,
+            blob,
+            cache,
+            src,
+            layer: Arc::new(layer),
+            _dir,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
+    // Incompressible, so the chunks read lie before the blob's tail.
+    let NoiseLayer {
+        content,
+        blob,
+        cache,
+        src,
+        layer,
+        _dir,
+    } = NoiseLayer::open().await;
     assert_eq!(
         src.reads().len(),
         1,
@@ -179,21 +208,14 @@ async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
 async fn chunks_that_came_with_the_tail_are_cached_and_the_one_across_its_start_completed() {
     // 64 KiB chunks of noise: the 256 KiB tail holds a few whole chunks
     // and the end of one that starts before it.
-    let content = noise(1_000_000);
-    let (blob, toc_digest) = estargz_with(&content);
-    let dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(Cache::open(dir.path()).unwrap());
-    let src = FakeBlob::new(blob.clone());
-    let layer = Arc::new(
-        Layer::open_with(
-            src.clone(),
-            Some(toc_digest),
-            cache.clone(),
-            no_read_ahead(),
-        )
-        .await
-        .unwrap(),
-    );
+    let NoiseLayer {
+        content,
+        blob,
+        cache,
+        src,
+        layer,
+        _dir,
+    } = NoiseLayer::open().await;
     let tail_start = blob.len() as u64 - super::TAIL_FETCH;
     let ino = layer.index().resolve("dir/file").unwrap();
     let chunks = layer

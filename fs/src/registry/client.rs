@@ -1,6 +1,8 @@
 //! [`RegistryClient`]: every request tarn makes to a registry.
 //!
-//! One reqwest client (keep-alive pool) for all registries. Redirects are
+//! One reqwest client (keep-alive pool) for all plain-HTTP URLs and one for
+//! all HTTPS URLs, the second made at its first use: loading the system's
+//! TLS roots is most of a short `tarn pull`'s CPU. Redirects are
 //! followed by hand rather than by reqwest, for two reasons: the target a
 //! blob redirects to (its storage URL) is remembered and read directly next
 //! time, saving a round trip per ranged read; and the registry's
