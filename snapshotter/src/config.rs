@@ -112,7 +112,10 @@ pub struct FetchSection {
     pub background: bool,
     /// How long a Prepare waits for a layer's prioritized files (those
     /// before its `.prefetch.landmark`) before it answers; the rest goes on
-    /// in the background. 0: do not prefetch.
+    /// in the background. 0: do not prefetch. Short by default: a read of
+    /// a chunk still on the wire joins its GET, and the files arrive in the
+    /// order the workload reads them, so waiting longer only holds back
+    /// containerd's and runc's own work on the container.
     pub prefetch_timeout_ms: u64,
     /// Background GETs on the wire at once, all layers together; sized to
     /// fill the bandwidth-delay product of a far registry.
@@ -132,7 +135,7 @@ impl Default for FetchSection {
         let sched = tarn_fs::fetch::SchedulerConfig::default();
         FetchSection {
             background: false,
-            prefetch_timeout_ms: 10_000,
+            prefetch_timeout_ms: 50,
             background_requests: sched.background_concurrency,
             background_rate_mbps: 0,
             read_ahead_kib: sched.read_ahead / 1024,

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
 use tarn_fs::fetch::FetchScheduler;
-use tarn_fs::layer::Layer;
+use tarn_fs::layer::{Entrypoint, Layer};
 use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RemoteBlob, ResolvedImage};
 
 use crate::labels::{RemoteLayer, TOC_DIGEST};
@@ -265,6 +265,12 @@ impl Resolver {
                     return;
                 }
             };
+            // The config names the entrypoint: fetched while layers open.
+            let entry = (me.prefetch.is_some()).then(|| {
+                let (me, r, image) = (me.clone(), r.clone(), image.clone());
+                tokio::spawn(async move { me.entrypoint(&r, &image).await })
+            });
+            let mut opened = Vec::new();
             for desc in image.layers.iter().filter(|d| !skip.contains(&d.digest)) {
                 let Some(toc) = desc
                     .annotations
@@ -279,12 +285,15 @@ impl Resolver {
                     toc_digest: Some(toc),
                 };
                 let (me, size) = (me.clone(), desc.size);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                opened.push(rx);
                 tokio::spawn(async move {
                     match me.layer(&info, Some(size)).await {
                         // Its prioritized files too, all layers at once: the
                         // Prepare of this layer then waits only for what is
                         // still on the wire (chunk fetches are shared).
                         Ok(r) => {
+                            let _ = tx.send(r.layer().clone());
                             if let Some(timeout) = me.prefetch {
                                 let _ = r.layer().prefetch(timeout).await;
                             }
@@ -301,7 +310,43 @@ impl Resolver {
                     }
                 });
             }
+            // Once every layer is open (their TOCs no longer share the
+            // link), the program the container will run first.
+            let Some(Ok(Some(entry))) = (match entry {
+                Some(task) => Some(task.await),
+                None => None,
+            }) else {
+                return;
+            };
+            let mut layers = Vec::new();
+            for rx in opened {
+                layers.extend(rx.await.ok());
+            }
+            let fetched = tarn_fs::layer::prefetch_entrypoint(&layers, &entry).await;
+            tracing::debug!(image = %r, program = %entry.argv0, ?fetched, "entrypoint prefetched");
         });
+    }
+
+    /// The program `image`'s config runs, if it names one (`None` also when
+    /// the config cannot be fetched: this only decides a prefetch).
+    async fn entrypoint(&self, image_ref: &str, image: &ResolvedImage) -> Option<Entrypoint> {
+        const MAX_CONFIG: u64 = 1 << 20;
+        if image.config.size > MAX_CONFIG {
+            return None;
+        }
+        let reference: Reference = image_ref.parse().ok()?;
+        self.connected(reference.repository.host()).await;
+        match self
+            .client
+            .fetch_blob(&reference.repository, &image.config.digest)
+            .await
+        {
+            Ok(config) => Entrypoint::from_config(&config),
+            Err(e) => {
+                tracing::debug!(image = %image_ref, error = %e, "no config for the entrypoint");
+                None
+            }
+        }
     }
 
     async fn open(

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
@@ -401,6 +402,7 @@ impl Inner {
         let mut body = BytesMut::new();
         let mut body_start = start;
         let mut next = 0;
+        let sent = Instant::now();
         if get_end > start {
             let mut stream = match self.source.read_range_stream(start..get_end, intent).await {
                 Ok(s) => s,
@@ -419,10 +421,17 @@ impl Inner {
             self.stats.request_started();
             body.reserve((get_end - start).min(MAX_MERGED_GET) as usize);
             let mut resumed = false;
+            // When the first piece came, and the bytes since: the link's rate.
+            let mut first: Option<(Instant, u64)> = None;
             while !resumed {
                 let piece = match stream.next().await {
                     None => break,
-                    Some(Ok(p)) => p,
+                    Some(Ok(p)) => {
+                        if first.is_none() {
+                            first = Some((Instant::now(), body.len() as u64 + p.len() as u64));
+                        }
+                        p
+                    }
                     Some(Err(e)) => {
                         resumed = true;
                         // The body broke: ask again (with retries) for the rest.
@@ -471,6 +480,11 @@ impl Inner {
                     body_start = seg_end;
                     next = cut;
                 }
+            }
+            if let (false, Some((at, had))) = (resumed, first) {
+                let got = body_start - start + body.len() as u64;
+                let rest = got.saturating_sub(had);
+                self.scheduler.observe_get(at - sent, rest, at.elapsed());
             }
         }
         let mut data = body.freeze();

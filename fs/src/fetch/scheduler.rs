@@ -37,7 +37,8 @@ pub struct SchedulerConfig {
     /// the chunks that follow it in blob order (0 disables read-ahead).
     pub read_ahead: u64,
     /// The largest read-ahead window: a workload that keeps missing where
-    /// the last window ended doubles it up to this.
+    /// the last window ended doubles it up to this, and up to what the link
+    /// carries in one round trip ([`FetchScheduler::read_ahead_max`]).
     pub read_ahead_max: u64,
 }
 
@@ -67,7 +68,13 @@ struct Shared {
     idle: Notify,
     background_slots: Arc<Semaphore>,
     bucket: Option<Mutex<TokenBucket>>,
+    /// Bytes the link carries in one round trip, as measured by recent
+    /// GETs (a moving average); `None` until a GET large enough to tell.
+    link_bdp: Mutex<Option<f64>>,
 }
+
+/// The smallest GET body, after its first piece, that gives a rate.
+const RATE_SAMPLE_MIN: u64 = 128 << 10;
 
 impl std::fmt::Debug for FetchScheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,6 +105,7 @@ impl FetchScheduler {
                 idle: Notify::new(),
                 background_slots: Arc::new(Semaphore::new(slots)),
                 bucket,
+                link_bdp: Mutex::new(None),
             }),
         }
     }
@@ -111,6 +119,30 @@ impl FetchScheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.shared.config
+    }
+
+    /// Records one GET: its first bytes came `first` after it was sent, and
+    /// `bytes` more came in the `rest` after that. Their product estimates
+    /// the bandwidth-delay product (low while other GETs share the link,
+    /// which errs on the side of smaller read-ahead).
+    pub fn observe_get(&self, first: Duration, bytes: u64, rest: Duration) {
+        if bytes < RATE_SAMPLE_MIN || rest.is_zero() {
+            return;
+        }
+        let sample = first.as_secs_f64() * bytes as f64 / rest.as_secs_f64();
+        let mut bdp = self.shared.link_bdp.lock().expect("link estimate poisoned");
+        *bdp = Some(bdp.map_or(sample, |b| 0.75 * b + 0.25 * sample));
+    }
+
+    /// The largest read-ahead window now: `read_ahead_max`, but no more
+    /// than the link carries in one round trip (nor less than
+    /// `read_ahead`). Past that, a window's tail arrives later than a miss
+    /// of its own would, and delays the next miss behind it.
+    pub fn read_ahead_max(&self) -> u64 {
+        let c = &self.shared.config;
+        let bdp = *self.shared.link_bdp.lock().expect("link estimate poisoned");
+        let cap = bdp.map_or(c.read_ahead_max, |b| b as u64);
+        c.read_ahead_max.min(cap).max(c.read_ahead)
     }
 
     /// Foreground (OnDemand, Prefetch) GETs on the wire now.
@@ -239,6 +271,37 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_ahead_grows_no_further_than_the_link_carries_in_a_round_trip() {
+        const MIB: u64 = 1 << 20;
+        let s = FetchScheduler::new(SchedulerConfig {
+            read_ahead: MIB,
+            read_ahead_max: 8 * MIB,
+            ..SchedulerConfig::default()
+        });
+        let ms = Duration::from_millis;
+        assert_eq!(s.read_ahead_max(), 8 * MIB, "nothing measured yet");
+        s.observe_get(ms(100), 64 << 10, ms(5));
+        assert_eq!(
+            s.read_ahead_max(),
+            8 * MIB,
+            "too small a GET to tell a rate"
+        );
+        // RTT 200 ms, 25 MB/s: 5 MB in one round trip.
+        s.observe_get(ms(200), 5 * MIB, ms(200));
+        assert_eq!(s.read_ahead_max(), 5 * MIB);
+        // Then RTT 100 ms at 12.5 MB/s, again and again: towards 1.25 MB.
+        for _ in 0..30 {
+            s.observe_get(ms(100), 5 * MIB / 4, ms(100));
+        }
+        assert!(s.read_ahead_max().abs_diff(5 * MIB / 4) < MIB / 64);
+        // A fast near link: never below the base window.
+        for _ in 0..30 {
+            s.observe_get(Duration::from_micros(300), 4 * MIB, ms(4));
+        }
+        assert_eq!(s.read_ahead_max(), MIB);
+    }
 
     #[test]
     fn the_bucket_paces_bytes_at_its_rate() {

@@ -18,7 +18,7 @@
 use std::sync::Mutex;
 
 use crate::fetch::MAX_GAP;
-use crate::format::Chunk;
+use crate::format::{Chunk, FileKind};
 
 use super::Layer;
 
@@ -80,22 +80,26 @@ pub(super) struct Plan {
 
 impl Layer {
     /// What to fetch along with `missing`, chunks of the file `file`
-    /// (its chunks in file order). A file that misses is likely read whole
-    /// (a program or library being mapped faults its pages in any order):
-    /// its other chunks come too when the file is at most `read_ahead_max`
-    /// compressed. Then the chunks after it in blob order, neither cached
-    /// nor in flight, separated by at most [`MAX_GAP`], up to the stream's
-    /// window of compressed bytes.
-    pub(super) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk]) -> Plan {
-        let config = self.fetcher.scheduler().config();
-        let (base, max) = (config.read_ahead, config.read_ahead_max);
+    /// (its chunks in file order), found in directory `dir` if known.
+    /// Nothing when every missing chunk is on the wire already. A file that
+    /// misses is likely read whole (a program or library being mapped
+    /// faults its pages in any order): its other chunks come too when the
+    /// file is at most `read_ahead_max` compressed. Then, unless the file
+    /// alone is a base window or more, the chunks after it in blob order,
+    /// neither cached nor in flight, separated by at most [`MAX_GAP`], up to
+    /// the stream's window of compressed bytes.
+    pub(super) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk], dir: Option<u64>) -> Plan {
+        let scheduler = self.fetcher.scheduler();
+        let (base, max) = (scheduler.config().read_ahead, scheduler.read_ahead_max());
         let (Some(start), Some(mut end)) = (
             missing.iter().map(|c| c.blob_range.0).min(),
             missing.iter().map(|c| c.blob_range.1).max(),
         ) else {
             return Plan::default();
         };
-        if base == 0 {
+        // A miss on chunks already on the wire: whoever sent them planned
+        // the read-ahead (more now would only crowd the link).
+        if base == 0 || missing.iter().all(|c| self.fetcher.in_flight(&c.digest)) {
             return Plan::default();
         }
         let mut plan = Plan::default();
@@ -105,7 +109,8 @@ impl Layer {
                 && !self.fetcher.in_flight(&c.digest)
         };
         let file_bytes: u64 = file.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
-        if file_bytes <= max.max(base) {
+        let whole = file_bytes <= scheduler.config().read_ahead_max.max(base);
+        if whole {
             for c in file.iter().filter(|c| wanted(c)) {
                 if c.blob_range.0 < start {
                     plan.behind.push(*c);
@@ -115,34 +120,33 @@ impl Layer {
                 }
             }
         }
-        let window = self.streams.window_for(start, base, max);
+        // A file of a window or more is read-ahead enough: what follows it
+        // in the blob would only delay the next miss.
+        let window = if whole && file_bytes >= base {
+            0
+        } else {
+            self.streams.window_for(start, base, max)
+        };
         let chunks = &self.index.chunks;
-        // Read-behind, half a base window: the files just before a miss
-        // are often next (a program's libraries, modules imported out of
-        // blob order), and a GET of their own costs no round trip.
-        let mut first = plan
+        let first = plan
             .behind
             .iter()
             .map(|c| c.blob_range.0)
             .fold(start, u64::min);
-        let mut budget = base / 2;
-        let before = self
-            .blob_order
-            .partition_point(|i| chunks[i as usize].blob_range.0 < first);
-        for i in (0..before).rev().filter_map(|p| self.blob_order.get(p)) {
-            let c = &chunks[i as usize];
-            let len = first.saturating_sub(c.blob_range.0);
-            if c.blob_range.1 + MAX_GAP < first || len > budget || !wanted(c) {
-                break;
-            }
-            budget -= len;
-            first = c.blob_range.0;
-            plan.behind.push(*c);
+        // Read-behind, in a GET of its own (no round trip on the miss's
+        // path): the files of the same directory before the miss, else
+        // half a base window of whatever precedes it in the blob.
+        let had = plan.behind.len();
+        if let Some(dir) = dir {
+            self.behind_in_dir(dir, first, base, &wanted, &mut plan.behind);
+        }
+        if plan.behind.len() == had {
+            self.behind_in_blob(first, base / 2, &wanted, &mut plan.behind);
         }
         let from = self
             .blob_order
             .partition_point(|i| chunks[i as usize].blob_range.0 < end);
-        budget = window;
+        let mut budget = window;
         let out = &mut plan.ahead;
         for i in self.blob_order.iter_from(from) {
             let c = &chunks[i as usize];
@@ -164,11 +168,75 @@ impl Layer {
             start,
             end,
             window,
+            max,
             behind = plan.behind.len(),
             ahead = plan.ahead.len(),
             "read-ahead"
         );
         plan
+    }
+
+    /// Read-behind in the directory the missed file was found in: its
+    /// other files before `first` in the blob, nearest first, up to
+    /// `budget` bytes and within two budgets of `first`. Modules of one
+    /// package, pages of one site, are read together and rarely in blob
+    /// order (Python's standard library: `enum` after `sitecustomize`).
+    fn behind_in_dir(
+        &self,
+        dir: u64,
+        first: u64,
+        budget: u64,
+        wanted: &dyn Fn(&Chunk) -> bool,
+        out: &mut Vec<Chunk>,
+    ) {
+        let Some(dir) = self.index.inode(dir) else {
+            return;
+        };
+        let reach = first.saturating_sub(budget.saturating_mul(2));
+        let mut near: Vec<Chunk> = self
+            .index
+            .children(&dir)
+            .filter_map(|(_, ino)| self.index.inode(ino))
+            .filter(|i| i.kind() == FileKind::Reg)
+            .flat_map(|i| self.index.file_chunks(&i).iter().copied())
+            .filter(|c| c.blob_range.1 <= first && c.blob_range.0 >= reach && wanted(c))
+            .collect();
+        near.sort_unstable_by_key(|c| std::cmp::Reverse(c.blob_range.0));
+        let mut left = budget;
+        for c in near {
+            let len = c.blob_range.1 - c.blob_range.0;
+            if len > left {
+                break;
+            }
+            left -= len;
+            out.push(c);
+        }
+    }
+
+    /// Read-behind along the blob: the chunks just before `first`, up to
+    /// `budget` bytes with the gaps between them (a program's libraries
+    /// precede it in a layer built by copying them in).
+    fn behind_in_blob(
+        &self,
+        mut first: u64,
+        mut budget: u64,
+        wanted: &dyn Fn(&Chunk) -> bool,
+        out: &mut Vec<Chunk>,
+    ) {
+        let chunks = &self.index.chunks;
+        let before = self
+            .blob_order
+            .partition_point(|i| chunks[i as usize].blob_range.0 < first);
+        for i in (0..before).rev().filter_map(|p| self.blob_order.get(p)) {
+            let c = &chunks[i as usize];
+            let len = first.saturating_sub(c.blob_range.0);
+            if c.blob_range.1 + MAX_GAP < first || len > budget || !wanted(c) {
+                break;
+            }
+            budget -= len;
+            first = c.blob_range.0;
+            out.push(*c);
+        }
     }
 }
 

@@ -12,10 +12,13 @@
 
 mod ahead;
 mod background;
+mod elf;
 mod open;
 mod plan;
+mod program;
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -26,6 +29,7 @@ use crate::registry::RegistryError;
 pub use background::{BackgroundHandle, BackgroundOutcome, PrefetchOutcome, Progress};
 pub use open::TAIL_FETCH;
 pub use plan::{CachedRead, PendingRead};
+pub use program::{Entrypoint, prefetch_entrypoint};
 
 /// Why a layer could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +66,15 @@ pub struct Layer {
     background: Arc<background::State>,
     /// Recent walks along the blob, for read-ahead windows (`ahead.rs`).
     streams: ahead::Streams,
+    /// Files already looked at for the libraries they need (`elf.rs`).
+    examined: Mutex<HashSet<u64>>,
+    /// The directory recently looked-up files were found in, for
+    /// read-behind within a directory (`ahead.rs`).
+    parents: Mutex<HashMap<u64, u64>>,
 }
+
+/// Looked-up files whose directory a layer remembers; then it starts over.
+const PARENTS_KEPT: usize = 16 << 10;
 
 impl Layer {
     /// A layer from an index already built and verified.
@@ -74,6 +86,8 @@ impl Layer {
             alive: watch::Sender::new(()),
             background: Arc::default(),
             streams: ahead::Streams::default(),
+            examined: Mutex::default(),
+            parents: Mutex::default(),
         }
     }
 
@@ -119,15 +133,31 @@ impl Layer {
         Ok(read)
     }
 
+    /// Notes that regular file `ino` was looked up in directory `parent`
+    /// (a file may have several names: the latest lookup wins).
+    pub fn looked_up(&self, parent: u64, ino: u64) {
+        let mut parents = self.parents.lock().expect("parents map poisoned");
+        if parents.len() >= PARENTS_KEPT {
+            parents.clear();
+        }
+        parents.insert(ino, parent);
+    }
+
     /// Fetches what a planned read is missing and assembles its bytes.
-    pub async fn complete(&self, pending: PendingRead) -> Result<Vec<u8>, LayerError> {
+    pub async fn complete(self: &Arc<Self>, pending: PendingRead) -> Result<Vec<u8>, LayerError> {
         let missing = pending.missing_chunks();
         let file = self
             .index
             .inode(pending.ino)
             .map(|i| self.index.file_chunks(&i))
             .unwrap_or_default();
-        let ahead::Plan { behind, ahead } = self.read_ahead(&missing, file);
+        let dir = self
+            .parents
+            .lock()
+            .expect("parents map poisoned")
+            .get(&pending.ino)
+            .copied();
+        let ahead::Plan { behind, ahead } = self.read_ahead(&missing, file, dir);
         if !behind.is_empty() {
             // Its own GET, so the bytes this read waits for do not queue
             // behind them; below on-demand reads in the scheduler.
@@ -138,7 +168,99 @@ impl Layer {
             .fetcher
             .fetch_with_read_ahead(&missing, &ahead, Intent::OnDemand)
             .await?;
+        self.prefetch_libraries(pending.ino);
         Ok(pending.assemble(&missing, &fetched))
+    }
+
+    /// After a miss on file `ino`: if it is a program whose dynamic section
+    /// is in the cache now, fetches the libraries it needs that this layer
+    /// holds, each at most `read_ahead_max` compressed, then theirs. Each
+    /// file is looked at until that can be decided, then never again.
+    fn prefetch_libraries(self: &Arc<Self>, ino: u64) {
+        let config = self.fetcher.scheduler().config();
+        if config.read_ahead == 0
+            || self
+                .examined
+                .lock()
+                .expect("examined set poisoned")
+                .contains(&ino)
+        {
+            return;
+        }
+        let max = config.read_ahead_max.max(config.read_ahead);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let finder = me.clone();
+            let Ok(libraries) = tokio::task::spawn_blocking(move || finder.libraries(ino)).await
+            else {
+                return;
+            };
+            for lib in libraries {
+                let Ok(inode) = me.inode(lib) else { continue };
+                let chunks = me.index.file_chunks(&inode).to_vec();
+                let bytes: u64 = chunks.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
+                if bytes > max {
+                    continue;
+                }
+                let me = me.clone();
+                tokio::spawn(async move {
+                    if me.fetcher.warm(&chunks, Intent::Prefetch).await.is_ok() {
+                        me.prefetch_libraries(lib);
+                    }
+                });
+            }
+        });
+    }
+
+    /// The libraries of file `ino` found in this layer, if it is a program
+    /// (blocking: reads the cache). Empty until its dynamic section is cached.
+    fn libraries(&self, ino: u64) -> Vec<u64> {
+        let Ok(inode) = self.inode(ino) else {
+            return Vec::new();
+        };
+        let chunks = self.index.file_chunks(&inode);
+        let read = |offset: u64, len: usize| match plan::plan_read(
+            chunks,
+            inode.size(),
+            offset,
+            len as u64,
+            self.fetcher.cache(),
+        ) {
+            CachedRead::Hit(d) if d.len() == len => Some(d),
+            _ => None,
+        };
+        let resolve = |name: &[u8], needs: &elf::Needs| {
+            elf::candidates(name, needs)
+                .iter()
+                .find_map(|path| elf::resolve_file(&self.index, path))
+        };
+        let mut found = match elf::examine(inode.size(), &read) {
+            // The loader is mapped first: it need not wait for the rest.
+            elf::Examined::NotYet { interp } => {
+                let needs = elf::Needs::default();
+                return interp
+                    .and_then(|i| resolve(&i, &needs))
+                    .into_iter()
+                    .collect();
+            }
+            elf::Examined::NotElf => Vec::new(),
+            elf::Examined::Needs(needs) => {
+                let mut found: Vec<u64> = Vec::new();
+                let names = needs.needed.iter().chain(&needs.interp);
+                for name in names {
+                    let lib = resolve(name, &needs);
+                    if let Some(lib) = lib.filter(|l| *l != ino && !found.contains(l)) {
+                        found.push(lib);
+                    }
+                }
+                found
+            }
+        };
+        let mut examined = self.examined.lock().expect("examined set poisoned");
+        examined.insert(ino);
+        found.retain(|l| !examined.contains(l));
+        tracing::debug!(ino, libraries = found.len(), "looked for libraries");
+        found
     }
 
     /// Reads through cache and fetcher: the convenience form of
@@ -165,6 +287,8 @@ impl Layer {
 mod engine_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tree_tests;
 
 /// Indices into a layer's chunks in blob order, one per blob range: the
 /// order of read-ahead and background fetch. The chunks of an eStargz TOC

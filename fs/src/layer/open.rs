@@ -42,6 +42,7 @@ impl Layer {
         scheduler: FetchScheduler,
     ) -> Result<Layer, LayerError> {
         let size = source.size();
+        let started = std::time::Instant::now();
         let fetcher = Fetcher::with_scheduler(source.clone(), Arc::new(Estargz), cache, scheduler);
 
         let tail_len = size.min(TAIL_FETCH);
@@ -70,6 +71,7 @@ impl Layer {
             }
         };
         drop(permit);
+        let (fetched, toc_bytes) = (started.elapsed(), toc.len());
 
         // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU work;
         // so is verifying the chunks in the tail, and caching is file I/O.
@@ -93,6 +95,14 @@ impl Layer {
         if let Some((len, key)) = straddling {
             fetcher.keep_tail(tail_start, len, key);
         }
+        tracing::debug!(
+            blob_size = size,
+            toc_bytes,
+            inodes = index.inode_count(),
+            fetch_ms = fetched.as_millis() as u64,
+            decode_ms = (started.elapsed() - fetched).as_millis() as u64,
+            "layer opened"
+        );
         Ok(Layer::new(index, fetcher))
     }
 }

@@ -1,0 +1,277 @@
+//! Read-ahead that knows about files: a program's libraries, the image's
+//! entrypoint across layers, read-behind within a directory. Layers are
+//! built from paths over a fake blob that records its reads.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::cache::Cache;
+use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of, pattern};
+use crate::fetch::{FetchScheduler, SchedulerConfig};
+use crate::format::{FileKind, InodeSpec};
+
+const CHUNK: usize = 1000;
+
+/// What a test layer holds, in blob order.
+enum Entry<'a> {
+    File(&'a str, Vec<u8>),
+    Link(&'a str, &'a str),
+}
+
+struct TestLayer {
+    _dir: tempfile::TempDir,
+    blob: Arc<FakeBlob>,
+    layer: Arc<Layer>,
+    /// Each file's blob range and inode, by path.
+    files: Vec<(String, Range<u64>, u64)>,
+}
+
+impl TestLayer {
+    fn file(&self, path: &str) -> (Range<u64>, u64) {
+        let (_, r, ino) = self.files.iter().find(|(p, ..)| p == path).unwrap();
+        (r.clone(), *ino)
+    }
+
+    /// Whether every chunk of `path` was read with `Intent::Prefetch`.
+    fn prefetched(&self, path: &str) -> bool {
+        let (range, _) = self.file(path);
+        let reads = self.blob.reads();
+        range.step_by(CHUNK).all(|o| {
+            reads
+                .iter()
+                .any(|(g, i)| *i == Intent::Prefetch && g.contains(&o))
+        })
+    }
+
+    /// Whether any chunk of `path` was fetched into the cache (bytes in
+    /// the gap of a merged GET do not count).
+    fn cached(&self, path: &str) -> bool {
+        let (_, ino) = self.file(path);
+        let inode = self.layer.inode(ino).unwrap();
+        let index = self.layer.index();
+        index
+            .file_chunks(&inode)
+            .iter()
+            .any(|c| self.layer.cache().contains(&c.digest))
+    }
+
+    async fn wait_prefetched(&self, paths: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !paths.iter().all(|p| self.prefetched(p)) {
+            assert!(
+                Instant::now() < deadline,
+                "not prefetched: {:?}",
+                self.blob.reads()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// File contents unlike any other's: identical chunks are fetched once.
+fn content(len: usize, seed: u8) -> Vec<u8> {
+    pattern(len).iter().map(|b| b ^ seed).collect()
+}
+
+fn layer_of(entries: Vec<Entry>, config: SchedulerConfig) -> TestLayer {
+    let mut nodes = vec![InodeSpec::new(FileKind::Dir)];
+    let (mut blob, mut chunks, mut files) = (Vec::new(), Vec::new(), Vec::new());
+    for e in entries {
+        let (path, mut node) = match e {
+            Entry::File(path, data) => {
+                let first = chunks.len() as u32;
+                for mut c in chunks_of(&data, CHUNK) {
+                    let at = blob.len() as u64;
+                    c.blob_range = (c.blob_range.0 + at, c.blob_range.1 + at);
+                    chunks.push(c);
+                }
+                let range = blob.len() as u64..(blob.len() + data.len()) as u64;
+                files.push((path.to_owned(), range, 0));
+                blob.extend_from_slice(&data);
+                let n = tests::inode(FileKind::Reg, data.len() as u64, first..chunks.len() as u32);
+                (path, n)
+            }
+            Entry::Link(path, target) => (
+                path,
+                InodeSpec {
+                    link_target: Box::from(target.as_bytes()),
+                    ..InodeSpec::new(FileKind::Symlink)
+                },
+            ),
+        };
+        // Its directories, made as needed.
+        let (dirs, name) = path
+            .trim_start_matches('/')
+            .rsplit_once('/')
+            .unwrap_or(("", path));
+        let mut parent = 1u64;
+        for d in dirs.split('/').filter(|d| !d.is_empty()) {
+            let found = nodes[parent as usize - 1]
+                .children
+                .iter()
+                .find(|(n, _)| &n[..] == d.as_bytes())
+                .map(|(_, i)| *i);
+            parent = found.unwrap_or_else(|| {
+                let ino = nodes.len() as u64 + 1;
+                nodes.push(InodeSpec {
+                    parent,
+                    ..InodeSpec::new(FileKind::Dir)
+                });
+                nodes[parent as usize - 1]
+                    .children
+                    .push((Box::from(d.as_bytes()), ino));
+                ino
+            });
+        }
+        node.parent = parent;
+        let ino = nodes.len() as u64 + 1;
+        if node.kind == FileKind::Reg
+            && let Some(f) = files.last_mut()
+        {
+            f.2 = ino;
+        }
+        nodes.push(node);
+        nodes[parent as usize - 1]
+            .children
+            .push((Box::from(name.as_bytes()), ino));
+    }
+    let index = LayerIndex::new(nodes, chunks, blob.len() as u64, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+    let fake = FakeBlob::with_delay(blob, Duration::from_millis(5));
+    let fetcher = Fetcher::with_scheduler(
+        fake.clone(),
+        Arc::new(PlainDecoder),
+        cache,
+        FetchScheduler::new(config),
+    );
+    TestLayer {
+        _dir: dir,
+        blob: fake,
+        layer: Arc::new(Layer::new(index, fetcher)),
+        files,
+    }
+}
+
+/// A one-byte base window (nothing comes along with a miss but its own
+/// file) and a whole-file limit of 1 MiB.
+fn tiny_window() -> SchedulerConfig {
+    SchedulerConfig {
+        read_ahead: 1,
+        read_ahead_max: 1 << 20,
+        ..SchedulerConfig::default()
+    }
+}
+
+/// A program's libraries in the same layer come with the miss that shows
+/// its dynamic section, as prefetches, through links; others stay put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_programs_libraries_are_prefetched_once_it_is_read() {
+    let prog = elf::tiny_program(&["libm.so.6", "libc.so.6"], 3000);
+    let t = layer_of(
+        vec![
+            Entry::File("/lib/x86_64-linux-gnu/libc-2.36.so", content(2500, 1)),
+            Entry::Link("/lib/x86_64-linux-gnu/libc.so.6", "libc-2.36.so"),
+            Entry::File("/lib/x86_64-linux-gnu/libm.so.6", content(1500, 2)),
+            Entry::File("/lib/x86_64-linux-gnu/unused.so", content(1200, 3)),
+            Entry::File("/lib64/ld-linux-x86-64.so.2", content(900, 4)),
+            Entry::File("/bin/prog", prog.clone()),
+        ],
+        tiny_window(),
+    );
+    let (_, ino) = t.file("/bin/prog");
+    assert_eq!(t.layer.read(ino, 0, 64).await.unwrap(), &prog[..64]);
+    t.wait_prefetched(&[
+        "/lib/x86_64-linux-gnu/libc-2.36.so",
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+    ])
+    .await;
+    assert!(
+        !t.cached("/lib/x86_64-linux-gnu/unused.so"),
+        "{:?}",
+        t.blob.reads()
+    );
+    // Read now, the libraries are cache hits: no more GETs.
+    let before = t.blob.reads().len();
+    let (_, libm) = t.file("/lib/x86_64-linux-gnu/libm.so.6");
+    assert_eq!(t.layer.read(libm, 0, 1500).await.unwrap(), content(1500, 2));
+    assert_eq!(t.blob.reads().len(), before);
+}
+
+/// The entrypoint is found across layers (a script in the upper one, the
+/// link to its interpreter there too, the shell in the lower one) and
+/// fetched with its interpreter; nothing else is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_entrypoint_and_its_interpreter_are_fetched_across_layers() {
+    let lower = layer_of(
+        vec![
+            Entry::File("/bin/busybox", content(2500, 5)),
+            Entry::File("/bin/other", content(1500, 6)),
+        ],
+        tiny_window(),
+    );
+    let upper = layer_of(
+        vec![
+            Entry::Link("/bin/sh", "busybox"),
+            Entry::File("/app/run.sh", b"#!/bin/sh\necho hi\n".to_vec()),
+        ],
+        tiny_window(),
+    );
+    let layers = [lower.layer.clone(), upper.layer.clone()];
+    let entry =
+        Entrypoint::from_config(br#"{"config":{"Cmd":["run.sh"],"Env":["PATH=/usr/bin:/app"]}}"#)
+            .unwrap();
+    let fetched = prefetch_entrypoint(&layers, &entry).await;
+    assert_eq!(
+        fetched,
+        vec!["/app/run.sh".to_owned(), "/bin/sh".to_owned()]
+    );
+    assert!(upper.prefetched("/app/run.sh"));
+    assert!(lower.prefetched("/bin/busybox"), "{:?}", lower.blob.reads());
+    assert!(!lower.cached("/bin/other"));
+
+    let none = Entrypoint::from_config(br#"{"config":{"Cmd":["/nowhere"]}}"#).unwrap();
+    assert!(prefetch_entrypoint(&layers, &none).await.is_empty());
+}
+
+/// Read-behind stays in the missed file's directory once its lookup was
+/// seen; without one it takes half a window of whatever precedes the miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_behind_takes_the_files_of_the_missed_files_directory() {
+    let entries = || {
+        vec![
+            Entry::File("/d/a", content(1000, 7)),
+            Entry::File("/e/z", content(1000, 8)),
+            Entry::File("/d/b", content(1000, 9)),
+            Entry::File("/d/c", content(1000, 10)),
+        ]
+    };
+    let config = SchedulerConfig {
+        read_ahead: 3000,
+        read_ahead_max: 3000,
+        ..SchedulerConfig::default()
+    };
+    let t = layer_of(entries(), config.clone());
+    let (_, c) = t.file("/d/c");
+    let d = t.layer.index().resolve("/d").unwrap();
+    t.layer.looked_up(d, c);
+    assert_eq!(
+        t.layer.read(c, 0, 10).await.unwrap(),
+        &content(1000, 10)[..10]
+    );
+    t.wait_prefetched(&["/d/a", "/d/b"]).await;
+    assert!(!t.cached("/e/z"), "{:?}", t.blob.reads());
+
+    let t = layer_of(entries(), config);
+    let (_, c) = t.file("/d/c");
+    t.layer.read(c, 0, 10).await.unwrap();
+    t.wait_prefetched(&["/d/b"]).await;
+    assert!(
+        !t.cached("/e/z") && !t.cached("/d/a"),
+        "{:?}",
+        t.blob.reads()
+    );
+}
