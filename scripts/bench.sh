@@ -15,7 +15,10 @@
 # The environment works too: PROFILES, SCENARIOS, BENCH_OUT; BENCH_STEP_TIMEOUT
 # bounds each step (default 600 s), BENCH_STRICT=1 fails unless every target
 # passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference,
-# BENCH_S1_OVERLAYFS=0 S1's (to try tarn settings through TARN_CONFIG_EXTRA). Everything started is stopped by PID on exit, also on failure.
+# BENCH_S1_OVERLAYFS=0 S1's (to try tarn settings through
+# TARN_CONFIG_EXTRA), BENCH_S1_REPS sets how many S1 tarn runs give the
+# median (default 3). Everything started is stopped by PID on exit, also on
+# failure.
 set -euo pipefail
 
 SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -180,6 +183,22 @@ record() {
 }
 
 reg_mark() { stat -c %s "$REG_LOG"; }
+# Waits (up to 10 s) until the registry's log has not grown for 1 s.
+reg_settle() {
+  local last size quiet=0 i
+  last="$(reg_mark)"
+  for i in $(seq 40); do
+    sleep 0.25
+    size="$(reg_mark)"
+    if [ "$size" = "$last" ]; then
+      quiet=$((quiet + 1))
+      [ "$quiet" -lt 4 ] || return 0
+    else
+      quiet=0
+      last="$size"
+    fi
+  done
+}
 # reg_since MARK -> "BYTES REQUESTS"
 reg_since() { "$BENCH_BIN" reglog "$REG_LOG" --from "$1" | jq -r '"\(.bytes) \(.requests)"'; }
 
@@ -292,17 +311,35 @@ s1_overlayfs() {
   fi
 }
 
-# S1 tarn: a lazy pull and run; bytes counted right after the run, before
-# any background fetch could add to them, then the daemons go.
+# S1 tarn: the median of BENCH_S1_REPS (default 3) runs of s1_tarn_run,
+# each on fresh daemons; the record keeps the fastest and slowest too.
 s1_tarn() {
-  local p="$1" variant="$2" image="$3" ref lg mark t0 secs bytes reqs
+  local p="$1" variant="$2" image="$3" reps="${BENCH_S1_REPS:-3}" r runs=() median
+  for ((r = 1; r <= reps; r++)); do
+    if ! s1_tarn_run "$p" "$variant" "$image" "$r"; then
+      record "$p" S1 "$variant" fail "$REASON"
+      return 0
+    fi
+    runs+=("$S1_RUN")
+  done
+  median="$(printf '%s\n' "${runs[@]}" | sort -n | sed -n "$(((reps + 1) / 2))p")"
+  local secs bytes reqs fastest slowest
+  read -r secs bytes reqs <<<"$median"
+  fastest="$(printf '%s\n' "${runs[@]}" | sort -n | head -n1 | cut -d' ' -f1)"
+  slowest="$(printf '%s\n' "${runs[@]}" | sort -n | tail -n1 | cut -d' ' -f1)"
+  record "$p" S1 "$variant" ok "" secs "$secs" bytes "$bytes" requests "$reqs" \
+    layers "$LAZY_LAYERS" runs "$reps" secs_min "$fastest" secs_max "$slowest"
+}
+
+# One lazy pull and run: S1_RUN="SECS BYTES REQUESTS", or REASON. Bytes are
+# counted right after the run, before any background fetch could add to
+# them, then the daemons go.
+s1_tarn_run() {
+  local p="$1" variant="$2" image="$3" r="$4" ref lg mark t0 secs bytes reqs ok=1
   ref="$TARGET/$image:latest"
-  lg="$WORK/$p-s1-$variant.log"
+  lg="$WORK/$p-s1-$variant-$r.log"
   REASON=""
-  if ! bed_up "$p-s1-$variant" --containerd --tarn; then
-    record "$p" S1 "$variant" fail "$REASON"
-    return 0
-  fi
+  bed_up "$p-s1-$variant-$r" --containerd --tarn || return 1
   mark="$(reg_mark)"
   t0="$(now)"
   if tarn_pull "$lg" "$ref" &&
@@ -311,14 +348,14 @@ s1_tarn() {
     secs="$(since "$t0")"
     read -r bytes reqs <<<"$(reg_since "$mark")"
     if tarn_lazy_check; then
-      record "$p" S1 "$variant" ok "" secs "$secs" bytes "$bytes" requests "$reqs" layers "$LAZY_LAYERS"
+      S1_RUN="$secs $bytes $reqs"
+      ok=0
     else
-      record "$p" S1 "$variant" fail "$REASON ($secs s, $bytes bytes)"
+      REASON="$REASON ($secs s, $bytes bytes)"
     fi
-  else
-    record "$p" S1 "$variant" fail "$REASON"
   fi
   bed_down
+  return "$ok"
 }
 
 # S2: time until tarn has every chunk of multi-esgz, from the start of the
@@ -387,7 +424,8 @@ pull_n() {
 
 # S3: N concurrent pulls of one image against one pull, each on fresh
 # daemons. A pull of this image takes 0.1-0.5 s, and one run alone moved by
-# a tenth of that between runs: tarn's are the median of three runs.
+# a tenth of that between runs: tarn's are the median of
+# BENCH_S3_REPS (default 5) runs.
 s3_one() {
   local p="$1" kind="$2" n="$3" reps="$4" r runs=() median
   for ((r = 1; r <= reps; r++)); do
@@ -431,6 +469,10 @@ s3_run() {
   local ok=0
   if pull_n "$n" "$lg" "${cmd[@]}"; then
     secs="$(since "$t0")"
+    # The daemon goes on fetching what it started during the pull (the
+    # entrypoint): bytes are counted once the registry is quiet, so one
+    # pull and twenty are compared on the same work.
+    reg_settle
     read -r bytes reqs <<<"$(reg_since "$mark")"
     if [ "$kind" = overlayfs ] || tarn_lazy_check; then
       S3_RUN="$secs $bytes $reqs"
@@ -556,8 +598,8 @@ for p in "${PROFILE_LIST[@]}"; do
     if [ "$rate" != 0 ]; then s2 "$p"; fi
   fi
   if wants S3; then
-    s3_one "$p" tarn 1 3
-    s3_one "$p" tarn "$CONCURRENT" 3
+    s3_one "$p" tarn 1 "${BENCH_S3_REPS:-5}"
+    s3_one "$p" tarn "$CONCURRENT" "${BENCH_S3_REPS:-5}"
     # The overlayfs reference of S3 is slow (containerd's lock back-off:
     # minutes per profile); BENCH_S3_OVERLAYFS=0 leaves it out.
     if [ "${BENCH_S3_OVERLAYFS:-1}" = 1 ]; then

@@ -324,6 +324,8 @@ impl Resolver {
             }
             let fetched = tarn_fs::layer::prefetch_entrypoint(&layers, &entry).await;
             tracing::debug!(image = %r, program = %entry.argv0, ?fetched, "entrypoint prefetched");
+            // Decoding it freed megabytes of buffers malloc would keep.
+            let _ = tokio::task::spawn_blocking(tarn_fs::memory::release_free_memory).await;
         });
     }
 

@@ -70,11 +70,12 @@ pub struct Layer {
     examined: Mutex<HashSet<u64>>,
     /// The directory recently looked-up files were found in, for
     /// read-behind within a directory (`ahead.rs`).
-    parents: Mutex<HashMap<u64, u64>>,
+    parents: Mutex<HashMap<u32, u32>>,
 }
 
-/// Looked-up files whose directory a layer remembers; then it starts over.
-const PARENTS_KEPT: usize = 16 << 10;
+/// Looked-up files whose directory a layer remembers (~70 KiB); then it
+/// starts over.
+const PARENTS_KEPT: usize = 4 << 10;
 
 impl Layer {
     /// A layer from an index already built and verified.
@@ -140,7 +141,10 @@ impl Layer {
         if parents.len() >= PARENTS_KEPT {
             parents.clear();
         }
-        parents.insert(ino, parent);
+        // Inode numbers of a layer fit in 32 bits (`LayerIndex::new`).
+        if let (Ok(ino), Ok(parent)) = (u32::try_from(ino), u32::try_from(parent)) {
+            parents.insert(ino, parent);
+        }
     }
 
     /// Fetches what a planned read is missing and assembles its bytes.
@@ -151,12 +155,10 @@ impl Layer {
             .inode(pending.ino)
             .map(|i| self.index.file_chunks(&i))
             .unwrap_or_default();
-        let dir = self
-            .parents
-            .lock()
-            .expect("parents map poisoned")
-            .get(&pending.ino)
-            .copied();
+        let dir = u32::try_from(pending.ino).ok().and_then(|ino| {
+            let parents = self.parents.lock().expect("parents map poisoned");
+            parents.get(&ino).map(|&d| u64::from(d))
+        });
         let ahead::Plan { behind, ahead } = self.read_ahead(&missing, file, dir);
         if !behind.is_empty() {
             // Its own GET, so the bytes this read waits for do not queue
