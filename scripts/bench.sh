@@ -311,27 +311,35 @@ s1_overlayfs() {
   fi
 }
 
-# S1 tarn: the median of BENCH_S1_REPS (default 3) runs of s1_tarn_run,
-# each on fresh daemons; the record keeps the fastest and slowest too.
-s1_tarn() {
-  local p="$1" variant="$2" image="$3" reps="${BENCH_S1_REPS:-3}" r runs=() median
+# median_of PROFILE SCENARIO VARIANT REPS CMD...: runs `CMD... REP` for REP
+# in 1..REPS, each on fresh daemons, each setting RUN="SECS BYTES REQUESTS
+# [NAME VALUE]..." (or REASON and failing); records the run of median time,
+# with the fastest and slowest times.
+median_of() {
+  local p="$1" scenario="$2" variant="$3" reps="$4" r runs=() sorted
+  shift 4
   for ((r = 1; r <= reps; r++)); do
-    if ! s1_tarn_run "$p" "$variant" "$image" "$r"; then
-      record "$p" S1 "$variant" fail "$REASON"
+    if ! "$@" "$r"; then
+      record "$p" "$scenario" "$variant" fail "$REASON"
       return 0
     fi
-    runs+=("$S1_RUN")
+    runs+=("$RUN")
   done
-  median="$(printf '%s\n' "${runs[@]}" | sort -n | sed -n "$(((reps + 1) / 2))p")"
-  local secs bytes reqs fastest slowest
-  read -r secs bytes reqs <<<"$median"
-  fastest="$(printf '%s\n' "${runs[@]}" | sort -n | head -n1 | cut -d' ' -f1)"
-  slowest="$(printf '%s\n' "${runs[@]}" | sort -n | tail -n1 | cut -d' ' -f1)"
-  record "$p" S1 "$variant" ok "" secs "$secs" bytes "$bytes" requests "$reqs" \
-    layers "$LAZY_LAYERS" runs "$reps" secs_min "$fastest" secs_max "$slowest"
+  sorted="$(printf '%s\n' "${runs[@]}" | sort -n)"
+  local median=() fastest slowest
+  read -ra median <<<"$(sed -n "$(((reps + 1) / 2))p" <<<"$sorted")"
+  fastest="$(head -n1 <<<"$sorted" | cut -d' ' -f1)"
+  slowest="$(tail -n1 <<<"$sorted" | cut -d' ' -f1)"
+  record "$p" "$scenario" "$variant" ok "" secs "${median[0]}" bytes "${median[1]}" \
+    requests "${median[2]}" "${median[@]:3}" runs "$reps" secs_min "$fastest" secs_max "$slowest"
 }
 
-# One lazy pull and run: S1_RUN="SECS BYTES REQUESTS", or REASON. Bytes are
+# S1 tarn: the median of BENCH_S1_REPS (default 3) runs.
+s1_tarn() {
+  median_of "$1" S1 "$2" "${BENCH_S1_REPS:-3}" s1_tarn_run "$1" "$2" "$3"
+}
+
+# One lazy pull and run: RUN="SECS BYTES REQUESTS layers N", or REASON. Bytes are
 # counted right after the run, before any background fetch could add to
 # them, then the daemons go.
 s1_tarn_run() {
@@ -348,7 +356,7 @@ s1_tarn_run() {
     secs="$(since "$t0")"
     read -r bytes reqs <<<"$(reg_since "$mark")"
     if tarn_lazy_check; then
-      S1_RUN="$secs $bytes $reqs"
+      RUN="$secs $bytes $reqs layers $LAZY_LAYERS"
       ok=0
     else
       REASON="$REASON ($secs s, $bytes bytes)"
@@ -427,21 +435,10 @@ pull_n() {
 # a tenth of that between runs: tarn's are the median of
 # BENCH_S3_REPS (default 5) runs.
 s3_one() {
-  local p="$1" kind="$2" n="$3" reps="$4" r runs=() median
-  for ((r = 1; r <= reps; r++)); do
-    if ! s3_run "$p" "$kind" "$n" "$r"; then
-      record "$p" S3 "$kind-$n" fail "$REASON"
-      return 0
-    fi
-    runs+=("$S3_RUN")
-  done
-  median="$(printf '%s\n' "${runs[@]}" | sort -n | sed -n "$(((reps + 1) / 2))p")"
-  local secs bytes reqs
-  read -r secs bytes reqs <<<"$median"
-  record "$p" S3 "$kind-$n" ok "" secs "$secs" bytes "$bytes" requests "$reqs" runs "$reps"
+  median_of "$1" S3 "$2-$3" "$4" s3_run "$1" "$2" "$3"
 }
 
-# One run of S3 on fresh daemons: S3_RUN="SECS BYTES REQUESTS", or REASON.
+# One run of S3 on fresh daemons: RUN="SECS BYTES REQUESTS", or REASON.
 s3_run() {
   local p="$1" kind="$2" n="$3" r="$4" ref lg mark t0 secs bytes reqs
   lg="$WORK/$p-s3-$kind-$n-$r.log"
@@ -475,7 +472,7 @@ s3_run() {
     reg_settle
     read -r bytes reqs <<<"$(reg_since "$mark")"
     if [ "$kind" = overlayfs ] || tarn_lazy_check; then
-      S3_RUN="$secs $bytes $reqs"
+      RUN="$secs $bytes $reqs"
       ok=1
     fi
   fi
