@@ -312,12 +312,8 @@ impl Resolver {
             }
             // Once every layer is open (their TOCs no longer share the
             // link), the program the container will run first.
-            let Some(Ok(Some(entry))) = (match entry {
-                Some(task) => Some(task.await),
-                None => None,
-            }) else {
-                return;
-            };
+            let Some(task) = entry else { return };
+            let Ok(Some(entry)) = task.await else { return };
             let mut layers = Vec::new();
             for rx in opened {
                 layers.extend(rx.await.ok());
