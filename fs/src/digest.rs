@@ -51,23 +51,39 @@ impl FromStr for Digest {
     type Err = DigestError;
 
     fn from_str(s: &str) -> Result<Digest, DigestError> {
-        let err = || DigestError(s.to_string());
-        let hex = s.strip_prefix("sha256:").ok_or_else(err)?;
-        if hex.len() != 64 {
-            return Err(err());
-        }
+        // A TOC holds one or two digests per entry: this is on the path of
+        // every layer's opening, so it decodes without a branch per digit.
+        let hex = s
+            .strip_prefix("sha256:")
+            .and_then(|h| <&[u8; 64]>::try_from(h.as_bytes()).ok())
+            .ok_or_else(|| DigestError(s.to_string()))?;
         let mut out = [0u8; 32];
-        for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
-            let nib = |c: u8| match c {
-                b'0'..=b'9' => Some(c - b'0'),
-                b'a'..=b'f' => Some(c - b'a' + 10),
-                _ => None,
-            };
-            out[i] = (nib(pair[0]).ok_or_else(err)? << 4) | nib(pair[1]).ok_or_else(err)?;
+        let mut bad = 0u8;
+        for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+            let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+            bad |= hi | lo;
+            *o = (hi << 4) | (lo & 0xf);
+        }
+        if bad & NOT_HEX != 0 {
+            return Err(DigestError(s.to_string()));
         }
         Ok(Digest(out))
     }
 }
+
+/// Marks a byte that is not a lowercase hex digit in [`NIBBLE`].
+const NOT_HEX: u8 = 0x10;
+
+/// Each byte's value as a lowercase hex digit, or [`NOT_HEX`].
+const NIBBLE: [u8; 256] = {
+    let mut t = [NOT_HEX; 256];
+    let mut i = 0;
+    while i < 16 {
+        t[HEX[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -97,5 +113,16 @@ mod tests {
         assert!("md5:00".parse::<Digest>().is_err());
         let upper = d.to_string().to_uppercase().replace("SHA256", "sha256");
         assert!(upper.parse::<Digest>().is_err());
+        // Every position is checked, with any byte that is not a hex digit.
+        let good = d.to_string();
+        for i in "sha256:".len()..good.len() {
+            for bad in ["g", "/", ":", "é"] {
+                let mut s = good.clone();
+                s.replace_range(i..i + 1, bad);
+                assert!(s.parse::<Digest>().is_err(), "{s}");
+            }
+        }
+        assert!(format!("{good}0").parse::<Digest>().is_err());
+        assert!(good[..good.len() - 1].parse::<Digest>().is_err());
     }
 }

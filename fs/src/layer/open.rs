@@ -114,18 +114,16 @@ fn decode_and_build(
     blob_size: u64,
     toc_offset: u64,
 ) -> Result<LayerIndex, FormatError> {
-    let decoded = decode_toc(toc)?;
+    let json = decode_toc(toc)?;
     if let Some(expected) = expected_digest
-        && decoded.digest != expected
+        && json.digest != expected
     {
         return Err(FormatError::TocDigestMismatch {
             expected,
-            actual: decoded.digest,
+            actual: json.digest,
         });
     }
-    // The JSON goes before the index is built: the index needs only `toc`.
-    drop(decoded.json);
-    build_index(decoded.toc, blob_size, toc_offset)
+    build_index(json.parse()?, blob_size, toc_offset)
 }
 
 /// Stores in the cache the chunks that lie wholly in `tail` (the blob's

@@ -27,7 +27,11 @@ fn err(msg: impl Into<String>) -> FormatError {
 /// Builds the index of a layer from its TOC. `toc_offset` bounds every
 /// payload offset; the TOC is consumed so its memory is freed as soon as the
 /// (more compact) index exists.
-pub fn build_index(toc: Toc, blob_size: u64, toc_offset: u64) -> Result<LayerIndex, FormatError> {
+pub fn build_index(
+    toc: Toc<'_>,
+    blob_size: u64,
+    toc_offset: u64,
+) -> Result<LayerIndex, FormatError> {
     if toc_offset > blob_size {
         return Err(err(format!(
             "TOC offset {toc_offset} is beyond the blob size {blob_size}"
@@ -54,7 +58,7 @@ pub fn build_index(toc: Toc, blob_size: u64, toc_offset: u64) -> Result<LayerInd
 
 /// Sorted, distinct blob offsets where a payload's gzip member starts; each
 /// chunk's compressed range ends at the next one (or at the TOC).
-fn member_starts(entries: &[TocEntry], toc_offset: u64) -> Result<Vec<u64>, FormatError> {
+fn member_starts(entries: &[TocEntry<'_>], toc_offset: u64) -> Result<Vec<u64>, FormatError> {
     let mut starts = Vec::new();
     for e in entries {
         let has_payload = e.kind == "chunk" || (e.kind == "reg" && e.size > 0);
@@ -147,7 +151,7 @@ impl Builder {
 
     fn entry(
         &mut self,
-        e: TocEntry,
+        e: TocEntry<'_>,
         hardlinks: &mut Vec<(String, String)>,
     ) -> Result<(), FormatError> {
         if e.kind == "chunk" {
@@ -184,7 +188,7 @@ impl Builder {
             self.insert(&target, ino)?;
             return self.skip_file(path, &e);
         }
-        let kind = match e.kind.as_str() {
+        let kind = match &*e.kind {
             "dir" => FileKind::Dir,
             "reg" => FileKind::Reg,
             "symlink" => FileKind::Symlink,
@@ -234,7 +238,7 @@ impl Builder {
 
     /// Starts a file whose content is not shown; its chunks are checked for
     /// order only.
-    fn skip_file(&mut self, path: String, e: &TocEntry) -> Result<(), FormatError> {
+    fn skip_file(&mut self, path: String, e: &TocEntry<'_>) -> Result<(), FormatError> {
         if e.kind == "reg" {
             self.open = Some(OpenFile {
                 path,
@@ -252,7 +256,7 @@ impl Builder {
     }
 
     /// The attributes common to every kind, checked.
-    fn inode_of(&self, e: &TocEntry, kind: FileKind) -> Result<InodeSpec, FormatError> {
+    fn inode_of(&self, e: &TocEntry<'_>, kind: FileKind) -> Result<InodeSpec, FormatError> {
         let id = |v: u64, what: &str| {
             u32::try_from(v).map_err(|_| err(format!("{:?}: {what} {v} is out of range", e.name)))
         };
@@ -304,7 +308,7 @@ impl Builder {
 
     /// A payload piece of the open regular file (its `reg` entry or a
     /// following `chunk` entry).
-    fn chunk(&mut self, e: &TocEntry) -> Result<(), FormatError> {
+    fn chunk(&mut self, e: &TocEntry<'_>) -> Result<(), FormatError> {
         let Some(f) = self.open.as_mut() else {
             return Err(err(format!(
                 "chunk entry {:?} does not follow a regular file",

@@ -5,9 +5,9 @@
 //! 1. fetch the blob's tail (generously: the TOC usually fits) and call
 //!    [`parse_footer`]; it says where the TOC is and whether the tail already
 //!    holds it ([`TocLocation::toc_in_tail`]);
-//! 2. [`decode_toc`] on the TOC range gives the JSON, its digest (compare it
-//!    to the layer's `containerd.io/snapshot/stargz/toc.digest` annotation)
-//!    and the parsed [`Toc`];
+//! 2. [`decode_toc`] on the TOC range gives the JSON and its digest (compare
+//!    it to the layer's `containerd.io/snapshot/stargz/toc.digest`
+//!    annotation); [`TocJson::parse`] then gives the [`Toc`];
 //! 3. [`build_index`] turns the TOC into a compact [`LayerIndex`], refusing
 //!    hostile input (escaping names, conflicting duplicates, offsets past the
 //!    TOC, chunk gaps, unverifiable files, absurd sizes);
@@ -36,7 +36,6 @@ pub use build::{MAX_FILE_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, build_in
 pub use decode::Estargz;
 pub use footer::{FOOTER_SIZE, LEGACY_FOOTER_SIZE, TocLocation, footer_bytes, parse_footer};
 pub use toc::{
-    DecodedToc, MAX_TOC_ENTRIES, MAX_TOC_JSON, TOC_TAR_NAME, Toc, TocEntry, decode_toc,
-    parse_toc_json,
+    MAX_TOC_ENTRIES, MAX_TOC_JSON, TOC_TAR_NAME, Toc, TocEntry, TocJson, decode_toc, parse_toc_json,
 };
 pub use writer::{WriteError, WriteOptions, WriteResult, write_estargz};

@@ -352,7 +352,7 @@ fn convert(tar: &[u8], opts: &WriteOptions) -> Converted {
     let toc_bytes = &blob[tail_start..][loc.toc_in_tail.clone().expect("small TOC is in the tail")];
     let decoded = decode_toc(toc_bytes).unwrap();
     assert_eq!(decoded.digest, result.toc_digest);
-    let index = build_index(decoded.toc, blob.len() as u64, loc.toc_offset).unwrap();
+    let index = build_index(decoded.parse().unwrap(), blob.len() as u64, loc.toc_offset).unwrap();
     Converted {
         blob,
         result,

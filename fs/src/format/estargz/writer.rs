@@ -220,7 +220,7 @@ struct BlobWriter<W: Write> {
     chunk_size: u64,
     diff: Hasher,
     uncompressed: u64,
-    toc: Toc,
+    toc: Toc<'static>,
 }
 
 impl<W: Write> BlobWriter<W> {
@@ -284,17 +284,17 @@ impl<W: Write> BlobWriter<W> {
         }
         self.write_tar(&m.raw)?;
         let mut ent = TocEntry {
-            name,
+            name: name.into(),
             kind: m.kind.toc_type().into(),
             mode: m.mode,
             uid: m.uid,
             gid: m.gid,
-            user_name: String::from_utf8_lossy(&m.uname).into_owned(),
-            group_name: String::from_utf8_lossy(&m.gname).into_owned(),
+            user_name: String::from_utf8_lossy(&m.uname).into_owned().into(),
+            group_name: String::from_utf8_lossy(&m.gname).into_owned().into(),
             mod_time: if m.mtime == 0 {
-                String::new()
+                "".into()
             } else {
-                rfc3339::format(m.mtime)
+                rfc3339::format(m.mtime).into()
             },
             xattrs: m
                 .xattrs
@@ -308,7 +308,7 @@ impl<W: Write> BlobWriter<W> {
         };
         match m.kind {
             Kind::Hardlink | Kind::Symlink => {
-                ent.link_name = String::from_utf8_lossy(&m.link).into_owned();
+                ent.link_name = String::from_utf8_lossy(&m.link).into_owned().into();
             }
             Kind::Char | Kind::Block => (ent.dev_major, ent.dev_minor) = m.dev,
             _ => {}
@@ -338,14 +338,14 @@ impl<W: Write> BlobWriter<W> {
             e.chunk_offset = written;
             let mut chunk = Hasher::default();
             self.copy(payload, size, Some((&mut chunk, &mut whole)))?;
-            e.chunk_digest = chunk.finish().to_string();
+            e.chunk_digest = chunk.finish().to_string().into();
             self.toc.entries.push(e);
             written += size;
         }
         if let Some(e) = ent {
             self.toc.entries.push(e); // an empty file: no payload member
         }
-        self.toc.entries[first].digest = whole.finish().to_string();
+        self.toc.entries[first].digest = whole.finish().to_string().into();
         // The padding goes into the last chunk's member.
         self.copy(payload, m.padded_size() - m.size, None)?;
         Ok(())

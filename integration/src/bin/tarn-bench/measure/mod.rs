@@ -149,7 +149,7 @@ fn count_toc_entries(blob: &Path) -> Result<usize> {
     let mut toc = vec![0u8; toc_len];
     file.seek(SeekFrom::Start(loc.toc_range.start))?;
     file.read_exact(&mut toc)?;
-    Ok(decode_toc(&toc)?.toc.entries.len())
+    Ok(decode_toc(&toc)?.parse()?.entries.len())
 }
 
 #[cfg(test)]
