@@ -41,7 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         // Owns its runtime: FUSE replies need a handle to it after mounting.
         Command::MountLayer(args) => mount_layer::run(args),
-        Command::Pull(args) => block_on(pull::run(args)),
+        Command::Pull(args) => pull::run(args),
         Command::Status(args) => block_on(status::run(args)),
     };
     match result {
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
 /// One thread: these commands wait on containerd and the registry, not the
 /// CPU, and twenty `tarn pull`s started at once should not each start a
 /// worker per core.
-fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+pub(crate) fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -54,20 +54,15 @@ pub struct Waited {
 }
 
 impl Waited {
-    /// Turns the shared lock exclusive, waiting for the other waiters'
-    /// checks: this pull does the work after all.
-    pub async fn take(self) -> Result<PullLock> {
+    /// Turns the shared lock exclusive, waiting (blocking the thread) for
+    /// the other waiters' checks: this pull does the work after all.
+    pub fn take(self) -> Result<PullLock> {
         let Waited { lock, .. } = self;
-        // flock(2) blocks: keep it off the async workers.
-        tokio::task::spawn_blocking(move || {
-            lock.flock
-                .relock(FlockArg::LockExclusive)
-                .with_context(|| format!("cannot lock {}", lock.path.display()))?;
-            lock.clear()?;
-            Ok(lock)
-        })
-        .await
-        .context("pull lock task failed")?
+        lock.flock
+            .relock(FlockArg::LockExclusive)
+            .with_context(|| format!("cannot lock {}", lock.path.display()))?;
+        lock.clear()?;
+        Ok(lock)
     }
 }
 
@@ -125,8 +120,9 @@ pub fn lock_path(dir: &Path, address: &Path, namespace: &str, reference: &str) -
 }
 
 /// Takes the pull lock: exclusively if it is free, else shared once the
-/// pull holding it ends, calling `on_wait` first.
-pub async fn acquire(
+/// pull holding it ends, calling `on_wait` first. Blocks the thread while it
+/// waits: call it before starting an async runtime, or off its workers.
+pub fn acquire(
     address: &Path,
     namespace: &str,
     reference: &str,
@@ -149,13 +145,9 @@ pub async fn acquire(
         }
         Err((file, Errno::EWOULDBLOCK)) => {
             on_wait();
-            let shared = path.clone();
-            let flock =
-                tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockShared))
-                    .await
-                    .context("pull lock task failed")?
-                    .map_err(|(_, e)| e)
-                    .with_context(|| format!("cannot lock {}", shared.display()))?;
+            let flock = Flock::lock(file, FlockArg::LockShared)
+                .map_err(|(_, e)| e)
+                .with_context(|| format!("cannot lock {}", path.display()))?;
             let lock = PullLock { flock, path };
             let done = lock.read_done();
             Ok(Turn::After(Waited { lock, done }))
@@ -203,7 +195,8 @@ mod tests {
 
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
 
     fn digest(s: &str) -> Digest {
         Digest::of(s.as_bytes())
@@ -214,51 +207,62 @@ mod tests {
         std::env::temp_dir().join(format!("tarn-lock-test-{}-{test}", std::process::id()))
     }
 
-    async fn first(addr: &Path) -> PullLock {
-        match acquire(addr, "ns", "ref", || {}).await.unwrap() {
+    fn first(addr: &Path) -> PullLock {
+        match acquire(addr, "ns", "ref", || {}).unwrap() {
             Turn::First(lock) => lock,
             Turn::After(_) => panic!("a free lock was taken as if held by another pull"),
         }
     }
 
     /// Starts a pull that waits for the lock; true in the flag once it waits.
-    fn waiter(addr: &Path) -> (tokio::task::JoinHandle<Result<Turn>>, Arc<AtomicBool>) {
+    fn waiter(addr: &Path) -> (JoinHandle<Result<Turn>>, Arc<AtomicBool>) {
         let waited = Arc::new(AtomicBool::new(false));
         let w = waited.clone();
         let addr = addr.to_path_buf();
-        let task = tokio::spawn(async move {
-            acquire(&addr, "ns", "ref", move || w.store(true, Ordering::SeqCst)).await
+        let thread = std::thread::spawn(move || {
+            acquire(&addr, "ns", "ref", move || w.store(true, Ordering::SeqCst))
         });
-        (task, waited)
+        (thread, waited)
     }
 
     /// A waiter that has found the lock held.
-    async fn waiting(addr: &Path) -> tokio::task::JoinHandle<Result<Turn>> {
-        let (task, waited) = waiter(addr);
+    fn waiting(addr: &Path) -> JoinHandle<Result<Turn>> {
+        let (thread, waited) = waiter(addr);
         for _ in 0..500 {
             if waited.load(Ordering::SeqCst) {
-                return task;
+                return thread;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            std::thread::sleep(Duration::from_millis(10));
         }
         panic!("a pull never found the lock held");
     }
 
-    async fn after(task: tokio::task::JoinHandle<Result<Turn>>) -> Waited {
-        match tokio::time::timeout(Duration::from_secs(5), task).await {
-            Ok(Ok(Ok(Turn::After(w)))) => w,
-            Ok(Ok(Ok(Turn::First(_)))) => panic!("a waiter did not see that it waited"),
+    /// `thread`'s result, if it ends within 5 s.
+    fn within_5s<T>(thread: JoinHandle<T>) -> Option<T> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        thread
+            .is_finished()
+            .then(|| thread.join().expect("lock thread panicked"))
+    }
+
+    fn after(thread: JoinHandle<Result<Turn>>) -> Waited {
+        match within_5s(thread) {
+            Some(Ok(Turn::After(w))) => w,
+            Some(Ok(Turn::First(_))) => panic!("a waiter did not see that it waited"),
             _ => panic!("a waiting pull never got the lock"),
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn waiters_wait_for_the_holder_then_all_read_its_record_together() {
+    #[test]
+    fn waiters_wait_for_the_holder_then_all_read_its_record_together() {
         let addr = address("record");
-        let holder = first(&addr).await;
+        let holder = first(&addr);
         let (a, a_waited) = waiter(&addr);
         let (b, b_waited) = waiter(&addr);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::thread::sleep(Duration::from_millis(200));
         assert!(
             !a.is_finished() && !b.is_finished(),
             "a pull got the lock while another held it"
@@ -268,7 +272,7 @@ mod tests {
         holder.record_done(&digest("m"), "tarn").unwrap();
         drop(holder);
         // Both hold it at once: neither waits for the other's check.
-        let (a, b) = (after(a).await, after(b).await);
+        let (a, b) = (after(a), after(b));
         let want = Done {
             manifest: digest("m"),
             snapshotter: "tarn".into(),
@@ -277,31 +281,29 @@ mod tests {
         assert_eq!(b.done.as_ref(), Some(&want));
 
         // A waiter that must pull after all waits until the others are done.
-        let taking = tokio::spawn(a.take());
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let taking = std::thread::spawn(move || a.take());
+        std::thread::sleep(Duration::from_millis(200));
         assert!(
             !taking.is_finished(),
             "the lock turned exclusive while another pull held it shared"
         );
         drop(b);
-        let taken = tokio::time::timeout(Duration::from_secs(5), taking).await;
-        let lock = match taken {
-            Ok(Ok(Ok(lock))) => lock,
-            _ => panic!("the lock never turned exclusive"),
+        let Some(Ok(lock)) = within_5s(taking) else {
+            panic!("the lock never turned exclusive");
         };
         // Every holder starts from no record, so a failure leaves none.
-        let c = waiting(&addr).await;
+        let c = waiting(&addr);
         drop(lock);
-        assert_eq!(after(c).await.done, None);
-        let recorder = first(&addr).await;
-        let d = waiting(&addr).await;
+        assert_eq!(after(c).done, None);
+        let recorder = first(&addr);
+        let d = waiting(&addr);
         recorder.record_done(&digest("m"), "tarn").unwrap();
         drop(recorder);
-        assert!(after(d).await.done.is_some());
-        let next = first(&addr).await;
-        let e = waiting(&addr).await;
+        assert!(after(d).done.is_some());
+        let next = first(&addr);
+        let e = waiting(&addr);
         drop(next);
-        assert_eq!(after(e).await.done, None);
+        assert_eq!(after(e).done, None);
     }
 
     #[test]

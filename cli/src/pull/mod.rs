@@ -110,19 +110,19 @@ struct Outcome {
     downloaded: u64,
 }
 
-pub async fn run(args: PullArgs) -> Result<()> {
+pub fn run(args: PullArgs) -> Result<()> {
     let start = Instant::now();
     // The parse error already names the reference and what is wrong with it.
     let reference: Reference = args.reference.parse()?;
     // Concurrent pulls of one reference take turns. One that finds another
     // in flight joins it, as `docker pull` does: it waits, reads what that
     // pull finished, and is done without a request of its own to containerd
-    // or the registry. Waiting comes first: twenty pulls started at once
-    // should leave the CPU to the one that works.
+    // or the registry. Waiting comes first, before even the async runtime:
+    // twenty pulls started at once should leave the CPU to the one that
+    // works.
     let turn = lock::acquire(&args.address, &args.namespace, &args.reference, || {
         println!("waiting for another tarn pull of {}", args.reference);
-    })
-    .await?;
+    })?;
     let lock = match turn {
         lock::Turn::First(lock) => lock,
         lock::Turn::After(waited) => {
@@ -136,9 +136,19 @@ pub async fn run(args: PullArgs) -> Result<()> {
                 return Ok(());
             }
             // That pull failed, or unpacked into another snapshotter.
-            waited.take().await?
+            waited.take()?
         }
     };
+    crate::block_on(pull_holding(args, reference, lock, start))
+}
+
+/// The pull itself, once this process holds the lock for it.
+async fn pull_holding(
+    args: PullArgs,
+    reference: Reference,
+    lock: lock::PullLock,
+    start: Instant,
+) -> Result<()> {
     let mut ctd = Containerd::connect(&args.address, &args.namespace).await?;
     ctd.check_snapshotter(&args.snapshotter).await?;
 
@@ -186,6 +196,9 @@ pub async fn run(args: PullArgs) -> Result<()> {
     let outcome = pulled?;
     released?;
     lock.record_done(&image.manifest_digest, &args.snapshotter)?;
+    // The pulls waiting for this one are done now, not after this process
+    // has printed and shut its runtime down.
+    drop(lock);
 
     if outcome.up_to_date {
         println!(
