@@ -316,7 +316,7 @@ s1_overlayfs() {
 # [NAME VALUE]..." (or REASON and failing); records the run of median time,
 # with the fastest and slowest times.
 median_of() {
-  local p="$1" scenario="$2" variant="$3" reps="$4" r runs=() sorted
+  local p="$1" scenario="$2" variant="$3" reps="$4" r runs=()
   shift 4
   for ((r = 1; r <= reps; r++)); do
     if ! "$@" "$r"; then
@@ -325,13 +325,21 @@ median_of() {
     fi
     runs+=("$RUN")
   done
-  sorted="$(printf '%s\n' "${runs[@]}" | sort -n)"
-  local median=() fastest slowest
-  read -ra median <<<"$(sed -n "$(((reps + 1) / 2))p" <<<"$sorted")"
+  record_median "$p" "$scenario" "$variant" "${runs[@]}"
+}
+
+# record_median PROFILE SCENARIO VARIANT RUN...: records the RUN ("SECS
+# BYTES REQUESTS [NAME VALUE]...") of median time, with the fastest and
+# slowest times.
+record_median() {
+  local p="$1" scenario="$2" variant="$3" sorted median=() fastest slowest
+  shift 3
+  sorted="$(printf '%s\n' "$@" | sort -n)"
+  read -ra median <<<"$(sed -n "$((($# + 1) / 2))p" <<<"$sorted")"
   fastest="$(head -n1 <<<"$sorted" | cut -d' ' -f1)"
   slowest="$(tail -n1 <<<"$sorted" | cut -d' ' -f1)"
   record "$p" "$scenario" "$variant" ok "" secs "${median[0]}" bytes "${median[1]}" \
-    requests "${median[2]}" "${median[@]:3}" runs "$reps" secs_min "$fastest" secs_max "$slowest"
+    requests "${median[2]}" "${median[@]:3}" runs "$#" secs_min "$fastest" secs_max "$slowest"
 }
 
 # S1 tarn: the median of BENCH_S1_REPS (default 3) runs.
@@ -413,29 +421,71 @@ s2() {
   rm -rf "$dest"
 }
 
+# kill_after SECS PID...: kills the PIDs after SECS seconds unless it is
+# killed first (then it stops its sleep too).
+kill_after() {
+  local secs="$1" s
+  shift
+  sleep "$secs" &
+  s=$!
+  trap 'kill "$s" 2>/dev/null; exit 0' TERM
+  wait "$s" && kill "$@" 2>/dev/null
+}
+
 # pull_n N LOG CMD...: N copies of CMD at once; fails unless all succeed.
+# One watchdog bounds them all: a `timeout` per copy would add N process
+# starts to what S3 times, and a pull here takes a tenth of a second.
 pull_n() {
-  local n="$1" lg="$2" i pids=() failed=0
+  local n="$1" lg="$2" i pids=() failed=0 watchdog
   shift 2
   for ((i = 0; i < n; i++)); do
-    timeout "$STEP_TIMEOUT" "$@" >"$lg.$i" 2>&1 &
+    "$@" >"$lg.$i" 2>&1 &
     pids+=("$!")
   done
+  kill_after "$STEP_TIMEOUT" "${pids[@]}" &
+  watchdog=$!
   for i in "${!pids[@]}"; do
     if ! wait "${pids[$i]}"; then
       failed=$((failed + 1))
       REASON="$failed of $n pulls failed; e.g. $(grep -v '^\s*$' "$lg.$i" | tail -n1 | cut -c1-140)"
     fi
   done
+  if kill "$watchdog" 2>/dev/null; then
+    wait "$watchdog" 2>/dev/null || true
+  else
+    REASON="pulls killed after ${STEP_TIMEOUT}s; $REASON"
+  fi
   [ "$failed" -eq 0 ]
 }
 
 # S3: N concurrent pulls of one image against one pull, each on fresh
-# daemons. A pull of this image takes 0.1-0.5 s, and one run alone moved by
-# a tenth of that between runs: tarn's are the median of
-# BENCH_S3_REPS (default 5) runs.
+# daemons. A pull of this image takes 0.1-0.5 s, and single runs on
+# loopback ranged over half as much again: tarn's are the median of
+# BENCH_S3_REPS (default 9) runs of each, one pull and N taking turns so
+# that both see the machine's same slow and fast spells.
+s3_tarn() {
+  local p="$1" n="$2" reps="$3" r one=() many=()
+  for ((r = 1; r <= reps; r++)); do
+    if ! s3_run "$p" tarn 1 "$r"; then
+      record "$p" S3 tarn-1 fail "$REASON"
+      record "$p" S3 "tarn-$n" fail "the one-pull run failed"
+      return 0
+    fi
+    one+=("$RUN")
+    if ! s3_run "$p" tarn "$n" "$r"; then
+      record "$p" S3 tarn-1 fail "the $n-pull run failed"
+      record "$p" S3 "tarn-$n" fail "$REASON"
+      return 0
+    fi
+    many+=("$RUN")
+  done
+  record_median "$p" S3 tarn-1 "${one[@]}"
+  record_median "$p" S3 "tarn-$n" "${many[@]}"
+}
+
+# The overlayfs reference: one run (minutes each).
 s3_one() {
-  median_of "$1" S3 "$2-$3" "$4" s3_run "$1" "$2" "$3"
+  median_of "$1" S3 "$2-$3" 1 s3_run "$1" "$2" "$3"
 }
 
 # One run of S3 on fresh daemons: RUN="SECS BYTES REQUESTS", or REASON.
@@ -595,13 +645,12 @@ for p in "${PROFILE_LIST[@]}"; do
     if [ "$rate" != 0 ]; then s2 "$p"; fi
   fi
   if wants S3; then
-    s3_one "$p" tarn 1 "${BENCH_S3_REPS:-5}"
-    s3_one "$p" tarn "$CONCURRENT" "${BENCH_S3_REPS:-5}"
+    s3_tarn "$p" "$CONCURRENT" "${BENCH_S3_REPS:-9}"
     # The overlayfs reference of S3 is slow (containerd's lock back-off:
     # minutes per profile); BENCH_S3_OVERLAYFS=0 leaves it out.
     if [ "${BENCH_S3_OVERLAYFS:-1}" = 1 ]; then
-      s3_one "$p" overlayfs 1 1
-      s3_one "$p" overlayfs "$CONCURRENT" 1
+      s3_one "$p" overlayfs 1
+      s3_one "$p" overlayfs "$CONCURRENT"
     fi
   fi
 done
