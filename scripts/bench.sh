@@ -17,7 +17,8 @@
 # passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference,
 # BENCH_S1_OVERLAYFS=0 S1's (to try tarn settings through
 # TARN_CONFIG_EXTRA), BENCH_S1_REPS sets how many S1 tarn runs give the
-# median (default 3). Everything started is stopped by PID on exit, also on
+# median (default 3), BENCH_S3_REPS how many S3 tarn runs of each kind
+# (default 9). Everything started is stopped by PID on exit, also on
 # failure.
 set -euo pipefail
 
