@@ -21,8 +21,10 @@ pub mod digest;
 pub mod fetch;
 pub mod format;
 pub mod fuse;
+pub mod intent;
 pub mod layer;
 pub mod memory;
 pub mod registry;
 
 pub use digest::Digest;
+pub use intent::Intent;

@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use tarn_fs::Digest;
+use tarn_fs::Intent;
 use tarn_fs::cache::Cache;
-use tarn_fs::fetch::{Fetcher, Intent};
+use tarn_fs::fetch::Fetcher;
 use tarn_fs::format::{
     Chunk, ChunkDecoder, FileKind, FormatError, InodeSpec, LayerIndex, ROOT_INO,
 };

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use tarn_fs::Digest;
+use tarn_fs::Intent;
 use tarn_fs::cache::Cache;
-use tarn_fs::fetch::{Fetcher, Intent};
+use tarn_fs::fetch::Fetcher;
 use tarn_fs::format::{
     Chunk, ChunkDecoder, FileKind, FormatError, InodeSpec, LayerIndex, ROOT_INO,
 };

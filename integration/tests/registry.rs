@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tarn_fs::Digest;
-use tarn_fs::fetch::Intent;
+use tarn_fs::Intent;
 use tarn_fs::registry::{
     BlobSource, Reference, RegistryClient, RegistryConfig, RegistryError, RemoteBlob,
 };

@@ -22,7 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use labels::ImageFacts;
 pub use progress::human;
 use progress::{LayerState, Progress};
-use tarn_fs::fetch::Intent;
+use tarn_fs::Intent;
 use tarn_fs::registry::{Descriptor, Reference, RegistryClient, RegistryConfig, ResolvedImage};
 
 /// How long containerd keeps a crashed pull's content before collecting it.

@@ -16,10 +16,11 @@ use dashmap::mapref::entry::Entry;
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use super::FetchStats;
 use super::plan::{Group, merge_adjacent};
 use super::scheduler::{FetchScheduler, Permit};
-use super::{FetchStats, Intent};
 use crate::Digest;
+use crate::Intent;
 use crate::cache::Cache;
 use crate::format::{Chunk, ChunkDecoder, FormatError};
 use crate::registry::{BlobSource, RegistryError};

@@ -9,14 +9,13 @@
 //!   as its bytes are in, so read-ahead at the end of a GET costs the reader
 //!   nothing); a chunk failing verification is an error for its readers and
 //!   is never cached, the rest of the GET still is;
-//! - every request carries its [`Intent`] down to the
+//! - every request carries its [`Intent`](crate::Intent) down to the
 //!   [`BlobSource`](crate::registry::BlobSource), and
 //!   the process-wide [`FetchScheduler`] admits it by that intent:
 //!   on-demand and prefetch at once, background paused while they run,
 //!   bounded in concurrency and optionally in rate.
 
 mod fetcher;
-mod intent;
 mod plan;
 mod scheduler;
 mod stats;
@@ -24,7 +23,6 @@ mod stats;
 #[cfg(test)]
 pub(crate) use fetcher::tests as fetcher_tests;
 pub use fetcher::{FetchError, Fetcher, MAX_MERGED_GET};
-pub use intent::Intent;
 pub use plan::MAX_GAP;
 pub use scheduler::{FetchScheduler, Permit, SchedulerConfig};
 pub use stats::{FetchStats, FetchStatsSnapshot};

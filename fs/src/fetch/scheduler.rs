@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::Intent;
+use crate::Intent;
 
 /// Tunables of a [`FetchScheduler`]. Every field has a default.
 #[derive(Debug, Clone, PartialEq)]

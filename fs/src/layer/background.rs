@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::fetch::{FetchError, Fetcher, Intent, MAX_GAP};
+use crate::Intent;
+use crate::fetch::{FetchError, Fetcher, MAX_GAP};
 use crate::format::{Chunk, LayerIndex};
 
 use super::Layer;

@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, Intent};
+use crate::Intent;
+use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher};
 use crate::format::{Chunk, FileKind, FormatError, Inode, LayerIndex};
 use crate::registry::RegistryError;
 

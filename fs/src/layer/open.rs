@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use crate::Digest;
+use crate::Intent;
 use crate::cache::Cache;
-use crate::fetch::{FetchScheduler, Fetcher, Intent};
+use crate::fetch::{FetchScheduler, Fetcher};
 use crate::format::estargz::{Estargz, build_index, decode_toc, parse_footer};
 use crate::format::{ChunkDecoder, FormatError, LayerIndex};
 use crate::registry::BlobSource;

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use crate::fetch::Intent;
+use crate::Intent;
 use crate::format::FileKind;
 
 use super::{Layer, elf};

@@ -28,7 +28,7 @@ use super::auth::{Challenge, Credentials, DockerConfig, TokenResponse};
 use super::manifest::{self, MAX_MANIFEST_BYTES, Parsed, ResolvedImage};
 use super::{Reference, RegistryConfig, RegistryError, Repository};
 use crate::Digest;
-use crate::fetch::Intent;
+use crate::Intent;
 
 const MAX_REDIRECTS: usize = 5;
 

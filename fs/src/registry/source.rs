@@ -13,7 +13,7 @@ use futures::stream::{BoxStream, StreamExt};
 
 use super::{RegistryClient, RegistryError, Repository};
 use crate::Digest;
-use crate::fetch::Intent;
+use crate::Intent;
 
 /// A blob of known size that can be read by byte range. Object-safe.
 pub trait BlobSource: Send + Sync {
