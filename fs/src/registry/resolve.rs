@@ -13,7 +13,7 @@ use crate::Digest;
 use crate::Intent;
 
 impl RegistryClient {
-    /// Resolves a reference to its linux/amd64 image manifest, through an
+    /// Resolves a reference to the node's image manifest, through an
     /// index if there is one. Every manifest fetched by digest is verified.
     pub async fn resolve(&self, reference: &Reference) -> Result<ResolvedImage, RegistryError> {
         let repo = &reference.repository;

@@ -244,3 +244,6 @@ fn basic(c: &Credentials) -> Option<String> {
 fn pull_scope(repo: &Repository) -> String {
     format!("repository:{}:pull", repo.name)
 }
+
+#[cfg(test)]
+mod tests;
