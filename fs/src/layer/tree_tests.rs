@@ -169,7 +169,7 @@ fn tiny_window() -> SchedulerConfig {
 /// its dynamic section, as prefetches, through links; others stay put.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_programs_libraries_are_prefetched_once_it_is_read() {
-    let prog = elf::tiny_program(&["libm.so.6", "libc.so.6"], 3000);
+    let prog = hints::elf::tiny_program(&["libm.so.6", "libc.so.6"], 3000);
     let t = layer_of(
         vec![
             Entry::File("/lib/x86_64-linux-gnu/libc-2.36.so", content(2500, 1)),

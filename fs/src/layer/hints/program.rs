@@ -16,7 +16,8 @@ use std::sync::Arc;
 use crate::Intent;
 use crate::format::FileKind;
 
-use super::{Layer, elf};
+use super::elf;
+use crate::layer::{CachedRead, Layer};
 
 /// `PATH` when the image config sets none (the one runc and docker use).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -131,7 +132,7 @@ pub async fn prefetch_entrypoint(layers: &[Arc<Layer>], entry: &Entrypoint) -> V
         let head = {
             let layer = layer.clone();
             tokio::task::spawn_blocking(move || match layer.read_cached(ino, 0, 256) {
-                Ok(super::CachedRead::Hit(d)) => d,
+                Ok(CachedRead::Hit(d)) => d,
                 _ => Vec::new(),
             })
             .await
