@@ -1,10 +1,12 @@
 //! One mounted layer: its index, and read planning over cache and fetch.
 //!
 //! A read is planned into the chunks that cover it. The cache is asked for
-//! each piece synchronously (a blocking file read, fine on a FUSE thread);
-//! only when something is missing does the read go to the [`Fetcher`], on
-//! the async runtime, together with the chunks that follow it in the blob
-//! (read-ahead, `hints/ahead.rs`).
+//! each piece synchronously (a blocking file read, fine on a FUSE thread):
+//! that is the read's one cache lookup. Only when something is missing does
+//! the read go to the [`Fetcher`], on the async runtime, which does not ask
+//! the cache again (but for the one re-check that closes the race with a
+//! flight finishing meanwhile), together with the chunks that follow it in
+//! the blob (read-ahead, `hints/ahead.rs`).
 //!
 //! What a read is likely to be followed by (the blob's next chunks, a
 //! program's libraries, the image's entrypoint) is guessed in `hints/`.
