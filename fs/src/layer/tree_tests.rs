@@ -4,11 +4,11 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::*;
 use crate::cache::Cache;
-use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of, pattern};
+use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of, pattern, wait_until};
 use crate::fetch::{FetchScheduler, SchedulerConfig};
 use crate::format::{FileKind, InodeSpec};
 
@@ -57,16 +57,14 @@ impl TestLayer {
             .any(|c| self.layer.cache().contains(&c.digest))
     }
 
+    /// Waits until every chunk of `paths` was read as a prefetch and some
+    /// is cached: their GETs have landed, so what was not fetched with them
+    /// will not be.
     async fn wait_prefetched(&self, paths: &[&str]) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !paths.iter().all(|p| self.prefetched(p)) {
-            assert!(
-                Instant::now() < deadline,
-                "not prefetched: {:?}",
-                self.blob.reads()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(&format!("{paths:?} prefetched"), || {
+            paths.iter().all(|p| self.prefetched(p) && self.cached(p))
+        })
+        .await;
     }
 }
 
