@@ -337,7 +337,10 @@ fn a_whole_file_is_assembled_once_its_chunks_are_cached_and_only_for_its_size() 
     let chunks = as_chunks(&missing);
     let size = whole.len() as u64 + 10;
     let file = WholeFile::of(size, &chunks, || Some(d)).unwrap();
-    assert!(cache.prepare_whole_file(&file).is_none(), "a chunk is missing");
+    assert!(
+        cache.prepare_whole_file(&file).is_none(),
+        "a chunk is missing"
+    );
 
     let chunks = as_chunks(&parts);
     let file = WholeFile::of(whole.len() as u64, &chunks, || Some(d)).unwrap();
@@ -347,7 +350,10 @@ fn a_whole_file_is_assembled_once_its_chunks_are_cached_and_only_for_its_size() 
     assert!(work.run(&cache));
     let path = cache.whole_file(&file).expect("assembled and verified");
     assert_eq!(fs::read(path).unwrap(), whole);
-    assert!(cache.prepare_whole_file(&file).is_none(), "nothing left to do");
+    assert!(
+        cache.prepare_whole_file(&file).is_none(),
+        "nothing left to do"
+    );
 
     // A TOC claiming that digest for a file of another size is lying.
     let other = WholeFile::of(whole.len() as u64 + 1, &chunks, || Some(d)).unwrap();

@@ -201,9 +201,7 @@ impl Fetcher {
 
         let mut out = Vec::with_capacity(chunks.len());
         for c in chunks {
-            let rx = waits
-                .get_mut(&c.digest)
-                .expect("every chunk has a flight");
+            let rx = waits.get_mut(&c.digest).expect("every chunk has a flight");
             let res = match rx.wait_for(Option::is_some).await {
                 Ok(v) => v.clone().expect("waited for Some"),
                 Err(_) => Err(FetchError::Abandoned(c.digest)),
@@ -323,8 +321,9 @@ impl Inner {
         // it leaves `inflight`, so then the cache has it. Closing that race
         // needs only an in-memory index lookup; a chunk found there is read
         // on the blocking pool and answered from the cache, not fetched.
-        let (landed, mut misses): (Vec<Chunk>, Vec<Chunk>) =
-            lead.into_iter().partition(|c| self.cache.contains(&c.digest));
+        let (landed, mut misses): (Vec<Chunk>, Vec<Chunk>) = lead
+            .into_iter()
+            .partition(|c| self.cache.contains(&c.digest));
         if !landed.is_empty() {
             let me = self.clone();
             let read = tokio::task::spawn_blocking(move || {

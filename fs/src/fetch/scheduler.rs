@@ -361,7 +361,10 @@ mod tests {
         let fg = s.admit(Intent::OnDemand, 10).await;
         let bg = s.admit(Intent::Background, 10);
         tokio::pin!(bg);
-        assert!(poll!(&mut bg).is_pending(), "background pauses for on-demand");
+        assert!(
+            poll!(&mut bg).is_pending(),
+            "background pauses for on-demand"
+        );
         assert_eq!(s.paused(), 1);
         // Prefetch is foreground too, and is admitted at once.
         let pf = s
@@ -369,7 +372,10 @@ mod tests {
             .now_or_never()
             .expect("prefetch is not paused");
         drop(fg);
-        assert!(poll!(&mut bg).is_pending(), "prefetch still holds background");
+        assert!(
+            poll!(&mut bg).is_pending(),
+            "prefetch still holds background"
+        );
         drop(pf);
         tokio::time::timeout(PATIENCE, bg)
             .await
@@ -398,7 +404,10 @@ mod tests {
         let _b = s.admit(Intent::Background, 1).await;
         let third = s.admit(Intent::Background, 1);
         tokio::pin!(third);
-        assert!(poll!(&mut third).is_pending(), "a third background GET must wait");
+        assert!(
+            poll!(&mut third).is_pending(),
+            "a third background GET must wait"
+        );
         drop(a);
         tokio::time::timeout(PATIENCE, third)
             .await

@@ -172,7 +172,8 @@ impl Passthrough {
             return;
         }
         let cache = self.layer.cache().clone();
-        let Some(work) = whole_file(&self.layer, ino, inode).and_then(|f| cache.prepare_whole_file(&f))
+        let Some(work) =
+            whole_file(&self.layer, ino, inode).and_then(|f| cache.prepare_whole_file(&f))
         else {
             return;
         };

@@ -75,7 +75,6 @@ fn chunk_starts(reads: &[(Range<u64>, Intent)]) -> Vec<u64> {
     v
 }
 
-
 /// Background GETs read so far.
 fn background_gets(blob: &FakeBlob) -> usize {
     blob.reads()
@@ -300,7 +299,10 @@ async fn on_demand_reads_are_served_while_background_pauses() {
     let read = tokio::time::timeout(PATIENCE, read).await.unwrap();
     assert_eq!(read.unwrap().unwrap(), &f.data[29_500..29_510]);
     let outcome = tokio::time::timeout(PATIENCE, bg.wait()).await.unwrap();
-    assert!(matches!(outcome, BackgroundOutcome::Complete), "{outcome:?}");
+    assert!(
+        matches!(outcome, BackgroundOutcome::Complete),
+        "{outcome:?}"
+    );
     assert_eq!(
         chunk_starts(&f.blob.reads()),
         (0..30).map(|i| i * 1000).collect::<Vec<u64>>(),

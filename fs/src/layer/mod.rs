@@ -31,9 +31,9 @@ use crate::format::{Chunk, FileKind, FormatError, Inode, LayerIndex};
 use crate::registry::RegistryError;
 
 pub use background::{BackgroundHandle, BackgroundOutcome, PrefetchOutcome, Progress};
+pub use hints::program::{Entrypoint, prefetch_entrypoint};
 pub use open::TAIL_FETCH;
 pub use plan::{CachedRead, PendingRead};
-pub use hints::program::{Entrypoint, prefetch_entrypoint};
 
 /// Why a layer could not be opened or read.
 #[derive(Debug, thiserror::Error)]

@@ -88,7 +88,12 @@ impl Layer {
     /// alone is a base window or more, the chunks after it in blob order,
     /// neither cached nor in flight, separated by at most [`MAX_GAP`], up to
     /// the stream's window of compressed bytes.
-    pub(in crate::layer) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk], dir: Option<u64>) -> Plan {
+    pub(in crate::layer) fn read_ahead(
+        &self,
+        missing: &[Chunk],
+        file: &[Chunk],
+        dir: Option<u64>,
+    ) -> Plan {
         let scheduler = self.fetcher.scheduler();
         let (base, max) = (scheduler.config().read_ahead, scheduler.read_ahead_max());
         let (Some(start), Some(mut end)) = (
