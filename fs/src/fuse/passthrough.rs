@@ -155,7 +155,7 @@ impl Passthrough {
     fn backing_file(&self, ino: u64, inode: &Inode) -> Option<File> {
         let file = whole_file(&self.layer, ino, inode)?;
         let Some(path) = self.layer.cache().whole_file(&file) else {
-            self.prepare(ino, inode);
+            self.start(&file);
             return None;
         };
         File::open(&path)
@@ -168,13 +168,18 @@ impl Passthrough {
     /// Starts, on the blocking pool, the work the cache says would give
     /// `inode` a verified standalone file.
     fn prepare(&self, ino: u64, inode: &Inode) {
+        if let Some(file) = whole_file(&self.layer, ino, inode) {
+            self.start(&file);
+        }
+    }
+
+    /// [`Passthrough::prepare`] for a file already looked at.
+    fn start(&self, file: &WholeFile<'_>) {
         if !self.enabled {
             return;
         }
         let cache = self.layer.cache().clone();
-        let Some(work) =
-            whole_file(&self.layer, ino, inode).and_then(|f| cache.prepare_whole_file(&f))
-        else {
+        let Some(work) = cache.prepare_whole_file(file) else {
             return;
         };
         let counters = self.counters.clone();
