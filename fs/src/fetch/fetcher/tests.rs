@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -18,8 +19,27 @@ pub(crate) struct Seen {
     pub ended: Option<std::time::Instant>,
 }
 
+/// How long a test waits for something before it fails: a bound for a
+/// hung test, never a measure (a loaded machine may take its time).
+pub(crate) const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Waits until `done` holds, checking it every millisecond; fails the
+/// test, naming `what`, if it still does not after [`PATIENCE`].
+pub(crate) async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let give_up = std::time::Instant::now() + PATIENCE;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "gave up waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// A blob in memory that records every read and answers after a delay,
-/// so concurrent readers overlap.
+/// so concurrent readers overlap. Reads of some intents can be held at a
+/// gate ([`FakeBlob::hold`]) until [`FakeBlob::release`]d: a test then sees
+/// what happens, or does not, while they are on the wire.
 pub(crate) struct FakeBlob {
     pub data: Vec<u8>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
@@ -30,6 +50,10 @@ pub(crate) struct FakeBlob {
     pub piece_delay: Duration,
     /// The next streamed read breaks after this many pieces (once).
     pub break_after: Mutex<Option<usize>>,
+    /// Intents whose reads wait at the gate now.
+    held: tokio::sync::watch::Sender<Vec<Intent>>,
+    /// Pieces a held streamed read yields before it waits.
+    hold_after: AtomicUsize,
 }
 
 impl FakeBlob {
@@ -52,7 +76,31 @@ impl FakeBlob {
             piece,
             piece_delay,
             break_after: Mutex::new(None),
+            held: tokio::sync::watch::Sender::new(Vec::new()),
+            hold_after: AtomicUsize::new(0),
         })
+    }
+
+    /// Reads of `intents` wait at the gate: a streamed one after yielding
+    /// `after` pieces, a plain one before answering.
+    pub(crate) fn hold(&self, intents: &[Intent], after: usize) {
+        self.hold_after.store(after, Ordering::SeqCst);
+        self.held.send_replace(intents.to_vec());
+    }
+
+    /// Lets every held read go on.
+    pub(crate) fn release(&self) {
+        self.held.send_replace(Vec::new());
+    }
+
+    /// Reads of `intent` started and not ended (held ones among them).
+    pub(crate) fn on_the_wire(&self, intent: Intent) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.intent == intent && s.ended.is_none())
+            .count()
     }
     fn record(&self, range: &Range<u64>, intent: Intent) -> usize {
         let mut seen = self.seen.lock().unwrap();
@@ -101,8 +149,10 @@ impl BlobSource for FakeBlob {
         intent: Intent,
     ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
         let slot = self.record(&range, intent);
+        let mut gate = self.held.subscribe();
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
+            let _ = gate.wait_for(|held| !held.contains(&intent)).await;
             self.seen.lock().unwrap()[slot].ended = Some(std::time::Instant::now());
             Ok(Bytes::copy_from_slice(
                 &self.data[range.start as usize..range.end as usize],
@@ -133,10 +183,15 @@ impl FakeBlob {
         let (delay, piece, piece_delay) = (self.delay, self.piece, self.piece_delay);
         let seen = self.seen.clone();
         let mut break_after = self.break_after.lock().unwrap().take();
+        let gate = self.held.subscribe();
+        let hold_after = self.hold_after.load(Ordering::SeqCst);
+        let mut pieces = 0;
         futures::stream::unfold((bytes, true), move |(rest, first)| {
             let seen = seen.clone();
             let broken = break_after == Some(0);
             break_after = break_after.map(|n| n.saturating_sub(1));
+            let mut gate = (pieces >= hold_after).then(|| gate.clone());
+            pieces += 1;
             async move {
                 if rest.is_empty() {
                     return None;
@@ -148,6 +203,9 @@ impl FakeBlob {
                         reason: "connection reset".into(),
                     };
                     return Some((Err(e), (Bytes::new(), false)));
+                }
+                if let Some(gate) = &mut gate {
+                    let _ = gate.wait_for(|held| !held.contains(&intent)).await;
                 }
                 tokio::time::sleep(if first { delay } else { piece_delay }).await;
                 let mut rest = rest;

@@ -1,4 +1,5 @@
-//! eStargz: footer, TOC, index building, chunk decoding and the writer.
+//! eStargz: footer, TOC, index building, chunk decoding; and, in
+//! [`write`] (tests and the `writer` feature only), the writer.
 //!
 //! Reading a layer, given ranged access to its blob:
 //!
@@ -15,7 +16,7 @@
 //!    [`Estargz`]'s [`ChunkDecoder::decode_chunk`]: it returns the bytes only
 //!    if their sha256 matches.
 //!
-//! Writing: [`write_estargz`] converts a tar stream into an eStargz blob that
+//! Writing: `write::write_estargz` converts a tar stream into an eStargz blob that
 //! other eStargz readers accept and that `tar xzf` extracts as the input.
 //!
 //! [`LayerIndex`]: crate::format::LayerIndex
@@ -25,9 +26,9 @@ mod build;
 mod decode;
 mod footer;
 mod rfc3339;
-mod tarin;
 mod toc;
-mod writer;
+#[cfg(any(test, feature = "writer"))]
+pub mod write;
 
 #[cfg(test)]
 mod tests;
@@ -38,4 +39,5 @@ pub use footer::{FOOTER_SIZE, LEGACY_FOOTER_SIZE, TocLocation, footer_bytes, par
 pub use toc::{
     MAX_TOC_ENTRIES, MAX_TOC_JSON, TOC_TAR_NAME, Toc, TocEntry, TocJson, decode_toc, parse_toc_json,
 };
-pub use writer::{WriteError, WriteOptions, WriteResult, write_estargz};
+#[cfg(any(test, feature = "writer"))]
+pub use write::{WriteError, WriteOptions, WriteResult, write_estargz};

@@ -62,7 +62,8 @@ pub fn parse(s: &str) -> Result<i64, String> {
     Ok(days * 86_400 + hour * 3600 + min * 60 + sec - offset)
 }
 
-/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (for the writer).
+#[cfg(any(test, feature = "writer"))]
 pub fn format(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
@@ -100,6 +101,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+#[cfg(any(test, feature = "writer"))]
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);

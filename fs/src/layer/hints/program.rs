@@ -16,7 +16,8 @@ use std::sync::Arc;
 use crate::Intent;
 use crate::format::FileKind;
 
-use super::{Layer, elf};
+use super::elf;
+use crate::layer::{CachedRead, Layer};
 
 /// The image config's program; parsed with the manifest code.
 pub use crate::registry::Entrypoint;
@@ -87,7 +88,7 @@ pub async fn prefetch_entrypoint(layers: &[Arc<Layer>], entry: &Entrypoint) -> V
         let head = {
             let layer = layer.clone();
             tokio::task::spawn_blocking(move || match layer.read_cached(ino, 0, 256) {
-                Ok(super::CachedRead::Hit(d)) => d,
+                Ok(CachedRead::Hit(d)) => d,
                 _ => Vec::new(),
             })
             .await

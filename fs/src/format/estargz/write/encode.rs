@@ -15,29 +15,17 @@ use base64::Engine as _;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 
-use super::build::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, normalize};
-use super::footer::footer_bytes;
-use super::rfc3339;
+use super::error::WriteError;
 use super::tarin::{BLOCK, Kind, Meta, TarIn, read_full};
-use super::toc::{TOC_TAR_NAME, Toc, TocEntry};
 use crate::Digest;
 use crate::digest::Hasher;
+use crate::format::estargz::build::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, normalize};
+use crate::format::estargz::footer::footer_bytes;
+use crate::format::estargz::rfc3339;
+use crate::format::estargz::toc::{TOC_TAR_NAME, Toc, TocEntry};
 
 /// The landmark files' one byte, as other eStargz writers put it.
 const LANDMARK_CONTENT: u8 = 0x0f;
-
-/// Why a blob could not be written.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    #[error("eStargz writer i/o: {0}")]
-    Io(#[from] io::Error),
-    #[error("invalid input tar: {0}")]
-    InvalidTar(String),
-    #[error("unsupported input: {0}")]
-    Unsupported(String),
-    #[error("invalid writer options: {0}")]
-    Options(String),
-}
 
 /// How to write a blob.
 #[derive(Clone, Debug)]

@@ -5,7 +5,7 @@
 
 use std::io::{self, Read};
 
-use super::writer::WriteError;
+use super::error::WriteError;
 
 pub(crate) const BLOCK: u64 = 512;
 /// Largest extension (PAX or GNU long name) record we read.
