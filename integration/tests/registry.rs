@@ -114,7 +114,7 @@ async fn resolves_a_pushed_image_and_reads_ranges_as_206() {
     assert_eq!(gets.len(), ranges.len(), "one request per read: {gets:?}");
     for (g, range) in gets.iter().zip(&ranges) {
         assert_eq!(g.status, 206, "{g:?}");
-        assert_eq!(g.written, range.end - range.start, "{g:?}");
+        assert_eq!(g.bytes, range.end - range.start, "{g:?}");
     }
 }
 
