@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -84,17 +84,46 @@ pub fn parse(text: &str) -> Vec<Request> {
     text.lines().filter_map(parse_line).collect()
 }
 
-/// Every request of the log at `path` from byte offset `from` (a size the
-/// log had earlier: a mark) to its end now, and that end (the next mark).
-pub fn read_from(path: &Path, from: u64) -> io::Result<(Vec<Request>, u64)> {
+/// Every request of the log at `path` between byte offsets `from` and `to`
+/// (sizes the log had at two moments: marks).
+pub fn read_between(path: &Path, from: u64, to: u64) -> io::Result<Vec<Request>> {
     let mut file = File::open(path)?;
-    let end = file.metadata()?.len();
+    let end = file.metadata()?.len().min(to);
     file.seek(SeekFrom::Start(from.min(end)))?;
     let mut requests = Vec::new();
     for line in BufReader::new(file.take(end.saturating_sub(from))).lines() {
         requests.extend(parse_line(&line?));
     }
-    Ok((requests, end))
+    Ok(requests)
+}
+
+/// The log's size now: a mark for [`read_between`].
+pub fn mark(path: &Path) -> io::Result<u64> {
+    Ok(std::fs::metadata(path)?.len())
+}
+
+/// Waits until the log at `path` has not grown for `quiet`; false if it was
+/// still growing after `timeout`.
+pub fn wait_quiet(path: &Path, quiet: Duration, timeout: Duration) -> io::Result<bool> {
+    let mut size = mark(path)?;
+    let mut since = Instant::now();
+    let mut error = None;
+    let outcome = wait_until("the registry log to settle", timeout, || match mark(path) {
+        Ok(now) if now != size => {
+            size = now;
+            since = Instant::now();
+            None
+        }
+        Ok(_) => (since.elapsed() >= quiet).then_some(()),
+        Err(e) => {
+            error = Some(e);
+            Some(())
+        }
+    });
+    match error {
+        Some(e) => Err(e),
+        None => Ok(outcome.is_ok()),
+    }
 }
 
 /// How long the log must stay the same to count as settled, and the most a
@@ -109,28 +138,8 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// catch up first. A log that keeps growing (a background fetch) is read as
 /// it is after [`SETTLE_TIMEOUT`].
 pub fn read_settled(path: &Path) -> io::Result<Vec<Request>> {
-    let mut last = std::fs::read_to_string(path)?;
-    let mut error = None;
-    // A timeout is no failure here: a log that keeps growing is read as it
-    // is now.
-    let _unsettled = wait_until("the registry log to settle", SETTLE_TIMEOUT, || {
-        std::thread::sleep(SETTLE_QUIET);
-        match std::fs::read_to_string(path) {
-            Ok(again) if again == last => Some(()),
-            Ok(again) => {
-                last = again;
-                None
-            }
-            Err(e) => {
-                error = Some(e);
-                Some(())
-            }
-        }
-    });
-    match error {
-        Some(e) => Err(e),
-        None => Ok(parse(&last)),
-    }
+    wait_quiet(path, SETTLE_QUIET, SETTLE_TIMEOUT)?;
+    Ok(parse(&std::fs::read_to_string(path)?))
 }
 
 #[cfg(test)]
@@ -179,18 +188,28 @@ not json
     }
 
     #[test]
-    fn reading_from_a_mark_sees_only_what_came_after() {
+    fn reading_between_marks_sees_only_what_came_between() {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         let first = LOG.lines().nth(1).expect("line");
         writeln!(file, "{first}").expect("write");
-        let (all, mark) = read_from(file.path(), 0).expect("read");
-        assert_eq!(all.len(), 1);
+        let mark1 = mark(file.path()).expect("mark");
+        assert_eq!(read_between(file.path(), 0, mark1).expect("read").len(), 1);
         write!(file, "{LOG}").expect("write");
-        let (since, end) = read_from(file.path(), mark).expect("read");
-        assert_eq!(since.len(), 4);
-        assert!(end > mark);
-        let (none, _) = read_from(file.path(), end + 10).expect("a mark past the end");
-        assert!(none.is_empty());
-        assert_eq!(read_settled(file.path()).expect("settled").len(), 5);
+        let mark2 = mark(file.path()).expect("mark");
+        writeln!(file, "{first}").expect("write");
+        let between = read_between(file.path(), mark1, mark2).expect("read");
+        assert_eq!(between.len(), 4);
+        let after = read_between(file.path(), mark2, u64::MAX).expect("read");
+        assert_eq!(after.len(), 1);
+        assert!(
+            read_between(file.path(), mark2 + 1000, u64::MAX)
+                .expect("a mark past the end")
+                .is_empty()
+        );
+        assert_eq!(read_settled(file.path()).expect("settled").len(), 6);
+        assert!(
+            wait_quiet(file.path(), Duration::ZERO, Duration::from_secs(60)).expect("quiet"),
+            "an unchanging log is quiet"
+        );
     }
 }
