@@ -60,6 +60,15 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+    /// Registry traffic in the registry's log between two marks (sizes the
+    /// log had; TO defaults to its end): bytes, requests.
+    Traffic {
+        log: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// Read a file sequentially with 1 MiB reads: bytes, secs, mb_per_s of
     /// the median of PASSES passes.
     Read {
@@ -175,6 +184,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             return Ok(());
         }
+        Command::Traffic { log, from, to } => measure::traffic(&log, from, to.unwrap_or(u64::MAX))?,
         Command::Read { file, passes } => measure::median_pass(passes, || measure::read(&file))?,
         Command::Walk { dir, passes } => measure::median_pass(passes, || measure::walk(&dir))?,
         Command::Rss { pid } => measure::rss(pid)?,

@@ -139,6 +139,20 @@ pub fn median(mut runs: Vec<BTreeMap<String, f64>>) -> Option<BTreeMap<String, f
     Some(m)
 }
 
+/// A failed run's reason, with what it took and fetched when it noted that
+/// (a pull that was not lazy): measured numbers, in words, never a figure.
+fn failed_reason(
+    note: &Note,
+    traffic: &mut impl FnMut(u64, u64) -> Result<Traffic>,
+) -> Result<Option<String>> {
+    let m = metrics(&note.facts, traffic)?;
+    let (Some(secs), Some(bytes)) = (m.get("secs"), m.get("bytes")) else {
+        return Ok(note.reason.clone());
+    };
+    let reason = note.reason.as_deref().unwrap_or("failed");
+    Ok(Some(format!("{reason} ({secs:.3} s, {bytes} bytes)")))
+}
+
 /// The records of `notes`, one per profile, scenario and variant, in the
 /// order each first appears. A group with a failed run failed, with that
 /// run's reason; a group of repetitions is recorded as their median.
@@ -169,7 +183,8 @@ pub fn records(
             metrics,
         };
         if let Some(failed) = group.iter().find(|n| !n.ok) {
-            out.push(record(false, failed.reason.clone(), BTreeMap::new()));
+            let reason = failed_reason(failed, &mut traffic)?;
+            out.push(record(false, reason, BTreeMap::new()));
             continue;
         }
         let runs = group
@@ -328,6 +343,21 @@ mod tests {
         assert!(!r[1].ok);
         assert_eq!(r[1].reason.as_deref(), Some("3 of 20 pulls failed"));
         assert!(r[1].metrics.is_empty(), "a failure has no numbers");
+        // A run that failed after measuring says what it measured.
+        let mut not_lazy = note(
+            "tarn",
+            true,
+            &[
+                ("start", 1.0),
+                ("end", 3.5),
+                ("reg_from", 0.0),
+                ("reg_to", 70.0),
+            ],
+        );
+        not_lazy.ok = false;
+        not_lazy.reason = Some("not lazy".into());
+        let r = records(&[not_lazy], fake_traffic).expect("records");
+        assert_eq!(r[0].reason.as_deref(), Some("not lazy (2.500 s, 70 bytes)"));
     }
 
     #[test]

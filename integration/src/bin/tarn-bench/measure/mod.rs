@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use tarn_fs::format::estargz::{decode_toc, parse_footer};
+use tarn_integration::reglog::{self, Traffic};
 
 use crate::runs::{Facts, median};
 
@@ -27,6 +28,18 @@ pub fn median_pass(passes: usize, mut pass: impl FnMut() -> Result<Facts>) -> Re
         m.remove(spread);
     }
     Ok(Facts(m))
+}
+
+/// The registry's traffic between two marks of its log.
+#[allow(clippy::cast_precision_loss)]
+pub fn traffic(log: &Path, from: u64, to: u64) -> Result<Facts> {
+    let requests = reglog::read_between(log, from, to)
+        .with_context(|| format!("cannot read registry log {}", log.display()))?;
+    let t = Traffic::of(&requests);
+    Ok(Facts::new([
+        ("bytes", t.bytes as f64),
+        ("requests", t.requests as f64),
+    ]))
 }
 
 /// One sequential pass with 1 MiB reads, as `dd bs=1M` would do.
