@@ -164,7 +164,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let said = match &note.reason {
                 Some(reason) => format!("FAILED: {reason}"),
-                None => note.facts.to_string(),
+                None => runs::shown(&note.facts),
             };
             eprintln!(
                 "bench: {} {} {}: {said}",

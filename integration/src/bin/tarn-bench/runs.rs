@@ -123,6 +123,18 @@ fn metrics(
     Ok(m)
 }
 
+/// A note's facts as the script's log shows them: its seconds instead of
+/// its start and end, without the registry marks (the records count those).
+pub fn shown(facts: &Facts) -> String {
+    let mut m = facts.0.clone();
+    if let (Some(start), Some(end)) = (m.remove("start"), m.remove("end")) {
+        m.insert("secs".into(), round_ms(end - start));
+    }
+    m.remove("reg_from");
+    m.remove("reg_to");
+    Facts(m).to_string()
+}
+
 /// The run of median time (the lower middle of an even count) with the
 /// number of runs and the fastest and slowest times.
 pub fn median(mut runs: Vec<BTreeMap<String, f64>>) -> Option<BTreeMap<String, f64>> {
@@ -262,6 +274,16 @@ mod tests {
         assert!(parse_fact("=1").is_err());
     }
 
+    fn n_facts() -> Facts {
+        Facts::new([
+            ("start", 100.25),
+            ("end", 107.5004),
+            ("reg_from", 1.0),
+            ("reg_to", 2.0),
+            ("layers", 5.0),
+        ])
+    }
+
     #[test]
     fn a_run_gets_its_seconds_and_registry_traffic() {
         let n = note(
@@ -282,6 +304,7 @@ mod tests {
         assert_eq!(m["bytes"], 500.0);
         assert_eq!(m["requests"], 50.0);
         assert!(!m.contains_key("start") && !m.contains_key("reg_from"));
+        assert_eq!(shown(&n_facts()), "layers=5 secs=7.25");
     }
 
     #[test]

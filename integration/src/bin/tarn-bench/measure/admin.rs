@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use hyper_util::rt::TokioIo;
+use tarn_integration::daemon::unix_channel;
 use tarn_integration::wait::wait_until_async;
 use tarn_proto::admin::admin_client::AdminClient;
 use tarn_proto::admin::{Layer, LayerState, ListLayersRequest, StatsRequest};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::runs::Facts;
 
@@ -22,8 +22,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start a tokio runtime")
 }
 
-/// A tonic channel over a unix socket (the URI is a placeholder tonic
-/// requires; the connector ignores it).
 async fn connect(path: &Path) -> Result<AdminClient<Channel>> {
     if !path.exists() {
         bail!(
@@ -31,14 +29,7 @@ async fn connect(path: &Path) -> Result<AdminClient<Channel>> {
             path.display()
         );
     }
-    let owned = path.to_owned();
-    let channel = Endpoint::try_from("http://[::1]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = owned.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    let channel = unix_channel(path)
         .await
         .with_context(|| format!("cannot connect to tarn's admin socket {}", path.display()))?;
     Ok(AdminClient::new(channel))
