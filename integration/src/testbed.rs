@@ -2,6 +2,17 @@
 //! by `scripts/testbed.sh` in a fresh temporary directory, and stopped (every
 //! process, shim and mount of it) when the [`Testbed`] is dropped, also when a
 //! test fails.
+//!
+//! `scripts/testbed.sh` is the one way a test bed is started: by `make
+//! testbed-up`, the demo, the benchmark, `images.sh` and, through this
+//! module, the tests (`TestRegistry` is a registry-only test bed). The shell
+//! one is kept, not a Rust one, because it is the complete one (free-port
+//! retries, stopping tasks through containerd, leftover shims and runc
+//! state, unmounting deepest first) and the scripts need it without a
+//! Rust front end; the tests need only to drive it and read `DIR/env`.
+//! A test that must own the daemon's process (its exit status, a SIGKILL, a
+//! restart on the same root) starts it with [`crate::daemon::Daemon`] at the
+//! bed's `tarn.sock` instead of `--tarn`.
 
 use std::collections::HashMap;
 use std::fs;
