@@ -5,7 +5,8 @@ SHELL := /bin/bash
 
 CARGO ?= cargo
 TESTBED_DIR ?= .testbed
-# Tests start the release-built daemon and CLI from here.
+# The one place the built binaries are found: by the tests
+# (integration/src/bins.rs), the test bed, the demo and the benchmark.
 TARN_BIN_DIR ?= $(CURDIR)/target/release
 export TARN_BIN_DIR
 

@@ -4,7 +4,9 @@
 # far profiles, with fresh containerd and tarn daemons per run; prints a
 # table with ratios against the baselines measured in the same run and the
 # issue's targets; writes OUT/records.jsonl, OUT/results.json and
-# OUT/results.png.
+# OUT/results.png. This script only runs things and notes raw facts per run
+# (start and end times, registry log marks, what a measuring subcommand
+# printed); every number is computed by tarn-bench (`records`, `report`).
 #
 #   bench.sh [--profiles P,...] [--scenarios S,...] [--out DIR]
 #
@@ -70,15 +72,13 @@ wants() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 
 # ---------------------------------------------------------------- binaries
 
+# Built binaries are in $TARN_BIN_DIR (default target/release), the one
+# place the tests and the test bed look too.
+TARN_BIN_DIR="${TARN_BIN_DIR:-$REPO_ROOT/target/release}"
+export TARN_BIN_DIR
 bin() {
-  local d
-  for d in ${TARN_BIN_DIR:+"$TARN_BIN_DIR"} "$REPO_ROOT/target/release" "$REPO_ROOT/target/debug"; do
-    if [ -x "$d/$1" ]; then
-      echo "$d/$1"
-      return 0
-    fi
-  done
-  die "$1 not found (run cargo build --release --workspace, or set TARN_BIN_DIR)"
+  [ -x "$TARN_BIN_DIR/$1" ] && echo "$TARN_BIN_DIR/$1" && return 0
+  die "$TARN_BIN_DIR/$1 not found (run cargo build --release --workspace, or set TARN_BIN_DIR)"
 }
 BENCH_BIN="$(bin tarn-bench)"
 PROXY_BIN="$(bin tarn-farproxy)"
@@ -89,8 +89,8 @@ TARN_BIN="$(bin tarn 2>/dev/null || echo "")"
 # ---------------------------------------------------------------- lifecycle
 
 WORK="$(mktemp -d /tmp/tarn-bench.XXXXXX)"
-RECORDS="$WORK/records.jsonl"
-: >"$RECORDS"
+NOTES="$WORK/notes.jsonl"
+: >"$NOTES"
 PROXY_PIDS=()
 BEDS=()
 
@@ -161,63 +161,32 @@ step() {
   return 1
 }
 
+# A moment, in Unix seconds: the start and end facts of a run.
 now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 
-# record PROFILE SCENARIO VARIANT ok|fail REASON [KEY VALUE]...
-record() {
-  local profile="$1" scenario="$2" variant="$3" status="$4" reason="$5" metrics="{}"
-  shift 5
-  while [ "$#" -ge 2 ]; do
-    metrics="$(jq -c --arg k "$1" --argjson v "$2" '. + {($k): $v}' <<<"$metrics")"
-    shift 2
-  done
-  jq -nc --arg p "$profile" --arg s "$scenario" --arg v "$variant" --arg st "$status" \
-    --arg r "$reason" --argjson m "$metrics" \
-    '{profile: $p, scenario: $s, variant: $v, ok: ($st == "ok"),
-      reason: (if $st == "ok" then null else $r end), metrics: $m}' >>"$RECORDS"
-  if [ "$status" = ok ]; then
-    log "$profile $scenario $variant: $metrics"
-  else
-    log "$profile $scenario $variant: FAILED: $reason"
-  fi
+# note PROFILE SCENARIO VARIANT [--rep] [--fail REASON] [NAME=VALUE]...:
+# writes down one run for tarn-bench, which makes the records of the notes
+# (seconds from start/end, registry traffic from reg_from/reg_to, the
+# median of --rep runs) and logs the note.
+note() {
+  local profile="$1" scenario="$2" variant="$3"
+  shift 3
+  "$BENCH_BIN" note "$NOTES" --profile "$profile" --scenario "$scenario" --variant "$variant" "$@"
 }
 
+# The registry log's size now: a mark, for the reg_from and reg_to facts.
 reg_mark() { stat -c %s "$REG_LOG"; }
-# Waits (up to 10 s) until the registry's log has not grown for 1 s.
-reg_settle() {
-  local last size quiet=0 i
-  last="$(reg_mark)"
-  for i in $(seq 40); do
-    sleep 0.25
-    size="$(reg_mark)"
-    if [ "$size" = "$last" ]; then
-      quiet=$((quiet + 1))
-      [ "$quiet" -lt 4 ] || return 0
-    else
-      quiet=0
-      last="$size"
-    fi
-  done
-}
-# reg_since MARK -> "BYTES REQUESTS"
-reg_since() { "$BENCH_BIN" reglog "$REG_LOG" --from "$1" | jq -r '"\(.bytes) \(.requests)"'; }
 
-# Registry bytes a tarn run fetched in a variant that failed still belong
-# in the record: measured, not made up.
+# Whether tarn's pull was lazy: LAZY holds its facts (layers=N), or REASON
+# says why not.
 tarn_lazy_check() {
-  local info
-  info="$("$BENCH_BIN" layers --admin "$TARN_ADMIN_SOCK" 2>"$BED.layers.err")" || {
-    REASON="cannot ask tarn which layers are lazy: $(tail -n1 "$BED.layers.err")"
-    return 1
-  }
-  LAZY_LAYERS="$(jq .layers <<<"$info")"
-  local fallbacks
-  fallbacks="$(jq .fallbacks <<<"$info")"
-  if [ "$LAZY_LAYERS" -eq 0 ] || [ "$fallbacks" -gt 0 ]; then
-    REASON="not lazy: $LAZY_LAYERS layers mounted lazily, $fallbacks fell back to a full pull"
+  local out
+  if ! out="$("$BENCH_BIN" lazy-check --admin "$TARN_ADMIN_SOCK" 2>"$BED.layers.err")"; then
+    REASON="$(tail -n1 "$BED.layers.err")"
+    REASON="${REASON#tarn-bench: }"
     return 1
   fi
+  read -ra LAZY <<<"$out"
 }
 
 tarn_pull() {
@@ -251,15 +220,6 @@ images_up() {
   log "registry $REG_ADDR holds the images"
 }
 
-# Sum of the layer blobs of a cached image: what a full fetch must move.
-image_layer_bytes() {
-  local dir
-  dir="$("$BED_SCRIPTS/images.sh" path "$1")"
-  local manifest
-  manifest="$(jq -r '.manifests[0].digest' "$dir/index.json")"
-  jq '[.layers[].size] | add' "$dir/blobs/sha256/${manifest#sha256:}"
-}
-
 # The far registry of a profile: a proxy in front of the shared registry;
 # sets TARGET to the address clients use.
 proxy_up() {
@@ -291,7 +251,7 @@ check_workload() {
 
 # S1 overlayfs: containerd's own full pull, then run.
 s1_overlayfs() {
-  local p="$1" ref="$TARGET/multi:latest" lg="$WORK/$1-s1-overlayfs.log" mark t0 bytes reqs
+  local p="$1" ref="$TARGET/multi:latest" lg="$WORK/$1-s1-overlayfs.log" mark t0 t1
   REASON=""
   if bed_up "$p-s1-overlayfs" --containerd; then
     mark="$(reg_mark)"
@@ -299,60 +259,43 @@ s1_overlayfs() {
     if step "$lg" ctr --address "$CONTAINERD_SOCK" image pull --plain-http "$ref" &&
       step "$lg" ctr --address "$CONTAINERD_SOCK" run --rm --snapshotter overlayfs "$ref" "bench-$$" /app/run.sh &&
       check_workload "$lg"; then
-      local secs
-      secs="$(since "$t0")"
-      read -r bytes reqs <<<"$(reg_since "$mark")"
-      record "$p" S1 overlayfs ok "" secs "$secs" bytes "$bytes" requests "$reqs"
+      t1="$(now)"
+      note "$p" S1 overlayfs start="$t0" end="$t1" reg_from="$mark" reg_to="$(reg_mark)"
     else
-      record "$p" S1 overlayfs fail "$REASON"
+      note "$p" S1 overlayfs --fail "$REASON"
     fi
     bed_down
   else
-    record "$p" S1 overlayfs fail "$REASON"
+    note "$p" S1 overlayfs --fail "$REASON"
   fi
 }
 
-# median_of PROFILE SCENARIO VARIANT REPS CMD...: runs `CMD... REP` for REP
-# in 1..REPS, each on fresh daemons, each setting RUN="SECS BYTES REQUESTS
-# [NAME VALUE]..." (or REASON and failing); records the run of median time,
-# with the fastest and slowest times.
-median_of() {
-  local p="$1" scenario="$2" variant="$3" reps="$4" r runs=()
+# repeat PROFILE SCENARIO VARIANT REPS CMD...: runs `CMD... REP` for REP
+# in 1..REPS, each on fresh daemons, each noting its run with --rep (or
+# setting REASON, and FAILED_FACTS to what it measured, and failing: the
+# variant fails, with that reason).
+repeat() {
+  local p="$1" scenario="$2" variant="$3" reps="$4" r
   shift 4
   for ((r = 1; r <= reps; r++)); do
+    FAILED_FACTS=()
     if ! "$@" "$r"; then
-      record "$p" "$scenario" "$variant" fail "$REASON"
+      note "$p" "$scenario" "$variant" --fail "$REASON" "${FAILED_FACTS[@]}"
       return 0
     fi
-    runs+=("$RUN")
   done
-  record_median "$p" "$scenario" "$variant" "${runs[@]}"
-}
-
-# record_median PROFILE SCENARIO VARIANT RUN...: records the RUN ("SECS
-# BYTES REQUESTS [NAME VALUE]...") of median time, with the fastest and
-# slowest times.
-record_median() {
-  local p="$1" scenario="$2" variant="$3" sorted median=() fastest slowest
-  shift 3
-  sorted="$(printf '%s\n' "$@" | sort -n)"
-  read -ra median <<<"$(sed -n "$((($# + 1) / 2))p" <<<"$sorted")"
-  fastest="$(head -n1 <<<"$sorted" | cut -d' ' -f1)"
-  slowest="$(tail -n1 <<<"$sorted" | cut -d' ' -f1)"
-  record "$p" "$scenario" "$variant" ok "" secs "${median[0]}" bytes "${median[1]}" \
-    requests "${median[2]}" "${median[@]:3}" runs "$#" secs_min "$fastest" secs_max "$slowest"
 }
 
 # S1 tarn: the median of BENCH_S1_REPS (default 3) runs.
 s1_tarn() {
-  median_of "$1" S1 "$2" "${BENCH_S1_REPS:-3}" s1_tarn_run "$1" "$2" "$3"
+  repeat "$1" S1 "$2" "${BENCH_S1_REPS:-3}" s1_tarn_run "$1" "$2" "$3"
 }
 
-# One lazy pull and run: RUN="SECS BYTES REQUESTS layers N", or REASON. Bytes are
+# One lazy pull and run, noted with the lazy layers, or REASON. Bytes are
 # counted right after the run, before any background fetch could add to
 # them, then the daemons go.
 s1_tarn_run() {
-  local p="$1" variant="$2" image="$3" r="$4" ref lg mark t0 secs bytes reqs ok=1
+  local p="$1" variant="$2" image="$3" r="$4" ref lg mark t0 t1 mark1 ok=1
   ref="$TARGET/$image:latest"
   lg="$WORK/$p-s1-$variant-$r.log"
   REASON=""
@@ -362,13 +305,15 @@ s1_tarn_run() {
   if tarn_pull "$lg" "$ref" &&
     step "$lg" ctr --address "$CONTAINERD_SOCK" run --rm --snapshotter tarn "$ref" "bench-$$" /app/run.sh &&
     check_workload "$lg"; then
-    secs="$(since "$t0")"
-    read -r bytes reqs <<<"$(reg_since "$mark")"
+    t1="$(now)"
+    mark1="$(reg_mark)"
     if tarn_lazy_check; then
-      RUN="$secs $bytes $reqs layers $LAZY_LAYERS"
+      note "$p" S1 "$variant" --rep start="$t0" end="$t1" reg_from="$mark" reg_to="$mark1" "${LAZY[@]}"
       ok=0
     else
-      REASON="$REASON ($secs s, $bytes bytes)"
+      # What the failed run took and fetched still belongs in its reason:
+      # measured, not made up.
+      FAILED_FACTS=(start="$t0" end="$t1" reg_from="$mark" reg_to="$mark1")
     fi
   fi
   bed_down
@@ -379,9 +324,9 @@ s1_tarn_run() {
 # pull, against the link's capacity and against skopeo copy through the
 # same proxy.
 s2() {
-  local p="$1" rate ref="$TARGET/multi-esgz:latest" lg="$WORK/$1-s2.log" mark t0 done_at bytes reqs total
+  local p="$1" rate ref="$TARGET/multi-esgz:latest" lg="$WORK/$1-s2.log" mark t0 t1 end image
   read -r _ rate <<<"$(profile_params "$p")"
-  total="$(image_layer_bytes multi-esgz)"
+  image="$("$BENCH_BIN" layout-bytes "$("$BED_SCRIPTS/images.sh" path multi-esgz)")"
   REASON=""
   # The scenario measures the daemon's background fetch: turn it on.
   export TARN_CONFIG_EXTRA=$'[fetch]\nbackground = true'
@@ -391,33 +336,29 @@ s2() {
   if [ "$up" = 0 ]; then
     mark="$(reg_mark)"
     t0="$(now)"
-    local info
+    # The bytes fact is the image's (what the link must carry); the
+    # registry's own count becomes registry_bytes.
     if tarn_pull "$lg" "$ref" &&
-      info="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" wait-fetched --admin "$TARN_ADMIN_SOCK" \
+      end="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" wait-fetched --admin "$TARN_ADMIN_SOCK" \
         --min-layers 5 --timeout "$STEP_TIMEOUT" 2>>"$lg")"; then
-      done_at="$(jq .done_at <<<"$info")"
-      read -r bytes reqs <<<"$(reg_since "$mark")"
-      record "$p" S2 tarn-background ok "" \
-        secs "$(awk -v a="$t0" -v b="$done_at" 'BEGIN { printf "%.3f", b - a }')" \
-        bytes "$total" registry_bytes "$bytes" requests "$reqs" rate_mbit "$rate"
+      note "$p" S2 tarn-background start="$t0" "$end" "$image" reg_from="$mark" \
+        reg_to="$(reg_mark)" rate_mbit="$rate"
     else
       [ -n "$REASON" ] || REASON="$(tail -n1 "$lg" | cut -c1-160)"
-      record "$p" S2 tarn-background fail "$REASON"
+      note "$p" S2 tarn-background --fail "$REASON"
     fi
     bed_down
   else
-    record "$p" S2 tarn-background fail "$REASON"
+    note "$p" S2 tarn-background --fail "$REASON"
   fi
   local dest="$WORK/$p-s2-skopeo"
   mark="$(reg_mark)"
   t0="$(now)"
   if step "$lg" skopeo copy -q --src-tls-verify=false "docker://$ref" "oci:$dest:latest"; then
-    local secs
-    secs="$(since "$t0")"
-    read -r bytes reqs <<<"$(reg_since "$mark")"
-    record "$p" S2 skopeo ok "" secs "$secs" bytes "$bytes" requests "$reqs"
+    t1="$(now)"
+    note "$p" S2 skopeo start="$t0" end="$t1" reg_from="$mark" reg_to="$(reg_mark)"
   else
-    record "$p" S2 skopeo fail "$REASON"
+    note "$p" S2 skopeo --fail "$REASON"
   fi
   rm -rf "$dest"
 }
@@ -465,33 +406,30 @@ pull_n() {
 # BENCH_S3_REPS (default 9) runs of each, one pull and N taking turns so
 # that both see the machine's same slow and fast spells.
 s3_tarn() {
-  local p="$1" n="$2" reps="$3" r one=() many=()
+  local p="$1" n="$2" reps="$3" r
   for ((r = 1; r <= reps; r++)); do
     if ! s3_run "$p" tarn 1 "$r"; then
-      record "$p" S3 tarn-1 fail "$REASON"
-      record "$p" S3 "tarn-$n" fail "the one-pull run failed"
+      note "$p" S3 tarn-1 --fail "$REASON"
+      note "$p" S3 "tarn-$n" --fail "the one-pull run failed"
       return 0
     fi
-    one+=("$RUN")
     if ! s3_run "$p" tarn "$n" "$r"; then
-      record "$p" S3 tarn-1 fail "the $n-pull run failed"
-      record "$p" S3 "tarn-$n" fail "$REASON"
+      note "$p" S3 tarn-1 --fail "the $n-pull run failed"
+      note "$p" S3 "tarn-$n" --fail "$REASON"
       return 0
     fi
-    many+=("$RUN")
   done
-  record_median "$p" S3 tarn-1 "${one[@]}"
-  record_median "$p" S3 "tarn-$n" "${many[@]}"
 }
 
 # The overlayfs reference: one run (minutes each).
 s3_one() {
-  median_of "$1" S3 "$2-$3" 1 s3_run "$1" "$2" "$3"
+  repeat "$1" S3 "$2-$3" 1 s3_run "$1" "$2" "$3"
 }
 
-# One run of S3 on fresh daemons: RUN="SECS BYTES REQUESTS", or REASON.
+# One run of S3 on fresh daemons, noted as a repetition of KIND-N, or
+# REASON.
 s3_run() {
-  local p="$1" kind="$2" n="$3" r="$4" ref lg mark t0 secs bytes reqs
+  local p="$1" kind="$2" n="$3" r="$4" ref lg mark t0 t1
   lg="$WORK/$p-s3-$kind-$n-$r.log"
   REASON=""
   local flags=(--containerd) cmd
@@ -516,14 +454,13 @@ s3_run() {
   t0="$(now)"
   local ok=0
   if pull_n "$n" "$lg" "${cmd[@]}"; then
-    secs="$(since "$t0")"
+    t1="$(now)"
     # The daemon goes on fetching what it started during the pull (the
     # entrypoint): bytes are counted once the registry is quiet, so one
     # pull and twenty are compared on the same work.
-    reg_settle
-    read -r bytes reqs <<<"$(reg_since "$mark")"
+    "$BENCH_BIN" settle "$REG_LOG"
     if [ "$kind" = overlayfs ] || tarn_lazy_check; then
-      RUN="$secs $bytes $reqs"
+      note "$p" S3 "$kind-$n" --rep start="$t0" end="$t1" reg_from="$mark" reg_to="$(reg_mark)"
       ok=1
     fi
   fi
@@ -541,24 +478,24 @@ s4_on() {
   local flags=(--containerd)
   [ "$snap" = tarn ] && flags+=(--tarn)
   if ! bed_up "local-s4-$snap" "${flags[@]}"; then
-    record local S4 "read-$snap" fail "$REASON"
-    record local S4 "walk-$snap" fail "$REASON"
+    note local S4 "read-$snap" --fail "$REASON"
+    note local S4 "walk-$snap" --fail "$REASON"
     return 0
   fi
-  local what image id rootfs out metrics
+  local what image id rootfs out
   for what in read walk; do
     if [ "$what" = read ]; then image=bench-bigfile$suffix; else image=bench-manyfiles$suffix; fi
     id="bench-$what-$$"
     local ref="$TARGET/$image:latest"
     REASON=""
     if [ "$snap" = tarn ]; then
-      tarn_pull "$lg" "$ref" || { record local S4 "$what-$snap" fail "$REASON"; continue; }
+      tarn_pull "$lg" "$ref" || { note local S4 "$what-$snap" --fail "$REASON"; continue; }
     else
       step "$lg" ctr --address "$CONTAINERD_SOCK" image pull --plain-http "$ref" ||
-        { record local S4 "$what-$snap" fail "$REASON"; continue; }
+        { note local S4 "$what-$snap" --fail "$REASON"; continue; }
     fi
     if ! step "$lg" ctr --address "$CONTAINERD_SOCK" run -d --snapshotter "$snap" "$ref" "$id"; then
-      record local S4 "$what-$snap" fail "$REASON"
+      note local S4 "$what-$snap" --fail "$REASON"
       continue
     fi
     rootfs="$CONTAINERD_STATE/io.containerd.runtime.v2.task/default/$id/rootfs"
@@ -567,21 +504,15 @@ s4_on() {
     else
       out=(walk "$rootfs/data")
     fi
-    # One pass to fill the caches, then the median of three measured ones:
-    # a pass over cached data takes a fraction of a second, and one pass
-    # alone moved the ratio by 0.05-0.1 between runs.
+    # One pass to fill the caches, then the median of three measured ones
+    # (tarn-bench keeps the median pass).
+    local facts
     if step "$lg" "$BENCH_BIN" "${out[@]}" &&
-      metrics="$(for _ in 1 2 3; do timeout "$STEP_TIMEOUT" "$BENCH_BIN" "${out[@]}" 2>>"$lg" || exit 1; done |
-        jq -s -c 'sort_by(.secs) | .[1]')" && [ -n "$metrics" ] && [ "$metrics" != null ]; then
-      if [ "$what" = read ]; then
-        record local S4 "$what-$snap" ok "" secs "$(jq .secs <<<"$metrics")" \
-          bytes "$(jq .bytes <<<"$metrics")" mb_per_s "$(jq .mb_per_s <<<"$metrics")"
-      else
-        record local S4 "$what-$snap" ok "" secs "$(jq .secs <<<"$metrics")" \
-          entries "$(jq .entries <<<"$metrics")" entries_per_s "$(jq .entries_per_s <<<"$metrics")"
-      fi
+      facts="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" "${out[@]}" --passes 3 2>>"$lg")"; then
+      read -ra facts <<<"$facts"
+      note local S4 "$what-$snap" "${facts[@]}"
     else
-      record local S4 "$what-$snap" fail "${REASON:-measurement failed}"
+      note local S4 "$what-$snap" --fail "${REASON:-measurement failed}"
     fi
     timeout 30 ctr --address "$CONTAINERD_SOCK" task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
     timeout 30 ctr --address "$CONTAINERD_SOCK" task delete "$id" >/dev/null 2>&1 || true
@@ -593,37 +524,24 @@ s4_on() {
 # S5: RSS of the daemon with five images mounted, per TOC entry of the
 # layers it serves.
 s5() {
-  local lg="$WORK/local-s5.log" image info rss blobs=() digest dir
+  local lg="$WORK/local-s5.log" image toc rss layouts=()
   REASON=""
   if ! bed_up local-s5 --containerd --tarn; then
-    record local S5 tarn fail "$REASON"
+    note local S5 tarn --fail "$REASON"
     return 0
   fi
   for image in busybox-esgz python-esgz multi-esgz multi-esgz-opt bench-manyfiles-esgz; do
-    tarn_pull "$lg" "$TARGET/$image:latest" || { record local S5 tarn fail "$REASON"; bed_down; return 0; }
+    tarn_pull "$lg" "$TARGET/$image:latest" || { note local S5 tarn --fail "$REASON"; bed_down; return 0; }
+    layouts+=("$("$BED_SCRIPTS/images.sh" path "$image")")
   done
-  if ! info="$("$BENCH_BIN" layers --admin "$TARN_ADMIN_SOCK" 2>>"$lg")"; then
-    record local S5 tarn fail "cannot list tarn's layers: $(tail -n1 "$lg")"
-    bed_down
-    return 0
-  fi
-  for digest in $(jq -r '.digests[]' <<<"$info"); do
-    for dir in busybox-esgz python-esgz multi-esgz multi-esgz-opt bench-manyfiles-esgz; do
-      dir="$("$BED_SCRIPTS/images.sh" path "$dir")/blobs/sha256/${digest#sha256:}"
-      if [ -f "$dir" ]; then
-        blobs+=("$dir")
-        break
-      fi
-    done
-  done
-  local entries
-  if [ "${#blobs[@]}" -eq 0 ]; then
-    record local S5 tarn fail "no lazily mounted layers"
-  elif entries="$("$BENCH_BIN" toc-entries "${blobs[@]}" 2>>"$lg" | jq .toc_entries)" &&
-    rss="$("$BENCH_BIN" rss "${TARN_PID:?set by the test bed env}" | jq .rss_bytes)"; then
-    record local S5 tarn ok "" rss_bytes "$rss" toc_entries "$entries" layers "${#blobs[@]}"
+  if toc="$("$BENCH_BIN" toc-entries --admin "$TARN_ADMIN_SOCK" "${layouts[@]}" 2>>"$lg")" &&
+    rss="$("$BENCH_BIN" rss "${TARN_PID:?set by the test bed env}" 2>>"$lg")"; then
+    read -ra toc <<<"$toc"
+    note local S5 tarn "${toc[@]}" "$rss"
   else
-    record local S5 tarn fail "measurement failed: $(tail -n1 "$lg")"
+    local why
+    why="$(tail -n1 "$lg")"
+    note local S5 tarn --fail "measurement failed: ${why#tarn-bench: }"
   fi
   bed_down
 }
@@ -664,8 +582,13 @@ if wants S4; then
 fi
 if wants S5; then s5; fi
 
-cp "$RECORDS" "$OUT/records.jsonl"
-"$BENCH_BIN" report "$OUT/records.jsonl" --out "$OUT/results.json" | tee "$OUT/results.txt"
+"$BENCH_BIN" records "$NOTES" --registry-log "$REG_LOG" --out "$OUT/records.jsonl"
+cp "$NOTES" "$OUT/notes.jsonl"
+strict=()
+if [ "${BENCH_STRICT:-0}" = 1 ]; then strict=(--strict); fi
+rc=0
+"$BENCH_BIN" report "$OUT/records.jsonl" --out "$OUT/results.json" "${strict[@]}" >"$OUT/results.txt" || rc=$?
+cat "$OUT/results.txt"
 if "$PYTHON" -c 'import matplotlib' 2>/dev/null; then
   "$PYTHON" "$SCRIPTS/bench-chart.py" "$OUT/results.json" "$OUT/results.png"
   log "chart: $OUT/results.png"
@@ -673,6 +596,4 @@ else
   log "no chart: python3-matplotlib is missing (scripts/install-deps.sh --bench)"
 fi
 log "results: $OUT/results.json"
-if [ "${BENCH_STRICT:-0}" = 1 ]; then
-  jq -e '[.checks[] | select(.target != null and .verdict != "PASS")] | length == 0' "$OUT/results.json" >/dev/null
-fi
+[ "$rc" = 0 ]

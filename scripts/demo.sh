@@ -25,6 +25,8 @@ else
   say() { printf '\n==> %s\n' "$*"; }
 fi
 
+# Built binaries are in $TARN_BIN_DIR (default target/release).
+BIN_DIR="${TARN_BIN_DIR:-$SCRIPTS/../target/release}"
 WORK="$(mktemp -d /tmp/tarn-demo.XXXXXX)"
 BED="$WORK/bed"
 cleanup() {
@@ -41,10 +43,13 @@ trap 'exit 130' INT TERM
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
-# Body bytes the registry has sent so far, from its access log.
+# Body bytes the registry has sent so far, from its access log (read by
+# tarn-bench, the one parser of that log: "bytes=N requests=M").
 registry_bytes() {
-  jq -R 'fromjson? | select((.msg // "") | startswith("response completed"))
-         | ."http.response.written" // 0' "$REGISTRY_LOG" | awk '{ s += $1 } END { print s + 0 }'
+  local facts
+  facts="$("$BIN_DIR/tarn-bench" traffic "$REGISTRY_LOG")"
+  facts="${facts#bytes=}"
+  echo "${facts%% *}"
 }
 
 mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1e6 }'; }
@@ -58,7 +63,7 @@ fi
 # shellcheck disable=SC1091
 . "$BED/env"
 CTR=(ctr --address "$CONTAINERD_SOCK")
-TARN="${TARN_BIN_DIR:-$SCRIPTS/../target/release}/tarn"
+TARN="$BIN_DIR/tarn"
 
 say "pushing the sample image (5 layers) as plain gzip and as eStargz"
 "$SCRIPTS/images.sh" push multi "$REGISTRY"

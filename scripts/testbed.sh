@@ -122,6 +122,16 @@ http:
   addr: 127.0.0.1:$port
   secret: tarn-testbed
 EOF
+  # $TESTBED_REGISTRY_HTPASSWD: a registry that demands basic auth of the
+  # users in that htpasswd file.
+  if [ -n "${TESTBED_REGISTRY_HTPASSWD:-}" ]; then
+    cat >>"$DIR/registry.yml" <<EOF
+auth:
+  htpasswd:
+    realm: tarn-testbed
+    path: $TESTBED_REGISTRY_HTPASSWD
+EOF
+  fi
 }
 
 start_registry() {
@@ -131,7 +141,8 @@ start_registry() {
     port="$(free_port)"
     write_registry_config "$port"
     spawn registry "$DIR/registry.log" docker-registry serve "$DIR/registry.yml"
-    if wait_for registry "$DIR/registry.log" curl -fsS "http://127.0.0.1:$port/v2/"; then
+    # Any HTTP answer will do: /v2/ is a 401 for a registry with auth.
+    if wait_for registry "$DIR/registry.log" curl -sS -o /dev/null "http://127.0.0.1:$port/v2/"; then
       REGISTRY="127.0.0.1:$port"
       env_set REGISTRY "$REGISTRY"
       env_set REGISTRY_PID "$(pid_of registry)"
@@ -147,15 +158,14 @@ start_registry() {
 
 # ---------------------------------------------------------------- tarn
 
+# The built binaries are in $TARN_BIN_DIR (default target/release), the one
+# place tests, the demo and the benchmark look (integration/src/bins.rs).
+TARN_BIN_DIR="${TARN_BIN_DIR:-$REPO_ROOT/target/release}"
+
 tarn_bin() {
-  local d
-  for d in ${TARN_BIN_DIR:+"$TARN_BIN_DIR"} "$REPO_ROOT/target/release" "$REPO_ROOT/target/debug"; do
-    if [ -x "$d/tarn-snapshotter" ]; then
-      echo "$d/tarn-snapshotter"
-      return 0
-    fi
-  done
-  die "tarn-snapshotter not found (set TARN_BIN_DIR or run cargo build)"
+  [ -x "$TARN_BIN_DIR/tarn-snapshotter" ] ||
+    die "$TARN_BIN_DIR/tarn-snapshotter not found (cargo build --release --workspace, or set TARN_BIN_DIR)"
+  echo "$TARN_BIN_DIR/tarn-snapshotter"
 }
 
 # The daemon's configuration. Kept in one function because its keys follow

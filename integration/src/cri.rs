@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
@@ -29,12 +29,12 @@ use tempfile::TempDir;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::wait::wait_until_async;
+
 /// The CRI API version this client speaks.
 const API_VERSION: &str = "v1";
 /// Kubernetes namespace of the pods the tests make.
 const POD_NAMESPACE: &str = "tarn-test";
-/// How often [`Cri::wait_exit`] asks for the container's state.
-const POLL: Duration = Duration::from_millis(100);
 /// Grace period given to a container on stop before it is killed.
 const STOP_TIMEOUT_SECS: i64 = 5;
 
@@ -421,23 +421,27 @@ impl Cri {
 
     /// Waits until `container` has exited; returns its exit code.
     pub async fn wait_exit(&self, container: &str, timeout: Duration) -> Result<i32, CriError> {
-        let start = Instant::now();
-        loop {
-            let status = self.container_status(container).await?;
-            if status.state == ContainerState::ContainerExited as i32 {
-                return Ok(status.exit_code);
+        let exited = wait_until_async("the container to exit", timeout, || async {
+            match self.container_status(container).await {
+                Ok(s) if s.state == ContainerState::ContainerExited as i32 => Some(Ok(s.exit_code)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
             }
-            if start.elapsed() >= timeout {
+        })
+        .await;
+        match exited {
+            Ok(code) => code,
+            Err(_) => {
+                let status = self.container_status(container).await?;
                 let state = ContainerState::try_from(status.state)
                     .map(|s| s.as_str_name().to_owned())
                     .unwrap_or_else(|_| status.state.to_string());
-                return Err(CriError::Timeout {
+                Err(CriError::Timeout {
                     id: container.to_owned(),
                     state,
-                    waited: start.elapsed(),
-                });
+                    waited: timeout,
+                })
             }
-            tokio::time::sleep(POLL).await;
         }
     }
 

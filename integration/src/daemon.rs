@@ -1,12 +1,16 @@
-//! Starts the real `tarn-snapshotter` (and, for end-to-end tests, a
-//! containerd that uses it as a proxy plugin) with temp roots and sockets.
+//! The real `tarn-snapshotter` as a child a test owns: started with a temp
+//! root and sockets, stopped, killed (a crash) and started again on the same
+//! root. Tests that only need a running daemon next to containerd and a
+//! registry start the whole test bed instead ([`crate::testbed`]); this one
+//! is for tests about the daemon's own life (restart, crash, restore), or
+//! that put it into a test bed in place of the bed's own (with `address`).
 //! Dropping a handle stops its process by PID (SIGTERM, then SIGKILL after
 //! a timeout), waits for it, and detaches every mount left under its
 //! directory, so a failing test leaves nothing running or mounted.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use hyper_util::rt::TokioIo;
@@ -16,28 +20,12 @@ use tarn_proto::admin::admin_client::AdminClient;
 use tarn_proto::snapshots::snapshots_client::SnapshotsClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// The daemon binary: `$TARN_SNAPSHOTTER_BIN`, or `tarn-snapshotter` in the
-/// cargo target dir this test binary was built into (build it first with
-/// `cargo build -p tarn-snapshotter`).
-pub fn snapshotter_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("TARN_SNAPSHOTTER_BIN") {
-        return Ok(p.into());
-    }
-    let exe = std::env::current_exe().context("locate the test binary")?;
-    // target/<profile>/deps/<test> -> target/<profile>/tarn-snapshotter
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("tarn-snapshotter"))
-        .context("test binary has no target dir")?;
-    if !bin.exists() {
-        bail!(
-            "{} not found: run `cargo build -p tarn-snapshotter` first or set TARN_SNAPSHOTTER_BIN",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
+use crate::bins;
+use crate::wait::wait_until;
+
+/// How long the daemon may take to listen: a bound for a failure message,
+/// not an expectation.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A running `tarn-snapshotter` with its own root and sockets in a temp dir.
 pub struct Daemon {
@@ -109,7 +97,7 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .context("open daemon log")?;
-        let child = Command::new(snapshotter_bin()?)
+        let child = Command::new(bins::snapshotter()?)
             .arg("--root")
             .arg(self.root())
             .arg("--address")
@@ -128,21 +116,25 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::os::unix::net::UnixStream::connect(self.address()).is_ok() {
-                return Ok(());
+        let address = self.address();
+        let child = self.child.as_mut().context("daemon is not running")?;
+        let ready = wait_until("tarn-snapshotter to listen", START_TIMEOUT, || {
+            if std::os::unix::net::UnixStream::connect(&address).is_ok() {
+                return Some(Ok(()));
             }
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait().context("poll daemon")?
-            {
+            match child.try_wait() {
+                Ok(None) => None,
+                Ok(Some(status)) => Some(Err(anyhow::anyhow!("exited early ({status})"))),
+                Err(e) => Some(Err(anyhow::Error::new(e).context("poll daemon"))),
+            }
+        });
+        match ready {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
                 self.child = None;
-                bail!("tarn-snapshotter exited early ({status}): {}", self.log());
+                bail!("tarn-snapshotter: {e:#}: {}", self.log())
             }
-            if Instant::now() > deadline {
-                bail!("tarn-snapshotter did not listen in time: {}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            Err(e) => bail!("{e}: {}", self.log()),
         }
     }
 
@@ -218,17 +210,15 @@ pub async fn unix_channel(path: &Path) -> Result<Channel> {
 pub fn stop_child(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
     let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
     let _ = kill(pid, Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    loop {
-        if let Some(status) = child.try_wait().context("wait for child")? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
+    match wait_until("the process to exit", grace, || {
+        child.try_wait().transpose()
+    }) {
+        Ok(status) => Ok(status.context("wait for child")?),
+        Err(_) => {
             let _ = child.kill();
             let status = child.wait().context("wait for killed child")?;
             bail!("process {pid} ignored SIGTERM for {grace:?} and was killed ({status})");
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -246,103 +236,5 @@ pub fn unmount_under(dir: &Path) {
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for p in points {
         let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
-/// A containerd with its own config, root, state and socket, using a tarn
-/// daemon at `snapshotter` as proxy plugin `tarn`.
-pub struct Containerd {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Containerd {
-    pub fn start(snapshotter: &Path) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("ctrd-")
-            .tempdir_in("/tmp")
-            .context("create containerd temp dir")?;
-        let p = dir.path();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "{sock}"
-
-[ttrpc]
-  address = "{sock}.ttrpc"
-
-[debug]
-  address = "{sock}.debug"
-
-[metrics]
-  address = ""
-
-[proxy_plugins.tarn]
-  type = "snapshot"
-  address = "{snap}"
-"#,
-            root = p.join("root").display(),
-            state = p.join("state").display(),
-            sock = p.join("containerd.sock").display(),
-            snap = snapshotter.display(),
-        );
-        std::fs::write(p.join("config.toml"), config).context("write containerd config")?;
-        let log = std::fs::File::create(p.join("containerd.log")).context("open containerd log")?;
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(p.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("clone log fd")?)
-            .stderr(log)
-            .spawn()
-            .context("spawn containerd")?;
-        let c = Containerd {
-            dir,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !c
-            .ctr(&["version"])
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-        {
-            if Instant::now() > deadline {
-                bail!("containerd did not start: {}", c.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(c)
-    }
-
-    pub fn address(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    /// Runs `ctr --address SOCK ARGS...` and returns its output.
-    pub fn ctr(&self, args: &[&str]) -> Result<std::process::Output> {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(self.address())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("run ctr")
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = stop_child(&mut child, Duration::from_secs(10));
-        }
-        unmount_under(self.dir.path());
     }
 }

@@ -1,12 +1,19 @@
 //! Harnesses for tarn's integration tests and benchmarks: a real registry,
 //! containerd, runc, daemons and mounts, started per test and stopped by PID.
-//! The whole test bed is started by `scripts/testbed.sh`; [`testbed`] drives
-//! it from Rust.
+//!
+//! - [`testbed`]: the test bed (registry, containerd, tarn-snapshotter), which
+//!   `scripts/testbed.sh` starts and stops; the only way tests, the demo and
+//!   the benchmark start one.
+//! - [`bins`]: where the built binaries are (`$TARN_BIN_DIR`).
+//! - [`reglog`]: the registry's access log as requests.
+//! - [`wait`]: `wait_until`, the one way to wait for another process.
 
+pub mod bins;
 pub mod client;
 pub mod cri;
 pub mod daemon;
 pub mod mounts;
 pub mod registry;
-pub mod settle;
+pub mod reglog;
 pub mod testbed;
+pub mod wait;

@@ -2,6 +2,17 @@
 //! by `scripts/testbed.sh` in a fresh temporary directory, and stopped (every
 //! process, shim and mount of it) when the [`Testbed`] is dropped, also when a
 //! test fails.
+//!
+//! `scripts/testbed.sh` is the one way a test bed is started: by `make
+//! testbed-up`, the demo, the benchmark, `images.sh` and, through this
+//! module, the tests (`TestRegistry` is a registry-only test bed). The shell
+//! one is kept, not a Rust one, because it is the complete one (free-port
+//! retries, stopping tasks through containerd, leftover shims and runc
+//! state, unmounting deepest first) and the scripts need it without a
+//! Rust front end; the tests need only to drive it and read `DIR/env`.
+//! A test that must own the daemon's process (its exit status, a SIGKILL, a
+//! restart on the same root) starts it with [`crate::daemon::Daemon`] at the
+//! bed's `tarn.sock` instead of `--tarn`.
 
 use std::collections::HashMap;
 use std::fs;
@@ -10,6 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use tempfile::TempDir;
+
+use crate::reglog::Request;
+use crate::reglog::read_settled;
 
 /// What can go wrong while starting or using a test bed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +42,12 @@ pub enum TestbedError {
     },
     #[error("reading {path}: {source}")]
     Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -55,25 +75,6 @@ impl Component {
             Component::Containerd => "--containerd",
             Component::Tarn => "--tarn",
         }
-    }
-}
-
-/// One request as the registry's access log recorded it. Registry 2.8 does
-/// not log request headers, so the Range of a ranged GET is not known; its
-/// status is 206.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
-    pub path: String,
-    pub status: u16,
-    /// Body bytes the registry wrote in its response.
-    pub bytes: u64,
-}
-
-impl Request {
-    /// A GET of a blob (`/v2/NAME/blobs/DIGEST`), whole or ranged.
-    pub fn is_blob_get(&self) -> bool {
-        self.method == "GET" && self.path.contains("/blobs/sha256:")
     }
 }
 
@@ -117,6 +118,15 @@ impl Testbed {
     /// Starts `components` in a fresh temporary directory and waits until
     /// each answers. An empty slice starts everything.
     pub fn up(components: &[Component]) -> Result<Testbed, TestbedError> {
+        Testbed::up_with(components, None)
+    }
+
+    /// [`Testbed::up`] with a registry that demands HTTP basic auth: the
+    /// users of `htpasswd` (lines `USER:BCRYPT-HASH`).
+    pub fn up_with(
+        components: &[Component],
+        htpasswd: Option<&str>,
+    ) -> Result<Testbed, TestbedError> {
         let dir = tempfile::Builder::new()
             .prefix("tarn-testbed-")
             .tempdir()
@@ -124,6 +134,14 @@ impl Testbed {
         let path = dir.path().join("bed");
         let mut cmd = Command::new(script("testbed.sh"));
         cmd.arg("up").arg(&path);
+        if let Some(users) = htpasswd {
+            let file = dir.path().join("htpasswd");
+            fs::write(&file, users).map_err(|source| TestbedError::Write {
+                path: file.clone(),
+                source,
+            })?;
+            cmd.env("TESTBED_REGISTRY_HTPASSWD", file);
+        }
         if components.is_empty() {
             cmd.arg("--all");
         }
@@ -176,11 +194,7 @@ impl Testbed {
     /// Every request the registry has answered so far, in order.
     pub fn registry_log(&self) -> Result<Vec<Request>, TestbedError> {
         let path = PathBuf::from(self.require("REGISTRY_LOG")?);
-        let text = crate::settle::read_settled(&path).map_err(|source| TestbedError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(parse_registry_log(&text))
+        read_settled(&path).map_err(|source| TestbedError::Read { path, source })
     }
 
     /// Body bytes the registry has sent for all requests so far.
@@ -276,54 +290,9 @@ fn unquote(value: &str) -> Option<String> {
     Some(out)
 }
 
-/// Picks the "response completed" JSON lines out of the registry's log.
-fn parse_registry_log(text: &str) -> Vec<Request> {
-    text.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|v| {
-            v["msg"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("response completed"))
-        })
-        .filter_map(|v| {
-            Some(Request {
-                method: v["http.request.method"].as_str()?.to_owned(),
-                path: v["http.request.uri"].as_str()?.to_owned(),
-                status: u16::try_from(v["http.response.status"].as_u64()?).ok()?,
-                bytes: v["http.response.written"].as_u64().unwrap_or(0),
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn registry_log_lines_become_requests() {
-        let log = r#"{"level":"info","msg":"listening on 127.0.0.1:5000"}
-{"http.request.method":"GET","http.request.uri":"/v2/","http.response.status":200,"http.response.written":2,"level":"info","msg":"response completed"}
-127.0.0.1 - - [22/Nov/2026:06:28:00 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
-{"http.request.method":"GET","http.request.uri":"/v2/x/blobs/sha256:00","http.response.status":206,"http.response.written":4096,"msg":"response completed"}
-{"http.request.method":"HEAD","http.request.uri":"/v2/x/blobs/sha256:11","http.response.status":404,"http.response.written":157,"level":"error","msg":"response completed with error"}
-"#;
-        let reqs = parse_registry_log(log);
-        assert_eq!(reqs.len(), 3);
-        assert_eq!(
-            reqs[1],
-            Request {
-                method: "GET".into(),
-                path: "/v2/x/blobs/sha256:00".into(),
-                status: 206,
-                bytes: 4096
-            }
-        );
-        assert!(reqs[1].is_blob_get());
-        assert!(!reqs[0].is_blob_get());
-        assert!(!reqs[2].is_blob_get());
-        assert_eq!(reqs.iter().map(|r| r.bytes).sum::<u64>(), 2 + 4096 + 157);
-    }
 
     #[test]
     fn env_values_are_unquoted() {

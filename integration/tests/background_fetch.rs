@@ -25,6 +25,7 @@ use tarn_fs::format::estargz::{WriteOptions, write_estargz};
 use tarn_fs::layer::{BackgroundOutcome, Layer};
 use tarn_fs::registry::{BlobSource, RegistryClient, RegistryConfig, RemoteBlob, Repository};
 use tarn_integration::registry::TestRegistry;
+use tarn_integration::wait::wait_until;
 
 const RTT_MS: u64 = 200;
 const RATE_MBIT: f64 = 100.0;
@@ -53,15 +54,12 @@ impl FarProxy {
             addr: String::new(),
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while proxy.addr.is_empty() {
-            assert!(Instant::now() < deadline, "tarn-farproxy did not start");
-            std::thread::sleep(Duration::from_millis(20));
-            proxy.addr = std::fs::read_to_string(&addr_file)
-                .unwrap_or_default()
-                .trim()
-                .to_string();
-        }
+        proxy.addr = wait_until("tarn-farproxy to listen", Duration::from_secs(10), || {
+            let addr = std::fs::read_to_string(&addr_file).unwrap_or_default();
+            let addr = addr.trim();
+            (!addr.is_empty()).then(|| addr.to_owned())
+        })
+        .expect("tarn-farproxy started");
         proxy
     }
 }

@@ -3,69 +3,20 @@
 //! runs a container on it. Needs root, containerd, runc, docker-registry,
 //! umoci, skopeo and busybox-static (see TESTBED.md).
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use tarn_integration::daemon::{Containerd, Daemon, stop_child};
+use tarn_integration::daemon::Daemon;
+use tarn_integration::testbed::{Component, Testbed, TestbedError};
+use tarn_integration::wait::wait_until_async;
+use tarn_proto::snapshots::snapshots_client::SnapshotsClient;
 use tarn_proto::snapshots::{self as pb, Kind};
+use tonic::transport::Channel;
 
-/// A docker-registry on a free loopback port, stopped by PID on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = tempfile::Builder::new()
-            .prefix("tarn-reg-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn docker-registry");
-        let r = Registry {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        r
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = stop_child(&mut self.child, Duration::from_secs(10));
-    }
-}
+/// How long containerd's garbage collector or its proxy client's reconnect
+/// may take: a bound for a failure message, not an expectation.
+const CONTAINERD_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
@@ -79,7 +30,7 @@ fn run(cmd: &mut Command) -> String {
 }
 
 /// Builds a two-layer busybox image offline (umoci) and pushes it.
-fn push_busybox_image(registry: &Registry, work: &Path) -> String {
+fn push_busybox_image(registry: &str, work: &Path) -> String {
     let layout = work.join("oci");
     let image = format!("{}:latest", layout.display());
     run(Command::new("umoci")
@@ -106,7 +57,7 @@ fn push_busybox_image(registry: &Registry, work: &Path) -> String {
         .arg("/etc/hello.txt"));
     run(Command::new("umoci").args(["config", "--image", &image, "--config.cmd", "/bin/sh"]));
 
-    let reference = format!("127.0.0.1:{}/tarn/busybox:latest", registry.port);
+    let reference = format!("{registry}/tarn/busybox:latest");
     run(Command::new("skopeo").args([
         "copy",
         "--dest-tls-verify=false",
@@ -118,15 +69,18 @@ fn push_busybox_image(registry: &Registry, work: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_and_runs_an_ordinary_image_through_tarn() {
-    let registry = Registry::start();
+    // containerd reaches tarn at the test bed's tarn socket: the daemon this
+    // test starts (and restarts) itself.
+    let bed = Testbed::up(&[Component::Registry, Component::Containerd]).unwrap();
     let work = tempfile::Builder::new()
         .prefix("tarn-img-")
         .tempdir_in("/tmp")
         .unwrap();
-    let reference = push_busybox_image(&registry, work.path());
+    let reference = push_busybox_image(bed.registry().unwrap(), work.path());
 
-    let mut tarn = Daemon::start().expect("start tarn-snapshotter");
-    let ctrd = Containerd::start(&tarn.address()).expect("start containerd");
+    let mut tarn =
+        Daemon::start_with(Some(bed.dir().join("tarn.sock")), "").expect("start tarn-snapshotter");
+    let ctrd = Ctr(&bed);
 
     let plugins =
         String::from_utf8_lossy(&ctrd.ctr(&["plugins", "ls"]).unwrap().stdout).into_owned();
@@ -228,26 +182,8 @@ async fn containerd_pulls_and_runs_an_ordinary_image_through_tarn() {
 
     // --rm deleted the containers; containerd's garbage collector then
     // removes their active snapshots from tarn (asynchronously).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut stream = c
-            .list(pb::ListSnapshotsRequest {
-                snapshotter: "tarn".into(),
-                filters: vec!["kind==active".into()],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut active = Vec::new();
-        while let Some(b) = stream.message().await.unwrap() {
-            active.extend(b.info);
-        }
-        if active.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "containerd's GC left {active:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let active = snapshots_left(&c, "kind==active").await;
+    assert!(active.is_ok(), "containerd's GC left {active:?}");
     let dirs = std::fs::read_dir(tarn.root().join("snapshots"))
         .unwrap()
         .count();
@@ -259,25 +195,27 @@ async fn containerd_pulls_and_runs_an_ordinary_image_through_tarn() {
     let status = tarn.restart().expect("restart tarn");
     assert!(status.success(), "SIGTERM exits 0: {status}");
     // containerd's proxy client reconnects with a back-off of a few seconds.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let out = loop {
-        let out = ctrd
-            .ctr(&[
-                "run",
-                "--snapshotter",
-                "tarn",
-                "--rm",
-                &reference,
-                "tarn-plain-3",
-                "cat",
-                "/etc/hello.txt",
-            ])
-            .unwrap();
-        if out.status.success() || Instant::now() > deadline {
-            break out;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let out = wait_until_async(
+        "containerd to reconnect to tarn",
+        CONTAINERD_TIMEOUT,
+        || async {
+            let out = ctrd
+                .ctr(&[
+                    "run",
+                    "--snapshotter",
+                    "tarn",
+                    "--rm",
+                    &reference,
+                    "tarn-plain-3",
+                    "cat",
+                    "/etc/hello.txt",
+                ])
+                .unwrap();
+            out.status.success().then_some(out)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: tarn: {}", tarn.log()));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "hello from layer two\n",
@@ -294,13 +232,29 @@ async fn containerd_pulls_and_runs_an_ordinary_image_through_tarn() {
         "{}",
         String::from_utf8_lossy(&rm.stderr)
     );
-    let mut c = tarn.client().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let c = tarn.client().await.unwrap();
+    let left = snapshots_left(&c, "").await;
+    assert!(left.is_ok(), "containerd's GC left {left:?}");
+    let dirs = std::fs::read_dir(tarn.root().join("snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(dirs, 0, "no orphaned snapshot directory");
+}
+
+/// Waits until tarn holds no snapshot matching `filter` ("" for all);
+/// on timeout, the error names what is left.
+async fn snapshots_left(c: &SnapshotsClient<Channel>, filter: &str) -> Result<(), String> {
+    let list = || async {
+        let filters = if filter.is_empty() {
+            vec![]
+        } else {
+            vec![filter.to_owned()]
+        };
         let mut stream = c
+            .clone()
             .list(pb::ListSnapshotsRequest {
                 snapshotter: "tarn".into(),
-                filters: vec![],
+                filters,
             })
             .await
             .unwrap()
@@ -309,14 +263,27 @@ async fn containerd_pulls_and_runs_an_ordinary_image_through_tarn() {
         while let Some(b) = stream.message().await.unwrap() {
             left.extend(b.info);
         }
-        if left.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "containerd's GC left {left:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        left
+    };
+    let gone = wait_until_async("containerd's GC", CONTAINERD_TIMEOUT, || async {
+        list().await.is_empty().then_some(())
+    })
+    .await;
+    match gone {
+        Ok(()) => Ok(()),
+        Err(e) => Err(format!("{e}: {:?}", list().await)),
     }
-    let dirs = std::fs::read_dir(tarn.root().join("snapshots"))
-        .unwrap()
-        .count();
-    assert_eq!(dirs, 0, "no orphaned snapshot directory");
+}
+
+/// `ctr` on the test bed's containerd, and its log for failure messages.
+struct Ctr<'a>(&'a Testbed);
+
+impl Ctr<'_> {
+    fn ctr(&self, args: &[&str]) -> Result<std::process::Output, TestbedError> {
+        self.0.ctr(args)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.0.dir().join("containerd.log")).unwrap_or_default()
+    }
 }

@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tarn_integration::cri::Cri;
-use tarn_integration::testbed::{Request, Testbed, repo_root};
+use tarn_integration::reglog::Request;
+use tarn_integration::testbed::{Testbed, repo_root};
 
 /// Layer annotation carrying the TOC digest of an eStargz layer.
 const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";

@@ -1,6 +1,6 @@
 //! Issue 2's acceptance: eStargz layers in a real `docker-registry`, mounted
 //! by the real `tarn mount-layer` with FUSE. Needs root, /dev/fuse, the
-//! Debian packages of the test bed, and `cargo build -p tarn` beforehand.
+//! Debian packages of the test bed, and `tarn` built into `$TARN_BIN_DIR` beforehand.
 //! Figures (bytes, requests) are printed with `--nocapture`.
 
 mod support;

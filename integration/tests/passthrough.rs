@@ -249,11 +249,8 @@ fn assert_content(path: &Path, want: Range<u64>) {
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tarn_integration::wait::wait_until(what, Duration::from_secs(60), || done().then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn files() -> [Spec; 3] {

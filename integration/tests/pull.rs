@@ -4,110 +4,36 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tarn_integration::registry::{TestRegistry, free_port};
+use tarn_integration::bins;
+use tarn_integration::registry::free_port;
+use tarn_integration::testbed::{Component, Testbed};
 
 /// Snapshotter the pulls unpack into.
 const SNAPSHOTTER: &str = "overlayfs";
 
-/// The `tarn` binary of this build (tests run from target/<profile>/deps).
-fn tarn_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary has a path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .join("tarn");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p tarn` first",
-        bin.display()
-    );
-    bin
-}
-
-/// A registry and a containerd of our own, stopped and deleted on drop.
+/// A registry and a containerd of the test bed, stopped and deleted on drop.
 struct Bed {
-    registry: TestRegistry,
-    dir: tempfile::TempDir,
+    bed: Testbed,
     sock: PathBuf,
-    containerd: Child,
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
-        unsafe { libc::kill(self.containerd.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.containerd.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.containerd.kill();
-        let _ = self.containerd.wait();
-        // Containers ran with --rm, so containerd unmounted their rootfs; this
-        // matters only if a test failed midway.
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.path().join("root"))
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what} did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 impl Bed {
     fn up() -> Bed {
-        let registry = TestRegistry::start().expect("start docker-registry");
-        let dir = tempfile::Builder::new()
-            .prefix("tarn-pull-test-")
-            .tempdir()
-            .expect("temp dir");
-        let d = dir.path();
-        let sock = d.join("ctd.sock");
-        let config = format!(
-            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             root = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{}\"\n\
-             [proxy_plugins.tarn]\n  type = \"snapshot\"\n  address = \"{}\"\n",
-            d.join("root").display(),
-            d.join("state").display(),
-            sock.display(),
-            d.join("tarn.sock").display()
-        );
-        std::fs::write(d.join("ctd.toml"), config).expect("write containerd config");
-        let log = std::fs::File::create(d.join("containerd.log")).expect("create containerd log");
-        let containerd = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("ctd.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let bed = Bed {
-            registry,
-            dir,
-            sock,
-            containerd,
-        };
-        wait_for("containerd", || bed.sock.exists());
-        bed
+        let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
+        let sock = PathBuf::from(bed.containerd_sock().expect("containerd socket"));
+        Bed { bed, sock }
     }
 
     fn host(&self) -> String {
-        self.registry.host()
+        self.bed.registry().expect("registry address").to_owned()
     }
 
     /// Builds a two-layer busybox image with umoci and pushes it as `repo:1`.
     /// Returns the bytes of its blobs and manifest (what one pull fetches).
     fn push_busybox(&self, repo: &str) -> u64 {
-        let d = self.dir.path().join(format!("img-{repo}"));
+        let d = self.bed.dir().join(format!("img-{repo}"));
         let l1 = d.join("l1/bin");
         let l2 = d.join("l2/etc");
         std::fs::create_dir_all(&l1).expect("mkdir layer 1");
@@ -174,7 +100,7 @@ impl Bed {
     }
 
     fn pull_cmd(&self, reference: &str) -> Command {
-        let mut c = Command::new(tarn_bin());
+        let mut c = Command::new(bins::tarn().expect("tarn built"));
         c.arg("pull").arg("--address").arg(&self.sock).args([
             "--snapshotter",
             SNAPSHOTTER,
@@ -185,10 +111,10 @@ impl Bed {
 
     /// Bytes the registry has served for GETs since it started.
     fn registry_bytes_served(&self) -> u64 {
-        let log = self.registry.log().expect("read registry log");
+        let log = self.bed.registry_log().expect("read registry log");
         log.iter()
             .filter(|r| r.method == "GET")
-            .map(|r| r.written)
+            .map(|r| r.bytes)
             .sum()
     }
 
@@ -295,7 +221,7 @@ fn bad_input_gives_one_line_errors() {
         .output()
         .expect("run tarn");
     assert_one_line_error(&unreachable, "cannot resolve");
-    let no_ctd = Command::new(tarn_bin())
+    let no_ctd = Command::new(bins::tarn().expect("tarn built"))
         .args([
             "pull",
             "--address",
@@ -305,7 +231,7 @@ fn bad_input_gives_one_line_errors() {
         .output()
         .expect("run tarn");
     assert_one_line_error(&no_ctd, "containerd socket");
-    let no_snap = Command::new(tarn_bin())
+    let no_snap = Command::new(bins::tarn().expect("tarn built"))
         .arg("pull")
         .arg("--address")
         .arg(&bed.sock)

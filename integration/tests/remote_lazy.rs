@@ -4,7 +4,7 @@
 //!
 //! Images come from `scripts/images.sh` (multi-esgz: 5 eStargz layers,
 //! 155 MB; its `/app/run.sh` starts python3 and reads a Go source file).
-//! Needs `cargo build -p tarn-snapshotter -p tarn-cli` first.
+//! Needs the daemon and the CLI built into `$TARN_BIN_DIR` first.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -13,8 +13,15 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use tarn_integration::daemon::Daemon;
-use tarn_integration::testbed::{Component, Request, Testbed, repo_root};
+use tarn_integration::reglog::Request;
+use tarn_integration::testbed::{Component, Testbed, repo_root};
+use tarn_integration::wait::wait_until;
 use tarn_proto::admin::{Layer, ListLayersRequest, StatsRequest, StatsResponse};
+
+/// How long containerd's proxy client may take to come back after the
+/// snapshotter restarted (it backs off for a few seconds), or its garbage
+/// collector to clean up: a bound for a failure message.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 const WORKLOAD_OUT: [&str; 2] = ["tarn test workload", "Copyright 2009 The Go Authors"];
 
@@ -70,21 +77,22 @@ impl Bed {
     fn run(&self, reference: &str, id: &str, cmd: &[&str]) -> String {
         let mut args = vec!["run", "--rm", "--snapshotter", "tarn", reference, id];
         args.extend_from_slice(cmd);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let mut last = None;
+        let ran = wait_until("ctr run to succeed", RECONNECT_TIMEOUT, || {
             let out = self.ctr(&args);
-            if out.status.success() {
-                return String::from_utf8_lossy(&out.stdout).into_owned();
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "ctr run {reference}: {}\ntarn log:\n{}",
-                    String::from_utf8_lossy(&out.stderr),
-                    tail(&self.tarn.log(), 30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(300));
+            let ok = out.status.success();
+            last = Some(out);
+            ok.then_some(())
+        });
+        let out = last.expect("ran at least once");
+        if let Err(e) = ran {
+            panic!(
+                "{e}: ctr run {reference}: {}\ntarn log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail(&self.tarn.log(), 30)
+            );
         }
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn run_workload(&self, reference: &str, id: &str) {
@@ -479,10 +487,7 @@ fn concurrent_pulls_resolve_each_layer_once() {
 }
 
 fn tarn_bin() -> PathBuf {
-    let d = tarn_integration::daemon::snapshotter_bin().expect("snapshotter bin");
-    let bin = d.with_file_name("tarn");
-    assert!(bin.exists(), "build the cli first: cargo build -p tarn-cli");
-    bin
+    tarn_integration::bins::tarn().expect("tarn built")
 }
 
 #[test]
@@ -503,10 +508,10 @@ fn sigkill_during_a_pull_then_restart_pull_and_cleanup_leave_nothing() {
         .spawn()
         .expect("spawn rpull");
     // Kill once the first layer is in: mid-pull.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while b.already_exists_answers() == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // (If it never comes, the kill lands after the pull: the test goes on.)
+    let _ = wait_until("the first layer", Duration::from_secs(20), || {
+        (b.already_exists_answers() > 0).then_some(())
+    });
     b.tarn.kill().expect("SIGKILL tarn");
     let _ = pull.wait();
     assert!(
@@ -517,8 +522,8 @@ fn sigkill_during_a_pull_then_restart_pull_and_cleanup_leave_nothing() {
     b.tarn.start_again().expect("restart after SIGKILL");
     // containerd's proxy client backs off for a few seconds after the
     // snapshotter went away.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let mut stderr = String::new();
+    wait_until("rpull after restart", RECONNECT_TIMEOUT, || {
         let out = b
             .ctr_remote(&[
                 "image",
@@ -530,16 +535,10 @@ fn sigkill_during_a_pull_then_restart_pull_and_cleanup_leave_nothing() {
             ])
             .output()
             .expect("run rpull");
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rpull after restart: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.success().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {stderr}"));
     b.run_workload(&image, "after-kill");
     let (layers, _) = b.admin();
     assert_eq!(layers.len(), 5, "{layers:?}");
@@ -551,7 +550,6 @@ fn sigkill_during_a_pull_then_restart_pull_and_cleanup_leave_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
     let root = b.tarn.root();
     let leftovers = || {
         let dirs = |d: &str| -> Vec<String> {
@@ -564,17 +562,15 @@ fn sigkill_during_a_pull_then_restart_pull_and_cleanup_leave_nothing() {
         };
         (dirs("snapshots"), dirs("layers"), b.fuse_mounts())
     };
-    loop {
+    if let Err(e) = wait_until("containerd's cleanup", RECONNECT_TIMEOUT, || {
         let (s, l, m) = leftovers();
-        if s.is_empty() && l.is_empty() && m.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after image rm: snapshot dirs {s:?}, layer dirs {l:?}, mounts {m:?}\n{}",
+        (s.is_empty() && l.is_empty() && m.is_empty()).then_some(())
+    }) {
+        let (s, l, m) = leftovers();
+        panic!(
+            "{e}: after image rm: snapshot dirs {s:?}, layer dirs {l:?}, mounts {m:?}\n{}",
             tail(&b.tarn.log(), 30)
         );
-        std::thread::sleep(Duration::from_millis(200));
     }
     let (layers, stats) = b.admin();
     assert!(layers.is_empty(), "{layers:?}");

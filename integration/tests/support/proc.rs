@@ -3,40 +3,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// The `tarn` binary of this workspace: `$TARN_BIN`, else the one of this
-/// test's profile, (re)built once per test process so it is never stale:
-/// `cargo test` alone does not build another package's binaries.
+use tarn_integration::reglog::Request;
+use tarn_integration::wait::wait_until;
+
+/// A bound for a failure message: a mount takes a fraction of it.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `tarn` binary of this build (see `tarn_integration::bins`).
 pub fn tarn_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("TARN_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/<test> -> target/<profile>/tarn
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "tarn", "--bin", "tarn"]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        if let Some(target) = profile_dir.parent() {
-            build.arg("--target-dir").arg(target);
-        }
-        let st = build.status().expect("running cargo build -p tarn");
-        assert!(st.success(), "cargo build -p tarn failed");
-        let bin = profile_dir.join("tarn");
-        assert!(bin.exists(), "{} is missing after the build", bin.display());
-        bin
-    })
-    .clone()
+    tarn_integration::bins::tarn().expect("tarn built")
 }
 
 /// Whether `path` is a mount point now (per /proc/self/mountinfo).
@@ -139,17 +116,16 @@ impl MountLayer {
         extra: &[&str],
     ) -> MountLayer {
         let mut m = MountLayer::spawn(image, layer, mountpoint, root, extra);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !is_mounted(mountpoint) {
+        wait_until("tarn mount-layer to mount the layer", MOUNT_TIMEOUT, || {
             if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().expect("wait")) {
                 panic!(
                     "tarn mount-layer exited ({st}) before mounting: {}",
                     m.read(&m.err)
                 );
             }
-            assert!(Instant::now() < deadline, "not mounted after 60 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            is_mounted(mountpoint).then_some(())
+        })
+        .expect("mounted");
         m
     }
 
@@ -210,10 +186,10 @@ impl Drop for MountLayer {
 }
 
 /// Blob GETs in a registry log: (requests, bytes written).
-pub fn blob_gets(log: &[tarn_integration::registry::LoggedRequest]) -> (u64, u64) {
+pub fn blob_gets(log: &[Request]) -> (u64, u64) {
     log.iter()
         .filter(|r| {
             r.method == "GET" && r.path.contains("/blobs/") && (r.status == 200 || r.status == 206)
         })
-        .fold((0, 0), |(n, b), r| (n + 1, b + r.written))
+        .fold((0, 0), |(n, b), r| (n + 1, b + r.bytes))
 }

@@ -1,22 +1,28 @@
-//! tarn-bench: the measuring half of `make bench`. `scripts/bench.sh`
-//! orchestrates (test beds, proxies, pulls, containers) and calls these
-//! subcommands for what needs exact numbers: registry bytes between marks,
-//! sequential reads, tree walks, daemon RSS, TOC entry counts, background
-//! fetch completion, and the final report with ratios and targets.
-//!
-//! Every measuring subcommand prints one JSON object on stdout so the script
-//! can store it as-is.
+//! tarn-bench: the numbers of `make bench`. `scripts/bench.sh` only
+//! orchestrates (test beds, proxies, pulls, containers) and writes down raw
+//! facts, one note per run (`note`): start and end times, registry log
+//! marks, and the `NAME=VALUE` words the measuring subcommands print
+//! (sequential reads, tree walks, daemon RSS, TOC entries, background fetch
+//! completion, whether a pull was lazy). Everything computed from them is
+//! computed here: `records` turns the notes into records (seconds, registry
+//! traffic, medians of repeated runs), `report` the records into the table
+//! with ratios and targets and results.json.
 
 mod measure;
 mod report;
+mod runs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
-/// Measurements and the report of tarn's benchmark (see scripts/bench.sh).
+use crate::runs::{Facts, Note};
+
+/// Measurements, records and the report of tarn's benchmark (see
+/// scripts/bench.sh).
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
@@ -26,24 +32,70 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Registry traffic since a mark: body bytes and requests, from the
-    /// registry's JSON access log read from byte offset FROM.
-    Reglog {
+    /// Append one run's raw facts (NAME=VALUE: start, end, reg_from, reg_to
+    /// and what a measuring subcommand printed) to the NOTES file.
+    Note {
+        notes: PathBuf,
+        #[arg(long)]
+        profile: String,
+        #[arg(long)]
+        scenario: String,
+        #[arg(long)]
+        variant: String,
+        /// One of several repetitions: the record is their median.
+        #[arg(long)]
+        rep: bool,
+        /// The run failed, for this reason.
+        #[arg(long)]
+        fail: Option<String>,
+        #[arg(value_parser = runs::parse_fact)]
+        facts: Vec<(String, f64)>,
+    },
+    /// Wait until the registry's log has not grown for QUIET_MS (at most
+    /// TIMEOUT seconds): a daemon may go on fetching after a pull.
+    Settle {
+        log: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        quiet_ms: u64,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Registry traffic in the registry's log between two marks (sizes the
+    /// log had; TO defaults to its end): bytes, requests.
+    Traffic {
         log: PathBuf,
         #[arg(long, default_value_t = 0)]
         from: u64,
+        #[arg(long)]
+        to: Option<u64>,
     },
-    /// Read a file sequentially once with 1 MiB reads: bytes, seconds, MB/s.
-    Read { file: PathBuf },
+    /// Read a file sequentially with 1 MiB reads: bytes, secs, mb_per_s of
+    /// the median of PASSES passes.
+    Read {
+        file: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        passes: usize,
+    },
     /// Walk a tree, lstat every entry (what `find -exec stat` does, without
-    /// a process per file): entries and seconds.
-    Walk { dir: PathBuf },
-    /// Resident set size of a process (VmRSS), in bytes.
+    /// a process per file): entries, secs, entries_per_s of the median pass.
+    Walk {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        passes: usize,
+    },
+    /// Resident set size of a process (VmRSS): rss_bytes.
     Rss { pid: u32 },
-    /// Total TOC entries of the eStargz layer blobs given.
-    TocEntries { blobs: Vec<PathBuf> },
-    /// Poll tarn's admin API until every mounted layer is fully fetched;
-    /// print when that happened (Unix seconds) and the bytes fetched.
+    /// TOC entries of the layers tarn serves lazily, their blobs found in
+    /// the OCI layouts given: toc_entries, layers.
+    TocEntries {
+        #[arg(long)]
+        admin: PathBuf,
+        layouts: Vec<PathBuf>,
+    },
+    /// Bytes of an OCI layout's layer blobs: what a full fetch moves.
+    LayoutBytes { layout: PathBuf },
+    /// Wait until every layer tarn has mounted is fully fetched: end, when
+    /// that happened (Unix seconds).
     WaitFetched {
         #[arg(long)]
         admin: PathBuf,
@@ -54,17 +106,29 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         min_layers: usize,
     },
-    /// Layers the daemon serves lazily and its fallback count.
-    Layers {
+    /// Fail unless the pull was lazy (layers mounted lazily, no fallback):
+    /// layers.
+    LazyCheck {
         #[arg(long)]
         admin: PathBuf,
     },
-    /// Turn the records (JSON lines) into the table on stdout and
-    /// results.json.
+    /// Turn the notes into records (JSON lines): seconds, registry traffic
+    /// from the registry's log, medians of repetitions.
+    Records {
+        notes: PathBuf,
+        #[arg(long)]
+        registry_log: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Turn the records into the table on stdout and results.json.
     Report {
         records: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Fail unless every figure with a target passes.
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -79,28 +143,79 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let value = match cli.command {
-        Command::Reglog { log, from } => measure::reglog(&log, from)?,
-        Command::Read { file } => measure::read(&file)?,
-        Command::Walk { dir } => measure::walk(&dir)?,
+    let facts = match cli.command {
+        Command::Note {
+            notes,
+            profile,
+            scenario,
+            variant,
+            rep,
+            fail,
+            facts,
+        } => {
+            let note = Note {
+                profile,
+                scenario,
+                variant,
+                rep,
+                ok: fail.is_none(),
+                reason: fail,
+                facts: Facts(facts.into_iter().collect()),
+            };
+            let said = match &note.reason {
+                Some(reason) => format!("FAILED: {reason}"),
+                None => runs::shown(&note.facts),
+            };
+            eprintln!(
+                "bench: {} {} {}: {said}",
+                note.profile, note.scenario, note.variant
+            );
+            return runs::append(&notes, &note);
+        }
+        Command::Settle {
+            log,
+            quiet_ms,
+            timeout,
+        } => {
+            tarn_integration::reglog::wait_quiet(
+                &log,
+                Duration::from_millis(quiet_ms),
+                Duration::from_secs(timeout),
+            )?;
+            return Ok(());
+        }
+        Command::Traffic { log, from, to } => measure::traffic(&log, from, to.unwrap_or(u64::MAX))?,
+        Command::Read { file, passes } => measure::median_pass(passes, || measure::read(&file))?,
+        Command::Walk { dir, passes } => measure::median_pass(passes, || measure::walk(&dir))?,
         Command::Rss { pid } => measure::rss(pid)?,
-        Command::TocEntries { blobs } => measure::toc_entries(&blobs)?,
+        Command::TocEntries { admin, layouts } => {
+            measure::toc_entries(&measure::admin::digests(&admin)?, &layouts)?
+        }
+        Command::LayoutBytes { layout } => measure::layout_bytes(&layout)?,
         Command::WaitFetched {
             admin,
             timeout,
             min_layers,
-        } => measure::admin::wait_fetched(
-            &admin,
-            std::time::Duration::from_secs(timeout),
-            min_layers,
-        )?,
-        Command::Layers { admin } => measure::admin::layers(&admin)?,
-        Command::Report { records, out } => {
-            let text = report::run(&records, &out)?;
+        } => measure::admin::wait_fetched(&admin, Duration::from_secs(timeout), min_layers)?,
+        Command::LazyCheck { admin } => measure::admin::lazy_check(&admin)?,
+        Command::Records {
+            notes,
+            registry_log,
+            out,
+        } => return runs::run(&notes, &registry_log, &out),
+        Command::Report {
+            records,
+            out,
+            strict,
+        } => {
+            let (text, all_pass) = report::run(&records, &out)?;
             print!("{text}");
+            if strict && !all_pass {
+                bail!("a figure with a target did not pass (strict)");
+            }
             return Ok(());
         }
     };
-    println!("{value}");
+    println!("{facts}");
     Ok(())
 }

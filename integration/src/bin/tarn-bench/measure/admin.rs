@@ -1,19 +1,19 @@
 //! Questions to tarn's admin API (a gRPC service on a unix socket): which
-//! layers are mounted and how much of each has been fetched.
+//! layers are mounted, whether a pull was lazy, and when every layer has
+//! been fetched (polled at most 100 ms apart by `wait_until_async`: well
+//! under the resolution the benchmark reports).
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
+use tarn_integration::daemon::unix_channel;
+use tarn_integration::wait::wait_until_async;
 use tarn_proto::admin::admin_client::AdminClient;
 use tarn_proto::admin::{Layer, LayerState, ListLayersRequest, StatsRequest};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
-/// How often completion is checked: well under the resolution the
-/// benchmark reports (tenths of a second over tens of seconds).
-const POLL: Duration = Duration::from_millis(100);
+use crate::runs::Facts;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -22,8 +22,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start a tokio runtime")
 }
 
-/// A tonic channel over a unix socket (the URI is a placeholder tonic
-/// requires; the connector ignores it).
 async fn connect(path: &Path) -> Result<AdminClient<Channel>> {
     if !path.exists() {
         bail!(
@@ -31,14 +29,7 @@ async fn connect(path: &Path) -> Result<AdminClient<Channel>> {
             path.display()
         );
     }
-    let owned = path.to_owned();
-    let channel = Endpoint::try_from("http://[::1]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = owned.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    let channel = unix_channel(path)
         .await
         .with_context(|| format!("cannot connect to tarn's admin socket {}", path.display()))?;
     Ok(AdminClient::new(channel))
@@ -59,61 +50,76 @@ fn complete(l: &Layer) -> bool {
 }
 
 /// Waits until at least `min_layers` layers are mounted and all of them are
-/// fully fetched.
-pub fn wait_fetched(admin: &Path, timeout: Duration, min_layers: usize) -> Result<Value> {
+/// fully fetched; the fact `end` is when (Unix seconds), for the script to
+/// note beside the `start` it took.
+pub fn wait_fetched(admin: &Path, timeout: Duration, min_layers: usize) -> Result<Facts> {
     runtime()?.block_on(async {
-        let deadline = Instant::now() + timeout;
-        let mut client = connect(admin).await?;
-        loop {
-            let layers = list(&mut client).await?;
-            if let Some(failed) = layers.iter().find(|l| l.state == LayerState::Failed as i32) {
-                bail!("layer {} failed in the daemon", failed.layer_digest);
+        let client = connect(admin).await?;
+        let done = wait_until_async("the background fetch", timeout, || {
+            let mut client = client.clone();
+            async move {
+                let layers = match list(&mut client).await {
+                    Ok(layers) => layers,
+                    Err(e) => return Some(Err(e)),
+                };
+                if let Some(failed) = layers.iter().find(|l| l.state == LayerState::Failed as i32) {
+                    return Some(Err(anyhow::anyhow!(
+                        "layer {} failed in the daemon",
+                        failed.layer_digest
+                    )));
+                }
+                (layers.len() >= min_layers && layers.iter().all(complete)).then_some(Ok(()))
             }
-            let fetched: u64 = layers.iter().map(|l| l.bytes_fetched).sum();
-            let total: u64 = layers.iter().map(|l| l.blob_size).sum();
-            if layers.len() >= min_layers && layers.iter().all(complete) {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .context("clock before 1970")?;
-                return Ok(json!({
-                    "done_at": now.as_secs_f64(),
-                    "bytes": fetched,
-                    "blob_bytes": total,
-                    "layers": layers.len(),
-                }));
-            }
-            if Instant::now() >= deadline {
+        })
+        .await;
+        match done {
+            Ok(result) => result?,
+            Err(timed_out) => {
+                let layers = list(&mut client.clone()).await?;
+                let fetched: u64 = layers.iter().map(|l| l.bytes_fetched).sum();
+                let total: u64 = layers.iter().map(|l| l.blob_size).sum();
                 bail!(
-                    "background fetch incomplete after {}s: {} of {} bytes in {} layers",
-                    timeout.as_secs(),
-                    fetched,
-                    total,
+                    "{timed_out}: {fetched} of {total} bytes in {} layers",
                     layers.len()
                 );
             }
-            tokio::time::sleep(POLL).await;
         }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .context("clock before 1970")?;
+        Ok(Facts::new([("end", now.as_secs_f64())]))
     })
 }
 
-/// The mounted layers and the daemon's fallback count.
-pub fn layers(admin: &Path) -> Result<Value> {
+/// The digests of the layers the daemon serves lazily.
+pub fn digests(admin: &Path) -> Result<Vec<String>> {
     runtime()?.block_on(async {
         let mut client = connect(admin).await?;
-        let layers = list(&mut client).await?;
-        let stats = client
+        Ok(list(&mut client)
+            .await?
+            .into_iter()
+            .map(|l| l.layer_digest)
+            .collect())
+    })
+}
+
+/// Whether the pull was lazy: at least one layer mounted lazily and none
+/// fell back to a full pull. The fact `layers` counts the lazy ones.
+#[allow(clippy::cast_precision_loss)]
+pub fn lazy_check(admin: &Path) -> Result<Facts> {
+    runtime()?.block_on(async {
+        let mut client = connect(admin).await?;
+        let layers = list(&mut client).await?.len();
+        let fallbacks = client
             .stats(StatsRequest {})
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))
             .context("cannot read tarn's statistics")?
-            .into_inner();
-        let digests: Vec<&str> = layers.iter().map(|l| l.layer_digest.as_str()).collect();
-        Ok(json!({
-            "layers": layers.len(),
-            "digests": digests,
-            "bytes_fetched": layers.iter().map(|l| l.bytes_fetched).sum::<u64>(),
-            "requests": layers.iter().map(|l| l.requests).sum::<u64>(),
-            "fallbacks": stats.fallbacks,
-        }))
+            .into_inner()
+            .fallbacks;
+        if layers == 0 || fallbacks > 0 {
+            bail!("not lazy: {layers} layers mounted lazily, {fallbacks} fell back to a full pull");
+        }
+        Ok(Facts::new([("layers", layers as f64)]))
     })
 }

@@ -1,58 +1,50 @@
-//! The measurements taken outside the daemon: each returns one JSON value.
+//! The measurements taken outside the daemon: each returns [`Facts`], the
+//! `NAME=VALUE` words `scripts/bench.sh` hands on to `tarn-bench note`.
 
 pub mod admin;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tarn_fs::format::estargz::{decode_toc, parse_footer};
+use tarn_integration::reglog::{self, Traffic};
 
-/// Sums the registry's "response completed" lines after byte offset `from`.
-/// The registry writes one JSON object per request; `http.response.written`
-/// is the body it sent (206 bodies for ranged GETs included).
-pub fn reglog(log: &Path, from: u64) -> Result<Value> {
-    let mut file =
-        File::open(log).with_context(|| format!("cannot open registry log {}", log.display()))?;
-    let end = file
-        .metadata()
-        .context("cannot stat the registry log")?
-        .len();
-    file.seek(SeekFrom::Start(from.min(end)))
-        .context("cannot seek in the registry log")?;
-    let (bytes, requests) = sum_responses(BufReader::new(file.take(end.saturating_sub(from))))?;
-    Ok(json!({ "bytes": bytes, "requests": requests, "end": end }))
+use crate::runs::{Facts, median};
+
+/// Runs `pass` `passes` times (at least once) and keeps the facts of the
+/// pass of median time: a pass over cached data takes a fraction of a
+/// second, and one pass alone moved S4's ratio by 0.05-0.1 between runs.
+pub fn median_pass(passes: usize, mut pass: impl FnMut() -> Result<Facts>) -> Result<Facts> {
+    let mut runs = Vec::new();
+    for _ in 0..passes.max(1) {
+        runs.push(pass()?.0);
+    }
+    let mut m = median(runs).context("no pass ran")?;
+    for spread in ["runs", "secs_min", "secs_max"] {
+        m.remove(spread);
+    }
+    Ok(Facts(m))
 }
 
-/// (body bytes, requests) of the access-log lines in `reader`; lines that
-/// are not JSON (the registry's start-up banner) are skipped.
-fn sum_responses(reader: impl BufRead) -> Result<(u64, u64)> {
-    let (mut bytes, mut requests) = (0u64, 0u64);
-    for line in reader.lines() {
-        let line = line.context("cannot read the registry log")?;
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        let completed = v
-            .get("msg")
-            .and_then(Value::as_str)
-            .is_some_and(|m| m.starts_with("response completed"));
-        if completed {
-            requests += 1;
-            bytes += v
-                .get("http.response.written")
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
-        }
-    }
-    Ok((bytes, requests))
+/// The registry's traffic between two marks of its log.
+#[allow(clippy::cast_precision_loss)]
+pub fn traffic(log: &Path, from: u64, to: u64) -> Result<Facts> {
+    let requests = reglog::read_between(log, from, to)
+        .with_context(|| format!("cannot read registry log {}", log.display()))?;
+    let t = Traffic::of(&requests);
+    Ok(Facts::new([
+        ("bytes", t.bytes as f64),
+        ("requests", t.requests as f64),
+    ]))
 }
 
 /// One sequential pass with 1 MiB reads, as `dd bs=1M` would do.
-pub fn read(path: &Path) -> Result<Value> {
+#[allow(clippy::cast_precision_loss)]
+pub fn read(path: &Path) -> Result<Facts> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     let start = Instant::now();
@@ -67,11 +59,16 @@ pub fn read(path: &Path) -> Result<Value> {
         total += n as u64;
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok(json!({ "bytes": total, "secs": secs, "mb_per_s": total as f64 / 1e6 / secs.max(1e-9) }))
+    Ok(Facts::new([
+        ("bytes", total as f64),
+        ("secs", secs),
+        ("mb_per_s", total as f64 / 1e6 / secs.max(1e-9)),
+    ]))
 }
 
 /// Depth-first walk with one lstat per entry.
-pub fn walk(root: &Path) -> Result<Value> {
+#[allow(clippy::cast_precision_loss)]
+pub fn walk(root: &Path) -> Result<Facts> {
     let start = Instant::now();
     let mut stack: Vec<PathBuf> = vec![root.to_owned()];
     let mut entries = 0u64;
@@ -91,17 +88,19 @@ pub fn walk(root: &Path) -> Result<Value> {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok(
-        json!({ "entries": entries, "secs": secs, "entries_per_s": entries as f64 / secs.max(1e-9) }),
-    )
+    Ok(Facts::new([
+        ("entries", entries as f64),
+        ("secs", secs),
+        ("entries_per_s", entries as f64 / secs.max(1e-9)),
+    ]))
 }
 
-pub fn rss(pid: u32) -> Result<Value> {
+#[allow(clippy::cast_precision_loss)]
+pub fn rss(pid: u32) -> Result<Facts> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    Ok(
-        json!({ "rss_bytes": parse_vm_rss(&status).with_context(|| format!("no VmRSS in {path}"))? }),
-    )
+    let rss = parse_vm_rss(&status).with_context(|| format!("no VmRSS in {path}"))?;
+    Ok(Facts::new([("rss_bytes", rss as f64)]))
 }
 
 fn parse_vm_rss(status: &str) -> Option<u64> {
@@ -116,18 +115,59 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Entries in the TOC of each blob, read from the blob's footer and TOC
-/// member only.
-pub fn toc_entries(blobs: &[PathBuf]) -> Result<Value> {
-    let mut total = 0usize;
-    let mut per_blob = Vec::new();
-    for blob in blobs {
-        let n = count_toc_entries(blob)
-            .with_context(|| format!("cannot read the TOC of {}", blob.display()))?;
-        total += n;
-        per_blob.push(json!({ "blob": blob, "entries": n }));
+/// Entries in the TOCs of the layers the daemon serves lazily, their
+/// blobs found in the OCI layouts given; fails when none is found.
+#[allow(clippy::cast_precision_loss)]
+pub fn toc_entries(digests: &[String], layouts: &[PathBuf]) -> Result<Facts> {
+    let blobs: Vec<PathBuf> = digests
+        .iter()
+        .filter_map(|d| {
+            let hex = d.strip_prefix("sha256:")?;
+            layouts
+                .iter()
+                .map(|l| l.join("blobs/sha256").join(hex))
+                .find(|b| b.is_file())
+        })
+        .collect();
+    if blobs.is_empty() {
+        bail!("no lazily mounted layers");
     }
-    Ok(json!({ "toc_entries": total, "blobs": per_blob }))
+    let mut total = 0usize;
+    for blob in &blobs {
+        total += count_toc_entries(blob)
+            .with_context(|| format!("cannot read the TOC of {}", blob.display()))?;
+    }
+    Ok(Facts::new([
+        ("toc_entries", total as f64),
+        ("layers", blobs.len() as f64),
+    ]))
+}
+
+/// The bytes of an OCI layout's layer blobs (of its first manifest): what a
+/// full fetch of the image moves.
+#[allow(clippy::cast_precision_loss)]
+pub fn layout_bytes(layout: &Path) -> Result<Facts> {
+    let json = |p: &Path| -> Result<Value> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("bad JSON in {}", p.display()))
+    };
+    let index = json(&layout.join("index.json"))?;
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .context("index.json names no manifest")?;
+    let hex = digest
+        .strip_prefix("sha256:")
+        .context("manifest digest is not sha256")?;
+    let manifest = json(&layout.join("blobs/sha256").join(hex))?;
+    let layers = manifest["layers"]
+        .as_array()
+        .context("manifest has no layers")?;
+    let mut total = 0u64;
+    for l in layers {
+        total += l["size"].as_u64().context("layer without size")?;
+    }
+    Ok(Facts::new([("bytes", total as f64)]))
 }
 
 fn count_toc_entries(blob: &Path) -> Result<usize> {
@@ -155,35 +195,35 @@ fn count_toc_entries(blob: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     #[test]
-    fn reglog_counts_only_completed_responses_after_the_mark() {
-        let mut log = tempfile::NamedTempFile::new().expect("temp file");
-        writeln!(
-            log,
-            r#"{{"msg":"response completed","http.response.written":100}}"#
+    fn the_median_pass_is_kept_without_the_spread() {
+        let mut secs = [3.0, 1.0, 2.0].into_iter();
+        let f = median_pass(3, || {
+            let s = secs.next().expect("three passes");
+            Ok(Facts::new([("secs", s), ("bytes", s * 100.0)]))
+        })
+        .expect("median");
+        assert_eq!(f, Facts::new([("secs", 2.0), ("bytes", 200.0)]));
+    }
+
+    #[test]
+    fn layout_bytes_sums_the_layers_of_the_manifest() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).expect("mkdir");
+        std::fs::write(
+            dir.path().join("index.json"),
+            r#"{"manifests":[{"digest":"sha256:ab"}]}"#,
         )
         .expect("write");
-        let mark = log.as_file().metadata().expect("stat").len();
-        writeln!(log, "not json at all").expect("write");
-        writeln!(
-            log,
-            r#"{{"msg":"response completed","http.response.written":7,"http.response.status":206}}"#
+        std::fs::write(
+            blobs.join("ab"),
+            r#"{"config":{"size":7},"layers":[{"size":100},{"size":23}]}"#,
         )
         .expect("write");
-        writeln!(log, r#"{{"msg":"response completed"}}"#).expect("write");
-        writeln!(
-            log,
-            r#"{{"msg":"authorized request","http.response.written":9999}}"#
-        )
-        .expect("write");
-        let all = reglog(log.path(), 0).expect("reglog");
-        assert_eq!(all["bytes"], 107);
-        assert_eq!(all["requests"], 3);
-        let since = reglog(log.path(), mark).expect("reglog");
-        assert_eq!(since["bytes"], 7);
-        assert_eq!(since["requests"], 2);
+        let f = layout_bytes(dir.path()).expect("layout bytes");
+        assert_eq!(f, Facts::new([("bytes", 123.0)]));
     }
 
     #[test]
@@ -193,10 +233,10 @@ mod tests {
         std::fs::write(dir.path().join("a/b/f"), vec![1u8; 3 << 20]).expect("write");
         std::os::unix::fs::symlink("f", dir.path().join("a/b/l")).expect("symlink");
         let r = read(&dir.path().join("a/b/f")).expect("read");
-        assert_eq!(r["bytes"], 3 << 20);
+        assert_eq!(r.0["bytes"], f64::from(3 << 20));
         let w = walk(dir.path()).expect("walk");
         // a, a/b, a/b/f, a/b/l: the symlink is counted, not followed.
-        assert_eq!(w["entries"], 4);
+        assert_eq!(w.0["entries"], 4.0);
     }
 
     #[test]
@@ -204,12 +244,7 @@ mod tests {
         let status = "Name:\ttarn\nVmPeak:\t  9000 kB\nVmRSS:\t   1234 kB\nThreads:\t4\n";
         assert_eq!(parse_vm_rss(status), Some(1234 * 1024));
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
-        assert!(
-            rss(std::process::id()).expect("own rss")["rss_bytes"]
-                .as_u64()
-                .expect("number")
-                > 0
-        );
+        assert!(rss(std::process::id()).expect("own rss").0["rss_bytes"] > 0.0);
     }
 
     #[test]
@@ -226,11 +261,19 @@ mod tests {
         }
         let tar = tar.into_inner().expect("tar");
         let dir = tempfile::tempdir().expect("temp dir");
-        let blob = dir.path().join("blob");
-        let mut out = File::create(&blob).expect("create");
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).expect("mkdir");
+        let mut out = File::create(blobs.join("ab")).expect("create");
         write_estargz(&tar[..], &mut out, &WriteOptions::default()).expect("write estargz");
         drop(out);
-        let v = toc_entries(&[blob]).expect("toc entries");
-        assert!(v["toc_entries"].as_u64().expect("number") >= 3, "{v}");
+        let layouts = [dir.path().join("elsewhere"), dir.path().to_owned()];
+        let digests = ["sha256:cd".to_owned(), "sha256:ab".to_owned()];
+        let f = toc_entries(&digests, &layouts).expect("toc entries");
+        assert!(f.0["toc_entries"] >= 3.0, "{f}");
+        assert_eq!(f.0["layers"], 1.0);
+        assert!(
+            toc_entries(&digests[..1], &layouts).is_err(),
+            "no layer found"
+        );
     }
 }
