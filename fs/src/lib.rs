@@ -14,7 +14,8 @@
 //! ```
 //!
 //! `digest` and `format::index` hold the vocabulary every layer shares;
-//! `memory` tunes the allocator for a daemon that keeps many layers.
+//! `memory` tunes the allocator for a daemon that keeps many layers; `num`
+//! converts offsets between `u64` and `usize`.
 
 pub mod cache;
 pub mod digest;
@@ -24,6 +25,7 @@ pub mod fuse;
 pub mod intent;
 pub mod layer;
 pub mod memory;
+pub mod num;
 pub mod registry;
 
 pub use digest::Digest;
