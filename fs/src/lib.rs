@@ -13,9 +13,9 @@
 //!   -> format/    pure decoding: footer, TOC, index, one chunk, its digest
 //! ```
 //!
-//! `digest` and `format::index` hold the vocabulary every layer shares;
-//! `memory` tunes the allocator for a daemon that keeps many layers; `num`
-//! converts offsets between `u64` and `usize`.
+//! `digest` and `format::index` hold the vocabulary every layer shares, and
+//! `num` the one conversion of `u64` offsets to `usize` the byte paths use;
+//! `memory` tunes the allocator for a daemon that keeps many layers.
 
 pub mod cache;
 pub mod digest;
