@@ -287,7 +287,7 @@ impl Containerd {
             let end = (offset + WRITE_CHUNK).min(data.len());
             let req = WriteContentRequest {
                 action: WriteAction::Write.into(),
-                offset: offset as i64,
+                offset: i64::try_from(offset).expect("a slice offset is below isize::MAX"),
                 data: data[offset..end].to_vec(),
                 ..base.clone()
             };
@@ -527,7 +527,7 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
+    let z = i64::try_from(days).expect("u64 seconds / 86400 is below 2^63") + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;

@@ -77,9 +77,9 @@ const NOT_HEX: u8 = 0x10;
 /// Each byte's value as a lowercase hex digit, or [`NOT_HEX`].
 const NIBBLE: [u8; 256] = {
     let mut t = [NOT_HEX; 256];
-    let mut i = 0;
+    let mut i: u8 = 0;
     while i < 16 {
-        t[HEX[i] as usize] = i as u8;
+        t[HEX[i as usize] as usize] = i;
         i += 1;
     }
     t

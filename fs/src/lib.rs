@@ -13,7 +13,8 @@
 //!   -> format/    pure decoding: footer, TOC, index, one chunk, its digest
 //! ```
 //!
-//! `digest` and `format::index` hold the vocabulary every layer shares;
+//! `digest` and `format::index` hold the vocabulary every layer shares, and
+//! `num` the one conversion of `u64` offsets to `usize` the byte paths use;
 //! `memory` tunes the allocator for a daemon that keeps many layers.
 
 pub mod cache;
@@ -24,6 +25,7 @@ pub mod fuse;
 pub mod intent;
 pub mod layer;
 pub mod memory;
+pub mod num;
 pub mod registry;
 
 pub use digest::Digest;

@@ -24,10 +24,11 @@ pub fn tune_allocator() -> bool {
     {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let arenas = libc::c_int::try_from(cpus).unwrap_or(libc::c_int::MAX);
+        let threshold = libc::c_int::try_from(MMAP_THRESHOLD).unwrap_or(libc::c_int::MAX);
         // SAFETY: mallopt only sets a malloc parameter; it is safe to call
         // at any time (and here no other thread exists yet).
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) == 1
+            libc::mallopt(libc::M_MMAP_THRESHOLD, threshold) == 1
                 && libc::mallopt(libc::M_ARENA_MAX, arenas) == 1
         }
     }

@@ -357,7 +357,7 @@ impl Cache {
         let pack = usize::from(digest.0[0]) % PACKS;
         let p = &self.packs[pack];
         let len = u32::try_from(data.len()).expect("pack items are < 64 KiB");
-        let mut record = Vec::with_capacity(pack::HEADER_LEN as usize + data.len());
+        let mut record = Vec::with_capacity(pack::HEADER_LEN + data.len());
         record.extend_from_slice(&pack::header(digest, len));
         record.extend_from_slice(data);
 
@@ -371,7 +371,7 @@ impl Cache {
         p.file
             .write_all_at(&record, *end)
             .map_err(io_err(&p.path))?;
-        let offset = *end + pack::HEADER_LEN;
+        let offset = *end + pack::HEADER_LEN as u64;
         *end += record.len() as u64;
         // Insert while holding the lock so the contains check above sees it.
         let entry = Entry {

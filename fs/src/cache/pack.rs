@@ -22,11 +22,11 @@ use sha2::{Digest as _, Sha256};
 use crate::Digest;
 
 pub(super) const MAGIC: &[u8; 4] = b"TRNP";
-pub(super) const HEADER_LEN: u64 = 48;
+pub(super) const HEADER_LEN: usize = 48;
 
 /// The header bytes of a record holding `len` bytes with digest `digest`.
-pub(super) fn header(digest: &Digest, len: u32) -> [u8; HEADER_LEN as usize] {
-    let mut h = [0u8; HEADER_LEN as usize];
+pub(super) fn header(digest: &Digest, len: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(MAGIC);
     h[4..8].copy_from_slice(&len.to_le_bytes());
     h[8..40].copy_from_slice(&digest.0);
@@ -36,7 +36,7 @@ pub(super) fn header(digest: &Digest, len: u32) -> [u8; HEADER_LEN as usize] {
 }
 
 /// Decodes a header; `None` if it is not a valid one.
-fn parse_header(h: &[u8; HEADER_LEN as usize]) -> Option<(Digest, u32)> {
+fn parse_header(h: &[u8; HEADER_LEN]) -> Option<(Digest, u32)> {
     if &h[0..4] != MAGIC {
         return None;
     }
@@ -66,13 +66,13 @@ pub(super) fn scan(file: &File) -> io::Result<(Vec<Record>, u64)> {
     reader.seek(SeekFrom::Start(0))?;
     let mut records = Vec::new();
     let mut pos = 0u64;
-    let mut h = [0u8; HEADER_LEN as usize];
-    while pos + HEADER_LEN <= file_len {
+    let mut h = [0u8; HEADER_LEN];
+    while pos + HEADER_LEN as u64 <= file_len {
         reader.read_exact(&mut h)?;
         let Some((digest, len)) = parse_header(&h) else {
             break;
         };
-        let data_offset = pos + HEADER_LEN;
+        let data_offset = pos + HEADER_LEN as u64;
         let end = data_offset + u64::from(len);
         if end > file_len {
             break;
@@ -120,7 +120,7 @@ mod tests {
         assert_eq!(valid, good);
         assert_eq!(records.len(), 3);
         assert_eq!(records[0].digest, Digest::of(b"hello"));
-        assert_eq!(records[0].data_offset, HEADER_LEN);
+        assert_eq!(records[0].data_offset, HEADER_LEN as u64);
         assert_eq!(records[2].len, 1000);
 
         // A zeroed region where a header should be ends the scan too.

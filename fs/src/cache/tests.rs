@@ -1,10 +1,14 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::num::usize_from;
 
 fn data(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+    // Byte i is (i mod 256) * 31 + seed.
+    (0..=u8::MAX)
+        .cycle()
+        .take(len)
+        .map(|b| b.wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
 
@@ -141,7 +145,9 @@ fn corrupt_or_truncated_object_file_is_a_miss_after_reopen() {
 #[test]
 fn torn_pack_tail_is_truncated_and_appends_continue() {
     let dir = tempfile::tempdir().unwrap();
-    let items: Vec<Vec<u8>> = (0..50).map(|i| data(100 + i * 37, i as u8)).collect();
+    let items: Vec<Vec<u8>> = (0..50u8)
+        .map(|i| data(100 + usize::from(i) * 37, i))
+        .collect();
     {
         let cache = Cache::open(dir.path()).unwrap();
         for it in &items {
@@ -178,7 +184,7 @@ fn torn_pack_tail_is_truncated_and_appends_continue() {
         cache.read(&Digest::of(&extra), 0, 777).unwrap().unwrap(),
         extra
     );
-    assert_eq!(cache.stats().entries as usize, items.len() - torn + 1);
+    assert_eq!(usize_from(cache.stats().entries), items.len() - torn + 1);
 }
 
 #[test]
@@ -188,8 +194,8 @@ fn concurrent_inserts_and_reads_from_threads() {
     // Every thread inserts the same 64 items (half small, half large) and
     // reads each back; duplicates must be harmless.
     let items: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..64)
-            .map(|i| data(if i % 2 == 0 { 3000 } else { 70_000 }, i as u8))
+        (0..64u8)
+            .map(|i| data(if i % 2 == 0 { 3000 } else { 70_000 }, i))
             .collect(),
     );
     let threads: Vec<_> = (0..8)

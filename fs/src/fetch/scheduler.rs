@@ -144,6 +144,10 @@ impl FetchScheduler {
     pub fn read_ahead_max(&self) -> u64 {
         let c = &self.shared.config;
         let bdp = *self.shared.link_bdp.lock().expect("link estimate poisoned");
+        // `as` is the conversion wanted here: the estimate is a byte count,
+        // and a float-to-int `as` saturates (a huge estimate gives u64::MAX,
+        // which the `min` below caps) instead of wrapping.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let cap = bdp.map_or(c.read_ahead_max, |b| b as u64);
         c.read_ahead_max.min(cap).max(c.read_ahead)
     }

@@ -15,6 +15,7 @@ use super::attr::{attr, file_type};
 use super::passthrough::{Counters, Passthrough};
 use crate::format::ROOT_INO;
 use crate::layer::{CachedRead, Layer, LayerError};
+use crate::num::usize_from;
 
 /// The layer never changes while mounted: let the kernel keep what it learnt.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -216,7 +217,7 @@ impl Filesystem for LayerFs {
                     .map_or(FileType::RegularFile, |c| file_type(c.kind()));
                 (child, kind, name)
             }));
-        for (k, (child, kind, name)) in entries.enumerate().skip(offset as usize) {
+        for (k, (child, kind, name)) in entries.enumerate().skip(usize_from(offset)) {
             if reply.add(INodeNo(child), k as u64 + 1, kind, OsStr::from_bytes(name)) {
                 break;
             }

@@ -35,7 +35,8 @@ fn fixture(len: usize, config: SchedulerConfig, prefetch: Option<Range<u64>>) ->
     let chunks = chunks_of(&data, CHUNK);
     let mut root = tests::inode(FileKind::Dir, 0, 0..0);
     root.children = vec![(Box::from(&b"f"[..]), 2)];
-    let file = tests::inode(FileKind::Reg, len as u64, 0..chunks.len() as u32);
+    let count = u32::try_from(chunks.len()).unwrap();
+    let file = tests::inode(FileKind::Reg, len as u64, 0..count);
     let index = LayerIndex::new(vec![root, file], chunks, len as u64, prefetch).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());

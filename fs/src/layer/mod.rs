@@ -227,7 +227,8 @@ impl BlobOrder {
                 len: chunks.len(),
             };
         }
-        let mut order: Vec<u32> = (0..chunks.len() as u32).collect();
+        let count = u32::try_from(chunks.len()).expect("the index builder checks chunks fit u32");
+        let mut order: Vec<u32> = (0..count).collect();
         order.sort_by_key(|&i| chunks[i as usize].blob_range);
         order.dedup_by_key(|i| chunks[*i as usize].blob_range.0);
         BlobOrder {
@@ -245,7 +246,8 @@ impl BlobOrder {
         match &self.sorted {
             _ if pos >= self.len => None,
             Some(order) => Some(order[pos]),
-            None => Some(pos as u32),
+            // `pos < len`, and the index builder checks that fits u32.
+            None => u32::try_from(pos).ok(),
         }
     }
 

@@ -5,6 +5,7 @@ use bytes::Bytes;
 
 use crate::cache::Cache;
 use crate::format::Chunk;
+use crate::num::usize_from;
 
 /// The outcome of planning a read against the cache.
 #[derive(Debug)]
@@ -51,7 +52,7 @@ pub(super) fn plan_read(
     for c in chunks[first..].iter().take_while(|c| c.file_offset < end) {
         let start = offset.saturating_sub(c.file_offset);
         let stop = (end - c.file_offset).min(c.size);
-        let (start, len) = (start as usize, (stop - start) as usize);
+        let (start, len) = (usize_from(start), usize_from(stop - start));
         let data = match cache.read(&c.digest, start as u64, len) {
             Ok(Some(d)) if d.len() == len => Some(d),
             Ok(_) => None,
@@ -74,7 +75,7 @@ pub(super) fn plan_read(
             let data = pieces.pop().and_then(|p| p.data);
             return CachedRead::Hit(data.expect("complete means every piece is present"));
         }
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut out = Vec::with_capacity(usize_from(end - offset));
         for p in pieces {
             out.extend_from_slice(&p.data.expect("complete means every piece is present"));
         }

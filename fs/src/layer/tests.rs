@@ -20,7 +20,8 @@ fn layer_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<FakeBlob>, Arc<Layer>
     let chunks = chunks_of(data, 1000);
     let mut root = inode(FileKind::Dir, 0, 0..0);
     root.children = vec![(Box::from(&b"f"[..]), 2)];
-    let file = inode(FileKind::Reg, data.len() as u64, 0..chunks.len() as u32);
+    let count = u32::try_from(chunks.len()).unwrap();
+    let file = inode(FileKind::Reg, data.len() as u64, 0..count);
     let index = LayerIndex::new(vec![root, file], chunks, data.len() as u64, None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
@@ -136,7 +137,8 @@ fn noise(len: usize) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x >> 24) as u8
+            // Bits 24..32 of the state.
+            x.to_le_bytes()[3]
         })
         .collect()
 }
@@ -207,7 +209,7 @@ async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
     let last = content.len() as u64 - 10_000;
     assert_eq!(
         layer.read(ino, last, 10_000).await.unwrap(),
-        &content[last as usize..]
+        &content[crate::num::usize_from(last)..]
     );
     assert_eq!(
         layer.stats().requests,
@@ -260,7 +262,8 @@ async fn chunks_that_came_with_the_tail_are_cached_and_the_one_across_its_start_
         across.blob_range.1 > tail_start,
         "a chunk straddles the tail"
     );
-    let kept = &blob[tail_start as usize..across.blob_range.1 as usize];
+    let kept =
+        &blob[crate::num::usize_from(tail_start)..crate::num::usize_from(across.blob_range.1)];
     assert!(
         cache.contains(&crate::Digest::of(kept)),
         "its end is kept on disk, not in memory"
@@ -270,7 +273,7 @@ async fn chunks_that_came_with_the_tail_are_cached_and_the_one_across_its_start_
     let from = whole[0].file_offset;
     assert_eq!(
         layer.read(ino, from, 1 << 20).await.unwrap(),
-        &content[from as usize..]
+        &content[crate::num::usize_from(from)..]
     );
     assert_eq!(src.reads().len(), 1, "only the GET that opened the layer");
 
@@ -279,7 +282,7 @@ async fn chunks_that_came_with_the_tail_are_cached_and_the_one_across_its_start_
     let at = across.file_offset;
     assert_eq!(
         layer.read(ino, at, across.size).await.unwrap(),
-        &content[at as usize..(at + across.size) as usize]
+        &content[crate::num::usize_from(at)..crate::num::usize_from(at + across.size)]
     );
     let reads = src.reads();
     assert_eq!(reads.len(), 2);

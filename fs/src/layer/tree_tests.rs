@@ -79,7 +79,7 @@ fn layer_of(entries: Vec<Entry>, config: SchedulerConfig) -> TestLayer {
     for e in entries {
         let (path, mut node) = match e {
             Entry::File(path, data) => {
-                let first = chunks.len() as u32;
+                let first = u32::try_from(chunks.len()).unwrap();
                 for mut c in chunks_of(&data, CHUNK) {
                     let at = blob.len() as u64;
                     c.blob_range = (c.blob_range.0 + at, c.blob_range.1 + at);
@@ -88,7 +88,8 @@ fn layer_of(entries: Vec<Entry>, config: SchedulerConfig) -> TestLayer {
                 let range = blob.len() as u64..(blob.len() + data.len()) as u64;
                 files.push((path.to_owned(), range, 0));
                 blob.extend_from_slice(&data);
-                let n = tests::inode(FileKind::Reg, data.len() as u64, first..chunks.len() as u32);
+                let end = u32::try_from(chunks.len()).unwrap();
+                let n = tests::inode(FileKind::Reg, data.len() as u64, first..end);
                 (path, n)
             }
             Entry::Link(path, target) => (
@@ -106,7 +107,7 @@ fn layer_of(entries: Vec<Entry>, config: SchedulerConfig) -> TestLayer {
             .unwrap_or(("", path));
         let mut parent = 1u64;
         for d in dirs.split('/').filter(|d| !d.is_empty()) {
-            let found = nodes[parent as usize - 1]
+            let found = nodes[crate::num::usize_from(parent) - 1]
                 .children
                 .iter()
                 .find(|(n, _)| &n[..] == d.as_bytes())
@@ -117,7 +118,7 @@ fn layer_of(entries: Vec<Entry>, config: SchedulerConfig) -> TestLayer {
                     parent,
                     ..InodeSpec::new(FileKind::Dir)
                 });
-                nodes[parent as usize - 1]
+                nodes[crate::num::usize_from(parent) - 1]
                     .children
                     .push((Box::from(d.as_bytes()), ino));
                 ino
@@ -131,7 +132,7 @@ fn layer_of(entries: Vec<Entry>, config: SchedulerConfig) -> TestLayer {
             f.2 = ino;
         }
         nodes.push(node);
-        nodes[parent as usize - 1]
+        nodes[crate::num::usize_from(parent) - 1]
             .children
             .push((Box::from(name.as_bytes()), ino));
     }

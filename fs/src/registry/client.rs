@@ -24,6 +24,7 @@ use super::error::RegistryError;
 use super::http::{ClientStats, Failure, Http, RegistryConfig, classify, status_failure};
 use super::reference::Repository;
 use crate::Digest;
+use crate::num::usize_from;
 
 const MAX_REDIRECTS: usize = 5;
 
@@ -223,7 +224,7 @@ impl RegistryClient {
     ) -> Result<(BytesMut, bool), Failure> {
         let mut body = BytesMut::with_capacity(
             limit
-                .min(resp.content_length().unwrap_or(0) as usize)
+                .min(usize_from(resp.content_length().unwrap_or(0)))
                 .min(64 << 20),
         );
         loop {

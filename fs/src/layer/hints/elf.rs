@@ -17,6 +17,7 @@ use std::sync::Arc;
 use crate::Intent;
 use crate::format::{FileKind, LayerIndex, ROOT_INO};
 use crate::layer::{CachedRead, Layer, plan};
+use crate::num::usize_from;
 
 impl Layer {
     /// After a miss on file `ino`: if it is a program whose dynamic section
@@ -193,7 +194,7 @@ fn try_examine(
     // Within the file, and cached; `Ok(None)`: past its end.
     let get = |offset: u64, len: u64| -> Result<Option<Vec<u8>>, NotCached> {
         match offset.checked_add(len) {
-            Some(end) if end <= size => read(offset, len as usize).map(Some).ok_or(NotCached),
+            Some(end) if end <= size => read(offset, usize_from(len)).map(Some).ok_or(NotCached),
             _ => Ok(None),
         }
     };
@@ -207,17 +208,17 @@ fn try_examine(
     let machine = u16_at(&h, 18).unwrap_or(0);
     let (phoff, phentsize, phnum) = (
         u64_at(&h, 32).unwrap_or(0),
-        u64::from(u16_at(&h, 54).unwrap_or(0)),
-        usize::from(u16_at(&h, 56).unwrap_or(0)),
+        u16_at(&h, 54).unwrap_or(0),
+        u16_at(&h, 56).unwrap_or(0),
     );
-    if phentsize < 56 || phnum == 0 || phnum > MAX_PHDRS {
+    if phentsize < 56 || phnum == 0 || usize::from(phnum) > MAX_PHDRS {
         return Ok(None);
     }
-    let Some(table) = get(phoff, phentsize * phnum as u64)? else {
+    let Some(table) = get(phoff, u64::from(phentsize) * u64::from(phnum))? else {
         return Ok(None);
     };
     let phdrs: Vec<Phdr> = table
-        .chunks_exact(phentsize as usize)
+        .chunks_exact(usize::from(phentsize))
         .filter_map(|p| {
             Some(Phdr {
                 kind: u32_at(p, 0)?,
@@ -462,7 +463,10 @@ mod tests {
     }
 
     fn examine_bytes(b: &[u8]) -> Examined {
-        let read = |o: u64, n: usize| b.get(o as usize..o as usize + n).map(<[u8]>::to_vec);
+        let read = |o: u64, n: usize| {
+            let o = usize_from(o);
+            b.get(o..o + n).map(<[u8]>::to_vec)
+        };
         examine(b.len() as u64, &read)
     }
 
@@ -489,7 +493,8 @@ mod tests {
         let exe = std::fs::read("/proc/self/exe").unwrap();
         // Only the first page "cached".
         let read = |o: u64, n: usize| {
-            (o as usize + n <= 4096).then(|| exe[o as usize..o as usize + n].to_vec())
+            let o = usize_from(o);
+            (o + n <= 4096).then(|| exe[o..o + n].to_vec())
         };
         let Examined::NotYet { interp } = examine(exe.len() as u64, &read) else {
             panic!("the dynamic section is past the first page");

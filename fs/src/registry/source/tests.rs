@@ -127,7 +127,8 @@ fn a_source_with_one_member_reads_through_the_default_stream() {
             range: Range<u64>,
             _intent: Intent,
         ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
-            Box::pin(async move { Ok(Bytes::from(vec![7u8; (range.end - range.start) as usize])) })
+            let len = crate::num::usize_from(range.end - range.start);
+            Box::pin(async move { Ok(Bytes::from(vec![7u8; len])) })
         }
     }
     let list = Sources::new(Arc::new(Plain));
