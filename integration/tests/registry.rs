@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tarn_fs::Digest;
 use tarn_fs::Intent;
+use tarn_fs::num::usize_from;
 use tarn_fs::registry::{
     BlobSource, Reference, RegistryClient, RegistryConfig, RegistryError, RemoteBlob,
 };
@@ -21,7 +22,8 @@ fn pattern(len: usize) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            x as u8
+            // The low byte: the truncation is the point.
+            x.to_le_bytes()[0]
         })
         .collect()
 }
@@ -94,7 +96,7 @@ async fn resolves_a_pushed_image_and_reads_ranges_as_206() {
             .read_range(range.clone(), Intent::OnDemand)
             .await
             .unwrap();
-        let want = &layer[range.start as usize..range.end as usize];
+        let want = &layer[usize_from(range.start)..usize_from(range.end)];
         assert!(got == want, "range {range:?}: wrong bytes");
     }
     // A range past the end is refused before any request.
@@ -335,7 +337,7 @@ async fn blob_redirect_target_is_remembered() {
             .read_range(&r.repository, &digest, range.clone(), Intent::OnDemand)
             .await
             .unwrap();
-        assert!(got[..] == layer[range.start as usize..range.end as usize]);
+        assert!(got[..] == layer[usize_from(range.start)..usize_from(range.end)]);
     }
     assert_eq!(
         hits.load(Ordering::SeqCst),
@@ -434,7 +436,7 @@ async fn bearer_token_is_fetched_once_and_a_range_ignoring_registry_is_sliced() 
             .await
             .unwrap();
         assert!(
-            got[..] == layer[range.start as usize..range.end as usize],
+            got[..] == layer[usize_from(range.start)..usize_from(range.end)],
             "{range:?}"
         );
     }

@@ -134,7 +134,9 @@ impl MountLayer {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().map_or(0, |c| c.id() as i32)
+        self.child.as_ref().map_or(0, |c| {
+            i32::try_from(c.id()).expect("a pid is below pid_max <= 2^22")
+        })
     }
 
     /// Waits for the process to end (as it does on its own after an error).

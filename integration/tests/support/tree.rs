@@ -152,7 +152,8 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x >> 24) as u8
+            // Bits 24..32: the truncation is the point.
+            (x >> 24).to_le_bytes()[0]
         })
         .collect()
 }
@@ -232,7 +233,7 @@ pub fn assert_tree_matches_tar(mnt: &Path, tar: &[u8]) -> usize {
             mode: Some(h.mode().unwrap() & 0o7777),
             uid: h.uid().unwrap(),
             gid: h.gid().unwrap(),
-            mtime: h.mtime().unwrap() as i64,
+            mtime: i64::try_from(h.mtime().unwrap()).expect("a test tar's mtime fits i64"),
             xattrs,
             ..Expect::default()
         };
@@ -376,30 +377,34 @@ pub fn xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let p = CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: a NUL-terminated path; a null buffer of size 0 asks for the size.
     let n = unsafe { libc::llistxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
-    assert!(
-        n >= 0,
-        "listxattr {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
-    let mut names = vec![0u8; n as usize];
+    let mut names = vec![0u8; xattr_len(n, "listxattr", path)];
     // SAFETY: the buffer is valid for its length.
     let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    assert!(n >= 0);
-    names.truncate(n as usize);
+    names.truncate(xattr_len(n, "listxattr", path));
     let mut out = BTreeMap::new();
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let c = CString::new(name).unwrap();
         // SAFETY: as above; size probe first, then the value.
         let len = unsafe { libc::lgetxattr(p.as_ptr(), c.as_ptr(), std::ptr::null_mut(), 0) };
-        assert!(len >= 0);
-        let mut v = vec![0u8; len as usize];
+        let mut v = vec![0u8; xattr_len(len, "getxattr", path)];
         // SAFETY: the buffer is valid for its length.
         let len =
             unsafe { libc::lgetxattr(p.as_ptr(), c.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        assert!(len >= 0);
-        v.truncate(len as usize);
+        v.truncate(xattr_len(len, "getxattr", path));
         out.insert(name.to_vec(), v);
     }
     out
+}
+
+/// The length an xattr call returned, or a panic naming its error: a
+/// negative return is -1 with errno set, so call this right after the call,
+/// before anything else can overwrite errno.
+fn xattr_len(ret: isize, call: &str, path: &Path) -> usize {
+    usize::try_from(ret).unwrap_or_else(|_| {
+        panic!(
+            "{call} {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        )
+    })
 }
