@@ -25,6 +25,8 @@ pub mod intent;
 pub mod layer;
 pub mod memory;
 pub mod registry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use digest::Digest;
 pub use intent::Intent;

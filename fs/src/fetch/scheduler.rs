@@ -145,7 +145,7 @@ impl FetchScheduler {
         c.read_ahead_max.min(cap).max(c.read_ahead)
     }
 
-    /// Foreground (OnDemand, Prefetch) GETs on the wire now.
+    /// Foreground (Open, OnDemand, Prefetch) GETs on the wire now.
     pub fn foreground(&self) -> usize {
         self.shared.foreground.load(Ordering::Acquire)
     }
@@ -154,7 +154,7 @@ impl FetchScheduler {
     /// while the returned permit lives.
     pub async fn admit(&self, intent: Intent, bytes: u64) -> Permit {
         match intent {
-            Intent::OnDemand | Intent::Prefetch => {
+            Intent::Open | Intent::OnDemand | Intent::Prefetch => {
                 self.shared.foreground.fetch_add(1, Ordering::AcqRel);
                 Permit {
                     kind: PermitKind::Foreground(self.shared.clone()),

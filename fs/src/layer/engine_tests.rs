@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::cache::Cache;
-use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of, pattern};
 use crate::fetch::{FetchScheduler, SchedulerConfig};
 use crate::format::FileKind;
+use crate::testing::{FakeBlob, Plain, chunks_of, pattern};
 
 const CHUNK: usize = 1000;
 
@@ -39,7 +39,7 @@ fn fixture(
     let blob = FakeBlob::with_delay(data.clone(), delay);
     let fetcher = Fetcher::with_scheduler(
         blob.clone(),
-        Arc::new(PlainDecoder),
+        Arc::new(Plain),
         cache,
         FetchScheduler::new(config),
     );
@@ -135,7 +135,7 @@ async fn a_read_does_not_wait_for_its_read_ahead_to_arrive() {
     .unwrap();
     let fetcher = Fetcher::with_scheduler(
         blob.clone(),
-        Arc::new(PlainDecoder),
+        Arc::new(Plain),
         cache,
         FetchScheduler::new(config(7000, 4000, 2)),
     );

@@ -427,7 +427,7 @@ impl RegistryClient {
     {
         let retries = self.inner.config.retries;
         let (max, cap) = match intent {
-            Intent::OnDemand => (retries, Duration::from_secs(2)),
+            Intent::Open | Intent::OnDemand => (retries, Duration::from_secs(2)),
             Intent::Prefetch => (retries.saturating_mul(2), Duration::from_secs(5)),
             Intent::Background => (retries.saturating_mul(3), Duration::from_secs(10)),
         };

@@ -1,222 +1,15 @@
-//! A fake blob source and decoder shared by the fetch and layer tests,
-//! and the fetcher's own tests.
+//! The fetcher's tests, over the fakes of [`crate::testing`].
 
-use std::ops::Range;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-
 use super::*;
-
-/// One read seen by a [`FakeBlob`]: when it started and ended.
-#[derive(Clone, Debug)]
-pub(crate) struct Seen {
-    pub range: Range<u64>,
-    pub intent: Intent,
-    pub started: std::time::Instant,
-    pub ended: Option<std::time::Instant>,
-}
-
-/// A blob in memory that records every read and answers after a delay,
-/// so concurrent readers overlap.
-pub(crate) struct FakeBlob {
-    pub data: Vec<u8>,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
-    pub delay: Duration,
-    /// Streamed reads yield pieces of this many bytes, one per
-    /// `piece_delay`, after `delay`.
-    pub piece: usize,
-    pub piece_delay: Duration,
-    /// The next streamed read breaks after this many pieces (once).
-    pub break_after: Mutex<Option<usize>>,
-}
-
-impl FakeBlob {
-    pub(crate) fn new(data: Vec<u8>) -> Arc<FakeBlob> {
-        FakeBlob::with_delay(data, Duration::from_millis(20))
-    }
-    pub(crate) fn with_delay(data: Vec<u8>, delay: Duration) -> Arc<FakeBlob> {
-        FakeBlob::streaming(data, delay, usize::MAX, Duration::ZERO)
-    }
-    pub(crate) fn streaming(
-        data: Vec<u8>,
-        delay: Duration,
-        piece: usize,
-        piece_delay: Duration,
-    ) -> Arc<FakeBlob> {
-        Arc::new(FakeBlob {
-            data,
-            seen: Arc::default(),
-            delay,
-            piece,
-            piece_delay,
-            break_after: Mutex::new(None),
-        })
-    }
-    fn record(&self, range: &Range<u64>, intent: Intent) -> usize {
-        let mut seen = self.seen.lock().unwrap();
-        seen.push(Seen {
-            range: range.clone(),
-            intent,
-            started: std::time::Instant::now(),
-            ended: None,
-        });
-        seen.len() - 1
-    }
-    pub(crate) fn reads(&self) -> Vec<(Range<u64>, Intent)> {
-        self.seen()
-            .into_iter()
-            .map(|s| (s.range, s.intent))
-            .collect()
-    }
-    pub(crate) fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-    /// The most reads of `intent` that were on the wire at once.
-    pub(crate) fn max_concurrent(&self, intent: Intent) -> usize {
-        let seen: Vec<Seen> = self
-            .seen()
-            .into_iter()
-            .filter(|s| s.intent == intent)
-            .collect();
-        seen.iter()
-            .map(|a| {
-                seen.iter()
-                    .filter(|b| b.started <= a.started && b.ended.is_none_or(|e| e > a.started))
-                    .count()
-            })
-            .max()
-            .unwrap_or(0)
-    }
-}
-
-impl BlobSource for FakeBlob {
-    fn size(&self) -> u64 {
-        self.data.len() as u64
-    }
-    fn read_range(
-        &self,
-        range: Range<u64>,
-        intent: Intent,
-    ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
-        let slot = self.record(&range, intent);
-        Box::pin(async move {
-            tokio::time::sleep(self.delay).await;
-            self.seen.lock().unwrap()[slot].ended = Some(std::time::Instant::now());
-            Ok(Bytes::copy_from_slice(
-                &self.data[range.start as usize..range.end as usize],
-            ))
-        })
-    }
-    fn read_range_stream(
-        &self,
-        range: Range<u64>,
-        intent: Intent,
-    ) -> BoxFuture<
-        '_,
-        Result<futures::stream::BoxStream<'static, Result<Bytes, RegistryError>>, RegistryError>,
-    > {
-        let stream = self.stream_of(range, intent);
-        Box::pin(async move { Ok(stream) })
-    }
-}
-
-impl FakeBlob {
-    fn stream_of(
-        &self,
-        range: Range<u64>,
-        intent: Intent,
-    ) -> futures::stream::BoxStream<'static, Result<Bytes, RegistryError>> {
-        let slot = self.record(&range, intent);
-        let bytes = Bytes::copy_from_slice(&self.data[range.start as usize..range.end as usize]);
-        let (delay, piece, piece_delay) = (self.delay, self.piece, self.piece_delay);
-        let seen = self.seen.clone();
-        let mut break_after = self.break_after.lock().unwrap().take();
-        futures::stream::unfold((bytes, true), move |(rest, first)| {
-            let seen = seen.clone();
-            let broken = break_after == Some(0);
-            break_after = break_after.map(|n| n.saturating_sub(1));
-            async move {
-                if rest.is_empty() {
-                    return None;
-                }
-                if broken {
-                    let e = RegistryError::BadResponse {
-                        host: "fake".into(),
-                        what: "a streamed read".into(),
-                        reason: "connection reset".into(),
-                    };
-                    return Some((Err(e), (Bytes::new(), false)));
-                }
-                tokio::time::sleep(if first { delay } else { piece_delay }).await;
-                let mut rest = rest;
-                let head = rest.split_to(piece.min(rest.len()));
-                if rest.is_empty() {
-                    // Ended when the last byte is handed over.
-                    seen.lock().unwrap()[slot].ended = Some(std::time::Instant::now());
-                }
-                Some((Ok(head), (rest, false)))
-            }
-        })
-        .boxed()
-    }
-}
-
-/// "Compression" is the identity; verification is real.
-pub(crate) struct PlainDecoder;
-
-impl ChunkDecoder for PlainDecoder {
-    fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
-        let actual = Digest::of(compressed);
-        if actual != chunk.digest {
-            return Err(FormatError::ChunkDigestMismatch {
-                expected: chunk.digest,
-                actual,
-            });
-        }
-        Ok(compressed.to_vec())
-    }
-}
-
-/// Splits `data` into chunks of `size` laid out back to back in the blob.
-pub(crate) fn chunks_of(data: &[u8], size: usize) -> Vec<Chunk> {
-    data.chunks(size)
-        .enumerate()
-        .map(|(i, piece)| {
-            let start = (i * size) as u64;
-            Chunk {
-                file_offset: start,
-                size: piece.len() as u64,
-                digest: Digest::of(piece),
-                blob_range: (start, start + piece.len() as u64),
-                inner_offset: 0,
-            }
-        })
-        .collect()
-}
-
-/// A one-byte chunk at blob range `[start, end)`, named by its start: for
-/// tests of GET planning, which look only at ranges.
-pub(crate) fn chunk_at(start: u64, end: u64) -> Chunk {
-    Chunk {
-        file_offset: 0,
-        size: 1,
-        digest: Digest::of(&start.to_le_bytes()),
-        blob_range: (start, end),
-        inner_offset: 0,
-    }
-}
-
-pub(crate) fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 % 251) as u8).collect()
-}
+use crate::testing::{FakeBlob, Plain, chunks_of, pattern};
 
 fn setup(data: Vec<u8>) -> (tempfile::TempDir, Arc<FakeBlob>, Fetcher) {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let blob = FakeBlob::new(data);
-    let fetcher = Fetcher::new(blob.clone(), Arc::new(PlainDecoder), cache);
+    let fetcher = Fetcher::new(blob.clone(), Arc::new(Plain), cache);
     (dir, blob, fetcher)
 }
 
@@ -247,10 +40,10 @@ async fn a_body_that_breaks_midway_is_resumed_where_it_broke() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let blob = FakeBlob::streaming(data.clone(), Duration::ZERO, 1000, Duration::ZERO);
-    *blob.break_after.lock().unwrap() = Some(2);
+    blob.break_next_stream_after(2);
     let f = Fetcher::with_scheduler(
         blob.clone(),
-        Arc::new(PlainDecoder),
+        Arc::new(Plain),
         cache,
         FetchScheduler::default(),
     );
