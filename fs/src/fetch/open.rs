@@ -178,3 +178,6 @@ fn settle_tail(
     }
     Some((tail.offset, straddling.len() as u64, key))
 }
+
+#[cfg(test)]
+mod tests;

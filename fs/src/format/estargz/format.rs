@@ -79,3 +79,6 @@ impl Format for Estargz {
         decode::decode_chunk(chunk, compressed)
     }
 }
+
+#[cfg(test)]
+mod tests;
