@@ -15,6 +15,8 @@
 //!
 //! `digest` and `format::index` hold the vocabulary every layer shares;
 //! `memory` tunes the allocator for a daemon that keeps many layers.
+//! `testing` (this crate's tests and the `testing` feature) holds the fakes
+//! tests share: an in-memory blob source and the plain (identity) format.
 
 pub mod cache;
 pub mod digest;

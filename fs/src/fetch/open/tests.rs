@@ -107,7 +107,7 @@ async fn a_tampered_chunk_in_the_tail_is_not_cached() {
     let mut stored = data.clone();
     stored[8500] ^= 1;
     let format = Scripted {
-        asks: vec![7500..10_000],
+        asks: std::iter::once(7500..10_000).collect(),
         index: index_of(chunks.clone(), 10_000),
         data_end: 9000,
     };
