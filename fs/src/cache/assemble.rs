@@ -1,17 +1,26 @@
-//! Whole-file objects assembled from cached chunks, so that a multi-chunk
-//! file gets one standalone, verified file the kernel can read directly
-//! (FUSE passthrough).
+//! Whole-file objects: one standalone, verified file holding exactly a
+//! regular file's content, which the kernel can read directly (FUSE
+//! passthrough; the kernel-facing part is `fuse/passthrough.rs`).
+//!
+//! Which files get one is decided here ([`WholeFile::of`]): those of at
+//! least [`SMALL_MAX`] bytes (smaller ones live in packs, with no file of
+//! their own, and are cheap to serve through the daemon anyway). A file of
+//! one chunk has its chunk's object; a multi-chunk file gets one assembled
+//! from its cached chunks under its whole-file digest, verified while
+//! written ([`Cache::assemble`]).
 //!
 //! This duplicates the file's bytes on disk (chunk objects plus the whole
 //! file) until a size bound with eviction exists to reclaim either copy.
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use super::{Cache, CacheError, Entry, Location, io_err};
+use super::{Cache, CacheError, Entry, Location, SMALL_MAX, io_err};
 use crate::Digest;
 use crate::digest::Hasher;
+use crate::format::Chunk;
 
 /// How much of a part is read and written at a time.
 const STEP: usize = 1 << 20;
@@ -29,7 +38,108 @@ pub enum Assembled {
     Mismatch,
 }
 
+/// A regular file worth a standalone object, and that object's key.
+#[derive(Clone, Copy, Debug)]
+pub struct WholeFile<'a> {
+    key: Digest,
+    size: u64,
+    /// The file's chunks, in file order.
+    chunks: &'a [Chunk],
+}
+
+impl<'a> WholeFile<'a> {
+    /// The whole-file object of a regular file of `size` bytes made of
+    /// `chunks` (in file order): keyed by its only chunk, or else by its
+    /// whole-file digest (`file_digest`, asked only then). `None` for a file
+    /// not worth one (smaller than [`SMALL_MAX`]) or without a usable key.
+    pub fn of(
+        size: u64,
+        chunks: &'a [Chunk],
+        file_digest: impl FnOnce() -> Option<Digest>,
+    ) -> Option<WholeFile<'a>> {
+        if size < SMALL_MAX as u64 {
+            return None;
+        }
+        let key = match chunks {
+            [only] if only.file_offset == 0 && only.size == size => only.digest,
+            _ => file_digest()?,
+        };
+        Some(WholeFile { key, size, chunks })
+    }
+
+    pub fn key(&self) -> Digest {
+        self.key
+    }
+}
+
+/// Blocking work that gives a file a verified standalone object; run it
+/// off any thread that must not wait (a FUSE worker, an async worker).
+#[derive(Debug)]
+pub enum Preparation {
+    /// The object was found on disk at startup: hash it once.
+    Verify(Digest),
+    /// Every chunk is cached: write them out as one verified object.
+    Assemble {
+        key: Digest,
+        parts: Vec<(Digest, u64)>,
+    },
+}
+
+impl Preparation {
+    /// Does the work; `true` if a whole-file object was assembled (or found
+    /// assembled). Failures are logged: a file without its object is served
+    /// through the daemon, as before.
+    pub fn run(self, cache: &Cache) -> bool {
+        match self {
+            Preparation::Verify(key) => {
+                cache.file_path(&key);
+                false
+            }
+            Preparation::Assemble { key, parts } => match cache.assemble(&key, &parts) {
+                Ok(Assembled::Done) => true,
+                Ok(other) => {
+                    tracing::debug!(digest = %key, outcome = ?other, "whole file not assembled");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %key, error = %e, "assembling a whole file failed");
+                    false
+                }
+            },
+        }
+    }
+}
+
 impl Cache {
+    /// The verified standalone object holding exactly `file`'s content, if
+    /// there is one now. Never hashes anything: cheap enough for an `open`
+    /// on a FUSE thread.
+    pub fn whole_file(&self, file: &WholeFile<'_>) -> Option<PathBuf> {
+        let (path, len) = self.verified_file(&file.key)?;
+        // A whole-file digest shared with other content of another size
+        // would be a lying TOC; never hand such a file out.
+        (len == file.size).then_some(path)
+    }
+
+    /// What would give `file` a verified standalone object now, if anything
+    /// can: verifying one found on disk, or assembling one once every chunk
+    /// is cached. In-memory lookups only.
+    pub fn prepare_whole_file(&self, file: &WholeFile<'_>) -> Option<Preparation> {
+        if self.contains(&file.key) {
+            return self
+                .verified_file(&file.key)
+                .is_none()
+                .then_some(Preparation::Verify(file.key));
+        }
+        if file.chunks.len() < 2 || !file.chunks.iter().all(|c| self.contains(&c.digest)) {
+            return None;
+        }
+        Some(Preparation::Assemble {
+            key: file.key,
+            parts: file.chunks.iter().map(|c| (c.digest, c.size)).collect(),
+        })
+    }
+
     /// Writes the concatenation of the cached `parts` (digest and length,
     /// in file order) as the object `digest`, hashing while writing. The
     /// object is indexed only if the bytes hash to `digest`, so an
@@ -123,7 +233,7 @@ impl Cache {
     /// file already trusted by this process; never hashes anything, so it is
     /// cheap enough for an `open` on a FUSE thread. An object found on disk
     /// is trusted only after [`Cache::file_path`] (or a read) verified it.
-    pub fn verified_file(&self, digest: &Digest) -> Option<(std::path::PathBuf, u64)> {
+    pub fn verified_file(&self, digest: &Digest) -> Option<(PathBuf, u64)> {
         let entry = self.index.get(digest).map(|e| *e)?;
         match entry.loc {
             Location::Object if entry.verified => Some((self.object_path(digest), entry.len)),

@@ -10,6 +10,10 @@
 //!                           each (passthrough-able)
 //! ```
 //!
+//! Which files get a whole-file object, and its assembly from cached
+//! chunks, is decided here too (`assemble.rs`); `fuse/` only hands the
+//! object to the kernel.
+//!
 //! Nothing is ever fsynced. Instead, trust is per process: bytes this process
 //! wrote are served as they are (the page cache holds exactly what we wrote),
 //! while an entry found on disk at [`Cache::open`] is re-hashed the first time
@@ -25,7 +29,7 @@
 mod assemble;
 mod pack;
 
-pub use assemble::Assembled;
+pub use assemble::{Assembled, Preparation, WholeFile};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -40,8 +44,10 @@ use dashmap::DashMap;
 use crate::Digest;
 use crate::digest::Hasher;
 
-/// Items smaller than this go into pack files; larger ones get a file each.
-const SMALL_MAX: usize = 64 * 1024;
+/// Items smaller than this go into pack files; larger ones get a file each,
+/// which is also what makes a file worth a whole-file object (`assemble.rs`):
+/// the one place this threshold is known.
+pub(crate) const SMALL_MAX: usize = 64 * 1024;
 /// Number of pack files; inserts pick one by digest, so a few packs spread
 /// the append lock without making many files.
 const PACKS: usize = 4;

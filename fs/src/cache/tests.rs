@@ -289,3 +289,82 @@ fn a_missing_part_means_no_whole_file() {
     assert_eq!(cache.assemble(&d, &parts).unwrap(), Assembled::PartMissing);
     assert!(!cache.contains(&d));
 }
+
+/// `parts` as the chunks of one file, back to back.
+fn as_chunks(parts: &[(Digest, u64)]) -> Vec<crate::format::Chunk> {
+    let mut at = 0;
+    parts
+        .iter()
+        .map(|&(digest, size)| {
+            let c = crate::format::Chunk {
+                file_offset: at,
+                size,
+                digest,
+                blob_range: (at, at + size),
+                inner_offset: 0,
+            };
+            at += size;
+            c
+        })
+        .collect()
+}
+
+#[test]
+fn only_files_of_a_pack_items_size_or_more_are_worth_a_whole_file_object() {
+    let d = Digest::of(b"file");
+    let one = as_chunks(&[(Digest::of(b"only"), SMALL_MAX as u64)]);
+    let file = WholeFile::of(SMALL_MAX as u64, &one, || Some(d)).unwrap();
+    assert_eq!(file.key(), one[0].digest, "a one-chunk file is its chunk");
+    let small = as_chunks(&[(Digest::of(b"only"), SMALL_MAX as u64 - 1)]);
+    assert!(WholeFile::of(SMALL_MAX as u64 - 1, &small, || Some(d)).is_none());
+    let two = as_chunks(&[(Digest::of(b"a"), SMALL_MAX as u64), (Digest::of(b"b"), 1)]);
+    let size = SMALL_MAX as u64 + 1;
+    assert_eq!(WholeFile::of(size, &two, || Some(d)).unwrap().key(), d);
+    assert!(
+        WholeFile::of(size, &two, || None).is_none(),
+        "no whole-file digest, no key"
+    );
+}
+
+#[test]
+fn a_whole_file_is_assembled_once_its_chunks_are_cached_and_only_for_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let (whole, parts) = file_in_parts(&cache);
+    let d = Digest::of(&whole);
+    let mut missing = parts.clone();
+    missing.push((Digest::of(b"not cached"), 10));
+    let chunks = as_chunks(&missing);
+    let size = whole.len() as u64 + 10;
+    let file = WholeFile::of(size, &chunks, || Some(d)).unwrap();
+    assert!(
+        cache.prepare_whole_file(&file).is_none(),
+        "a chunk is missing"
+    );
+
+    let chunks = as_chunks(&parts);
+    let file = WholeFile::of(whole.len() as u64, &chunks, || Some(d)).unwrap();
+    assert_eq!(cache.whole_file(&file), None);
+    let work = cache.prepare_whole_file(&file).expect("all chunks cached");
+    assert!(matches!(work, Preparation::Assemble { .. }));
+    assert!(work.run(&cache));
+    let path = cache.whole_file(&file).expect("assembled and verified");
+    assert_eq!(fs::read(path).unwrap(), whole);
+    assert!(
+        cache.prepare_whole_file(&file).is_none(),
+        "nothing left to do"
+    );
+
+    // A TOC claiming that digest for a file of another size is lying.
+    let other = WholeFile::of(whole.len() as u64 + 1, &chunks, || Some(d)).unwrap();
+    assert_eq!(cache.whole_file(&other), None);
+    drop(cache);
+
+    // Found on disk after a restart: verified first, off the open path.
+    let cache = Cache::open(dir.path()).unwrap();
+    assert_eq!(cache.whole_file(&file), None);
+    let work = cache.prepare_whole_file(&file).expect("to verify");
+    assert!(matches!(work, Preparation::Verify(k) if k == d));
+    assert!(!work.run(&cache));
+    assert!(cache.whole_file(&file).is_some());
+}

@@ -148,6 +148,11 @@ impl Fetcher {
     /// The verified plain bytes of each chunk, in the order given. Must run
     /// inside a tokio runtime: the fetch itself runs as a spawned task so a
     /// reader that gives up does not cancel it for the others.
+    ///
+    /// The cache is not looked up on the way in: a reader comes here after
+    /// its own lookup missed (the layer's read plan, on the FUSE thread).
+    /// A chunk that is cached all the same is answered from the cache by
+    /// the flight's re-check (see `run_flights`), not fetched.
     pub async fn fetch(&self, chunks: &[Chunk], intent: Intent) -> Result<Vec<Bytes>, FetchError> {
         self.fetch_with_read_ahead(chunks, &[], intent).await
     }
@@ -162,27 +167,9 @@ impl Fetcher {
         ahead: &[Chunk],
         intent: Intent,
     ) -> Result<Vec<Bytes>, FetchError> {
-        let owned = chunks.to_vec();
-        let inner = self.inner.clone();
-        let cached = tokio::task::spawn_blocking(move || {
-            let hits: Vec<Option<Bytes>> = owned.iter().map(|c| inner.cached(c)).collect();
-            (owned, hits)
-        })
-        .await;
-        let (chunks, cached) = match cached {
-            Ok(v) => v,
-            // The lookup only reads files; if its task died, fetch everything.
-            Err(_) => (chunks.to_vec(), vec![None; chunks.len()]),
-        };
-        let hits = cached.iter().filter(|c| c.is_some()).count();
-        self.inner.stats.cache_hits(hits as u64);
-
         let mut waits: HashMap<Digest, watch::Receiver<FlightResult>> = HashMap::new();
         let mut lead = Vec::new();
-        for (c, hit) in chunks.iter().zip(&cached) {
-            if hit.is_some() {
-                continue;
-            }
+        for c in chunks {
             let MapEntry::Vacant(slot) = waits.entry(c.digest) else {
                 continue;
             };
@@ -213,14 +200,8 @@ impl Fetcher {
         }
 
         let mut out = Vec::with_capacity(chunks.len());
-        for (c, hit) in chunks.iter().zip(cached) {
-            if let Some(b) = hit {
-                out.push(b);
-                continue;
-            }
-            let rx = waits
-                .get_mut(&c.digest)
-                .expect("every missed chunk has a flight");
+        for c in chunks {
+            let rx = waits.get_mut(&c.digest).expect("every chunk has a flight");
             let res = match rx.wait_for(Option::is_some).await {
                 Ok(v) => v.clone().expect("waited for Some"),
                 Err(_) => Err(FetchError::Abandoned(c.digest)),
@@ -333,20 +314,35 @@ impl Inner {
             pending: lead.iter().map(|c| c.digest).collect(),
         };
 
-        // A chunk may have landed in the cache between the reader's lookup
-        // and the moment this task took the flight: look again.
-        let me = self.clone();
-        let rechecked = tokio::task::spawn_blocking(move || {
-            let hits: Vec<Option<Bytes>> = lead.iter().map(|c| me.cached(c)).collect();
-            (lead, hits)
-        })
-        .await;
-        let Ok((lead, hits)) = rechecked else { return };
-        let mut misses = Vec::new();
-        for (c, hit) in lead.into_iter().zip(hits) {
-            match hit {
-                Some(b) => guard.complete(c.digest, Ok(b)),
-                None => misses.push(c),
+        // The one re-check of a miss on its way down. The reader looked the
+        // cache up before it came (the layer's read plan, `warm`'s filter)
+        // and found no flight to join, so it took one; but a flight of the
+        // chunk may have finished in between: it caches the chunk *before*
+        // it leaves `inflight`, so then the cache has it. Closing that race
+        // needs only an in-memory index lookup; a chunk found there is read
+        // on the blocking pool and answered from the cache, not fetched.
+        let (landed, mut misses): (Vec<Chunk>, Vec<Chunk>) = lead
+            .into_iter()
+            .partition(|c| self.cache.contains(&c.digest));
+        if !landed.is_empty() {
+            let me = self.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                landed
+                    .into_iter()
+                    .map(|c| (c, me.cached(&c)))
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            let Ok(read) = read else { return };
+            // Counted before the readers are answered, who may look.
+            let hits = read.iter().filter(|(_, hit)| hit.is_some()).count();
+            self.stats.cache_hits(hits as u64);
+            for (c, hit) in read {
+                match hit {
+                    Some(b) => guard.complete(c.digest, Ok(b)),
+                    // Dropped as corrupt, or evicted: fetched after all.
+                    None => misses.push(c),
+                }
             }
         }
 
@@ -509,7 +505,6 @@ impl Inner {
         complete(self.decode(chunks, body_start, data).await);
     }
 
-    /// Whether a reader waits for any of `chunks`.
     /// The kept tail's bytes, `(offset, bytes)`, read from the cache on the
     /// blocking pool; `None` if the cache no longer has them.
     async fn read_tail(&self, t: Tail) -> Option<(u64, Bytes)> {
@@ -526,6 +521,7 @@ impl Inner {
         }
     }
 
+    /// Whether a reader waits for any of `chunks`.
     fn awaited(&self, chunks: &[Chunk]) -> bool {
         chunks.iter().any(|c| {
             self.inflight

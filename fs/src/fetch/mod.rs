@@ -1,6 +1,10 @@
 //! The fetch scheduler: turns "these chunks, for this reason" into verified
 //! plain bytes, from the cache when it has them, from the blob otherwise.
 //!
+//! - one cache lookup per miss: the caller looked (the layer's read plan,
+//!   answering hits inline on the FUSE thread), so a fetch goes straight to
+//!   its flights; a new flight re-checks the cache once (an index lookup),
+//!   which closes the race with a flight that finished after the lookup;
 //! - singleflight per chunk digest: concurrent misses of one chunk share one
 //!   fetch and its result, success or error;
 //! - adjacent misses of one request are merged into one ranged GET (up to

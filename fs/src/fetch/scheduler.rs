@@ -66,6 +66,8 @@ struct Shared {
     foreground: AtomicUsize,
     /// Woken when `foreground` drops to zero.
     idle: Notify,
+    /// Background admissions waiting for `foreground` to drop to zero.
+    paused: AtomicUsize,
     background_slots: Arc<Semaphore>,
     bucket: Option<Mutex<TokenBucket>>,
     /// Bytes the link carries in one round trip, as measured by recent
@@ -103,6 +105,7 @@ impl FetchScheduler {
                 config,
                 foreground: AtomicUsize::new(0),
                 idle: Notify::new(),
+                paused: AtomicUsize::new(0),
                 background_slots: Arc::new(Semaphore::new(slots)),
                 bucket,
                 link_bdp: Mutex::new(None),
@@ -150,6 +153,12 @@ impl FetchScheduler {
         self.shared.foreground.load(Ordering::Acquire)
     }
 
+    /// Background GETs that have a slot and their bytes but wait for the
+    /// foreground GETs on the wire to end: how paused background is now.
+    pub fn paused(&self) -> usize {
+        self.shared.paused.load(Ordering::Acquire)
+    }
+
     /// Waits until a GET of `bytes` with `intent` may start; the GET runs
     /// while the returned permit lives.
     pub async fn admit(&self, intent: Intent, bytes: u64) -> Permit {
@@ -175,10 +184,12 @@ impl FetchScheduler {
         if let Some(bucket) = &self.shared.bucket {
             loop {
                 // The lock is dropped before sleeping.
+                // Tokio's clock, so that a test with paused time paces in it.
+                let now = tokio::time::Instant::now().into_std();
                 let wait = bucket
                     .lock()
                     .expect("token bucket lock poisoned")
-                    .take(bytes, Instant::now());
+                    .take(bytes, now);
                 match wait {
                     None => break,
                     Some(d) => tokio::time::sleep(d).await,
@@ -193,6 +204,7 @@ impl FetchScheduler {
 
     /// Returns once no foreground GET is in flight.
     async fn wait_for_idle(&self) {
+        let mut _paused = None;
         loop {
             let notified = self.shared.idle.notified();
             tokio::pin!(notified);
@@ -202,8 +214,26 @@ impl FetchScheduler {
             if self.foreground() == 0 {
                 return;
             }
+            // Counted in `paused` until this returns or is cancelled.
+            _paused.get_or_insert_with(|| Paused::count(&self.shared));
             notified.await;
         }
+    }
+}
+
+/// One background admission counted in [`Shared::paused`] while it lives.
+struct Paused<'a>(&'a Shared);
+
+impl Paused<'_> {
+    fn count(shared: &Shared) -> Paused<'_> {
+        shared.paused.fetch_add(1, Ordering::AcqRel);
+        Paused(shared)
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.paused.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -270,7 +300,11 @@ impl TokenBucket {
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt;
+    use futures::poll;
+
     use super::*;
+    use crate::testing::PATIENCE;
 
     #[test]
     fn read_ahead_grows_no_further_than_the_link_carries_in_a_round_trip() {
@@ -318,29 +352,49 @@ mod tests {
         assert!(wait >= Duration::from_secs(2), "{wait:?}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // These poll an admission by hand: a pending poll is the state in which
+    // an admission that was not held back would already be ready.
+
+    #[tokio::test]
     async fn background_waits_while_foreground_is_on_the_wire() {
         let s = FetchScheduler::default();
         let fg = s.admit(Intent::OnDemand, 10).await;
-        let s2 = s.clone();
-        let bg = tokio::spawn(async move { s2.admit(Intent::Background, 10).await });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!bg.is_finished(), "background must pause for on-demand");
+        let bg = s.admit(Intent::Background, 10);
+        tokio::pin!(bg);
+        assert!(
+            poll!(&mut bg).is_pending(),
+            "background pauses for on-demand"
+        );
+        assert_eq!(s.paused(), 1);
         // Prefetch is foreground too, and is admitted at once.
-        let pf = tokio::time::timeout(Duration::from_millis(50), s.admit(Intent::Prefetch, 10))
-            .await
+        let pf = s
+            .admit(Intent::Prefetch, 10)
+            .now_or_never()
             .expect("prefetch is not paused");
         drop(fg);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!bg.is_finished(), "prefetch still holds background");
+        assert!(
+            poll!(&mut bg).is_pending(),
+            "prefetch still holds background"
+        );
         drop(pf);
-        tokio::time::timeout(Duration::from_secs(1), bg)
+        tokio::time::timeout(PATIENCE, bg)
             .await
-            .expect("background resumes when foreground is idle")
-            .unwrap();
+            .expect("background resumes when foreground is idle");
+        assert_eq!(s.paused(), 0);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test]
+    async fn a_cancelled_background_admission_is_no_longer_counted_as_paused() {
+        let s = FetchScheduler::default();
+        let _fg = s.admit(Intent::OnDemand, 10).await;
+        let mut bg = Box::pin(s.admit(Intent::Background, 10));
+        assert!(poll!(&mut bg).is_pending());
+        assert_eq!(s.paused(), 1);
+        drop(bg);
+        assert_eq!(s.paused(), 0);
+    }
+
+    #[tokio::test]
     async fn background_concurrency_is_bounded() {
         let s = FetchScheduler::new(SchedulerConfig {
             background_concurrency: 2,
@@ -348,12 +402,31 @@ mod tests {
         });
         let a = s.admit(Intent::Background, 1).await;
         let _b = s.admit(Intent::Background, 1).await;
-        let third =
-            tokio::time::timeout(Duration::from_millis(50), s.admit(Intent::Background, 1)).await;
-        assert!(third.is_err(), "a third background GET must wait");
+        let third = s.admit(Intent::Background, 1);
+        tokio::pin!(third);
+        assert!(
+            poll!(&mut third).is_pending(),
+            "a third background GET must wait"
+        );
         drop(a);
-        tokio::time::timeout(Duration::from_secs(1), s.admit(Intent::Background, 1))
+        tokio::time::timeout(PATIENCE, third)
             .await
             .expect("a freed slot admits the next");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_paces_background_in_tokio_time() {
+        let s = FetchScheduler::new(SchedulerConfig {
+            background_rate: Some(1000),
+            background_get: 1000,
+            ..SchedulerConfig::default()
+        });
+        let t = tokio::time::Instant::now();
+        drop(s.admit(Intent::Background, 1000).await);
+        assert_eq!(t.elapsed(), Duration::ZERO, "a full bucket pays one burst");
+        drop(s.admit(Intent::Background, 500).await);
+        // Paused time only moves when every task waits on it: exactly the
+        // half second 500 bytes take at 1000 bytes/s.
+        assert_eq!(t.elapsed(), Duration::from_millis(500));
     }
 }

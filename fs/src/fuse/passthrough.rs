@@ -8,9 +8,10 @@
 //! kept until its last release (the kernel drops its side first, so keeping
 //! ours a little longer is always consistent).
 //!
-//! Multi-chunk files get their standalone file by assembly: once all chunks
-//! are cached, the blocking pool writes the whole file under its TOC digest
-//! (verified while writing), and opens after that pass through.
+//! Which files have (or can get) such a file, and the work that gives them
+//! one, is the cache's business ([`WholeFile`], `cache/assemble.rs`); this
+//! module only runs that work on the blocking pool, off the FUSE thread,
+//! and opens the file it yields with a backing id.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,13 +20,9 @@ use std::sync::{Arc, Mutex};
 
 use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
 
-use crate::Digest;
+use crate::cache::WholeFile;
 use crate::format::{FileKind, Inode};
 use crate::layer::Layer;
-
-/// Files smaller than this live in cache packs (no standalone file) and
-/// are cheap to serve through the daemon anyway.
-const MIN_SIZE: u64 = 64 * 1024;
 
 /// Counters of one mount's passthrough decisions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -156,17 +153,11 @@ impl Passthrough {
     /// content, opened read-only; otherwise starts whatever background work
     /// (verification, assembly) lets a later open pass through.
     fn backing_file(&self, ino: u64, inode: &Inode) -> Option<File> {
-        let key = key(&self.layer, ino, inode)?;
-        let cache = self.layer.cache();
-        let Some((path, len)) = cache.verified_file(&key) else {
-            self.prepare(ino, inode);
+        let file = whole_file(&self.layer, ino, inode)?;
+        let Some(path) = self.layer.cache().whole_file(&file) else {
+            self.start(&file);
             return None;
         };
-        // A whole-file digest shared with other content of another size
-        // would be a lying TOC; never pass such a file through.
-        if len != inode.size() {
-            return None;
-        }
         File::open(&path)
             .inspect_err(
                 |e| tracing::debug!(path = %path.display(), error = %e, "cannot open cache file"),
@@ -174,54 +165,40 @@ impl Passthrough {
             .ok()
     }
 
-    /// Starts, on the blocking pool, the work that gives `inode` a verified
-    /// standalone file: verifying one found on disk, or assembling one from
-    /// the file's cached chunks.
+    /// Starts, on the blocking pool, the work the cache says would give
+    /// `inode` a verified standalone file.
     fn prepare(&self, ino: u64, inode: &Inode) {
+        if let Some(file) = whole_file(&self.layer, ino, inode) {
+            self.start(&file);
+        }
+    }
+
+    /// [`Passthrough::prepare`] for a file already looked at.
+    fn start(&self, file: &WholeFile<'_>) {
         if !self.enabled {
             return;
         }
-        let Some(key) = key(&self.layer, ino, inode) else {
+        let cache = self.layer.cache().clone();
+        let Some(work) = cache.prepare_whole_file(file) else {
             return;
         };
-        let cache = self.layer.cache().clone();
-        if cache.contains(&key) {
-            if cache.verified_file(&key).is_none() {
-                // Found on disk at startup: hash it once, off the FUSE thread.
-                self.runtime.spawn_blocking(move || cache.file_path(&key));
-            }
-            return;
-        }
-        let chunks = self.layer.index().file_chunks(inode);
-        if chunks.len() < 2 || !chunks.iter().all(|c| cache.contains(&c.digest)) {
-            return;
-        }
-        let parts: Vec<(Digest, u64)> = chunks.iter().map(|c| (c.digest, c.size)).collect();
         let counters = self.counters.clone();
-        self.runtime
-            .spawn_blocking(move || match cache.assemble(&key, &parts) {
-                Ok(crate::cache::Assembled::Done) => {
-                    counters.assembled.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(other) => {
-                    tracing::debug!(digest = %key, outcome = ?other, "whole file not assembled")
-                }
-                Err(e) => {
-                    tracing::warn!(digest = %key, error = %e, "assembling a whole file failed")
-                }
-            });
+        self.runtime.spawn_blocking(move || {
+            if work.run(&cache) {
+                counters.assembled.fetch_add(1, Ordering::Relaxed);
+            }
+        });
     }
 }
 
-/// The cache key of a file's standalone copy: its only chunk, or its
-/// whole-file digest from the TOC. `None` for files not worth passing
-/// through or without a usable key.
-fn key(layer: &Layer, ino: u64, inode: &Inode) -> Option<Digest> {
-    if inode.kind() != FileKind::Reg || inode.size() < MIN_SIZE {
+/// The whole-file object regular file `ino` would pass through, if it is
+/// worth one.
+fn whole_file<'a>(layer: &'a Layer, ino: u64, inode: &Inode) -> Option<WholeFile<'a>> {
+    if inode.kind() != FileKind::Reg {
         return None;
     }
-    match layer.index().file_chunks(inode) {
-        [only] if only.file_offset == 0 && only.size == inode.size() => Some(only.digest),
-        _ => layer.index().file_digest(ino),
-    }
+    let index = layer.index();
+    WholeFile::of(inode.size(), index.file_chunks(inode), || {
+        index.file_digest(ino)
+    })
 }

@@ -1,15 +1,21 @@
 //! The fetch engine seen from a layer: read-ahead, prefetch, background
 //! fetch, and their priorities, against a fake blob that records its reads.
+//!
+//! No test here measures time. Each waits for events (reads on the wire,
+//! chunks cached, the scheduler pausing), bounded only by
+//! [`PATIENCE`](crate::testing::PATIENCE) as a failure bound;
+//! to show that something does not happen, a test holds the fake blob's
+//! reads at a gate and looks at a state in which it would have happened.
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::*;
 use crate::cache::Cache;
 use crate::fetch::{FetchScheduler, SchedulerConfig};
 use crate::format::FileKind;
-use crate::testing::{FakeBlob, Plain, chunks_of, pattern};
+use crate::testing::{FakeBlob, PATIENCE, Plain, chunks_of, pattern, wait_until};
 
 const CHUNK: usize = 1000;
 
@@ -21,13 +27,8 @@ struct Fixture {
 }
 
 /// A layer of one file `/f` (inode 2) of `len` bytes in 1000-byte chunks
-/// laid out back to back, each blob GET taking `delay`.
-fn fixture(
-    len: usize,
-    delay: Duration,
-    config: SchedulerConfig,
-    prefetch: Option<Range<u64>>,
-) -> Fixture {
+/// laid out back to back, over a blob that answers at once unless held.
+fn fixture(len: usize, config: SchedulerConfig, prefetch: Option<Range<u64>>) -> Fixture {
     let data = pattern(len);
     let chunks = chunks_of(&data, CHUNK);
     let mut root = tests::inode(FileKind::Dir, 0, 0..0);
@@ -36,7 +37,7 @@ fn fixture(
     let index = LayerIndex::new(vec![root, file], chunks, len as u64, prefetch).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
-    let blob = FakeBlob::with_delay(data.clone(), delay);
+    let blob = FakeBlob::with_delay(data.clone(), Duration::ZERO);
     let fetcher = Fetcher::with_scheduler(
         blob.clone(),
         Arc::new(Plain),
@@ -72,21 +73,28 @@ fn chunk_starts(reads: &[(Range<u64>, Intent)]) -> Vec<u64> {
     v
 }
 
+/// Background GETs read so far.
+fn background_gets(blob: &FakeBlob) -> usize {
+    blob.reads()
+        .iter()
+        .filter(|(_, i)| *i == Intent::Background)
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_reads_ahead_in_the_same_get_and_the_next_reads_hit() {
-    let f = fixture(
-        10_000,
-        Duration::from_millis(5),
-        config(3000, 4000, 2),
-        None,
-    );
+    let f = fixture(10_000, config(3000, 4000, 2), None);
     assert_eq!(f.layer.read(2, 100, 10).await.unwrap(), &f.data[100..110]);
     assert_eq!(
         f.blob.reads(),
         vec![(0..4000, Intent::OnDemand)],
         "the miss and 3000 bytes after it: one GET"
     );
-    // The read-ahead chunks were verified and cached: reads there hit.
+    // The read-ahead chunks are verified and cached: reads there hit.
+    wait_until("the read-ahead cached", || {
+        f.layer.progress().cached_bytes == 4000
+    })
+    .await;
     assert_eq!(
         f.layer.read(2, 1000, 3000).await.unwrap(),
         &f.data[1000..4000]
@@ -96,10 +104,10 @@ async fn a_miss_reads_ahead_in_the_same_get_and_the_next_reads_hit() {
     // A miss further on: the window after it (cut by the blob's end), and
     // half a window before it in a GET of its own (read-behind).
     f.layer.read(2, 7000, 1).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while f.blob.reads().len() < 3 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("the read-behind and read-ahead cached", || {
+        f.layer.progress().cached_bytes == 8000
+    })
+    .await;
     let mut later: Vec<_> = f.blob.reads()[1..].iter().map(|r| r.0.clone()).collect();
     later.sort_by_key(|r| r.start);
     assert_eq!(later, vec![6000..7000, 7000..10_000]);
@@ -117,13 +125,10 @@ async fn a_read_does_not_wait_for_its_read_ahead_to_arrive() {
     let data = pattern(8000);
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
-    // The GET's first byte after 20 ms, then one chunk per 100 ms.
-    let blob = FakeBlob::streaming(
-        data.clone(),
-        Duration::from_millis(20),
-        CHUNK,
-        Duration::from_millis(100),
-    );
+    // The GET streams one chunk, then the rest waits at the gate: a read
+    // that waited for its read-ahead would never return.
+    let blob = FakeBlob::streaming(data.clone(), Duration::ZERO, CHUNK, Duration::ZERO);
+    blob.hold(&[Intent::OnDemand], 1);
     let mut root = tests::inode(FileKind::Dir, 0, 0..0);
     root.children = vec![(Box::from(&b"f"[..]), 2)];
     let index = LayerIndex::new(
@@ -141,29 +146,22 @@ async fn a_read_does_not_wait_for_its_read_ahead_to_arrive() {
     );
     let layer = Arc::new(Layer::new(index, fetcher));
 
-    let t = Instant::now();
-    assert_eq!(layer.read(2, 0, 10).await.unwrap(), &data[..10]);
-    let took = t.elapsed();
-    assert!(
-        took < Duration::from_millis(100),
-        "waited for the read-ahead: {took:?}"
-    );
+    let read = tokio::time::timeout(PATIENCE, layer.read(2, 0, 10))
+        .await
+        .expect("the read waited for its read-ahead");
+    assert_eq!(read.unwrap(), &data[..10]);
     assert_eq!(blob.reads(), vec![(0..8000, Intent::OnDemand)]);
+    assert_eq!(blob.on_the_wire(Intent::OnDemand), 1, "the rest is held");
     // The read-ahead lands in the cache when its bytes are in.
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    assert!(layer.progress().complete);
+    blob.release();
+    wait_until("the read-ahead cached", || layer.progress().complete).await;
     assert_eq!(layer.stats().bytes_fetched, 8000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_fetches_exactly_the_landmark_range_in_one_get() {
-    let f = fixture(
-        20_000,
-        Duration::from_millis(5),
-        config(0, 4000, 2),
-        Some(0..5000),
-    );
-    match f.layer.prefetch(Duration::from_secs(5)).await {
+    let f = fixture(20_000, config(0, 4000, 2), Some(0..5000));
+    match f.layer.prefetch(PATIENCE).await {
         PrefetchOutcome::Done { fetched, bytes } => assert_eq!((fetched, bytes), (5, 5000)),
         other => panic!("prefetch: {other:?}"),
     }
@@ -171,7 +169,7 @@ async fn prefetch_fetches_exactly_the_landmark_range_in_one_get() {
     // Done means cached: reading the range costs nothing.
     assert_eq!(f.layer.read(2, 0, 5000).await.unwrap(), &f.data[..5000]);
     assert!(matches!(
-        f.layer.prefetch(Duration::from_secs(5)).await,
+        f.layer.prefetch(PATIENCE).await,
         PrefetchOutcome::Done {
             fetched: 0,
             bytes: 0
@@ -179,9 +177,9 @@ async fn prefetch_fetches_exactly_the_landmark_range_in_one_get() {
     ));
     assert_eq!(f.blob.reads().len(), 1);
 
-    let none = fixture(2000, Duration::ZERO, config(0, 4000, 2), None);
+    let none = fixture(2000, config(0, 4000, 2), None);
     assert!(matches!(
-        none.layer.prefetch(Duration::from_secs(1)).await,
+        none.layer.prefetch(PATIENCE).await,
         PrefetchOutcome::NoLandmark
     ));
     assert!(none.blob.reads().is_empty());
@@ -189,36 +187,43 @@ async fn prefetch_fetches_exactly_the_landmark_range_in_one_get() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_past_its_timeout_goes_on() {
-    let f = fixture(
-        4000,
-        Duration::from_millis(300),
-        config(0, 4000, 2),
-        Some(0..4000),
-    );
-    let t = Instant::now();
+    let f = fixture(4000, config(0, 4000, 2), Some(0..4000));
+    // Held at the gate, the prefetch cannot be done before its timeout.
+    f.blob.hold(&[Intent::Prefetch], 0);
     assert!(matches!(
         f.layer.prefetch(Duration::from_millis(30)).await,
         PrefetchOutcome::TimedOut
     ));
-    assert!(
-        t.elapsed() < Duration::from_millis(250),
-        "returned at the timeout"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(f.layer.progress().complete, "the prefetch finished anyway");
+    wait_until("the prefetch GET on the wire", || {
+        f.blob.on_the_wire(Intent::Prefetch) == 1
+    })
+    .await;
+    f.blob.release();
+    wait_until("the prefetch finished anyway", || {
+        f.layer.progress().complete
+    })
+    .await;
     assert_eq!(f.blob.reads().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_fetches_every_chunk_once_concurrently_then_the_layer_is_complete() {
-    let f = fixture(40_500, Duration::from_millis(20), config(0, 4000, 3), None);
+    let f = fixture(40_500, config(0, 4000, 3), None);
     // Some chunks are cached already: they are not fetched again.
     f.layer.read(2, 10_000, 2000).await.unwrap();
     let before = f.layer.progress();
     assert_eq!((before.cached_bytes, before.total_bytes), (2000, 40_500));
     assert!(!before.complete);
 
-    let outcome = f.layer.start_background().wait().await;
+    // Held at the gate, background GETs pile up to the bound.
+    f.blob.hold(&[Intent::Background], 0);
+    let bg = f.layer.start_background();
+    wait_until("three background GETs on the wire", || {
+        f.blob.on_the_wire(Intent::Background) == 3
+    })
+    .await;
+    f.blob.release();
+    let outcome = tokio::time::timeout(PATIENCE, bg.wait()).await.unwrap();
     assert!(
         matches!(outcome, BackgroundOutcome::Complete),
         "{outcome:?}"
@@ -259,39 +264,43 @@ async fn background_fetches_every_chunk_once_concurrently_then_the_layer_is_comp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_demand_reads_are_served_while_background_pauses() {
-    let delay = Duration::from_millis(100);
-    let f = fixture(30_000, delay, config(0, 1000, 2), None);
+    let f = fixture(30_000, config(0, 1000, 2), None);
+    f.blob.hold(&[Intent::Background, Intent::OnDemand], 0);
     let bg = f.layer.start_background();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    wait_until("both background slots taken", || {
+        f.blob.on_the_wire(Intent::Background) == 2
+    })
+    .await;
 
-    // Far from where background is: a chunk it has not reached.
-    let t = Instant::now();
-    assert_eq!(
-        f.layer.read(2, 29_500, 10).await.unwrap(),
-        &f.data[29_500..29_510]
-    );
-    let took = t.elapsed();
-    assert!(
-        took < delay * 2,
-        "the on-demand read waited for no background slot: {took:?}"
-    );
+    // Far from where background is: a chunk it has not reached. Its GET
+    // goes out although every background slot is taken.
+    let layer = f.layer.clone();
+    let read = tokio::spawn(async move { layer.read(2, 29_500, 10).await });
+    wait_until("the on-demand GET on the wire", || {
+        f.blob.on_the_wire(Intent::OnDemand) == 1
+    })
+    .await;
 
-    let seen = f.blob.seen();
-    let od = seen
-        .iter()
-        .find(|s| s.intent == Intent::OnDemand)
-        .expect("the read fetched");
-    let od_end = od.ended.expect("the read's GET ended");
-    let started_during = seen
-        .iter()
-        .filter(|s| s.intent == Intent::Background && s.started > od.started && s.started < od_end)
-        .count();
+    // Background GETs end and free their slots; the next one is admitted
+    // as far as waiting for the on-demand GET, where it would start now if
+    // background did not pause.
+    f.blob.hold(&[Intent::OnDemand], 0);
+    let scheduler = f.layer.fetcher.scheduler().clone();
+    wait_until("background paused", || scheduler.paused() == 1).await;
     assert_eq!(
-        started_during, 0,
+        background_gets(&f.blob),
+        2,
         "no background GET starts while on-demand is on the wire"
     );
 
-    assert!(matches!(bg.wait().await, BackgroundOutcome::Complete));
+    f.blob.release();
+    let read = tokio::time::timeout(PATIENCE, read).await.unwrap();
+    assert_eq!(read.unwrap().unwrap(), &f.data[29_500..29_510]);
+    let outcome = tokio::time::timeout(PATIENCE, bg.wait()).await.unwrap();
+    assert!(
+        matches!(outcome, BackgroundOutcome::Complete),
+        "{outcome:?}"
+    );
     assert_eq!(
         chunk_starts(&f.blob.reads()),
         (0..30).map(|i| i * 1000).collect::<Vec<u64>>(),
@@ -301,43 +310,63 @@ async fn on_demand_reads_are_served_while_background_pauses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_handle_or_the_layer_stops_background() {
-    let f = fixture(50_000, Duration::from_millis(40), config(0, 1000, 1), None);
+    let f = fixture(50_000, config(0, 1000, 1), None);
+    // One slot, its GET held: the fetch is waiting for that slot when the
+    // handle goes, and would start the next GET the moment it frees.
+    f.blob.hold(&[Intent::Background], 0);
     let bg = f.layer.start_background();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("a background GET on the wire", || {
+        f.blob.on_the_wire(Intent::Background) == 1
+    })
+    .await;
     drop(bg);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let n = f.blob.reads().len();
-    assert!(n < 10, "{n} GETs");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("background stopped", || {
+        !f.layer.progress().background_running
+    })
+    .await;
+    f.blob.release();
+    wait_until("the GET on the wire ended", || {
+        f.blob.on_the_wire(Intent::Background) == 0
+    })
+    .await;
     assert_eq!(
         f.blob.reads().len(),
-        n,
+        1,
         "no GET after the handle was dropped"
     );
-    assert!(!f.layer.progress().background_running);
     assert!(!f.layer.progress().complete);
 
     let Fixture {
         blob, layer, _dir, ..
     } = f;
+    blob.hold(&[Intent::Background], 0);
     let bg = layer.start_background();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("a background GET on the wire", || {
+        blob.on_the_wire(Intent::Background) == 1
+    })
+    .await;
     drop(layer);
-    let outcome = tokio::time::timeout(Duration::from_secs(1), bg.wait())
+    let outcome = tokio::time::timeout(PATIENCE, bg.wait())
         .await
         .expect("stops when the layer goes");
     assert!(matches!(outcome, BackgroundOutcome::Stopped), "{outcome:?}");
-    let n = blob.reads().len();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(blob.reads().len(), n);
+    blob.release();
+    wait_until("the GET on the wire ended", || {
+        blob.on_the_wire(Intent::Background) == 0
+    })
+    .await;
+    assert_eq!(blob.reads().len(), 2, "no GET after the layer was dropped");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// In tokio's paused clock, which moves only when every task waits on a
+/// timer (never while a blocking cache write runs): the pacing is exact,
+/// whatever the machine's load.
+#[tokio::test(start_paused = true)]
 async fn the_background_rate_limit_paces_the_fetch() {
     let mut cfg = config(0, 4000, 8);
     cfg.background_rate = Some(20_000);
-    let f = fixture(60_000, Duration::ZERO, cfg, None);
-    let t = Instant::now();
+    let f = fixture(60_000, cfg, None);
+    let t = tokio::time::Instant::now();
     assert!(matches!(
         f.layer.start_background().wait().await,
         BackgroundOutcome::Complete
@@ -345,24 +374,33 @@ async fn the_background_rate_limit_paces_the_fetch() {
     // A burst of one second (20 kB), then 40 kB at 20 kB/s.
     let took = t.elapsed();
     assert!(
-        took >= Duration::from_millis(1700) && took < Duration::from_secs(4),
+        took >= Duration::from_secs(2) && took < Duration::from_millis(2100),
         "{took:?}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_picks_up_chunks_whose_other_fetch_was_under_way() {
-    let f = fixture(8000, Duration::from_millis(150), config(0, 1000, 4), None);
+    let f = fixture(8000, config(0, 1000, 4), None);
     // An on-demand read of chunk 5 is on the wire when background starts.
+    f.blob.hold(&[Intent::OnDemand], 0);
     let layer = f.layer.clone();
     let read = tokio::spawn(async move { layer.read(2, 5000, 10).await });
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let outcome = f.layer.start_background().wait().await;
+    wait_until("the on-demand GET on the wire", || {
+        f.blob.on_the_wire(Intent::OnDemand) == 1
+    })
+    .await;
+    let bg = f.layer.start_background();
+    let scheduler = f.layer.fetcher.scheduler().clone();
+    wait_until("background paused", || scheduler.paused() == 1).await;
+    f.blob.release();
+    let outcome = tokio::time::timeout(PATIENCE, bg.wait()).await.unwrap();
     assert!(
         matches!(outcome, BackgroundOutcome::Complete),
         "{outcome:?}"
     );
-    assert_eq!(read.await.unwrap().unwrap(), &f.data[5000..5010]);
+    let read = tokio::time::timeout(PATIENCE, read).await.unwrap();
+    assert_eq!(read.unwrap().unwrap(), &f.data[5000..5010]);
     assert!(f.layer.progress().complete);
     assert_eq!(
         chunk_starts(&f.blob.reads()),

@@ -1,21 +1,24 @@
 //! One mounted layer: its index, and read planning over cache and fetch.
 //!
 //! A read is planned into the chunks that cover it. The cache is asked for
-//! each piece synchronously (a blocking file read, fine on a FUSE thread);
-//! only when something is missing does the read go to the [`Fetcher`], on
-//! the async runtime, together with the chunks that follow it in the blob
-//! (read-ahead, `ahead.rs`).
+//! each piece synchronously (a blocking file read, fine on a FUSE thread):
+//! that is the read's one cache lookup. Only when something is missing does
+//! the read go to the [`Fetcher`], on the async runtime, which does not ask
+//! the cache again (but for the one re-check that closes the race with a
+//! flight finishing meanwhile), together with the chunks that follow it in
+//! the blob (read-ahead, `hints/ahead.rs`).
+//!
+//! What a read is likely to be followed by (the blob's next chunks, a
+//! program's libraries, the image's entrypoint) is guessed in `hints/`.
 //!
 //! Whole-layer fetches live in `background.rs`: [`Layer::prefetch`] (the
 //! landmark range, before a layer is announced) and
 //! [`Layer::start_background`] (everything, until the layer is complete).
 
-mod ahead;
 mod background;
-mod elf;
+mod hints;
 mod open;
 mod plan;
-mod program;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -27,8 +30,8 @@ use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, OpenError};
 use crate::format::{Chunk, FileKind, Inode, LayerIndex};
 
 pub use background::{BackgroundHandle, BackgroundOutcome, PrefetchOutcome, Progress};
+pub use hints::program::{Entrypoint, prefetch_entrypoint};
 pub use plan::{CachedRead, PendingRead};
-pub use program::{Entrypoint, prefetch_entrypoint};
 
 /// Why a layer could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +57,12 @@ pub struct Layer {
     /// Dropped with the layer (unmount): its background fetches stop.
     alive: watch::Sender<()>,
     background: Arc<background::State>,
-    /// Recent walks along the blob, for read-ahead windows (`ahead.rs`).
-    streams: ahead::Streams,
-    /// Files already looked at for the libraries they need (`elf.rs`).
+    /// Recent walks along the blob, for read-ahead windows (`hints/ahead.rs`).
+    streams: hints::ahead::Streams,
+    /// Files already looked at for the libraries they need (`hints/elf.rs`).
     examined: Mutex<HashSet<u64>>,
     /// The directory recently looked-up files were found in, for
-    /// read-behind within a directory (`ahead.rs`).
+    /// read-behind within a directory (`hints/ahead.rs`).
     parents: Mutex<HashMap<u32, u32>>,
 }
 
@@ -76,7 +79,7 @@ impl Layer {
             fetcher,
             alive: watch::Sender::new(()),
             background: Arc::default(),
-            streams: ahead::Streams::default(),
+            streams: hints::ahead::Streams::default(),
             examined: Mutex::default(),
             parents: Mutex::default(),
         }
@@ -149,7 +152,7 @@ impl Layer {
             let parents = self.parents.lock().expect("parents map poisoned");
             parents.get(&ino).map(|&d| u64::from(d))
         });
-        let ahead::Plan { behind, ahead } = self.read_ahead(&missing, file, dir);
+        let hints::ahead::Plan { behind, ahead } = self.read_ahead(&missing, file, dir);
         if !behind.is_empty() {
             // Its own GET, so the bytes this read waits for do not queue
             // behind them; below on-demand reads in the scheduler.
@@ -162,97 +165,6 @@ impl Layer {
             .await?;
         self.prefetch_libraries(pending.ino);
         Ok(pending.assemble(&missing, &fetched))
-    }
-
-    /// After a miss on file `ino`: if it is a program whose dynamic section
-    /// is in the cache now, fetches the libraries it needs that this layer
-    /// holds, each at most `read_ahead_max` compressed, then theirs. Each
-    /// file is looked at until that can be decided, then never again.
-    fn prefetch_libraries(self: &Arc<Self>, ino: u64) {
-        let config = self.fetcher.scheduler().config();
-        if config.read_ahead == 0
-            || self
-                .examined
-                .lock()
-                .expect("examined set poisoned")
-                .contains(&ino)
-        {
-            return;
-        }
-        let max = config.read_ahead_max.max(config.read_ahead);
-        let me = self.clone();
-        tokio::spawn(async move {
-            let finder = me.clone();
-            let Ok(libraries) = tokio::task::spawn_blocking(move || finder.libraries(ino)).await
-            else {
-                return;
-            };
-            for lib in libraries {
-                let Ok(inode) = me.inode(lib) else { continue };
-                let chunks = me.index.file_chunks(&inode).to_vec();
-                let bytes: u64 = chunks.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
-                if bytes > max {
-                    continue;
-                }
-                let me = me.clone();
-                tokio::spawn(async move {
-                    if me.fetcher.warm(&chunks, Intent::Prefetch).await.is_ok() {
-                        me.prefetch_libraries(lib);
-                    }
-                });
-            }
-        });
-    }
-
-    /// The libraries of file `ino` found in this layer, if it is a program
-    /// (blocking: reads the cache). Empty until its dynamic section is cached.
-    fn libraries(&self, ino: u64) -> Vec<u64> {
-        let Ok(inode) = self.inode(ino) else {
-            return Vec::new();
-        };
-        let chunks = self.index.file_chunks(&inode);
-        let read = |offset: u64, len: usize| match plan::plan_read(
-            chunks,
-            inode.size(),
-            offset,
-            len as u64,
-            self.fetcher.cache(),
-        ) {
-            CachedRead::Hit(d) if d.len() == len => Some(d),
-            _ => None,
-        };
-        let resolve = |name: &[u8], needs: &elf::Needs| {
-            elf::candidates(name, needs)
-                .iter()
-                .find_map(|path| elf::resolve_file(&self.index, path))
-        };
-        let mut found = match elf::examine(inode.size(), &read) {
-            // The loader is mapped first: it need not wait for the rest.
-            elf::Examined::NotYet { interp } => {
-                let needs = elf::Needs::default();
-                return interp
-                    .and_then(|i| resolve(&i, &needs))
-                    .into_iter()
-                    .collect();
-            }
-            elf::Examined::NotElf => Vec::new(),
-            elf::Examined::Needs(needs) => {
-                let mut found: Vec<u64> = Vec::new();
-                let names = needs.needed.iter().chain(&needs.interp);
-                for name in names {
-                    let lib = resolve(name, &needs);
-                    if let Some(lib) = lib.filter(|l| *l != ino && !found.contains(l)) {
-                        found.push(lib);
-                    }
-                }
-                found
-            }
-        };
-        let mut examined = self.examined.lock().expect("examined set poisoned");
-        examined.insert(ino);
-        found.retain(|l| !examined.contains(l));
-        tracing::debug!(ino, libraries = found.len(), "looked for libraries");
-        found
     }
 
     /// Reads through cache and fetcher: the convenience form of

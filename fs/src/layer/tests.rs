@@ -71,6 +71,31 @@ async fn a_read_fetches_its_chunks_once_then_is_answered_inline() {
     assert!(layer.read(2, 6000, 10).await.unwrap().is_empty());
 }
 
+/// The read plan's lookup is the only one a miss makes: the fetcher goes
+/// straight to its flights (its re-check is an index lookup, not a read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_looks_the_cache_up_once_on_its_way_down() {
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let (_dir, blob, layer) = layer_with_file(&data);
+    assert_eq!(layer.read(2, 1500, 10).await.unwrap(), &data[1500..1510]);
+    let s = layer.cache().stats();
+    assert_eq!((s.hits, s.misses), (0, 1), "one lookup, one miss");
+    assert_eq!(blob.reads().len(), 1);
+
+    // A chunk cached behind the plan's back (a flight that finished after
+    // the lookup) is answered from the cache by the fetcher's re-check.
+    let chunk = layer.index().chunks[0];
+    layer.cache().insert(&chunk.digest, &data[..1000]).unwrap();
+    let got = layer
+        .fetcher
+        .fetch(&[chunk], Intent::OnDemand)
+        .await
+        .unwrap();
+    assert_eq!(got[0], &data[..1000]);
+    assert_eq!(blob.reads().len(), 1, "not fetched again");
+    assert_eq!(layer.stats().cache_hits, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_a_directory_or_a_missing_inode_is_an_error() {
     let (_dir, _blob, layer) = layer_with_file(b"hello");

@@ -4,13 +4,13 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::*;
 use crate::cache::Cache;
 use crate::fetch::{FetchScheduler, SchedulerConfig};
 use crate::format::{FileKind, InodeSpec};
-use crate::testing::{FakeBlob, Plain, chunks_of, pattern};
+use crate::testing::{FakeBlob, Plain, chunks_of, pattern, wait_until};
 
 const CHUNK: usize = 1000;
 
@@ -57,16 +57,14 @@ impl TestLayer {
             .any(|c| self.layer.cache().contains(&c.digest))
     }
 
+    /// Waits until every chunk of `paths` was read as a prefetch and some
+    /// is cached: their GETs have landed, so what was not fetched with them
+    /// will not be.
     async fn wait_prefetched(&self, paths: &[&str]) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !paths.iter().all(|p| self.prefetched(p)) {
-            assert!(
-                Instant::now() < deadline,
-                "not prefetched: {:?}",
-                self.blob.reads()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(&format!("{paths:?} prefetched"), || {
+            paths.iter().all(|p| self.prefetched(p) && self.cached(p))
+        })
+        .await;
     }
 }
 
@@ -169,7 +167,7 @@ fn tiny_window() -> SchedulerConfig {
 /// its dynamic section, as prefetches, through links; others stay put.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_programs_libraries_are_prefetched_once_it_is_read() {
-    let prog = elf::tiny_program(&["libm.so.6", "libc.so.6"], 3000);
+    let prog = hints::elf::tiny_program(&["libm.so.6", "libc.so.6"], 3000);
     let t = layer_of(
         vec![
             Entry::File("/lib/x86_64-linux-gnu/libc-2.36.so", content(2500, 1)),

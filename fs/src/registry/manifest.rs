@@ -1,10 +1,12 @@
 //! OCI and Docker v2 schema 2 manifests and indexes. Pure: JSON in,
-//! descriptors out; the client fetches.
+//! descriptors out (an index's entry for a platform chosen by
+//! [`Platform`]'s rules); `resolve.rs` fetches.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::platform::Platform;
 use crate::Digest;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -50,7 +52,7 @@ pub enum Parsed {
         config: Descriptor,
         layers: Vec<Descriptor>,
     },
-    /// An index; `chosen` is its linux/amd64 entry.
+    /// An index; `chosen` is its entry for the platform asked for.
     Index { chosen: Descriptor },
 }
 
@@ -64,11 +66,11 @@ struct RawDescriptor {
     #[serde(default)]
     annotations: BTreeMap<String, String>,
     #[serde(default)]
-    platform: Option<Platform>,
+    platform: Option<RawPlatform>,
 }
 
 #[derive(Deserialize)]
-struct Platform {
+struct RawPlatform {
     architecture: String,
     os: String,
     #[serde(default)]
@@ -105,9 +107,19 @@ impl RawDescriptor {
     }
 }
 
-/// Parses a manifest or index. `content_type` is the response's
-/// `Content-Type`, which wins over the document's own `mediaType`.
+/// Parses a manifest or index, choosing the node's entry of an index.
+/// `content_type` is the response's `Content-Type`, which wins over the
+/// document's own `mediaType`.
 pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, String> {
+    parse_for(bytes, content_type, &Platform::node())
+}
+
+/// [`parse`], choosing an index's entry for `platform`.
+pub fn parse_for(
+    bytes: &[u8],
+    content_type: Option<&str>,
+    platform: &Platform,
+) -> Result<Parsed, String> {
     let raw: RawManifest =
         serde_json::from_slice(bytes).map_err(|e| format!("manifest is not valid JSON: {e}"))?;
     if raw.schema_version.is_some_and(|v| v != 2) {
@@ -130,7 +142,7 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, String>
         OCI_INDEX | DOCKER_LIST => {
             let entries = raw.manifests.ok_or("index without manifests")?;
             Ok(Parsed::Index {
-                chosen: select_linux_amd64(entries)?,
+                chosen: select(entries, platform)?,
             })
         }
         OCI_MANIFEST | DOCKER_MANIFEST => {
@@ -154,27 +166,23 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, String>
     }
 }
 
-/// The linux/amd64 entry of an index. Among several (variants), one without
-/// a variant or with `v1` is preferred, then the first.
-fn select_linux_amd64(entries: Vec<RawDescriptor>) -> Result<Descriptor, String> {
-    let mut candidates: Vec<RawDescriptor> = entries
+/// The entry of an index a node of `platform` runs best; among equals,
+/// the first (containerd's order). Entries without a platform are skipped.
+fn select(entries: Vec<RawDescriptor>, platform: &Platform) -> Result<Descriptor, String> {
+    let compatible = platform.compatible();
+    let best = entries
         .into_iter()
-        .filter(|e| {
-            e.platform
-                .as_ref()
-                .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+        .filter_map(|e| {
+            let p = e.platform.as_ref()?;
+            let p = Platform::new(&p.os, &p.architecture, p.variant.as_deref().unwrap_or(""));
+            let rank = compatible.iter().position(|c| *c == p)?;
+            Some((rank, e))
         })
-        .collect();
-    if candidates.is_empty() {
-        return Err("index has no linux/amd64 manifest".to_string());
+        .min_by_key(|(rank, _)| *rank);
+    match best {
+        Some((_, e)) => e.into_descriptor(),
+        None => Err(format!("index has no manifest for {platform}")),
     }
-    let plain = candidates.iter().position(|e| {
-        e.platform
-            .as_ref()
-            .and_then(|p| p.variant.as_deref())
-            .is_none_or(|v| v == "v1")
-    });
-    candidates.swap_remove(plain.unwrap_or(0)).into_descriptor()
 }
 
 #[cfg(test)]
@@ -232,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn index_selects_linux_amd64() {
+    fn index_selects_the_platform_asked_for() {
         let json = format!(
             r#"{{"schemaVersion":2,"mediaType":"{DOCKER_LIST}","manifests":[
               {{"mediaType":"{DOCKER_MANIFEST}","digest":"{}","size":1,"platform":{{"architecture":"arm64","os":"linux","variant":"v8"}}}},
@@ -247,16 +255,65 @@ mod tests {
             d(4),
             d(5)
         );
-        match parse(json.as_bytes(), None).unwrap() {
-            Parsed::Index { chosen } => assert_eq!(chosen.digest, Digest::of(&[4])),
+        let chosen = |platform: &Platform| match parse_for(json.as_bytes(), None, platform) {
+            Ok(Parsed::Index { chosen }) => chosen.digest,
             p => panic!("{p:?}"),
-        }
+        };
+        assert_eq!(
+            chosen(&Platform::new("linux", "amd64", "")),
+            Digest::of(&[4])
+        );
+        assert_eq!(
+            chosen(&Platform::new("linux", "amd64", "v2")),
+            Digest::of(&[4])
+        );
+        assert_eq!(
+            chosen(&Platform::new("linux", "amd64", "v3")),
+            Digest::of(&[3])
+        );
+        assert_eq!(
+            chosen(&Platform::new("linux", "arm64", "v8")),
+            Digest::of(&[1])
+        );
         let arm_only = format!(
             r#"{{"manifests":[{{"digest":"{}","size":1,"platform":{{"architecture":"arm64","os":"linux"}}}}]}}"#,
             d(1)
         );
-        let err = parse(arm_only.as_bytes(), Some(OCI_INDEX)).unwrap_err();
+        let amd64 = Platform::new("linux", "amd64", "");
+        let err = parse_for(arm_only.as_bytes(), Some(OCI_INDEX), &amd64).unwrap_err();
         assert!(err.contains("linux/amd64"), "{err}");
+    }
+
+    #[test]
+    fn an_arm64_node_resolves_arm64_whatever_its_variant_spelling() {
+        let arm64 = Platform::new("linux", "arm64", "v8");
+        for variant in [r#","variant":"v8""#, "", r#","variant":"8""#] {
+            let json = format!(
+                r#"{{"manifests":[
+                  {{"digest":"{}","size":1,"platform":{{"architecture":"arm","os":"linux","variant":"v7"}}}},
+                  {{"digest":"{}","size":2,"platform":{{"architecture":"amd64","os":"linux"}}}},
+                  {{"digest":"{}","size":3,"platform":{{"architecture":"arm64","os":"linux"{variant}}}}}
+                ]}}"#,
+                d(1),
+                d(2),
+                d(3)
+            );
+            match parse_for(json.as_bytes(), None, &arm64).unwrap() {
+                Parsed::Index { chosen } => {
+                    assert_eq!(chosen.digest, Digest::of(&[3]), "{variant}")
+                }
+                p => panic!("{p:?}"),
+            }
+        }
+        // No arm64 entry: 32-bit arm runs too, as containerd would choose.
+        let json = format!(
+            r#"{{"manifests":[{{"digest":"{}","size":1,"platform":{{"architecture":"arm","os":"linux","variant":"v7"}}}}]}}"#,
+            d(1)
+        );
+        match parse_for(json.as_bytes(), None, &arm64).unwrap() {
+            Parsed::Index { chosen } => assert_eq!(chosen.digest, Digest::of(&[1])),
+            p => panic!("{p:?}"),
+        }
     }
 
     #[test]

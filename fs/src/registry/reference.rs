@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::RegistryError;
+use super::error::RegistryError;
 use crate::Digest;
 
 /// Docker Hub as users write it, and the host its API really lives on.

@@ -1,6 +1,7 @@
 //! [`FakeBlob`]: a blob source in memory that records every read.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,10 @@ enum Content {
 
 /// A blob in memory that records every read (range, intent, when) and
 /// answers after a delay, so concurrent readers overlap; streamed reads
-/// come in pieces, and one can be made to break midway.
+/// come in pieces, and one can be made to break midway. Reads of some
+/// intents can be held at a gate ([`FakeBlob::hold`]) until
+/// [`FakeBlob::release`]d: a test then sees what happens, or does not, while
+/// they are on the wire.
 pub struct FakeBlob {
     content: Content,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -44,6 +48,10 @@ pub struct FakeBlob {
     piece_delay: Duration,
     /// The next streamed read breaks after this many pieces (once).
     break_after: Mutex<Option<usize>>,
+    /// Intents whose reads wait at the gate now.
+    held: tokio::sync::watch::Sender<Vec<Intent>>,
+    /// Pieces a held streamed read yields before it waits.
+    hold_after: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -97,7 +105,29 @@ impl FakeBlob {
             piece,
             piece_delay,
             break_after: Mutex::new(None),
+            held: tokio::sync::watch::Sender::new(Vec::new()),
+            hold_after: AtomicUsize::new(0),
         })
+    }
+
+    /// Reads of `intents` wait at the gate: a streamed one after yielding
+    /// `after` pieces, a plain one before answering.
+    pub fn hold(&self, intents: &[Intent], after: usize) {
+        self.hold_after.store(after, Ordering::SeqCst);
+        self.held.send_replace(intents.to_vec());
+    }
+
+    /// Lets every held read go on.
+    pub fn release(&self) {
+        self.held.send_replace(Vec::new());
+    }
+
+    /// Reads of `intent` started and not ended (held ones among them).
+    pub fn on_the_wire(&self, intent: Intent) -> usize {
+        lock(&self.seen)
+            .iter()
+            .filter(|s| s.intent == intent && s.ended.is_none())
+            .count()
     }
 
     /// The next streamed read fails after `pieces` pieces (once).
@@ -178,10 +208,15 @@ impl FakeBlob {
         let (delay, piece, piece_delay) = (self.delay, self.piece, self.piece_delay);
         let seen = self.seen.clone();
         let mut break_after = lock(&self.break_after).take();
+        let gate = self.held.subscribe();
+        let hold_after = self.hold_after.load(Ordering::SeqCst);
+        let mut pieces = 0;
         futures::stream::unfold((bytes, true), move |(rest, first)| {
             let seen = seen.clone();
             let broken = break_after == Some(0);
             break_after = break_after.map(|n| n.saturating_sub(1));
+            let mut gate = (pieces >= hold_after).then(|| gate.clone());
+            pieces += 1;
             async move {
                 if rest.is_empty() {
                     return None;
@@ -193,6 +228,9 @@ impl FakeBlob {
                         reason: "connection reset".into(),
                     };
                     return Some((Err(e), (Bytes::new(), false)));
+                }
+                if let Some(gate) = &mut gate {
+                    let _ = gate.wait_for(|held| !held.contains(&intent)).await;
                 }
                 pause(if first { delay } else { piece_delay }).await;
                 let mut rest = rest;
@@ -229,8 +267,10 @@ impl BlobSource for FakeBlob {
         intent: Intent,
     ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
         let slot = self.record(&range, intent);
+        let mut gate = self.held.subscribe();
         Box::pin(async move {
             pause(self.delay).await;
+            let _ = gate.wait_for(|held| !held.contains(&intent)).await;
             lock(&self.seen)[slot].ended = Some(Instant::now());
             Ok(self.bytes(range))
         })

@@ -16,60 +16,17 @@ use std::sync::Arc;
 use crate::Intent;
 use crate::format::FileKind;
 
-use super::{Layer, elf};
+use super::elf;
+use crate::layer::{CachedRead, Layer};
 
-/// `PATH` when the image config sets none (the one runc and docker use).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The image config's program; parsed with the manifest code.
+pub use crate::registry::Entrypoint;
 /// Interpreters followed: a script run by a script run by a program.
 const MAX_HOPS: usize = 3;
 /// Symbolic links followed across layers, per lookup.
 const MAX_LINKS: usize = 40;
 
-/// The program an image config runs: its `argv[0]`, `Env` and `WorkingDir`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Entrypoint {
-    pub argv0: String,
-    pub path: String,
-    pub workdir: String,
-}
-
 impl Entrypoint {
-    /// From an OCI image config document; `None` if it names no program.
-    pub fn from_config(config: &[u8]) -> Option<Entrypoint> {
-        #[derive(serde::Deserialize, Default)]
-        #[serde(rename_all = "PascalCase", default)]
-        struct Run {
-            entrypoint: Option<Vec<String>>,
-            cmd: Option<Vec<String>>,
-            env: Option<Vec<String>>,
-            working_dir: Option<String>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Config {
-            #[serde(default)]
-            config: Option<Run>,
-        }
-        let run = serde_json::from_slice::<Config>(config).ok()?.config?;
-        let argv0 = run
-            .entrypoint
-            .filter(|e| !e.is_empty())
-            .or(run.cmd)?
-            .into_iter()
-            .next()
-            .filter(|a| !a.is_empty())?;
-        let path = run
-            .env
-            .unwrap_or_default()
-            .into_iter()
-            .find_map(|e| e.strip_prefix("PATH=").map(str::to_owned))
-            .unwrap_or_else(|| DEFAULT_PATH.to_owned());
-        Some(Entrypoint {
-            argv0,
-            path,
-            workdir: run.working_dir.unwrap_or_default(),
-        })
-    }
-
     /// The absolute paths `argv0` may be, in the order a shell tries them.
     fn candidates(&self) -> Vec<String> {
         if self.argv0.contains('/') {
@@ -131,7 +88,7 @@ pub async fn prefetch_entrypoint(layers: &[Arc<Layer>], entry: &Entrypoint) -> V
         let head = {
             let layer = layer.clone();
             tokio::task::spawn_blocking(move || match layer.read_cached(ino, 0, 256) {
-                Ok(super::CachedRead::Hit(d)) => d,
+                Ok(CachedRead::Hit(d)) => d,
                 _ => Vec::new(),
             })
             .await
@@ -202,25 +159,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_config_names_the_program_entrypoint_first() {
-        let e = Entrypoint::from_config(
-            br#"{"config":{"Entrypoint":["/docker-entrypoint.sh"],"Cmd":["nginx"],
-                "Env":["A=1","PATH=/opt/bin:/bin"],"WorkingDir":"/srv"}}"#,
-        )
-        .unwrap();
-        assert_eq!(e.argv0, "/docker-entrypoint.sh");
+    fn the_program_is_looked_for_as_a_shell_would() {
         let e = Entrypoint::from_config(br#"{"config":{"Cmd":["python3","-c","1"]}}"#).unwrap();
-        assert_eq!(e.argv0, "python3");
-        assert_eq!(e.path, DEFAULT_PATH);
         assert_eq!(e.candidates()[1], "/usr/local/bin/python3");
         let e = Entrypoint::from_config(
             br#"{"config":{"Entrypoint":[],"Cmd":["./run"],"WorkingDir":"/app/"}}"#,
         )
         .unwrap();
         assert_eq!(e.candidates(), vec!["/app/run".to_owned()]);
-        assert_eq!(Entrypoint::from_config(br#"{"config":{}}"#), None);
-        assert_eq!(Entrypoint::from_config(br#"{"config":{"Cmd":[""]}}"#), None);
-        assert_eq!(Entrypoint::from_config(b"not json"), None);
     }
 
     #[test]

@@ -12,7 +12,104 @@
 //! malformed) is "not a program" and costs nothing more. All bytes read
 //! here came from the cache, verified.
 
+use std::sync::Arc;
+
+use crate::Intent;
 use crate::format::{FileKind, LayerIndex, ROOT_INO};
+use crate::layer::{CachedRead, Layer, plan};
+
+impl Layer {
+    /// After a miss on file `ino`: if it is a program whose dynamic section
+    /// is in the cache now, fetches the libraries it needs that this layer
+    /// holds, each at most `read_ahead_max` compressed, then theirs. Each
+    /// file is looked at until that can be decided, then never again.
+    pub(in crate::layer) fn prefetch_libraries(self: &Arc<Self>, ino: u64) {
+        let config = self.fetcher.scheduler().config();
+        if config.read_ahead == 0
+            || self
+                .examined
+                .lock()
+                .expect("examined set poisoned")
+                .contains(&ino)
+        {
+            return;
+        }
+        let max = config.read_ahead_max.max(config.read_ahead);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let finder = me.clone();
+            let Ok(libraries) = tokio::task::spawn_blocking(move || finder.libraries(ino)).await
+            else {
+                return;
+            };
+            for lib in libraries {
+                let Ok(inode) = me.inode(lib) else { continue };
+                let chunks = me.index.file_chunks(&inode).to_vec();
+                let bytes: u64 = chunks.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
+                if bytes > max {
+                    continue;
+                }
+                let me = me.clone();
+                tokio::spawn(async move {
+                    if me.fetcher.warm(&chunks, Intent::Prefetch).await.is_ok() {
+                        me.prefetch_libraries(lib);
+                    }
+                });
+            }
+        });
+    }
+
+    /// The libraries of file `ino` found in this layer, if it is a program
+    /// (blocking: reads the cache). Empty until its dynamic section is cached.
+    fn libraries(&self, ino: u64) -> Vec<u64> {
+        let Ok(inode) = self.inode(ino) else {
+            return Vec::new();
+        };
+        let chunks = self.index.file_chunks(&inode);
+        let read = |offset: u64, len: usize| match plan::plan_read(
+            chunks,
+            inode.size(),
+            offset,
+            len as u64,
+            self.fetcher.cache(),
+        ) {
+            CachedRead::Hit(d) if d.len() == len => Some(d),
+            _ => None,
+        };
+        let resolve = |name: &[u8], needs: &Needs| {
+            candidates(name, needs)
+                .iter()
+                .find_map(|path| resolve_file(&self.index, path))
+        };
+        let mut found = match examine(inode.size(), &read) {
+            // The loader is mapped first: it need not wait for the rest.
+            Examined::NotYet { interp } => {
+                let needs = Needs::default();
+                return interp
+                    .and_then(|i| resolve(&i, &needs))
+                    .into_iter()
+                    .collect();
+            }
+            Examined::NotElf => Vec::new(),
+            Examined::Needs(needs) => {
+                let mut found: Vec<u64> = Vec::new();
+                let names = needs.needed.iter().chain(&needs.interp);
+                for name in names {
+                    let lib = resolve(name, &needs);
+                    if let Some(lib) = lib.filter(|l| *l != ino && !found.contains(l)) {
+                        found.push(lib);
+                    }
+                }
+                found
+            }
+        };
+        let mut examined = self.examined.lock().expect("examined set poisoned");
+        examined.insert(ino);
+        found.retain(|l| !examined.contains(l));
+        tracing::debug!(ino, libraries = found.len(), "looked for libraries");
+        found
+    }
+}
 
 /// What looking at a file's first bytes found.
 #[derive(Debug, PartialEq, Eq)]
@@ -296,7 +393,7 @@ fn components(path: &[u8]) -> Vec<Vec<u8>> {
 /// A minimal x86-64 program that names `needed` (and a loader), with
 /// `pad` zero bytes after its headers: a fixture for tests.
 #[cfg(test)]
-pub(super) fn tiny_program(needed: &[&str], pad: usize) -> Vec<u8> {
+pub(in crate::layer) fn tiny_program(needed: &[&str], pad: usize) -> Vec<u8> {
     const BASE: u64 = 0x40_0000;
     let interp = b"/lib64/ld-linux-x86-64.so.2\0";
     let (interp_at, strtab_at) = (64 + 3 * 56, 64 + 3 * 56 + interp.len());

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use crate::fetch::MAX_GAP;
 use crate::format::{Chunk, FileKind};
 
-use super::Layer;
+use crate::layer::Layer;
 
 /// Streams remembered per layer: enough for a few interleaved walks.
 const STREAMS: usize = 4;
@@ -36,7 +36,7 @@ struct Stream {
 
 /// The recent streams of a layer, most recent first.
 #[derive(Debug, Default)]
-pub(super) struct Streams(Mutex<Vec<Stream>>);
+pub(in crate::layer) struct Streams(Mutex<Vec<Stream>>);
 
 impl Stream {
     /// Whether a miss from `start` continues this walk: it lands inside
@@ -70,7 +70,7 @@ impl Streams {
 
 /// What a miss fetches besides its own chunks.
 #[derive(Debug, Default)]
-pub(super) struct Plan {
+pub(in crate::layer) struct Plan {
     /// Chunks of the file before the miss, and those just before it in the
     /// blob: a GET of their own.
     pub behind: Vec<Chunk>,
@@ -88,7 +88,12 @@ impl Layer {
     /// alone is a base window or more, the chunks after it in blob order,
     /// neither cached nor in flight, separated by at most [`MAX_GAP`], up to
     /// the stream's window of compressed bytes.
-    pub(super) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk], dir: Option<u64>) -> Plan {
+    pub(in crate::layer) fn read_ahead(
+        &self,
+        missing: &[Chunk],
+        file: &[Chunk],
+        dir: Option<u64>,
+    ) -> Plan {
         let scheduler = self.fetcher.scheduler();
         let (base, max) = (scheduler.config().read_ahead, scheduler.read_ahead_max());
         let (Some(start), Some(mut end)) = (

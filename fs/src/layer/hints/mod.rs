@@ -1,0 +1,17 @@
+//! Hints: guesses, from what a layer has been asked so far, of what it
+//! will be asked next, so that those bytes are fetched before the miss
+//! that would wait for them. A hint only ever adds chunks to a fetch (with
+//! `Intent::Prefetch`, or in the GET of a miss); it never changes what a
+//! read returns, and a wrong guess costs bytes, not correctness.
+//!
+//! - `ahead`: read-ahead along blob order (and read-behind within a
+//!   directory): the chunks that follow an on-demand miss in the blob come
+//!   in the same GET.
+//! - `elf`: a program's libraries: once a program's dynamic section is
+//!   cached, the libraries it names that the layer holds are fetched.
+//! - `program`: the entrypoint: the program an image config runs (and its
+//!   interpreter and libraries) is fetched while the container is created.
+
+pub(super) mod ahead;
+pub(super) mod elf;
+pub(super) mod program;
