@@ -55,9 +55,16 @@ impl Fetcher {
                 let (format, pieces) = (format.clone(), fetched.clone());
                 // Gunzip, hashing and JSON parsing of a TOC of many MB is CPU
                 // work: not on an async worker.
-                tokio::task::spawn_blocking(move || format.index_step(&pieces, size, expected))
-                    .await
-                    .expect("index building does not panic")?
+                tokio::task::spawn_blocking(move || {
+                    let step = format.index_step(&pieces, size, expected);
+                    if step.is_err() {
+                        // What decoding allocated is freed; see `settle`.
+                        crate::memory::release_free_memory();
+                    }
+                    step
+                })
+                .await
+                .expect("index building does not panic")?
             };
             match step {
                 IndexStep::Fetch(range) => {
