@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use super::Fetcher;
+use super::fetcher::Fetcher;
 use crate::Digest;
 use crate::Intent;
 use crate::cache::Cache;

@@ -3,7 +3,10 @@
 
 use std::borrow::Cow;
 
-use super::{build_index, decode, decode_toc, parse_footer};
+use super::build::build_index;
+use super::decode;
+use super::footer::parse_footer;
+use super::toc::decode_toc;
 use crate::Digest;
 use crate::format::{Chunk, Format, FormatError, IndexStep, Piece};
 
