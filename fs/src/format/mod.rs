@@ -4,7 +4,8 @@
 //! [`LayerIndex`] (the fetcher fetches them), builds it from them, and turns
 //! a fetched compressed range into verified plain chunks. eStargz is the
 //! first format; zstd:chunked and overlaybd fit beside it behind the same
-//! trait (see [`Format`]).
+//! trait (see [`Format`]). The one encoder, eStargz's writer, is for tests
+//! and benchmarks only (`estargz::write`, the `writer` feature).
 
 pub mod estargz;
 pub mod index;
