@@ -16,6 +16,8 @@
 //! `digest` and `format::index` hold the vocabulary every layer shares, and
 //! `num` the one conversion of `u64` offsets to `usize` the byte paths use;
 //! `memory` tunes the allocator for a daemon that keeps many layers.
+//! `testing` (this crate's tests and the `testing` feature) holds the fakes
+//! tests share: an in-memory blob source and the plain (identity) format.
 
 pub mod cache;
 pub mod digest;
@@ -27,6 +29,8 @@ pub mod layer;
 pub mod memory;
 pub mod num;
 pub mod registry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use digest::Digest;
 pub use intent::Intent;

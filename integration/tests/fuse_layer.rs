@@ -4,62 +4,19 @@
 mod support;
 
 use std::ffi::CString;
-use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
-use futures::future::BoxFuture;
 use tarn_fs::Digest;
-use tarn_fs::Intent;
 use tarn_fs::cache::Cache;
 use tarn_fs::fetch::Fetcher;
-use tarn_fs::format::{
-    Chunk, ChunkDecoder, FileKind, FormatError, InodeSpec, LayerIndex, ROOT_INO,
-};
+use tarn_fs::format::{Chunk, FileKind, InodeSpec, LayerIndex, ROOT_INO};
 use tarn_fs::fuse::{MountOptions, mount};
 use tarn_fs::layer::Layer;
-use tarn_fs::registry::{BlobSource, RegistryError};
-
-struct MemBlob {
-    data: Vec<u8>,
-    reads: AtomicU64,
-}
-
-impl BlobSource for MemBlob {
-    fn size(&self) -> u64 {
-        self.data.len() as u64
-    }
-    fn read_range(
-        &self,
-        range: Range<u64>,
-        _intent: Intent,
-    ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        let b = Bytes::copy_from_slice(&self.data[range.start as usize..range.end as usize]);
-        Box::pin(async move { Ok(b) })
-    }
-}
-
-/// Stored uncompressed; verification is real.
-struct Plain;
-
-impl ChunkDecoder for Plain {
-    fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
-        let actual = Digest::of(compressed);
-        if actual != chunk.digest {
-            return Err(FormatError::ChunkDigestMismatch {
-                expected: chunk.digest,
-                actual,
-            });
-        }
-        Ok(compressed.to_vec())
-    }
-}
+use tarn_fs::testing::{FakeBlob, Plain};
 
 fn node(kind: FileKind, mode: u32, parent: u64) -> InodeSpec {
     InodeSpec {
@@ -136,7 +93,7 @@ fn index_and_blob(tamper: bool) -> (LayerIndex, Vec<u8>, Vec<u8>, Vec<u8>) {
 struct Mounted {
     _dir: tempfile::TempDir,
     mnt: PathBuf,
-    blob: Arc<MemBlob>,
+    blob: Arc<FakeBlob>,
     _handle: tarn_fs::fuse::MountHandle,
     _rt: tokio::runtime::Runtime,
 }
@@ -147,10 +104,7 @@ fn mount_layer(tamper: bool) -> (Mounted, Vec<u8>, Vec<u8>) {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let cache = Arc::new(Cache::open(&dir.path().join("cache")).unwrap());
-    let blob = Arc::new(MemBlob {
-        data,
-        reads: AtomicU64::new(0),
-    });
+    let blob = FakeBlob::instant(data);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -201,11 +155,11 @@ fn the_kernel_sees_the_index() {
 
     assert_eq!(std::fs::read(mnt.join("a")).unwrap(), a);
     assert_eq!(std::fs::read(mnt.join("b")).unwrap(), b);
-    let reads = m.blob.reads.load(Ordering::Relaxed);
+    let reads = m.blob.read_count();
     assert_eq!(std::fs::read(mnt.join("l")).unwrap(), a, "symlink followed");
     assert_eq!(std::fs::read_link(mnt.join("l")).unwrap(), Path::new("a"));
     assert_eq!(
-        m.blob.reads.load(Ordering::Relaxed),
+        m.blob.read_count(),
         reads,
         "second read of a: page cache or chunk cache"
     );
@@ -328,10 +282,7 @@ fn cached_sequential_read_throughput_against_local_disk() {
     std::fs::write(&local, &data).unwrap();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let blob = Arc::new(MemBlob {
-        data,
-        reads: AtomicU64::new(0),
-    });
+    let blob = FakeBlob::instant(data);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -366,9 +317,9 @@ fn cached_sequential_read_throughput_against_local_disk() {
         Fetcher::new(blob.clone(), Arc::new(Plain), cache.clone()),
     ));
     let h = mount(layer, &mnt, rt.handle().clone(), &MountOptions::default()).unwrap();
-    let cold = read_all(&mnt.join("big"), &blob.data);
+    let cold = read_all(&mnt.join("big"), blob.data().unwrap());
     h.unmount().unwrap();
-    let fetched = blob.reads.load(Ordering::Relaxed);
+    let fetched = blob.read_count();
 
     // Fresh mounts over the same cache: nothing in the kernel's page cache
     // for a new mount, every read goes through FUSE to the chunk cache. The
@@ -381,15 +332,11 @@ fn cached_sequential_read_throughput_against_local_disk() {
             Fetcher::new(blob.clone(), Arc::new(Plain), cache.clone()),
         ));
         let h = mount(layer, &mnt, rt.handle().clone(), &MountOptions::default()).unwrap();
-        warm = warm.min(read_all(&mnt.join("big"), &blob.data));
+        warm = warm.min(read_all(&mnt.join("big"), blob.data().unwrap()));
         h.unmount().unwrap();
-        disk = disk.min(read_all(&local, &blob.data));
+        disk = disk.min(read_all(&local, blob.data().unwrap()));
     }
-    assert_eq!(
-        blob.reads.load(Ordering::Relaxed),
-        fetched,
-        "a cached layer fetches nothing"
-    );
+    assert_eq!(blob.read_count(), fetched, "a cached layer fetches nothing");
 
     let mbps = |d: std::time::Duration| SIZE as f64 / d.as_secs_f64() / 1e6;
     eprintln!(
@@ -418,10 +365,7 @@ fn an_estargz_from_the_writer_mounts_equal_to_its_tar() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let cache = Arc::new(Cache::open(&dir.path().join("cache")).unwrap());
-    let src = Arc::new(MemBlob {
-        data: blob,
-        reads: AtomicU64::new(0),
-    });
+    let src = FakeBlob::instant(blob);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -299,7 +299,8 @@ fn concurrent_readers_fetch_each_chunk_once() {
     let loc = parse_footer(&p.blob[p.blob.len() - 51..], p.blob.len() as u64).expect("footer");
     let file_bytes = loc.toc_offset - entry_offset(&p.blob, "shared.bin");
     // Chunks inside the blob's tail come from the GET that opened the layer.
-    let tail_start = p.blob.len() as u64 - (p.blob.len() as u64).min(tarn_fs::layer::TAIL_FETCH);
+    let tail_start =
+        p.blob.len() as u64 - (p.blob.len() as u64).min(tarn_fs::format::estargz::TAIL_FETCH);
     let in_tail = loc
         .toc_offset
         .saturating_sub(tail_start.max(loc.toc_offset - file_bytes));

@@ -8,21 +8,15 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::future::BoxFuture;
 use tarn_fs::Digest;
-use tarn_fs::Intent;
 use tarn_fs::cache::Cache;
 use tarn_fs::fetch::Fetcher;
-use tarn_fs::format::{
-    Chunk, ChunkDecoder, FileKind, FormatError, InodeSpec, LayerIndex, ROOT_INO,
-};
+use tarn_fs::format::{Chunk, FileKind, InodeSpec, LayerIndex, ROOT_INO};
 use tarn_fs::fuse::{MountHandle, MountOptions, mount};
 use tarn_fs::layer::Layer;
-use tarn_fs::registry::{BlobSource, RegistryError};
+use tarn_fs::testing::{FakeBlob, Plain};
 
 /// Blob byte `i` of a blob that is generated, not stored, so a 1 GiB layer
 /// costs no memory.
@@ -38,42 +32,6 @@ fn blob_bytes(range: Range<u64>) -> Vec<u8> {
     out.drain(..skip);
     out.truncate((range.end - range.start) as usize);
     out
-}
-
-struct GenBlob {
-    size: u64,
-    reads: AtomicU64,
-}
-
-impl BlobSource for GenBlob {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_range(
-        &self,
-        range: Range<u64>,
-        _intent: Intent,
-    ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        let b = Bytes::from(blob_bytes(range));
-        Box::pin(async move { Ok(b) })
-    }
-}
-
-/// Chunks stored uncompressed; verification is real.
-struct Plain;
-
-impl ChunkDecoder for Plain {
-    fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
-        let actual = Digest::of(compressed);
-        if actual != chunk.digest {
-            return Err(FormatError::ChunkDigestMismatch {
-                expected: chunk.digest,
-                actual,
-            });
-        }
-        Ok(compressed.to_vec())
-    }
 }
 
 fn node(kind: FileKind, parent: u64) -> InodeSpec {
@@ -143,7 +101,7 @@ fn flat_layer(files: &[Spec], copy_to: Option<&Path>) -> (LayerIndex, Vec<Range<
 /// Everything a test mounts, torn down in reverse order even on failure.
 struct Bed {
     dir: tempfile::TempDir,
-    blob: Arc<GenBlob>,
+    blob: Arc<FakeBlob>,
     index: LayerIndex,
     rt: tokio::runtime::Runtime,
 }
@@ -155,10 +113,7 @@ impl Bed {
         std::fs::create_dir(&local).unwrap();
         std::fs::create_dir(dir.path().join("empty")).unwrap();
         let (index, _) = flat_layer(files, with_local_copy.then_some(local.as_path()));
-        let blob = Arc::new(GenBlob {
-            size: index.blob_size,
-            reads: AtomicU64::new(0),
-        });
+        let blob = FakeBlob::generated(index.blob_size, blob_bytes);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -298,7 +253,7 @@ fn fully_cached_files_pass_through_with_their_content_also_under_overlayfs() {
     });
     assert!(cache.contains(&big_digest));
     drop(m);
-    let fetched = bed.blob.reads.load(Ordering::Relaxed);
+    let fetched = bed.blob.read_count();
 
     // A fresh mount (empty page cache): `small` and `big` pass through and
     // never reach the daemon's read path; `tiny` is served from its pack.
@@ -334,11 +289,7 @@ fn fully_cached_files_pass_through_with_their_content_also_under_overlayfs() {
     }
     assert_eq!(m.handle.passthrough_stats().opens, 0);
     assert!(m.layer.stats().cache_hits > 0);
-    assert_eq!(
-        bed.blob.reads.load(Ordering::Relaxed),
-        fetched,
-        "all cached"
-    );
+    assert_eq!(bed.blob.read_count(), fetched, "all cached");
 }
 
 /// Flips one byte in the middle of a cache object file.
@@ -369,7 +320,7 @@ fn a_cache_file_corrupted_on_disk_is_never_served() {
         corrupt(&small_path);
         corrupt(&big_path);
     }
-    let before = bed.blob.reads.load(Ordering::Relaxed);
+    let before = bed.blob.read_count();
 
     // A new process's cache: the files are known but not yet trusted.
     let cache = bed.cache();
@@ -385,7 +336,7 @@ fn a_cache_file_corrupted_on_disk_is_never_served() {
         cache.stats().corrupt >= 2
     });
     assert!(
-        bed.blob.reads.load(Ordering::Relaxed) > before,
+        bed.blob.read_count() > before,
         "the corrupted bytes were fetched again"
     );
     drop(o);

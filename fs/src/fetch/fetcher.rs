@@ -1,6 +1,6 @@
 //! [`Fetcher`]: cache lookups, singleflight, merged GETs, verification.
 //!
-//! One fetcher serves one layer: it holds that layer's blob source, decoder
+//! One fetcher serves one layer: it holds that layer's blob source, format
 //! and counters. Chunks are deduplicated across layers by the shared cache
 //! (keyed by chunk digest); only two layers missing the *same* chunk at the
 //! *same* moment fetch it twice, which is rare and harmless.
@@ -22,7 +22,7 @@ use super::scheduler::{FetchScheduler, Permit};
 use crate::Digest;
 use crate::Intent;
 use crate::cache::Cache;
-use crate::format::{Chunk, ChunkDecoder, FormatError};
+use crate::format::{Chunk, Format, FormatError};
 use crate::registry::{BlobSource, RegistryError};
 
 /// Largest ranged GET built by merging adjacent misses.
@@ -62,7 +62,7 @@ pub struct Fetcher {
 
 struct Inner {
     source: Arc<dyn BlobSource>,
-    decoder: Arc<dyn ChunkDecoder>,
+    format: Arc<dyn Format>,
     cache: Arc<Cache>,
     /// Chunks being fetched now; readers that miss one subscribe to it.
     inflight: DashMap<Digest, Flight>,
@@ -85,26 +85,22 @@ struct Tail {
 
 impl Fetcher {
     /// A fetcher admitted by the process-wide [`FetchScheduler::global`].
-    pub fn new(
-        source: Arc<dyn BlobSource>,
-        decoder: Arc<dyn ChunkDecoder>,
-        cache: Arc<Cache>,
-    ) -> Fetcher {
-        Fetcher::with_scheduler(source, decoder, cache, FetchScheduler::global())
+    pub fn new(source: Arc<dyn BlobSource>, format: Arc<dyn Format>, cache: Arc<Cache>) -> Fetcher {
+        Fetcher::with_scheduler(source, format, cache, FetchScheduler::global())
     }
 
     /// A fetcher whose GETs are admitted by `scheduler` (share one across
     /// all layers so intents order them across layers).
     pub fn with_scheduler(
         source: Arc<dyn BlobSource>,
-        decoder: Arc<dyn ChunkDecoder>,
+        format: Arc<dyn Format>,
         cache: Arc<Cache>,
         scheduler: FetchScheduler,
     ) -> Fetcher {
         Fetcher {
             inner: Arc::new(Inner {
                 source,
-                decoder,
+                format,
                 cache,
                 inflight: DashMap::new(),
                 stats: FetchStats::default(),
@@ -120,7 +116,7 @@ impl Fetcher {
     /// `key`, so that the chunk they end is completed with them instead of
     /// fetched twice. Set once. If the cache has lost them by the time the
     /// chunk is read, the chunk is fetched whole.
-    pub fn keep_tail(&self, offset: u64, len: u64, key: Digest) {
+    pub(super) fn keep_tail(&self, offset: u64, len: u64, key: Digest) {
         let _ = self.inner.tail.set(Tail { offset, len, key });
     }
 
@@ -134,6 +130,10 @@ impl Fetcher {
 
     pub fn source(&self) -> &Arc<dyn BlobSource> {
         &self.inner.source
+    }
+
+    pub fn format(&self) -> &Arc<dyn Format> {
+        &self.inner.format
     }
 
     pub fn scheduler(&self) -> &FetchScheduler {
@@ -541,7 +541,7 @@ impl Inner {
         if chunks.is_empty() {
             return Vec::new();
         }
-        let decoder = self.decoder.clone();
+        let format = self.format.clone();
         let cache = self.cache.clone();
         // Decompressing and hashing is CPU work and caching is file I/O:
         // neither belongs on an async worker.
@@ -551,7 +551,7 @@ impl Inner {
                 .map(|c| {
                     let r = c.blob_range();
                     let compressed = data.slice((r.start - data_start) as usize..(r.end - data_start) as usize);
-                    let res = match decoder.decode_chunk(c, &compressed) {
+                    let res = match format.decode_chunk(c, &compressed) {
                         Ok(plain) => {
                             if let Err(e) = cache.insert(&c.digest, &plain) {
                                 tracing::warn!(chunk = %c.digest, error = %e, "cache insert failed");
@@ -607,4 +607,4 @@ impl Drop for FlightGuard {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

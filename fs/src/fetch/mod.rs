@@ -20,13 +20,13 @@
 //!   bounded in concurrency and optionally in rate.
 
 mod fetcher;
+mod open;
 mod plan;
 mod scheduler;
 mod stats;
 
-#[cfg(test)]
-pub(crate) use fetcher::tests as fetcher_tests;
 pub use fetcher::{FetchError, Fetcher, MAX_MERGED_GET};
+pub use open::OpenError;
 pub use plan::MAX_GAP;
 pub use scheduler::{FetchScheduler, Permit, SchedulerConfig};
 pub use stats::{FetchStats, FetchStatsSnapshot};

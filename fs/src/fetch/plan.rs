@@ -46,7 +46,7 @@ pub(crate) fn merge_adjacent(mut chunks: Vec<Chunk>, max_len: u64) -> Vec<Group>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fetch::fetcher_tests::chunk_at as chunk;
+    use crate::testing::chunk_at as chunk;
 
     fn ranges(groups: &[Group]) -> Vec<Range<u64>> {
         groups.iter().map(|g| g.range.clone()).collect()

@@ -152,7 +152,7 @@ impl FetchScheduler {
         c.read_ahead_max.min(cap).max(c.read_ahead)
     }
 
-    /// Foreground (OnDemand, Prefetch) GETs on the wire now.
+    /// Foreground (Open, OnDemand, Prefetch) GETs on the wire now.
     pub fn foreground(&self) -> usize {
         self.shared.foreground.load(Ordering::Acquire)
     }
@@ -167,7 +167,7 @@ impl FetchScheduler {
     /// while the returned permit lives.
     pub async fn admit(&self, intent: Intent, bytes: u64) -> Permit {
         match intent {
-            Intent::OnDemand | Intent::Prefetch => {
+            Intent::Open | Intent::OnDemand | Intent::Prefetch => {
                 self.shared.foreground.fetch_add(1, Ordering::AcqRel);
                 Permit {
                     kind: PermitKind::Foreground(self.shared.clone()),
@@ -308,7 +308,7 @@ mod tests {
     use futures::poll;
 
     use super::*;
-    use crate::fetch::fetcher_tests::PATIENCE;
+    use crate::testing::PATIENCE;
 
     #[test]
     fn read_ahead_grows_no_further_than_the_link_carries_in_a_round_trip() {

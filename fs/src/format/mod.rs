@@ -1,12 +1,20 @@
 //! Pure decoding of lazy layer formats: bytes in, structures out, no I/O.
 //!
-//! A format turns a layer's table of contents into a [`LayerIndex`] and turns
-//! a fetched compressed range into verified plain chunks. eStargz is the first
-//! format; zstd:chunked and overlaybd fit beside it behind [`ChunkDecoder`].
+//! A [`Format`] says which blob bytes it needs to build a layer's
+//! [`LayerIndex`] (the fetcher fetches them), builds it from them, and turns
+//! a fetched compressed range into verified plain chunks. eStargz is the
+//! first format; zstd:chunked and overlaybd fit beside it behind the same
+//! trait (see [`Format`]). The one encoder, eStargz's writer, is for tests
+//! and benchmarks only (`estargz::write`, the `writer` feature).
 
 pub mod estargz;
 pub mod index;
 
+use std::ops::Range;
+
+use bytes::Bytes;
+
+pub use estargz::Estargz;
 pub use index::{Chunk, FileKind, Inode, InodeSpec, LayerIndex, ROOT_INO, Xattr};
 
 /// Why a layer or a chunk could not be decoded.
@@ -32,10 +40,59 @@ pub enum FormatError {
     Corrupt(String),
 }
 
-/// Turns the compressed bytes of one chunk's blob range into its verified
-/// plain bytes.
-pub trait ChunkDecoder: Send + Sync {
+/// Blob bytes `[offset, offset + bytes.len())`, fetched for a format.
+#[derive(Clone, Debug)]
+pub struct Piece {
+    pub offset: u64,
+    pub bytes: Bytes,
+}
+
+impl Piece {
+    pub fn end(&self) -> u64 {
+        self.offset + self.bytes.len() as u64
+    }
+}
+
+/// What a format needs next to build a layer's index.
+#[derive(Debug)]
+pub enum IndexStep {
+    /// Fetch these blob bytes, then ask again with them added.
+    Fetch(Range<u64>),
+    /// The index is built. `data_end`: where the blob's chunk data ends and
+    /// the format's own metadata (index, footer) begins.
+    Ready { index: LayerIndex, data_end: u64 },
+}
+
+/// A lazy layer format: how a layer's index comes out of its blob, and how a
+/// chunk's compressed bytes become verified plain bytes. Pure: it never
+/// fetches; the fetcher fetches what it asks for and calls it on the
+/// blocking pool.
+///
+/// - A file format (eStargz, zstd:chunked) asks for the blob's tail, finds
+///   its footer there, asks for whatever part of its TOC the tail lacks, and
+///   returns one inode per entry, each file's chunks being compression
+///   members named by the sha256 of their plain bytes.
+/// - A block format (overlaybd) asks for its trailers, then its block-length
+///   index, then the blocks that hold its extent index, and returns an index
+///   of one regular file (the virtual disk) whose chunks are its compressed
+///   blocks; `decode_chunk` decompresses one and checks its CRC.
+pub trait Format: Send + Sync {
+    /// Given the blob bytes fetched so far (`fetched`, in the order they
+    /// were asked for; empty at first), either the next range to fetch or
+    /// the index. A format that asks for the blob's end first gets the
+    /// chunks wholly inside that tail cached without a GET of their own.
+    /// `expected`: the digest the image promised for the format's metadata
+    /// (eStargz: the TOC's); metadata that differs is refused before it is
+    /// parsed. `None` trusts it (chunks are still verified).
+    fn index_step(
+        &self,
+        fetched: &[Piece],
+        blob_size: u64,
+        expected: Option<crate::Digest>,
+    ) -> Result<IndexStep, FormatError>;
+
     /// `compressed` is exactly `chunk.blob_range()` of the blob. Returns the
-    /// chunk's `size` bytes, only if their sha256 equals `chunk.digest`.
+    /// chunk's `size` plain bytes, only if they pass the format's check
+    /// (eStargz: their sha256 equals `chunk.digest`).
     fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError>;
 }

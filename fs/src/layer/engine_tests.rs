@@ -3,7 +3,7 @@
 //!
 //! No test here measures time. Each waits for events (reads on the wire,
 //! chunks cached, the scheduler pausing), bounded only by
-//! [`PATIENCE`](crate::fetch::fetcher_tests::PATIENCE) as a failure bound;
+//! [`PATIENCE`](crate::testing::PATIENCE) as a failure bound;
 //! to show that something does not happen, a test holds the fake blob's
 //! reads at a gate and looks at a state in which it would have happened.
 
@@ -13,11 +13,9 @@ use std::time::Duration;
 
 use super::*;
 use crate::cache::Cache;
-use crate::fetch::fetcher_tests::{
-    FakeBlob, PATIENCE, PlainDecoder, chunks_of, pattern, wait_until,
-};
 use crate::fetch::{FetchScheduler, SchedulerConfig};
 use crate::format::FileKind;
+use crate::testing::{FakeBlob, PATIENCE, Plain, chunks_of, pattern, wait_until};
 
 const CHUNK: usize = 1000;
 
@@ -43,7 +41,7 @@ fn fixture(len: usize, config: SchedulerConfig, prefetch: Option<Range<u64>>) ->
     let blob = FakeBlob::with_delay(data.clone(), Duration::ZERO);
     let fetcher = Fetcher::with_scheduler(
         blob.clone(),
-        Arc::new(PlainDecoder),
+        Arc::new(Plain),
         cache,
         FetchScheduler::new(config),
     );
@@ -143,7 +141,7 @@ async fn a_read_does_not_wait_for_its_read_ahead_to_arrive() {
     .unwrap();
     let fetcher = Fetcher::with_scheduler(
         blob.clone(),
-        Arc::new(PlainDecoder),
+        Arc::new(Plain),
         cache,
         FetchScheduler::new(config(7000, 4000, 2)),
     );

@@ -26,13 +26,11 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::Intent;
-use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher};
-use crate::format::{Chunk, FileKind, FormatError, Inode, LayerIndex};
-use crate::registry::RegistryError;
+use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, OpenError};
+use crate::format::{Chunk, FileKind, Inode, LayerIndex};
 
 pub use background::{BackgroundHandle, BackgroundOutcome, PrefetchOutcome, Progress};
 pub use hints::program::{Entrypoint, prefetch_entrypoint};
-pub use open::TAIL_FETCH;
 pub use plan::{CachedRead, PendingRead};
 
 /// Why a layer could not be opened or read.
@@ -44,17 +42,8 @@ pub enum LayerError {
     NotFile(u64),
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    // The cause in the message, not as a `source`: one-line reports say it once.
-    #[error("reading the layer's footer and TOC: {0}")]
-    Source(RegistryError),
     #[error(transparent)]
-    Format(#[from] FormatError),
-}
-
-impl From<RegistryError> for LayerError {
-    fn from(e: RegistryError) -> LayerError {
-        LayerError::Source(e)
-    }
+    Open(#[from] OpenError),
 }
 
 /// One layer: the decoded index plus the fetcher (and through it the cache)
@@ -279,7 +268,7 @@ impl BlobOrder {
 #[cfg(test)]
 mod order_tests {
     use super::*;
-    use crate::fetch::fetcher_tests::chunk_at as chunk;
+    use crate::testing::chunk_at as chunk;
 
     #[test]
     fn chunks_in_blob_order_store_nothing_and_others_are_sorted_once_per_range() {

@@ -2,9 +2,9 @@ use std::sync::Arc;
 
 use super::*;
 use crate::cache::Cache;
-use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of};
 use crate::fetch::{FetchScheduler, SchedulerConfig};
-use crate::format::{FileKind, InodeSpec, ROOT_INO};
+use crate::format::{FileKind, FormatError, InodeSpec, ROOT_INO};
+use crate::testing::{FakeBlob, Plain, chunks_of};
 
 pub(crate) fn inode(kind: FileKind, size: u64, chunks: std::ops::Range<u32>) -> InodeSpec {
     InodeSpec {
@@ -29,7 +29,7 @@ fn layer_with_file(data: &[u8]) -> (tempfile::TempDir, Arc<FakeBlob>, Arc<Layer>
     let scheduler = no_read_ahead();
     let layer = Arc::new(Layer::new(
         index,
-        Fetcher::with_scheduler(blob.clone(), Arc::new(PlainDecoder), cache, scheduler),
+        Fetcher::with_scheduler(blob.clone(), Arc::new(Plain), cache, scheduler),
     ));
     (dir, blob, layer)
 }
@@ -225,7 +225,7 @@ async fn open_reads_footer_and_toc_in_one_get_and_checks_the_toc_digest() {
     assert!(
         matches!(
             err,
-            LayerError::Format(FormatError::TocDigestMismatch { .. })
+            LayerError::Open(OpenError::Format(FormatError::TocDigestMismatch { .. }))
         ),
         "{err}"
     );
@@ -243,7 +243,7 @@ async fn chunks_that_came_with_the_tail_are_cached_and_the_one_across_its_start_
         layer,
         _dir,
     } = NoiseLayer::open().await;
-    let tail_start = blob.len() as u64 - super::TAIL_FETCH;
+    let tail_start = blob.len() as u64 - crate::format::estargz::TAIL_FETCH;
     let ino = layer.index().resolve("dir/file").unwrap();
     let chunks = layer
         .index()

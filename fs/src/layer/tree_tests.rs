@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use super::*;
 use crate::cache::Cache;
-use crate::fetch::fetcher_tests::{FakeBlob, PlainDecoder, chunks_of, pattern, wait_until};
 use crate::fetch::{FetchScheduler, SchedulerConfig};
 use crate::format::{FileKind, InodeSpec};
+use crate::testing::{FakeBlob, Plain, chunks_of, pattern, wait_until};
 
 const CHUNK: usize = 1000;
 
@@ -142,7 +142,7 @@ fn layer_of(entries: Vec<Entry>, config: SchedulerConfig) -> TestLayer {
     let fake = FakeBlob::with_delay(blob, Duration::from_millis(5));
     let fetcher = Fetcher::with_scheduler(
         fake.clone(),
-        Arc::new(PlainDecoder),
+        Arc::new(Plain),
         cache,
         FetchScheduler::new(config),
     );

@@ -157,7 +157,7 @@ impl Http {
     {
         let retries = self.config.retries;
         let (max, cap) = match intent {
-            Intent::OnDemand => (retries, Duration::from_secs(2)),
+            Intent::Open | Intent::OnDemand => (retries, Duration::from_secs(2)),
             Intent::Prefetch => (retries.saturating_mul(2), Duration::from_secs(5)),
             Intent::Background => (retries.saturating_mul(3), Duration::from_secs(10)),
         };

@@ -13,18 +13,24 @@
 //!    hostile input (escaping names, conflicting duplicates, offsets past the
 //!    TOC, chunk gaps, unverifiable files, absurd sizes);
 //! 4. for each chunk read, fetch `chunk.blob_range()` and call
-//!    [`Estargz`]'s [`ChunkDecoder::decode_chunk`]: it returns the bytes only
-//!    if their sha256 matches.
+//!    [`Estargz`]'s [`Format::decode_chunk`]: it returns the bytes only if
+//!    their sha256 matches.
+//!
+//! [`Estargz`] does 1-3 as a [`Format`]: its `index_step` asks for the
+//! tail ([`TAIL_FETCH`] bytes), then for the TOC's part before the tail if
+//! it needs one, and checks the TOC's digest before it parses it.
 //!
 //! Writing: `write::write_estargz` converts a tar stream into an eStargz blob that
 //! other eStargz readers accept and that `tar xzf` extracts as the input.
 //!
 //! [`LayerIndex`]: crate::format::LayerIndex
-//! [`ChunkDecoder::decode_chunk`]: crate::format::ChunkDecoder::decode_chunk
+//! [`Format`]: crate::format::Format
+//! [`Format::decode_chunk`]: crate::format::Format::decode_chunk
 
 mod build;
 mod decode;
 mod footer;
+mod format;
 mod rfc3339;
 mod toc;
 #[cfg(any(test, feature = "writer"))]
@@ -34,8 +40,8 @@ pub mod write;
 mod tests;
 
 pub use build::{MAX_FILE_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, build_index};
-pub use decode::Estargz;
 pub use footer::{FOOTER_SIZE, LEGACY_FOOTER_SIZE, TocLocation, footer_bytes, parse_footer};
+pub use format::{Estargz, TAIL_FETCH};
 pub use toc::{
     MAX_TOC_ENTRIES, MAX_TOC_JSON, TOC_TAR_NAME, Toc, TocEntry, TocJson, decode_toc, parse_toc_json,
 };

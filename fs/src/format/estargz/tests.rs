@@ -6,7 +6,7 @@ use flate2::read::MultiGzDecoder;
 
 use super::*;
 use crate::Digest;
-use crate::format::{ChunkDecoder, FileKind, FormatError, Inode, LayerIndex};
+use crate::format::{FileKind, Format, FormatError, Inode, LayerIndex};
 
 const CHUNK: u64 = 4096;
 const MTIME: u64 = 1_700_000_000;

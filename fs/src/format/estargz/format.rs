@@ -1,0 +1,87 @@
+//! [`Estargz`], the eStargz [`Format`]: the index from the footer and TOC
+//! at the blob's end, chunks by gunzip and sha256.
+
+use std::borrow::Cow;
+
+use super::build::build_index;
+use super::decode;
+use super::footer::parse_footer;
+use super::toc::decode_toc;
+use crate::Digest;
+use crate::format::{Chunk, Format, FormatError, IndexStep, Piece};
+
+/// How much of the blob's end the first GET asks for: the footer and, for
+/// most layers, the whole TOC, so that opening costs one round trip. A TOC
+/// larger than this costs a second GET, of the part the first did not bring.
+pub const TAIL_FETCH: u64 = 256 << 10;
+
+/// The eStargz format.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Estargz;
+
+impl Format for Estargz {
+    /// The tail first; then, only if its TOC begins before the tail, the
+    /// TOC's part before it; then the checked TOC as an index.
+    fn index_step(
+        &self,
+        fetched: &[Piece],
+        blob_size: u64,
+        expected: Option<Digest>,
+    ) -> Result<IndexStep, FormatError> {
+        let Some(tail) = fetched.first() else {
+            return Ok(IndexStep::Fetch(
+                blob_size - blob_size.min(TAIL_FETCH)..blob_size,
+            ));
+        };
+        if tail.end() != blob_size {
+            return Err(FormatError::Footer(format!(
+                "the tail asked for ends at {}, not at the blob's end {blob_size}",
+                tail.end()
+            )));
+        }
+        let loc = parse_footer(&tail.bytes, blob_size)?;
+        let toc: Cow<'_, [u8]> = match (loc.toc_in_tail.clone(), fetched.get(1)) {
+            (Some(r), _) => Cow::Borrowed(&tail.bytes[r]),
+            // Only the part before the tail: the rest is in hand.
+            (None, None) => return Ok(IndexStep::Fetch(loc.toc_range.start..tail.offset)),
+            (None, Some(head))
+                if head.offset == loc.toc_range.start && head.end() == tail.offset =>
+            {
+                let in_tail = (loc.toc_range.end - tail.offset) as usize;
+                let mut toc = Vec::with_capacity(head.bytes.len() + in_tail);
+                toc.extend_from_slice(&head.bytes);
+                toc.extend_from_slice(&tail.bytes[..in_tail]);
+                Cow::Owned(toc)
+            }
+            (None, Some(head)) => {
+                return Err(FormatError::Toc(format!(
+                    "fetched {}..{}, not the TOC's part before the tail",
+                    head.offset,
+                    head.end()
+                )));
+            }
+        };
+        let json = decode_toc(&toc)?;
+        drop(toc);
+        if let Some(expected) = expected
+            && json.digest != expected
+        {
+            return Err(FormatError::TocDigestMismatch {
+                expected,
+                actual: json.digest,
+            });
+        }
+        let index = build_index(json.parse()?, blob_size, loc.toc_offset)?;
+        Ok(IndexStep::Ready {
+            index,
+            data_end: loc.toc_offset,
+        })
+    }
+
+    fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+        decode::decode_chunk(chunk, compressed)
+    }
+}
+
+#[cfg(test)]
+mod tests;
