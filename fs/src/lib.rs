@@ -5,15 +5,25 @@
 //!
 //! ```text
 //! kernel read(ino, off, len)
-//!   -> fuse/      the FUSE adapter: the only code that speaks errno
-//!   -> layer/     one mounted layer: index + read planning over cache and fetch
-//!   -> cache/     content-addressed store of verified bytes (hit: reply now)
-//!   -> fetch/     singleflight per chunk, intents, merging of adjacent misses
-//!   -> registry/  references, manifests, auth, ranged GETs with retries
-//!   -> format/    pure decoding: footer, TOC, index, one chunk, its digest
+//!   -> fuse/        the FUSE adapter: the only code that speaks errno
+//!   -> layer/       one mounted layer: its index, read planning, and the
+//!                   read's one cache lookup (a hit is answered inline)
+//!        hints/     what comes next: read-ahead, libraries, entrypoint
+//!   -> fetch/       a miss: singleflight per chunk, intents and admission,
+//!                   merged ranged GETs; opening a layer is a fetch too
+//!        -> cache/     content-addressed store of verified plain bytes
+//!        -> registry/  a blob from an ordered list of sources (BlobSource)
+//!        -> format/    pure decoding behind one trait (format::Format):
+//!                      a layer's index from the bytes it asks for, one
+//!                      chunk decoded and verified
 //! ```
 //!
-//! `digest` and `format::index` hold the vocabulary every layer shares, and
+//! `fetch/` is the only module that reads from `registry/`, decodes with
+//! `format/` and puts fetched bytes into `cache/`; `layer/` only looks the
+//! cache up. `docs/architecture.md` walks a read through these folders.
+//!
+//! `digest`, `intent` and `format::index` hold the vocabulary every layer
+//! shares, and
 //! `num` the one conversion of `u64` offsets to `usize` the byte paths use;
 //! `memory` tunes the allocator for a daemon that keeps many layers.
 //! `testing` (this crate's tests and the `testing` feature) holds the fakes
