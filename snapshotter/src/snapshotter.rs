@@ -28,6 +28,8 @@ pub enum Error {
     Filter(#[from] filters::Error),
     #[error("{context}")]
     Io { context: String, source: io::Error },
+    #[error("snapshot task failed")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
