@@ -1,10 +1,10 @@
 //! The remote path's two seams, so its decisions are unit-tested without
-//! root or a registry (`crate::testing` has the fakes):
+//! root or a registry (the fakes are in the test-only `testing` module):
 //!
 //! - [`Resolve`]: "open this layer" (manifest, footer, TOC from the
-//!   registry); the real one is [`crate::resolve::Resolver`].
+//!   registry); the real one is `resolve::Resolver`.
 //! - [`Mounter`]: mount a resolved layer at a path, unmount it, is it
-//!   mounted; the real one is [`crate::mounter::FuseMounter`].
+//!   mounted; the real one is `mounter::FuseMounter`.
 //!
 //! What a resolved layer is stays the implementation's business
 //! ([`Resolve::Layer`]); the rest of the remote path sees it only through
