@@ -84,8 +84,9 @@ pub enum OpenError {
 /// Why a pull's hint ([`RemoteSnapshotter::expect`]) was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ExpectError {
-    #[error("image reference {0:?}")]
-    Reference(String, #[source] RegistryError),
+    /// The reference does not parse (the error names it).
+    #[error(transparent)]
+    Reference(Box<RegistryError>),
     #[error("manifest of {0} bytes is over the {MAX_MANIFEST_BYTES}-byte limit")]
     TooLarge(usize),
     #[error("an image index, not an image manifest")]
@@ -219,7 +220,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
     pub fn expect(&self, image_ref: &str, manifest: &[u8]) -> Result<usize, ExpectError> {
         let reference = image_ref
             .parse::<Reference>()
-            .map_err(|e| ExpectError::Reference(image_ref.to_owned(), e))?;
+            .map_err(|e| ExpectError::Reference(Box::new(e)))?;
         if manifest.is_empty() {
             self.resolver.preconnect(&reference);
             return Ok(0);
