@@ -11,10 +11,9 @@ use tokio::task::JoinSet;
 use crate::Intent;
 use crate::fetch::{FetchError, Fetcher, MAX_GAP};
 use crate::format::{Chunk, LayerIndex};
+use crate::layer::order::BlobOrder;
 
-use super::Layer;
-
-/// How a [`Layer::prefetch`] ended.
+/// How a `Layer::prefetch` ended.
 #[derive(Debug, Clone)]
 pub enum PrefetchOutcome {
     /// The layer has no prefetch landmark: nothing to do.
@@ -102,18 +101,25 @@ impl BackgroundHandle {
     }
 }
 
-impl Layer {
-    /// Fetches the chunks of the prefetch landmark's range (the files the
-    /// image marked as needed at start) with `Intent::Prefetch`, adjacent
-    /// chunks merged into as few GETs as the GET size cap allows. Returns
-    /// when they are cached, or after `timeout`, in which case the fetch
-    /// continues (it is not cancelled). Must run inside a tokio runtime.
+/// What whole-layer fetches use of a layer, borrowed from it per call
+/// (the background task takes clones of its own).
+pub(super) struct Whole<'a> {
+    pub index: &'a Arc<LayerIndex>,
+    pub order: &'a BlobOrder,
+    pub fetcher: &'a Fetcher,
+    pub state: &'a Arc<State>,
+}
+
+impl Whole<'_> {
+    /// `Layer::prefetch`: the landmark range's chunks, waited for up to
+    /// `timeout`.
     pub async fn prefetch(&self, timeout: Duration) -> PrefetchOutcome {
         let Some(range) = self.index.prefetch.clone() else {
             return PrefetchOutcome::NoLandmark;
         };
         let chunks: Vec<Chunk> = self
-            .blob_chunks()
+            .order
+            .chunks(&self.index.chunks)
             .filter(|c| c.blob_range.0 >= range.start && c.blob_range.1 <= range.end)
             .filter(|c| !self.fetcher.cache().contains(&c.digest))
             .copied()
@@ -133,18 +139,11 @@ impl Layer {
         }
     }
 
-    /// Starts fetching every chunk of the layer not cached yet, in blob
-    /// order, with `Intent::Background`: GETs of up to the scheduler's
-    /// `background_get` bytes, as many at once as it admits, paused while
-    /// on-demand reads are on the wire. Stops when the handle is dropped or
-    /// the layer is dropped (unmounted). Must run inside a tokio runtime.
-    ///
-    /// One background fetch per layer: while one runs (started when the
-    /// layer was resolved ahead, say), this returns a finished handle and
-    /// the running fetch goes on.
-    pub fn start_background(&self) -> BackgroundHandle {
+    /// `Layer::start_background`: one background fetch per layer, which
+    /// stops when the handle or `alive`'s sender (the layer) is dropped.
+    pub fn start(&self, alive: watch::Receiver<()>) -> BackgroundHandle {
         let (stop, stop_rx) = watch::channel(());
-        if self.background.running.swap(true, Ordering::AcqRel) {
+        if self.state.running.swap(true, Ordering::AcqRel) {
             return BackgroundHandle {
                 _stop: stop,
                 task: None,
@@ -153,10 +152,10 @@ impl Layer {
         let job = Job {
             fetcher: self.fetcher.clone(),
             index: self.index.clone(),
-            order: self.blob_order.clone(),
-            state: self.background.clone(),
+            order: self.order.clone(),
+            state: self.state.clone(),
             stop: stop_rx,
-            alive: self.alive.subscribe(),
+            alive,
         };
         let task = tokio::spawn(job.run());
         BackgroundHandle {
@@ -165,15 +164,15 @@ impl Layer {
         }
     }
 
-    /// How much of the layer is cached. Scans the chunk list (in-memory
-    /// lookups) until the layer was once found complete.
+    /// `Layer::progress`: scans the chunk list (in-memory lookups) until
+    /// the layer was once found complete.
     pub fn progress(&self) -> Progress {
         let mut p = Progress {
-            background_running: self.background.running.load(Ordering::Acquire),
+            background_running: self.state.running.load(Ordering::Acquire),
             ..Progress::default()
         };
-        let complete = self.background.complete.load(Ordering::Acquire);
-        for c in self.blob_chunks() {
+        let complete = self.state.complete.load(Ordering::Acquire);
+        for c in self.order.chunks(&self.index.chunks) {
             let len = c.blob_range.1 - c.blob_range.0;
             p.total_bytes += len;
             if complete || self.fetcher.cache().contains(&c.digest) {
@@ -182,7 +181,7 @@ impl Layer {
         }
         p.complete = p.cached_bytes == p.total_bytes;
         if p.complete {
-            self.background.complete.store(true, Ordering::Release);
+            self.state.complete.store(true, Ordering::Release);
         }
         p
     }
@@ -191,7 +190,7 @@ impl Layer {
 struct Job {
     fetcher: Fetcher,
     index: Arc<LayerIndex>,
-    order: super::BlobOrder,
+    order: BlobOrder,
     state: Arc<State>,
     stop: watch::Receiver<()>,
     alive: watch::Receiver<()>,

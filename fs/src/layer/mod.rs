@@ -14,24 +14,35 @@
 //! Whole-layer fetches live in `background.rs`: [`Layer::prefetch`] (the
 //! landmark range, before a layer is announced) and
 //! [`Layer::start_background`] (everything, until the layer is complete).
+//!
+//! The parts (`background.rs`, `hints/ahead.rs`) do not name [`Layer`]:
+//! the layer lends them the pieces they work on (its index, its chunks'
+//! blob order from `order.rs`, its fetcher), so the arrows between files
+//! point one way, from here to them.
 
 mod background;
 mod hints;
 mod open;
+mod order;
 mod plan;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::Intent;
 use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, OpenError};
-use crate::format::{Chunk, FileKind, Inode, LayerIndex};
+use crate::format::{FileKind, Inode, LayerIndex};
 
 pub use background::{BackgroundHandle, BackgroundOutcome, PrefetchOutcome, Progress};
 pub use hints::program::{Entrypoint, prefetch_entrypoint};
 pub use plan::{CachedRead, PendingRead};
+
+use background::Whole;
+use hints::ahead::{Plan, Planner, Streams};
+use order::BlobOrder;
 
 /// Why a layer could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +69,7 @@ pub struct Layer {
     alive: watch::Sender<()>,
     background: Arc<background::State>,
     /// Recent walks along the blob, for read-ahead windows (`hints/ahead.rs`).
-    streams: hints::ahead::Streams,
+    streams: Streams,
     /// Files already looked at for the libraries they need (`hints/elf.rs`).
     examined: Mutex<HashSet<u64>>,
     /// The directory recently looked-up files were found in, for
@@ -79,17 +90,10 @@ impl Layer {
             fetcher,
             alive: watch::Sender::new(()),
             background: Arc::default(),
-            streams: hints::ahead::Streams::default(),
+            streams: Streams::default(),
             examined: Mutex::default(),
             parents: Mutex::default(),
         }
-    }
-
-    /// The chunks of the blob in blob order, each range once.
-    fn blob_chunks(&self) -> impl Iterator<Item = &Chunk> + '_ {
-        self.blob_order
-            .iter()
-            .map(|i| &self.index.chunks[i as usize])
     }
 
     pub fn index(&self) -> &LayerIndex {
@@ -152,7 +156,13 @@ impl Layer {
             let parents = self.parents.lock().expect("parents map poisoned");
             parents.get(&ino).map(|&d| u64::from(d))
         });
-        let hints::ahead::Plan { behind, ahead } = self.read_ahead(&missing, file, dir);
+        let planner = Planner {
+            index: &self.index,
+            order: &self.blob_order,
+            fetcher: &self.fetcher,
+            streams: &self.streams,
+        };
+        let Plan { behind, ahead } = planner.read_ahead(&missing, file, dir);
         if !behind.is_empty() {
             // Its own GET, so the bytes this read waits for do not queue
             // behind them; below on-demand reads in the scheduler.
@@ -185,6 +195,44 @@ impl Layer {
             CachedRead::Miss(p) => self.complete(p).await,
         }
     }
+
+    /// Fetches the chunks of the prefetch landmark's range (the files the
+    /// image marked as needed at start) with `Intent::Prefetch`, adjacent
+    /// chunks merged into as few GETs as the GET size cap allows. Returns
+    /// when they are cached, or after `timeout`, in which case the fetch
+    /// continues (it is not cancelled). Must run inside a tokio runtime.
+    pub async fn prefetch(&self, timeout: Duration) -> PrefetchOutcome {
+        self.whole().prefetch(timeout).await
+    }
+
+    /// Starts fetching every chunk of the layer not cached yet, in blob
+    /// order, with `Intent::Background`: GETs of up to the scheduler's
+    /// `background_get` bytes, as many at once as it admits, paused while
+    /// on-demand reads are on the wire. Stops when the handle is dropped or
+    /// the layer is dropped (unmounted). Must run inside a tokio runtime.
+    ///
+    /// One background fetch per layer: while one runs (started when the
+    /// layer was resolved ahead, say), this returns a finished handle and
+    /// the running fetch goes on.
+    pub fn start_background(&self) -> BackgroundHandle {
+        self.whole().start(self.alive.subscribe())
+    }
+
+    /// How much of the layer is cached. Scans the chunk list (in-memory
+    /// lookups) until the layer was once found complete.
+    pub fn progress(&self) -> Progress {
+        self.whole().progress()
+    }
+
+    /// The parts of the layer whole-layer fetches use.
+    fn whole(&self) -> Whole<'_> {
+        Whole {
+            index: &self.index,
+            order: &self.blob_order,
+            fetcher: &self.fetcher,
+            state: &self.background,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -193,94 +241,3 @@ mod engine_tests;
 mod tests;
 #[cfg(test)]
 mod tree_tests;
-
-/// Indices into a layer's chunks in blob order, one per blob range: the
-/// order of read-ahead and background fetch. The chunks of an eStargz TOC
-/// are in blob order already, each range once, so for most layers nothing
-/// is stored (4 bytes per chunk saved for as long as the layer is mounted).
-#[derive(Clone)]
-pub(crate) struct BlobOrder {
-    /// `None`: the identity over `len` chunks.
-    sorted: Option<Arc<[u32]>>,
-    len: usize,
-}
-
-impl BlobOrder {
-    fn new(chunks: &[Chunk]) -> BlobOrder {
-        let in_order = chunks
-            .windows(2)
-            .all(|w| w[0].blob_range.0 < w[1].blob_range.0 && w[0].blob_range <= w[1].blob_range);
-        if in_order {
-            return BlobOrder {
-                sorted: None,
-                len: chunks.len(),
-            };
-        }
-        let count = u32::try_from(chunks.len()).expect("the index builder checks chunks fit u32");
-        let mut order: Vec<u32> = (0..count).collect();
-        order.sort_by_key(|&i| chunks[i as usize].blob_range);
-        order.dedup_by_key(|i| chunks[*i as usize].blob_range.0);
-        BlobOrder {
-            len: order.len(),
-            sorted: Some(order.into()),
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    /// The chunk index at position `pos` in blob order.
-    pub(crate) fn get(&self, pos: usize) -> Option<u32> {
-        match &self.sorted {
-            _ if pos >= self.len => None,
-            Some(order) => Some(order[pos]),
-            // `pos < len`, and the index builder checks that fits u32.
-            None => u32::try_from(pos).ok(),
-        }
-    }
-
-    /// Chunk indices from position `from` on, in blob order.
-    pub(crate) fn iter_from(&self, from: usize) -> impl DoubleEndedIterator<Item = u32> + '_ {
-        (from..self.len).filter_map(|p| self.get(p))
-    }
-
-    pub(crate) fn iter(&self) -> impl DoubleEndedIterator<Item = u32> + '_ {
-        self.iter_from(0)
-    }
-
-    /// The first position whose chunk index fails `pred` (which must hold
-    /// for a prefix of the order), by binary search.
-    pub(crate) fn partition_point(&self, mut pred: impl FnMut(u32) -> bool) -> usize {
-        let (mut lo, mut hi) = (0, self.len);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if pred(self.get(mid).expect("mid is below len")) {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        lo
-    }
-}
-
-#[cfg(test)]
-mod order_tests {
-    use super::*;
-    use crate::testing::chunk_at as chunk;
-
-    #[test]
-    fn chunks_in_blob_order_store_nothing_and_others_are_sorted_once_per_range() {
-        let ordered = BlobOrder::new(&[chunk(0, 10), chunk(10, 20), chunk(25, 30)]);
-        assert!(ordered.sorted.is_none());
-        assert_eq!(ordered.iter().collect::<Vec<_>>(), vec![0, 1, 2]);
-        assert_eq!(ordered.partition_point(|i| i < 2), 2);
-
-        // Out of order, and two chunks sharing one range (a hard link's).
-        let mixed = BlobOrder::new(&[chunk(20, 30), chunk(0, 10), chunk(20, 30), chunk(10, 20)]);
-        assert_eq!(mixed.iter().collect::<Vec<_>>(), vec![1, 3, 0]);
-        assert_eq!(mixed.iter_from(1).rev().collect::<Vec<_>>(), vec![0, 3]);
-        assert_eq!(mixed.get(3), None);
-    }
-}

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use super::*;
 use crate::cache::Cache;
 use crate::fetch::{FetchScheduler, SchedulerConfig};
-use crate::format::{FileKind, FormatError, InodeSpec, ROOT_INO};
+use crate::format::{Chunk, FileKind, FormatError, InodeSpec, ROOT_INO};
 use crate::testing::{FakeBlob, Plain, chunks_of};
 
 pub(crate) fn inode(kind: FileKind, size: u64, chunks: std::ops::Range<u32>) -> InodeSpec {

@@ -17,10 +17,9 @@
 
 use std::sync::Mutex;
 
-use crate::fetch::MAX_GAP;
-use crate::format::{Chunk, FileKind};
-
-use crate::layer::Layer;
+use crate::fetch::{Fetcher, MAX_GAP};
+use crate::format::{Chunk, FileKind, LayerIndex};
+use crate::layer::order::BlobOrder;
 
 /// Streams remembered per layer: enough for a few interleaved walks.
 const STREAMS: usize = 4;
@@ -36,7 +35,7 @@ struct Stream {
 
 /// The recent streams of a layer, most recent first.
 #[derive(Debug, Default)]
-pub(in crate::layer) struct Streams(Mutex<Vec<Stream>>);
+pub(crate) struct Streams(Mutex<Vec<Stream>>);
 
 impl Stream {
     /// Whether a miss from `start` continues this walk: it lands inside
@@ -70,7 +69,7 @@ impl Streams {
 
 /// What a miss fetches besides its own chunks.
 #[derive(Debug, Default)]
-pub(in crate::layer) struct Plan {
+pub(crate) struct Plan {
     /// Chunks of the file before the miss, and those just before it in the
     /// blob: a GET of their own.
     pub behind: Vec<Chunk>,
@@ -78,7 +77,17 @@ pub(in crate::layer) struct Plan {
     pub ahead: Vec<Chunk>,
 }
 
-impl Layer {
+/// What read-ahead looks at of a layer: borrowed from it for one miss.
+/// (`pub(crate)` here reaches no further than `layer`: `hints` is private
+/// to it.)
+pub(crate) struct Planner<'a> {
+    pub index: &'a LayerIndex,
+    pub order: &'a BlobOrder,
+    pub fetcher: &'a Fetcher,
+    pub streams: &'a Streams,
+}
+
+impl Planner<'_> {
     /// What to fetch along with `missing`, chunks of the file `file`
     /// (its chunks in file order), found in directory `dir` if known.
     /// Nothing when every missing chunk is on the wire already. A file that
@@ -88,12 +97,7 @@ impl Layer {
     /// alone is a base window or more, the chunks after it in blob order,
     /// neither cached nor in flight, separated by at most [`MAX_GAP`], up to
     /// the stream's window of compressed bytes.
-    pub(in crate::layer) fn read_ahead(
-        &self,
-        missing: &[Chunk],
-        file: &[Chunk],
-        dir: Option<u64>,
-    ) -> Plan {
+    pub(crate) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk], dir: Option<u64>) -> Plan {
         let scheduler = self.fetcher.scheduler();
         let (base, max) = (scheduler.config().read_ahead, scheduler.read_ahead_max());
         let (Some(start), Some(mut end)) = (
@@ -149,11 +153,11 @@ impl Layer {
             self.behind_in_blob(first, base / 2, &wanted, &mut plan.behind);
         }
         let from = self
-            .blob_order
+            .order
             .partition_point(|i| chunks[i as usize].blob_range.0 < end);
         let mut budget = window;
         let out = &mut plan.ahead;
-        for i in self.blob_order.iter_from(from) {
+        for i in self.order.iter_from(from) {
             let c = &chunks[i as usize];
             // The gap's bytes travel too: they count against the window.
             let len = c.blob_range.1 - end;
@@ -230,9 +234,9 @@ impl Layer {
     ) {
         let chunks = &self.index.chunks;
         let before = self
-            .blob_order
+            .order
             .partition_point(|i| chunks[i as usize].blob_range.0 < first);
-        for i in (0..before).rev().filter_map(|p| self.blob_order.get(p)) {
+        for i in (0..before).rev().filter_map(|p| self.order.get(p)) {
             let c = &chunks[i as usize];
             let len = first.saturating_sub(c.blob_range.0);
             if c.blob_range.1 + MAX_GAP < first || len > budget || !wanted(c) {
