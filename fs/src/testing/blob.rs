@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 use crate::Intent;
+use crate::num::usize_from;
 use crate::registry::{BlobSource, RegistryError};
 
 /// One read seen by a [`FakeBlob`]: when it started and ended.
@@ -195,13 +196,13 @@ impl FakeBlob {
 
     fn bytes(&self, range: Range<u64>) -> Bytes {
         let mut bytes = match &self.content {
-            Content::Stored(data) => data[range.start as usize..range.end as usize].to_vec(),
+            Content::Stored(data) => data[usize_from(range.start)..usize_from(range.end)].to_vec(),
             Content::Generated { bytes, .. } => bytes(range.clone()),
         };
         if let Some(at) = *lock(&self.tampered)
             && range.contains(&at)
         {
-            bytes[crate::num::usize_from(at - range.start)] ^= 1;
+            bytes[usize_from(at - range.start)] ^= 1;
         }
         Bytes::from(bytes)
     }

@@ -10,6 +10,7 @@ use super::rfc3339;
 use super::toc::{MAX_TOC_ENTRIES, TOC_TAR_NAME, Toc, TocEntry};
 use crate::Digest;
 use crate::format::{Chunk, FileKind, FormatError, InodeSpec, LayerIndex, ROOT_INO};
+use crate::num::usize_from;
 
 /// Largest regular file we accept.
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
@@ -407,7 +408,7 @@ impl Builder {
             .ok()
             .zip(u32::try_from(self.chunks.len()).ok())
             .ok_or_else(|| err("too many chunks"))?;
-        let inode = &mut self.inodes[(ino - 1) as usize];
+        let inode = &mut self.inodes[usize_from(ino - 1)];
         inode.chunks = range.0..range.1;
         inode.digest = f.whole;
         Ok(())
@@ -416,7 +417,7 @@ impl Builder {
     /// The directory at `path`, created (with its parents) if implicit.
     fn dir(&mut self, path: &str) -> Result<u64, FormatError> {
         if let Some(&ino) = self.paths.get(path) {
-            if self.inodes[(ino - 1) as usize].kind != FileKind::Dir {
+            if self.inodes[usize_from(ino - 1)].kind != FileKind::Dir {
                 return Err(err(format!(
                     "{path:?} is used as a directory but is not one"
                 )));
@@ -432,7 +433,7 @@ impl Builder {
         inode.parent = parent;
         self.inodes.push(inode);
         let ino = self.inodes.len() as u64;
-        self.inodes[(parent - 1) as usize]
+        self.inodes[usize_from(parent - 1)]
             .children
             .push((base.as_bytes().into(), ino));
         self.paths.insert(path.to_string(), ino);
@@ -446,7 +447,7 @@ impl Builder {
             return Err(err("an entry with an empty name is not the root directory"));
         }
         if let Some(&ino) = self.paths.get(path) {
-            let old = &mut self.inodes[(ino - 1) as usize];
+            let old = &mut self.inodes[usize_from(ino - 1)];
             if old.kind == FileKind::Dir && inode.kind == FileKind::Dir {
                 // An explicit entry for a directory seen before (implicitly
                 // or not) sets its attributes; the last one wins, as in tar.
@@ -473,7 +474,7 @@ impl Builder {
                 "hardlink {path:?}: target {target:?} does not exist"
             )));
         };
-        if self.inodes[(ino - 1) as usize].kind == FileKind::Dir {
+        if self.inodes[usize_from(ino - 1)].kind == FileKind::Dir {
             return Err(err(format!(
                 "hardlink {path:?}: target {target:?} is a directory"
             )));
@@ -488,17 +489,17 @@ impl Builder {
         }
         let (parent, base) = split_parent(&path);
         let parent_ino = self.dir(parent)?;
-        self.inodes[(parent_ino - 1) as usize]
+        self.inodes[usize_from(parent_ino - 1)]
             .children
             .push((base.as_bytes().into(), ino));
-        self.inodes[(ino - 1) as usize].nlink += 1;
+        self.inodes[usize_from(ino - 1)].nlink += 1;
         self.paths.insert(path, ino);
         Ok(())
     }
 
     fn finish(mut self, blob_size: u64) -> Result<LayerIndex, FormatError> {
         for &ino in &self.opaque {
-            let d = &mut self.inodes[(ino - 1) as usize];
+            let d = &mut self.inodes[usize_from(ino - 1)];
             d.xattrs.retain(|(k, _)| &**k != OPAQUE_XATTR);
             d.xattrs.push((OPAQUE_XATTR.into(), b"y".as_slice().into()));
         }
@@ -508,9 +509,16 @@ impl Builder {
                 let subdirs = inode
                     .children
                     .iter()
-                    .filter(|(_, c)| kinds[(*c - 1) as usize] == FileKind::Dir)
+                    .filter(|(_, c)| kinds[usize_from(*c - 1)] == FileKind::Dir)
                     .count();
-                inode.nlink = 2 + subdirs as u32;
+                // A TOC's entries are capped far below u32::MAX, so this
+                // only refuses a layer the index would refuse anyway.
+                inode.nlink = u32::try_from(subdirs)
+                    .ok()
+                    .and_then(|n| n.checked_add(2))
+                    .ok_or_else(|| {
+                        FormatError::Toc(format!("a directory has {subdirs} subdirectories"))
+                    })?;
             }
         }
         // Everything built so far is transient; the index is the compact copy.

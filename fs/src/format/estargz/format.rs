@@ -9,6 +9,7 @@ use super::footer::parse_footer;
 use super::toc::decode_toc;
 use crate::Digest;
 use crate::format::{Chunk, Format, FormatError, IndexStep, Piece};
+use crate::num::usize_from;
 
 /// How much of the blob's end the first GET asks for: the footer and, for
 /// most layers, the whole TOC, so that opening costs one round trip. A TOC
@@ -47,7 +48,7 @@ impl Format for Estargz {
             (None, Some(head))
                 if head.offset == loc.toc_range.start && head.end() == tail.offset =>
             {
-                let in_tail = (loc.toc_range.end - tail.offset) as usize;
+                let in_tail = usize_from(loc.toc_range.end - tail.offset);
                 let mut toc = Vec::with_capacity(head.bytes.len() + in_tail);
                 toc.extend_from_slice(&head.bytes);
                 toc.extend_from_slice(&tail.bytes[..in_tail]);

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Digest;
 use crate::format::FormatError;
+use crate::num::usize_from;
 
 /// Name of the TOC's tar entry.
 pub const TOC_TAR_NAME: &str = "stargz.index.json";
@@ -151,7 +152,7 @@ fn read_toc_json(compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
         )));
     }
     // `size` is bounded above, so the capacity is sane.
-    let mut json = Vec::with_capacity(size as usize);
+    let mut json = Vec::with_capacity(usize_from(size));
     (&mut entry)
         .take(size)
         .read_to_end(&mut json)
