@@ -148,7 +148,7 @@ async fn opened_while_tampered(
     let data = pattern(10_000);
     let chunks: Vec<Chunk> = chunks_of(&data, 1000).into_iter().take(9).collect();
     let format = Scripted {
-        asks: vec![7500..10_000],
+        asks: std::iter::once(7500..10_000).collect(),
         index: index_of(chunks.clone(), 10_000),
         data_end: 9000,
     };
@@ -221,7 +221,7 @@ async fn a_layer_smaller_than_the_tail_heals_a_failed_chunk() {
         })
         .collect();
     let format = Scripted {
-        asks: vec![0..3000],
+        asks: std::iter::once(0..3000).collect(),
         index: index_of(chunks.clone(), 3000),
         data_end: 2100,
     };
