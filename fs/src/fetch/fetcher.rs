@@ -33,8 +33,9 @@ pub const MAX_MERGED_GET: u64 = 8 << 20;
 /// Longest compressed blob range of one chunk the fetcher GETs and holds.
 /// A chunk's plain bytes are at most [`MAX_CHUNK_SIZE`] and compressing
 /// incompressible data adds well under 1 %; the rest leaves room for a
-/// writer that groups small files into one compression member.
-pub const MAX_CHUNK_RANGE: u64 = 2 * MAX_CHUNK_SIZE;
+/// writer that groups small files into one compression member (eStargz's
+/// `innerOffset`).
+pub const MAX_CHUNK_RANGE: u64 = MAX_CHUNK_SIZE + MAX_CHUNK_SIZE / 4;
 
 /// Why the bytes of a chunk could not be produced. Cloneable because every
 /// reader waiting on a shared fetch receives the same error. The cause is
@@ -122,10 +123,21 @@ fn slice_at(data: &Bytes, data_start: u64, range: &Range<u64>) -> Option<Bytes> 
     (from <= to && to <= data.len()).then(|| data.slice(from..to))
 }
 
-/// Whether a chunk's blob range is one the fetcher may GET and hold.
-fn plausible(c: &Chunk) -> bool {
+/// Why the fetcher refuses to GET and hold a chunk at all: its range is
+/// not one a sane layer has, or it declares more than any format decodes.
+fn refusal(c: &Chunk) -> Option<FetchError> {
     let (start, end) = c.blob_range;
-    end > start && end - start <= MAX_CHUNK_RANGE
+    if end <= start || end - start > MAX_CHUNK_RANGE {
+        return Some(FetchError::BadRange { start, end });
+    }
+    (c.size > MAX_CHUNK_SIZE || c.inner_offset > MAX_CHUNK_SIZE).then(|| FetchError::Verify {
+        offset: start,
+        error: Arc::new(FormatError::ChunkTooLarge {
+            offset: start,
+            size: c.size,
+            inner_offset: c.inner_offset,
+        }),
+    })
 }
 
 impl Fetcher {
@@ -392,15 +404,16 @@ impl Inner {
             }
         }
 
-        // A range no chunk of a sane layer has is refused, not fetched:
-        // the fetcher would hold all of it in memory.
-        let (plausible, bad): (Vec<Chunk>, Vec<Chunk>) = misses.into_iter().partition(plausible);
-        misses = plausible;
-        for c in bad {
-            let (start, end) = c.blob_range;
-            tracing::warn!(chunk = %c.digest, start, end, "chunk range refused");
-            guard.complete(c.digest, Err(FetchError::BadRange { start, end }));
-        }
+        // A chunk no sane layer has is refused, not fetched: the fetcher
+        // would hold all of its range in memory before its format refused it.
+        misses.retain(|c| match refusal(c) {
+            None => true,
+            Some(e) => {
+                tracing::warn!(chunk = %c.digest, error = %e, "chunk refused");
+                guard.complete(c.digest, Err(e));
+                false
+            }
+        });
         if misses.is_empty() {
             return;
         }

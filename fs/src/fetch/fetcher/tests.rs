@@ -214,6 +214,13 @@ async fn a_chunk_whose_range_no_sane_layer_has_is_refused_without_a_get() {
         assert!(matches!(err, FetchError::BadRange { .. }), "{err}");
         assert!(!f.in_flight(&c.digest));
     }
+    let mut bomb = chunks_of(&data, 1000)[0];
+    bomb.size = MAX_CHUNK_SIZE + 1;
+    let err = f.fetch(&[bomb], Intent::OnDemand).await.unwrap_err();
+    assert!(
+        err.to_string().contains("more than the limit"),
+        "names the limit: {err}"
+    );
     assert_eq!(blob.read_count(), 0);
     let got = f.fetch(&chunks_of(&data, 1000), Intent::OnDemand).await;
     assert_eq!(got.unwrap().concat(), data, "the layer's other chunks read");
