@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -22,12 +23,19 @@ use super::scheduler::{FetchScheduler, Permit};
 use crate::Digest;
 use crate::Intent;
 use crate::cache::Cache;
-use crate::format::{Chunk, Format, FormatError};
+use crate::format::{Chunk, Format, FormatError, MAX_CHUNK_SIZE};
 use crate::num::usize_from;
 use crate::registry::{BlobSource, RegistryError};
 
 /// Largest ranged GET built by merging adjacent misses.
 pub const MAX_MERGED_GET: u64 = 8 << 20;
+
+/// Longest compressed blob range of one chunk the fetcher GETs and holds.
+/// A chunk's plain bytes are at most [`MAX_CHUNK_SIZE`] and compressing
+/// incompressible data adds well under 1 %; the rest leaves room for a
+/// writer that groups small files into one compression member (eStargz's
+/// `innerOffset`).
+pub const MAX_CHUNK_RANGE: u64 = MAX_CHUNK_SIZE + MAX_CHUNK_SIZE / 4;
 
 /// Why the bytes of a chunk could not be produced. Cloneable because every
 /// reader waiting on a shared fetch receives the same error. The cause is
@@ -47,6 +55,11 @@ pub enum FetchError {
         offset: u64,
         error: Arc<FormatError>,
     },
+    #[error(
+        "chunk at blob offset {start}: blob range {start}..{end} is empty, longer than \
+         {MAX_CHUNK_RANGE} bytes or outside the bytes fetched for it"
+    )]
+    BadRange { start: u64, end: u64 },
     #[error("fetch of chunk {0} was abandoned")]
     Abandoned(Digest),
 }
@@ -71,8 +84,9 @@ struct Inner {
     scheduler: FetchScheduler,
     max_merged_get: u64,
     /// Blob bytes fetched when the layer was opened that end a chunk
-    /// starting before them; that chunk is completed with them.
-    tail: OnceLock<Tail>,
+    /// starting before them; that chunk is completed with them. Dropped
+    /// when a chunk completed with them fails verification.
+    tail: Mutex<Option<Tail>>,
 }
 
 /// Blob bytes `[offset, offset + len)`, kept in the cache under their own
@@ -82,6 +96,48 @@ struct Tail {
     offset: u64,
     len: u64,
     key: Digest,
+}
+
+impl Tail {
+    /// Whether the kept bytes end `range`: they overlap it and reach its end.
+    fn ends(&self, range: &Range<u64>) -> bool {
+        self.offset < range.end
+            && self
+                .offset
+                .checked_add(self.len)
+                .is_some_and(|end| range.end <= end)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; if something did, the data
+    // (a tail's location, the flights) is still whole.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The chunk of `data` (blob bytes from `data_start`) at blob `range`, if
+/// `range` is a range and `data` holds it.
+fn slice_at(data: &Bytes, data_start: u64, range: &Range<u64>) -> Option<Bytes> {
+    let from = usize_from(range.start.checked_sub(data_start)?);
+    let to = usize_from(range.end.checked_sub(data_start)?);
+    (from <= to && to <= data.len()).then(|| data.slice(from..to))
+}
+
+/// Why the fetcher refuses to GET and hold a chunk at all: its range is
+/// not one a sane layer has, or it declares more than any format decodes.
+fn refusal(c: &Chunk) -> Option<FetchError> {
+    let (start, end) = c.blob_range;
+    if end <= start || end - start > MAX_CHUNK_RANGE {
+        return Some(FetchError::BadRange { start, end });
+    }
+    (c.size > MAX_CHUNK_SIZE || c.inner_offset > MAX_CHUNK_SIZE).then(|| FetchError::Verify {
+        offset: start,
+        error: Arc::new(FormatError::ChunkTooLarge {
+            offset: start,
+            size: c.size,
+            inner_offset: c.inner_offset,
+        }),
+    })
 }
 
 impl Fetcher {
@@ -107,7 +163,7 @@ impl Fetcher {
                 stats: FetchStats::default(),
                 scheduler,
                 max_merged_get: MAX_MERGED_GET,
-                tail: OnceLock::new(),
+                tail: Mutex::new(None),
             }),
         }
     }
@@ -116,9 +172,10 @@ impl Fetcher {
     /// with the footer and TOC), are in the cache under their own sha256
     /// `key`, so that the chunk they end is completed with them instead of
     /// fetched twice. Set once. If the cache has lost them by the time the
-    /// chunk is read, the chunk is fetched whole.
+    /// chunk is read, or the chunk fails verification with them, the chunk
+    /// is fetched whole.
     pub(super) fn keep_tail(&self, offset: u64, len: u64, key: Digest) {
-        let _ = self.inner.tail.set(Tail { offset, len, key });
+        lock(&self.inner.tail).get_or_insert(Tail { offset, len, key });
     }
 
     pub fn stats(&self) -> &FetchStats {
@@ -246,7 +303,7 @@ impl Fetcher {
             (Intent::Background, None) => {
                 let bytes = missing
                     .iter()
-                    .map(|c| c.blob_range.1 - c.blob_range.0)
+                    .map(|c| c.blob_range.1.saturating_sub(c.blob_range.0))
                     .sum();
                 Some(self.inner.scheduler.admit(intent, bytes).await)
             }
@@ -347,6 +404,16 @@ impl Inner {
             }
         }
 
+        // A chunk no sane layer has is refused, not fetched: the fetcher
+        // would hold all of its range in memory before its format refused it.
+        misses.retain(|c| match refusal(c) {
+            None => true,
+            Some(e) => {
+                tracing::warn!(chunk = %c.digest, error = %e, "chunk refused");
+                guard.complete(c.digest, Err(e));
+                false
+            }
+        });
         if misses.is_empty() {
             return;
         }
@@ -374,7 +441,7 @@ impl Inner {
     async fn fetch_group(&self, g: Group, intent: Intent, guard: &Mutex<FlightGuard>) {
         let (start, end) = (g.range.start, g.range.end);
         let complete = |results: Vec<(Digest, Result<Bytes, FetchError>)>| {
-            let mut guard = guard.lock().expect("flight guard lock poisoned");
+            let mut guard = lock(guard);
             for (digest, res) in results {
                 guard.complete(digest, res);
             }
@@ -387,10 +454,14 @@ impl Inner {
                     .collect(),
             );
         };
-        // The part of the range inside the blob's tail (kept from opening
-        // the layer) is not fetched again.
-        let tail = match self.tail.get().filter(|t| end > t.offset) {
-            Some(t) => self.read_tail(*t).await,
+        // The kept tail bytes (from opening the layer) are used only where
+        // they end the range: `[get_end, end)` comes from them, the rest from
+        // the GET. A range that reaches past them (a chunk after them that
+        // failed verification when the layer was opened, or was evicted) is
+        // fetched whole.
+        let kept = (*lock(&self.tail)).filter(|t| t.ends(&g.range));
+        let tail = match kept {
+            Some(t) => self.read_tail(t).await,
             None => None,
         };
         let get_end = tail.as_ref().map_or(end, |(ts, _)| (*ts).max(start));
@@ -466,13 +537,18 @@ impl Inner {
                     .take_while(|c| c.blob_range.1 <= have)
                     .count();
                 let cut = next + ready;
-                let clean_cut = g
-                    .chunks
-                    .get(cut)
-                    .is_none_or(|c| ready > 0 && c.blob_range.0 >= g.chunks[cut - 1].blob_range.1);
-                if ready > 0 && clean_cut && self.awaited(&g.chunks[next..cut]) {
-                    let seg_end = g.chunks[cut - 1].blob_range.1;
-                    let seg = body.split_to(usize_from(seg_end - body_start)).freeze();
+                // The ready chunks end at `seg_end`; they are cut off the
+                // body only if no later chunk begins before it.
+                let seg_end = g.chunks[next..cut].iter().map(|c| c.blob_range.1).max();
+                let seg = seg_end.and_then(|e| Some((e, usize_from(e.checked_sub(body_start)?))));
+                let clean_cut = seg.is_some_and(|(seg_end, _)| {
+                    g.chunks.get(cut).is_none_or(|c| c.blob_range.0 >= seg_end)
+                });
+                if let (true, Some((seg_end, seg_len))) = (clean_cut, seg)
+                    && seg_len <= body.len()
+                    && self.awaited(&g.chunks[next..cut])
+                {
+                    let seg = body.split_to(seg_len).freeze();
                     let chunks = g.chunks[next..cut].to_vec();
                     complete(self.decode(chunks, body_start, seg).await);
                     body_start = seg_end;
@@ -486,24 +562,51 @@ impl Inner {
             }
         }
         let mut data = body.freeze();
+        let got = |data: &Bytes| body_start - start + data.len() as u64;
         if let Some((ts, tb)) = &tail {
-            let from = usize_from(start.max(*ts) - ts);
-            let to = usize_from(end - ts).min(tb.len());
+            // `get_end` is in `[ts, end)` and the kept bytes reach `end`
+            // (`Tail::ends`); checked all the same, never sliced blind.
+            let Some(kept) = slice_at(tb, *ts, &(get_end..end)) else {
+                let got = got(&data);
+                return fail_from(next, FetchError::ShortRead { start, end, got });
+            };
             data = if data.is_empty() {
-                tb.slice(from..to)
+                kept
             } else {
-                let mut joined = Vec::with_capacity(data.len() + to - from);
+                let mut joined = Vec::with_capacity(data.len() + kept.len());
                 joined.extend_from_slice(&data);
-                joined.extend_from_slice(&tb[from..to]);
+                joined.extend_from_slice(&kept);
                 Bytes::from(joined)
             };
         }
         if body_start + data.len() as u64 != end {
-            let got = body_start - start + data.len() as u64;
+            let got = got(&data);
             return fail_from(next, FetchError::ShortRead { start, end, got });
         }
         let chunks = g.chunks[next..].to_vec();
-        complete(self.decode(chunks, body_start, data).await);
+        // The chunks completed with kept tail bytes: if one fails, those
+        // bytes may be what is wrong, so they are dropped, and the next read
+        // of the chunk fetches it whole.
+        let with_tail: Vec<Digest> = match tail {
+            Some(_) => chunks
+                .iter()
+                .filter(|c| c.blob_range.1 > get_end)
+                .map(|c| c.digest)
+                .collect(),
+            None => Vec::new(),
+        };
+        let results = self.decode(chunks, body_start, data).await;
+        if results
+            .iter()
+            .any(|(d, r)| r.is_err() && with_tail.contains(d))
+        {
+            tracing::warn!(
+                offset = get_end,
+                "kept blob tail failed verification; dropped"
+            );
+            *lock(&self.tail) = None;
+        }
+        complete(results);
     }
 
     /// The kept tail's bytes, `(offset, bytes)`, read from the cache on the
@@ -551,7 +654,10 @@ impl Inner {
                 .iter()
                 .map(|c| {
                     let r = c.blob_range();
-                    let compressed = data.slice(usize_from(r.start - data_start)..usize_from(r.end - data_start));
+                    let Some(compressed) = slice_at(&data, data_start, &r) else {
+                        let e = FetchError::BadRange { start: r.start, end: r.end };
+                        return (c.digest, Err(e));
+                    };
                     let res = match format.decode_chunk(c, &compressed) {
                         Ok(plain) => {
                             if let Err(e) = cache.insert(&c.digest, &plain) {

@@ -25,7 +25,7 @@ mod plan;
 mod scheduler;
 mod stats;
 
-pub use fetcher::{FetchError, Fetcher, MAX_MERGED_GET};
+pub use fetcher::{FetchError, Fetcher, MAX_CHUNK_RANGE, MAX_MERGED_GET};
 pub use open::OpenError;
 pub use plan::MAX_GAP;
 pub use scheduler::{FetchScheduler, Permit, SchedulerConfig};

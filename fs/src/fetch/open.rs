@@ -65,7 +65,9 @@ impl Fetcher {
                     step
                 })
                 .await
-                .expect("index building does not panic")?
+                // A panic in a format's parser is a bug, but one layer's bug:
+                // the layer is refused, the process serves the others.
+                .map_err(|e| FormatError::Index(format!("building the index failed: {e}")))??
             };
             match step {
                 IndexStep::Fetch(range) => {
@@ -133,7 +135,11 @@ impl Fetcher {
             straddling
         })
         .await
-        .expect("caching the tail does not panic");
+        .unwrap_or_else(|e| {
+            // Only a cache: the tail's chunks are fetched when read.
+            tracing::warn!(error = %e, "caching the blob tail failed");
+            None
+        });
         if let Some((offset, len, key)) = straddling {
             self.keep_tail(offset, len, key);
         }
@@ -161,14 +167,25 @@ fn settle_tail(
         if cache.contains(&c.digest) {
             continue;
         }
-        let r = usize_from(c.blob_range.0 - tail.offset)..usize_from(c.blob_range.1 - tail.offset);
-        match format.decode_chunk(c, &tail.bytes[r]) {
+        // Checked, not sliced blind: a chunk whose range is not a range of
+        // the tail is left to a read, which refuses it.
+        let compressed = c
+            .blob_range
+            .0
+            .checked_sub(tail.offset)
+            .zip(c.blob_range.1.checked_sub(tail.offset))
+            .and_then(|(from, to)| tail.bytes.get(usize_from(from)..usize_from(to)));
+        let Some(compressed) = compressed else {
+            continue;
+        };
+        match format.decode_chunk(c, compressed) {
             Ok(plain) => {
                 if let Err(e) = cache.insert(&c.digest, &plain) {
                     tracing::warn!(chunk = %c.digest, error = %e, "cache insert failed");
                 }
             }
-            // A read of it will fetch it again and fail the same way.
+            // Not cached: a read fetches it again, from the registry, which
+            // may serve it right (these bytes came in one GET of the tail).
             Err(e) => tracing::warn!(chunk = %c.digest, error = %e, "chunk in the tail rejected"),
         }
     }

@@ -17,6 +17,15 @@ use bytes::Bytes;
 pub use estargz::Estargz;
 pub use index::{Chunk, FileKind, Inode, InodeSpec, LayerIndex, ROOT_INO, Xattr};
 
+/// The most plain bytes one chunk may declare (its `size`, and separately
+/// the `inner_offset` skipped before it): a decoder holds a chunk whole in
+/// memory, so this bounds what one hostile chunk can make it allocate or
+/// inflate. eStargz writers cut files into 4 MiB chunks by default and a
+/// file smaller than that is one chunk; only a large file written without
+/// chunk entries declares more, and reading it fails with
+/// [`FormatError::ChunkTooLarge`] (the rest of its layer still reads).
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+
 /// Why a layer or a chunk could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
@@ -35,6 +44,15 @@ pub enum FormatError {
     ChunkDigestMismatch {
         expected: crate::Digest,
         actual: crate::Digest,
+    },
+    #[error(
+        "chunk at blob offset {offset} declares {size} bytes after an inner offset of \
+         {inner_offset}, more than the limit of {MAX_CHUNK_SIZE} each"
+    )]
+    ChunkTooLarge {
+        offset: u64,
+        size: u64,
+        inner_offset: u64,
     },
     #[error("corrupt compressed data: {0}")]
     Corrupt(String),

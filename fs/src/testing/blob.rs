@@ -53,6 +53,8 @@ pub struct FakeBlob {
     held: tokio::sync::watch::Sender<Vec<Intent>>,
     /// Pieces a held streamed read yields before it waits.
     hold_after: AtomicUsize,
+    /// A blob offset whose byte every read serves flipped, until healed.
+    tampered: Mutex<Option<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -108,6 +110,7 @@ impl FakeBlob {
             break_after: Mutex::new(None),
             held: tokio::sync::watch::Sender::new(Vec::new()),
             hold_after: AtomicUsize::new(0),
+            tampered: Mutex::new(None),
         })
     }
 
@@ -134,6 +137,18 @@ impl FakeBlob {
     /// The next streamed read fails after `pieces` pieces (once).
     pub fn break_next_stream_after(&self, pieces: usize) {
         *lock(&self.break_after) = Some(pieces);
+    }
+
+    /// From now on, every read that covers blob offset `at` serves its
+    /// byte flipped (a registry or proxy corrupting the body), until
+    /// [`FakeBlob::heal`].
+    pub fn tamper(&self, at: u64) {
+        *lock(&self.tampered) = Some(at);
+    }
+
+    /// Reads serve the right bytes again.
+    pub fn heal(&self) {
+        *lock(&self.tampered) = None;
     }
 
     /// Every read so far: range and intent, in the order they started.
@@ -180,12 +195,16 @@ impl FakeBlob {
     }
 
     fn bytes(&self, range: Range<u64>) -> Bytes {
-        match &self.content {
-            Content::Stored(data) => {
-                Bytes::copy_from_slice(&data[usize_from(range.start)..usize_from(range.end)])
-            }
-            Content::Generated { bytes, .. } => Bytes::from(bytes(range)),
+        let mut bytes = match &self.content {
+            Content::Stored(data) => data[usize_from(range.start)..usize_from(range.end)].to_vec(),
+            Content::Generated { bytes, .. } => bytes(range.clone()),
+        };
+        if let Some(at) = *lock(&self.tampered)
+            && range.contains(&at)
+        {
+            bytes[usize_from(at - range.start)] ^= 1;
         }
+        Bytes::from(bytes)
     }
 
     fn record(&self, range: &Range<u64>, intent: Intent) -> usize {

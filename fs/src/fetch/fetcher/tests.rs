@@ -140,3 +140,88 @@ async fn a_kept_tail_completes_its_chunk_and_a_lost_one_means_a_whole_get() {
     assert_eq!(got.concat(), &data[2000..3000]);
     assert_eq!(blob.reads(), vec![(2000..3000, Intent::OnDemand)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_chunk_answers_every_waiter_and_the_next_read_fetches_again() {
+    let data = pattern(4000);
+    let (_dir, blob, f) = setup(data.clone());
+    let chunks = chunks_of(&data, 1000);
+    blob.tamper(1500);
+    let (a, b) = tokio::join!(
+        f.fetch(&chunks[1..2], Intent::OnDemand),
+        f.fetch(&chunks[1..2], Intent::Prefetch)
+    );
+    for res in [a, b] {
+        let err = res.unwrap_err();
+        assert!(matches!(err, FetchError::Verify { .. }), "{err}");
+    }
+    assert_eq!(blob.read_count(), 1, "both readers shared one flight");
+    assert!(!f.in_flight(&chunks[1].digest), "the failed flight is gone");
+    assert!(!f.cache().contains(&chunks[1].digest));
+
+    blob.heal();
+    let got = f.fetch(&chunks[1..2], Intent::OnDemand).await.unwrap();
+    assert_eq!(got.concat(), &data[1000..2000]);
+    assert_eq!(blob.read_count(), 2, "a new flight, a new GET");
+}
+
+/// Plain chunks, but the first decode panics.
+struct PanicsOnce(std::sync::atomic::AtomicBool);
+
+impl Format for PanicsOnce {
+    fn index_step(
+        &self,
+        fetched: &[crate::format::Piece],
+        blob_size: u64,
+        expected: Option<Digest>,
+    ) -> Result<crate::format::IndexStep, FormatError> {
+        Plain.index_step(fetched, blob_size, expected)
+    }
+
+    fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+        if !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            panic!("a decoder bug");
+        }
+        Plain.decode_chunk(chunk, compressed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decoder_that_panics_abandons_only_its_flight() {
+    let data = pattern(2000);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+    let format = Arc::new(PanicsOnce(std::sync::atomic::AtomicBool::new(false)));
+    let f = Fetcher::new(FakeBlob::new(data.clone()), format, cache);
+    let chunks = chunks_of(&data, 1000);
+    let err = f.fetch(&chunks[..1], Intent::OnDemand).await.unwrap_err();
+    assert!(matches!(err, FetchError::Abandoned(_)), "{err}");
+    assert!(!f.in_flight(&chunks[0].digest));
+    let got = f.fetch(&chunks[..1], Intent::OnDemand).await.unwrap();
+    assert_eq!(got.concat(), &data[..1000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_whose_range_no_sane_layer_has_is_refused_without_a_get() {
+    let data = pattern(2000);
+    let (_dir, blob, f) = setup(data.clone());
+    let mut inverted = chunks_of(&data, 1000)[1];
+    inverted.blob_range = (1000, 500);
+    let mut huge = chunks_of(&data, 1000)[0];
+    huge.blob_range = (0, MAX_CHUNK_RANGE + 1);
+    for c in [inverted, huge] {
+        let err = f.fetch(&[c], Intent::OnDemand).await.unwrap_err();
+        assert!(matches!(err, FetchError::BadRange { .. }), "{err}");
+        assert!(!f.in_flight(&c.digest));
+    }
+    let mut bomb = chunks_of(&data, 1000)[0];
+    bomb.size = MAX_CHUNK_SIZE + 1;
+    let err = f.fetch(&[bomb], Intent::OnDemand).await.unwrap_err();
+    assert!(
+        err.to_string().contains("more than the limit"),
+        "names the limit: {err}"
+    );
+    assert_eq!(blob.read_count(), 0);
+    let got = f.fetch(&chunks_of(&data, 1000), Intent::OnDemand).await;
+    assert_eq!(got.unwrap().concat(), data, "the layer's other chunks read");
+}

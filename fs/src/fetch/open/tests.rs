@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::cache::Cache;
+use crate::fetch::FetchError;
 use crate::format::{Chunk, FileKind, InodeSpec, ROOT_INO};
 use crate::testing::{FakeBlob, Plain, chunks_of, pattern};
 
@@ -130,4 +131,108 @@ async fn a_format_that_keeps_asking_is_refused() {
         matches!(err, OpenError::Format(FormatError::Index(_))),
         "{err}"
     );
+}
+
+/// A fetcher opened on `data` (chunks of 1000 bytes at 0..9000, the tail
+/// 7500..10_000 fetched to open it) while the blob serves the byte at
+/// `tampered` flipped.
+async fn opened_while_tampered(
+    tampered: u64,
+) -> (
+    tempfile::TempDir,
+    Fetcher,
+    Arc<FakeBlob>,
+    Vec<u8>,
+    Vec<Chunk>,
+) {
+    let data = pattern(10_000);
+    let chunks: Vec<Chunk> = chunks_of(&data, 1000).into_iter().take(9).collect();
+    let format = Scripted {
+        asks: std::iter::once(7500..10_000).collect(),
+        index: index_of(chunks.clone(), 10_000),
+        data_end: 9000,
+    };
+    let blob = FakeBlob::instant(data.clone());
+    blob.tamper(tampered);
+    let (dir, f) = fetcher_of(blob.clone(), format);
+    f.open_index(None).await.unwrap();
+    (dir, f, blob, data, chunks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_chunk_that_failed_verification_errs_then_heals() {
+    // Chunk 8 lies wholly in the tail, after the kept bytes (7500..8000):
+    // it failed at open, so a read fetches it, past the kept tail.
+    let (_dir, f, blob, data, chunks) = opened_while_tampered(8500).await;
+    let err = f.fetch(&chunks[8..9], Intent::OnDemand).await.unwrap_err();
+    assert!(matches!(err, FetchError::Verify { .. }), "{err}");
+    assert!(!f.in_flight(&chunks[8].digest), "a failed flight is gone");
+
+    blob.heal();
+    let got = f.fetch(&chunks[8..9], Intent::OnDemand).await.unwrap();
+    assert_eq!(
+        got.concat(),
+        &data[8000..9000],
+        "the registry's right bytes"
+    );
+    assert!(f.cache().contains(&chunks[8].digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_ending_in_tampered_kept_bytes_heals() {
+    // Chunk 7 ends in the kept tail bytes (7500..8000), which were tampered
+    // when the layer was opened: they must not be used again once they
+    // failed, so the chunk heals when the registry serves it right.
+    let (_dir, f, blob, data, chunks) = opened_while_tampered(7700).await;
+    blob.heal();
+    let err = f.fetch(&chunks[7..8], Intent::OnDemand).await.unwrap_err();
+    assert!(matches!(err, FetchError::Verify { .. }), "{err}");
+    let got = f.fetch(&chunks[7..8], Intent::OnDemand).await.unwrap();
+    assert_eq!(got.concat(), &data[7000..8000]);
+    assert_eq!(
+        blob.reads().last(),
+        Some(&(7000..8000, Intent::OnDemand)),
+        "fetched whole, without the dropped tail"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_past_the_kept_tail_fetches_the_whole_range() {
+    // Chunks 7 (ending in the kept bytes) and 8 (failed at open, past
+    // them) in one GET: the kept bytes do not end the range, so they are
+    // not spliced in; the range is fetched whole.
+    let (_dir, f, blob, data, chunks) = opened_while_tampered(8500).await;
+    blob.heal();
+    let got = f.fetch(&chunks[7..9], Intent::OnDemand).await.unwrap();
+    assert_eq!(got.concat(), &data[7000..9000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_smaller_than_the_tail_heals_a_failed_chunk() {
+    // The whole blob is the tail: 100 bytes of headers, chunks at
+    // 100..2100, the metadata after. A chunk that failed at open is fetched
+    // on read, not spliced from the kept header bytes.
+    let data = pattern(3000);
+    let chunks: Vec<Chunk> = chunks_of(&data[100..2100], 1000)
+        .into_iter()
+        .map(|mut c| {
+            c.blob_range = (c.blob_range.0 + 100, c.blob_range.1 + 100);
+            c
+        })
+        .collect();
+    let format = Scripted {
+        asks: std::iter::once(0..3000).collect(),
+        index: index_of(chunks.clone(), 3000),
+        data_end: 2100,
+    };
+    let blob = FakeBlob::instant(data.clone());
+    blob.tamper(1500);
+    let (_dir, f) = fetcher_of(blob.clone(), format);
+    f.open_index(None).await.unwrap();
+    assert!(f.cache().contains(&chunks[0].digest));
+    let err = f.fetch(&chunks[1..2], Intent::OnDemand).await.unwrap_err();
+    assert!(matches!(err, FetchError::Verify { .. }), "{err}");
+    blob.heal();
+    let got = f.fetch(&chunks[1..2], Intent::OnDemand).await.unwrap();
+    assert_eq!(got.concat(), &data[1100..2100]);
 }
