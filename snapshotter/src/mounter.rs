@@ -100,7 +100,7 @@ impl LayerHandle for Arc<Layer> {
                 PrefetchOutcome::NoLandmark => {}
                 outcome => tracing::info!(
                     ?outcome,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    elapsed_ms = started.elapsed().as_millis(),
                     "prefetch"
                 ),
             }
