@@ -5,9 +5,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use tarn_fs::format::{Estargz, Format};
-use tarn_fuzz::{check_index, open_layer};
+use tarn_fuzz::{check_index, open_layer, write_seeds_if_asked};
 
-fuzz_target!(|blob: &[u8]| {
+fuzz_target!(init: write_seeds_if_asked(), |blob: &[u8]| {
     let Ok((index, data_end)) = open_layer(blob) else {
         return;
     };

@@ -8,6 +8,10 @@ use tarn_fs::format::{
     Chunk, Estargz, FileKind, Format, FormatError, IndexStep, LayerIndex, Piece,
 };
 
+mod seeds;
+
+pub use seeds::{SEEDS_ENV, write_seeds, write_seeds_if_asked};
+
 /// Where the `toc` target pretends the TOC starts, and the blob's size: far
 /// enough that the writer's offsets (seeds) are all before it.
 pub const TOC_OFFSET: u64 = 1 << 32;

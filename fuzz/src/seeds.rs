@@ -1,32 +1,52 @@
-//! Writes the fuzz targets' seed corpus into `<dir>/<target>/`: small
+//! The fuzz targets' seed corpus, written into `<dir>/<target>/`: small
 //! eStargz layers made by tarn's writer, and their footers, TOC JSON and
-//! chunks. Run by `make fuzz` before fuzzing, so no binary seed is
-//! committed.
+//! chunks. `make fuzz` writes it before fuzzing (through the `layer`
+//! target, see [`SEEDS_ENV`]), so no binary seed is committed.
 
 use std::error::Error;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use crate::{chunk_input, open_layer};
 use tar::{EntryType, Header};
 use tarn_fs::format::estargz::{
     FOOTER_SIZE, LEGACY_FOOTER_SIZE, WriteOptions, decode_toc, footer_bytes, parse_footer,
     write_estargz,
 };
 use tarn_fs::format::{Estargz, Format};
-use tarn_fuzz::{chunk_input, open_layer};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-fn main() -> Result<()> {
-    let dir: PathBuf = std::env::args_os()
-        .nth(1)
-        .ok_or("usage: seeds <corpus dir>")?
-        .into();
+/// Set to a directory, the `layer` target writes the seeds there and exits
+/// instead of fuzzing. (A binary of its own would not link: cargo-fuzz
+/// instruments every binary of the project for libFuzzer, and a second,
+/// uninstrumented build of tarn-fs would double `make fuzz`'s build time.)
+pub const SEEDS_ENV: &str = "TARN_FUZZ_WRITE_SEEDS";
+
+/// If [`SEEDS_ENV`] is set, writes the seeds and exits the process.
+pub fn write_seeds_if_asked() {
+    let Some(dir) = std::env::var_os(SEEDS_ENV) else {
+        return;
+    };
+    match write_seeds(Path::new(&dir)) {
+        Ok(n) => {
+            println!("seeds: wrote {n} seeds under {}", dir.display());
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprintln!("seeds: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Writes the seed corpus under `dir`; returns how many seeds.
+pub fn write_seeds(dir: &Path) -> Result<usize> {
     let mut n = 0;
     for (i, (tar, opts)) in layers()?.into_iter().enumerate() {
         let mut blob = Vec::new();
         write_estargz(&tar[..], &mut blob, &opts)?;
-        n += seeds_of(&dir, i, &blob)?;
+        n += seeds_of(dir, i, &blob)?;
     }
     // A legacy (47-byte) footer: a bare 22-byte extra field, no `SG`
     // subfield header.
@@ -36,9 +56,8 @@ fn main() -> Result<()> {
     if legacy.len() != LEGACY_FOOTER_SIZE {
         return Err("the legacy footer seed is not 47 bytes".into());
     }
-    put(&dir, "footer", "legacy", &legacy)?;
-    println!("seeds: wrote {} seeds under {}", n + 1, dir.display());
-    Ok(())
+    put(dir, "footer", "legacy", &legacy)?;
+    Ok(n + 1)
 }
 
 /// Writes the seeds that one blob gives each target; returns how many.
