@@ -6,7 +6,7 @@
 #
 #   FUZZ_SECONDS  seconds per target (default 60)
 #   FUZZ_TARGETS  which targets (default: footer toc chunk layer)
-#   FUZZ_SANITIZER  none (default) or address: see docs/fuzzing.md
+#   FUZZ_SANITIZER  none (default) or address: see fuzz/README.md
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
