@@ -16,7 +16,7 @@ sanitizer="${FUZZ_SANITIZER:-none}"
 
 # cargo-fuzz needs nightly; it cannot be downloaded here, so say so and fail
 # rather than skip: a skipped fuzz run would look like a clean one.
-if ! cargo +nightly --version >/dev/null 2>&1; then
+if ! RUSTUP_AUTO_INSTALL=0 cargo +nightly --version >/dev/null 2>&1; then
   echo "fuzz: the nightly Rust toolchain is not installed (rustup toolchain install nightly); cargo fuzz needs it" >&2
   exit 1
 fi
