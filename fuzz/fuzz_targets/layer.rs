@@ -16,7 +16,7 @@ fuzz_target!(init: write_seeds_if_asked(), |blob: &[u8]| {
         for chunk in index.file_chunks(&inode) {
             let range = usize::try_from(chunk.blob_range.0).expect("checked by check_index")
                 ..usize::try_from(chunk.blob_range.1).expect("checked by check_index");
-            let _ = Estargz.decode_chunk(chunk, &blob[range]);
+            let _ = Estargz::default().decode_chunk(chunk, &blob[range]);
         }
     }
 });

@@ -63,7 +63,7 @@ pub fn open_layer(blob: &[u8]) -> Result<(LayerIndex, u64), FormatError> {
     let blob_size = u64::try_from(blob.len()).expect("a fuzz input fits in u64");
     let mut fetched: Vec<Piece> = Vec::new();
     for _ in 0..MAX_STEPS {
-        match Estargz.index_step(&fetched, blob_size, None)? {
+        match Estargz::default().index_step(&fetched, blob_size, None)? {
             IndexStep::Fetch(r) => {
                 assert!(
                     r.start <= r.end && r.end <= blob_size,

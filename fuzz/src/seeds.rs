@@ -75,7 +75,7 @@ fn seeds_of(dir: &Path, i: usize, blob: &[u8]) -> Result<usize> {
         for chunk in index.file_chunks(&inode) {
             let r = usize::try_from(chunk.blob_range.0)?..usize::try_from(chunk.blob_range.1)?;
             // Only chunks the decoder accepts: each one a path to success.
-            Estargz.decode_chunk(chunk, &blob[r.clone()])?;
+            Estargz::default().decode_chunk(chunk, &blob[r.clone()])?;
             put(
                 dir,
                 "chunk",
