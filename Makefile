@@ -10,7 +10,7 @@ TESTBED_DIR ?= .testbed
 TARN_BIN_DIR ?= $(CURDIR)/target/release
 export TARN_BIN_DIR
 
-.PHONY: all setup deps build images test demo bench lint testbed-up testbed-down
+.PHONY: all setup deps build images test demo bench lint fuzz testbed-up testbed-down
 
 all: build
 
@@ -43,6 +43,11 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@if command -v shellcheck >/dev/null; then shellcheck scripts/*.sh .ci/run; \
 	else echo "lint: shellcheck not installed (make deps)" >&2; exit 1; fi
+
+# cargo-fuzz targets of the eStargz decoders (fuzz/), FUZZ_SECONDS each
+# (default 60); needs the nightly toolchain, installs cargo-fuzz if missing.
+fuzz:
+	scripts/fuzz.sh
 
 testbed-up: build
 	scripts/testbed.sh up $(TESTBED_DIR) --all
