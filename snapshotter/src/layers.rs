@@ -1,6 +1,6 @@
-//! Remote layers as FUSE mounts: one mount per layer digest at
+//! The table of remote layers: one mount per layer digest at
 //! `ROOT/layers/<digest hex>/fs`, shared by every snapshot made of that
-//! layer, over one chunk cache and one registry client for the daemon.
+//! layer, made through a [`Mounter`].
 //!
 //! Who uses a layer is not counted here but read from the metastore (the
 //! snapshots labelled with its digest), so the count survives restarts and
@@ -10,67 +10,28 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tarn_fs::Digest;
-use tarn_fs::cache::{Cache, CacheStats};
-use tarn_fs::fetch::{FetchScheduler, FetchStatsSnapshot};
-use tarn_fs::fuse::{MountHandle, MountOptions};
-use tarn_fs::layer::{Layer, PrefetchOutcome};
-use tarn_fs::registry::{Reference, RegistryClient, ResolvedImage};
+use tarn_fs::fetch::FetchStatsSnapshot;
+use tracing::Instrument;
 
-use crate::labels::RemoteLayer;
+use crate::labels::{self, RemoteLayer, Restore};
 use crate::locks::{KeyedGuard, KeyedMutex};
 use crate::mounts::Layout;
-use crate::resolve::Resolver;
+use crate::seams::{LayerHandle, MountError, Mounter, Resolved};
 
-/// Why a layer could not be resolved or mounted. Each one only makes its
-/// Prepare fall back to an ordinary pull, so the message is what matters.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct LayerError(Arc<str>);
-
-impl LayerError {
-    pub fn new(msg: impl std::fmt::Display) -> Self {
-        LayerError(msg.to_string().into())
-    }
-}
-
-/// A layer opened (footer and TOC fetched and verified), not yet mounted.
-#[derive(Clone)]
-pub struct Resolved {
-    layer: Arc<Layer>,
-    blob_size: u64,
-    toc_digest: Option<Digest>,
-}
-
-impl Resolved {
-    pub fn new(layer: Arc<Layer>, blob_size: u64, toc_digest: Option<Digest>) -> Self {
-        Resolved {
-            layer,
-            blob_size,
-            toc_digest,
-        }
-    }
-
-    pub fn blob_size(&self) -> u64 {
-        self.blob_size
-    }
-
-    pub fn layer(&self) -> &Arc<Layer> {
-        &self.layer
-    }
-
-    /// The TOC digest the layer was verified against.
-    pub fn toc_digest(&self) -> Option<Digest> {
-        self.toc_digest
-    }
-}
-
-struct Mounted {
+struct Mounted<L> {
     info: RemoteLayer,
     blob_size: u64,
-    layer: Arc<Layer>,
-    handle: MountHandle,
+    layer: L,
+}
+
+/// A layer that could not be restored at start.
+struct Failed {
+    info: RemoteLayer,
+    blob_size: u64,
+    why: String,
 }
 
 /// A mounted or failed layer, for the admin API.
@@ -87,52 +48,30 @@ pub struct LayerStatus {
     pub failed: Option<String>,
 }
 
-/// How layers are mounted and fetched, from the daemon's config.
-#[derive(Clone)]
-pub struct LayerOptions {
-    pub fuse_threads: usize,
-    pub passthrough: bool,
-    /// One scheduler for every layer, so intents order all GETs together.
-    pub scheduler: FetchScheduler,
+/// What happens to a layer right after it is mounted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Warm {
     /// Wait this long for a layer's prioritized files before Prepare answers.
-    pub prefetch_timeout: Option<std::time::Duration>,
+    pub prefetch: Option<Duration>,
     /// Fetch whole layers in the background.
     pub background: bool,
 }
 
-pub struct Layers {
+pub struct Layers<L, M> {
     layout: Layout,
-    cache: Arc<Cache>,
-    resolver: Arc<Resolver>,
-    runtime: tokio::runtime::Handle,
-    options: LayerOptions,
-    mounted: Mutex<HashMap<Digest, Mounted>>,
-    /// Layers that could not be restored at start: (layer, blob size, why).
-    failed: Mutex<HashMap<Digest, (RemoteLayer, u64, String)>>,
+    mounter: Arc<M>,
+    warm: Warm,
+    mounted: Mutex<HashMap<Digest, Mounted<L>>>,
+    failed: Mutex<HashMap<Digest, Failed>>,
     locks: KeyedMutex<Digest>,
 }
 
-impl Layers {
-    /// `runtime` serves the FUSE mounts' cache misses; it must outlive them.
-    pub fn new(
-        layout: Layout,
-        cache: Arc<Cache>,
-        client: RegistryClient,
-        runtime: tokio::runtime::Handle,
-        options: LayerOptions,
-    ) -> Self {
+impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
+    pub fn new(layout: Layout, mounter: M, warm: Warm) -> Self {
         Layers {
             layout,
-            resolver: Resolver::new(
-                client,
-                cache.clone(),
-                options.scheduler.clone(),
-                options.prefetch_timeout,
-                options.background,
-            ),
-            cache,
-            runtime,
-            options,
+            mounter: Arc::new(mounter),
+            warm,
             mounted: Mutex::default(),
             failed: Mutex::default(),
             locks: KeyedMutex::default(),
@@ -161,68 +100,29 @@ impl Layers {
         self.layout.layer_fs(digest)
     }
 
-    /// Opens `layer`; see [`Resolver::layer`].
-    pub async fn resolve(
-        &self,
-        layer: &RemoteLayer,
-        blob_size: Option<u64>,
-    ) -> Result<Resolved, LayerError> {
-        self.resolver.layer(layer, blob_size).await
-    }
-
-    /// Starts resolving every eStargz layer of `image_ref` that is not
-    /// mounted yet, in the background; see [`Resolver::ahead`].
-    pub fn resolve_ahead(&self, image_ref: &str) {
-        self.resolver.ahead(image_ref, self.mounted_digests());
-    }
-
-    /// The layers mounted now: resolving them ahead would be wasted.
-    fn mounted_digests(&self) -> HashSet<Digest> {
+    /// The layers mounted now.
+    pub fn mounted_digests(&self) -> HashSet<Digest> {
         let mounted = self.mounted.lock().expect("mounted map poisoned");
         mounted.keys().copied().collect()
     }
 
-    /// Opens connections to the registry of `reference` in the background,
-    /// as many as the layers resolved at once are likely to want.
-    pub fn preconnect(&self, reference: &Reference) {
-        self.resolver.preconnect(reference);
-    }
-
-    /// Starts resolving the layers of `image`, the manifest of `image_ref`
-    /// handed over by a pull; see [`Resolver::expect`].
-    pub fn expect(&self, image_ref: &str, image: ResolvedImage) -> usize {
-        self.resolver
-            .expect(image_ref, image, self.mounted_digests())
-    }
-
-    /// Mounts a resolved layer at its mountpoint, replacing whatever a
-    /// killed daemon left there. Nothing is left behind on error.
-    pub async fn mount(&self, info: &RemoteLayer, resolved: Resolved) -> Result<(), LayerError> {
+    /// Mounts a resolved layer at its mountpoint, then warms it. Nothing
+    /// is left behind on error: no mount, no directory.
+    pub async fn mount(&self, info: &RemoteLayer, resolved: Resolved<L>) -> Result<(), MountError> {
         let mountpoint = self.mountpoint(&info.digest);
         let dir = self.layout.layer_dir(&info.digest);
-        let (layer, runtime) = (resolved.layer.clone(), self.runtime.clone());
-        let options = MountOptions {
-            threads: self.options.fuse_threads,
-            fsname: format!("tarn:{}", info.digest),
-            passthrough: self.options.passthrough,
-            ..MountOptions::default()
-        };
-        let handle = tokio::task::spawn_blocking(move || {
-            detach(&mountpoint);
-            std::fs::create_dir_all(&mountpoint)
-                .map_err(|e| LayerError::new(format!("create {}: {e}", mountpoint.display())))?;
-            tarn_fs::fuse::mount(layer, &mountpoint, runtime, &options).map_err(|e| {
-                let _ = std::fs::remove_dir_all(&dir);
-                LayerError::new(e)
-            })
+        let (layer, mounter) = (resolved.layer.clone(), self.mounter.clone());
+        let fsname = format!("tarn:{}", info.digest);
+        tokio::task::spawn_blocking(move || {
+            mounter
+                .mount(&layer, &mountpoint, &fsname)
+                .inspect_err(|_| remove_dir(&dir))
         })
-        .await
-        .map_err(|e| LayerError::new(format!("mount task failed: {e}")))??;
+        .await??;
         self.failed
             .lock()
             .expect("failed map poisoned")
             .remove(&info.digest);
-        self.resolver.mounted(&info.digest);
         let layer = resolved.layer.clone();
         self.mounted.lock().expect("mounted map poisoned").insert(
             info.digest,
@@ -230,46 +130,31 @@ impl Layers {
                 info: info.clone(),
                 blob_size: resolved.blob_size,
                 layer: resolved.layer,
-                handle,
             },
         );
-        self.warm(info, &layer).await;
+        layer
+            .warm(self.warm.prefetch, self.warm.background)
+            .instrument(tracing::info_span!("warm", layer = %info.digest))
+            .await;
         Ok(())
-    }
-
-    /// Prefetches a freshly mounted layer's prioritized files, waiting for
-    /// them up to the prefetch timeout, then starts its background fetch if
-    /// configured. The background fetch stops when the layer is unmounted.
-    async fn warm(&self, info: &RemoteLayer, layer: &Layer) {
-        if let Some(timeout) = self.options.prefetch_timeout {
-            let started = std::time::Instant::now();
-            match layer.prefetch(timeout).await {
-                PrefetchOutcome::NoLandmark => {}
-                outcome => tracing::info!(
-                    layer = %info.digest,
-                    ?outcome,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "prefetch"
-                ),
-            }
-        }
-        if self.options.background {
-            layer.start_background().detach();
-        }
     }
 
     /// Records a layer that could not be restored, for the admin API.
     pub fn mark_failed(&self, info: &RemoteLayer, blob_size: u64, why: String) {
-        self.failed
-            .lock()
-            .expect("failed map poisoned")
-            .insert(info.digest, (info.clone(), blob_size, why));
+        self.failed.lock().expect("failed map poisoned").insert(
+            info.digest,
+            Failed {
+                info: info.clone(),
+                blob_size,
+                why,
+            },
+        );
     }
 
-    /// Unmounts a layer (if mounted) and removes its directory.
+    /// Unmounts a layer (if mounted, or left mounted by a killed daemon)
+    /// and removes its directory.
     pub async fn unmount(&self, digest: &Digest) {
-        let mounted = self
-            .mounted
+        self.mounted
             .lock()
             .expect("mounted map poisoned")
             .remove(digest);
@@ -277,34 +162,20 @@ impl Layers {
             .lock()
             .expect("failed map poisoned")
             .remove(digest);
-        let dir = self.layout.layer_dir(digest);
-        let digest = *digest;
+        let (mountpoint, dir) = (self.mountpoint(digest), self.layout.layer_dir(digest));
+        let (mounter, digest) = (self.mounter.clone(), *digest);
         let _ = tokio::task::spawn_blocking(move || {
-            if let Some(m) = mounted
-                && let Err(e) = m.handle.unmount()
-            {
-                tracing::warn!(layer = %digest, error = %e, "unmount failed");
+            if let Err(e) = mounter.unmount(&mountpoint) {
+                tracing::warn!(layer = %digest, error = %crate::errors::chain(&e), "unmount failed");
             }
-            // A dead mount of a killed daemon may still sit there.
-            detach(&dir.join("fs"));
-            if let Err(e) = std::fs::remove_dir_all(&dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove layer directory");
-            }
+            remove_dir(&dir);
         })
         .await;
     }
 
     /// Digests with a mount or a directory under `ROOT/layers`.
     pub async fn known(&self) -> Vec<Digest> {
-        let mut out: Vec<Digest> = self
-            .mounted
-            .lock()
-            .expect("mounted map poisoned")
-            .keys()
-            .copied()
-            .collect();
+        let mut out: Vec<Digest> = self.mounted_digests().into_iter().collect();
         let dir = self.layout.layers_dir().to_owned();
         let on_disk = tokio::task::spawn_blocking(move || dir_digests(&dir))
             .await
@@ -320,17 +191,18 @@ impl Layers {
     /// Unmounts every layer (on shutdown); their directories stay for the
     /// next start.
     pub async fn unmount_all(&self) {
-        let all: Vec<Mounted> = self
+        let all: Vec<(Digest, PathBuf)> = self
             .mounted
             .lock()
             .expect("mounted map poisoned")
             .drain()
-            .map(|(_, m)| m)
+            .map(|(d, _)| (d, self.layout.layer_fs(&d)))
             .collect();
+        let mounter = self.mounter.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            for m in all {
-                if let Err(e) = m.handle.unmount() {
-                    tracing::warn!(layer = %m.info.digest, error = %e, "unmount failed");
+            for (digest, mountpoint) in all {
+                if let Err(e) = mounter.unmount(&mountpoint) {
+                    tracing::warn!(layer = %digest, error = %crate::errors::chain(&e), "unmount failed");
                 }
             }
         })
@@ -347,10 +219,10 @@ impl Layers {
             .map(|m| LayerStatus {
                 image_ref: m.info.image_ref.clone(),
                 digest: m.info.digest,
-                mountpoint: m.handle.mountpoint().to_owned(),
+                mountpoint: self.mountpoint(&m.info.digest),
                 blob_size: m.blob_size,
                 stats: m.layer.stats(),
-                complete: m.layer.progress().complete,
+                complete: m.layer.complete(),
                 failed: None,
             })
             .collect();
@@ -359,14 +231,14 @@ impl Layers {
                 .lock()
                 .expect("failed map poisoned")
                 .values()
-                .map(|(info, size, why)| LayerStatus {
-                    image_ref: info.image_ref.clone(),
-                    digest: info.digest,
-                    mountpoint: self.mountpoint(&info.digest),
-                    blob_size: *size,
+                .map(|f| LayerStatus {
+                    image_ref: f.info.image_ref.clone(),
+                    digest: f.info.digest,
+                    mountpoint: self.mountpoint(&f.info.digest),
+                    blob_size: f.blob_size,
                     stats: FetchStatsSnapshot::default(),
                     complete: false,
-                    failed: Some(why.clone()),
+                    failed: Some(f.why.clone()),
                 }),
         );
         out.sort_by_key(|l| l.digest);
@@ -376,17 +248,15 @@ impl Layers {
     pub fn mounted_count(&self) -> usize {
         self.mounted.lock().expect("mounted map poisoned").len()
     }
-
-    pub fn cache_stats(&self) -> CacheStats {
-        self.cache.stats()
-    }
 }
 
-/// Lazily detaches whatever is mounted at `path` (a killed daemon's FUSE
-/// mount answers ENOTCONN to everything, even to mkdir under its parent).
-/// Not mounted is fine.
-fn detach(path: &Path) {
-    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+/// Removes a layer's directory; already gone is fine.
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove layer directory");
+    }
 }
 
 /// The layer digests named by directories in `dir`.
@@ -403,10 +273,10 @@ fn dir_digests(dir: &Path) -> Vec<Digest> {
 /// Groups remote snapshots by layer: digest -> (layer, blob size, names).
 pub fn by_layer(
     snapshots: &[(String, BTreeMap<String, String>)],
-) -> BTreeMap<Digest, (crate::labels::Restore, Vec<String>)> {
-    let mut out: BTreeMap<Digest, (crate::labels::Restore, Vec<String>)> = BTreeMap::new();
+) -> BTreeMap<Digest, (Restore, Vec<String>)> {
+    let mut out: BTreeMap<Digest, (Restore, Vec<String>)> = BTreeMap::new();
     for (name, labels) in snapshots {
-        if let Some(r) = crate::labels::restore_info(labels) {
+        if let Some(r) = labels::restore_info(labels) {
             out.entry(r.layer.digest)
                 .or_insert_with(|| (r, Vec::new()))
                 .1

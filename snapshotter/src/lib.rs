@@ -10,22 +10,34 @@
 //! - [`filters`]: containerd's List filter syntax.
 //! - [`remote`]: the remote-layer decision around the snapshotter: lazy
 //!   Prepare answering ALREADY_EXISTS, fallbacks, restore on start.
-//! - [`layers`]: FUSE mounts of remote layers, one per layer digest.
+//! - [`seams`]: the traits remote goes through, "resolve this layer" and
+//!   "mount it / unmount it / is it mounted", so it is unit-tested with
+//!   fakes; [`resolve`] and [`mounter`] are the real ones.
+//! - [`layers`]: the table of remote layers, one mount per layer digest.
 //! - [`resolve`]: manifest, footer and TOC of remote layers, once each, all
 //!   of an image's layers at once.
+//! - [`mounter`]: remote layers as FUSE mounts.
+//! - [`fallback`]: why a layer was not lazy, counted by cause.
 //! - [`labels`]: the remote-snapshot protocol's labels, pure.
+//! - [`errors`]: an error and its causes in one line.
 //! - [`locks`]: keyed mutex and singleflight for duplicate suppression.
 //! - [`config`], [`server`]: configuration file, sockets and serving.
 
 pub mod config;
+pub mod errors;
+pub mod fallback;
 pub mod filters;
 pub mod labels;
 pub mod layers;
 pub mod locks;
 pub mod metastore;
+pub mod mounter;
 pub mod mounts;
 pub mod remote;
 pub mod resolve;
+pub mod seams;
 pub mod server;
 pub mod service;
 pub mod snapshotter;
+#[cfg(test)]
+mod testing;

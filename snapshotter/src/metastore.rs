@@ -142,16 +142,22 @@ impl Info {
     }
 }
 
-/// An Active or View snapshot with the ids of its ancestors, nearest first:
+/// An Active or View snapshot with its ancestors, nearest first:
 /// everything needed to compute its mounts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub id: u64,
     pub kind: Kind,
-    pub parent_ids: Vec<u64>,
-    /// Parents that are remote layers: id -> layer digest (their content is
-    /// the layer's FUSE mount, not their own directory).
-    pub remote: BTreeMap<u64, tarn_fs::Digest>,
+    pub parents: Vec<Parent>,
+}
+
+/// One ancestor of a [`Snapshot`]: its id, and its labels, which say
+/// whether its content is elsewhere (a remote layer's mount); the store
+/// does not read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parent {
+    pub id: u64,
+    pub labels: BTreeMap<String, String>,
 }
 
 pub struct MetaStore {
@@ -255,38 +261,7 @@ impl Tx<'_> {
                 "snapshot kind must be active or view".into(),
             ));
         }
-        if key.is_empty() {
-            return Err(Error::InvalidArgument(
-                "snapshot key must not be empty".into(),
-            ));
-        }
-        let labels = validate_labels(labels)?;
-        if get_record(&self.snapshots, key)?.is_some() {
-            return Err(Error::AlreadyExists(format!(
-                "snapshot {key:?} already exists"
-            )));
-        }
-        if let Some(parent) = parent {
-            let p = get_record(&self.snapshots, parent)?
-                .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?} not found")))?;
-            if p.kind != Kind::Committed {
-                return Err(Error::InvalidArgument(format!(
-                    "parent {parent:?} is not a committed snapshot"
-                )));
-            }
-            self.children.insert((parent, key), ())?;
-        }
-        let now = SystemTime::now();
-        let r = Record {
-            id: self.next_id()?,
-            kind,
-            parent: parent.map(str::to_owned),
-            labels,
-            created: now,
-            updated: now,
-            usage: Usage::default(),
-        };
-        self.put(key, &r)?;
+        let r = self.insert_new(kind, "key", key, parent, labels)?;
         build_snapshot(&self.snapshots, &r)
     }
 
@@ -345,15 +320,31 @@ impl Tx<'_> {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<u64> {
-        if name.is_empty() {
-            return Err(Error::InvalidArgument(
-                "snapshot name must not be empty".into(),
-            ));
+        let r = self.insert_new(Kind::Committed, "name", name, parent, labels)?;
+        Ok(r.id)
+    }
+
+    /// What `create` and `create_committed` share: checks that `key` (a
+    /// snapshot `noun`, for messages) is new and not empty, that its labels
+    /// fit and that `parent`, if any, exists and is committed; then records
+    /// a new snapshot of `kind` with a fresh id.
+    fn insert_new(
+        &mut self,
+        kind: Kind,
+        noun: &str,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Record> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {noun} must not be empty"
+            )));
         }
         let labels = validate_labels(labels)?;
-        if get_record(&self.snapshots, name)?.is_some() {
+        if get_record(&self.snapshots, key)?.is_some() {
             return Err(Error::AlreadyExists(format!(
-                "snapshot {name:?} already exists"
+                "snapshot {key:?} already exists"
             )));
         }
         if let Some(parent) = parent {
@@ -364,20 +355,20 @@ impl Tx<'_> {
                     "parent {parent:?} is not a committed snapshot"
                 )));
             }
-            self.children.insert((parent, name), ())?;
+            self.children.insert((parent, key), ())?;
         }
         let now = SystemTime::now();
         let r = Record {
             id: self.next_id()?,
-            kind: Kind::Committed,
+            kind,
             parent: parent.map(str::to_owned),
             labels,
             created: now,
             updated: now,
             usage: Usage::default(),
         };
-        self.put(name, &r)?;
-        Ok(r.id)
+        self.put(key, &r)?;
+        Ok(r)
     }
 
     /// Removes `key`, refused while it has children. Returns its record.
@@ -494,23 +485,21 @@ fn build_snapshot<T: ReadableTable<&'static str, &'static [u8]>>(
     table: &T,
     r: &Record,
 ) -> Result<Snapshot> {
-    let mut parent_ids = Vec::new();
-    let mut remote = BTreeMap::new();
+    let mut parents = Vec::new();
     let mut next = r.parent.clone();
     while let Some(p) = next {
         let pr = get_record(table, &p)?
             .ok_or_else(|| Error::NotFound(format!("parent snapshot {p:?} not found")))?;
-        parent_ids.push(pr.id);
-        if let Some(d) = crate::labels::remote_layer(&pr.labels) {
-            remote.insert(pr.id, d);
-        }
+        parents.push(Parent {
+            id: pr.id,
+            labels: pr.labels,
+        });
         next = pr.parent;
     }
     Ok(Snapshot {
         id: r.id,
         kind: r.kind,
-        parent_ids,
-        remote,
+        parents,
     })
 }
 
@@ -545,7 +534,7 @@ mod tests {
         let s = ms
             .update(|tx| tx.create(Kind::Active, "a", None, BTreeMap::new()))
             .unwrap();
-        assert!(s.parent_ids.is_empty());
+        assert!(s.parents.is_empty());
         let id = ms
             .update(|tx| {
                 tx.commit(
@@ -569,7 +558,8 @@ mod tests {
         let s2 = ms
             .update(|tx| tx.create(Kind::View, "v", Some("c1"), BTreeMap::new()))
             .unwrap();
-        assert_eq!(s2.parent_ids, vec![s.id]);
+        assert_eq!(s2.parents.iter().map(|p| p.id).collect::<Vec<_>>(), [s.id]);
+        assert_eq!(s2.parents[0].labels, labels(&[("x", "1")]));
         assert_eq!(ms.snapshot("v").unwrap(), s2);
         assert!(matches!(
             ms.snapshot("c1"),
@@ -605,6 +595,59 @@ mod tests {
         });
         assert!(e.is_err());
         assert!(matches!(ms.get("rolled-back"), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn create_and_create_committed_refuse_alike() {
+        let (_d, ms) = store();
+        ms.update(|tx| {
+            tx.create(Kind::Active, "a", None, BTreeMap::new())?;
+            tx.commit("a", "base", Usage::default(), BTreeMap::new())?;
+            tx.create(Kind::Active, "active", None, BTreeMap::new())
+        })
+        .unwrap();
+        let big = labels(&[("k", &"v".repeat(MAX_LABEL_SIZE))]);
+        type Make = fn(&mut Tx<'_>, &str, Option<&str>, BTreeMap<String, String>) -> Result<()>;
+        let makers: [(&str, Make); 2] = [
+            ("create", |tx, k, p, l| {
+                tx.create(Kind::View, k, p, l).map(drop)
+            }),
+            ("create_committed", |tx, k, p, l| {
+                tx.create_committed(k, p, l).map(drop)
+            }),
+        ];
+        for (what, make) in makers {
+            let e = ms.update(|tx| make(tx, "", None, BTreeMap::new()));
+            assert!(matches!(e, Err(Error::InvalidArgument(_))), "{what}: empty");
+            let e = ms.update(|tx| make(tx, "base", None, BTreeMap::new()));
+            assert!(matches!(e, Err(Error::AlreadyExists(_))), "{what}: taken");
+            let e = ms.update(|tx| make(tx, "n", Some("missing"), BTreeMap::new()));
+            assert!(matches!(e, Err(Error::NotFound(_))), "{what}: no parent");
+            let e = ms.update(|tx| make(tx, "n", Some("active"), BTreeMap::new()));
+            assert!(
+                matches!(e, Err(Error::InvalidArgument(_))),
+                "{what}: active parent"
+            );
+            let e = ms.update(|tx| make(tx, "n", None, big.clone()));
+            assert!(
+                matches!(e, Err(Error::InvalidArgument(_))),
+                "{what}: label size"
+            );
+            assert!(matches!(ms.get("n"), Err(Error::NotFound(_))), "{what}");
+            ms.update(|tx| make(tx, "n", Some("base"), labels(&[("e", "")])))
+                .unwrap();
+            let info = ms.get("n").unwrap().1;
+            assert_eq!(info.parent.as_deref(), Some("base"), "{what}");
+            assert!(info.labels.is_empty(), "{what}: empty labels dropped");
+            assert!(
+                matches!(
+                    ms.update(|tx| tx.remove("base")),
+                    Err(Error::FailedPrecondition(_))
+                ),
+                "{what}: recorded as a child"
+            );
+            ms.update(|tx| tx.remove("n")).unwrap();
+        }
     }
 
     #[test]

@@ -2,11 +2,41 @@
 //! and where their directories are, as containerd's overlayfs snapshotter
 //! computes them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use tarn_fs::Digest;
 
+use crate::labels;
 use crate::metastore::{Kind, Snapshot};
+
+/// A snapshot as its mounts see it: its id and its ancestors' ids,
+/// nearest first, and which ancestors are remote layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stack {
+    pub id: u64,
+    pub kind: Kind,
+    pub parent_ids: Vec<u64>,
+    /// Parents that are remote layers: id -> layer digest (their content is
+    /// the layer's FUSE mount, not their own directory).
+    pub remote: BTreeMap<u64, Digest>,
+}
+
+impl Stack {
+    /// `s`'s stack, its remote parents told by their labels.
+    pub fn of(s: &Snapshot) -> Stack {
+        Stack {
+            id: s.id,
+            kind: s.kind,
+            parent_ids: s.parents.iter().map(|p| p.id).collect(),
+            remote: s
+                .parents
+                .iter()
+                .filter_map(|p| Some((p.id, labels::remote_layer(&p.labels)?)))
+                .collect(),
+        }
+    }
+}
 
 /// One mount a client applies (containerd's `Mount`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +82,7 @@ impl Layout {
 
     /// What a snapshot of `s`'s ancestry with id `id` contributes as a
     /// lower layer: its own fs dir, or its layer's FUSE mount.
-    pub fn lower(&self, s: &Snapshot, id: u64) -> PathBuf {
+    pub fn lower(&self, s: &Stack, id: u64) -> PathBuf {
         match s.remote.get(&id) {
             Some(d) => self.layer_fs(d),
             None => self.fs(id),
@@ -91,7 +121,7 @@ impl Layout {
 ///
 /// `index=off` keeps overlayfs from recording the lower dirs' identity, so a
 /// committed layer can be a lower dir of many overlays over its lifetime.
-pub fn mounts(layout: &Layout, s: &Snapshot) -> Vec<Mount> {
+pub fn mounts(layout: &Layout, s: &Stack) -> Vec<Mount> {
     let path = |id: u64| layout.lower(s, id).to_string_lossy().into_owned();
     if s.parent_ids.is_empty() {
         let mode = if s.kind == Kind::View { "ro" } else { "rw" };
@@ -123,16 +153,15 @@ pub fn mounts(layout: &Layout, s: &Snapshot) -> Vec<Mount> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
+    use crate::metastore::Parent;
 
     fn layout() -> Layout {
         Layout::new(Path::new("/r"))
     }
 
-    fn snap(id: u64, kind: Kind, parents: &[u64]) -> Snapshot {
-        Snapshot {
+    fn snap(id: u64, kind: Kind, parents: &[u64]) -> Stack {
+        Stack {
             id,
             kind,
             parent_ids: parents.to_vec(),
@@ -160,6 +189,29 @@ mod tests {
             format!("/r/layers/{}/fs", "ab".repeat(32)),
             "a view of a lone remote layer binds its mount"
         );
+    }
+
+    #[test]
+    fn a_stack_knows_remote_parents_by_their_labels() {
+        let d: Digest = format!("sha256:{}", "cd".repeat(32)).parse().unwrap();
+        let remote = BTreeMap::from([(labels::TARN_LAYER_DIGEST.to_owned(), d.to_string())]);
+        let s = Snapshot {
+            id: 9,
+            kind: Kind::Active,
+            parents: vec![
+                Parent {
+                    id: 7,
+                    labels: BTreeMap::new(),
+                },
+                Parent {
+                    id: 4,
+                    labels: remote,
+                },
+            ],
+        };
+        let mut want = snap(9, Kind::Active, &[7, 4]);
+        want.remote.insert(4, d);
+        assert_eq!(Stack::of(&s), want);
     }
 
     #[test]

@@ -28,8 +28,8 @@ use tarn_fs::layer::{Entrypoint, Layer};
 use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RemoteBlob, ResolvedImage};
 
 use crate::labels::{RemoteLayer, TOC_DIGEST};
-use crate::layers::{LayerError, Resolved};
 use crate::locks::Singleflight;
+use crate::seams::{Resolve, ResolveError, Resolved};
 
 /// Connections opened to a registry when a pull is announced: enough for
 /// the tails of a typical image's layers, resolved at once.
@@ -85,10 +85,10 @@ pub struct Resolver {
     /// Registries being connected to ([`Resolver::preconnect`]), by host:
     /// when it started, and `true` once done.
     connecting: Mutex<HashMap<String, (Instant, watch::Receiver<bool>)>>,
-    images: Singleflight<String, Result<Arc<ResolvedImage>, LayerError>>,
+    images: Singleflight<String, Result<Arc<ResolvedImage>, ResolveError>>,
     recent_images: Memo<String, Arc<ResolvedImage>>,
-    layers: Singleflight<Digest, Result<Resolved, LayerError>>,
-    recent_layers: Memo<Digest, Resolved>,
+    layers: Singleflight<Digest, Result<Resolved<Arc<Layer>>, ResolveError>>,
+    recent_layers: Memo<Digest, Resolved<Arc<Layer>>>,
 }
 
 impl Resolver {
@@ -115,7 +115,7 @@ impl Resolver {
     }
 
     /// The manifest of `image_ref` (linux/amd64), fetched once per image.
-    async fn image(self: &Arc<Self>, image_ref: &str) -> Result<Arc<ResolvedImage>, LayerError> {
+    async fn image(self: &Arc<Self>, image_ref: &str) -> Result<Arc<ResolvedImage>, ResolveError> {
         if let Some(image) = self.recent_images.get(&image_ref.to_owned()) {
             return Ok(image);
         }
@@ -125,32 +125,29 @@ impl Resolver {
                 // A task of its own, so it completes even if every caller
                 // stopped waiting (the next one then finds it in the memo).
                 let task = tokio::spawn(async move {
-                    let reference: Reference = r.parse().map_err(LayerError::new)?;
-                    let image = me
-                        .client
-                        .resolve(&reference)
-                        .await
-                        .map_err(LayerError::new)?;
+                    let reference: Reference = r.parse()?;
+                    let image = me.client.resolve(&reference).await?;
                     let image = Arc::new(image);
                     me.recent_images.put(r, image.clone());
                     Ok(image)
                 });
-                task.await
-                    .unwrap_or_else(|e| Err(LayerError::new(format!("resolve task failed: {e}"))))
+                task.await.unwrap_or_else(|e| Err(e.into()))
             })
             .await
     }
 
     /// Opens `layer` (blob size from its image's manifest unless given,
     /// then footer and TOC, the TOC checked against its digest). Concurrent
-    /// calls for one digest share one resolution.
+    /// calls for one digest share one resolution; a layer resolved ahead
+    /// may have been opened with another TOC digest than `layer` names
+    /// (the caller compares them).
     pub async fn layer(
         self: &Arc<Self>,
         layer: &RemoteLayer,
         blob_size: Option<u64>,
-    ) -> Result<Resolved, LayerError> {
-        let resolved = match self.recent_layers.get(&layer.digest) {
-            Some(r) => r,
+    ) -> Result<Resolved<Arc<Layer>>, ResolveError> {
+        match self.recent_layers.get(&layer.digest) {
+            Some(r) => Ok(r),
             None => {
                 let (me, info) = (self.clone(), layer.clone());
                 self.layers
@@ -160,23 +157,11 @@ impl Resolver {
                             me.recent_layers.put(info.digest, r.clone());
                             Ok(r)
                         });
-                        task.await.unwrap_or_else(|e| {
-                            Err(LayerError::new(format!("resolve task failed: {e}")))
-                        })
+                        task.await.unwrap_or_else(|e| Err(e.into()))
                     })
-                    .await?
+                    .await
             }
-        };
-        // Resolved ahead from the registry's manifest: it must be the TOC
-        // this Prepare names (a tag moved in between would differ).
-        if layer.toc_digest.is_some() && resolved.toc_digest() != layer.toc_digest {
-            return Err(LayerError::new(format!(
-                "TOC digest {:?} of the Prepare differs from the manifest's {:?}",
-                layer.toc_digest,
-                resolved.toc_digest()
-            )));
         }
-        Ok(resolved)
     }
 
     /// Forgets the memo of a layer that is now mounted.
@@ -293,15 +278,15 @@ impl Resolver {
                         // Prepare of this layer then waits only for what is
                         // still on the wire (chunk fetches are shared).
                         Ok(r) => {
-                            let _ = tx.send(r.layer().clone());
+                            let _ = tx.send(r.layer.clone());
                             if let Some(timeout) = me.prefetch {
-                                let _ = r.layer().prefetch(timeout).await;
+                                let _ = r.layer.prefetch(timeout).await;
                             }
                             // Fills the link from now, not from the mount;
                             // it stops if the layer is never mounted and
                             // leaves the memo.
                             if me.background {
-                                r.layer().start_background().detach();
+                                r.layer.start_background().detach();
                             }
                         }
                         Err(e) => {
@@ -351,8 +336,8 @@ impl Resolver {
         self: &Arc<Self>,
         info: &RemoteLayer,
         blob_size: Option<u64>,
-    ) -> Result<Resolved, LayerError> {
-        let reference: Reference = info.image_ref.parse().map_err(LayerError::new)?;
+    ) -> Result<Resolved<Arc<Layer>>, ResolveError> {
+        let reference: Reference = info.image_ref.parse()?;
         let size = match blob_size {
             Some(s) => s,
             None => {
@@ -361,11 +346,9 @@ impl Resolver {
                     .layers
                     .iter()
                     .find(|l| l.digest == info.digest)
-                    .ok_or_else(|| {
-                        LayerError::new(format!(
-                            "image {} has no layer {}",
-                            info.image_ref, info.digest
-                        ))
+                    .ok_or_else(|| ResolveError::NotInImage {
+                        image_ref: info.image_ref.clone(),
+                        digest: info.digest,
                     })?;
                 desc.size
             }
@@ -383,8 +366,39 @@ impl Resolver {
             self.cache.clone(),
             self.scheduler.clone(),
         )
-        .await
-        .map_err(LayerError::new)?;
-        Ok(Resolved::new(Arc::new(layer), size, info.toc_digest))
+        .await?;
+        Ok(Resolved {
+            layer: Arc::new(layer),
+            blob_size: size,
+            toc_digest: info.toc_digest,
+        })
+    }
+}
+
+impl Resolve for Arc<Resolver> {
+    type Layer = Arc<Layer>;
+
+    async fn layer(
+        &self,
+        layer: &RemoteLayer,
+        blob_size: Option<u64>,
+    ) -> Result<Resolved<Arc<Layer>>, ResolveError> {
+        Resolver::layer(self, layer, blob_size).await
+    }
+
+    fn ahead(&self, image_ref: &str, skip: HashSet<Digest>) {
+        Resolver::ahead(self, image_ref, skip)
+    }
+
+    fn expect(&self, image_ref: &str, image: ResolvedImage, skip: HashSet<Digest>) -> usize {
+        Resolver::expect(self, image_ref, image, skip)
+    }
+
+    fn preconnect(&self, reference: &Reference) {
+        Resolver::preconnect(self, reference)
+    }
+
+    fn mounted(&self, digest: &Digest) {
+        Resolver::mounted(self, digest)
     }
 }

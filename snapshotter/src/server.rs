@@ -25,7 +25,7 @@ pub enum Error {
     #[error("{0} is in use by a running process")]
     InUse(PathBuf),
     #[error("open snapshotter")]
-    Snapshotter(#[from] crate::snapshotter::Error),
+    Snapshotter(#[from] crate::remote::OpenError),
     #[error("serve {path}")]
     Serve {
         path: PathBuf,

@@ -11,56 +11,63 @@ use tarn_proto::admin::{self, admin_server::Admin};
 use tarn_proto::snapshots::{self as pb, snapshots_server::Snapshots};
 use tonic::{Request, Response, Status};
 
+use crate::errors::chain;
 use crate::metastore::{self, Info, Kind};
 use crate::mounts::Mount;
-use crate::remote::RemoteSnapshotter;
+use crate::remote::{ExpectError, RemoteSnapshotter};
 use crate::snapshotter::{self, Snapshotter};
 
 /// Infos per List message: containerd's own service sends batches of 100
 /// so a large list never becomes one oversized message.
 const LIST_BATCH: usize = 100;
 
+/// What a call can fail with, for [`to_status`].
+enum Failure {
+    Snapshot(snapshotter::Error),
+    Expect(ExpectError),
+}
+
+impl From<snapshotter::Error> for Failure {
+    fn from(e: snapshotter::Error) -> Self {
+        Failure::Snapshot(e)
+    }
+}
+
+impl From<ExpectError> for Failure {
+    fn from(e: ExpectError) -> Self {
+        Failure::Expect(e)
+    }
+}
+
 /// The one mapping from errors to gRPC status codes. containerd turns the
 /// codes back into its errdefs (NotFound, AlreadyExists, ...), which its
-/// clients rely on.
-fn to_status(e: snapshotter::Error) -> Status {
+/// clients rely on. The message is the error's whole chain, what a client
+/// (ctr) shows.
+fn to_status(e: impl Into<Failure>) -> Status {
     use metastore::Error as M;
-    let msg = error_chain(&e);
+    use snapshotter::Error as S;
+    let e = match e.into() {
+        Failure::Expect(e) => return Status::invalid_argument(chain(&e)),
+        Failure::Snapshot(e) => e,
+    };
+    let msg = chain(&e);
     match &e {
-        snapshotter::Error::Meta(M::NotFound(_)) => Status::not_found(msg),
-        snapshotter::Error::Meta(M::AlreadyExists(_)) => Status::already_exists(msg),
-        snapshotter::Error::Meta(M::FailedPrecondition(_)) => Status::failed_precondition(msg),
-        snapshotter::Error::Meta(M::InvalidArgument(_)) | snapshotter::Error::Filter(_) => {
-            Status::invalid_argument(msg)
-        }
-        snapshotter::Error::Meta(M::Store(_) | M::Corrupt { .. })
-        | snapshotter::Error::Io { .. } => {
+        S::Meta(M::NotFound(_)) => Status::not_found(msg),
+        S::Meta(M::AlreadyExists(_)) => Status::already_exists(msg),
+        S::Meta(M::FailedPrecondition(_)) => Status::failed_precondition(msg),
+        S::Meta(M::InvalidArgument(_)) | S::Filter(_) => Status::invalid_argument(msg),
+        S::Meta(M::Store(_) | M::Corrupt { .. }) | S::Io { .. } | S::Task(_) => {
             tracing::error!(error = %msg, "snapshot operation failed");
             Status::internal(msg)
         }
     }
 }
 
-/// `outer: cause: root cause`, the message a client (ctr) shows.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
-}
-
 /// Runs blocking snapshotter work (redb, filesystem) off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> snapshotter::Result<T> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?
-        .map_err(to_status)
+    crate::remote::blocking(f).await.map_err(to_status)
 }
 
 fn parent(p: String) -> Option<String> {
@@ -317,7 +324,7 @@ impl Admin for AdminService {
         let layers = self
             .rs
             .expect(&req.image_ref, &req.manifest)
-            .map_err(Status::invalid_argument)?;
+            .map_err(to_status)?;
         tracing::debug!(image = %req.image_ref, layers, "pull expected");
         Ok(Response::new(admin::ExpectResponse {
             layers: layers as u32,
@@ -351,7 +358,7 @@ mod tests {
 
     #[test]
     fn sentinels_map_to_their_codes() {
-        let m = |e: metastore::Error| to_status(e.into()).code();
+        let m = |e: metastore::Error| to_status(snapshotter::Error::from(e)).code();
         assert_eq!(
             m(metastore::Error::NotFound("x".into())),
             tonic::Code::NotFound

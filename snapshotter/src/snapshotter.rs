@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::filters::{self, Filter};
 use crate::metastore::{self, Info, Kind, MetaStore, Usage};
-use crate::mounts::{self, Layout, Mount};
+use crate::mounts::{self, Layout, Mount, Stack};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,6 +28,8 @@ pub enum Error {
     Filter(#[from] filters::Error),
     #[error("{context}")]
     Io { context: String, source: io::Error },
+    #[error("snapshot task failed")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -91,7 +93,7 @@ impl Snapshotter {
 
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let s = self.ms.snapshot(key)?;
-        Ok(mounts::mounts(&self.layout, &s))
+        Ok(mounts::mounts(&self.layout, &Stack::of(&s)))
     }
 
     /// Commits Active `key` as `name`, recording its disk usage.
@@ -186,7 +188,7 @@ impl Snapshotter {
     ) -> Result<Vec<Mount>> {
         let temp = self.temp_dir(kind)?;
         let result = self.ms.update(|tx| {
-            let s = tx.create(kind, key, parent, labels)?;
+            let s = Stack::of(&tx.create(kind, key, parent, labels)?);
             if let Some(&parent_id) = s.parent_ids.first() {
                 // The new layer's root starts owned like its parent's, so a
                 // container sees the same owner of `/` in every layer.

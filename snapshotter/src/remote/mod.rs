@@ -1,39 +1,53 @@
 //! The remote-layer decision around the plain [`Snapshotter`]: Prepare of an
 //! image layer tarn can serve lazily mounts the layer, commits it under its
 //! chain ID and answers ALREADY_EXISTS (DESIGN.md §2); anything else is an
-//! ordinary Prepare. Remove and Cleanup unmount layers nobody uses; start
-//! mounts every remote snapshot's layer again.
+//! ordinary Prepare, and an image layer that cannot be lazy is counted as a
+//! [`Fallback`] by cause. Remove and Cleanup unmount layers nobody uses;
+//! start mounts every remote snapshot's layer again.
+//!
+//! Resolution and mounting go through the seams of [`crate::seams`], so all
+//! of this is unit-tested with fakes (`tests.rs`).
 //!
 //! Lock order: the chain ID's lock, then the layer digest's lock.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tarn_fs::Digest;
-use tarn_fs::cache::Cache;
+use tarn_fs::cache::{Cache, CacheError};
 use tarn_fs::fetch::FetchScheduler;
 use tarn_fs::registry::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
-use tarn_fs::registry::{Reference, RegistryClient, ResolvedImage};
+use tarn_fs::registry::{Reference, RegistryClient, RegistryError, ResolvedImage};
 
 use crate::config::Config;
+use crate::errors::chain;
+use crate::fallback::{Fallback, Fallbacks};
 use crate::labels::{self, Decision, RemoteLayer};
-use crate::layers::{LayerOptions, LayerStatus, Layers, Resolved};
+use crate::layers::{self, LayerStatus, Layers, Warm};
 use crate::locks::KeyedMutex;
 use crate::metastore;
+use crate::mounter::FuseMounter;
 use crate::mounts::Mount;
-use crate::snapshotter::{self, Error, Result, Snapshotter};
+use crate::resolve::Resolver;
+use crate::seams::{MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch};
+use crate::snapshotter::{self, Result, Snapshotter};
+
+#[cfg(test)]
+mod tests;
 
 /// How long a restart may spend bringing one layer back before the daemon
 /// serves without it.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Daemon-wide figures for the admin API.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Stats {
+    /// Every fallback since start.
     pub fallbacks: u64,
+    /// The same, by cause (only causes that happened).
+    pub fallbacks_by_cause: BTreeMap<&'static str, u64>,
     pub lazy_layers: u64,
     pub snapshots: u64,
     pub cache_bytes: u64,
@@ -42,25 +56,87 @@ pub struct Stats {
     pub cache_misses: u64,
 }
 
-pub struct RemoteSnapshotter {
-    sn: Arc<Snapshotter>,
-    layers: Layers,
-    chains: KeyedMutex<String>,
-    resolve_timeout: Duration,
-    allow_unverified: bool,
-    fallbacks: AtomicU64,
+/// How the remote path decides, from the daemon's config.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteOptions {
+    /// A Prepare waits this long for its layer's resolution, then falls back.
+    pub resolve_timeout: Duration,
+    /// A restart waits this long for one layer to come back.
+    pub restore_timeout: Duration,
+    /// Serve layers without a TOC digest (unverified).
+    pub allow_unverified: bool,
+    pub warm: Warm,
 }
 
-/// Runs blocking snapshotter work (redb, filesystem) off the async workers.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Io {
-            context: "snapshot task failed".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?
+/// Why the daemon could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Snapshot(#[from] snapshotter::Error),
+    #[error("open cache {path}")]
+    Cache { path: PathBuf, source: CacheError },
+    #[error("registry client")]
+    Registry(#[from] RegistryError),
+    #[error("open task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why a pull's hint ([`RemoteSnapshotter::expect`]) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ExpectError {
+    /// The reference does not parse (the error names it).
+    #[error(transparent)]
+    Reference(Box<RegistryError>),
+    #[error("manifest of {0} bytes is over the {MAX_MANIFEST_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("an image index, not an image manifest")]
+    Index,
+    #[error("manifest: {0}")]
+    Manifest(String),
+}
+
+/// Why a layer could not be mounted again at start.
+#[derive(Debug, thiserror::Error)]
+enum RestoreError {
+    #[error("not restored within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Toc(#[from] TocMismatch),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+}
+
+/// Why a remote Prepare did not answer ALREADY_EXISTS.
+enum Why {
+    /// The layer cannot be served lazily: fall back.
+    Lazy(Fallback),
+    /// The snapshot itself failed (bad parent, ...): the client's error.
+    Snapshot(snapshotter::Error),
+}
+
+impl From<Fallback> for Why {
+    fn from(f: Fallback) -> Self {
+        Why::Lazy(f)
+    }
+}
+
+pub struct RemoteSnapshotter<R: Resolve = Arc<Resolver>, M: Mounter<R::Layer> = FuseMounter> {
+    sn: Arc<Snapshotter>,
+    cache: Arc<Cache>,
+    resolver: R,
+    layers: Layers<R::Layer, M>,
+    chains: KeyedMutex<String>,
+    options: RemoteOptions,
+    fallbacks: Fallbacks,
+}
+
+/// Runs blocking work (redb, filesystem, mounts) off the async workers.
+pub async fn blocking<T: Send + 'static, E: From<tokio::task::JoinError> + Send + 'static>(
+    f: impl FnOnce() -> std::result::Result<T, E> + Send + 'static,
+) -> std::result::Result<T, E> {
+    tokio::task::spawn_blocking(f).await?
 }
 
 impl RemoteSnapshotter {
@@ -68,46 +144,66 @@ impl RemoteSnapshotter {
     /// mounts every remote snapshot's layer again before returning (so the
     /// caller serves only once they are back). Must run on the runtime
     /// that will serve the FUSE mounts' cache misses.
-    pub async fn open(root: &Path, config: &Config) -> Result<Self> {
+    pub async fn open(root: &Path, config: &Config) -> Result<Self, OpenError> {
         let r = root.to_owned();
         let sn = Arc::new(blocking(move || Snapshotter::open(&r)).await?);
         let cache_dir = config.cache_dir(root);
         let cache = blocking(move || {
-            Cache::open(&cache_dir).map_err(|e| Error::Io {
-                context: format!("open cache {}", cache_dir.display()),
-                source: std::io::Error::other(e.to_string()),
+            Cache::open(&cache_dir).map_err(|source| OpenError::Cache {
+                path: cache_dir,
+                source,
             })
         })
         .await?;
+        let cache = Arc::new(cache);
         let registry = config.registry_config();
         // Reads the docker config file: a small blocking read.
-        let client = blocking(move || {
-            RegistryClient::new(registry).map_err(|e| Error::Io {
-                context: "registry client".into(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })
-        .await?;
-        let layers = Layers::new(
-            sn.layout().clone(),
-            Arc::new(cache),
+        let client = blocking(move || Ok::<_, OpenError>(RegistryClient::new(registry)?)).await?;
+        let warm = Warm {
+            prefetch: config.prefetch_timeout(),
+            background: config.fetch.background,
+        };
+        let resolver = Resolver::new(
             client,
-            tokio::runtime::Handle::current(),
-            LayerOptions {
-                fuse_threads: config.snapshotter.fuse_threads,
-                passthrough: config.snapshotter.fuse_passthrough,
-                scheduler: FetchScheduler::new(config.scheduler_config()),
-                prefetch_timeout: config.prefetch_timeout(),
-                background: config.fetch.background,
-            },
+            cache.clone(),
+            // One scheduler for every layer, so intents order all GETs together.
+            FetchScheduler::new(config.scheduler_config()),
+            warm.prefetch,
+            warm.background,
         );
-        let rs = RemoteSnapshotter {
-            sn,
-            layers,
-            chains: KeyedMutex::default(),
+        let mounter = FuseMounter::new(
+            tokio::runtime::Handle::current(),
+            config.snapshotter.fuse_threads,
+            config.snapshotter.fuse_passthrough,
+        );
+        let options = RemoteOptions {
             resolve_timeout: config.resolve_timeout(),
+            restore_timeout: RESTORE_TIMEOUT,
             allow_unverified: config.snapshotter.allow_unverified_layers,
-            fallbacks: AtomicU64::new(0),
+            warm,
+        };
+        Ok(Self::with_parts(sn, cache, resolver, mounter, options).await?)
+    }
+}
+
+impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
+    /// The remote path over `sn`, resolving with `resolver` and mounting
+    /// with `mounter`; mounts every remote snapshot's layer again first.
+    pub async fn with_parts(
+        sn: Arc<Snapshotter>,
+        cache: Arc<Cache>,
+        resolver: R,
+        mounter: M,
+        options: RemoteOptions,
+    ) -> Result<Self> {
+        let rs = RemoteSnapshotter {
+            layers: Layers::new(sn.layout().clone(), mounter, options.warm),
+            sn,
+            cache,
+            resolver,
+            chains: KeyedMutex::default(),
+            options,
+            fallbacks: Fallbacks::default(),
         };
         rs.restore().await?;
         Ok(rs)
@@ -120,21 +216,17 @@ impl RemoteSnapshotter {
     /// A pull of `image_ref` whose manifest is `manifest` has begun: starts
     /// resolving its layers; see [`crate::resolve::Resolver::expect`].
     /// An empty `manifest` means the pull has only just begun: the daemon
-    /// opens connections to the registry meanwhile. An error is the reason
-    /// the hint is refused, for the caller.
-    pub fn expect(&self, image_ref: &str, manifest: &[u8]) -> Result<usize, String> {
+    /// opens connections to the registry meanwhile.
+    pub fn expect(&self, image_ref: &str, manifest: &[u8]) -> Result<usize, ExpectError> {
         let reference = image_ref
             .parse::<Reference>()
-            .map_err(|e| format!("image reference {image_ref:?}: {e}"))?;
+            .map_err(|e| ExpectError::Reference(Box::new(e)))?;
         if manifest.is_empty() {
-            self.layers.preconnect(&reference);
+            self.resolver.preconnect(&reference);
             return Ok(0);
         }
         if manifest.len() > MAX_MANIFEST_BYTES {
-            return Err(format!(
-                "manifest of {} bytes is over the {MAX_MANIFEST_BYTES}-byte limit",
-                manifest.len()
-            ));
+            return Err(ExpectError::TooLarge(manifest.len()));
         }
         let image = match manifest::parse(manifest, None) {
             Ok(Parsed::Image {
@@ -148,12 +240,12 @@ impl RemoteSnapshotter {
                 config,
                 layers,
             },
-            Ok(Parsed::Index { .. }) => {
-                return Err("an image index, not an image manifest".to_string());
-            }
-            Err(e) => return Err(format!("manifest: {e}")),
+            Ok(Parsed::Index { .. }) => return Err(ExpectError::Index),
+            Err(e) => return Err(ExpectError::Manifest(e)),
         };
-        Ok(self.layers.expect(image_ref, image))
+        Ok(self
+            .resolver
+            .expect(image_ref, image, self.layers.mounted_digests()))
     }
 
     /// Prepare: lazily for a layer tarn can serve, ordinarily otherwise.
@@ -163,11 +255,12 @@ impl RemoteSnapshotter {
         parent: Option<String>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        match labels::decide(&labels, self.allow_unverified) {
+        match labels::decide(&labels, self.options.allow_unverified) {
             Decision::Ordinary => {}
-            Decision::Fallback(reason) => self.fallback(&key, &reason),
+            Decision::Fallback(unfit) => self.fallback(&key, None, unfit.into()),
             Decision::Remote { chain_id, layer } => {
-                self.layers.resolve_ahead(&layer.image_ref);
+                self.resolver
+                    .ahead(&layer.image_ref, self.layers.mounted_digests());
                 match self
                     .prepare_remote(&chain_id, parent.clone(), labels.clone(), &layer)
                     .await
@@ -180,9 +273,7 @@ impl RemoteSnapshotter {
                         .into());
                     }
                     Err(Why::Snapshot(e)) => return Err(e),
-                    Err(Why::Lazy(reason)) => {
-                        self.fallback(&key, &format!("layer {}: {reason}", layer.digest));
-                    }
+                    Err(Why::Lazy(f)) => self.fallback(&key, Some(&layer.digest), f),
                 }
             }
         }
@@ -190,9 +281,19 @@ impl RemoteSnapshotter {
         blocking(move || sn.prepare(&key, parent.as_deref(), labels)).await
     }
 
-    fn fallback(&self, key: &str, reason: &str) {
-        self.fallbacks.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(key, reason, "not lazy: ordinary prepare");
+    fn fallback(&self, key: &str, layer: Option<&Digest>, why: Fallback) {
+        let cause = why.cause();
+        self.fallbacks.count(cause);
+        let reason = match layer {
+            Some(d) => format!("layer {d}: {}", chain(&why)),
+            None => chain(&why),
+        };
+        tracing::info!(
+            key,
+            cause = cause.as_str(),
+            reason,
+            "not lazy: ordinary prepare"
+        );
     }
 
     /// Makes the committed snapshot `chain_id` of a remote layer, mounting
@@ -220,28 +321,20 @@ impl RemoteSnapshotter {
             let resolved = if self.layers.is_mounted(&layer.digest) {
                 None
             } else {
-                Some(self.layers.resolve(layer, None).await)
+                Some(self.resolver.layer(layer, None).await)
             };
             (guard, resolved)
         };
-        let (_layer_guard, resolved) = tokio::time::timeout(self.resolve_timeout, resolving)
+        let timeout = self.options.resolve_timeout;
+        let (_layer_guard, resolved) = tokio::time::timeout(timeout, resolving)
             .await
-            .map_err(|_| {
-                Why::Lazy(format!(
-                    "not resolved within the resolve timeout ({:?})",
-                    self.resolve_timeout
-                ))
-            })?;
+            .map_err(|_| Fallback::ResolveTimeout(timeout))?;
         let fresh = resolved.is_some();
         let blob_size = match resolved {
             Some(r) => {
-                let r: Resolved = r.map_err(|e| Why::Lazy(e.to_string()))?;
-                let size = r.blob_size();
-                self.layers
-                    .mount(layer, r)
-                    .await
-                    .map_err(|e| Why::Lazy(e.to_string()))?;
-                size
+                let r = r.map_err(Fallback::from)?;
+                check_toc(layer, &r).map_err(Fallback::from)?;
+                self.mount(layer, r).await.map_err(Fallback::from)?
             }
             None => self.layers.blob_size(&layer.digest).unwrap_or_default(),
         };
@@ -264,6 +357,14 @@ impl RemoteSnapshotter {
             "remote layer: answering already exists"
         );
         Ok(())
+    }
+
+    /// Mounts a resolved layer. Returns its blob size.
+    async fn mount(&self, layer: &RemoteLayer, r: Resolved<R::Layer>) -> Result<u64, MountError> {
+        let size = r.blob_size;
+        self.layers.mount(layer, r).await?;
+        self.resolver.mounted(&layer.digest);
+        Ok(size)
     }
 
     /// Remove; a remote layer whose last snapshot went is unmounted.
@@ -290,10 +391,11 @@ impl RemoteSnapshotter {
         let _guard = self.layers.lock(digest).await;
         let sn = self.sn.clone();
         let used = blocking(move || {
-            Ok(sn
-                .remote_snapshots()?
-                .iter()
-                .any(|i| labels::remote_layer(&i.labels) == Some(digest)))
+            Ok::<_, snapshotter::Error>(
+                sn.remote_snapshots()?
+                    .iter()
+                    .any(|i| labels::remote_layer(&i.labels) == Some(digest)),
+            )
         })
         .await?;
         if !used {
@@ -315,24 +417,10 @@ impl RemoteSnapshotter {
                 .into_iter()
                 .map(|i| (i.name, i.labels))
                 .collect();
-        let by_layer = crate::layers::by_layer(&snapshots);
+        let by_layer = layers::by_layer(&snapshots);
         let restores = by_layer.values().map(|(r, names)| async move {
             let started = Instant::now();
-            let resolved = tokio::time::timeout(
-                RESTORE_TIMEOUT,
-                self.layers.resolve(&r.layer, Some(r.blob_size)),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(crate::layers::LayerError::new(format!(
-                    "not restored within {RESTORE_TIMEOUT:?}"
-                )))
-            });
-            let mounted = match resolved {
-                Ok(resolved) => self.layers.mount(&r.layer, resolved).await,
-                Err(e) => Err(e),
-            };
-            match mounted {
+            match self.restore_one(&r.layer, r.blob_size).await {
                 Ok(()) => tracing::info!(
                     layer = %r.layer.digest,
                     snapshots = names.len(),
@@ -340,12 +428,23 @@ impl RemoteSnapshotter {
                     "remote layer restored"
                 ),
                 Err(e) => {
-                    tracing::error!(layer = %r.layer.digest, snapshots = ?names, error = %e, "remote layer not restored");
-                    self.layers.mark_failed(&r.layer, r.blob_size, e.to_string());
+                    let why = chain(&e);
+                    tracing::error!(layer = %r.layer.digest, snapshots = ?names, error = %why, "remote layer not restored");
+                    self.layers.mark_failed(&r.layer, r.blob_size, why);
                 }
             }
         });
         futures::future::join_all(restores).await;
+        Ok(())
+    }
+
+    async fn restore_one(&self, layer: &RemoteLayer, blob_size: u64) -> Result<(), RestoreError> {
+        let timeout = self.options.restore_timeout;
+        let r = tokio::time::timeout(timeout, self.resolver.layer(layer, Some(blob_size)))
+            .await
+            .map_err(|_| RestoreError::Timeout(timeout))??;
+        check_toc(layer, &r)?;
+        self.mount(layer, r).await?;
         Ok(())
     }
 
@@ -374,9 +473,10 @@ impl RemoteSnapshotter {
     pub async fn stats(&self) -> Result<Stats> {
         let sn = self.sn.clone();
         let snapshots = blocking(move || sn.count()).await?;
-        let c = self.layers.cache_stats();
+        let c = self.cache.stats();
         Ok(Stats {
-            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.total(),
+            fallbacks_by_cause: self.fallbacks.by_cause(),
             lazy_layers: self.layers.mounted_count() as u64,
             snapshots: snapshots as u64,
             cache_bytes: c.bytes,
@@ -387,10 +487,14 @@ impl RemoteSnapshotter {
     }
 }
 
-/// Why a remote Prepare did not answer ALREADY_EXISTS.
-enum Why {
-    /// The layer cannot be served lazily: fall back.
-    Lazy(String),
-    /// The snapshot itself failed (bad parent, ...): the client's error.
-    Snapshot(snapshotter::Error),
+/// A layer resolved ahead from the registry's manifest must have the TOC
+/// `layer` names (a tag moved in between would differ).
+fn check_toc<L>(layer: &RemoteLayer, r: &Resolved<L>) -> Result<(), TocMismatch> {
+    if layer.toc_digest.is_some() && r.toc_digest != layer.toc_digest {
+        return Err(TocMismatch {
+            want: layer.toc_digest,
+            got: r.toc_digest,
+        });
+    }
+    Ok(())
 }

@@ -1,0 +1,165 @@
+//! Why a Prepare of an image layer was not served lazily, and a count of
+//! each cause for the admin API.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tarn_fs::fetch::FetchError;
+use tarn_fs::layer::LayerError;
+use tarn_fs::registry::RegistryError;
+
+use crate::labels::Unfit;
+use crate::seams::{MountError, ResolveError, TocMismatch};
+
+/// Why an image layer fell back to an ordinary Prepare.
+#[derive(Debug, thiserror::Error)]
+pub enum Fallback {
+    /// Its labels do not describe a layer tarn can serve.
+    #[error(transparent)]
+    Labels(#[from] Unfit),
+    #[error("not resolved within the resolve timeout ({0:?})")]
+    ResolveTimeout(Duration),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    TocMismatch(#[from] TocMismatch),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+}
+
+/// The kinds of [`Fallback`] counted apart, each named in the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cause {
+    NoImageRef,
+    NoLayerDigest,
+    BadLabel,
+    /// No TOC digest: not eStargz, or unverifiable.
+    NoTocDigest,
+    ResolveTimeout,
+    /// The registry could not be reached or timed out.
+    RegistryUnreachable,
+    /// The registry answered, but not with the layer (auth, not found, ...).
+    Registry,
+    NotInImage,
+    TocMismatch,
+    /// The blob is not a layer tarn can read (footer, TOC).
+    BadLayer,
+    Mount,
+    Internal,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 12] = [
+        Cause::NoImageRef,
+        Cause::NoLayerDigest,
+        Cause::BadLabel,
+        Cause::NoTocDigest,
+        Cause::ResolveTimeout,
+        Cause::RegistryUnreachable,
+        Cause::Registry,
+        Cause::NotInImage,
+        Cause::TocMismatch,
+        Cause::BadLayer,
+        Cause::Mount,
+        Cause::Internal,
+    ];
+
+    /// The name the admin API and `tarn status` show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::NoImageRef => "no-image-ref",
+            Cause::NoLayerDigest => "no-layer-digest",
+            Cause::BadLabel => "bad-label",
+            Cause::NoTocDigest => "no-toc-digest",
+            Cause::ResolveTimeout => "resolve-timeout",
+            Cause::RegistryUnreachable => "registry-unreachable",
+            Cause::Registry => "registry",
+            Cause::NotInImage => "not-in-image",
+            Cause::TocMismatch => "toc-mismatch",
+            Cause::BadLayer => "bad-layer",
+            Cause::Mount => "mount",
+            Cause::Internal => "internal",
+        }
+    }
+}
+
+impl Fallback {
+    pub fn cause(&self) -> Cause {
+        match self {
+            Fallback::Labels(u) => match u {
+                Unfit::NoImageRef => Cause::NoImageRef,
+                Unfit::NoLayerDigest => Cause::NoLayerDigest,
+                Unfit::BadLayerDigest(_) | Unfit::BadTocDigest(_) => Cause::BadLabel,
+                Unfit::NoTocDigest => Cause::NoTocDigest,
+            },
+            Fallback::ResolveTimeout(_) => Cause::ResolveTimeout,
+            Fallback::Resolve(e) => match e {
+                ResolveError::Registry(r) => registry_cause(r),
+                ResolveError::NotInImage { .. } => Cause::NotInImage,
+                ResolveError::Open(l) => match &**l {
+                    LayerError::Source(r) => registry_cause(r),
+                    LayerError::Fetch(FetchError::Source { error, .. }) => registry_cause(error),
+                    _ => Cause::BadLayer,
+                },
+                ResolveError::Task(_) => Cause::Internal,
+            },
+            Fallback::TocMismatch(_) => Cause::TocMismatch,
+            Fallback::Mount(_) => Cause::Mount,
+        }
+    }
+}
+
+fn registry_cause(e: &RegistryError) -> Cause {
+    match e {
+        _ if e.is_transient() => Cause::RegistryUnreachable,
+        RegistryError::InvalidReference { .. } => Cause::BadLabel,
+        _ => Cause::Registry,
+    }
+}
+
+/// Fallbacks since start, by cause.
+#[derive(Debug, Default)]
+pub struct Fallbacks([AtomicU64; Cause::ALL.len()]);
+
+impl Fallbacks {
+    pub fn count(&self, cause: Cause) {
+        self.0[cause as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The causes that happened, by name.
+    pub fn by_cause(&self) -> BTreeMap<&'static str, u64> {
+        Cause::ALL
+            .iter()
+            .map(|&c| (c.as_str(), self.0[c as usize].load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cause_has_its_own_slot_and_name() {
+        for (i, c) in Cause::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?} out of place in Cause::ALL");
+        }
+        let names: std::collections::HashSet<_> = Cause::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), Cause::ALL.len());
+        let f = Fallbacks::default();
+        f.count(Cause::Mount);
+        f.count(Cause::Mount);
+        f.count(Cause::NoTocDigest);
+        assert_eq!(f.total(), 3);
+        assert_eq!(
+            f.by_cause(),
+            BTreeMap::from([("mount", 2), ("no-toc-digest", 1)])
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! The remote path's two seams, so its decisions are unit-tested without
+//! root or a registry (the fakes are in the test-only `testing` module):
+//!
+//! - [`Resolve`]: "open this layer" (manifest, footer, TOC from the
+//!   registry); the real one is `resolve::Resolver`.
+//! - [`Mounter`]: mount a resolved layer at a path, unmount it, is it
+//!   mounted; the real one is `mounter::FuseMounter`.
+//!
+//! What a resolved layer is stays the implementation's business
+//! ([`Resolve::Layer`]); the rest of the remote path sees it only through
+//! [`LayerHandle`].
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tarn_fs::Digest;
+use tarn_fs::fetch::FetchStatsSnapshot;
+use tarn_fs::registry::{Reference, RegistryError, ResolvedImage};
+
+use crate::labels::RemoteLayer;
+
+/// A layer opened (footer and TOC fetched and verified), not yet mounted.
+#[derive(Clone)]
+pub struct Resolved<L> {
+    pub layer: L,
+    pub blob_size: u64,
+    /// The TOC digest the layer was verified against.
+    pub toc_digest: Option<Digest>,
+}
+
+/// An opened layer as the remote path uses it once mounted.
+pub trait LayerHandle: Clone + Send + Sync + 'static {
+    /// Fetch figures, for the admin API.
+    fn stats(&self) -> FetchStatsSnapshot;
+    /// Every chunk is cached: reads no longer touch the network.
+    fn complete(&self) -> bool;
+    /// Right after mounting: prefetches the prioritized files, waiting for
+    /// them up to `prefetch`, then starts the background fetch if asked.
+    fn warm(&self, prefetch: Option<Duration>, background: bool)
+    -> impl Future<Output = ()> + Send;
+}
+
+/// Resolution of remote layers.
+pub trait Resolve: Send + Sync + 'static {
+    type Layer: LayerHandle;
+
+    /// Opens `layer` (blob size from its image's manifest unless given).
+    /// Concurrent calls for one digest share one resolution.
+    fn layer(
+        &self,
+        layer: &RemoteLayer,
+        blob_size: Option<u64>,
+    ) -> impl Future<Output = Result<Resolved<Self::Layer>, ResolveError>> + Send;
+
+    /// Starts resolving, in the background, every lazy layer of
+    /// `image_ref` except `skip`.
+    fn ahead(&self, image_ref: &str, skip: HashSet<Digest>);
+
+    /// Takes `image` as the manifest of `image_ref` (from `tarn pull`) and
+    /// starts resolving its layers ahead. Returns how many are lazy.
+    fn expect(&self, image_ref: &str, image: ResolvedImage, skip: HashSet<Digest>) -> usize;
+
+    /// Opens connections to `reference`'s registry in the background.
+    fn preconnect(&self, reference: &Reference);
+
+    /// The layer is mounted now: whatever was kept for it may go.
+    fn mounted(&self, digest: &Digest);
+}
+
+/// Mounting resolved layers. Every method blocks (mount syscalls): call
+/// them from the blocking pool.
+pub trait Mounter<L>: Send + Sync + 'static {
+    /// Mounts `layer` at `mountpoint`, creating it and replacing whatever
+    /// a killed daemon left mounted there.
+    fn mount(&self, layer: &L, mountpoint: &Path, fsname: &str) -> Result<(), MountError>;
+    /// Unmounts whatever is mounted at `mountpoint`; not mounted is fine.
+    fn unmount(&self, mountpoint: &Path) -> Result<(), MountError>;
+    fn is_mounted(&self, mountpoint: &Path) -> bool;
+}
+
+/// Why a layer could not be resolved. Cheap to clone: one resolution is
+/// shared by every Prepare waiting for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Registry(Arc<RegistryError>),
+    #[error("image {image_ref} has no layer {digest}")]
+    NotInImage { image_ref: String, digest: Digest },
+    #[error("opening the layer")]
+    Open(#[source] Arc<tarn_fs::layer::LayerError>),
+    #[error("resolve task failed")]
+    Task(#[source] Arc<tokio::task::JoinError>),
+}
+
+impl From<RegistryError> for ResolveError {
+    fn from(e: RegistryError) -> Self {
+        ResolveError::Registry(Arc::new(e))
+    }
+}
+
+impl From<tarn_fs::layer::LayerError> for ResolveError {
+    fn from(e: tarn_fs::layer::LayerError) -> Self {
+        ResolveError::Open(Arc::new(e))
+    }
+}
+
+impl From<tokio::task::JoinError> for ResolveError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ResolveError::Task(Arc::new(e))
+    }
+}
+
+/// Resolved ahead from the registry's manifest, the layer has another TOC
+/// than the Prepare names (a tag moved in between).
+#[derive(Debug, thiserror::Error)]
+#[error("TOC digest {want:?} of the Prepare differs from the manifest's {got:?}")]
+pub struct TocMismatch {
+    pub want: Option<Digest>,
+    pub got: Option<Digest>,
+}
+
+/// Why a layer could not be mounted or unmounted.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("create mountpoint {path}")]
+    Mountpoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Fuse(#[from] tarn_fs::fuse::FuseError),
+    #[error("mount task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
