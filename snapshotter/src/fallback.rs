@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tarn_fs::fetch::FetchError;
+use tarn_fs::fetch::{FetchError, OpenError};
 use tarn_fs::layer::LayerError;
 use tarn_fs::registry::RegistryError;
 
@@ -98,7 +98,7 @@ impl Fallback {
                 ResolveError::Registry(r) => registry_cause(r),
                 ResolveError::NotInImage { .. } => Cause::NotInImage,
                 ResolveError::Open(l) => match &**l {
-                    LayerError::Source(r) => registry_cause(r),
+                    LayerError::Open(OpenError::Source(r)) => registry_cause(r),
                     LayerError::Fetch(FetchError::Source { error, .. }) => registry_cause(error),
                     _ => Cause::BadLayer,
                 },

@@ -253,19 +253,22 @@ async fn each_fallback_cause_prepares_ordinarily_and_is_counted() {
         ),
         (
             Setup::Resolver(Outcome::Fails(
-                tarn_fs::layer::LayerError::Format(tarn_fs::format::FormatError::Footer(
-                    "not gzip".into(),
-                ))
+                tarn_fs::layer::LayerError::Open(
+                    tarn_fs::format::FormatError::Footer("not gzip".into()).into(),
+                )
                 .into(),
             )),
             Cause::BadLayer,
         ),
         (
             Setup::Resolver(Outcome::Fails(
-                tarn_fs::layer::LayerError::Source(RegistryError::Unreachable {
-                    host: host(),
-                    reason: "reset".into(),
-                })
+                tarn_fs::layer::LayerError::Open(
+                    RegistryError::Unreachable {
+                        host: host(),
+                        reason: "reset".into(),
+                    }
+                    .into(),
+                )
                 .into(),
             )),
             Cause::RegistryUnreachable,
