@@ -448,9 +448,10 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         Ok(())
     }
 
-    /// Unmounts every layer; state stays on disk for the next start.
-    pub async fn shutdown(&self) {
-        self.layers.unmount_all().await;
+    /// Unmounts every layer, waiting until `deadline` at most; state stays
+    /// on disk for the next start.
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) {
+        self.layers.unmount_all(deadline).await;
     }
 
     pub fn layers(&self) -> Vec<LayerStatus> {
