@@ -90,6 +90,17 @@ struct SessionEnd {
     changed: Condvar,
 }
 
+/// See [`MountHandle::session_end`].
+#[derive(Clone)]
+pub struct SessionEnded(Arc<SessionEnd>);
+
+impl SessionEnded {
+    /// Blocks until the session ends.
+    pub fn wait(&self) {
+        self.0.wait(None);
+    }
+}
+
 impl SessionEnd {
     fn set(&self) {
         *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = true;
@@ -198,10 +209,11 @@ impl MountHandle {
         self.passthrough.snapshot()
     }
 
-    /// Blocks until the session ends: the mount was unmounted, here or
-    /// from outside (`umount`), and nobody uses it any more.
-    pub fn wait_ended(&self) {
-        self.ended.wait(None);
+    /// Something to wait on, from any thread, until the session ends: the
+    /// mount was unmounted, here or from outside (`umount`), and nobody
+    /// uses it any more.
+    pub fn session_end(&self) -> SessionEnded {
+        SessionEnded(self.ended.clone())
     }
 
     /// Detaches the mount (lazily, so a busy mount cannot make it fail or
