@@ -156,10 +156,9 @@ async fn serve(
     let deadline = Instant::now() + grace;
     tracing::info!(grace_secs = grace.as_secs(), "shutting down");
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout_at(
-        deadline - UNMOUNT_SHARE.min(grace / 2),
-        async { (snap.await, admin.await) },
-    )
+    let drained = tokio::time::timeout_at(deadline - UNMOUNT_SHARE.min(grace / 2), async {
+        (snap.await, admin.await)
+    })
     .await;
     // Gone with the process, so containerd sees the plugin down rather
     // than a socket nobody answers.
