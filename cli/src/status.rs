@@ -98,15 +98,28 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
         }
     }
     out.push_str(&format!(
-        "cache: {} in {} entries, hit rate {:.1}%; {} mounted layers, {} snapshots, {} fallbacks to full pulls\n",
+        "cache: {} in {} entries, hit rate {:.1}%; {} mounted layers, {} snapshots, {} fallbacks to full pulls{}\n",
         human(stats.cache_bytes),
         stats.cache_entries,
         stats.hit_rate * 100.0,
         stats.mounted_layers,
         stats.snapshots,
-        stats.fallbacks
+        stats.fallbacks,
+        causes(stats)
     ));
     out
+}
+
+/// ` (cause n, ...)` by cause name, or nothing when no cause is named (a
+/// daemon that does not count them, or no fallback).
+fn causes(stats: &StatsResponse) -> String {
+    let mut by_cause: Vec<(&String, &u64)> = stats.fallbacks_by_cause.iter().collect();
+    if by_cause.is_empty() {
+        return String::new();
+    }
+    by_cause.sort();
+    let named: Vec<String> = by_cause.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    format!(" ({})", named.join(", "))
 }
 
 fn state(l: &Layer) -> String {
@@ -163,6 +176,7 @@ mod tests {
             fallbacks: 1,
             snapshots: 4,
             mounted_layers: 1,
+            fallbacks_by_cause: Default::default(),
         }
     }
 
@@ -190,6 +204,23 @@ mod tests {
         );
         // Columns line up: the FETCHED header sits above the fetched figure.
         assert_eq!(lines[0].find("FETCHED"), row.find("3.0 MiB"));
+    }
+
+    #[test]
+    fn render_names_the_causes_of_fallbacks() {
+        let mut s = stats();
+        s.fallbacks = 3;
+        s.fallbacks_by_cause = [
+            ("resolve-timeout".to_string(), 1),
+            ("no-toc-digest".to_string(), 2),
+        ]
+        .into_iter()
+        .collect();
+        let text = render(&[], &s);
+        assert!(
+            text.ends_with("3 fallbacks to full pulls (no-toc-digest 2, resolve-timeout 1)\n"),
+            "{text}"
+        );
     }
 
     #[test]

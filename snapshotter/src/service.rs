@@ -346,6 +346,11 @@ impl Admin for AdminService {
                 s.cache_hits as f64 / lookups as f64
             },
             fallbacks: s.fallbacks,
+            fallbacks_by_cause: s
+                .fallbacks_by_cause
+                .into_iter()
+                .map(|(cause, n)| (cause.to_owned(), n))
+                .collect(),
             snapshots: s.snapshots,
             mounted_layers: s.lazy_layers,
         }))

@@ -253,22 +253,21 @@ async fn each_fallback_cause_prepares_ordinarily_and_is_counted() {
         ),
         (
             Setup::Resolver(Outcome::Fails(
-                tarn_fs::layer::LayerError::Open(
-                    tarn_fs::format::FormatError::Footer("not gzip".into()).into(),
-                )
+                tarn_fs::layer::LayerError::Open(tarn_fs::fetch::OpenError::Format(
+                    tarn_fs::format::FormatError::Footer("not gzip".into()),
+                ))
                 .into(),
             )),
             Cause::BadLayer,
         ),
         (
             Setup::Resolver(Outcome::Fails(
-                tarn_fs::layer::LayerError::Open(
+                tarn_fs::layer::LayerError::Open(tarn_fs::fetch::OpenError::Source(
                     RegistryError::Unreachable {
                         host: host(),
                         reason: "reset".into(),
-                    }
-                    .into(),
-                )
+                    },
+                ))
                 .into(),
             )),
             Cause::RegistryUnreachable,
