@@ -327,7 +327,8 @@ impl Admin for AdminService {
             .map_err(to_status)?;
         tracing::debug!(image = %req.image_ref, layers, "pull expected");
         Ok(Response::new(admin::ExpectResponse {
-            layers: layers as u32,
+            // An image has far fewer than 2^32 layers; saturate rather than wrap.
+            layers: u32::try_from(layers).unwrap_or(u32::MAX),
         }))
     }
 

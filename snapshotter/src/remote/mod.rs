@@ -353,7 +353,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             layer = %layer.digest,
             image = %layer.image_ref,
             mounted = fresh,
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "remote layer: answering already exists"
         );
         Ok(())
@@ -424,7 +424,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
                 Ok(()) => tracing::info!(
                     layer = %r.layer.digest,
                     snapshots = names.len(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                     "remote layer restored"
                 ),
                 Err(e) => {
