@@ -1,5 +1,5 @@
 //! `tarn mount-layer`: mount one eStargz layer of an image, in the
-//! foreground, until SIGINT or SIGTERM.
+//! foreground, until SIGINT or SIGTERM or until it is unmounted from outside.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +21,8 @@ const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// digest in the layer's TOC, and the TOC against the manifest's
 /// `containerd.io/snapshot/stargz/toc.digest` annotation. Verified chunks are
 /// cached under ROOT/cache and reused by later mounts. Stays in the
-/// foreground; SIGINT or SIGTERM unmounts and prints what was fetched.
+/// foreground; SIGINT or SIGTERM unmounts and prints what was fetched, and so
+/// does an unmount of the mount point from outside (exit status 0).
 #[derive(clap::Args)]
 #[command(long_about)]
 pub struct Args {
@@ -76,13 +77,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.mountpoint.display()
     );
 
-    runtime.block_on(wait_for_signal())?;
+    let session = handle.session_end();
+    let outside = runtime.block_on(async move {
+        let ended = tokio::task::spawn_blocking(move || session.wait());
+        tokio::select! {
+            signal = wait_for_signal() => signal.map(|()| false),
+            _ = ended => Ok(true),
+        }
+    })?;
+    if outside {
+        println!(
+            "{} was unmounted from outside; exiting",
+            args.mountpoint.display()
+        );
+    }
     handle.unmount()?;
     let s = layer.stats();
     println!(
         "fetched {} bytes in {} requests ({} chunks fetched, {} cache hits, {} verification failures)",
         s.bytes_fetched, s.requests, s.chunks_fetched, s.cache_hits, s.verify_failures
     );
+    // A session someone still holds would keep a blocking task: not waited for.
+    runtime.shutdown_background();
     Ok(())
 }
 

@@ -149,6 +149,20 @@ impl Daemon {
         stop_child(&mut child, Duration::from_secs(10))
     }
 
+    /// Waits for the daemon to exit by itself (after a signal the test
+    /// sent), failing after `bound`; the process is then the caller's no
+    /// more. Returns the exit status.
+    pub fn wait_exit(&mut self, bound: Duration) -> Result<ExitStatus> {
+        let child = self.child.as_mut().context("daemon is not running")?;
+        let status = wait_until("tarn-snapshotter to exit", bound, || {
+            child.try_wait().transpose()
+        })
+        .map_err(anyhow::Error::msg)?
+        .context("wait for the daemon")?;
+        self.child = None;
+        Ok(status)
+    }
+
     /// Stops the daemon gracefully and starts it again on the same root.
     pub fn restart(&mut self) -> Result<ExitStatus> {
         let status = self.stop()?;

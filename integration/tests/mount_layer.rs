@@ -468,3 +468,151 @@ fn layers_converted_by_ctr_remote_mount_equal_to_their_tar() {
         );
     }
 }
+
+/// Issue 13, item 8: an unmount from outside ends `tarn mount-layer`, with
+/// status 0 and a line saying why.
+#[test]
+fn an_unmount_from_outside_ends_mount_layer() {
+    let reg = TestRegistry::start().expect("registry");
+    let tar = sample_tar(64 << 10);
+    let p = push_layer(&reg, "outside", &tar, &WriteOptions::default(), None);
+    let (_d, mnt, root) = dirs();
+    let m = MountLayer::start(&p.image, &p.layer, &mnt, &root, &[]);
+    let st = std::process::Command::new("umount")
+        .arg(&mnt)
+        .status()
+        .expect("umount");
+    assert!(st.success(), "umount {}", mnt.display());
+    let exit = m.wait_within(
+        "tarn mount-layer to exit after its unmount",
+        std::time::Duration::from_secs(30),
+    );
+    assert!(exit.success, "exit status: {}", exit.stderr);
+    assert!(
+        exit.stdout.contains("unmounted from outside"),
+        "says why it exited: {}",
+        exit.stdout
+    );
+    assert!(!is_mounted(&mnt));
+}
+
+/// Issue 13, item 6: a lazy mount is `nodev,nosuid`, yet an image's setuid
+/// binary and device node work through an overlay on it exactly as through
+/// an overlay on a plain directory (containerd's overlayfs snapshotter):
+/// overlayfs checks the overlay's mount, not its lower layers'.
+#[test]
+fn setuid_and_devices_work_through_an_overlay_of_a_nodev_nosuid_mount() {
+    // A setuid-root copy of `id` and a char device 1:3 (a /dev/null).
+    let id = std::fs::read("/usr/bin/id").expect("read /usr/bin/id");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o4755);
+    h.set_size(id.len() as u64);
+    h.set_uid(0);
+    h.set_gid(0);
+    b.append_data(&mut h, "suid-id", &id[..])
+        .expect("append id");
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Char);
+    h.set_mode(0o666);
+    h.set_size(0);
+    h.set_device_major(1).expect("major");
+    h.set_device_minor(3).expect("minor");
+    b.append_data(&mut h, "null", &[][..]).expect("append null");
+    let tar = b.into_inner().expect("tar");
+    let reg = TestRegistry::start().expect("registry");
+    let p = push_layer(&reg, "options", &tar, &WriteOptions::default(), None);
+    let (d, mnt, root) = dirs();
+    // The user that runs the setuid binary must reach it.
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod temp dir");
+    let m = MountLayer::start(&p.image, &p.layer, &mnt, &root, &[]);
+
+    let options = std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*mnt.to_string_lossy()))
+        .map(|l| l.split(' ').nth(5).unwrap_or("").to_owned())
+        .expect("the layer's mount");
+    assert!(
+        options.contains("nodev") && options.contains("nosuid"),
+        "lazy mount options: {options}"
+    );
+
+    // The same files in a plain directory: the overlayfs snapshotter's case.
+    let plain = d.path().join("plain");
+    std::fs::create_dir(&plain).expect("plain");
+    std::fs::write(plain.join("suid-id"), &id).expect("write id");
+    std::fs::set_permissions(
+        plain.join("suid-id"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+    )
+    .expect("chmod 4755");
+    nix::sys::stat::mknod(
+        &plain.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .expect("mknod 1:3");
+    let as_nobody = |exe: &Path| -> String {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(exe)
+            .arg("-u")
+            .output()
+            .expect("setpriv");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let opens = |dev: &Path| std::fs::File::open(dev).is_ok();
+    let overlay = |lower: &Path, name: &str| -> std::path::PathBuf {
+        let base = d.path().join(name);
+        let (upper, work, merged) = (base.join("u"), base.join("w"), base.join("m"));
+        for p in [&upper, &work, &merged] {
+            std::fs::create_dir_all(p).expect("overlay dirs");
+        }
+        let st = std::process::Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                upper.display(),
+                work.display()
+            ))
+            .arg(&merged)
+            .status()
+            .expect("mount overlay");
+        assert!(st.success(), "mount overlay on {}", lower.display());
+        merged
+    };
+    let over_plain = overlay(&plain, "op");
+    let over_lazy = overlay(&mnt, "ol");
+    let seen = |dir: &Path| (as_nobody(&dir.join("suid-id")), opens(&dir.join("null")));
+    let (plain_seen, lazy_seen, direct_seen) = (seen(&over_plain), seen(&over_lazy), seen(&mnt));
+    for m in [&over_lazy, &over_plain] {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    eprintln!(
+        "(euid of the setuid-root id run by uid 65534, device opens): overlay on a plain dir {plain_seen:?}, \
+         overlay on the lazy mount {lazy_seen:?}, the lazy mount itself {direct_seen:?}"
+    );
+    assert_eq!(
+        lazy_seen, plain_seen,
+        "an overlay on a lazy layer behaves as containerd's overlayfs snapshotter"
+    );
+    assert_eq!(
+        plain_seen,
+        ("0".to_owned(), true),
+        "setuid and devices work in an overlay"
+    );
+    assert_eq!(
+        direct_seen,
+        ("65534".to_owned(), false),
+        "the lazy mount itself honours nodev,nosuid"
+    );
+    m.stop();
+}

@@ -64,7 +64,8 @@ pub struct SnapshotterConfig {
     /// Mount eStargz layers whose TOC digest annotation is missing
     /// (their TOC cannot be verified; chunks still are, against it).
     pub allow_unverified_layers: bool,
-    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
+    /// On SIGTERM/SIGINT, the longest the process lives: in-flight calls get
+    /// all but the last second, unmounting the lazy layers the rest.
     pub shutdown_grace_secs: u64,
     /// FUSE worker threads per mounted layer.
     pub fuse_threads: usize,

@@ -188,9 +188,11 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
         out
     }
 
-    /// Unmounts every layer (on shutdown); their directories stay for the
-    /// next start.
-    pub async fn unmount_all(&self) {
+    /// Unmounts every layer (on shutdown), all at once, waiting for them
+    /// until `deadline` at most; their directories stay for the next start.
+    /// A layer a running container uses is detached at once and its
+    /// connection lives until the process exits.
+    pub async fn unmount_all(&self, deadline: tokio::time::Instant) {
         let all: Vec<(Digest, PathBuf)> = self
             .mounted
             .lock()
@@ -198,15 +200,20 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
             .drain()
             .map(|(d, _)| (d, self.layout.layer_fs(&d)))
             .collect();
-        let mounter = self.mounter.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            for (digest, mountpoint) in all {
+        let unmounts = all.into_iter().map(|(digest, mountpoint)| {
+            let mounter = self.mounter.clone();
+            tokio::task::spawn_blocking(move || {
                 if let Err(e) = mounter.unmount(&mountpoint) {
                     tracing::warn!(layer = %digest, error = %crate::errors::chain(&e), "unmount failed");
                 }
-            }
-        })
-        .await;
+            })
+        });
+        if tokio::time::timeout_at(deadline, futures::future::join_all(unmounts))
+            .await
+            .is_err()
+        {
+            tracing::warn!("unmounting did not finish within the grace period");
+        }
     }
 
     /// Every mounted layer, and every one that failed to come back.

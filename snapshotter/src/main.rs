@@ -1,6 +1,7 @@
 //! `tarn-snapshotter`: parses flags and config, then serves.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -32,6 +33,10 @@ struct Args {
     log_level: String,
 }
 
+/// After the grace period, how long the stop may still take before the
+/// process exits regardless (the bound is the grace plus 1 s).
+const EXIT_SLACK: Duration = Duration::from_millis(500);
+
 fn main() -> anyhow::Result<()> {
     // Before the runtime's threads exist: see tarn_fs::memory.
     let tuned = tarn_fs::memory::tune_allocator();
@@ -43,28 +48,34 @@ fn main() -> anyhow::Result<()> {
     if !tuned {
         tracing::warn!("could not tune malloc; the daemon may hold more memory than it uses");
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(serve(args))
-}
-
-async fn serve(args: Args) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(path) => Config::load(path, true)?,
         None => Config::load(config::DEFAULT_CONFIG.as_ref(), false)?,
     };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(serve(args, config));
+    // Never wait for blocking work here (a FUSE session a container holds,
+    // a read stuck on the network): stopping has had its grace period, and
+    // what is left ends with the process.
+    runtime.shutdown_background();
+    result
+}
+
+async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let admin_address = args
         .admin_address
         .clone()
         .unwrap_or_else(|| config.admin_address(&args.address));
+    let grace = config.shutdown_grace();
     tarn_snapshotter::server::run(
         &args.root,
         &args.address,
         &admin_address,
         &config,
-        shutdown_signal()?,
+        shutdown_signal(grace)?,
     )
     .await
     .context("tarn-snapshotter failed")?;
@@ -72,8 +83,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+/// Resolves on the first SIGTERM or SIGINT, and from then on bounds the
+/// stop: if the process still runs `grace` + [`EXIT_SLACK`] later, it exits
+/// (status 0: it is stopping as asked; the running containers' lazy
+/// layers then fail with ENOTCONN, as they would after a clean stop).
+fn shutdown_signal(
+    grace: Duration,
+) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -81,6 +97,17 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+        }
+        // A thread of its own: nothing on the runtime can hold it up.
+        let watchdog = std::thread::Builder::new()
+            .name("shutdown-deadline".to_string())
+            .spawn(move || {
+                std::thread::sleep(grace + EXIT_SLACK);
+                tracing::warn!("still stopping after the grace period: exiting");
+                std::process::exit(0);
+            });
+        if let Err(e) = watchdog {
+            tracing::warn!(error = %e, "cannot bound the stop: no deadline thread");
         }
     })
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tarn_fs::fetch::FetchStatsSnapshot;
-use tarn_fs::fuse::{MountHandle, MountOptions};
+use tarn_fs::fuse::{MountHandle, MountOptions, Unmounted};
 use tarn_fs::layer::{Layer, PrefetchOutcome};
 
 use crate::seams::{LayerHandle, MountError, Mounter};
@@ -62,7 +62,13 @@ impl Mounter<Arc<Layer>> for FuseMounter {
             .expect("mount handles poisoned")
             .remove(mountpoint);
         match handle {
-            Some(h) => h.unmount()?,
+            Some(h) => {
+                if h.unmount()? == Unmounted::StillInUse {
+                    // A running container's overlay holds it: its reads
+                    // are served until it lets go or this process exits.
+                    tracing::info!(mountpoint = %mountpoint.display(), "unmounted; still in use");
+                }
+            }
             // A dead mount of a killed daemon may still sit there.
             None => detach(mountpoint),
         }
@@ -100,7 +106,11 @@ impl LayerHandle for Arc<Layer> {
                 PrefetchOutcome::NoLandmark => {}
                 outcome => tracing::info!(
                     ?outcome,
+<<<<<<< HEAD
                     elapsed_ms = started.elapsed().as_millis(),
+=======
+                    elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+>>>>>>> shutdown
                     "prefetch"
                 ),
             }

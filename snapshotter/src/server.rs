@@ -5,10 +5,12 @@ use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tarn_proto::admin::admin_server::AdminServer;
 use tarn_proto::snapshots::snapshots_server::SnapshotsServer;
 use tokio::net::UnixListener;
+use tokio::time::Instant;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
@@ -80,10 +82,17 @@ async fn bind_async(path: &Path) -> Result<UnixListener, Error> {
     UnixListener::from_std(listener).map_err(io(format!("listen on {}", path.display())))
 }
 
+/// Of the grace period, the part kept for unmounting: in-flight calls get
+/// the rest.
+const UNMOUNT_SHARE: Duration = Duration::from_secs(1);
+
 /// Serves the Snapshots API on `address` and the admin API on
-/// `admin_address` until `shutdown` resolves, then lets in-flight calls
-/// finish for the configured grace period and unmounts the remote layers.
-/// State stays on disk.
+/// `admin_address` until `shutdown` resolves, then stops within the
+/// configured grace period: in-flight calls may finish until
+/// [`UNMOUNT_SHARE`] before its end, then the remote layers are unmounted
+/// (detached: a layer a running container uses stays usable to it until
+/// this process exits; then its reads fail with ENOTCONN). Waiting stops
+/// at the end of the grace period whatever is left. State stays on disk.
 ///
 /// Remote layers are mounted again before either socket exists, so
 /// containerd never sees a remote snapshot whose layer is missing.
@@ -95,26 +104,32 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let rs = Arc::new(RemoteSnapshotter::open(root, config).await?);
-    let served = serve(&rs, address, admin_address, config, shutdown).await;
+    let (deadline, served) = serve(&rs, address, admin_address, config, shutdown).await;
     // Unmounted even when serving failed: a FUSE mount without its daemon
-    // only answers ENOTCONN. (A running container's overlay keeps the old
-    // FUSE connection either way, and loses it with this process: handing
-    // /dev/fuse to a successor is the seam of DESIGN.md §7.)
-    rs.shutdown().await;
+    // only answers ENOTCONN.
+    rs.shutdown(deadline).await;
     served
 }
 
+/// Serves until `shutdown`, then drains; returns when stopping must be done.
 async fn serve(
     rs: &Arc<RemoteSnapshotter>,
     address: &Path,
     admin_address: &Path,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
+) -> (Instant, Result<(), Error>) {
+    let grace = config.shutdown_grace();
     // The Snapshots socket last: once it exists, everything is up (callers
     // and tests take its appearance as the ready signal).
-    let admin_listener = bind_async(admin_address).await?;
-    let snap_listener = bind_async(address).await?;
+    let listeners = async {
+        let admin = bind_async(admin_address).await?;
+        Ok::<_, Error>((admin, bind_async(address).await?))
+    };
+    let (admin_listener, snap_listener) = match listeners.await {
+        Ok(l) => l,
+        Err(e) => return (Instant::now() + grace, Err(e)),
+    };
     tracing::info!(address = %address.display(), admin = %admin_address.display(), "serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -138,10 +153,13 @@ async fn serve(
             ),
     );
     shutdown.await;
-    tracing::info!("shutting down");
+    let deadline = Instant::now() + grace;
+    tracing::info!(grace_secs = grace.as_secs(), "shutting down");
     let _ = stop_tx.send(true);
-    let drained =
-        tokio::time::timeout(config.shutdown_grace(), async { (snap.await, admin.await) }).await;
+    let drained = tokio::time::timeout_at(deadline - UNMOUNT_SHARE.min(grace / 2), async {
+        (snap.await, admin.await)
+    })
+    .await;
     // Gone with the process, so containerd sees the plugin down rather
     // than a socket nobody answers.
     let sockets = [address.to_owned(), admin_address.to_owned()];
@@ -151,8 +169,8 @@ async fn serve(
         }
     })
     .await;
-    match drained {
-        Ok((s, a)) => {
+    let served = match drained {
+        Ok((s, a)) => (|| {
             s?.map_err(|source| Error::Serve {
                 path: address.to_owned(),
                 source,
@@ -160,11 +178,14 @@ async fn serve(
             a?.map_err(|source| Error::Serve {
                 path: admin_address.to_owned(),
                 source,
-            })?;
+            })
+        })(),
+        Err(_) => {
+            tracing::warn!("in-flight calls did not finish within the grace period");
+            Ok(())
         }
-        Err(_) => tracing::warn!("in-flight calls did not finish within the grace period"),
-    }
-    Ok(())
+    };
+    (deadline, served)
 }
 
 #[cfg(test)]

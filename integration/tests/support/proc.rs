@@ -150,6 +150,24 @@ impl MountLayer {
         }
     }
 
+    /// [`MountLayer::wait`] with a failure bound: panics (and the drop
+    /// kills the process) if it is still running after `bound`.
+    pub fn wait_within(mut self, what: &str, bound: Duration) -> Exit {
+        let child = self.child.as_mut().expect("running");
+        let st = wait_until(what, bound, || child.try_wait().expect("wait")).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}",
+                std::fs::read_to_string(&self.err).unwrap_or_default()
+            )
+        });
+        self.child = None;
+        Exit {
+            success: st.success(),
+            stdout: self.read(&self.out),
+            stderr: self.read(&self.err),
+        }
+    }
+
     /// SIGTERM, then wait: tarn unmounts and prints what it fetched.
     pub fn stop(self) -> Exit {
         self.signal(libc::SIGTERM);

@@ -353,7 +353,11 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             layer = %layer.digest,
             image = %layer.image_ref,
             mounted = fresh,
+<<<<<<< HEAD
             elapsed_ms = started.elapsed().as_millis(),
+=======
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+>>>>>>> shutdown
             "remote layer: answering already exists"
         );
         Ok(())
@@ -424,7 +428,11 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
                 Ok(()) => tracing::info!(
                     layer = %r.layer.digest,
                     snapshots = names.len(),
+<<<<<<< HEAD
                     elapsed_ms = started.elapsed().as_millis(),
+=======
+                    elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+>>>>>>> shutdown
                     "remote layer restored"
                 ),
                 Err(e) => {
@@ -448,9 +456,10 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         Ok(())
     }
 
-    /// Unmounts every layer; state stays on disk for the next start.
-    pub async fn shutdown(&self) {
-        self.layers.unmount_all().await;
+    /// Unmounts every layer, waiting until `deadline` at most; state stays
+    /// on disk for the next start.
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) {
+        self.layers.unmount_all(deadline).await;
     }
 
     pub fn layers(&self) -> Vec<LayerStatus> {
