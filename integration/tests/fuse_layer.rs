@@ -134,10 +134,11 @@ fn getxattr(path: &Path, attr: &str) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 256];
     // SAFETY: both strings are NUL-terminated; buf is valid for its length.
     let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
+    // A negative length is the error return.
+    let Ok(len) = usize::try_from(r) else {
         return Err(std::io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
+    };
+    buf.truncate(len);
     Ok(buf)
 }
 
@@ -255,8 +256,9 @@ fn overlayfs_honours_whiteouts_and_opaque_dirs_from_the_mount() {
 fn cached_sequential_read_throughput_against_local_disk() {
     const SIZE: usize = 256 << 20;
     const CHUNK: usize = 4 << 20;
-    let data: Vec<u8> = (0..SIZE)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
+    let data: Vec<u8> = (0u32..)
+        .take(SIZE)
+        .map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[3])
         .collect();
     let chunks: Vec<Chunk> = data
         .chunks(CHUNK)
@@ -273,7 +275,7 @@ fn cached_sequential_read_throughput_against_local_disk() {
     root.children = vec![(name("big"), 2)];
     let mut big = node(FileKind::Reg, 0o644, ROOT_INO);
     big.size = SIZE as u64;
-    big.chunks = 0..chunks.len() as u32;
+    big.chunks = 0..u32::try_from(chunks.len()).expect("64 chunks");
     let index =
         LayerIndex::new(vec![root, big], chunks, SIZE as u64, None).expect("a consistent index");
 

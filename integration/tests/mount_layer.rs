@@ -13,6 +13,7 @@ use support::proc::{MountLayer, blob_gets, is_mounted};
 use support::tree::{assert_tree_matches_tar, pseudo_random, sample_tar};
 use tarn_fs::Digest;
 use tarn_fs::format::estargz::{WriteOptions, decode_toc, parse_footer, write_estargz};
+use tarn_fs::num::usize_from;
 use tarn_integration::registry::TestRegistry;
 
 const TOC_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -151,8 +152,8 @@ fn one_small_file_of_a_large_layer_fetches_under_one_percent() {
 /// The blob range of `path`'s first chunk, from the blob's own TOC.
 fn entry_offset(blob: &[u8], path: &str) -> u64 {
     let loc = parse_footer(&blob[blob.len() - 51..], blob.len() as u64).expect("footer");
-    let toc =
-        decode_toc(&blob[loc.toc_range.start as usize..loc.toc_range.end as usize]).expect("toc");
+    let toc = decode_toc(&blob[usize_from(loc.toc_range.start)..usize_from(loc.toc_range.end)])
+        .expect("toc");
     let json: serde_json::Value = serde_json::from_slice(&toc.json).expect("json");
     json["entries"]
         .as_array()
@@ -181,7 +182,7 @@ fn tampered_bytes_are_eio_and_never_cached_and_a_wrong_toc_is_refused() {
     let mut blob = Vec::new();
     let res = write_estargz(&tar[..], &mut blob, &WriteOptions::default()).expect("writer");
     // Flip bytes inside the victim's compressed payload; the TOC is intact.
-    let off = entry_offset(&blob, "victim") as usize;
+    let off = usize_from(entry_offset(&blob, "victim"));
     for i in [100, 5_000, 50_000] {
         blob[off + i] ^= 0x55;
     }

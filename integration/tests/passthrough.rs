@@ -16,6 +16,7 @@ use tarn_fs::fetch::Fetcher;
 use tarn_fs::format::{Chunk, FileKind, InodeSpec, LayerIndex, ROOT_INO};
 use tarn_fs::fuse::{MountHandle, MountOptions, mount};
 use tarn_fs::layer::Layer;
+use tarn_fs::num::usize_from;
 use tarn_fs::testing::{FakeBlob, Plain};
 
 /// Blob byte `i` of a blob that is generated, not stored, so a 1 GiB layer
@@ -23,14 +24,14 @@ use tarn_fs::testing::{FakeBlob, Plain};
 fn blob_bytes(range: Range<u64>) -> Vec<u8> {
     let first = range.start / 8;
     let last = range.end.div_ceil(8);
-    let mut out = Vec::with_capacity(((last - first) * 8) as usize);
+    let mut out = Vec::with_capacity(usize_from((last - first) * 8));
     for w in first..last {
         let v = (w ^ 0x5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         out.extend_from_slice(&v.to_le_bytes());
     }
-    let skip = (range.start - first * 8) as usize;
+    let skip = usize_from(range.start - first * 8);
     out.drain(..skip);
-    out.truncate((range.end - range.start) as usize);
+    out.truncate(usize_from(range.end - range.start));
     out
 }
 
@@ -65,7 +66,7 @@ fn flat_layer(files: &[Spec], copy_to: Option<&Path>) -> (LayerIndex, Vec<Range<
         root.children.push((Box::from(f.name.as_bytes()), ino));
         let mut file = node(FileKind::Reg, ROOT_INO);
         file.size = f.size;
-        let first = chunks.len() as u32;
+        let first = u32::try_from(chunks.len()).expect("a test has few chunks");
         let mut whole = tarn_fs::digest::Hasher::default();
         let mut out = copy_to.map(|d| std::fs::File::create(d.join(f.name)).unwrap());
         let mut off = 0;
@@ -86,7 +87,7 @@ fn flat_layer(files: &[Spec], copy_to: Option<&Path>) -> (LayerIndex, Vec<Range<
             });
             off += len;
         }
-        file.chunks = first..chunks.len() as u32;
+        file.chunks = first..u32::try_from(chunks.len()).expect("a test has few chunks");
         file.digest = Some(whole.finish());
         inodes.push(file);
         ranges.push(base..base + f.size);

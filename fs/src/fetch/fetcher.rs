@@ -23,6 +23,7 @@ use crate::Digest;
 use crate::Intent;
 use crate::cache::Cache;
 use crate::format::{Chunk, Format, FormatError};
+use crate::num::usize_from;
 use crate::registry::{BlobSource, RegistryError};
 
 /// Largest ranged GET built by merging adjacent misses.
@@ -288,7 +289,7 @@ impl Fetcher {
 impl Inner {
     /// A chunk's bytes from the cache, if there and whole. Blocking.
     fn cached(&self, c: &Chunk) -> Option<Bytes> {
-        match self.cache.read(&c.digest, 0, c.size as usize) {
+        match self.cache.read(&c.digest, 0, usize_from(c.size)) {
             Ok(Some(b)) if b.len() as u64 == c.size => Some(Bytes::from(b)),
             Ok(_) => None,
             Err(e) => {
@@ -471,7 +472,7 @@ impl Inner {
                     .is_none_or(|c| ready > 0 && c.blob_range.0 >= g.chunks[cut - 1].blob_range.1);
                 if ready > 0 && clean_cut && self.awaited(&g.chunks[next..cut]) {
                     let seg_end = g.chunks[cut - 1].blob_range.1;
-                    let seg = body.split_to((seg_end - body_start) as usize).freeze();
+                    let seg = body.split_to(usize_from(seg_end - body_start)).freeze();
                     let chunks = g.chunks[next..cut].to_vec();
                     complete(self.decode(chunks, body_start, seg).await);
                     body_start = seg_end;
@@ -486,8 +487,8 @@ impl Inner {
         }
         let mut data = body.freeze();
         if let Some((ts, tb)) = &tail {
-            let from = (start.max(*ts) - ts) as usize;
-            let to = ((end - ts) as usize).min(tb.len());
+            let from = usize_from(start.max(*ts) - ts);
+            let to = usize_from(end - ts).min(tb.len());
             data = if data.is_empty() {
                 tb.slice(from..to)
             } else {
@@ -550,7 +551,7 @@ impl Inner {
                 .iter()
                 .map(|c| {
                     let r = c.blob_range();
-                    let compressed = data.slice((r.start - data_start) as usize..(r.end - data_start) as usize);
+                    let compressed = data.slice(usize_from(r.start - data_start)..usize_from(r.end - data_start));
                     let res = match format.decode_chunk(c, &compressed) {
                         Ok(plain) => {
                             if let Err(e) = cache.insert(&c.digest, &plain) {

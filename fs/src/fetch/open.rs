@@ -13,6 +13,7 @@ use crate::Digest;
 use crate::Intent;
 use crate::cache::Cache;
 use crate::format::{Format, FormatError, IndexStep, LayerIndex, Piece};
+use crate::num::usize_from;
 use crate::registry::RegistryError;
 
 /// How many GETs a format may ask for to build one index; a format that
@@ -92,8 +93,8 @@ impl Fetcher {
                         blob_size = size,
                         fetched_bytes = toc_bytes,
                         inodes = index.inode_count(),
-                        fetch_ms = fetch_time.as_millis() as u64,
-                        decode_ms = (started.elapsed() - fetch_time).as_millis() as u64,
+                        fetch_ms = fetch_time.as_millis(),
+                        decode_ms = (started.elapsed() - fetch_time).as_millis(),
                         "layer opened"
                     );
                     return Ok(index);
@@ -160,7 +161,7 @@ fn settle_tail(
         if cache.contains(&c.digest) {
             continue;
         }
-        let r = (c.blob_range.0 - tail.offset) as usize..(c.blob_range.1 - tail.offset) as usize;
+        let r = usize_from(c.blob_range.0 - tail.offset)..usize_from(c.blob_range.1 - tail.offset);
         match format.decode_chunk(c, &tail.bytes[r]) {
             Ok(plain) => {
                 if let Err(e) = cache.insert(&c.digest, &plain) {
@@ -171,7 +172,7 @@ fn settle_tail(
             Err(e) => tracing::warn!(chunk = %c.digest, error = %e, "chunk in the tail rejected"),
         }
     }
-    let straddling_len = (first_whole.saturating_sub(tail.offset) as usize).min(tail.bytes.len());
+    let straddling_len = usize_from(first_whole.saturating_sub(tail.offset)).min(tail.bytes.len());
     let straddling = &tail.bytes[..straddling_len];
     if straddling.is_empty() {
         return None;

@@ -296,7 +296,7 @@ impl LayerIndex {
         prefetch: Option<Range<u64>>,
     ) -> Result<LayerIndex, FormatError> {
         let count = inodes.len();
-        to_u32(count, "inodes")?;
+        let max_ino = to_u32(count, "inodes")?;
         to_u32(chunks.len(), "chunks")?;
         let entries: usize = inodes.iter().map(|i| i.children.len()).sum();
         let mut index = LayerIndex {
@@ -311,14 +311,19 @@ impl LayerIndex {
             blob_size,
             prefetch,
         };
-        let valid_ino = |ino: u64| (1..=count as u64).contains(&ino);
+        // An inode number that exists, in the width the index stores.
+        let valid_ino = |ino: u64| {
+            u32::try_from(ino)
+                .ok()
+                .filter(|n| (1..=max_ino).contains(n))
+        };
         let mut attr_slots: HashMap<Attrs, u32> = HashMap::new();
         // Symlink targets go after every entry name, so that an entry's name
         // ends where the next entry's begins.
         let mut targets = Vec::new();
-        for (i, spec) in inodes.into_iter().enumerate() {
-            let ino = i as u64 + 1;
-            if !valid_ino(spec.parent) {
+        // Inode `ino` is `inodes[i]`, `ino = i + 1`; there are `max_ino`.
+        for ((i, spec), ino) in inodes.into_iter().enumerate().zip(1..=max_ino) {
+            if valid_ino(spec.parent).is_none() {
                 return Err(invalid(format!(
                     "inode {ino}: parent {} does not exist",
                     spec.parent
@@ -339,17 +344,14 @@ impl LayerIndex {
                         )));
                     }
                     for (name, child) in children {
-                        if !valid_ino(child) {
+                        let Some(child) = valid_ino(child) else {
                             return Err(invalid(format!(
                                 "inode {ino}: entry {:?} names inode {child}, which does not exist",
                                 String::from_utf8_lossy(&name)
                             )));
-                        }
+                        };
                         let (name, _) = index.push_name(&name)?;
-                        index.dirents.push(Dirent {
-                            name,
-                            ino: child as u32,
-                        });
+                        index.dirents.push(Dirent { name, ino: child });
                     }
                     (
                         to_u32(start, "entries")?,
@@ -374,7 +376,7 @@ impl LayerIndex {
                             digest = DIGEST_OF_CHUNK;
                         } else {
                             digest = DIGEST_SIDE;
-                            index.digests.push((ino as u32, d));
+                            index.digests.push((ino, d));
                         }
                     }
                     (r.start, r.end)
@@ -394,7 +396,7 @@ impl LayerIndex {
             if !spec.xattrs.is_empty() {
                 let mut xattrs = spec.xattrs;
                 xattrs.sort_by(|a, b| a.0.cmp(&b.0));
-                index.xattrs.push((ino as u32, xattrs.into_boxed_slice()));
+                index.xattrs.push((ino, xattrs.into_boxed_slice()));
             }
             let attrs = Attrs {
                 mtime: spec.mtime,
@@ -435,9 +437,9 @@ impl LayerIndex {
     /// Appends `name` to the arena: its start and length.
     fn push_name(&mut self, name: &[u8]) -> Result<(u32, u32), FormatError> {
         let start = to_u32(self.names.len(), "name bytes")?;
-        to_u32(self.names.len() + name.len(), "name bytes")?;
+        let end = to_u32(self.names.len() + name.len(), "name bytes")?;
         self.names.extend_from_slice(name);
-        Ok((start, name.len() as u32))
+        Ok((start, end - start))
     }
 
     pub fn inode(&self, ino: u64) -> Option<Inode> {
@@ -541,7 +543,7 @@ impl LayerIndex {
             DIGEST_SIDE => {
                 let k = self
                     .digests
-                    .binary_search_by_key(&(ino as u32), |(i, _)| *i)
+                    .binary_search_by_key(&u32::try_from(ino).ok()?, |(i, _)| *i)
                     .ok()?;
                 Some(self.digests[k].1)
             }

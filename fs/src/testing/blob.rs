@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 use crate::Intent;
+use crate::num::usize_from;
 use crate::registry::{BlobSource, RegistryError};
 
 /// One read seen by a [`FakeBlob`]: when it started and ended.
@@ -181,7 +182,7 @@ impl FakeBlob {
     fn bytes(&self, range: Range<u64>) -> Bytes {
         match &self.content {
             Content::Stored(data) => {
-                Bytes::copy_from_slice(&data[range.start as usize..range.end as usize])
+                Bytes::copy_from_slice(&data[usize_from(range.start)..usize_from(range.end)])
             }
             Content::Generated { bytes, .. } => Bytes::from(bytes(range)),
         }

@@ -65,5 +65,7 @@ pub fn chunk_at(start: u64, end: u64) -> Chunk {
 
 /// `len` bytes that repeat only every 251, so misplaced chunks show.
 pub fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    (0..len)
+        .map(|i| u8::try_from(i * 7 % 251).expect("below 251"))
+        .collect()
 }

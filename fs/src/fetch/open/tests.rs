@@ -52,7 +52,7 @@ fn index_of(chunks: Vec<Chunk>, blob_size: u64) -> LayerIndex {
     let mut file = InodeSpec::new(FileKind::Reg);
     file.parent = ROOT_INO;
     file.size = size;
-    file.chunks = 0..chunks.len() as u32;
+    file.chunks = 0..u32::try_from(chunks.len()).expect("a test has few chunks");
     LayerIndex::new(vec![root, file], chunks, blob_size, None).unwrap()
 }
 

@@ -7,6 +7,7 @@ use std::ops::Range;
 use flate2::read::GzDecoder;
 
 use crate::format::FormatError;
+use crate::num::usize_from;
 
 /// Size of the current footer (extra field `SG` subfield, XLEN = 26).
 pub const FOOTER_SIZE: usize = 51;
@@ -16,6 +17,11 @@ pub const LEGACY_FOOTER_SIZE: usize = 47;
 /// The subfield payload: 16 lowercase hex digits then this magic.
 const MAGIC: &[u8] = b"STARGZ";
 const PAYLOAD_LEN: usize = 16 + MAGIC.len();
+/// `PAYLOAD_LEN` as the subfield header's little-endian `u16` length.
+// Never truncates: the payload is 22 bytes, which the assertion below checks.
+#[allow(clippy::cast_possible_truncation)]
+const PAYLOAD_LEN_LE: [u8; 2] = (PAYLOAD_LEN as u16).to_le_bytes();
+const _: () = assert!(PAYLOAD_LEN <= u16::MAX as usize);
 
 /// Where a blob's TOC lives, as told by its footer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +44,7 @@ pub fn footer_bytes(toc_offset: u64) -> [u8; FOOTER_SIZE] {
     f[..10].copy_from_slice(&[0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff]);
     f[10..12].copy_from_slice(&26u16.to_le_bytes());
     f[12..14].copy_from_slice(b"SG");
-    f[14..16].copy_from_slice(&(PAYLOAD_LEN as u16).to_le_bytes());
+    f[14..16].copy_from_slice(&PAYLOAD_LEN_LE);
     f[16..32].copy_from_slice(format!("{toc_offset:016x}").as_bytes());
     f[32..38].copy_from_slice(MAGIC);
     // An empty final stored deflate block; CRC32 and ISIZE of nothing are 0.
@@ -81,7 +87,7 @@ pub fn parse_footer(tail: &[u8], blob_size: u64) -> Result<TocLocation, FormatEr
     let tail_start = blob_size - tail_len;
     let toc_in_tail = (toc_offset >= tail_start).then(|| {
         // Both fit in usize: they are within `tail`.
-        let start = (toc_offset - tail_start) as usize;
+        let start = usize_from(toc_offset - tail_start);
         start..tail.len() - footer_size
     });
     Ok(TocLocation {

@@ -7,6 +7,7 @@ use flate2::read::MultiGzDecoder;
 use super::*;
 use crate::Digest;
 use crate::format::{FileKind, Format, FormatError, Inode, LayerIndex};
+use crate::num::usize_from;
 
 const CHUNK: u64 = 4096;
 const MTIME: u64 = 1_700_000_000;
@@ -35,7 +36,7 @@ fn pseudo_random(n: usize, seed: u32) -> Vec<u8> {
             if i % 2 == 0 {
                 (x & 0xff) as u8
             } else {
-                b'a' + (i % 7) as u8
+                b'a' + u8::try_from(i % 7).expect("i % 7 < 7")
             }
         })
         .collect()
@@ -141,7 +142,7 @@ fn sample_tar() -> (Vec<u8>, Vec<Expect>) {
         (0, 0),
         none(),
     );
-    let big = pseudo_random(10 * CHUNK as usize + 123, 7);
+    let big = pseudo_random(10 * usize_from(CHUNK) + 123, 7);
     add(
         &mut b,
         "big/file",
@@ -152,7 +153,7 @@ fn sample_tar() -> (Vec<u8>, Vec<Expect>) {
         (0, 0),
         none(),
     );
-    let exact = pseudo_random(2 * CHUNK as usize, 9);
+    let exact = pseudo_random(2 * usize_from(CHUNK), 9);
     add(
         &mut b,
         "big/exact",
@@ -366,7 +367,7 @@ fn file_content(c: &Converted, ino: &Inode) -> Vec<u8> {
         assert_eq!(chunk.file_offset, out.len() as u64);
         let r = chunk.blob_range();
         let bytes = Estargz::default()
-            .decode_chunk(chunk, &c.blob[r.start as usize..r.end as usize])
+            .decode_chunk(chunk, &c.blob[usize_from(r.start)..usize_from(r.end)])
             .unwrap();
         out.extend_from_slice(&bytes);
     }
@@ -394,7 +395,12 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
         assert_eq!(ino.kind(), e.kind, "{}", e.path);
         assert_eq!(ino.mode(), e.mode, "{}", e.path);
         assert_eq!((ino.uid(), ino.gid()), (e.uid, e.gid), "{}", e.path);
-        assert_eq!(ino.mtime(), MTIME as i64, "{}", e.path);
+        assert_eq!(
+            ino.mtime(),
+            i64::try_from(MTIME).expect("MTIME is a 2023 date"),
+            "{}",
+            e.path
+        );
         assert_eq!(ino.rdev(), e.rdev, "{}", e.path);
         assert_eq!(idx.link_target(&ino), e.link.as_bytes(), "{}", e.path);
         let mut want_x: Vec<(&[u8], &[u8])> = e
@@ -459,7 +465,10 @@ fn round_trip_index_matches_the_tar_and_chunks_decode() {
     let subdirs = idx
         .children(&root)
         .filter(|(_, i)| idx.inode(*i).unwrap().kind() == FileKind::Dir);
-    assert_eq!(root.nlink(), 2 + subdirs.count() as u32);
+    assert_eq!(
+        root.nlink(),
+        2 + u32::try_from(subdirs.count()).expect("few subdirectories")
+    );
     let names: Vec<&[u8]> = idx.children(&root).map(|(n, _)| n).collect();
     assert!(names.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(node(idx, "big").nlink(), 2);
@@ -534,7 +543,7 @@ fn prioritized_files_come_first_and_set_the_prefetch_range() {
     }
     assert_eq!(
         file_content(&c, &node(idx, "big/file")),
-        pseudo_random(10 * CHUNK as usize + 123, 7)
+        pseudo_random(10 * usize_from(CHUNK) + 123, 7)
     );
     assert!(idx.resolve(PREFETCH_LANDMARK).is_none());
     // Entry order in the stream: parents first, then the file, then links.
@@ -577,7 +586,7 @@ fn tampered_and_truncated_chunks_are_refused() {
     let ino = node(&c.index, "big/file");
     let chunk = c.index.file_chunks(&ino)[3];
     let r = chunk.blob_range();
-    let member = &c.blob[r.start as usize..r.end as usize];
+    let member = &c.blob[usize_from(r.start)..usize_from(r.end)];
     // Same length, one byte changed, validly compressed: only the digest
     // can tell.
     let mut plain = Vec::new();
@@ -608,7 +617,7 @@ fn tampered_and_truncated_chunks_are_refused() {
     // The untouched range still decodes to the file's bytes.
     let big = &expect.iter().find(|e| e.path == "big/file").unwrap().data;
     let ok = Estargz::default().decode_chunk(&chunk, member).unwrap();
-    assert_eq!(ok, big[3 * CHUNK as usize..4 * CHUNK as usize]);
+    assert_eq!(ok, big[3 * usize_from(CHUNK)..4 * usize_from(CHUNK)]);
 }
 
 // ---- hostile TOCs ----

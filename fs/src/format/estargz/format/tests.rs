@@ -10,6 +10,7 @@ use crate::format::LayerIndex;
 use crate::format::estargz::{
     FOOTER_SIZE, TOC_TAR_NAME, WriteOptions, footer_bytes, write_estargz,
 };
+use crate::num::usize_from;
 
 /// An eStargz blob of a few small files, and its TOC digest.
 fn small_blob() -> (Vec<u8>, Digest) {
@@ -30,7 +31,7 @@ fn small_blob() -> (Vec<u8>, Digest) {
 fn piece(blob: &[u8], r: std::ops::Range<u64>) -> Piece {
     Piece {
         offset: r.start,
-        bytes: Bytes::copy_from_slice(&blob[r.start as usize..r.end as usize]),
+        bytes: Bytes::copy_from_slice(&blob[usize_from(r.start)..usize_from(r.end)]),
     }
 }
 

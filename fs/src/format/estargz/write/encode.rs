@@ -25,6 +25,7 @@ use crate::format::estargz::names::clean_path as normalize;
 use crate::format::estargz::footer::footer_bytes;
 use crate::format::estargz::rfc3339;
 use crate::format::estargz::toc::{TOC_TAR_NAME, Toc, TocEntry};
+use crate::num::usize_from;
 
 /// The landmark files' one byte, as other eStargz writers put it.
 const LANDMARK_CONTENT: u8 = 0x0f;
@@ -349,7 +350,7 @@ impl<W: Write> BlobWriter<W> {
     ) -> Result<(), WriteError> {
         let mut buf = vec![0u8; n.min(256 << 10) as usize];
         while n > 0 {
-            let want = n.min(buf.len() as u64) as usize;
+            let want = usize_from(n.min(buf.len() as u64));
             let got = read_full(r, &mut buf[..want])?;
             if got < want {
                 return Err(WriteError::InvalidTar(
@@ -389,7 +390,7 @@ impl<W: Write> BlobWriter<W> {
             dev: (0, 0),
             xattrs: Vec::new(),
         };
-        let mut data = [0u8; BLOCK as usize];
+        let mut data = [0u8; usize_from(BLOCK)];
         data[0] = LANDMARK_CONTENT;
         self.entry(&meta, &mut &data[..])
     }
@@ -409,7 +410,7 @@ impl<W: Write> BlobWriter<W> {
         self.write_tar(&json)?;
         let pad = (json.len() as u64).div_ceil(BLOCK) * BLOCK - json.len() as u64;
         // Padding, then the two zero blocks that end the archive.
-        self.write_tar(&vec![0u8; (pad + 2 * BLOCK) as usize])?;
+        self.write_tar(&vec![0u8; usize_from(pad + 2 * BLOCK)])?;
         self.close_member()?;
         let Some(Sink::Between(mut out)) = self.sink.take() else {
             unreachable!("close_member leaves the sink between members");

@@ -6,6 +6,7 @@
 use std::io::{self, Read};
 
 use super::error::WriteError;
+use crate::num::usize_from;
 
 pub(crate) const BLOCK: u64 = 512;
 /// Largest extension (PAX or GNU long name) record we read.
@@ -92,7 +93,7 @@ impl<R: Read> TarIn<R> {
         let mut long_link = None;
         let mut pax: Vec<PaxRecord> = Vec::new();
         loop {
-            let mut block = [0u8; BLOCK as usize];
+            let mut block = [0u8; usize_from(BLOCK)];
             let n = read_full(&mut self.r, &mut block)?;
             if n == 0 || block.iter().all(|&b| b == 0) {
                 if !raw.is_empty() {
@@ -118,11 +119,11 @@ impl<R: Read> TarIn<R> {
                 }
                 let padded = size.div_ceil(BLOCK) * BLOCK;
                 let start = raw.len();
-                raw.resize(start + padded as usize, 0);
-                if read_full(&mut self.r, &mut raw[start..])? != padded as usize {
+                raw.resize(start + usize_from(padded), 0);
+                if read_full(&mut self.r, &mut raw[start..])? != usize_from(padded) {
                     return Err(bad("archive ends inside an extension header"));
                 }
-                let data = &raw[start..start + size as usize];
+                let data = &raw[start..start + usize_from(size)];
                 match flag {
                     b'x' => pax.extend(parse_pax(data)?),
                     b'g' => self.global.extend(parse_pax(data)?),
