@@ -228,10 +228,9 @@ impl Builder {
     /// Heap bytes the builder holds now (its vectors by capacity, a hash
     /// table's slots at twice theirs: it holds both tables while it grows).
     fn held(&self) -> u64 {
-        let open = self
-            .open
-            .as_ref()
-            .map_or(0, |f| f.chunks.capacity() * size_of::<(Chunk, Option<Digest>)>());
+        let open = self.open.as_ref().map_or(0, |f| {
+            f.chunks.capacity() * size_of::<(Chunk, Option<Digest>)>()
+        });
         let vectors = self.inodes.capacity() * size_of::<InodeSpec>()
             + self.chunks.capacity() * size_of::<Chunk>()
             + self.starts.capacity() * size_of::<u64>()
@@ -775,3 +774,6 @@ fn same_file(a: &InodeSpec, b: &InodeSpec) -> bool {
         && a.link_target == b.link_target
         && a.xattrs == b.xattrs
 }
+
+#[cfg(test)]
+mod tests;

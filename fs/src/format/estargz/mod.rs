@@ -46,9 +46,9 @@ pub use build::{
     IndexBudget, MAX_FILE_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, build_index,
     build_index_from_json,
 };
-pub use names::{NAME_MAX, PATH_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX};
 pub use footer::{FOOTER_SIZE, LEGACY_FOOTER_SIZE, TocLocation, footer_bytes, parse_footer};
 pub use format::{Estargz, TAIL_FETCH};
+pub use names::{NAME_MAX, PATH_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX};
 pub use toc::{
     MAX_TOC_ENTRIES, MAX_TOC_JSON, TOC_TAR_NAME, Toc, TocEntry, TocJson, decode_toc, parse_toc_json,
 };

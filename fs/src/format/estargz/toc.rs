@@ -115,7 +115,10 @@ pub fn decode_toc(compressed: &[u8]) -> Result<TocJson, FormatError> {
 /// larger than `max_json` before reading it. What is decompressed is
 /// bounded too (the JSON and [`TAR_SLACK`] of tar headers), so a member
 /// that inflates without end stops there.
-pub(crate) fn decode_toc_within(compressed: impl Read, max_json: u64) -> Result<TocJson, FormatError> {
+pub(crate) fn decode_toc_within(
+    compressed: impl Read,
+    max_json: u64,
+) -> Result<TocJson, FormatError> {
     let json = read_toc_json(compressed, max_json)?;
     let digest = Digest::of(&json);
     Ok(TocJson { json, digest })
@@ -194,7 +197,8 @@ where
                 Key::Version => {
                     let v: u32 = map.next_value()?;
                     if v != 1 {
-                        *self.failed = Some(FormatError::Toc(format!("unsupported TOC version {v}")));
+                        *self.failed =
+                            Some(FormatError::Toc(format!("unsupported TOC version {v}")));
                         return Err(A::Error::custom("unsupported version"));
                     }
                     version = Some(v);

@@ -46,7 +46,9 @@ fn ready(step: IndexStep) -> (LayerIndex, u64) {
 fn the_tail_first_then_the_index_when_the_toc_is_in_it() {
     let (blob, toc_digest) = small_blob();
     let size = blob.len() as u64;
-    let first = Estargz::default().index_step(&[], size, Some(toc_digest)).unwrap();
+    let first = Estargz::default()
+        .index_step(&[], size, Some(toc_digest))
+        .unwrap();
     let IndexStep::Fetch(tail) = first else {
         panic!("the tail is asked for first")
     };
@@ -88,7 +90,11 @@ fn a_tail_without_the_whole_toc_asks_only_for_what_it_lacks() {
 
     // Anything but that range is refused, not misread.
     let wrong = vec![fetched[0].clone(), piece(&blob, 0..tail.start)];
-    assert!(Estargz::default().index_step(&wrong, size, Some(toc_digest)).is_err());
+    assert!(
+        Estargz::default()
+            .index_step(&wrong, size, Some(toc_digest))
+            .is_err()
+    );
 }
 
 #[test]
@@ -123,4 +129,26 @@ fn a_toc_is_checked_against_its_digest_before_it_is_parsed() {
         ),
         "with the right digest it is parsed, and refused as JSON"
     );
+}
+
+#[test]
+fn a_toc_larger_than_the_budget_is_refused_before_it_is_fetched() {
+    // A footer that puts the TOC at the blob's start: 4 MiB to fetch.
+    let mut blob = vec![0u8; 4 << 20];
+    blob.extend_from_slice(&footer_bytes(0));
+    let size = blob.len() as u64;
+    let format = Estargz::with_max_index_bytes(1 << 20);
+    let IndexStep::Fetch(tail) = format.index_step(&[], size, None).unwrap() else {
+        panic!("the tail first")
+    };
+    match format.index_step(&[piece(&blob, tail)], size, None) {
+        Err(e @ FormatError::IndexBudget { .. }) => {
+            assert!(e.to_string().contains("budget of 1 MiB"), "{e}");
+        }
+        other => panic!("want a refusal instead of a fetch, got {other:?}"),
+    }
+    // The same TOC within the default budget is fetched (and then found
+    // not to be one).
+    let step = Estargz::default().index_step(&[piece(&blob, size - TAIL_FETCH..size)], size, None);
+    assert!(matches!(step, Ok(IndexStep::Fetch(_))), "{step:?}");
 }
