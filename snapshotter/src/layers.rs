@@ -98,6 +98,8 @@ pub struct LayerOptions {
     pub prefetch_timeout: Option<std::time::Duration>,
     /// Fetch whole layers in the background.
     pub background: bool,
+    /// Memory one layer's index may take, bytes.
+    pub max_index_bytes: u64,
 }
 
 pub struct Layers {
@@ -129,6 +131,7 @@ impl Layers {
                 options.scheduler.clone(),
                 options.prefetch_timeout,
                 options.background,
+                options.max_index_bytes,
             ),
             cache,
             runtime,

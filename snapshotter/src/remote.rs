@@ -99,6 +99,7 @@ impl RemoteSnapshotter {
                 scheduler: FetchScheduler::new(config.scheduler_config()),
                 prefetch_timeout: config.prefetch_timeout(),
                 background: config.fetch.background,
+                max_index_bytes: config.max_index_bytes(),
             },
         );
         let rs = RemoteSnapshotter {

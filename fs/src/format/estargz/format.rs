@@ -87,7 +87,12 @@ impl Format for Estargz {
         };
         // The fetched TOC stays in memory while the index is built.
         budget.spent = compressed;
-        let json = decode_toc_within(toc, budget.limit - compressed)?;
+        let json = decode_toc_within(toc, budget.limit - compressed, |_| {
+            FormatError::IndexBudget {
+                limit: budget.limit,
+                entries: 0,
+            }
+        })?;
         if let Some(expected) = expected
             && json.digest != expected
         {

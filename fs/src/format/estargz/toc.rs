@@ -108,18 +108,24 @@ impl TocJson {
 /// [`MAX_TOC_JSON`] bytes; opening a layer bounds it by the layer's index
 /// budget instead.
 pub fn decode_toc(compressed: &[u8]) -> Result<TocJson, FormatError> {
-    decode_toc_within(compressed, MAX_TOC_JSON)
+    decode_toc_within(compressed, MAX_TOC_JSON, |size| {
+        FormatError::Toc(format!(
+            "TOC JSON of {size} bytes is larger than the limit of {MAX_TOC_JSON}"
+        ))
+    })
 }
 
 /// [`decode_toc`] from any reader of the member's bytes, refusing a JSON
-/// larger than `max_json` before reading it. What is decompressed is
-/// bounded too (the JSON and [`TAR_SLACK`] of tar headers), so a member
-/// that inflates without end stops there.
+/// larger than `max_json` before reading it (with the error `too_large`
+/// makes of its size). What is decompressed is bounded too (the JSON and
+/// [`TAR_SLACK`] of tar headers), so a member that inflates without end
+/// stops there.
 pub(crate) fn decode_toc_within(
     compressed: impl Read,
     max_json: u64,
+    too_large: impl FnOnce(u64) -> FormatError,
 ) -> Result<TocJson, FormatError> {
-    let json = read_toc_json(compressed, max_json)?;
+    let json = read_toc_json(compressed, max_json, too_large)?;
     let digest = Digest::of(&json);
     Ok(TocJson { json, digest })
 }
@@ -269,7 +275,11 @@ where
     }
 }
 
-fn read_toc_json(compressed: impl Read, max_json: u64) -> Result<Vec<u8>, FormatError> {
+fn read_toc_json(
+    compressed: impl Read,
+    max_json: u64,
+    too_large: impl FnOnce(u64) -> FormatError,
+) -> Result<Vec<u8>, FormatError> {
     let corrupt = |e: std::io::Error| FormatError::Toc(format!("reading TOC member: {e}"));
     // One member only: the footer after it is not part of the TOC. What it
     // inflates to is bounded, whatever its tar headers claim.
@@ -289,9 +299,7 @@ fn read_toc_json(compressed: impl Read, max_json: u64) -> Result<Vec<u8>, Format
     }
     let size = entry.header().entry_size().map_err(corrupt)?;
     if size > max_json {
-        return Err(FormatError::Toc(format!(
-            "TOC JSON of {size} bytes is larger than the limit of {max_json}"
-        )));
+        return Err(too_large(size));
     }
     // `size` is bounded above, so the capacity is sane.
     let mut json = Vec::with_capacity(usize_from(size));
