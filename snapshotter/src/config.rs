@@ -74,8 +74,8 @@ pub struct SnapshotterConfig {
     pub fuse_passthrough: bool,
     /// Memory one layer's index may take, MiB: its TOC as fetched and
     /// decompressed and the index built from it. A layer whose TOC needs
-    /// more is refused (and pulled in full by containerd); 256 holds about
-    /// a million entries.
+    /// more is refused (and pulled in full by containerd); 256 holds a few
+    /// hundred thousand entries.
     pub max_index_mb: u64,
 }
 
