@@ -7,6 +7,9 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
+use tarn_fs::fetch::FetchScheduler;
+use tarn_fs::format::Estargz;
+use tarn_fs::format::estargz::IndexBudget;
 use tarn_fs::fuse::{MountOptions, mount};
 use tarn_fs::layer::Layer;
 use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RegistryConfig, RemoteBlob};
@@ -49,6 +52,11 @@ pub struct Args {
     /// kernel could read directly (FUSE passthrough).
     #[arg(long)]
     no_passthrough: bool,
+    /// Memory the layer's index may take, MiB (its TOC as fetched and
+    /// decompressed, and the index built from it); a layer that needs more
+    /// is refused.
+    #[arg(long, default_value_t = IndexBudget::DEFAULT_LIMIT >> 20)]
+    max_index_mb: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -140,9 +148,18 @@ async fn open_layer(args: &Args) -> anyhow::Result<Layer> {
         digest: desc.digest,
         size: desc.size,
     });
-    Layer::open(source, toc_digest, Arc::new(cache))
-        .await
-        .with_context(|| format!("opening layer {}", desc.digest))
+    let format = Arc::new(Estargz::with_max_index_bytes(
+        args.max_index_mb.saturating_mul(1 << 20),
+    ));
+    Layer::open_format(
+        source,
+        format,
+        toc_digest,
+        Arc::new(cache),
+        FetchScheduler::global(),
+    )
+    .await
+    .with_context(|| format!("opening layer {}", desc.digest))
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -6,6 +6,7 @@
 //! [snapshotter]
 //! resolve_timeout_secs = 10
 //! allow_unverified_layers = false
+//! max_index_mb = 256
 //! [registry]
 //! plain_http = ["127.0.0.1:5000"]
 //! docker_config = "/root/.docker/config.json"
@@ -72,6 +73,11 @@ pub struct SnapshotterConfig {
     /// Hand fully cached files to the kernel (FUSE passthrough, Linux >=
     /// 6.9), so their reads skip the daemon; ignored where unsupported.
     pub fuse_passthrough: bool,
+    /// Memory one layer's index may take, MiB: its TOC as fetched and
+    /// decompressed and the index built from it. A layer whose TOC needs
+    /// more is refused (and pulled in full by containerd); 256 holds a few
+    /// hundred thousand entries.
+    pub max_index_mb: u64,
 }
 
 impl Default for SnapshotterConfig {
@@ -82,6 +88,7 @@ impl Default for SnapshotterConfig {
             shutdown_grace_secs: 5,
             fuse_threads: 4,
             fuse_passthrough: true,
+            max_index_mb: tarn_fs::format::estargz::IndexBudget::DEFAULT_LIMIT >> 20,
         }
     }
 }
@@ -205,6 +212,11 @@ impl Config {
         Duration::from_secs(self.snapshotter.resolve_timeout_secs)
     }
 
+    /// The per-layer index budget, bytes.
+    pub fn max_index_bytes(&self) -> u64 {
+        self.snapshotter.max_index_mb.saturating_mul(1 << 20)
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.snapshotter.shutdown_grace_secs)
     }
@@ -252,6 +264,7 @@ mod tests {
             "the default admin socket is where `tarn status` looks"
         );
         assert!(c.registry_config().is_plain_http("127.0.0.1:5000"));
+        assert_eq!(c.max_index_bytes(), 256 << 20, "the default budget");
 
         for typo in [
             "resolve_timeout_secs = 2\n",

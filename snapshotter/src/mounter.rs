@@ -106,11 +106,7 @@ impl LayerHandle for Arc<Layer> {
                 PrefetchOutcome::NoLandmark => {}
                 outcome => tracing::info!(
                     ?outcome,
-<<<<<<< HEAD
                     elapsed_ms = started.elapsed().as_millis(),
-=======
-                    elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
->>>>>>> shutdown
                     "prefetch"
                 ),
             }

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
 use tarn_fs::fetch::FetchScheduler;
+use tarn_fs::format::Estargz;
 use tarn_fs::layer::{Entrypoint, Layer};
 use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RemoteBlob, ResolvedImage};
 
@@ -80,6 +81,8 @@ pub struct Resolver {
     prefetch: Option<Duration>,
     /// Start the background fetch of layers resolved ahead.
     background: bool,
+    /// Memory one layer's index may take, bytes.
+    max_index_bytes: u64,
     /// Images whose layers are being resolved ahead (or were, recently).
     started: Memo<String, ()>,
     /// Registries being connected to ([`Resolver::preconnect`]), by host:
@@ -98,6 +101,7 @@ impl Resolver {
         scheduler: FetchScheduler,
         prefetch: Option<Duration>,
         background: bool,
+        max_index_bytes: u64,
     ) -> Arc<Self> {
         Arc::new(Resolver {
             client,
@@ -105,6 +109,7 @@ impl Resolver {
             scheduler,
             prefetch,
             background,
+            max_index_bytes,
             started: Memo::new(),
             connecting: Mutex::new(HashMap::new()),
             images: Singleflight::default(),
@@ -360,8 +365,10 @@ impl Resolver {
             digest: info.digest,
             size,
         });
-        let layer = Layer::open_with(
+        let format = Arc::new(Estargz::with_max_index_bytes(self.max_index_bytes));
+        let layer = Layer::open_format(
             source,
+            format,
             info.toc_digest,
             self.cache.clone(),
             self.scheduler.clone(),

@@ -35,6 +35,13 @@ pub enum FormatError {
     Toc(String),
     #[error("inconsistent layer index: {0}")]
     Index(String),
+    /// The layer's index would need more memory than its budget.
+    #[error(
+        "the layer's index needs more than its budget of {} MiB (refused after {entries} TOC entries; \
+         the bound is [snapshotter] max_index_mb, or tarn mount-layer --max-index-mb)",
+        limit >> 20
+    )]
+    IndexBudget { limit: u64, entries: u64 },
     #[error("TOC digest {actual} does not match the layer's annotation {expected}")]
     TocDigestMismatch {
         expected: crate::Digest,

@@ -36,7 +36,7 @@ impl Layer {
         scheduler: FetchScheduler,
     ) -> Result<Layer, LayerError> {
         // eStargz is the only remote format today; `open_format` takes any.
-        let format = Arc::new(Estargz);
+        let format = Arc::new(Estargz::default());
         Layer::open_format(source, format, expected_toc_digest, cache, scheduler).await
     }
 

@@ -170,6 +170,7 @@ impl RemoteSnapshotter {
             FetchScheduler::new(config.scheduler_config()),
             warm.prefetch,
             warm.background,
+            config.max_index_bytes(),
         );
         let mounter = FuseMounter::new(
             tokio::runtime::Handle::current(),
@@ -353,11 +354,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             layer = %layer.digest,
             image = %layer.image_ref,
             mounted = fresh,
-<<<<<<< HEAD
             elapsed_ms = started.elapsed().as_millis(),
-=======
-            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
->>>>>>> shutdown
             "remote layer: answering already exists"
         );
         Ok(())
@@ -428,11 +425,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
                 Ok(()) => tracing::info!(
                     layer = %r.layer.digest,
                     snapshots = names.len(),
-<<<<<<< HEAD
                     elapsed_ms = started.elapsed().as_millis(),
-=======
-                    elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
->>>>>>> shutdown
                     "remote layer restored"
                 ),
                 Err(e) => {

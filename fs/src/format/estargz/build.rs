@@ -1,13 +1,24 @@
-//! TOC -> [`LayerIndex`]: names normalised and checked, implicit directories
+//! TOC -> [`LayerIndex`]: names checked (`names.rs`), implicit directories
 //! added, hardlinks joined, whiteouts turned into their overlayfs form, large
 //! files' chunks validated and tied to the blob ranges that hold them.
+//!
+//! Entries are built one at a time as the TOC's JSON is decoded
+//! ([`build_index_from_json`]): the TOC never exists as a list, and what the
+//! index would take is checked against the layer's [`IndexBudget`] after
+//! every entry, so a TOC too large for it is refused as soon as it is seen
+//! to be, in bounded memory.
 
 use std::collections::{HashMap, HashSet};
+use std::mem::size_of;
 
 use base64::Engine as _;
 
+use super::names::{
+    Base, OPAQUE_XATTR, Shown, check_symlink_target, check_xattr, classify, clean_path,
+    is_overlay_private,
+};
 use super::rfc3339;
-use super::toc::{MAX_TOC_ENTRIES, TOC_TAR_NAME, Toc, TocEntry};
+use super::toc::{MAX_TOC_ENTRIES, TOC_TAR_NAME, Toc, TocEntry, TocJson, for_each_entry};
 use crate::Digest;
 use crate::format::{Chunk, FileKind, FormatError, InodeSpec, LayerIndex, ROOT_INO};
 use crate::num::usize_from;
@@ -17,85 +28,99 @@ pub const MAX_FILE_SIZE: u64 = 1 << 40;
 
 pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
 pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
-const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+
+/// What a heap allocation costs beyond its bytes (malloc's header and
+/// rounding), counted for each name, path and xattr the builder keeps.
+const ALLOC_OVERHEAD: u64 = 16;
 
 fn err(msg: impl Into<String>) -> FormatError {
     FormatError::Toc(msg.into())
 }
 
-/// Builds the index of a layer from its TOC. `toc_offset` bounds every
-/// payload offset; the TOC is consumed so its memory is freed as soon as the
-/// (more compact) index exists.
+fn slot(ino: u64) -> usize {
+    usize_from(ino - 1)
+}
+
+fn len64(n: usize) -> u64 {
+    // usize is at most 64 bits on every target tarn builds for.
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// The memory one layer's index may take while it is built: the TOC as
+/// fetched and decompressed, and the builder's and the finished index's
+/// structures. Past it the layer is refused
+/// ([`FormatError::IndexBudget`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexBudget {
+    /// The bound, bytes.
+    pub limit: u64,
+    /// What is already spent before the first entry (the TOC's bytes).
+    pub spent: u64,
+}
+
+impl IndexBudget {
+    /// Default per-layer bound: a node can afford it for a few layers
+    /// opening at once; it holds a TOC of a few hundred thousand entries
+    /// (250,000 of 130 bytes of JSON each, measured).
+    pub const DEFAULT_LIMIT: u64 = 256 << 20;
+
+    pub fn new(limit: u64) -> IndexBudget {
+        IndexBudget { limit, spent: 0 }
+    }
+
+    /// No bound (tools and tests that build a TOC already in hand).
+    pub fn unlimited() -> IndexBudget {
+        IndexBudget::new(u64::MAX)
+    }
+
+    fn refuse(&self, entries: u64) -> FormatError {
+        FormatError::IndexBudget {
+            limit: self.limit,
+            entries,
+        }
+    }
+}
+
+impl Default for IndexBudget {
+    fn default() -> IndexBudget {
+        IndexBudget::new(IndexBudget::DEFAULT_LIMIT)
+    }
+}
+
+/// Builds the index of a layer from a TOC already decoded into a list
+/// (tools and tests; a layer's opening streams, see
+/// [`build_index_from_json`]). `toc_offset` bounds every payload offset.
 pub fn build_index(
     toc: Toc<'_>,
     blob_size: u64,
     toc_offset: u64,
 ) -> Result<LayerIndex, FormatError> {
-    if toc_offset > blob_size {
-        return Err(err(format!(
-            "TOC offset {toc_offset} is beyond the blob size {blob_size}"
-        )));
-    }
-    if toc.entries.len() > MAX_TOC_ENTRIES {
-        return Err(err(format!(
-            "{} entries is more than the limit of {MAX_TOC_ENTRIES}",
-            toc.entries.len()
-        )));
-    }
-    let starts = member_starts(&toc.entries, toc_offset)?;
-    let mut b = Builder::new(starts, toc_offset);
-    let mut hardlinks = Vec::new();
+    let mut b = Builder::new(blob_size, toc_offset, IndexBudget::unlimited())?;
     for entry in toc.entries {
-        b.entry(entry, &mut hardlinks)?;
+        b.entry(entry)?;
     }
-    b.finish_file()?;
-    for (path, target) in hardlinks {
-        b.hardlink(path, &target)?;
-    }
-    b.finish(blob_size)
+    b.finish()
 }
 
-/// Sorted, distinct blob offsets where a payload's gzip member starts; each
-/// chunk's compressed range ends at the next one (or at the TOC).
-fn member_starts(entries: &[TocEntry<'_>], toc_offset: u64) -> Result<Vec<u64>, FormatError> {
-    let mut starts = Vec::new();
-    for e in entries {
-        let has_payload = e.kind == "chunk" || (e.kind == "reg" && e.size > 0);
-        if has_payload {
-            if e.offset >= toc_offset {
-                return Err(err(format!(
-                    "{:?}: offset {} is not before the TOC at {toc_offset}",
-                    e.name, e.offset
-                )));
-            }
-            starts.push(e.offset);
-        }
+/// Builds the index of a layer from its TOC JSON, each entry as it is
+/// decoded, within `budget` (the JSON's bytes are charged to it, and
+/// given back before the index is assembled).
+pub fn build_index_from_json(
+    json: TocJson,
+    blob_size: u64,
+    toc_offset: u64,
+    mut budget: IndexBudget,
+) -> Result<LayerIndex, FormatError> {
+    let json_bytes = len64(json.json.capacity());
+    budget.spent = budget.spent.saturating_add(json_bytes);
+    if budget.spent > budget.limit {
+        return Err(budget.refuse(0));
     }
-    starts.sort_unstable();
-    starts.dedup();
-    Ok(starts)
-}
-
-/// Splits a TOC name into clean components: leading `./` and `/`, repeated
-/// and trailing slashes and `.` components go; `..` is refused. The root is
-/// the empty path.
-pub(crate) fn normalize(name: &str) -> Result<String, FormatError> {
-    let mut out = String::with_capacity(name.len());
-    for c in name.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return Err(err(format!("{name:?}: a name with '..' escapes the layer"))),
-            c => {
-                if !out.is_empty() {
-                    out.push('/');
-                }
-                out.push_str(c);
-            }
-        }
-    }
-    Ok(out)
+    let mut b = Builder::new(blob_size, toc_offset, budget)?;
+    for_each_entry(&json.json, |e| b.entry(e))?;
+    drop(json);
+    b.budget.spent -= json_bytes;
+    b.finish()
 }
 
 fn split_parent(path: &str) -> (&str, &str) {
@@ -111,7 +136,7 @@ fn parse_digest(name: &str, field: &str, s: &str) -> Result<Option<Digest>, Form
     }
     s.parse()
         .map(Some)
-        .map_err(|e| err(format!("{name:?}: bad {field}: {e}")))
+        .map_err(|e| err(format!("{}: bad {field}: {e}", Shown(name))))
 }
 
 /// A regular file whose chunk entries are still arriving.
@@ -125,41 +150,152 @@ struct OpenFile {
     chunks: Vec<(Chunk, Option<Digest>)>,
 }
 
+/// Entries of one kind left out of the index: how many, and the first.
+#[derive(Default)]
+struct Dropped {
+    count: u64,
+    first: Option<String>,
+}
+
+impl Dropped {
+    fn note(&mut self, what: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some(what());
+        }
+    }
+
+    /// One line per layer, not per entry: a hostile TOC must not flood
+    /// the log either.
+    fn log(&self, what: &str) {
+        if let Some(first) = &self.first {
+            tracing::warn!(count = self.count, first = %first, "{what}");
+        }
+    }
+}
+
 struct Builder {
     inodes: Vec<InodeSpec>,
     chunks: Vec<Chunk>,
     paths: HashMap<String, u64>,
     opaque: HashSet<u64>,
+    /// Blob offsets where a payload's gzip member starts; each chunk's
+    /// compressed range ends at the next one (or at the TOC).
     starts: Vec<u64>,
+    hardlinks: Vec<(String, String)>,
+    blob_size: u64,
     toc_offset: u64,
     prefetch: Option<std::ops::Range<u64>>,
     open: Option<OpenFile>,
+    budget: IndexBudget,
+    entries: u64,
+    /// Heap bytes of what the builder keeps besides its big vectors (paths,
+    /// names, link targets, xattrs, directory entries).
+    kept: u64,
+    /// Of `kept`, what the finished index stores again (names, targets,
+    /// xattrs) while the builder still holds it.
+    index_bytes: u64,
+    overlay_xattrs: Dropped,
+    aufs_meta: Dropped,
 }
 
 impl Builder {
-    fn new(starts: Vec<u64>, toc_offset: u64) -> Builder {
-        Builder {
+    fn new(blob_size: u64, toc_offset: u64, budget: IndexBudget) -> Result<Builder, FormatError> {
+        if toc_offset > blob_size {
+            return Err(err(format!(
+                "TOC offset {toc_offset} is beyond the blob size {blob_size}"
+            )));
+        }
+        Ok(Builder {
             inodes: vec![implicit_dir(ROOT_INO)],
             chunks: Vec::new(),
             paths: HashMap::from([(String::new(), ROOT_INO)]),
             opaque: HashSet::new(),
-            starts,
+            starts: Vec::new(),
+            hardlinks: Vec::new(),
+            blob_size,
             toc_offset,
             prefetch: None,
             open: None,
-        }
+            budget,
+            entries: 0,
+            kept: 0,
+            index_bytes: 0,
+            overlay_xattrs: Dropped::default(),
+            aufs_meta: Dropped::default(),
+        })
     }
 
-    fn entry(
-        &mut self,
-        e: TocEntry<'_>,
-        hardlinks: &mut Vec<(String, String)>,
-    ) -> Result<(), FormatError> {
+    /// Heap bytes the builder holds now (its vectors by capacity, a hash
+    /// table's slots at twice theirs: it holds both tables while it grows).
+    fn held(&self) -> u64 {
+        let open = self.open.as_ref().map_or(0, |f| {
+            f.chunks.capacity() * size_of::<(Chunk, Option<Digest>)>()
+        });
+        let vectors = self.inodes.capacity() * size_of::<InodeSpec>()
+            + self.chunks.capacity() * size_of::<Chunk>()
+            + self.starts.capacity() * size_of::<u64>()
+            + self.hardlinks.capacity() * size_of::<(String, String)>()
+            + self.paths.capacity() * (size_of::<(String, u64)>() + 1) * 2
+            + open;
+        len64(vectors).saturating_add(self.kept)
+    }
+
+    /// What the finished index will take besides what the builder already
+    /// holds: fixed-size records per inode and directory entry.
+    fn index_estimate(&self) -> u64 {
+        // Node (24) + Dirent (8) + an attribute slot, per inode.
+        len64(self.inodes.len()) * 48 + self.index_bytes
+    }
+
+    fn check_budget(&self) -> Result<(), FormatError> {
+        let used = self
+            .budget
+            .spent
+            .saturating_add(self.held())
+            .saturating_add(self.index_estimate());
+        if used > self.budget.limit {
+            return Err(self.budget.refuse(self.entries));
+        }
+        Ok(())
+    }
+
+    /// One TOC entry, then the budget checked.
+    fn entry(&mut self, e: TocEntry<'_>) -> Result<(), FormatError> {
+        self.entries += 1;
+        if self.entries > len64(MAX_TOC_ENTRIES) {
+            return Err(err(format!(
+                "more entries than the limit of {MAX_TOC_ENTRIES}"
+            )));
+        }
+        self.payload_start(&e)?;
+        self.add_entry(e)?;
+        self.check_budget()
+    }
+
+    /// Notes where the entry's payload member starts, if it has one.
+    fn payload_start(&mut self, e: &TocEntry<'_>) -> Result<(), FormatError> {
+        let has_payload = e.kind == "chunk" || (e.kind == "reg" && e.size > 0);
+        if has_payload {
+            if e.offset >= self.toc_offset {
+                return Err(err(format!(
+                    "{}: offset {} is not before the TOC at {}",
+                    Shown(&e.name),
+                    e.offset,
+                    self.toc_offset
+                )));
+            }
+            self.starts.push(e.offset);
+        }
+        Ok(())
+    }
+
+    fn add_entry(&mut self, e: TocEntry<'_>) -> Result<(), FormatError> {
         if e.kind == "chunk" {
             return self.chunk(&e);
         }
         self.finish_file()?;
-        let path = normalize(&e.name)?;
+        let path = clean_path(&e.name)?;
         let (parent, base) = split_parent(&path);
         if parent.is_empty()
             && [TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK].contains(&base)
@@ -169,25 +305,29 @@ impl Builder {
             }
             return self.skip_file(path, &e);
         }
-        if base == OPAQUE_WHITEOUT {
-            let dir = self.dir(parent)?;
-            self.opaque.insert(dir);
-            return self.skip_file(path, &e);
-        }
-        if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.is_empty() {
-                return Err(err(format!("{:?}: whiteout of an empty name", e.name)));
+        match classify(&e.name, base)? {
+            Base::Plain => {}
+            Base::Opaque => {
+                let dir = self.dir(parent)?;
+                self.opaque.insert(dir);
+                return self.skip_file(path, &e);
             }
-            let target = if parent.is_empty() {
-                hidden.to_string()
-            } else {
-                format!("{parent}/{hidden}")
-            };
-            let mut ino = self.inode_of(&e, FileKind::CharDev)?;
-            (ino.mode, ino.uid, ino.gid, ino.rdev, ino.size) = (0, 0, 0, (0, 0), 0);
-            ino.xattrs.clear();
-            self.insert(&target, ino)?;
-            return self.skip_file(path, &e);
+            Base::AufsMeta => {
+                self.aufs_meta.note(|| path.clone());
+                return self.skip_file(path, &e);
+            }
+            Base::Whiteout(hidden) => {
+                let target = if parent.is_empty() {
+                    hidden.to_string()
+                } else {
+                    format!("{parent}/{hidden}")
+                };
+                let mut ino = self.inode_of(&e, FileKind::CharDev)?;
+                (ino.mode, ino.uid, ino.gid, ino.rdev, ino.size) = (0, 0, 0, (0, 0), 0);
+                ino.xattrs.clear();
+                self.insert(&target, ino)?;
+                return self.skip_file(path, &e);
+            }
         }
         let kind = match &*e.kind {
             "dir" => FileKind::Dir,
@@ -197,17 +337,25 @@ impl Builder {
             "block" => FileKind::BlockDev,
             "fifo" => FileKind::Fifo,
             "hardlink" => {
-                let target = normalize(&e.link_name)?;
+                let target = clean_path(&e.link_name)?;
                 if path.is_empty() || target.is_empty() {
                     return Err(err(format!(
-                        "hardlink {:?} -> {:?}: not a file",
-                        e.name, e.link_name
+                        "hardlink {} -> {}: not a file",
+                        Shown(&e.name),
+                        Shown(&e.link_name)
                     )));
                 }
-                hardlinks.push((path, target));
+                self.kept += len64(path.len() + target.len()) + 2 * ALLOC_OVERHEAD;
+                self.hardlinks.push((path, target));
                 return Ok(());
             }
-            other => return Err(err(format!("{:?}: unknown entry type {other:?}", e.name))),
+            other => {
+                return Err(err(format!(
+                    "{}: unknown entry type {}",
+                    Shown(&e.name),
+                    Shown(other)
+                )));
+            }
         };
         let mut ino = self.inode_of(&e, kind)?;
         let whole = parse_digest(&e.name, "digest", &e.digest)?;
@@ -218,8 +366,9 @@ impl Builder {
         if kind == FileKind::Reg {
             if e.size > MAX_FILE_SIZE {
                 return Err(err(format!(
-                    "{:?}: size {} is larger than the limit of {MAX_FILE_SIZE}",
-                    e.name, e.size
+                    "{}: size {} is larger than the limit of {MAX_FILE_SIZE}",
+                    Shown(&e.name),
+                    e.size
                 )));
             }
             self.open = Some(OpenFile {
@@ -257,20 +406,36 @@ impl Builder {
     }
 
     /// The attributes common to every kind, checked.
-    fn inode_of(&self, e: &TocEntry<'_>, kind: FileKind) -> Result<InodeSpec, FormatError> {
+    fn inode_of(&mut self, e: &TocEntry<'_>, kind: FileKind) -> Result<InodeSpec, FormatError> {
         let id = |v: u64, what: &str| {
-            u32::try_from(v).map_err(|_| err(format!("{:?}: {what} {v} is out of range", e.name)))
+            u32::try_from(v)
+                .map_err(|_| err(format!("{}: {what} {v} is out of range", Shown(&e.name))))
         };
         let mtime = if e.mod_time.is_empty() {
             0
         } else {
-            rfc3339::parse(&e.mod_time).map_err(|m| err(format!("{:?}: {m}", e.name)))?
+            rfc3339::parse(&e.mod_time).map_err(|m| err(format!("{}: {m}", Shown(&e.name))))?
         };
         let mut xattrs = Vec::with_capacity(e.xattrs.len());
         for (k, v) in &e.xattrs {
+            if is_overlay_private(k) {
+                self.overlay_xattrs
+                    .note(|| format!("{} on {}", Shown(k), Shown(&e.name)));
+                continue;
+            }
             let value = base64::engine::general_purpose::STANDARD
                 .decode(v)
-                .map_err(|x| err(format!("{:?}: bad base64 in xattr {k:?}: {x}", e.name)))?;
+                .map_err(|x| {
+                    err(format!(
+                        "{}: bad base64 in xattr {}: {x}",
+                        Shown(&e.name),
+                        Shown(k)
+                    ))
+                })?;
+            check_xattr(&e.name, k, &value)?;
+            let bytes = len64(k.len() + value.len() + size_of::<super::super::Xattr>());
+            self.kept += bytes + 2 * ALLOC_OVERHEAD;
+            self.index_bytes += bytes + 2 * ALLOC_OVERHEAD;
             xattrs.push((k.as_bytes().into(), value.into_boxed_slice()));
         }
         let (rdev, link_target): ((u32, u32), Box<[u8]>) = match kind {
@@ -281,17 +446,24 @@ impl Builder {
                 ),
                 Box::default(),
             ),
-            FileKind::Symlink => ((0, 0), e.link_name.as_bytes().into()),
+            FileKind::Symlink => {
+                check_symlink_target(&e.name, &e.link_name)?;
+                let target = len64(e.link_name.len());
+                self.kept += target + ALLOC_OVERHEAD;
+                self.index_bytes += target;
+                ((0, 0), e.link_name.as_bytes().into())
+            }
             _ => ((0, 0), Box::default()),
         };
         let size = match kind {
             FileKind::Reg => e.size,
-            FileKind::Symlink => link_target.len() as u64,
+            FileKind::Symlink => len64(link_target.len()),
             _ => 0,
         };
         Ok(InodeSpec {
             kind,
-            mode: (e.mode & 0o7777) as u32,
+            // Masked to 12 bits: fits.
+            mode: u32::try_from(e.mode & 0o7777).unwrap_or(0),
             uid: id(e.uid, "uid")?,
             gid: id(e.gid, "gid")?,
             mtime,
@@ -312,17 +484,18 @@ impl Builder {
     fn chunk(&mut self, e: &TocEntry<'_>) -> Result<(), FormatError> {
         let Some(f) = self.open.as_mut() else {
             return Err(err(format!(
-                "chunk entry {:?} does not follow a regular file",
-                e.name
+                "chunk entry {} does not follow a regular file",
+                Shown(&e.name)
             )));
         };
-        if e.kind == "chunk" && !e.name.is_empty() && normalize(&e.name)? != f.path {
+        if e.kind == "chunk" && !e.name.is_empty() && clean_path(&e.name)? != f.path {
             return Err(err(format!(
-                "chunk entry {:?} follows a different file {:?}",
-                e.name, f.path
+                "chunk entry {} follows a different file {}",
+                Shown(&e.name),
+                Shown(&f.path)
             )));
         }
-        let name = &f.path;
+        let name = Shown(&f.path);
         if e.chunk_offset != f.covered {
             let what = if e.chunk_offset > f.covered {
                 "a gap"
@@ -330,13 +503,13 @@ impl Builder {
                 "an overlap"
             };
             return Err(err(format!(
-                "{name:?}: chunk at {} leaves {what} after {} bytes",
+                "{name}: chunk at {} leaves {what} after {} bytes",
                 e.chunk_offset, f.covered
             )));
         }
         if e.chunk_offset >= f.size {
             return Err(err(format!(
-                "{name:?}: chunk at {} is beyond the file's size {}",
+                "{name}: chunk at {} is beyond the file's size {}",
                 e.chunk_offset, f.size
             )));
         }
@@ -347,21 +520,20 @@ impl Builder {
         };
         if size > f.size - e.chunk_offset {
             return Err(err(format!(
-                "{name:?}: chunk [{}, +{size}) runs past the file's size {}",
+                "{name}: chunk [{}, +{size}) runs past the file's size {}",
                 e.chunk_offset, f.size
             )));
         }
-        // member_starts checked offset < toc_offset for every payload entry.
-        let i = self.starts.partition_point(|&s| s <= e.offset);
-        let end = self.starts.get(i).copied().unwrap_or(self.toc_offset);
         let chunk = Chunk {
             file_offset: e.chunk_offset,
             size,
             digest: Digest([0; 32]),
-            blob_range: (e.offset, end),
+            // The end is the next member's start, known once every entry
+            // is in (`finish`).
+            blob_range: (e.offset, e.offset),
             inner_offset: e.inner_offset,
         };
-        let digest = parse_digest(name, "chunkDigest", &e.chunk_digest)?;
+        let digest = parse_digest(&f.path, "chunkDigest", &e.chunk_digest)?;
         f.covered += size;
         if f.ino.is_some() {
             f.chunks.push((chunk, digest));
@@ -377,8 +549,10 @@ impl Builder {
         };
         if f.covered != f.size {
             return Err(err(format!(
-                "{:?}: chunks cover {} of its {} bytes",
-                f.path, f.covered, f.size
+                "{}: chunks cover {} of its {} bytes",
+                Shown(&f.path),
+                f.covered,
+                f.size
             )));
         }
         let Some(ino) = f.ino else {
@@ -391,14 +565,15 @@ impl Builder {
                 (Some(d), _) => d,
                 (None, true) => f.whole.ok_or_else(|| {
                     err(format!(
-                        "{:?}: no chunkDigest nor digest: cannot verify",
-                        f.path
+                        "{}: no chunkDigest nor digest: cannot verify",
+                        Shown(&f.path)
                     ))
                 })?,
                 (None, false) => {
                     return Err(err(format!(
-                        "{:?}: chunk at {} has no chunkDigest: cannot verify",
-                        f.path, chunk.file_offset
+                        "{}: chunk at {} has no chunkDigest: cannot verify",
+                        Shown(&f.path),
+                        chunk.file_offset
                     )));
                 }
             };
@@ -408,36 +583,58 @@ impl Builder {
             .ok()
             .zip(u32::try_from(self.chunks.len()).ok())
             .ok_or_else(|| err("too many chunks"))?;
-        let inode = &mut self.inodes[usize_from(ino - 1)];
+        let inode = &mut self.inodes[slot(ino)];
         inode.chunks = range.0..range.1;
         inode.digest = f.whole;
         Ok(())
     }
 
     /// The directory at `path`, created (with its parents) if implicit.
+    /// Iterative: a path's depth is the input's to choose.
     fn dir(&mut self, path: &str) -> Result<u64, FormatError> {
-        if let Some(&ino) = self.paths.get(path) {
-            if self.inodes[usize_from(ino - 1)].kind != FileKind::Dir {
-                return Err(err(format!(
-                    "{path:?} is used as a directory but is not one"
-                )));
+        // The longest prefix that exists (the root always does), walking up.
+        let mut end = path.len();
+        let mut ino = loop {
+            if let Some(&ino) = self.paths.get(&path[..end]) {
+                if self.inodes[slot(ino)].kind != FileKind::Dir {
+                    return Err(err(format!(
+                        "{} is used as a directory but is not one",
+                        Shown(&path[..end])
+                    )));
+                }
+                break ino;
             }
-            return Ok(ino);
+            end = path[..end].rfind('/').unwrap_or(0);
+        };
+        // Then the missing ones, walking down.
+        while end < path.len() {
+            let start = if end == 0 { 0 } else { end + 1 };
+            let next = path[start..].find('/').map_or(path.len(), |i| start + i);
+            ino = self.add(&path[..next], &path[start..next], ino, implicit_dir(ino));
+            end = next;
         }
-        let (parent, base) = split_parent(path);
-        let parent_ino = self.dir(parent)?;
-        Ok(self.add(path, base, parent_ino, implicit_dir(parent_ino)))
+        Ok(ino)
     }
 
     fn add(&mut self, path: &str, base: &str, parent: u64, mut inode: InodeSpec) -> u64 {
         inode.parent = parent;
         self.inodes.push(inode);
-        let ino = self.inodes.len() as u64;
-        self.inodes[usize_from(parent - 1)]
+        let ino = len64(self.inodes.len());
+        self.inodes[slot(parent)]
             .children
             .push((base.as_bytes().into(), ino));
         self.paths.insert(path.to_string(), ino);
+        self.note_name(path, base);
         ino
+    }
+
+    /// Accounts for a name added under `path`: the path kept for lookups,
+    /// the entry in its directory (whose vector may be twice its length),
+    /// and the name stored again in the index.
+    fn note_name(&mut self, path: &str, base: &str) {
+        let entry = len64(size_of::<(Box<[u8]>, u64)>());
+        self.kept += len64(path.len() + base.len()) + 2 * ALLOC_OVERHEAD + 2 * entry;
+        self.index_bytes += len64(base.len());
     }
 
     /// Adds `inode` at `path`. Returns its number, or None when an
@@ -447,7 +644,7 @@ impl Builder {
             return Err(err("an entry with an empty name is not the root directory"));
         }
         if let Some(&ino) = self.paths.get(path) {
-            let old = &mut self.inodes[usize_from(ino - 1)];
+            let old = &mut self.inodes[slot(ino)];
             if old.kind == FileKind::Dir && inode.kind == FileKind::Dir {
                 // An explicit entry for a directory seen before (implicitly
                 // or not) sets its attributes; the last one wins, as in tar.
@@ -460,7 +657,8 @@ impl Builder {
                 return Ok(None);
             }
             return Err(err(format!(
-                "{path:?} appears twice with different content or type"
+                "{} appears twice with different content or type",
+                Shown(path)
             )));
         }
         let (parent, base) = split_parent(path);
@@ -471,12 +669,16 @@ impl Builder {
     fn hardlink(&mut self, path: String, target: &str) -> Result<(), FormatError> {
         let Some(&ino) = self.paths.get(target) else {
             return Err(err(format!(
-                "hardlink {path:?}: target {target:?} does not exist"
+                "hardlink {}: target {} does not exist",
+                Shown(&path),
+                Shown(target)
             )));
         };
-        if self.inodes[usize_from(ino - 1)].kind == FileKind::Dir {
+        if self.inodes[slot(ino)].kind == FileKind::Dir {
             return Err(err(format!(
-                "hardlink {path:?}: target {target:?} is a directory"
+                "hardlink {}: target {} is a directory",
+                Shown(&path),
+                Shown(target)
             )));
         }
         if let Some(&existing) = self.paths.get(&path) {
@@ -484,24 +686,45 @@ impl Builder {
                 return Ok(());
             }
             return Err(err(format!(
-                "{path:?} appears twice with different content or type"
+                "{} appears twice with different content or type",
+                Shown(&path)
             )));
         }
         let (parent, base) = split_parent(&path);
         let parent_ino = self.dir(parent)?;
-        self.inodes[usize_from(parent_ino - 1)]
+        self.inodes[slot(parent_ino)]
             .children
             .push((base.as_bytes().into(), ino));
-        self.inodes[usize_from(ino - 1)].nlink += 1;
+        self.inodes[slot(ino)].nlink += 1;
+        self.note_name(&path, base);
         self.paths.insert(path, ino);
         Ok(())
     }
 
-    fn finish(mut self, blob_size: u64) -> Result<LayerIndex, FormatError> {
+    fn finish(mut self) -> Result<LayerIndex, FormatError> {
+        self.finish_file()?;
+        for (path, target) in std::mem::take(&mut self.hardlinks) {
+            self.hardlink(path, &target)?;
+            self.check_budget()?;
+        }
+        self.overlay_xattrs
+            .log("dropped overlay-private xattrs from the layer's TOC");
+        self.aufs_meta
+            .log("dropped AUFS metadata entries from the layer's TOC");
+        // Each chunk's compressed range ends where the next member starts.
+        let mut starts = std::mem::take(&mut self.starts);
+        starts.sort_unstable();
+        starts.dedup();
+        for c in &mut self.chunks {
+            let i = starts.partition_point(|&s| s <= c.blob_range.0);
+            c.blob_range.1 = starts.get(i).copied().unwrap_or(self.toc_offset);
+        }
+        drop(starts);
         for &ino in &self.opaque {
-            let d = &mut self.inodes[usize_from(ino - 1)];
-            d.xattrs.retain(|(k, _)| &**k != OPAQUE_XATTR);
-            d.xattrs.push((OPAQUE_XATTR.into(), b"y".as_slice().into()));
+            let d = &mut self.inodes[slot(ino)];
+            d.xattrs.retain(|(k, _)| &**k != OPAQUE_XATTR.as_bytes());
+            d.xattrs
+                .push((OPAQUE_XATTR.as_bytes().into(), b"y".as_slice().into()));
         }
         let kinds: Vec<FileKind> = self.inodes.iter().map(|i| i.kind).collect();
         for inode in &mut self.inodes {
@@ -509,21 +732,15 @@ impl Builder {
                 let subdirs = inode
                     .children
                     .iter()
-                    .filter(|(_, c)| kinds[usize_from(*c - 1)] == FileKind::Dir)
+                    .filter(|(_, c)| kinds[slot(*c)] == FileKind::Dir)
                     .count();
-                // A TOC's entries are capped far below u32::MAX, so this
-                // only refuses a layer the index would refuse anyway.
-                inode.nlink = u32::try_from(subdirs)
-                    .ok()
-                    .and_then(|n| n.checked_add(2))
-                    .ok_or_else(|| {
-                        FormatError::Toc(format!("a directory has {subdirs} subdirectories"))
-                    })?;
+                inode.nlink = u32::try_from(subdirs).map_or(u32::MAX, |n| n.saturating_add(2));
             }
         }
+        drop(kinds);
         // Everything built so far is transient; the index is the compact copy.
         drop(self.paths);
-        LayerIndex::new(self.inodes, self.chunks, blob_size, self.prefetch)
+        LayerIndex::new(self.inodes, self.chunks, self.blob_size, self.prefetch)
     }
 }
 
@@ -558,3 +775,6 @@ fn same_file(a: &InodeSpec, b: &InodeSpec) -> bool {
         && a.link_target == b.link_target
         && a.xattrs == b.xattrs
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,12 +1,12 @@
 //! [`Estargz`], the eStargz [`Format`]: the index from the footer and TOC
 //! at the blob's end, chunks by gunzip and sha256.
 
-use std::borrow::Cow;
+use std::io::Read;
 
-use super::build::build_index;
+use super::build::{IndexBudget, build_index_from_json};
 use super::decode;
 use super::footer::parse_footer;
-use super::toc::decode_toc;
+use super::toc::decode_toc_within;
 use crate::Digest;
 use crate::format::{Chunk, Format, FormatError, IndexStep, Piece};
 use crate::num::usize_from;
@@ -16,9 +16,24 @@ use crate::num::usize_from;
 /// larger than this costs a second GET, of the part the first did not bring.
 pub const TAIL_FETCH: u64 = 256 << 10;
 
-/// The eStargz format.
+/// The eStargz format, with the memory bound of one layer's index.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Estargz;
+pub struct Estargz {
+    budget: IndexBudget,
+}
+
+impl Estargz {
+    /// The format with a per-layer index budget of `bytes`: the TOC as
+    /// fetched, its JSON and the index built from it must fit in it, or
+    /// the layer is refused ([`FormatError::IndexBudget`]) as soon as that
+    /// is known (before the TOC is fetched, if its compressed size alone
+    /// is over).
+    pub fn with_max_index_bytes(bytes: u64) -> Estargz {
+        Estargz {
+            budget: IndexBudget::new(bytes),
+        }
+    }
+}
 
 impl Format for Estargz {
     /// The tail first; then, only if its TOC begins before the tail, the
@@ -41,18 +56,26 @@ impl Format for Estargz {
             )));
         }
         let loc = parse_footer(&tail.bytes, blob_size)?;
-        let toc: Cow<'_, [u8]> = match (loc.toc_in_tail.clone(), fetched.get(1)) {
-            (Some(r), _) => Cow::Borrowed(&tail.bytes[r]),
+        let mut budget = self.budget;
+        let compressed = loc.toc_range.end - loc.toc_range.start;
+        if compressed > budget.limit {
+            // Refused before it is fetched: the TOC alone is over.
+            return Err(FormatError::IndexBudget {
+                limit: budget.limit,
+                entries: 0,
+            });
+        }
+        // The TOC member's bytes, read where they are: the tail, or the
+        // part before it then the tail, never joined into a copy.
+        let toc: Box<dyn Read + '_> = match (loc.toc_in_tail.clone(), fetched.get(1)) {
+            (Some(r), _) => Box::new(&tail.bytes[r]),
             // Only the part before the tail: the rest is in hand.
             (None, None) => return Ok(IndexStep::Fetch(loc.toc_range.start..tail.offset)),
             (None, Some(head))
                 if head.offset == loc.toc_range.start && head.end() == tail.offset =>
             {
                 let in_tail = usize_from(loc.toc_range.end - tail.offset);
-                let mut toc = Vec::with_capacity(head.bytes.len() + in_tail);
-                toc.extend_from_slice(&head.bytes);
-                toc.extend_from_slice(&tail.bytes[..in_tail]);
-                Cow::Owned(toc)
+                Box::new((&head.bytes[..]).chain(&tail.bytes[..in_tail]))
             }
             (None, Some(head)) => {
                 return Err(FormatError::Toc(format!(
@@ -62,8 +85,14 @@ impl Format for Estargz {
                 )));
             }
         };
-        let json = decode_toc(&toc)?;
-        drop(toc);
+        // The fetched TOC stays in memory while the index is built.
+        budget.spent = compressed;
+        let json = decode_toc_within(toc, budget.limit - compressed, |_| {
+            FormatError::IndexBudget {
+                limit: budget.limit,
+                entries: 0,
+            }
+        })?;
         if let Some(expected) = expected
             && json.digest != expected
         {
@@ -72,7 +101,7 @@ impl Format for Estargz {
                 actual: json.digest,
             });
         }
-        let index = build_index(json.parse()?, blob_size, loc.toc_offset)?;
+        let index = build_index_from_json(json, blob_size, loc.toc_offset, budget)?;
         Ok(IndexStep::Ready {
             index,
             data_end: loc.toc_offset,

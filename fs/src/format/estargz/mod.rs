@@ -9,9 +9,11 @@
 //! 2. [`decode_toc`] on the TOC range gives the JSON and its digest (compare
 //!    it to the layer's `containerd.io/snapshot/stargz/toc.digest`
 //!    annotation); [`TocJson::parse`] then gives the [`Toc`];
-//! 3. [`build_index`] turns the TOC into a compact [`LayerIndex`], refusing
-//!    hostile input (escaping names, conflicting duplicates, offsets past the
-//!    TOC, chunk gaps, unverifiable files, absurd sizes);
+//! 3. [`build_index_from_json`] turns the TOC into a compact [`LayerIndex`]
+//!    as its entries are decoded, within the layer's [`IndexBudget`],
+//!    refusing hostile input (names that are not names, see `names.rs`;
+//!    conflicting duplicates, offsets past the TOC, chunk gaps,
+//!    unverifiable files, absurd sizes);
 //! 4. for each chunk read, fetch `chunk.blob_range()` and call
 //!    [`Estargz`]'s [`Format::decode_chunk`]: it returns the bytes only if
 //!    their sha256 matches.
@@ -31,6 +33,7 @@ mod build;
 mod decode;
 mod footer;
 mod format;
+mod names;
 mod rfc3339;
 mod toc;
 #[cfg(any(test, feature = "writer"))]
@@ -39,9 +42,13 @@ pub mod write;
 #[cfg(test)]
 mod tests;
 
-pub use build::{MAX_FILE_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, build_index};
+pub use build::{
+    IndexBudget, MAX_FILE_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, build_index,
+    build_index_from_json,
+};
 pub use footer::{FOOTER_SIZE, LEGACY_FOOTER_SIZE, TocLocation, footer_bytes, parse_footer};
 pub use format::{Estargz, TAIL_FETCH};
+pub use names::{NAME_MAX, PATH_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX};
 pub use toc::{
     MAX_TOC_ENTRIES, MAX_TOC_JSON, TOC_TAR_NAME, Toc, TocEntry, TocJson, decode_toc, parse_toc_json,
 };

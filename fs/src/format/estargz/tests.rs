@@ -366,7 +366,7 @@ fn file_content(c: &Converted, ino: &Inode) -> Vec<u8> {
     for chunk in c.index.file_chunks(ino) {
         assert_eq!(chunk.file_offset, out.len() as u64);
         let r = chunk.blob_range();
-        let bytes = Estargz
+        let bytes = Estargz::default()
             .decode_chunk(chunk, &c.blob[usize_from(r.start)..usize_from(r.end)])
             .unwrap();
         out.extend_from_slice(&bytes);
@@ -595,7 +595,7 @@ fn tampered_and_truncated_chunks_are_refused() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut gz, &plain).unwrap();
     let forged = gz.finish().unwrap();
-    match Estargz.decode_chunk(&chunk, &forged) {
+    match Estargz::default().decode_chunk(&chunk, &forged) {
         Err(FormatError::ChunkDigestMismatch { expected, actual }) => {
             assert_eq!(expected, chunk.digest);
             assert_ne!(actual, expected);
@@ -603,20 +603,20 @@ fn tampered_and_truncated_chunks_are_refused() {
         other => panic!("want a digest mismatch, got {other:?}"),
     }
     // A short range, garbage, and a bit flip in the deflate stream.
-    let e = Estargz
+    let e = Estargz::default()
         .decode_chunk(&chunk, &member[..member.len() / 2])
         .unwrap_err();
     assert!(matches!(e, FormatError::Corrupt(_)), "{e}");
-    let e = Estargz
+    let e = Estargz::default()
         .decode_chunk(&chunk, b"not gzip at all")
         .unwrap_err();
     assert!(matches!(e, FormatError::Corrupt(_)), "{e}");
     let mut flipped = member.to_vec();
     flipped[40] ^= 0x55;
-    assert!(Estargz.decode_chunk(&chunk, &flipped).is_err());
+    assert!(Estargz::default().decode_chunk(&chunk, &flipped).is_err());
     // The untouched range still decodes to the file's bytes.
     let big = &expect.iter().find(|e| e.path == "big/file").unwrap().data;
-    let ok = Estargz.decode_chunk(&chunk, member).unwrap();
+    let ok = Estargz::default().decode_chunk(&chunk, member).unwrap();
     assert_eq!(ok, big[3 * usize_from(CHUNK)..4 * usize_from(CHUNK)]);
 }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 use flate2::read::GzDecoder;
+use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::Digest;
@@ -103,36 +104,187 @@ impl TocJson {
 }
 
 /// Unpacks the TOC member, `compressed` being the blob bytes from the TOC
-/// offset up to the footer, and hashes its JSON.
+/// offset up to the footer, and hashes its JSON. The JSON may be up to
+/// [`MAX_TOC_JSON`] bytes; opening a layer bounds it by the layer's index
+/// budget instead.
 pub fn decode_toc(compressed: &[u8]) -> Result<TocJson, FormatError> {
-    let json = read_toc_json(compressed)?;
+    decode_toc_within(compressed, MAX_TOC_JSON, |size| {
+        FormatError::Toc(format!(
+            "TOC JSON of {size} bytes is larger than the limit of {MAX_TOC_JSON}"
+        ))
+    })
+}
+
+/// [`decode_toc`] from any reader of the member's bytes, refusing a JSON
+/// larger than `max_json` before reading it (with the error `too_large`
+/// makes of its size). What is decompressed is bounded too (the JSON and
+/// [`TAR_SLACK`] of tar headers), so a member that inflates without end
+/// stops there.
+pub(crate) fn decode_toc_within(
+    compressed: impl Read,
+    max_json: u64,
+    too_large: impl FnOnce(u64) -> FormatError,
+) -> Result<TocJson, FormatError> {
+    let json = read_toc_json(compressed, max_json, too_large)?;
     let digest = Digest::of(&json);
     Ok(TocJson { json, digest })
 }
 
+/// What a TOC member may decompress to beyond its JSON: the tar headers
+/// before it (a long name or PAX header would be a few KiB).
+pub const TAR_SLACK: u64 = 64 << 10;
+
 /// Parses TOC JSON, refusing absurd entry counts.
 pub fn parse_toc_json(json: &[u8]) -> Result<Toc<'_>, FormatError> {
-    let toc: Toc = serde_json::from_slice(json)
-        .map_err(|e| FormatError::Toc(format!("decoding TOC JSON: {e}")))?;
-    if toc.version != 1 {
-        return Err(FormatError::Toc(format!(
-            "unsupported TOC version {}",
-            toc.version
-        )));
-    }
-    if toc.entries.len() > MAX_TOC_ENTRIES {
-        return Err(FormatError::Toc(format!(
-            "{} entries is more than the limit of {MAX_TOC_ENTRIES}",
-            toc.entries.len()
-        )));
-    }
-    Ok(toc)
+    let mut entries = Vec::new();
+    let version = for_each_entry(json, |e| {
+        entries.push(e);
+        Ok(())
+    })?;
+    Ok(Toc { version, entries })
 }
 
-fn read_toc_json(compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+/// Calls `f` on each entry of the TOC JSON as it is decoded, so a TOC
+/// never exists as a whole list: peak memory is the JSON and what `f`
+/// keeps. Stops at the first error of `f` and returns it. Refuses
+/// versions other than 1 and more than [`MAX_TOC_ENTRIES`] entries.
+pub(crate) fn for_each_entry<'de>(
+    json: &'de [u8],
+    mut f: impl FnMut(TocEntry<'de>) -> Result<(), FormatError>,
+) -> Result<u32, FormatError> {
+    let mut failed = None;
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let decoded = serde::Deserializer::deserialize_map(
+        &mut de,
+        TocVisitor {
+            f: &mut f,
+            failed: &mut failed,
+        },
+    )
+    .and_then(|version| de.end().map(|()| version));
+    match (decoded, failed) {
+        (_, Some(e)) => Err(e),
+        (Ok(version), None) => Ok(version),
+        (Err(e), None) => Err(FormatError::Toc(format!("decoding TOC JSON: {e}"))),
+    }
+}
+
+/// The keys of the TOC object; others are skipped.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum Key {
+    Version,
+    Entries,
+    #[serde(other)]
+    Other,
+}
+
+/// Decodes `{"version":1,"entries":[...]}`, handing each entry to `f`;
+/// an error of `f` is kept in `failed` (serde's errors are strings).
+struct TocVisitor<'a, F> {
+    f: &'a mut F,
+    failed: &'a mut Option<FormatError>,
+}
+
+impl<'de, F> Visitor<'de> for TocVisitor<'_, F>
+where
+    F: FnMut(TocEntry<'de>) -> Result<(), FormatError>,
+{
+    type Value = u32;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a TOC object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u32, A::Error> {
+        let (mut version, mut entries) = (None, false);
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Version => {
+                    let v: u32 = map.next_value()?;
+                    if v != 1 {
+                        *self.failed =
+                            Some(FormatError::Toc(format!("unsupported TOC version {v}")));
+                        return Err(A::Error::custom("unsupported version"));
+                    }
+                    version = Some(v);
+                }
+                Key::Entries if entries => return Err(A::Error::duplicate_field("entries")),
+                Key::Entries => {
+                    entries = true;
+                    map.next_value_seed(EntriesSeed {
+                        f: &mut *self.f,
+                        failed: &mut *self.failed,
+                    })?;
+                }
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if !entries {
+            return Err(A::Error::missing_field("entries"));
+        }
+        version.ok_or_else(|| A::Error::missing_field("version"))
+    }
+}
+
+struct EntriesSeed<'a, F> {
+    f: &'a mut F,
+    failed: &'a mut Option<FormatError>,
+}
+
+impl<'de, F> DeserializeSeed<'de> for EntriesSeed<'_, F>
+where
+    F: FnMut(TocEntry<'de>) -> Result<(), FormatError>,
+{
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, F> Visitor<'de> for EntriesSeed<'_, F>
+where
+    F: FnMut(TocEntry<'de>) -> Result<(), FormatError>,
+{
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of TOC entries")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut count = 0usize;
+        while let Some(entry) = seq.next_element::<TocEntry<'de>>()? {
+            count += 1;
+            let done = if count > MAX_TOC_ENTRIES {
+                Err(FormatError::Toc(format!(
+                    "more entries than the limit of {MAX_TOC_ENTRIES}"
+                )))
+            } else {
+                (self.f)(entry)
+            };
+            if let Err(e) = done {
+                *self.failed = Some(e);
+                return Err(A::Error::custom("stopped"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_toc_json(
+    compressed: impl Read,
+    max_json: u64,
+    too_large: impl FnOnce(u64) -> FormatError,
+) -> Result<Vec<u8>, FormatError> {
     let corrupt = |e: std::io::Error| FormatError::Toc(format!("reading TOC member: {e}"));
-    // One member only: the footer after it is not part of the TOC.
-    let mut archive = tar::Archive::new(GzDecoder::new(compressed));
+    // One member only: the footer after it is not part of the TOC. What it
+    // inflates to is bounded, whatever its tar headers claim.
+    let inflated = GzDecoder::new(compressed).take(max_json.saturating_add(TAR_SLACK));
+    let mut archive = tar::Archive::new(inflated);
     let mut entries = archive.entries().map_err(corrupt)?;
     let mut entry = entries
         .next()
@@ -146,10 +298,8 @@ fn read_toc_json(compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
         )));
     }
     let size = entry.header().entry_size().map_err(corrupt)?;
-    if size > MAX_TOC_JSON {
-        return Err(FormatError::Toc(format!(
-            "TOC JSON of {size} bytes is larger than the limit of {MAX_TOC_JSON}"
-        )));
+    if size > max_json {
+        return Err(too_large(size));
     }
     // `size` is bounded above, so the capacity is sane.
     let mut json = Vec::with_capacity(usize_from(size));

@@ -46,13 +46,15 @@ fn ready(step: IndexStep) -> (LayerIndex, u64) {
 fn the_tail_first_then_the_index_when_the_toc_is_in_it() {
     let (blob, toc_digest) = small_blob();
     let size = blob.len() as u64;
-    let first = Estargz.index_step(&[], size, Some(toc_digest)).unwrap();
+    let first = Estargz::default()
+        .index_step(&[], size, Some(toc_digest))
+        .unwrap();
     let IndexStep::Fetch(tail) = first else {
         panic!("the tail is asked for first")
     };
     assert_eq!(tail, size - size.min(TAIL_FETCH)..size);
 
-    let step = Estargz.index_step(&[piece(&blob, tail)], size, Some(toc_digest));
+    let step = Estargz::default().index_step(&[piece(&blob, tail)], size, Some(toc_digest));
     let (index, data_end) = ready(step.unwrap());
     assert!(index.resolve("dir/b").is_some());
     let loc = parse_footer(&blob, size).unwrap();
@@ -69,7 +71,7 @@ fn a_tail_without_the_whole_toc_asks_only_for_what_it_lacks() {
     // A tail of the footer and a few TOC bytes, as if the TOC were large.
     let tail = size - FOOTER_SIZE as u64 - 10..size;
     let fetched = vec![piece(&blob, tail.clone())];
-    let step = Estargz
+    let step = Estargz::default()
         .index_step(&fetched, size, Some(toc_digest))
         .unwrap();
     let IndexStep::Fetch(head) = step else {
@@ -80,7 +82,7 @@ fn a_tail_without_the_whole_toc_asks_only_for_what_it_lacks() {
 
     let fetched = vec![fetched[0].clone(), piece(&blob, head)];
     let (index, _) = ready(
-        Estargz
+        Estargz::default()
             .index_step(&fetched, size, Some(toc_digest))
             .unwrap(),
     );
@@ -88,7 +90,11 @@ fn a_tail_without_the_whole_toc_asks_only_for_what_it_lacks() {
 
     // Anything but that range is refused, not misread.
     let wrong = vec![fetched[0].clone(), piece(&blob, 0..tail.start)];
-    assert!(Estargz.index_step(&wrong, size, Some(toc_digest)).is_err());
+    assert!(
+        Estargz::default()
+            .index_step(&wrong, size, Some(toc_digest))
+            .is_err()
+    );
 }
 
 #[test]
@@ -110,7 +116,7 @@ fn a_toc_is_checked_against_its_digest_before_it_is_parsed() {
 
     let fetched = [piece(&blob, 0..size)];
     let wrong = Digest::of(b"another TOC");
-    match Estargz.index_step(&fetched, size, Some(wrong)) {
+    match Estargz::default().index_step(&fetched, size, Some(wrong)) {
         Err(FormatError::TocDigestMismatch { expected, actual }) => {
             assert_eq!((expected, actual), (wrong, Digest::of(json)));
         }
@@ -118,9 +124,31 @@ fn a_toc_is_checked_against_its_digest_before_it_is_parsed() {
     }
     assert!(
         matches!(
-            Estargz.index_step(&fetched, size, Some(Digest::of(json))),
+            Estargz::default().index_step(&fetched, size, Some(Digest::of(json))),
             Err(FormatError::Toc(_))
         ),
         "with the right digest it is parsed, and refused as JSON"
     );
+}
+
+#[test]
+fn a_toc_larger_than_the_budget_is_refused_before_it_is_fetched() {
+    // A footer that puts the TOC at the blob's start: 4 MiB to fetch.
+    let mut blob = vec![0u8; 4 << 20];
+    blob.extend_from_slice(&footer_bytes(0));
+    let size = blob.len() as u64;
+    let format = Estargz::with_max_index_bytes(1 << 20);
+    let IndexStep::Fetch(tail) = format.index_step(&[], size, None).unwrap() else {
+        panic!("the tail first")
+    };
+    match format.index_step(&[piece(&blob, tail)], size, None) {
+        Err(e @ FormatError::IndexBudget { .. }) => {
+            assert!(e.to_string().contains("budget of 1 MiB"), "{e}");
+        }
+        other => panic!("want a refusal instead of a fetch, got {other:?}"),
+    }
+    // The same TOC within the default budget is fetched (and then found
+    // not to be one).
+    let step = Estargz::default().index_step(&[piece(&blob, size - TAIL_FETCH..size)], size, None);
+    assert!(matches!(step, Ok(IndexStep::Fetch(_))), "{step:?}");
 }

@@ -19,8 +19,10 @@ use super::error::WriteError;
 use super::tarin::{BLOCK, Kind, Meta, TarIn, read_full};
 use crate::Digest;
 use crate::digest::Hasher;
-use crate::format::estargz::build::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, normalize};
+use crate::format::estargz::build::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+// The writer cleans names as the reader does.
 use crate::format::estargz::footer::footer_bytes;
+use crate::format::estargz::names::clean_path as normalize;
 use crate::format::estargz::rfc3339;
 use crate::format::estargz::toc::{TOC_TAR_NAME, Toc, TocEntry};
 use crate::num::usize_from;
