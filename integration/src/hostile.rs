@@ -201,6 +201,11 @@ fn with_entry(e: Value) -> (Vec<u8>, Digest) {
     a.finish()
 }
 
+/// Components of class 1's name: deep enough to overflow a recursive walk
+/// on a 2 MiB worker stack, shallow enough that even an index keeping every
+/// parent's full path stays near 100 MB.
+pub const DEEP_COMPONENTS: usize = 10_000;
+
 /// Class 1: one name of `components` components whose parent directories
 /// are all implicit. Reading it back must work (the index is built by
 /// iteration; the kernel walks it one component at a time).
@@ -292,6 +297,30 @@ pub fn gzip_bomb() -> Case {
         a.finish(),
         contained(
             &["bomb.bin"],
+            &[(GOOD_NAME, GOOD_BYTES), ("after.txt", b"after the bomb\n")],
+        ),
+    )
+}
+
+/// Class 3 again, declared honestly big: the chunk claims the 1.25 GiB it
+/// decompresses to, with a wrong digest. Verifying it must stream in
+/// bounded memory (or the declared size be capped): EIO, never 1.25 GiB
+/// held at once.
+pub fn gzip_bomb_declared() -> Case {
+    let total: u64 = 1280 << 20;
+    let mut a = Assembler::new();
+    a.good();
+    let offset = a.member(&zero_bomb(total));
+    let wrong = sha(b"not the bytes of the bomb");
+    a.entry(json!({"name": "big-bomb.bin", "type": "reg", "mode": 0o644,
+        "size": total, "offset": offset, "digest": wrong, "chunkDigest": wrong}));
+    a.file("after.txt", b"after the bomb\n");
+    case(
+        "gzip-bomb-declared",
+        "3: a chunk that declares and decompresses to 1.25 GiB",
+        a.finish(),
+        contained(
+            &["big-bomb.bin"],
             &[(GOOD_NAME, GOOD_BYTES), ("after.txt", b"after the bomb\n")],
         ),
     )
@@ -487,14 +516,16 @@ pub fn small_cases() -> Vec<Case> {
     v.push(case(
         "hardlink-escape",
         held,
-        with_entry(json!({"name": "hl", "type": "hardlink", "linkName": "../../etc/passwd"})),
-        refused(&["hl"]),
+        with_entry(
+            json!({"name": "hardlink-out", "type": "hardlink", "linkName": "../../etc/passwd"}),
+        ),
+        refused(&["hardlink-out"]),
     ));
     v.push(case(
         "hardlink-absent",
         held,
-        with_entry(json!({"name": "hl2", "type": "hardlink", "linkName": "/etc/passwd"})),
-        refused(&["hl2"]),
+        with_entry(json!({"name": "hardlink-abs", "type": "hardlink", "linkName": "/etc/passwd"})),
+        refused(&["hardlink-abs"]),
     ));
     // A symlink's target is data: it is stored as written and resolved by
     // whoever follows it (the container's root), never by tarn.
@@ -517,7 +548,7 @@ pub fn small_cases() -> Vec<Case> {
         ),
         (
             "offset-past-toc",
-            json!({"name": "past-toc", "type": "reg", "size": 1, "offset": 1 << 40,
+            json!({"name": "past-toc", "type": "reg", "size": 1, "offset": 1u64 << 40,
                 "digest": d, "chunkDigest": d}),
             "past-toc",
         ),
@@ -697,8 +728,8 @@ pub fn small_cases() -> Vec<Case> {
         ),
         (
             "dev-major-max",
-            json!({"name": "dev", "type": "char", "devMajor": u64::MAX, "devMinor": 1}),
-            "dev",
+            json!({"name": "devnode", "type": "char", "devMajor": u64::MAX, "devMinor": 1}),
+            "devnode",
         ),
         (
             "bad-time",
@@ -707,8 +738,8 @@ pub fn small_cases() -> Vec<Case> {
         ),
         (
             "bad-base64",
-            json!({"name": "xa", "type": "reg", "xattrs": {"user.a": "!!not base64!!"}}),
-            "xa",
+            json!({"name": "xattr-entry", "type": "reg", "xattrs": {"user.a": "!!not base64!!"}}),
+            "xattr-entry",
         ),
         (
             "unknown-type",

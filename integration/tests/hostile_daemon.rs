@@ -215,8 +215,9 @@ fn the_daemon_survives_every_hostile_layer_and_keeps_serving_a_good_one() {
     let pid = tarn.pid().expect("running");
 
     let mut cases: Vec<Case> = hostile::small_cases();
-    cases.push(hostile::deep_name(6000));
+    cases.push(hostile::deep_name(hostile::DEEP_COMPONENTS));
     cases.push(hostile::gzip_bomb());
+    cases.push(hostile::gzip_bomb_declared());
 
     let (blob, toc, contents) = good_layer(cases.len());
     let good_ref = push(&reg, "good-lazy", &blob, toc);

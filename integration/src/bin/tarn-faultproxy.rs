@@ -12,6 +12,10 @@
 //!   `--stall-secs` (longer than the client's timeout), then a close;
 //! - `flip`: the whole body with one byte flipped.
 //!
+//! Besides, `--flip-once-at OFFSET` flips the blob byte at OFFSET in the
+//! first blob response that holds it (by its Content-Range), once: a
+//! registry that served one bad byte and then recovered.
+//!
 //! Every response is sent with `Connection: close`; one line per fault
 //! goes to stderr, and `--log` appends it to a file too.
 
@@ -56,6 +60,9 @@ struct Args {
     /// Most stalls in one run (each one costs a client its timeout).
     #[arg(long, default_value_t = 1)]
     max_stalls: u64,
+    /// Flip the blob byte at this offset in the first response holding it.
+    #[arg(long)]
+    flip_once_at: Option<u64>,
     /// Write the bound address to this file once listening.
     #[arg(long)]
     addr_file: Option<std::path::PathBuf>,
@@ -79,6 +86,7 @@ struct Dice {
     state: u64,
     blob_requests: u64,
     stalls: u64,
+    flipped_once: bool,
 }
 
 impl Dice {
@@ -168,6 +176,7 @@ async fn main() -> Result<()> {
             state: args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             blob_requests: 0,
             stalls: 0,
+            flipped_once: false,
         }),
         args,
         http,
@@ -257,7 +266,28 @@ async fn serve(client: TcpStream, proxy: &Proxy) -> Result<()> {
         }
         out.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap_or("")));
     }
+    let range_start = resp
+        .headers()
+        .get("content-range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes "))
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     let mut data = resp.bytes().await.context("upstream body")?.to_vec();
+    if let Some(at) = proxy.args.flip_once_at
+        && path.contains("/blobs/")
+        && (range_start..range_start + data.len() as u64).contains(&at)
+    {
+        let mut d = proxy.dice.lock().unwrap_or_else(|p| p.into_inner());
+        if !d.flipped_once {
+            d.flipped_once = true;
+            let i = usize::try_from(at - range_start).unwrap_or(0);
+            data[i] ^= 0x01;
+            drop(d);
+            proxy.note(&format!("flip once {path} blob byte {at}"));
+        }
+    }
     out.push_str(&format!(
         "Content-Length: {}\r\nConnection: close\r\n\r\n",
         data.len()
