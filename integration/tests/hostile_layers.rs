@@ -32,6 +32,10 @@ const MAX_LAYER_TIME: Duration = Duration::from_secs(10);
 /// cannot stall the file (the 10 s bound above is what is asserted).
 const KILL_AFTER: Duration = Duration::from_secs(30);
 
+/// One layer at a time: each is measured alone, not against the CPU of the
+/// file's other tests (generating the large cases runs in parallel).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -287,6 +291,7 @@ fn run_case(
     outcome: &Outcome,
 ) -> Vec<String> {
     let blob_len = blob.len();
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let (image, layer) = push(reg, name, blob, toc);
     let dir = tempfile::Builder::new()
         .prefix("tarn-hostile-")
@@ -403,8 +408,9 @@ fn run_case(
             "took {reached:.1?} to reach its outcome, over the bound of {MAX_LAYER_TIME:?}"
         ));
     }
+    let said: String = stderr.trim().chars().take(200).collect();
     eprintln!(
-        "{name:24} blob {blob_len:>10} B  {:>6.2} s  peak {:>5} MiB  {}",
+        "{name:24} blob {blob_len:>10} B  {:>6.2} s  peak {:>5} MiB  {}  {said}",
         reached.as_secs_f64(),
         peak >> 20,
         if bad.is_empty() { "ok" } else { "FAILED" }
@@ -499,6 +505,7 @@ fn large_tocs_mount_or_are_refused_within_bounds() {
 /// is fetched again, not kept failed), and nothing panics.
 #[test]
 fn a_tail_chunk_that_failed_verification_once_heals() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let reg = TestRegistry::start().expect("registry");
     let victim = b"the victim's bytes, in the tail\n".repeat(50);
     let mut a = hostile::Assembler::new();
