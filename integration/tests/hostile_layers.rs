@@ -3,8 +3,8 @@
 //! with a TOC digest annotation that vouches for it, is refused with one
 //! line naming the layer and the entry, or mounted with the bad entry EIO
 //! and everything else intact; and the process never panics or aborts,
-//! stays under 256 MB of peak RSS (VmHWM while it runs, ru_maxrss when it
-//! ends) and reaches its outcome within 10 s of starting.
+//! stays under 256 MB of peak RSS (VmHWM, sampled every 2 ms while it
+//! runs) and reaches its outcome within 10 s of starting.
 //!
 //! Needs root, /dev/fuse, the test bed's registry and `tarn` in
 //! `$TARN_BIN_DIR`. The whole file runs in about a minute on 2 cores.
@@ -60,8 +60,8 @@ fn push(reg: &TestRegistry, repo: &str, blob: Vec<u8>, toc: Digest) -> (String, 
     (format!("{}/{repo}:latest", reg.host()), layer)
 }
 
-/// A `tarn mount-layer` watched for its peak memory, reaped with wait4 so
-/// its ru_maxrss is known even when it ends before a sample.
+/// A `tarn mount-layer` watched for its peak memory (VmHWM) and reaped
+/// with wait4.
 struct Watched {
     pid: i32,
     start: Instant,
@@ -108,7 +108,7 @@ impl Watched {
                     if let Some(kib) = vm_hwm_kib(pid) {
                         peak.fetch_max(kib, Ordering::Relaxed);
                     }
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(Duration::from_millis(2));
                 }
             })
         };
@@ -124,7 +124,7 @@ impl Watched {
         }
     }
 
-    /// Reaps the process if it has ended (recording its ru_maxrss).
+    /// Reaps the process if it has ended.
     fn poll(&mut self) -> Option<i32> {
         if self.status.is_some() {
             return self.status;
@@ -134,9 +134,10 @@ impl Watched {
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: wait4 on our own child's PID with valid out pointers.
         let r = unsafe { libc::wait4(self.pid, &mut status, libc::WNOHANG, &mut ru) };
+        // ru_maxrss is not used: a child spawned with CLONE_VM keeps the
+        // test process's own high-water mark across exec. VmHWM, sampled
+        // every 2 ms while it runs, is the child's alone.
         if r == self.pid {
-            self.peak_kib
-                .fetch_max(u64::try_from(ru.ru_maxrss).unwrap_or(0), Ordering::Relaxed);
             self.status = Some(status);
         }
         self.status
