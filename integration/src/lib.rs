@@ -12,6 +12,7 @@ pub mod bins;
 pub mod client;
 pub mod cri;
 pub mod daemon;
+pub mod hostile;
 pub mod mounts;
 pub mod registry;
 pub mod reglog;

@@ -31,6 +31,24 @@ impl TestRegistry {
         TestRegistry::launch(None)
     }
 
+    /// The registry of a test bed with more components (containerd, for a
+    /// test that pushes hand-made images and pulls them through it).
+    pub fn start_in_bed(components: &[Component]) -> Result<TestRegistry> {
+        let bed = Testbed::up(components)?;
+        let host = bed.registry()?.to_owned();
+        Ok(TestRegistry {
+            bed,
+            host,
+            basic: None,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// The test bed the registry belongs to.
+    pub fn bed(&self) -> &Testbed {
+        &self.bed
+    }
+
     /// A registry that demands HTTP basic auth with this user (htpasswd).
     pub fn start_with_basic_auth(user: &str, password: &str) -> Result<TestRegistry> {
         TestRegistry::launch(Some((user.to_string(), password.to_string())))
