@@ -202,23 +202,33 @@ fn with_entry(e: Value) -> (Vec<u8>, Digest) {
 }
 
 /// Components of class 1's name: deep enough to overflow a recursive walk
-/// on a 2 MiB worker stack, shallow enough that even an index keeping every
-/// parent's full path stays near 100 MB.
+/// on a 2 MiB worker stack; its path (20 KB) is past PATH_MAX, so tarn
+/// refuses it (the kernel could not look it up either).
 pub const DEEP_COMPONENTS: usize = 10_000;
 
+/// The deepest name tarn accepts: `d/` 2,000 times, just under PATH_MAX
+/// (4096 bytes) with its file name.
+pub const DEEPEST_ACCEPTED: usize = 2_000;
+
 /// Class 1: one name of `components` components whose parent directories
-/// are all implicit. Reading it back must work (the index is built by
-/// iteration; the kernel walks it one component at a time).
+/// are all implicit. Under PATH_MAX it mounts and reads back (the index is
+/// built by iteration, the kernel walks it one component at a time); past
+/// it the layer is refused, naming the entry.
 pub fn deep_name(components: usize) -> Case {
     let mut name = "d/".repeat(components - 1);
     name.push_str("deep.txt");
     let mut a = Assembler::new();
     a.good().file(&name, b"at the bottom\n");
+    let outcome = if name.len() < 4096 {
+        contained(&[], &[(GOOD_NAME, GOOD_BYTES), (&name, b"at the bottom\n")])
+    } else {
+        refused(&["d/d/d/", "PATH_MAX"])
+    };
     case(
         &format!("deep-{components}"),
         "1: a name with thousands of implicit parents",
         a.finish(),
-        contained(&[], &[(GOOD_NAME, GOOD_BYTES), (&name, b"at the bottom\n")]),
+        outcome,
     )
 }
 
@@ -390,14 +400,15 @@ pub fn many_entries_to_file(n: u64, dir: &Path) -> io::Result<(PathBuf, Digest)>
     Ok((path, toc))
 }
 
-/// Class 4's expected outcomes: a million entries mount within the bounds;
-/// four million are refused (their index would not fit the per-layer
-/// memory bound), naming the layer.
+/// Class 4's expected outcomes: 150,000 entries mount within the bounds;
+/// a million and four million are refused (their index would not fit the
+/// default per-layer memory bound of 256 MB), naming the layer and the
+/// bound's config key.
 pub fn many_entries_outcome(n: u64) -> Outcome {
-    if n <= 1_000_000 {
+    if n <= 150_000 {
         contained(&[], &[(GOOD_NAME, GOOD_BYTES), ("d0/f1", b"")])
     } else {
-        refused(&[])
+        refused(&["max_index_mb"])
     }
 }
 

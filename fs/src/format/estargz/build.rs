@@ -337,7 +337,9 @@ impl Builder {
             "block" => FileKind::BlockDev,
             "fifo" => FileKind::Fifo,
             "hardlink" => {
-                let target = clean_path(&e.link_name)?;
+                // The refusal names the entry, not only its target.
+                let target = clean_path(&e.link_name)
+                    .map_err(|why| err(format!("hardlink {}: target {why}", Shown(&e.name))))?;
                 if path.is_empty() || target.is_empty() {
                     return Err(err(format!(
                         "hardlink {} -> {}: not a file",
