@@ -102,10 +102,13 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// One sample's labels and value.
+type Sample = (BTreeMap<String, String>, f64);
+
 /// A scrape: every sample by name and labels, and every declared family.
 #[derive(Debug, Default)]
 struct Scrape {
-    samples: BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>,
+    samples: BTreeMap<String, Vec<Sample>>,
     types: BTreeMap<String, String>,
 }
 

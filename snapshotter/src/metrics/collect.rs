@@ -111,6 +111,17 @@ impl<'e> Emit<'_, 'e> {
     }
 }
 
+/// One unlabelled histogram (for tests of the bucket layout).
+#[cfg(test)]
+pub(super) fn emit_histogram(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    h: &LatencySnapshot,
+) -> fmt::Result {
+    Emit { encoder }.one(name, help, Value::Histogram(h))
+}
+
 /// (upper bound in seconds, count in that bucket alone), the overflow last.
 fn histogram_buckets(h: &LatencySnapshot) -> Vec<(f64, u64)> {
     BOUNDS_MICROS

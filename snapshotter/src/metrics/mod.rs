@@ -19,6 +19,8 @@
 
 mod collect;
 mod http;
+#[cfg(test)]
+mod tests;
 
 use std::sync::{Arc, Mutex};
 
