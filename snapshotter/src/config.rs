@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! admin_address = "/run/tarn/admin.sock"  # default: admin.sock beside --address
+//! metrics_address = "127.0.0.1:9099"      # default: no metrics endpoint
 //! [snapshotter]
 //! resolve_timeout_secs = 10
 //! allow_unverified_layers = false
@@ -16,6 +17,7 @@
 //! background = false
 //! ```
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,6 +52,10 @@ pub struct Config {
     /// Socket of tarn's admin API (used by `tarn status`); `--admin-address`
     /// wins over it.
     pub admin_address: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP);
+    /// none by default. Anyone who can reach it sees image layer digests
+    /// and registry figures: keep it on loopback or a private network.
+    pub metrics_address: Option<SocketAddr>,
     pub snapshotter: SnapshotterConfig,
     pub registry: RegistrySection,
     pub cache: CacheSection,
@@ -277,6 +283,15 @@ mod tests {
                 "a misplaced or misspelt key must not be ignored: {typo:?}"
             );
         }
+        assert_eq!(c.metrics_address, None, "no metrics endpoint by default");
+        std::fs::write(&p, "metrics_address = \"127.0.0.1:9099\"\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(c.metrics_address, Some(([127, 0, 0, 1], 9099).into()));
+        std::fs::write(&p, "metrics_address = \"localhost\"\n").unwrap();
+        assert!(
+            Config::load(&p, true).is_err(),
+            "an address without a port is refused, not ignored"
+        );
         std::fs::write(&p, "admin_address = \"/a/admin.sock\"\n").unwrap();
         let c = Config::load(&p, true).unwrap();
         assert_eq!(

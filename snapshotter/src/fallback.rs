@@ -131,6 +131,14 @@ impl Fallbacks {
         self.0.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
+    /// Every cause with its count, happened or not.
+    pub fn counts(&self) -> Vec<(Cause, u64)> {
+        Cause::ALL
+            .iter()
+            .map(|&c| (c, self.0[c as usize].load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// The causes that happened, by name.
     pub fn by_cause(&self) -> BTreeMap<&'static str, u64> {
         Cause::ALL

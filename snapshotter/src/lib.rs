@@ -18,6 +18,8 @@
 //!   of an image's layers at once.
 //! - [`mounter`]: remote layers as FUSE mounts.
 //! - [`fallback`]: why a layer was not lazy, counted by cause.
+//! - [`metrics`]: the Prometheus endpoint; reads the counters above and
+//!   tarn-fs's at each scrape.
 //! - [`labels`]: the remote-snapshot protocol's labels, pure.
 //! - [`errors`]: an error and its causes in one line.
 //! - [`locks`]: keyed mutex and singleflight for duplicate suppression.
@@ -31,6 +33,7 @@ pub mod labels;
 pub mod layers;
 pub mod locks;
 pub mod metastore;
+pub mod metrics;
 pub mod mounter;
 pub mod mounts;
 pub mod remote;

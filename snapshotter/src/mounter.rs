@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tarn_fs::fetch::FetchStatsSnapshot;
-use tarn_fs::fuse::{MountHandle, MountOptions, Unmounted};
+use tarn_fs::fuse::{FuseOps, MountHandle, MountOptions, Unmounted};
 use tarn_fs::layer::{Layer, PrefetchOutcome};
 
 use crate::seams::{LayerHandle, MountError, Mounter};
@@ -19,15 +19,23 @@ pub struct FuseMounter {
     runtime: tokio::runtime::Handle,
     threads: usize,
     passthrough: bool,
+    /// Every mount's operations, counted together.
+    ops: Arc<FuseOps>,
     handles: Mutex<HashMap<PathBuf, MountHandle>>,
 }
 
 impl FuseMounter {
-    pub fn new(runtime: tokio::runtime::Handle, threads: usize, passthrough: bool) -> Self {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        threads: usize,
+        passthrough: bool,
+        ops: Arc<FuseOps>,
+    ) -> Self {
         FuseMounter {
             runtime,
             threads,
             passthrough,
+            ops,
             handles: Mutex::default(),
         }
     }
@@ -44,6 +52,7 @@ impl Mounter<Arc<Layer>> for FuseMounter {
             threads: self.threads,
             fsname: fsname.to_owned(),
             passthrough: self.passthrough,
+            ops: self.ops.clone(),
             ..MountOptions::default()
         };
         let handle =

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use tarn_proto::admin::admin_server::AdminServer;
 use tarn_proto::snapshots::snapshots_server::SnapshotsServer;
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
+use crate::errors::chain;
+use crate::metrics::{self, Metrics, SnapshotterFigures};
 use crate::remote::RemoteSnapshotter;
 use crate::service::{AdminService, SnapshotsService};
 
@@ -103,8 +105,22 @@ pub async fn run(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let rs = Arc::new(RemoteSnapshotter::open(root, config).await?);
-    let (deadline, served) = serve(&rs, address, admin_address, config, shutdown).await;
+    let metrics = Metrics::new();
+    let rs = Arc::new(RemoteSnapshotter::open(root, config, &metrics).await?);
+    let figures = Arc::downgrade(&rs);
+    metrics.register_collector(metrics::Snapshotter(move || {
+        // Weak: the registry must not keep the snapshotter (and its
+        // mounts) alive past shutdown.
+        match figures.upgrade().map(|rs| rs.figures()) {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                tracing::warn!(error = %chain(&e), "metrics: reading the snapshotter's figures");
+                SnapshotterFigures::default()
+            }
+            None => SnapshotterFigures::default(),
+        }
+    }));
+    let (deadline, served) = serve(&rs, &metrics, address, admin_address, config, shutdown).await;
     // Unmounted even when serving failed: a FUSE mount without its daemon
     // only answers ENOTCONN.
     rs.shutdown(deadline).await;
@@ -114,6 +130,7 @@ pub async fn run(
 /// Serves until `shutdown`, then drains; returns when stopping must be done.
 async fn serve(
     rs: &Arc<RemoteSnapshotter>,
+    metrics: &Metrics,
     address: &Path,
     admin_address: &Path,
     config: &Config,
@@ -123,10 +140,18 @@ async fn serve(
     // The Snapshots socket last: once it exists, everything is up (callers
     // and tests take its appearance as the ready signal).
     let listeners = async {
+        let metrics = match config.metrics_address {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(io(format!("bind metrics_address {addr}")))?,
+            ),
+            None => None,
+        };
         let admin = bind_async(admin_address).await?;
-        Ok::<_, Error>((admin, bind_async(address).await?))
+        Ok::<_, Error>((metrics, admin, bind_async(address).await?))
     };
-    let (admin_listener, snap_listener) = match listeners.await {
+    let (metrics_listener, admin_listener, snap_listener) = match listeners.await {
         Ok(l) => l,
         Err(e) => return (Instant::now() + grace, Err(e)),
     };
@@ -149,9 +174,19 @@ async fn serve(
             .add_service(AdminServer::new(AdminService::new(rs.clone())))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(admin_listener),
-                stopped(stop_rx),
+                stopped(stop_rx.clone()),
             ),
     );
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics");
+        }
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            stopped(stop_rx.clone()),
+        ));
+    }
     shutdown.await;
     let deadline = Instant::now() + grace;
     tracing::info!(grace_secs = grace.as_secs(), "shutting down");

@@ -8,8 +8,10 @@
 
 mod attr;
 mod fs;
+mod ops;
 mod passthrough;
 
+pub use ops::{FuseOps, Op};
 pub use passthrough::PassthroughStats;
 
 use std::io;
@@ -33,6 +35,9 @@ pub struct MountOptions {
     /// Linux >= 6.9) so their reads skip this process. Ignored where the
     /// kernel does not offer it.
     pub passthrough: bool,
+    /// Where the mount's operations are counted and timed; share one
+    /// across mounts for daemon-wide figures.
+    pub ops: Arc<FuseOps>,
 }
 
 impl Default for MountOptions {
@@ -42,6 +47,7 @@ impl Default for MountOptions {
             allow_other: true,
             fsname: "tarn".to_string(),
             passthrough: true,
+            ops: Arc::default(),
         }
     }
 }
@@ -164,7 +170,13 @@ pub fn mount(
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
     let counters = Arc::new(passthrough::Counters::default());
-    let fs = fs::LayerFs::new(layer, runtime, options.passthrough, counters.clone());
+    let fs = fs::LayerFs::new(
+        layer,
+        runtime,
+        options.passthrough,
+        counters.clone(),
+        options.ops.clone(),
+    );
     let session =
         fuser::spawn_mount(fs, mountpoint, &config).map_err(|error| FuseError::Mount {
             path: mountpoint.to_path_buf(),

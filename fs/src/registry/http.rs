@@ -68,11 +68,16 @@ fn host_name(host: &str) -> &str {
 }
 
 /// Requests and body bytes since the client was made (token requests
-/// included in `requests`).
+/// included in `requests`), and failed attempts by cause.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientStats {
     pub requests: u64,
     pub bytes: u64,
+    /// Requests that failed for good (after their retries), indexed like
+    /// [`RegistryError::CAUSES`].
+    pub errors: [u64; RegistryError::CAUSES.len()],
+    /// Failed attempts that were tried again, indexed the same way.
+    pub retries: [u64; RegistryError::CAUSES.len()],
 }
 
 /// The connection pools, the settings, and the counters every request adds
@@ -86,6 +91,8 @@ pub(super) struct Http {
     pub(super) config: RegistryConfig,
     requests: AtomicU64,
     bytes: AtomicU64,
+    errors: [AtomicU64; RegistryError::CAUSES.len()],
+    retries: [AtomicU64; RegistryError::CAUSES.len()],
 }
 
 impl Http {
@@ -96,6 +103,8 @@ impl Http {
             config,
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            errors: Default::default(),
+            retries: Default::default(),
         })
     }
 
@@ -103,6 +112,8 @@ impl Http {
         ClientStats {
             requests: self.requests.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+            errors: std::array::from_fn(|i| self.errors[i].load(Ordering::Relaxed)),
+            retries: std::array::from_fn(|i| self.retries[i].load(Ordering::Relaxed)),
         }
     }
 
@@ -166,12 +177,16 @@ impl Http {
             match attempt().await {
                 Ok(v) => return Ok(v),
                 Err(f) if f.retry && n < max => {
+                    self.retries[f.err.cause_index()].fetch_add(1, Ordering::Relaxed);
                     let delay = backoff(n, cap);
                     tracing::debug!(what, attempt = n + 1, ?delay, error = %f.err, "retrying");
                     tokio::time::sleep(delay).await;
                     n += 1;
                 }
-                Err(f) => return Err(f.err),
+                Err(f) => {
+                    self.errors[f.err.cause_index()].fetch_add(1, Ordering::Relaxed);
+                    return Err(f.err);
+                }
             }
         }
     }

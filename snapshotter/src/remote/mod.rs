@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tarn_fs::Digest;
 use tarn_fs::cache::{Cache, CacheError};
 use tarn_fs::fetch::FetchScheduler;
+use tarn_fs::fuse::FuseOps;
 use tarn_fs::registry::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
 use tarn_fs::registry::{Reference, RegistryClient, RegistryError, ResolvedImage};
 
@@ -28,6 +29,7 @@ use crate::labels::{self, Decision, RemoteLayer};
 use crate::layers::{self, LayerStatus, Layers, Warm};
 use crate::locks::KeyedMutex;
 use crate::metastore;
+use crate::metrics::{self, Metrics, SnapshotterFigures};
 use crate::mounter::FuseMounter;
 use crate::mounts::Mount;
 use crate::resolve::Resolver;
@@ -143,8 +145,10 @@ impl RemoteSnapshotter {
     /// Opens the snapshotter, cache and registry client under `root`, and
     /// mounts every remote snapshot's layer again before returning (so the
     /// caller serves only once they are back). Must run on the runtime
-    /// that will serve the FUSE mounts' cache misses.
-    pub async fn open(root: &Path, config: &Config) -> Result<Self, OpenError> {
+    /// that will serve the FUSE mounts' cache misses. What the registry
+    /// client, the fetch scheduler and the mounts count is registered on
+    /// `metrics`.
+    pub async fn open(root: &Path, config: &Config, metrics: &Metrics) -> Result<Self, OpenError> {
         let r = root.to_owned();
         let sn = Arc::new(blocking(move || Snapshotter::open(&r)).await?);
         let cache_dir = config.cache_dir(root);
@@ -163,11 +167,18 @@ impl RemoteSnapshotter {
             prefetch: config.prefetch_timeout(),
             background: config.fetch.background,
         };
+        // One scheduler for every layer, so intents order all GETs together.
+        let scheduler = FetchScheduler::new(config.scheduler_config());
+        let fuse_ops = Arc::new(FuseOps::default());
+        metrics.register_collector(metrics::Io {
+            client: client.clone(),
+            scheduler: scheduler.clone(),
+            fuse: fuse_ops.clone(),
+        });
         let resolver = Resolver::new(
             client,
             cache.clone(),
-            // One scheduler for every layer, so intents order all GETs together.
-            FetchScheduler::new(config.scheduler_config()),
+            scheduler,
             warm.prefetch,
             warm.background,
             config.max_index_bytes(),
@@ -176,6 +187,7 @@ impl RemoteSnapshotter {
             tokio::runtime::Handle::current(),
             config.snapshotter.fuse_threads,
             config.snapshotter.fuse_passthrough,
+            fuse_ops,
         );
         let options = RemoteOptions {
             resolve_timeout: config.resolve_timeout(),
@@ -485,6 +497,17 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             cache_entries: c.entries,
             cache_hits: c.hits,
             cache_misses: c.misses,
+        })
+    }
+
+    /// The figures the metrics endpoint reports. Blocking (reads the
+    /// metadata store): call it off the async workers.
+    pub fn figures(&self) -> Result<SnapshotterFigures> {
+        Ok(SnapshotterFigures {
+            layers: self.layers.status(),
+            fallbacks: self.fallbacks.counts(),
+            cache: self.cache.stats(),
+            snapshots: self.sn.count()? as u64,
         })
     }
 }
