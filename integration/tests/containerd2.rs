@@ -360,7 +360,9 @@ fn files(blob: &Path) -> Vec<(String, u64)> {
             let f: Vec<&str> = l.split_whitespace().collect();
             let size = f.get(2)?.parse().ok()?;
             let path = f.get(5..)?.join(" ");
-            Some((path.trim_start_matches("./").to_owned(), size))
+            // Relative to the rootfs, however the tar names it.
+            let path = path.trim_start_matches("./").trim_start_matches('/');
+            Some((path.to_owned(), size))
         })
         // eStargz's own entries, not the image's.
         .filter(|(p, _)| {
