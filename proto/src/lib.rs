@@ -1,7 +1,8 @@
 //! tarn-proto: gRPC schemas and generated code, nothing else.
 //!
 //! - [`containerd::services::snapshots::v1`]: containerd's Snapshots API,
-//!   wire-identical to containerd 1.6's, served by `tarn-snapshotter` as a
+//!   wire-identical to containerd 2.x's (a superset of 1.6's: 2.x adds
+//!   `CommitSnapshotRequest.parent`), served by `tarn-snapshotter` as a
 //!   proxy plugin.
 //! - [`containerd::types`]: containerd's `Mount`.
 //! - [`tarn::v1`]: tarn's admin API (mounted layers, fetch and cache stats).
@@ -68,6 +69,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.encode_to_vec(), b"\x0a\x01t\x12\x01n\x1a\x01k");
+        // containerd 2.x's rebase: 5:"p"; absent when empty, so 1.6 sees
+        // the bytes it always saw.
+        let rebase = snapshots::CommitSnapshotRequest {
+            parent: "p".into(),
+            ..c
+        };
+        assert_eq!(
+            rebase.encode_to_vec(),
+            b"\x0a\x01t\x12\x01n\x1a\x01k\x2a\x01p"
+        );
         let u = snapshots::UsageResponse { size: 1, inodes: 2 };
         assert_eq!(u.encode_to_vec(), b"\x08\x01\x10\x02");
     }

@@ -36,6 +36,8 @@ pub enum Cause {
     BadLabel,
     /// No TOC digest: not eStargz, or unverifiable.
     NoTocDigest,
+    /// Prepared without its parent (containerd 2.x's parallel unpack).
+    NoParent,
     ResolveTimeout,
     /// The registry could not be reached or timed out.
     RegistryUnreachable,
@@ -50,11 +52,12 @@ pub enum Cause {
 }
 
 impl Cause {
-    pub const ALL: [Cause; 12] = [
+    pub const ALL: [Cause; 13] = [
         Cause::NoImageRef,
         Cause::NoLayerDigest,
         Cause::BadLabel,
         Cause::NoTocDigest,
+        Cause::NoParent,
         Cause::ResolveTimeout,
         Cause::RegistryUnreachable,
         Cause::Registry,
@@ -72,6 +75,7 @@ impl Cause {
             Cause::NoLayerDigest => "no-layer-digest",
             Cause::BadLabel => "bad-label",
             Cause::NoTocDigest => "no-toc-digest",
+            Cause::NoParent => "no-parent",
             Cause::ResolveTimeout => "resolve-timeout",
             Cause::RegistryUnreachable => "registry-unreachable",
             Cause::Registry => "registry",
@@ -92,6 +96,7 @@ impl Fallback {
                 Unfit::NoLayerDigest => Cause::NoLayerDigest,
                 Unfit::BadLayerDigest(_) | Unfit::BadTocDigest(_) => Cause::BadLabel,
                 Unfit::NoTocDigest => Cause::NoTocDigest,
+                Unfit::NoParent(_) => Cause::NoParent,
             },
             Fallback::ResolveTimeout(_) => Cause::ResolveTimeout,
             Fallback::Resolve(e) => match e {

@@ -187,9 +187,17 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        tracing::debug!(key = %r.key, name = %r.name, "commit");
+        tracing::debug!(key = %r.key, name = %r.name, parent = %r.parent, "commit");
         let sn = self.sn.clone();
-        blocking(move || sn.commit(&r.name, &r.key, labels(r.labels))).await?;
+        blocking(move || {
+            sn.commit(
+                &r.name,
+                &r.key,
+                labels(r.labels),
+                parent(r.parent).as_deref(),
+            )
+        })
+        .await?;
         Ok(Response::new(()))
     }
 

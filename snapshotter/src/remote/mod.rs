@@ -268,9 +268,17 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         parent: Option<String>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        match labels::decide(&labels, self.options.allow_unverified) {
+        match labels::decide(&labels, parent.is_some(), self.options.allow_unverified) {
             Decision::Ordinary => {}
-            Decision::Fallback(unfit) => self.fallback(&key, None, unfit.into()),
+            Decision::Fallback(unfit) => {
+                if let Some(chain_id) = self.on_node(parent.as_deref(), &labels).await? {
+                    return Err(metastore::Error::AlreadyExists(format!(
+                        "snapshot {chain_id:?} already exists (a layer on the node, by diff ID)"
+                    ))
+                    .into());
+                }
+                self.fallback(&key, None, unfit.into())
+            }
             Decision::Remote { chain_id, layer } => {
                 self.resolver
                     .ahead(&layer.image_ref, self.layers.mounted_digests());
@@ -292,6 +300,59 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         }
         let sn = self.sn.clone();
         blocking(move || sn.prepare(&key, parent.as_deref(), labels)).await
+    }
+
+    /// An image layer Prepare tarn cannot serve from its labels (no image
+    /// reference: containerd 2.x's transfer service without
+    /// `enable_remote_snapshot_annotations`, a plain `ctr pull`) whose
+    /// diff ID (`containerd.io/snapshot/diff-id`, containerd >= 2.3) is a
+    /// layer already mounted here: commits its chain ID on that mount, so
+    /// containerd neither downloads nor unpacks it. Returns the chain ID
+    /// if so. Not for a parentless Prepare naming a parent (parallel
+    /// unpack): see [`labels::Unfit::NoParent`].
+    async fn on_node(
+        &self,
+        parent: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<String>> {
+        let (Some(chain_id), Some(diff_id)) = (
+            labels.get(labels::SNAPSHOT_REF).filter(|c| !c.is_empty()),
+            labels.get(labels::DIFF_ID).filter(|d| !d.is_empty()),
+        ) else {
+            return Ok(None);
+        };
+        if parent.is_none() && labels::awaits_parent(labels) {
+            return Ok(None);
+        }
+        let _chain = self.chains.lock(chain_id.clone()).await;
+        let sn = self.sn.clone();
+        let id = diff_id.clone();
+        let found = blocking(move || {
+            Ok::<_, snapshotter::Error>(
+                sn.remote_snapshots()?
+                    .iter()
+                    .find_map(|i| labels::same_layer(&i.labels, &id)),
+            )
+        })
+        .await?;
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        // Held while the snapshot is made, so the mount cannot go meanwhile.
+        let _layer = self.layers.lock(found.layer.digest).await;
+        if !self.layers.is_mounted(&found.layer.digest) {
+            return Ok(None);
+        }
+        let labels = labels::remote_labels(labels.clone(), &found.layer, found.blob_size);
+        let (name, sn, parent) = (chain_id.clone(), self.sn.clone(), parent.map(str::to_owned));
+        blocking(move || sn.create_remote(&name, parent.as_deref(), labels)).await?;
+        tracing::info!(
+            chain_id = %chain_id,
+            layer = %found.layer.digest,
+            diff_id = %diff_id,
+            "layer already on the node: answering already exists"
+        );
+        Ok(Some(chain_id.clone()))
     }
 
     fn fallback(&self, key: &str, layer: Option<&Digest>, why: Fallback) {
