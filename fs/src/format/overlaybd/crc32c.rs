@@ -19,15 +19,15 @@ const TABLES: [[u32; 256]; 8] = tables();
 
 const fn tables() -> [[u32; 256]; 8] {
     let mut t = [[0u32; 256]; 8];
-    let mut b = 0;
+    let mut b: u32 = 0;
     while b < 256 {
-        let mut c = b as u32;
+        let mut c = b;
         let mut bit = 0;
         while bit < 8 {
             c = if c & 1 == 1 { (c >> 1) ^ POLY } else { c >> 1 };
             bit += 1;
         }
-        t[0][b] = c;
+        t[0][b as usize] = c;
         b += 1;
     }
     let mut k = 1;

@@ -9,7 +9,7 @@
 use std::ops::Range;
 
 use super::ObdError;
-use super::zfile::{le_u32, le_u64};
+use super::le::{le_u32, le_u64};
 use crate::num::usize_from;
 
 /// Size of the header and of the trailer.

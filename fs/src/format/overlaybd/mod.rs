@@ -15,12 +15,16 @@
 //! 3. [`StackedDisk`] reads any byte range of that disk from the blobs:
 //!    the blocks that hold it are fetched, CRC-checked and decompressed.
 //!
-//! Pure except [`read`]: the parsing and the map never do I/O.
+//! Pure except [`read`]: the parsing and the map never do I/O. Every field
+//! that comes from the blob is bounded before it is used (the limits are
+//! named constants of [`lsmt`], [`zfile`] and [`stack`]); a malformed blob
+//! is refused with a one-line [`ObdError`], never a panic.
 //!
 //! [`BlobSource`]: crate::registry::BlobSource
 
 mod crc32c;
 mod error;
+mod le;
 pub mod lsmt;
 mod open;
 pub mod read;

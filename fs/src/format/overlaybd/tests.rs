@@ -87,7 +87,7 @@ fn lsmt_file(vsize: u64, puts: &[Put]) -> Vec<u8> {
     for p in puts {
         let moffset = (HT_SIZE + data.len() as u64) / SECTOR;
         if let Some(fill) = p.fill {
-            data.resize(data.len() + (p.sectors * SECTOR) as usize, fill);
+            data.resize(data.len() + us(p.sectors * SECTOR), fill);
         }
         records.push(record(p.offset, p.sectors, moffset, p.fill.is_none()));
     }
@@ -138,7 +138,7 @@ fn seal_digest(h: &mut [u8]) {
 fn zfile_of(raw: &[u8], o: &ZOpts) -> Vec<u8> {
     let mut blocks = Vec::new();
     let mut lens = Vec::new();
-    for plain in raw.chunks(o.block_size as usize) {
+    for plain in raw.chunks(us(u64::from(o.block_size))) {
         let mut c = match o.algo {
             Algo::Lz4 => lz4_flex::block::compress(plain),
             Algo::Zstd => ruzstd::encoding::compress_to_vec(
@@ -150,7 +150,7 @@ fn zfile_of(raw: &[u8], o: &ZOpts) -> Vec<u8> {
             let crc = crc32c(BLOCK_SEED, &c);
             c.extend_from_slice(&crc.to_le_bytes());
         }
-        lens.push(c.len() as u32);
+        lens.push(u32::try_from(c.len()).unwrap());
         blocks.extend(c);
     }
     let index: Vec<u8> = lens.iter().flat_map(|l| l.to_le_bytes()).collect();
@@ -198,6 +198,10 @@ fn read(d: &StackedDisk, range: std::ops::Range<u64>) -> Vec<u8> {
         .unwrap()
         .block_on(d.read(range))
         .unwrap()
+}
+
+fn us(n: u64) -> usize {
+    crate::num::usize_from(n)
 }
 
 fn sector(s: u64) -> u64 {
@@ -252,11 +256,8 @@ fn every_way_the_tools_store_a_layer_reads_the_same() {
     let ranges = [0..sector(500), sector(69_990)..sector(86_400)];
     let raw_disk = disk(vec![raw.clone()]);
     let expect: Vec<Vec<u8>> = ranges.iter().map(|r| read(&raw_disk, r.clone())).collect();
-    assert_eq!(
-        &expect[0][..sector(9) as usize],
-        &vec![1u8; sector(9) as usize][..]
-    );
-    assert_eq!(expect[1][sector(10) as usize], 3);
+    assert_eq!(&expect[0][..us(sector(9))], &vec![1u8; us(sector(9))][..]);
+    assert_eq!(expect[1][us(sector(10))], 3);
     for (i, f) in forms.into_iter().enumerate() {
         let layer = open_blob(&f).unwrap_or_else(|e| panic!("form {i}: {e}"));
         assert_eq!(layer.extents.len(), 4, "form {i}");
@@ -270,7 +271,9 @@ fn every_way_the_tools_store_a_layer_reads_the_same() {
 #[test]
 fn an_index_larger_than_the_tail_is_fetched_in_one_more_step() {
     // 6,000 records: the index (96 KiB) starts before the 64 KiB tail.
-    let puts: Vec<Put> = (0..6000).map(|i| put(i * 2, 1, (i % 251) as u8)).collect();
+    let puts: Vec<Put> = (0..6000)
+        .map(|i| put(i * 2, 1, u8::try_from(i % 251).unwrap()))
+        .collect();
     let f = wrap(&zfile_of(&lsmt_file(VSIZE, &puts), &LZ4));
     let mut fetched = Vec::new();
     let layer = loop {
@@ -278,7 +281,7 @@ fn an_index_larger_than_the_tail_is_fetched_in_one_more_step() {
             OpenStep::Ready(l) => break l,
             OpenStep::Fetch(r) => fetched.push(crate::format::Piece {
                 offset: r.start,
-                bytes: bytes::Bytes::copy_from_slice(&f[r.start as usize..r.end as usize]),
+                bytes: bytes::Bytes::copy_from_slice(&f[us(r.start)..us(r.end)]),
             }),
         }
     };
@@ -287,7 +290,7 @@ fn an_index_larger_than_the_tail_is_fetched_in_one_more_step() {
     assert_eq!(layer.extents.len(), 6000);
     assert_eq!(
         read(&disk(vec![f]), sector(5998)..sector(5999)),
-        vec![(2999 % 251) as u8; 512]
+        vec![u8::try_from(2999 % 251).unwrap(); 512]
     );
 }
 
@@ -302,7 +305,7 @@ fn upper_layers_win_and_zeroed_extents_punch_holes() {
         top,
     ]);
     let bytes = read(&d, 0..sector(110));
-    let at = |s: u64| bytes[sector(s) as usize];
+    let at = |s: u64| bytes[us(sector(s))];
     let expect = [
         (0, 1),
         (9, 1),
@@ -330,7 +333,7 @@ fn upper_layers_win_and_zeroed_extents_punch_holes() {
     }
     // Each sector reads whole from one source.
     for s in 0..110 {
-        let one = &bytes[sector(s) as usize..sector(s + 1) as usize];
+        let one = &bytes[us(sector(s))..us(sector(s + 1))];
         assert!(one.iter().all(|&b| b == one[0]), "sector {s}");
     }
     assert_eq!(
@@ -491,13 +494,13 @@ fn hostile_zfiles_are_refused() {
     let raw = lsmt_file(VSIZE, &[put(8, 20, 1)]);
     let z = zfile_of(&raw, &LZ4);
     let blocks = (raw.len() as u64).div_ceil(4096);
-    let index_offset = u64::from_le_bytes(z[40..48].try_into().unwrap()) as usize;
+    let index_offset = us(u64::from_le_bytes(z[40..48].try_into().unwrap()));
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
     // A block length over the block size (the index CRC recomputed so
     // the length itself is what is refused).
     let mut long = z.clone();
     long[index_offset..index_offset + 4].copy_from_slice(&(4096u32 + 517).to_le_bytes());
-    let icrc = crc32c(0, &long[index_offset..index_offset + 4 * blocks as usize]);
+    let icrc = crc32c(0, &long[index_offset..index_offset + 4 * us(blocks)]);
     long[64..68].copy_from_slice(&icrc.to_le_bytes());
     seal_digest(&mut long[..512]);
     cases.push(("block 0 is 4613 bytes long", long));
@@ -544,7 +547,7 @@ fn a_corrupt_block_fails_only_the_reads_that_need_it() {
         panic!("a ZFile")
     };
     // Block 1 holds LSMT bytes 4096..8192: the first extent's data.
-    let at = zf.stored_range(1..2).start as usize;
+    let at = us(zf.stored_range(1..2).start);
     z[at] ^= 0xff;
     let d = disk(vec![z]);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -13,6 +13,7 @@ use std::ops::Range;
 
 use super::ObdError;
 use super::crc32c::{BLOCK_SEED, crc32c};
+use super::le::{le_u32, le_u64};
 use crate::num::usize_from;
 
 /// Size of the header and of the trailer.
@@ -369,14 +370,4 @@ impl ZFile {
 
 fn zfile(why: impl Into<String>) -> ObdError {
     ObdError::ZFile(why.into())
-}
-
-pub(super) fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-pub(super) fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
