@@ -73,7 +73,8 @@ pub fn parse_trailer(t: &[u8; 4096], file_size: u64) -> Result<Trailer, ObdError
         return Err(lsmt("the trailer is not a sealed data file's"));
     }
     let virtual_size = le_u64(t, 48);
-    if virtual_size == 0 || virtual_size % SECTOR != 0 || virtual_size > MAX_VIRTUAL_SIZE {
+    if virtual_size == 0 || !virtual_size.is_multiple_of(SECTOR) || virtual_size > MAX_VIRTUAL_SIZE
+    {
         return Err(lsmt(format!(
             "virtual size {virtual_size} is not a whole number of sectors in 1..={MAX_VIRTUAL_SIZE}"
         )));

@@ -73,7 +73,7 @@ fn lsmt_records(vsize: u64, records: &[[u8; 16]], data: &[u8]) -> Vec<u8> {
         f.extend_from_slice(r);
         n += 1;
     }
-    while f.len() % 4096 != 0 {
+    while !f.len().is_multiple_of(4096) {
         f.extend_from_slice(&record((1 << 50) - 1, 0, 0, false));
         n += 1;
     }
@@ -378,6 +378,16 @@ fn the_reference_tools_fixture_layers_open_and_stack() {
     let layers = fixture_layers();
     assert_eq!(layers.len(), 3);
     for l in &layers {
+        // Three GETs open a layer the tools made: the head, the ZFile's
+        // block index, and the blocks of the LSMT file's tail.
+        let mut fetched = Vec::new();
+        while let OpenStep::Fetch(r) = open_step(&fetched, l.len() as u64).unwrap() {
+            fetched.push(crate::format::Piece {
+                offset: r.start,
+                bytes: bytes::Bytes::copy_from_slice(&l[us(r.start)..us(r.end)]),
+            });
+        }
+        assert_eq!(fetched.len(), 3);
         let layer = open_blob(l).unwrap();
         assert_eq!(layer.payload.start, 1536);
         assert_eq!(layer.virtual_size, 64 << 30);

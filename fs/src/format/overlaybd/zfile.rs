@@ -246,7 +246,7 @@ impl ZFile {
                     info.block_size
                 )));
             }
-            if i % GROUP == 0 {
+            if i.is_multiple_of(GROUP) {
                 group_offsets.push(offset);
             }
             lengths.push(len);
