@@ -18,7 +18,6 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
 use super::{Cache, CacheError, Location, SMALL_MAX, UNKNOWN, disk_bytes, io_err, object_dir};
 use crate::Digest;

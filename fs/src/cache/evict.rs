@@ -281,7 +281,7 @@ impl Cache {
         live.sort_unstable();
         let tmp = p.path.with_extension(COMPACTING_EXT);
         let mut moved = Vec::with_capacity(live.len());
-        let rewrite = || -> io::Result<(u64, File)> {
+        let mut rewrite = || -> io::Result<(u64, File)> {
             let mut out = BufWriter::new(File::create(&tmp)?);
             let file = p.file.read().unwrap_or_else(|e| e.into_inner());
             let mut at = 0u64;

@@ -31,7 +31,7 @@ use crate::metastore;
 use crate::mounter::FuseMounter;
 use crate::mounts::Mount;
 use crate::resolve::Resolver;
-use crate::seams::{MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch};
+use crate::seams::{LayerHandle, MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch};
 use crate::snapshotter::{self, Result, Snapshotter};
 
 #[cfg(test)]
