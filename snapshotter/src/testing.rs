@@ -32,6 +32,8 @@ impl LayerHandle for FakeLayer {
     fn chunks(&self) -> Vec<(Digest, u64)> {
         vec![(own_chunk(&self.digest), 1), (Digest::of(SHARED_CHUNK), 1)]
     }
+
+    async fn warm(&self, _prefetch: Option<Duration>, _background: bool) {}
 }
 
 /// The content every [`FakeLayer`] lists as a chunk.
@@ -44,8 +46,6 @@ pub fn own_chunk_data(layer: &Digest) -> Vec<u8> {
 
 pub fn own_chunk(layer: &Digest) -> Digest {
     Digest::of(&own_chunk_data(layer))
-
-    async fn warm(&self, _prefetch: Option<Duration>, _background: bool) {}
 }
 
 /// What [`FakeResolver`] answers for one layer digest.
