@@ -195,11 +195,7 @@ impl Cache {
     /// until disk use is at most `target` (`u64::MAX`: every one picked)
     /// once dead pack records are compacted away. Returns the entries and
     /// logical bytes evicted.
-    fn evict_until(
-        &self,
-        target: u64,
-        doomed: impl Fn(&Digest, &Entry) -> bool,
-    ) -> (u64, u64) {
+    fn evict_until(&self, target: u64, doomed: impl Fn(&Digest, &Entry) -> bool) -> (u64, u64) {
         let mut candidates: Vec<(u32, Digest)> = self
             .index
             .iter()
@@ -308,9 +304,16 @@ impl Cache {
             *file = new_file;
             for (digest, old, new) in moved {
                 if let Some(mut e) = self.index.get_mut(&digest)
-                    && e.loc == (Location::Pack { pack: i, offset: old })
+                    && e.loc
+                        == (Location::Pack {
+                            pack: i,
+                            offset: old,
+                        })
                 {
-                    e.loc = Location::Pack { pack: i, offset: new };
+                    e.loc = Location::Pack {
+                        pack: i,
+                        offset: new,
+                    };
                 }
             }
         }

@@ -80,7 +80,10 @@ fn the_bound_evicts_the_least_recently_used_first() {
     // Evicted: a miss, and it can come back.
     assert_eq!(cache.read(&ds[1], 0, 10).unwrap(), None);
     cache.insert(&ds[1], &items[1]).unwrap();
-    assert_eq!(cache.read(&ds[1], 0, 300 * 1024).unwrap().unwrap(), items[1]);
+    assert_eq!(
+        cache.read(&ds[1], 0, 300 * 1024).unwrap().unwrap(),
+        items[1]
+    );
 }
 
 #[test]
@@ -100,10 +103,17 @@ fn small_items_are_evicted_and_their_packs_compacted_under_the_bound() {
     }
     let s = cache.stats();
     assert!(s.evictions > 100 && s.compactions > 0, "{s:?}");
-    assert!(du(dir.path()) <= max + PACKS as u64 * 4096, "{}", du(dir.path()));
+    assert!(
+        du(dir.path()) <= max + PACKS as u64 * 4096,
+        "{}",
+        du(dir.path())
+    );
     // The newest are kept; whatever is there reads right.
     let last = items.last().unwrap();
-    assert_eq!(cache.read(&Digest::of(last), 0, 4000).unwrap().unwrap(), *last);
+    assert_eq!(
+        cache.read(&Digest::of(last), 0, 4000).unwrap().unwrap(),
+        *last
+    );
     for item in &items {
         if let Some(got) = cache.read(&Digest::of(item), 0, item.len()).unwrap() {
             assert_eq!(got, *item);

@@ -43,9 +43,9 @@ pub use evict::{COMPACT_LIVE_SHARE, Hold, Pruned, filesystem_bytes};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
@@ -385,7 +385,12 @@ impl Cache {
             Ok(()) => Ok(Some(buf)),
             // Evicted, or removed or truncated behind our back: a miss, not
             // an error.
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
                 tracing::debug!(%digest, error = %e, "cache object vanished; dropping it");
                 self.remove_entry(digest, |e| e.loc == Location::Object);
                 Ok(None)
@@ -749,10 +754,7 @@ fn lock_root(dir: &Path) -> Result<File, CacheError> {
 
 /// Indexes the object files (unverified) and removes temp files a previous
 /// process left behind. Returns the logical and disk bytes found.
-fn scan_objects(
-    objects: &Path,
-    index: &DashMap<Digest, Entry>,
-) -> Result<(u64, u64), CacheError> {
+fn scan_objects(objects: &Path, index: &DashMap<Digest, Entry>) -> Result<(u64, u64), CacheError> {
     let (mut bytes, mut disk) = (0, 0);
     for sub in fs::read_dir(objects).map_err(io_err(objects))? {
         let sub = sub.map_err(io_err(objects))?.path();

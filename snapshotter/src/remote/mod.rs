@@ -31,7 +31,9 @@ use crate::metastore;
 use crate::mounter::FuseMounter;
 use crate::mounts::Mount;
 use crate::resolve::Resolver;
-use crate::seams::{LayerHandle, MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch};
+use crate::seams::{
+    LayerHandle, MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch,
+};
 use crate::snapshotter::{self, Result, Snapshotter};
 
 #[cfg(test)]
@@ -441,7 +443,8 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
     pub async fn prune_cache(&self, all_unused: bool) -> Result<Pruned> {
         let keep = all_unused.then(|| self.layers.mounted_chunks(None));
         let cache = self.cache.clone();
-        let pruned = blocking(move || Ok::<_, snapshotter::Error>(cache.prune(keep.as_ref()))).await?;
+        let pruned =
+            blocking(move || Ok::<_, snapshotter::Error>(cache.prune(keep.as_ref()))).await?;
         tracing::info!(?pruned, all_unused, "cache pruned");
         Ok(pruned)
     }
@@ -517,9 +520,10 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         let snapshots = blocking(move || sn.count()).await?;
         let c = self.cache.stats();
         let lists = self.layers.chunk_lists();
-        let dedup_saved_bytes = tokio::task::spawn_blocking(move || layers::dedup_saved_bytes(&lists))
-            .await
-            .unwrap_or_default();
+        let dedup_saved_bytes =
+            tokio::task::spawn_blocking(move || layers::dedup_saved_bytes(&lists))
+                .await
+                .unwrap_or_default();
         Ok(Stats {
             fallbacks: self.fallbacks.total(),
             fallbacks_by_cause: self.fallbacks.by_cause(),

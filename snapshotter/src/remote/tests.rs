@@ -486,7 +486,11 @@ async fn a_removed_layers_own_chunks_are_released_and_pruned_shared_ones_stay() 
     let b = Bed::new().await;
     let (da, db) = (digest('a'), digest('b'));
     let cache = b.rs.cache.clone();
-    for data in [own_chunk_data(&da), own_chunk_data(&db), SHARED_CHUNK.to_vec()] {
+    for data in [
+        own_chunk_data(&da),
+        own_chunk_data(&db),
+        SHARED_CHUNK.to_vec(),
+    ] {
         cache.insert(&Digest::of(&data), &data).unwrap();
     }
     let stray = b"a chunk no layer lists".as_slice();
@@ -500,7 +504,11 @@ async fn a_removed_layers_own_chunks_are_released_and_pruned_shared_ones_stay() 
 
     b.rs.remove("chain-a".into()).await.unwrap();
     let released = b.rs.stats().await.unwrap().cache.released_bytes;
-    assert_eq!(released, own_chunk_data(&da).len() as u64, "only a's own chunk");
+    assert_eq!(
+        released,
+        own_chunk_data(&da).len() as u64,
+        "only a's own chunk"
+    );
 
     let pruned = b.rs.prune_cache(false).await.unwrap();
     assert_eq!(pruned.entries, 1);
