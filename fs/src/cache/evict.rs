@@ -52,8 +52,6 @@ use crate::num::usize_from;
 pub const COMPACT_LIVE_SHARE: u64 = 50;
 /// An eviction pass stops at this share (percent) of the bound.
 pub const LOW_WATER_PERCENT: u64 = 90;
-/// The extension of a pack being rewritten.
-pub(super) const COMPACTING_EXT: &str = "compacting";
 
 /// What a prune freed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -275,7 +273,7 @@ impl Cache {
             })
             .collect();
         live.sort_unstable();
-        let tmp = p.path.with_extension(COMPACTING_EXT);
+        let tmp = p.path.with_extension(pack::COMPACTING_EXT);
         let mut moved = Vec::with_capacity(live.len());
         let mut rewrite = || -> io::Result<(u64, File)> {
             let mut out = BufWriter::new(File::create(&tmp)?);

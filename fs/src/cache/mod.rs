@@ -211,7 +211,7 @@ impl Cache {
         for i in 0..PACKS {
             let path = pack_path(&packs_dir, i);
             // A compaction cut short by a crash leaves its rewrite behind.
-            let _ = fs::remove_file(path.with_extension(evict::COMPACTING_EXT));
+            let _ = fs::remove_file(path.with_extension(pack::COMPACTING_EXT));
             let file = open_pack(&path)?;
             let (records, valid) = pack::scan(&file).map_err(io_err(&path))?;
             let file_len = file.metadata().map_err(io_err(&path))?.len();
