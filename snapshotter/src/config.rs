@@ -13,6 +13,8 @@
 //! docker_config = "/root/.docker/config.json"
 //! [cache]
 //! dir = "/var/lib/tarn/cache"              # default: ROOT/cache
+//! max_bytes = 20_000_000_000                # default: none (max_percent only)
+//! max_percent = 10                          # of the cache's filesystem
 //! [fetch]
 //! background = false
 //! ```
@@ -110,12 +112,36 @@ pub struct RegistrySection {
     pub docker_config: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheSection {
     /// Chunk cache directory; default `ROOT/cache`.
     pub dir: Option<PathBuf>,
+    /// Bound on the cache's disk use in bytes; with `max_percent`, the
+    /// smaller of the two holds.
+    pub max_bytes: Option<u64>,
+    /// Bound on the cache's disk use as a percentage of its filesystem's
+    /// size; 0 or 100 and more: no share bound.
+    pub max_percent: u64,
 }
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            dir: None,
+            max_bytes: None,
+            max_percent: DEFAULT_CACHE_PERCENT,
+        }
+    }
+}
+
+/// The cache's default share of its filesystem. kubelet's image garbage
+/// collection starts at 85% disk use by default and evicts pods at 90%
+/// free-space pressure: a lazy cache that may take a tenth of the disk
+/// leaves room for images pulled the ordinary way, containers' writable
+/// layers and logs, and still holds the working set of tens of images
+/// (lazy images read a few percent of their bytes).
+pub const DEFAULT_CACHE_PERCENT: u64 = 10;
 
 /// When and how much tarn fetches beyond what containers read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,6 +208,24 @@ impl Config {
 
     pub fn cache_dir(&self, root: &Path) -> PathBuf {
         self.cache.dir.clone().unwrap_or_else(|| root.join("cache"))
+    }
+
+    /// The bound on the cache's disk use (`u64::MAX`: none): `max_bytes`,
+    /// or `max_percent` of the filesystem holding `cache_dir`, whichever
+    /// is smaller. A filesystem whose size cannot be read bounds nothing.
+    pub fn cache_bound(&self, cache_dir: &Path) -> u64 {
+        let percent = self.cache.max_percent;
+        let share = match percent {
+            1..=99 => match tarn_fs::cache::filesystem_bytes(cache_dir) {
+                Ok(size) => size / 100 * percent,
+                Err(e) => {
+                    tracing::warn!(dir = %cache_dir.display(), error = %e, "cannot size the cache's filesystem");
+                    u64::MAX
+                }
+            },
+            _ => u64::MAX,
+        };
+        self.cache.max_bytes.unwrap_or(u64::MAX).min(share)
     }
 
     /// The admin socket: the configured one, else `admin.sock` beside the

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tarn_fs::Digest;
 use tarn_fs::fetch::FetchStatsSnapshot;
 use tarn_fs::fuse::{FuseOps, MountHandle, MountOptions, Unmounted};
 use tarn_fs::layer::{Layer, PrefetchOutcome};
@@ -106,6 +107,14 @@ impl LayerHandle for Arc<Layer> {
 
     fn complete(&self) -> bool {
         self.progress().complete
+    }
+
+    fn chunks(&self) -> Vec<(Digest, u64)> {
+        self.index()
+            .chunks
+            .iter()
+            .map(|c| (c.digest, c.size))
+            .collect()
     }
 
     async fn warm(&self, prefetch: Option<Duration>, background: bool) {

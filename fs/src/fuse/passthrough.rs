@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
 
-use crate::cache::WholeFile;
+use crate::cache::{Hold, WholeFile};
 use crate::format::{FileKind, Inode};
 use crate::layer::Layer;
 
@@ -57,6 +57,9 @@ impl Counters {
 struct Open {
     backing: Option<BackingId>,
     count: u64,
+    /// Keeps the backing file's object from eviction while the kernel
+    /// holds it (unlinking it would free nothing).
+    _hold: Option<Hold>,
 }
 
 pub(super) struct Passthrough {
@@ -107,14 +110,17 @@ impl Passthrough {
                 None => reply.opened(FileHandle(0), CACHED),
             };
         }
-        let backing = self.backing_file(ino, inode).and_then(|file| {
-            reply
+        let mut hold = None;
+        let backing = self.backing_file(ino, inode).and_then(|(file, held)| {
+            let id = reply
                 .open_backing(&file)
                 .inspect_err(|e| {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(ino, error = %e, "kernel refused a passthrough backing file");
                 })
-                .ok()
+                .ok();
+            hold = id.as_ref().map(|_| held);
+            id
             // `file` closes here: the kernel holds its own reference.
         });
         match &backing {
@@ -124,7 +130,14 @@ impl Passthrough {
             }
             None => reply.opened(FileHandle(0), CACHED),
         }
-        open.insert(ino, Open { backing, count: 1 });
+        open.insert(
+            ino,
+            Open {
+                backing,
+                count: 1,
+                _hold: hold,
+            },
+        );
     }
 
     /// Notes a release of `ino`; the last one drops the backing id (which
@@ -152,8 +165,11 @@ impl Passthrough {
     /// A standalone, verified cache file holding exactly this file's
     /// content, opened read-only; otherwise starts whatever background work
     /// (verification, assembly) lets a later open pass through.
-    fn backing_file(&self, ino: u64, inode: &Inode) -> Option<File> {
+    fn backing_file(&self, ino: u64, inode: &Inode) -> Option<(File, Hold)> {
         let file = whole_file(&self.layer, ino, inode)?;
+        // Held before it is opened: an eviction between would leave the
+        // open to fail (served the normal way), never a wrong file.
+        let hold = self.layer.cache().hold(&file.key());
         let Some(path) = self.layer.cache().whole_file(&file) else {
             self.start(&file);
             return None;
@@ -163,6 +179,7 @@ impl Passthrough {
                 |e| tracing::debug!(path = %path.display(), error = %e, "cannot open cache file"),
             )
             .ok()
+            .map(|f| (f, hold))
     }
 
     /// Starts, on the blocking pool, the work the cache says would give

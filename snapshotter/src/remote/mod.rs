@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tarn_fs::Digest;
-use tarn_fs::cache::{Cache, CacheError};
+use tarn_fs::cache::{Cache, CacheError, CacheStats, Pruned};
 use tarn_fs::fetch::FetchScheduler;
 use tarn_fs::fuse::FuseOps;
 use tarn_fs::registry::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
@@ -33,7 +33,9 @@ use crate::metrics::{self, Metrics, SnapshotterFigures};
 use crate::mounter::FuseMounter;
 use crate::mounts::Mount;
 use crate::resolve::Resolver;
-use crate::seams::{MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch};
+use crate::seams::{
+    LayerHandle, MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch,
+};
 use crate::snapshotter::{self, Result, Snapshotter};
 
 #[cfg(test)]
@@ -56,6 +58,11 @@ pub struct Stats {
     pub cache_entries: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// The cache's own figures (disk use, bound, evictions, served bytes).
+    pub cache: CacheStats,
+    /// Bytes dedup saves across the mounted layers (see
+    /// [`layers::dedup_saved_bytes`]).
+    pub dedup_saved_bytes: u64,
 }
 
 /// How the remote path decides, from the daemon's config.
@@ -160,6 +167,14 @@ impl RemoteSnapshotter {
         })
         .await?;
         let cache = Arc::new(cache);
+        let bound = config.cache_bound(&config.cache_dir(root));
+        let c = cache.clone();
+        blocking(move || {
+            c.set_max_bytes(bound);
+            Ok::<_, OpenError>(())
+        })
+        .await?;
+        tracing::info!(max_bytes = bound, "cache bound");
         let registry = config.registry_config();
         // Reads the docker config file: a small blocking read.
         let client = blocking(move || Ok::<_, OpenError>(RegistryClient::new(registry)?)).await?;
@@ -474,9 +489,37 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         .await?;
         if !used {
             tracing::info!(layer = %digest, "layer unused: unmounting");
-            self.layers.unmount(&digest).await;
+            if let Some(layer) = self.layers.unmount(&digest).await {
+                self.release(&digest, layer).await;
+            }
         }
         Ok(())
+    }
+
+    /// The last snapshot of `layer` went: its chunks that no other mounted
+    /// layer lists are released in the cache (first to go, not in use, and
+    /// removed by `tarn cache prune`).
+    async fn release(&self, digest: &Digest, layer: R::Layer) {
+        let keep = self.layers.mounted_chunks(Some(digest));
+        let cache = self.cache.clone();
+        let released = tokio::task::spawn_blocking(move || {
+            let chunks = layer.chunks();
+            cache.release(chunks.iter().map(|(d, _)| d).filter(|d| !keep.contains(d)))
+        })
+        .await
+        .unwrap_or_default();
+        tracing::info!(layer = %digest, released_bytes = released, "layer's unshared chunks released");
+    }
+
+    /// Frees the cache's released entries, or (`all_unused`) every entry no
+    /// mounted layer lists.
+    pub async fn prune_cache(&self, all_unused: bool) -> Result<Pruned> {
+        let keep = all_unused.then(|| self.layers.mounted_chunks(None));
+        let cache = self.cache.clone();
+        let pruned =
+            blocking(move || Ok::<_, snapshotter::Error>(cache.prune(keep.as_ref()))).await?;
+        tracing::info!(?pruned, all_unused, "cache pruned");
+        Ok(pruned)
     }
 
     /// Mounts every remote snapshot's layer again, in parallel, reusing the
@@ -549,6 +592,11 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         let sn = self.sn.clone();
         let snapshots = blocking(move || sn.count()).await?;
         let c = self.cache.stats();
+        let lists = self.layers.chunk_lists();
+        let dedup_saved_bytes =
+            tokio::task::spawn_blocking(move || layers::dedup_saved_bytes(&lists))
+                .await
+                .unwrap_or_default();
         Ok(Stats {
             fallbacks: self.fallbacks.total(),
             fallbacks_by_cause: self.fallbacks.by_cause(),
@@ -558,6 +606,8 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             cache_entries: c.entries,
             cache_hits: c.hits,
             cache_misses: c.misses,
+            cache: c,
+            dedup_saved_bytes,
         })
     }
 

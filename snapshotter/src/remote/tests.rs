@@ -570,3 +570,45 @@ async fn a_layer_on_the_node_is_found_by_its_diff_id() {
     assert!(m.is_ok(), "{m:?}");
     assert_eq!(b.fallbacks().await, BTreeMap::from([("no-image-ref", 1)]));
 }
+
+#[tokio::test]
+async fn a_removed_layers_own_chunks_are_released_and_pruned_shared_ones_stay() {
+    use crate::testing::{SHARED_CHUNK, own_chunk, own_chunk_data};
+    let b = Bed::new().await;
+    let (da, db) = (digest('a'), digest('b'));
+    let cache = b.rs.cache.clone();
+    for data in [
+        own_chunk_data(&da),
+        own_chunk_data(&db),
+        SHARED_CHUNK.to_vec(),
+    ] {
+        cache.insert(&Digest::of(&data), &data).unwrap();
+    }
+    let stray = b"a chunk no layer lists".as_slice();
+    cache.insert(&Digest::of(stray), stray).unwrap();
+    for (key, chain, d) in [("k1", "chain-a", da), ("k2", "chain-b", db)] {
+        let r = b.rs.prepare(key.into(), None, cri(chain, d)).await;
+        assert!(is_already_exists(&r), "{r:?}");
+    }
+    // Both list the shared chunk: stored once, saved once.
+    assert_eq!(b.rs.stats().await.unwrap().dedup_saved_bytes, 1);
+
+    b.rs.remove("chain-a".into()).await.unwrap();
+    let released = b.rs.stats().await.unwrap().cache.released_bytes;
+    assert_eq!(
+        released,
+        own_chunk_data(&da).len() as u64,
+        "only a's own chunk"
+    );
+
+    let pruned = b.rs.prune_cache(false).await.unwrap();
+    assert_eq!(pruned.entries, 1);
+    assert!(!cache.contains(&own_chunk(&da)));
+    assert!(cache.contains(&own_chunk(&db)) && cache.contains(&Digest::of(SHARED_CHUNK)));
+    assert!(cache.contains(&Digest::of(stray)), "not released, so kept");
+
+    // All unused: whatever no mounted layer lists.
+    assert_eq!(b.rs.prune_cache(true).await.unwrap().entries, 1);
+    assert!(!cache.contains(&Digest::of(stray)));
+    assert!(cache.contains(&own_chunk(&db)) && cache.contains(&Digest::of(SHARED_CHUNK)));
+}
