@@ -136,14 +136,26 @@ def main():
                 return None
             return user if users.get(user) == password else None
 
+        def do_POST(self):
+            # The OAuth form containerd sends with a password:
+            # grant_type=password, username, password, service, scope.
+            length = min(int(self.headers.get("Content-Length", "0") or 0), 1 << 16)
+            form = parse_qs(self.rfile.read(length).decode(errors="replace"))
+            user = form.get("username", [None])[0]
+            if form.get("grant_type", [""])[0] != "password" or users.get(user) != form.get("password", [None])[0]:
+                user = None
+            self.issue(user, form.get("scope", [" "])[0].split(" "), form.get("service", [args.service])[0])
+
         def do_GET(self):
             url = urlparse(self.path)
             if url.path != "/token":
                 self.answer(404, {"error": "not found"})
                 return
             query = parse_qs(url.query)
-            scopes = query.get("scope", [])
-            user = self.user()
+            self.issue(self.user(), query.get("scope", []), query.get("service", [args.service])[0])
+
+        def issue(self, user, scopes, service):
+            scopes = [s for s in scopes if s]
             if user is None:
                 log(user=None, scope=scopes, issued=False)
                 self.answer(
@@ -156,7 +168,7 @@ def main():
             claims = {
                 "iss": args.issuer,
                 "sub": user,
-                "aud": query.get("service", [args.service])[0],
+                "aud": service,
                 "iat": now,
                 "nbf": now,
                 "exp": now + args.ttl - REGISTRY_LEEWAY,

@@ -352,8 +352,14 @@ fn wrong_credentials_at_prepare_fall_back_to_a_full_pull_until_the_config_is_fix
     assert_eq!(
         (b.fallbacks("auth"), b.fuse_mounts()),
         (LAYERS as u64, 0),
-        "every layer fell back for auth, nothing mounted lazily:\n{}",
-        tail(&b.tarn.log(), 20)
+        "every layer fell back for auth, nothing mounted lazily: {:?}\n{}",
+        b.admin().1.fallbacks_by_cause,
+        b.tarn
+            .log()
+            .lines()
+            .filter(|l| l.contains("not lazy") || l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(
         b.tarn
