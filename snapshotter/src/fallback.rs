@@ -41,7 +41,10 @@ pub enum Cause {
     ResolveTimeout,
     /// The registry could not be reached or timed out.
     RegistryUnreachable,
-    /// The registry answered, but not with the layer (auth, not found, ...).
+    /// The registry refused tarn's credentials, or tarn has none for it:
+    /// a lazy layer would fail its reads, so containerd pulls it in full.
+    Auth,
+    /// The registry answered, but not with the layer (not found, ...).
     Registry,
     NotInImage,
     TocMismatch,
@@ -52,7 +55,7 @@ pub enum Cause {
 }
 
 impl Cause {
-    pub const ALL: [Cause; 13] = [
+    pub const ALL: [Cause; 14] = [
         Cause::NoImageRef,
         Cause::NoLayerDigest,
         Cause::BadLabel,
@@ -60,6 +63,7 @@ impl Cause {
         Cause::NoParent,
         Cause::ResolveTimeout,
         Cause::RegistryUnreachable,
+        Cause::Auth,
         Cause::Registry,
         Cause::NotInImage,
         Cause::TocMismatch,
@@ -78,6 +82,7 @@ impl Cause {
             Cause::NoParent => "no-parent",
             Cause::ResolveTimeout => "resolve-timeout",
             Cause::RegistryUnreachable => "registry-unreachable",
+            Cause::Auth => "auth",
             Cause::Registry => "registry",
             Cause::NotInImage => "not-in-image",
             Cause::TocMismatch => "toc-mismatch",
@@ -119,6 +124,7 @@ fn registry_cause(e: &RegistryError) -> Cause {
     match e {
         _ if e.is_transient() => Cause::RegistryUnreachable,
         RegistryError::InvalidReference { .. } => Cause::BadLabel,
+        RegistryError::Auth { .. } => Cause::Auth,
         _ => Cause::Registry,
     }
 }
