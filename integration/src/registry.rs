@@ -210,7 +210,7 @@ pub fn free_port() -> Result<u16> {
 
 /// A bcrypt hash for htpasswd, made by Debian's python3 (libcrypt's `$2b$`,
 /// which distribution's Go bcrypt accepts).
-fn bcrypt(password: &str) -> Result<String> {
+pub fn bcrypt(password: &str) -> Result<String> {
     let out = Command::new("/usr/bin/python3")
         .args([
             "-W",
