@@ -144,6 +144,25 @@ fn ranged_gets<'a>(requests: &'a [Request], repo: &str) -> Vec<&'a Request> {
         .collect()
 }
 
+/// A log without its colours (ANSI escapes).
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, then one final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 async fn run(cri: &Cri, pod: &str, image: &str, script: &str) -> String {
     let container = cri
         .create_container(pod, image, &["/bin/sh"], &["-c", script])
@@ -203,7 +222,6 @@ fn cri_pull_secret_reaches_lazy_layers_and_survives_a_restart() {
     let secret = AuthConfig {
         username: USER.into(),
         password: PASSWORD.into(),
-        server_address: registry.clone(),
         ..Default::default()
     };
     rt.block_on(cri.pull_image_with_auth(&busybox, Some(secret.clone())))
@@ -261,7 +279,7 @@ fn cri_pull_secret_reaches_lazy_layers_and_survives_a_restart() {
     let mark = reglog::mark(&registry_log).expect("mark");
     daemon.restart().expect("restart tarn");
     assert!(
-        daemon.log().contains("repositories=2"),
+        plain(&daemon.log()).contains("credentials loaded repositories=2"),
         "the persisted credentials are loaded; tarn's log:\n{}",
         daemon.log()
     );

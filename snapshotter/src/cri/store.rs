@@ -60,11 +60,12 @@ pub enum StoreError {
     Version { path: PathBuf, found: u32 },
     #[error("encode credentials")]
     Encode(#[source] serde_json::Error),
+    // Boxed: a RegistryError is large and would bloat every Result here.
     #[error("pulled image {image:?}")]
     Reference {
         image: String,
         #[source]
-        source: tarn_fs::registry::RegistryError,
+        source: Box<tarn_fs::registry::RegistryError>,
     },
     #[error("auth of {repository}: {reason}")]
     BadAuth { repository: String, reason: String },
@@ -239,7 +240,7 @@ impl CriCredentials {
     ) -> Result<Option<Repository>, StoreError> {
         let reference: Reference = image.parse().map_err(|source| StoreError::Reference {
             image: image.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let repo = reference.repository;
         let bad = |reason: String| StoreError::BadAuth {
