@@ -39,7 +39,10 @@ pub enum Cause {
     ResolveTimeout,
     /// The registry could not be reached or timed out.
     RegistryUnreachable,
-    /// The registry answered, but not with the layer (auth, not found, ...).
+    /// The registry refused tarn's credentials, or tarn has none for it:
+    /// a lazy layer would fail its reads, so containerd pulls it in full.
+    Auth,
+    /// The registry answered, but not with the layer (not found, ...).
     Registry,
     NotInImage,
     TocMismatch,
@@ -50,13 +53,14 @@ pub enum Cause {
 }
 
 impl Cause {
-    pub const ALL: [Cause; 12] = [
+    pub const ALL: [Cause; 13] = [
         Cause::NoImageRef,
         Cause::NoLayerDigest,
         Cause::BadLabel,
         Cause::NoTocDigest,
         Cause::ResolveTimeout,
         Cause::RegistryUnreachable,
+        Cause::Auth,
         Cause::Registry,
         Cause::NotInImage,
         Cause::TocMismatch,
@@ -74,6 +78,7 @@ impl Cause {
             Cause::NoTocDigest => "no-toc-digest",
             Cause::ResolveTimeout => "resolve-timeout",
             Cause::RegistryUnreachable => "registry-unreachable",
+            Cause::Auth => "auth",
             Cause::Registry => "registry",
             Cause::NotInImage => "not-in-image",
             Cause::TocMismatch => "toc-mismatch",
@@ -114,6 +119,7 @@ fn registry_cause(e: &RegistryError) -> Cause {
     match e {
         _ if e.is_transient() => Cause::RegistryUnreachable,
         RegistryError::InvalidReference { .. } => Cause::BadLabel,
+        RegistryError::Auth { .. } => Cause::Auth,
         _ => Cause::Registry,
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
 
+use super::auth::keychain::Keychains;
 use super::error::RegistryError;
 use crate::Intent;
 
@@ -24,6 +25,9 @@ pub struct RegistryConfig {
     /// The docker config file with credentials; `None` means
     /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// Credential sources asked before the docker config, in order (CRI's
+    /// captured credentials, pull secrets). Empty by default.
+    pub keychains: Keychains,
     /// Retries after a failed attempt of an on-demand read; background
     /// reads get three times as many.
     pub retries: u32,
@@ -37,6 +41,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             plain_http: Vec::new(),
             docker_config: None,
+            keychains: Keychains::default(),
             retries: 3,
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),

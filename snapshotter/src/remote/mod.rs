@@ -23,7 +23,7 @@ use tarn_fs::registry::{Reference, RegistryClient, RegistryError, ResolvedImage}
 
 use crate::config::Config;
 use crate::errors::chain;
-use crate::fallback::{Fallback, Fallbacks};
+use crate::fallback::{Cause, Fallback, Fallbacks};
 use crate::labels::{self, Decision, RemoteLayer};
 use crate::layers::{self, LayerStatus, Layers, Warm};
 use crate::locks::KeyedMutex;
@@ -289,6 +289,17 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             Some(d) => format!("layer {d}: {}", chain(&why)),
             None => chain(&why),
         };
+        if cause == Cause::Auth {
+            // Worth a warning: every layer of the registry is pulled in full
+            // until tarn's credentials are fixed.
+            tracing::warn!(
+                key,
+                cause = cause.as_str(),
+                reason,
+                "not lazy: tarn has no credentials the registry accepts (see [registry] docker_config); ordinary prepare, containerd pulls the layer in full"
+            );
+            return;
+        }
         tracing::info!(
             key,
             cause = cause.as_str(),

@@ -235,7 +235,7 @@ async fn each_fallback_cause_prepares_ordinarily_and_is_counted() {
                 host: host(),
                 reason: "denied".into(),
             }),
-            Cause::Registry,
+            Cause::Auth,
         ),
         (
             registry(RegistryError::InvalidReference {
