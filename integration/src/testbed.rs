@@ -144,7 +144,10 @@ impl Testbed {
         components: &[Component],
         htpasswd: Option<&str>,
     ) -> Result<Testbed, TestbedError> {
-        Testbed::up_auth(components, htpasswd.map_or(RegistryAuth::Anonymous, RegistryAuth::Htpasswd))
+        Testbed::up_auth(
+            components,
+            htpasswd.map_or(RegistryAuth::Anonymous, RegistryAuth::Htpasswd),
+        )
     }
 
     /// [`Testbed::up`] with a registry that authenticates as `auth` says.
@@ -174,7 +177,10 @@ impl Testbed {
             }
             RegistryAuth::Token { users, ttl_secs } => {
                 let lines: String = users.iter().map(|(u, p)| format!("{u}:{p}\n")).collect();
-                cmd.env("TESTBED_REGISTRY_TOKEN_USERS", write("token-users", &lines)?);
+                cmd.env(
+                    "TESTBED_REGISTRY_TOKEN_USERS",
+                    write("token-users", &lines)?,
+                );
                 cmd.env("TESTBED_TOKEN_TTL", ttl_secs.to_string());
             }
         }
@@ -293,7 +299,10 @@ impl Testbed {
             path: path.into(),
             source,
         })?;
-        Ok(text.lines().filter(|l| l.contains(r#""issued": true"#)).count())
+        Ok(text
+            .lines()
+            .filter(|l| l.contains(r#""issued": true"#))
+            .count())
     }
 
     /// Stops the test bed now, reporting a failure to clean up.

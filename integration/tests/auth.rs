@@ -257,7 +257,10 @@ esac
     b.rpull(&image);
     let (layers, stats) = b.admin();
     assert_eq!(
-        (mounted_layers(&layers), stats.fallbacks_by_cause.values().sum::<u64>()),
+        (
+            mounted_layers(&layers),
+            stats.fallbacks_by_cause.values().sum::<u64>()
+        ),
         (LAYERS, 0),
         "every layer lazy, none fell back: {:?}\n{}",
         stats.fallbacks_by_cause,
@@ -273,9 +276,11 @@ esac
     let calls_before = calls();
     let log_before = b.bed.registry_log().expect("registry log").len();
     b.tarn.restart().expect("restart tarn");
-    wait_until("the restarted daemon to mount its layers", RECONNECT_TIMEOUT, || {
-        (mounted_layers(&b.admin().0) == LAYERS).then_some(())
-    })
+    wait_until(
+        "the restarted daemon to mount its layers",
+        RECONNECT_TIMEOUT,
+        || (mounted_layers(&b.admin().0) == LAYERS).then_some(()),
+    )
     .unwrap_or_else(|e| panic!("{e}\n{}", tail(&b.tarn.log(), 30)));
     let cmd = slow_reader(&["net/http", "crypto/tls"], 0);
     let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tarn_fs::registry::auth::Keychains;
 use tarn_proto::admin::admin_server::AdminServer;
 use tarn_proto::snapshots::snapshots_server::SnapshotsServer;
 use tokio::net::UnixListener;
@@ -105,7 +106,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let cri = open_cri_credentials(root, config).await?;
-    let rs = Arc::new(RemoteSnapshotter::open(root, config).await?);
+    let mut keychains = Keychains::default();
+    if let Some(c) = &cri {
+        keychains.push(c.clone());
+    }
+    let rs = Arc::new(RemoteSnapshotter::open(root, config, keychains).await?);
     let (deadline, served) = serve(&rs, cri, address, admin_address, config, shutdown).await;
     // Unmounted even when serving failed: a FUSE mount without its daemon
     // only answers ENOTCONN.

@@ -23,6 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
+use tarn_fs::registry::auth::keychain::IDENTITY_TOKEN_USER;
+use tarn_fs::registry::auth::{Credentials, Keychain};
 use tarn_fs::registry::{Reference, Repository};
 use tarn_proto::cri::AuthConfig;
 
@@ -375,4 +377,28 @@ fn write_file(path: &Path, entries: Vec<Entry>) -> Result<(), StoreError> {
         .and_then(|d| d.sync_all())
         .map_err(io("sync", dir))?;
     Ok(())
+}
+
+/// The registry client's view: a credential source asked before the docker
+/// config. A registry token (a bearer token for the registry itself) has no
+/// place in the client's credentials: it is kept but not used, and such a
+/// repository is fetched as if no secret had been sent.
+impl Keychain for CriCredentials {
+    fn name(&self) -> &str {
+        "cri"
+    }
+
+    fn credentials(&self, repo: &Repository) -> Option<Credentials> {
+        match self.lookup(repo)? {
+            Secret::Basic { username, password } => Some(Credentials { username, password }),
+            Secret::IdentityToken { token } => Some(Credentials {
+                username: IDENTITY_TOKEN_USER.to_string(),
+                password: token,
+            }),
+            Secret::RegistryToken { .. } => {
+                tracing::debug!(repository = %repo, "cri: a registry token is not used by tarn");
+                None
+            }
+        }
+    }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tarn_fs::Digest;
 use tarn_fs::cache::{Cache, CacheError};
 use tarn_fs::fetch::FetchScheduler;
+use tarn_fs::registry::auth::Keychains;
 use tarn_fs::registry::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
 use tarn_fs::registry::{Reference, RegistryClient, RegistryError, ResolvedImage};
 
@@ -143,8 +144,14 @@ impl RemoteSnapshotter {
     /// Opens the snapshotter, cache and registry client under `root`, and
     /// mounts every remote snapshot's layer again before returning (so the
     /// caller serves only once they are back). Must run on the runtime
-    /// that will serve the FUSE mounts' cache misses.
-    pub async fn open(root: &Path, config: &Config) -> Result<Self, OpenError> {
+    /// that will serve the FUSE mounts' cache misses. `keychains` are
+    /// credential sources asked before the docker config (CRI's captured
+    /// credentials).
+    pub async fn open(
+        root: &Path,
+        config: &Config,
+        keychains: Keychains,
+    ) -> Result<Self, OpenError> {
         let r = root.to_owned();
         let sn = Arc::new(blocking(move || Snapshotter::open(&r)).await?);
         let cache_dir = config.cache_dir(root);
@@ -156,7 +163,8 @@ impl RemoteSnapshotter {
         })
         .await?;
         let cache = Arc::new(cache);
-        let registry = config.registry_config();
+        let mut registry = config.registry_config();
+        registry.keychains = keychains;
         // Reads the docker config file: a small blocking read.
         let client = blocking(move || Ok::<_, OpenError>(RegistryClient::new(registry)?)).await?;
         let warm = Warm {

@@ -177,9 +177,6 @@ mod tests {
         );
         list.refused(&repo);
         assert_eq!(refused.load(Ordering::Relaxed), 3);
-        assert_eq!(
-            format!("{list:?}"),
-            r#"["empty", "cri", "docker-config"]"#
-        );
+        assert_eq!(format!("{list:?}"), r#"["empty", "cri", "docker-config"]"#);
     }
 }

@@ -270,7 +270,9 @@ impl Auth {
                 host: host.to_string(),
                 reason: format!(
                     "token endpoint {realm} refused the credentials{} ({status})",
-                    found.map(|f| format!(" from {}", f.source)).unwrap_or_default()
+                    found
+                        .map(|f| format!(" from {}", f.source))
+                        .unwrap_or_default()
                 ),
             })));
         }

@@ -20,15 +20,27 @@ fn the_file_is_read_again_when_it_changes_and_a_bad_version_keeps_the_last_good(
     let k = DockerFile::open(path.clone()).unwrap();
     // No file yet: anonymous, and a file written later is seen.
     assert_eq!(user(&k, "reg.lan"), None);
-    std::fs::write(&path, r#"{"auths":{"reg.lan":{"username":"u1","password":"p"}}}"#).unwrap();
+    std::fs::write(
+        &path,
+        r#"{"auths":{"reg.lan":{"username":"u1","password":"p"}}}"#,
+    )
+    .unwrap();
     assert_eq!(user(&k, "reg.lan").as_deref(), Some("u1"));
     // Replaced atomically (a new inode), as `docker login` does.
     let tmp = dir.path().join("config.json.tmp");
-    std::fs::write(&tmp, r#"{"auths":{"reg.lan":{"username":"u2","password":"p"}}}"#).unwrap();
+    std::fs::write(
+        &tmp,
+        r#"{"auths":{"reg.lan":{"username":"u2","password":"p"}}}"#,
+    )
+    .unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     assert_eq!(user(&k, "reg.lan").as_deref(), Some("u2"));
     // Rewritten in place with a different size.
-    std::fs::write(&path, r#"{"auths":{"reg.lan":{"username":"user3","password":"p"}}}"#).unwrap();
+    std::fs::write(
+        &path,
+        r#"{"auths":{"reg.lan":{"username":"user3","password":"p"}}}"#,
+    )
+    .unwrap();
     assert_eq!(user(&k, "reg.lan").as_deref(), Some("user3"));
     std::fs::write(&path, "{ half a file").unwrap();
     assert_eq!(user(&k, "reg.lan").as_deref(), Some("user3"));
@@ -64,11 +76,17 @@ fn helper_answers_are_kept_until_refused_or_the_file_changes() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = dir.path().join("config.json");
     std::fs::write(&path, r#"{"credHelpers":{"reg.lan":"counting"}}"#).unwrap();
-    let k = DockerFile::open(path.clone()).unwrap().with_search_path(&bin);
+    let k = DockerFile::open(path.clone())
+        .unwrap()
+        .with_search_path(&bin);
     assert_eq!(user(&k, "reg.lan").as_deref(), Some("u1"));
     assert_eq!(user(&k, "reg.lan").as_deref(), Some("u1"));
     k.refused(&repo("reg.lan"));
     assert_eq!(user(&k, "reg.lan").as_deref(), Some("u2"));
-    std::fs::write(&path, r#"{"credHelpers":{"reg.lan":"counting"}, "auths":{}}"#).unwrap();
+    std::fs::write(
+        &path,
+        r#"{"credHelpers":{"reg.lan":"counting"}, "auths":{}}"#,
+    )
+    .unwrap();
     assert_eq!(user(&k, "reg.lan").as_deref(), Some("u3"));
 }

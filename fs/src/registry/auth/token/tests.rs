@@ -145,7 +145,8 @@ async fn counting_endpoint(
                 let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(delay).await;
                 let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
-                let want = format!("authorization: basic {}", STANDARD.encode(good)).to_ascii_lowercase();
+                let want =
+                    format!("authorization: basic {}", STANDARD.encode(good)).to_ascii_lowercase();
                 let answer = if text.contains(&want) {
                     let body = format!(r#"{{"token":"t{n}"}}"#);
                     format!(
@@ -153,7 +154,8 @@ async fn counting_endpoint(
                         body.len()
                     )
                 } else {
-                    "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                    "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_string()
                 };
                 conn.write_all(answer.as_bytes()).await.unwrap();
             });
@@ -214,7 +216,10 @@ async fn concurrent_requests_share_one_token_and_one_renewal_of_a_refused_token(
                     .await
                     .map_err(|f| f.err)
                     .unwrap();
-                auth.header(&http, &repo()).await.map_err(|f| f.err).unwrap()
+                auth.header(&http, &repo())
+                    .await
+                    .map_err(|f| f.err)
+                    .unwrap()
             })
         })
         .collect();
@@ -222,7 +227,11 @@ async fn concurrent_requests_share_one_token_and_one_renewal_of_a_refused_token(
         assert_eq!(t.await.unwrap().as_deref(), Some("Bearer t2"));
     }
     assert_eq!(count.load(Ordering::SeqCst), 2, "one renewal for all");
-    assert_eq!(source.refused.load(Ordering::SeqCst), 0, "the credentials were fine");
+    assert_eq!(
+        source.refused.load(Ordering::SeqCst),
+        0,
+        "the credentials were fine"
+    );
 }
 
 #[tokio::test]
@@ -240,7 +249,11 @@ async fn credentials_the_token_endpoint_refuses_are_asked_for_again_once() {
         .await
         .map_err(|f| f.err)
         .unwrap_err();
-    assert!(err.to_string().contains("refused the credentials from switchable"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("refused the credentials from switchable"),
+        "{err}"
+    );
     assert_eq!(source.refused.load(Ordering::SeqCst), 1);
     assert_eq!(count.load(Ordering::SeqCst), 1);
     // Rotated: the kept (old) answer is refused, asked again, and the new
@@ -251,7 +264,11 @@ async fn credentials_the_token_endpoint_refuses_are_asked_for_again_once() {
         .map_err(|f| f.err)
         .unwrap();
     assert_eq!(
-        auth.header(&http, &repo()).await.map_err(|f| f.err).unwrap().as_deref(),
+        auth.header(&http, &repo())
+            .await
+            .map_err(|f| f.err)
+            .unwrap()
+            .as_deref(),
         Some("Bearer t3")
     );
     assert_eq!(count.load(Ordering::SeqCst), 3);
@@ -267,20 +284,38 @@ async fn basic_credentials_the_registry_refused_are_asked_for_again_then_reporte
         .await
         .map_err(|f| f.err)
         .unwrap();
-    let old = auth.header(&http, &repo()).await.map_err(|f| f.err).unwrap();
+    let old = auth
+        .header(&http, &repo())
+        .await
+        .map_err(|f| f.err)
+        .unwrap();
     // Refused, and the source still has the same: a clear error.
     let err = auth
         .authenticate(&http, &repo(), Challenge::Basic, old.as_deref())
         .await
         .map_err(|f| f.err)
         .unwrap_err();
-    assert!(err.to_string().contains("refused the credentials (switchable)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("refused the credentials (switchable)"),
+        "{err}"
+    );
     // Rotated: the next refusal picks the new ones up at once.
     source.set("u", "new");
     auth.authenticate(&http, &repo(), Challenge::Basic, old.as_deref())
         .await
         .map_err(|f| f.err)
         .unwrap();
-    let new = auth.header(&http, &repo()).await.map_err(|f| f.err).unwrap();
-    assert_eq!(new, basic(&Credentials { username: "u".into(), password: "new".into() }));
+    let new = auth
+        .header(&http, &repo())
+        .await
+        .map_err(|f| f.err)
+        .unwrap();
+    assert_eq!(
+        new,
+        basic(&Credentials {
+            username: "u".into(),
+            password: "new".into()
+        })
+    );
 }
