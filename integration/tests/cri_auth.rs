@@ -164,10 +164,24 @@ fn plain(log: &str) -> String {
 }
 
 async fn run(cri: &Cri, pod: &str, image: &str, script: &str) -> String {
-    let container = cri
-        .create_container(pod, image, &["/bin/sh"], &["-c", script])
-        .await
-        .expect("create container");
+    // After tarn's restart containerd dials it again, and on a loaded
+    // machine may time that dial out (UNAVAILABLE naming tarn.sock): try
+    // again, within a bound.
+    let mut attempts = 0;
+    let container = loop {
+        match cri
+            .create_container(pod, image, &["/bin/sh"], &["-c", script])
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) if attempts < 20 && e.to_string().contains("tarn.sock") => {
+                attempts += 1;
+                eprintln!("containerd not connected to tarn yet: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("create container: {e}"),
+        }
+    };
     cri.start(&container).await.expect("start container");
     let code = cri
         .wait_exit(&container, EXIT_TIMEOUT)
@@ -224,8 +238,21 @@ fn cri_pull_secret_reaches_lazy_layers_and_survives_a_restart() {
         password: PASSWORD.into(),
         ..Default::default()
     };
-    rt.block_on(cri.pull_image_with_auth(&busybox, Some(secret.clone())))
-        .expect("pull the sandbox image with the secret");
+    // containerd dials tarn's socket lazily and, on a loaded machine, may
+    // time the first dial out (UNAVAILABLE naming tarn.sock): pull again
+    // until it is connected, within a bound.
+    let mut attempts = 0;
+    loop {
+        match rt.block_on(cri.pull_image_with_auth(&busybox, Some(secret.clone()))) {
+            Ok(_) => break,
+            Err(e) if attempts < 20 && e.to_string().contains("tarn.sock") => {
+                attempts += 1;
+                eprintln!("containerd not connected to tarn yet: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => panic!("pull the sandbox image with the secret: {e}"),
+        }
+    }
     let image_id = rt
         .block_on(cri.pull_image_with_auth(&image, Some(secret)))
         .expect("pull with the secret");
