@@ -215,7 +215,7 @@ pub fn htpasswd_line(user: &str, password: &str) -> Result<String> {
 
 /// A bcrypt hash for htpasswd, made by Debian's python3 (libcrypt's `$2b$`,
 /// which distribution's Go bcrypt accepts).
-fn bcrypt(password: &str) -> Result<String> {
+pub fn bcrypt(password: &str) -> Result<String> {
     let out = Command::new("/usr/bin/python3")
         .args([
             "-W",

@@ -17,6 +17,10 @@
 //! max_percent = 10                          # of the cache's filesystem
 //! [fetch]
 //! background = false
+//! [cri]
+//! image_service_socket = "/run/tarn/cri-image.sock"  # default: off
+//! containerd_cri_socket = "/run/containerd/containerd.sock"
+//! credentials_ttl_hours = 24
 //! ```
 
 use std::net::SocketAddr;
@@ -62,6 +66,7 @@ pub struct Config {
     pub registry: RegistrySection,
     pub cache: CacheSection,
     pub fetch: FetchSection,
+    pub cri: CriSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +189,31 @@ impl Default for FetchSection {
     }
 }
 
+/// CRI's image service, proxied to containerd's so tarn learns the
+/// credentials of the kubelet's pulls (`crate::cri`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriSection {
+    /// Socket tarn serves `runtime.v1.ImageService` on (root-only), for the
+    /// kubelet's `--image-service-endpoint`; unset: no proxy.
+    pub image_service_socket: Option<PathBuf>,
+    /// containerd's CRI socket, where every call is forwarded.
+    pub containerd_cri_socket: PathBuf,
+    /// How long captured credentials are kept after the last pull that
+    /// sent them, hours (each pull of the image renews them).
+    pub credentials_ttl_hours: u64,
+}
+
+impl Default for CriSection {
+    fn default() -> Self {
+        CriSection {
+            image_service_socket: None,
+            containerd_cri_socket: PathBuf::from("/run/containerd/containerd.sock"),
+            credentials_ttl_hours: 24,
+        }
+    }
+}
+
 impl Config {
     /// Loads `path`. A missing file gives the defaults unless the user named
     /// it explicitly (`required`).
@@ -271,6 +301,11 @@ impl Config {
         Duration::from_secs(self.snapshotter.shutdown_grace_secs)
     }
 
+    /// How long captured CRI credentials are kept.
+    pub fn cri_credentials_ttl(&self) -> Duration {
+        Duration::from_secs(self.cri.credentials_ttl_hours.saturating_mul(3600))
+    }
+
     /// How tarn-fs reaches registries.
     pub fn registry_config(&self) -> tarn_fs::registry::RegistryConfig {
         tarn_fs::registry::RegistryConfig {
@@ -336,6 +371,25 @@ mod tests {
             Config::load(&p, true).is_err(),
             "an address without a port is refused, not ignored"
         );
+        assert_eq!(
+            c.cri.image_service_socket, None,
+            "the CRI proxy is off by default"
+        );
+        std::fs::write(
+            &p,
+            "[cri]\nimage_service_socket = \"/run/tarn/cri.sock\"\ncredentials_ttl_hours = 2\n",
+        )
+        .unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(
+            c.cri.image_service_socket,
+            Some(PathBuf::from("/run/tarn/cri.sock"))
+        );
+        assert_eq!(
+            c.cri.containerd_cri_socket,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+        assert_eq!(c.cri_credentials_ttl(), Duration::from_secs(7200));
         std::fs::write(&p, "admin_address = \"/a/admin.sock\"\n").unwrap();
         let c = Config::load(&p, true).unwrap();
         assert_eq!(

@@ -23,9 +23,12 @@
 //! - [`labels`]: the remote-snapshot protocol's labels, pure.
 //! - [`errors`]: an error and its causes in one line.
 //! - [`locks`]: keyed mutex and singleflight for duplicate suppression.
+//! - [`cri`]: CRI's image service as a proxy to containerd's, capturing
+//!   the credentials of the kubelet's pulls (persisted per repository).
 //! - [`config`], [`server`]: configuration file, sockets and serving.
 
 pub mod config;
+pub mod cri;
 pub mod errors;
 pub mod fallback;
 pub mod filters;

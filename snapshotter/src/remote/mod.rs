@@ -19,6 +19,7 @@ use tarn_fs::Digest;
 use tarn_fs::cache::{Cache, CacheError, CacheStats, Pruned};
 use tarn_fs::fetch::FetchScheduler;
 use tarn_fs::fuse::FuseOps;
+use tarn_fs::registry::auth::Keychains;
 use tarn_fs::registry::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
 use tarn_fs::registry::{Reference, RegistryClient, RegistryError, ResolvedImage};
 
@@ -154,8 +155,14 @@ impl RemoteSnapshotter {
     /// caller serves only once they are back). Must run on the runtime
     /// that will serve the FUSE mounts' cache misses. What the registry
     /// client, the fetch scheduler and the mounts count is registered on
-    /// `metrics`.
-    pub async fn open(root: &Path, config: &Config, metrics: &Metrics) -> Result<Self, OpenError> {
+    /// `metrics`. `keychains` are credential sources asked before the
+    /// docker config (CRI's captured credentials).
+    pub async fn open(
+        root: &Path,
+        config: &Config,
+        metrics: &Metrics,
+        keychains: Keychains,
+    ) -> Result<Self, OpenError> {
         let r = root.to_owned();
         let sn = Arc::new(blocking(move || Snapshotter::open(&r)).await?);
         let cache_dir = config.cache_dir(root);
@@ -175,7 +182,8 @@ impl RemoteSnapshotter {
         })
         .await?;
         tracing::info!(max_bytes = bound, "cache bound");
-        let registry = config.registry_config();
+        let mut registry = config.registry_config();
+        registry.keychains = keychains;
         // Reads the docker config file: a small blocking read.
         let client = blocking(move || Ok::<_, OpenError>(RegistryClient::new(registry)?)).await?;
         let warm = Warm {
