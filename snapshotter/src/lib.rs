@@ -16,7 +16,10 @@
 //! - [`layers`]: the table of remote layers, one mount per layer digest.
 //! - [`resolve`]: manifest, footer and TOC of remote layers, once each, all
 //!   of an image's layers at once.
-//! - [`mounter`]: remote layers as FUSE mounts.
+//! - [`mounter`]: remote layers as FUSE mounts, handed over to a
+//!   successor process through [`holder`].
+//! - [`holder`]: the process that keeps every mount's /dev/fuse fd across
+//!   restarts of the daemon.
 //! - [`fallback`]: why a layer was not lazy, counted by cause.
 //! - [`labels`]: the remote-snapshot protocol's labels, pure.
 //! - [`errors`]: an error and its causes in one line.
@@ -27,6 +30,7 @@ pub mod config;
 pub mod errors;
 pub mod fallback;
 pub mod filters;
+pub mod holder;
 pub mod labels;
 pub mod layers;
 pub mod locks;
