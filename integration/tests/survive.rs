@@ -333,7 +333,10 @@ fn tarn_mounts_under(dir: &Path) -> BTreeSet<PathBuf> {
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let path = PathBuf::from(left.split(' ').nth(4)?);
-            (right.starts_with("fuse.tarn ") && path.starts_with(dir)).then_some(path)
+            let mut right = right.split(' ');
+            let (fstype, source) = (right.next()?, right.next()?);
+            (fstype.starts_with("fuse") && source.starts_with("tarn:") && path.starts_with(dir))
+                .then_some(path)
         })
         .collect()
 }

@@ -305,7 +305,7 @@ fn write_record(path: &Path, record: &ConnectionRecord) {
     }
 }
 
-/// Mountpoints of tarn's FUSE mounts in this mount namespace, read from
+/// Mountpoints of the daemon's FUSE mounts in this mount namespace, read from
 /// /proc/self/mountinfo (never by touching the mounts: one nobody serves
 /// would hang the caller).
 fn tarn_mounts() -> HashSet<PathBuf> {
@@ -316,7 +316,12 @@ fn tarn_mounts() -> HashSet<PathBuf> {
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let mountpoint = left.split(' ').nth(4)?;
-            (right.split(' ').next()? == "fuse.tarn").then(|| PathBuf::from(unescape(mountpoint)))
+            // fuser's own mount passes no subtype: the type is `fuse`, the
+            // source the fsname Layers gives (`tarn:<digest>`).
+            let mut right = right.split(' ');
+            let (fstype, source) = (right.next()?, right.next()?);
+            (fstype.starts_with("fuse") && source.starts_with("tarn:"))
+                .then(|| PathBuf::from(unescape(mountpoint)))
         })
         .collect()
 }
