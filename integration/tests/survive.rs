@@ -376,11 +376,12 @@ fn survive(extra_config: &str, label: &str) -> Bed {
     let upgrade_dir = b.work.path().join("upgrade");
     std::fs::create_dir_all(&upgrade_dir).expect("upgrade dir");
     let upgrade = upgrade_dir.join("tarn-snapshotter");
-    std::fs::copy(
-        tarn_integration::bins::snapshotter().expect("binary"),
-        &upgrade,
-    )
-    .expect("copy the binary for the upgrade");
+    // The same build at another path (a hard link: a debug binary is large),
+    // started as a new program with `--takeover`.
+    let built = tarn_integration::bins::snapshotter().expect("binary");
+    std::fs::hard_link(&built, &upgrade)
+        .or_else(|_| std::fs::copy(&built, &upgrade).map(drop))
+        .expect("the binary for the upgrade");
 
     let mut b = b;
     for (i, action) in PLAN.iter().enumerate() {
