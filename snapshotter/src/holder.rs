@@ -229,10 +229,7 @@ fn seqpacket() -> nix::Result<OwnedFd> {
 
 /// A peer that stops answering cannot hold either side up for long.
 fn timeouts(sock: &OwnedFd) -> nix::Result<()> {
-    let t = nix::sys::time::TimeVal::new(
-        i64::try_from(CLIENT_TIMEOUT.as_secs()).unwrap_or(5),
-        0,
-    );
+    let t = nix::sys::time::TimeVal::new(i64::try_from(CLIENT_TIMEOUT.as_secs()).unwrap_or(5), 0);
     socket::setsockopt(sock, socket::sockopt::ReceiveTimeout, &t)?;
     socket::setsockopt(sock, socket::sockopt::SendTimeout, &t)
 }

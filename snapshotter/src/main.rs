@@ -118,7 +118,10 @@ fn take_over(root: &std::path::Path, grace: Duration) -> anyhow::Result<()> {
     // A stale file may name a pid reused by another program.
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     if !comm.starts_with("tarn-snapshotte") {
-        tracing::info!(pid, "the daemon in the pid file is gone; nothing to take over from");
+        tracing::info!(
+            pid,
+            "the daemon in the pid file is gone; nothing to take over from"
+        );
         return Ok(());
     }
     tracing::info!(pid, "taking over: stopping the running daemon");
@@ -127,8 +130,9 @@ fn take_over(root: &std::path::Path, grace: Duration) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + grace + TAKEOVER_SLACK;
     let gone = |pid: Pid| {
         // Gone, or a zombie its parent has not reaped yet.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+        })
     };
     while !gone(pid) {
         if std::time::Instant::now() >= deadline {

@@ -92,7 +92,10 @@ impl FuseMounter {
             }
         };
         if !inherited.is_empty() {
-            tracing::info!(connections = inherited.len(), "adopting held FUSE connections");
+            tracing::info!(
+                connections = inherited.len(),
+                "adopting held FUSE connections"
+            );
         }
         self.handover = Some(Handover {
             holder,
@@ -110,15 +113,25 @@ impl FuseMounter {
                 .handover
                 .as_ref()
                 .and_then(|_| Some(mountpoint.parent()?.join(JOURNAL))),
+            handed_over: self.handover.is_some(),
             ..MountOptions::default()
         }
     }
 
     /// Serves `layer` on the connection a predecessor left for
     /// `mountpoint`, if there is one and it can be adopted.
-    fn adopt(&self, layer: &Arc<Layer>, mountpoint: &Path, options: &MountOptions) -> Option<Served> {
+    fn adopt(
+        &self,
+        layer: &Arc<Layer>,
+        mountpoint: &Path,
+        options: &MountOptions,
+    ) -> Option<Served> {
         let h = self.handover.as_ref()?;
-        let fd = h.inherited.lock().expect("inherited poisoned").remove(mountpoint)?;
+        let fd = h
+            .inherited
+            .lock()
+            .expect("inherited poisoned")
+            .remove(mountpoint)?;
         let record_path = mountpoint.parent()?.join(RECORD);
         let adopted = read_record(&record_path).and_then(|mut record| {
             let negotiated = Negotiated {

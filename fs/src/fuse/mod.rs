@@ -13,9 +13,10 @@
 //! (`FUSE_NOTIFY_RESEND`). That works because nothing a reply told the
 //! kernel depends on the process: node ids and generations are the index's
 //! (a pure function of the layer's TOC), file handles are always 0, and the
-//! passthrough choices are journaled (`journal.rs`). Every worker reads the
-//! one fd the holder keeps (no `clone_fd`): a request read on a cloned fd
-//! would be failed by the kernel when that fd closes with its process.
+//! passthrough choices are journaled (`journal.rs`). Every worker of such a
+//! connection reads the one fd the holder keeps (no `clone_fd`): a request
+//! read on a cloned fd would be failed by the kernel when that fd closes
+//! with its process.
 
 mod attr;
 mod fs;
@@ -50,6 +51,10 @@ pub struct MountOptions {
     /// Where this connection's passthrough choices are journaled, so that a
     /// process adopting the connection knows them (see [`adopt`]).
     pub journal: Option<PathBuf>,
+    /// The connection will be handed over (kept by a holder, adopted by a
+    /// successor): every worker then reads the one fd the holder keeps
+    /// instead of a clone of its own (see the module docs).
+    pub handed_over: bool,
 }
 
 /// What the kernel and the first process agreed at FUSE_INIT, which an
@@ -70,6 +75,7 @@ impl Default for MountOptions {
             fsname: "tarn".to_string(),
             passthrough: true,
             journal: None,
+            handed_over: false,
         }
     }
 }
@@ -194,10 +200,11 @@ pub fn mount(
         fuser::MountOption::Exec,
     ];
     let config = session_config(config, options);
-    let journal = options
-        .journal
-        .as_deref()
-        .and_then(|p| journal::Journal::create(p).inspect_err(|e| journal_warning(p, e)).ok());
+    let journal = options.journal.as_deref().and_then(|p| {
+        journal::Journal::create(p)
+            .inspect_err(|e| journal_warning(p, e))
+            .ok()
+    });
     let parts = Parts::new(&layer, &runtime, journal);
     let fs = fs::LayerFs::new(layer, runtime, options.passthrough, parts.passthrough);
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_error)?;
@@ -223,7 +230,9 @@ pub fn adopt(
         path: mountpoint.to_path_buf(),
         error,
     };
-    let config = session_config(fuser::Config::default(), options);
+    let mut config = session_config(fuser::Config::default(), options);
+    // Adopted, it will be handed over again.
+    config.clone_fd = false;
     let (journal, inherited) = match options.journal.as_deref().map(journal::Journal::resume) {
         Some(Ok((j, open))) => (Some(j), open),
         Some(Err(e)) => {
@@ -240,9 +249,7 @@ pub fn adopt(
         }
     }
     parts.passthrough.inherit(inherited);
-    let _ = parts
-        .conn
-        .set(fd.try_clone().map_err(adopt_error)?);
+    let _ = parts.conn.set(fd.try_clone().map_err(adopt_error)?);
     let fs = fs::LayerFs::new(layer, runtime, options.passthrough, parts.passthrough);
     let session = fuser::Session::from_initialized_fd(fs, fd, config.acl, config);
     if let Some(conn) = parts.conn.get()
@@ -290,8 +297,9 @@ fn session_config(mut config: fuser::Config, options: &MountOptions) -> fuser::C
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(options.threads.max(1));
-    // One fd for every worker: see the module docs.
-    config.clone_fd = false;
+    // A clone per worker spreads requests over the kernel's queues; a
+    // connection to hand over needs one fd for every worker (module docs).
+    config.clone_fd = !options.handed_over;
     config
 }
 

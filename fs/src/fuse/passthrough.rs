@@ -214,7 +214,10 @@ impl Passthrough {
             count: 1,
             inherited: false,
         };
-        let Table { open: table_open, journal } = &mut *table;
+        let Table {
+            open: table_open,
+            journal,
+        } = &mut *table;
         if let Some(j) = journal {
             j.opened(ino, open.mode());
         }

@@ -178,7 +178,9 @@ impl RemoteSnapshotter {
             config.snapshotter.fuse_passthrough,
         );
         let mounter = match config.holder(root) {
-            Some(holder) => blocking(move || Ok::<_, OpenError>(mounter.with_holder(holder))).await?,
+            Some(holder) => {
+                blocking(move || Ok::<_, OpenError>(mounter.with_holder(holder))).await?
+            }
             None => mounter,
         };
         let options = RemoteOptions {
