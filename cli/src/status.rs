@@ -8,6 +8,8 @@ use tarn_proto::admin::{
     Layer, LayerState, ListLayersRequest, StatsRequest, StatsResponse, admin_client::AdminClient,
 };
 
+use tonic::transport::Channel;
+
 use crate::pull::human;
 
 /// Show mounted layers, bytes fetched and cache statistics.
@@ -24,7 +26,8 @@ pub async fn run(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-async fn fetch(address: &Path) -> Result<(Vec<Layer>, StatsResponse)> {
+/// A client of the daemon's admin API at `address`.
+pub(crate) async fn connect(address: &Path) -> Result<AdminClient<Channel>> {
     if !address.exists() {
         bail!(
             "tarn daemon admin socket {} does not exist (is tarn-snapshotter running? see --admin-address)",
@@ -35,7 +38,11 @@ async fn fetch(address: &Path) -> Result<(Vec<Layer>, StatsResponse)> {
     let channel = containerd_client::connect(address)
         .await
         .with_context(|| format!("cannot connect to the tarn daemon at {}", address.display()))?;
-    let mut admin = AdminClient::new(channel);
+    Ok(AdminClient::new(channel))
+}
+
+async fn fetch(address: &Path) -> Result<(Vec<Layer>, StatsResponse)> {
+    let mut admin = connect(address).await?;
     let layers = admin
         .list_layers(ListLayersRequest {})
         .await
@@ -108,6 +115,19 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
         stats.snapshots,
         stats.fallbacks,
         causes(stats)
+    ));
+    let bound = match stats.cache_max_bytes {
+        0 => "no bound".to_string(),
+        max => format!("bound {}", human(max)),
+    };
+    out.push_str(&format!(
+        "cache disk: {} ({bound}), {} released; served {}, dedup saved {}; {} evictions ({})\n",
+        human(stats.cache_disk_bytes),
+        human(stats.cache_released_bytes),
+        human(stats.cache_served_bytes),
+        human(stats.cache_dedup_saved_bytes),
+        stats.cache_evictions,
+        human(stats.cache_evicted_bytes),
     ));
     out
 }
@@ -201,7 +221,14 @@ mod tests {
             fallbacks: 1,
             snapshots: 4,
             mounted_layers: 1,
-            fallbacks_by_cause: Default::default(),
+            cache_disk_bytes: 6 * 1024 * 1024,
+            cache_max_bytes: 10 * 1024 * 1024,
+            cache_released_bytes: 1024 * 1024,
+            cache_served_bytes: 30 * 1024 * 1024,
+            cache_dedup_saved_bytes: 2 * 1024 * 1024,
+            cache_evictions: 3,
+            cache_evicted_bytes: 512 * 1024,
+            ..Default::default()
         }
     }
 
@@ -209,7 +236,7 @@ mod tests {
     fn render_shows_each_layer_and_the_cache() {
         let text = render(&[layer()], &stats());
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].starts_with("IMAGE"));
         let row = lines[1];
         for want in [
@@ -227,6 +254,10 @@ mod tests {
             lines[2],
             "cache: 5.0 MiB in 42 entries, hit rate 87.5%; 1 mounted layers, 4 snapshots, 1 fallbacks to full pulls"
         );
+        assert_eq!(
+            lines[3],
+            "cache disk: 6.0 MiB (bound 10.0 MiB), 1.0 MiB released; served 30.0 MiB, dedup saved 2.0 MiB; 3 evictions (512.0 KiB)"
+        );
         // Columns line up: the FETCHED header sits above the fetched figure.
         assert_eq!(lines[0].find("FETCHED"), row.find("3.0 MiB"));
     }
@@ -243,7 +274,7 @@ mod tests {
         .collect();
         let text = render(&[], &s);
         assert!(
-            text.ends_with("3 fallbacks to full pulls (no-toc-digest 2, resolve-timeout 1)\n"),
+            text.contains("3 fallbacks to full pulls (no-toc-digest 2, resolve-timeout 1)\n"),
             "{text}"
         );
     }
@@ -274,6 +305,12 @@ mod tests {
             &self,
             _: Request<tarn_proto::admin::ExpectRequest>,
         ) -> Result<Response<tarn_proto::admin::ExpectResponse>, Status> {
+            Err(Status::unimplemented("not used by status"))
+        }
+        async fn prune_cache(
+            &self,
+            _: Request<tarn_proto::admin::PruneCacheRequest>,
+        ) -> Result<Response<tarn_proto::admin::PruneCacheResponse>, Status> {
             Err(Status::unimplemented("not used by status"))
         }
     }

@@ -34,6 +34,9 @@ pub struct Daemon {
     address: PathBuf,
     /// TOML appended to the daemon's config file (sections of its own).
     config: String,
+    /// Environment added to the daemon's (a `PATH` with a credential
+    /// helper), on every start.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -45,6 +48,16 @@ impl Daemon {
     /// Starts a daemon serving on `address` (default: in its temp dir) with
     /// `config` (TOML sections, e.g. `[registry]`) in its config file.
     pub fn start_with(address: Option<PathBuf>, config: &str) -> Result<Self> {
+        Daemon::start_with_env(address, config, &[])
+    }
+
+    /// [`Daemon::start_with`] with `env` added to the daemon's environment
+    /// (kept for restarts).
+    pub fn start_with_env(
+        address: Option<PathBuf>,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         // Short paths: overlay mount options are limited to one page.
         let dir = tempfile::Builder::new()
             .prefix("tarn-")
@@ -56,6 +69,10 @@ impl Daemon {
             child: None,
             address,
             config: config.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         d.spawn()?;
         Ok(d)
@@ -136,6 +153,7 @@ impl Daemon {
             .arg(&config)
             .arg("--log-level")
             .arg("debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone log fd")?)
             .stderr(log)

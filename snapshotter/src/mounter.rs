@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
+use tarn_fs::Digest;
 use tarn_fs::fetch::FetchStatsSnapshot;
-use tarn_fs::fuse::{MountHandle, MountOptions, Negotiated, Unmounted};
+use tarn_fs::fuse::{FuseOps, MountHandle, MountOptions, Negotiated, Unmounted};
 use tarn_fs::layer::{Layer, PrefetchOutcome};
 
 use crate::holder::Holder;
@@ -28,8 +30,12 @@ pub struct FuseMounter {
     runtime: tokio::runtime::Handle,
     threads: usize,
     passthrough: bool,
+    /// Every mount's operations, counted together.
+    ops: Arc<FuseOps>,
     handles: Mutex<HashMap<PathBuf, Served>>,
     handover: Option<Handover>,
+    /// Bumped for each layer adopted from a predecessor.
+    takeovers: Counter,
 }
 
 struct Served {
@@ -57,14 +63,27 @@ const RECORD: &str = "connection.json";
 const JOURNAL: &str = "passthrough.journal";
 
 impl FuseMounter {
-    pub fn new(runtime: tokio::runtime::Handle, threads: usize, passthrough: bool) -> Self {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        threads: usize,
+        passthrough: bool,
+        ops: Arc<FuseOps>,
+    ) -> Self {
         FuseMounter {
             runtime,
             threads,
             passthrough,
+            ops,
             handles: Mutex::default(),
             handover: None,
+            takeovers: Counter::default(),
         }
+    }
+
+    /// Counts adopted layers on `takeovers` (`tarn_takeovers_total`).
+    pub fn counting_takeovers(mut self, takeovers: Counter) -> Self {
+        self.takeovers = takeovers;
+        self
     }
 
     /// Keeps every connection in `holder` (started if none runs) and takes
@@ -114,6 +133,7 @@ impl FuseMounter {
                 .as_ref()
                 .and_then(|_| Some(mountpoint.parent()?.join(JOURNAL))),
             handed_over: self.handover.is_some(),
+            ops: self.ops.clone(),
             ..MountOptions::default()
         }
     }
@@ -152,6 +172,7 @@ impl FuseMounter {
         });
         match adopted {
             Ok((handle, takeovers)) => {
+                self.takeovers.inc();
                 tracing::info!(mountpoint = %mountpoint.display(), takeovers, "adopted FUSE connection");
                 Some(Served {
                     handle,
@@ -374,6 +395,14 @@ impl LayerHandle for Arc<Layer> {
 
     fn complete(&self) -> bool {
         self.progress().complete
+    }
+
+    fn chunks(&self) -> Vec<(Digest, u64)> {
+        self.index()
+            .chunks
+            .iter()
+            .map(|c| (c.digest, c.size))
+            .collect()
     }
 
     async fn warm(&self, prefetch: Option<Duration>, background: bool) {

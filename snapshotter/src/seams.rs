@@ -37,6 +37,9 @@ pub trait LayerHandle: Clone + Send + Sync + 'static {
     fn stats(&self) -> FetchStatsSnapshot;
     /// Every chunk is cached: reads no longer touch the network.
     fn complete(&self) -> bool;
+    /// The layer's chunks (cache key and plain size), as its index lists
+    /// them: what the cache holds for it.
+    fn chunks(&self) -> Vec<(Digest, u64)>;
     /// Right after mounting: prefetches the prioritized files, waiting for
     /// them up to `prefetch`, then starts the background fetch if asked.
     fn warm(&self, prefetch: Option<Duration>, background: bool)

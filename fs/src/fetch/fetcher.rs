@@ -487,7 +487,7 @@ impl Inner {
                     );
                 }
             };
-            self.stats.request_started();
+            self.stats.request_started(intent);
             body.reserve((get_end - start).min(MAX_MERGED_GET) as usize);
             let mut resumed = false;
             // When the first piece came, and the bytes since: the link's rate.
@@ -508,7 +508,7 @@ impl Inner {
                         tracing::debug!(at, end = get_end, error = %e, "blob body broke; resuming");
                         match self.source.read_range(at..get_end, intent).await {
                             Ok(rest) => {
-                                self.stats.request_started();
+                                self.stats.request_started(intent);
                                 rest
                             }
                             Err(e) => {
@@ -525,7 +525,7 @@ impl Inner {
                         }
                     }
                 };
-                self.stats.bytes_received(piece.len() as u64);
+                self.stats.bytes_received(intent, piece.len() as u64);
                 if body_start + (body.len() + piece.len()) as u64 > get_end {
                     break; // more than asked for: caught as a short/long read below
                 }
@@ -560,6 +560,7 @@ impl Inner {
                 let rest = got.saturating_sub(had);
                 self.scheduler.observe_get(at - sent, rest, at.elapsed());
             }
+            self.scheduler.record_get(intent, sent.elapsed());
         }
         let mut data = body.freeze();
         let got = |data: &Bytes| body_start - start + data.len() as u64;

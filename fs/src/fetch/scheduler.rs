@@ -11,6 +11,9 @@
 //!   their bytes from the optional rate limit. A background GET already on
 //!   the wire is not cancelled (its bytes are half-paid already); new ones
 //!   just are not started: background is paused, never cancelled.
+//!
+//! Every GET passes here, so the scheduler also keeps the one daemon-wide
+//! record of how long GETs took, by intent ([`FetchScheduler::get_latency`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::Intent;
+use crate::latency::{Latency, LatencySnapshot};
 
 /// Tunables of a [`FetchScheduler`]. Every field has a default.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +77,8 @@ struct Shared {
     /// Bytes the link carries in one round trip, as measured by recent
     /// GETs (a moving average); `None` until a GET large enough to tell.
     link_bdp: Mutex<Option<f64>>,
+    /// How long GETs took, send to last byte, by `Intent as usize`.
+    get_latency: [Latency; Intent::ALL.len()],
 }
 
 /// The smallest GET body, after its first piece, that gives a rate.
@@ -109,6 +115,7 @@ impl FetchScheduler {
                 background_slots: Arc::new(Semaphore::new(slots)),
                 bucket,
                 link_bdp: Mutex::new(None),
+                get_latency: Default::default(),
             }),
         }
     }
@@ -135,6 +142,17 @@ impl FetchScheduler {
         let sample = first.as_secs_f64() * bytes as f64 / rest.as_secs_f64();
         let mut bdp = self.shared.link_bdp.lock().expect("link estimate poisoned");
         *bdp = Some(bdp.map_or(sample, |b| 0.75 * b + 0.25 * sample));
+    }
+
+    /// Records that a GET of `intent` took `took`, from sending it to its
+    /// last byte (or its failure).
+    pub fn record_get(&self, intent: Intent, took: Duration) {
+        self.shared.get_latency[intent as usize].record(took);
+    }
+
+    /// How long GETs took since start, indexed by `Intent as usize`.
+    pub fn get_latency(&self) -> [LatencySnapshot; Intent::ALL.len()] {
+        std::array::from_fn(|i| self.shared.get_latency[i].snapshot())
     }
 
     /// The largest read-ahead window now: `read_ahead_max`, but no more

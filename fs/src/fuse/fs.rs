@@ -12,6 +12,7 @@ use fuser::{
 };
 
 use super::attr::{attr, file_type};
+use super::ops::{FuseOps, Op, Timed};
 use super::passthrough::Passthrough;
 use crate::format::ROOT_INO;
 use crate::layer::{CachedRead, Layer, LayerError};
@@ -26,6 +27,7 @@ pub(super) struct LayerFs {
     /// Whether to ask the kernel for passthrough at init.
     want_passthrough: bool,
     passthrough: Passthrough,
+    ops: Arc<FuseOps>,
 }
 
 impl LayerFs {
@@ -34,12 +36,14 @@ impl LayerFs {
         runtime: tokio::runtime::Handle,
         want_passthrough: bool,
         passthrough: Passthrough,
+        ops: Arc<FuseOps>,
     ) -> LayerFs {
         LayerFs {
             layer,
             runtime,
             want_passthrough,
             passthrough,
+            ops,
         }
     }
 }
@@ -90,6 +94,7 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timed = Timed::start(&*self.ops, Op::Lookup);
         let index = self.layer.index();
         match index.lookup(parent.0, name.as_bytes()) {
             Some(ino) => match index.inode(ino) {
@@ -106,6 +111,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timed = Timed::start(&*self.ops, Op::Getattr);
         match self.layer.inode(ino.0) {
             Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
             Err(e) => reply.error(errno(&e)),
@@ -113,6 +119,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timed = Timed::start(&*self.ops, Op::Readlink);
         match self.layer.inode(ino.0) {
             Ok(i) if i.kind() == crate::format::FileKind::Symlink => {
                 reply.data(self.layer.index().link_target(&i))
@@ -123,6 +130,7 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timed = Timed::start(&*self.ops, Op::Open);
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -142,6 +150,7 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timed = Timed::start(&*self.ops, Op::Release);
         reply.ok();
         if let Ok(i) = self.layer.inode(ino.0) {
             self.passthrough.release(ino.0, &i);
@@ -159,11 +168,15 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let timed = Timed::start(&*self.ops, Op::Read);
         match self.layer.read_cached(ino.0, offset, u64::from(size)) {
             Ok(CachedRead::Hit(data)) => reply.data(&data),
             Ok(CachedRead::Miss(pending)) => {
                 let layer = self.layer.clone();
+                // Timed until the reply, which the task sends.
+                let timed = timed.hand_over(self.ops.clone());
                 self.runtime.spawn(async move {
+                    let _timed = timed;
                     match layer.complete(pending).await {
                         Ok(data) => reply.data(&data),
                         Err(e) => {
@@ -178,6 +191,7 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timed = Timed::start(&*self.ops, Op::Opendir);
         match self.layer.inode(ino.0) {
             Ok(i) if i.kind() == crate::format::FileKind::Dir => reply.opened(
                 FileHandle(0),
@@ -196,6 +210,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timed = Timed::start(&*self.ops, Op::Readdir);
         let index = self.layer.index();
         let dir = match self.layer.inode(ino.0) {
             Ok(d) if d.kind() == crate::format::FileKind::Dir => d,
@@ -225,6 +240,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timed = Timed::start(&*self.ops, Op::Getxattr);
         if let Err(e) = self.layer.inode(ino.0) {
             return reply.error(errno(&e));
         }
@@ -236,6 +252,7 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timed = Timed::start(&*self.ops, Op::Listxattr);
         if let Err(e) = self.layer.inode(ino.0) {
             return reply.error(errno(&e));
         }
@@ -248,6 +265,7 @@ impl Filesystem for LayerFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _timed = Timed::start(&*self.ops, Op::Access);
         // Only reached without `default_permissions`; the mount is read-only.
         match self.layer.inode(ino.0) {
             Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
@@ -257,6 +275,7 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timed = Timed::start(&*self.ops, Op::Statfs);
         let index = self.layer.index();
         let bytes: u64 = index.inodes().map(|i| i.size()).sum();
         let files = index.inode_count();

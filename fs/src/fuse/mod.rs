@@ -21,8 +21,10 @@
 mod attr;
 mod fs;
 mod journal;
+mod ops;
 mod passthrough;
 
+pub use ops::{FuseOps, Op};
 pub use passthrough::PassthroughStats;
 
 use std::io;
@@ -55,6 +57,9 @@ pub struct MountOptions {
     /// successor): every worker then reads the one fd the holder keeps
     /// instead of a clone of its own (see the module docs).
     pub handed_over: bool,
+    /// Where the mount's operations are counted and timed; share one
+    /// across mounts for daemon-wide figures.
+    pub ops: Arc<FuseOps>,
 }
 
 /// What the kernel and the first process agreed at FUSE_INIT, which an
@@ -76,6 +81,7 @@ impl Default for MountOptions {
             passthrough: true,
             journal: None,
             handed_over: false,
+            ops: Arc::default(),
         }
     }
 }
@@ -206,7 +212,13 @@ pub fn mount(
             .ok()
     });
     let parts = Parts::new(&layer, &runtime, journal);
-    let fs = fs::LayerFs::new(layer, runtime, options.passthrough, parts.passthrough);
+    let fs = fs::LayerFs::new(
+        layer,
+        runtime,
+        options.passthrough,
+        parts.passthrough,
+        options.ops.clone(),
+    );
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_error)?;
     let fd = session.as_fd().try_clone_to_owned().map_err(mount_error)?;
     let _ = parts.conn.set(fd);
@@ -250,7 +262,13 @@ pub fn adopt(
     }
     parts.passthrough.inherit(inherited);
     let _ = parts.conn.set(fd.try_clone().map_err(adopt_error)?);
-    let fs = fs::LayerFs::new(layer, runtime, options.passthrough, parts.passthrough);
+    let fs = fs::LayerFs::new(
+        layer,
+        runtime,
+        options.passthrough,
+        parts.passthrough,
+        options.ops.clone(),
+    );
     let session = fuser::Session::from_initialized_fd(fs, fd, config.acl, config);
     if let Some(conn) = parts.conn.get()
         && let Err(e) = resend(conn.as_fd())

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
 
 use super::journal::{Journal, Mode};
-use crate::cache::WholeFile;
+use crate::cache::{Hold, WholeFile};
 use crate::format::{FileKind, Inode};
 use crate::layer::Layer;
 
@@ -80,6 +80,9 @@ struct Open {
     count: u64,
     /// Opened by a predecessor: kept until the connection ends.
     inherited: bool,
+    /// Keeps the backing file's object from eviction while the kernel
+    /// holds it (unlinking it would free nothing).
+    _hold: Option<Hold>,
 }
 
 impl Open {
@@ -144,9 +147,10 @@ impl Passthrough {
     pub(super) fn inherit(&mut self, open: HashMap<u64, Mode>) {
         let table = self.table.get_mut().unwrap_or_else(|p| p.into_inner());
         for (ino, mode) in open {
-            let kept = match mode {
-                Mode::Cached => Kept::Cached,
-                Mode::Backing(id) => Kept::Inherited(id),
+            let (kept, hold) = match mode {
+                Mode::Cached => (Kept::Cached, None),
+                // The kernel still reads the predecessor's backing file.
+                Mode::Backing(id) => (Kept::Inherited(id), hold(&self.layer, ino)),
             };
             table.open.insert(
                 ino,
@@ -154,6 +158,7 @@ impl Passthrough {
                     kept,
                     count: 0,
                     inherited: true,
+                    _hold: hold,
                 },
             );
         }
@@ -185,14 +190,17 @@ impl Passthrough {
         if !self.enabled {
             return reply.opened(FileHandle(0), CACHED);
         }
-        let backing = self.backing_file(ino, inode).and_then(|file| {
+        let mut hold = None;
+        let backing = self.backing_file(ino, inode).and_then(|(file, held)| {
             let conn = self.conn.get()?;
-            BackingId::create_raw(conn, &file)
+            let id = BackingId::create_raw(conn, &file)
                 .inspect_err(|e| {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(ino, error = %e, "kernel refused a passthrough backing file");
                 })
-                .ok()
+                .ok();
+            hold = id.as_ref().map(|_| held);
+            id
             // `file` closes here: the kernel holds its own reference.
         });
         let kept = match backing {
@@ -213,6 +221,7 @@ impl Passthrough {
             kept,
             count: 1,
             inherited: false,
+            _hold: hold,
         };
         let Table {
             open: table_open,
@@ -255,8 +264,11 @@ impl Passthrough {
     /// A standalone, verified cache file holding exactly this file's
     /// content, opened read-only; otherwise starts whatever background work
     /// (verification, assembly) lets a later open pass through.
-    fn backing_file(&self, ino: u64, inode: &Inode) -> Option<File> {
+    fn backing_file(&self, ino: u64, inode: &Inode) -> Option<(File, Hold)> {
         let file = whole_file(&self.layer, ino, inode)?;
+        // Held before it is opened: an eviction between would leave the
+        // open to fail (served the normal way), never a wrong file.
+        let hold = self.layer.cache().hold(&file.key());
         let Some(path) = self.layer.cache().whole_file(&file) else {
             self.start(&file);
             return None;
@@ -266,6 +278,7 @@ impl Passthrough {
                 |e| tracing::debug!(path = %path.display(), error = %e, "cannot open cache file"),
             )
             .ok()
+            .map(|f| (f, hold))
     }
 
     /// Starts, on the blocking pool, the work the cache says would give
@@ -292,6 +305,13 @@ impl Passthrough {
             }
         });
     }
+}
+
+/// Keeps `ino`'s whole-file object from eviction.
+fn hold(layer: &Layer, ino: u64) -> Option<Hold> {
+    let inode = layer.inode(ino).ok()?;
+    let file = whole_file(layer, ino, &inode)?;
+    Some(layer.cache().hold(&file.key()))
 }
 
 /// The whole-file object regular file `ino` would pass through, if it is
