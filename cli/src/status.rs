@@ -66,7 +66,7 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
     if layers.is_empty() {
         out.push_str("no lazily mounted layers\n");
     } else {
-        let rows: Vec<[String; 6]> = layers
+        let rows: Vec<[String; 7]> = layers
             .iter()
             .map(|l| {
                 [
@@ -75,6 +75,7 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
                     state(l),
                     fetched(l.bytes_fetched, l.blob_size),
                     l.requests.to_string(),
+                    served(l),
                     l.mountpoint.clone(),
                 ]
             })
@@ -85,6 +86,7 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
             "STATE",
             "FETCHED",
             "REQUESTS",
+            "SERVED",
             "MOUNTPOINT",
         ]
         .map(String::from);
@@ -152,6 +154,28 @@ fn state(l: &Layer) -> String {
     .to_string()
 }
 
+/// How long this daemon process has served the mount, and how many
+/// daemon processes took its connection over (restarts survived).
+fn served(l: &Layer) -> String {
+    if l.served_since_unix == 0 {
+        return "-".to_string();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let age = now.saturating_sub(l.served_since_unix);
+    let age = match age {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    };
+    match l.takeovers {
+        0 => age,
+        1 => format!("{age}, 1 takeover"),
+        n => format!("{age}, {n} takeovers"),
+    }
+}
+
 fn fetched(done: u64, total: u64) -> String {
     if total == 0 {
         return human(done);
@@ -185,6 +209,7 @@ mod tests {
             requests: 7,
             state: LayerState::Mounted.into(),
             snapshot: "sha256:aa".into(),
+            ..Layer::default()
         }
     }
 

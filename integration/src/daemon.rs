@@ -99,6 +99,35 @@ impl Daemon {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        let child = self.spawn_program(&bins::snapshotter()?, &[])?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Upgrades the daemon: starts `program` (another build) on the same
+    /// root with `--takeover`, which stops the running one; waits for the
+    /// old one to exit and the new one to listen. Returns the old one's
+    /// exit status.
+    pub fn take_over(&mut self, program: &Path) -> Result<ExitStatus> {
+        let mut old = self.child.take().context("daemon is not running")?;
+        let new = self.spawn_program(program, &["--takeover"])?;
+        self.child = Some(new);
+        let status = wait_until("the old daemon to exit", START_TIMEOUT, || {
+            old.try_wait().transpose()
+        });
+        let status = match status {
+            Ok(s) => s.context("wait for the old daemon")?,
+            Err(e) => {
+                let _ = old.kill();
+                let _ = old.wait();
+                bail!("{e}: {}", self.log());
+            }
+        };
+        self.wait_ready()?;
+        Ok(status)
+    }
+
+    fn spawn_program(&mut self, program: &Path, extra: &[&str]) -> Result<Child> {
         let config = self.dir.path().join("config.toml");
         std::fs::write(
             &config,
@@ -114,7 +143,8 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .context("open daemon log")?;
-        let child = Command::new(bins::snapshotter()?)
+        Command::new(program)
+            .args(extra)
             .arg("--root")
             .arg(self.root())
             .arg("--address")
@@ -128,9 +158,7 @@ impl Daemon {
             .stdout(log.try_clone().context("clone log fd")?)
             .stderr(log)
             .spawn()
-            .context("spawn tarn-snapshotter")?;
-        self.child = Some(child);
-        self.wait_ready()
+            .context("spawn tarn-snapshotter")
     }
 
     fn wait_ready(&mut self) -> Result<()> {

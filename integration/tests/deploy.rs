@@ -54,6 +54,8 @@ fn systemd_unit_starts_the_daemon_with_its_defaults_before_containerd() {
             .any(|v| v.split_whitespace().any(|u| u == "containerd.service"))
     );
     assert_eq!(value("Restart"), ["always"]);
+    // The holder (issue 14) must survive a stop or restart of the daemon.
+    assert_eq!(value("KillMode"), ["process"]);
     assert_eq!(value("WantedBy"), ["multi-user.target"]);
 }
 

@@ -8,6 +8,7 @@
 //! resolve_timeout_secs = 10
 //! allow_unverified_layers = false
 //! max_index_mb = 256
+//! holder = false                 # true: lazy mounts survive restarts
 //! [registry]
 //! plain_http = ["127.0.0.1:5000"]
 //! docker_config = "/root/.docker/config.json"
@@ -91,6 +92,11 @@ pub struct SnapshotterConfig {
     /// more is refused (and pulled in full by containerd); 256 holds a few
     /// hundred thousand entries.
     pub max_index_mb: u64,
+    /// Keep every lazy mount's FUSE connection in a holder process
+    /// (`ROOT/holder.sock`), so running containers only stall while the
+    /// daemon restarts, is upgraded (`--takeover`) or crashes, instead of
+    /// losing their lazy files. Off: SIGTERM unmounts every lazy layer.
+    pub holder: bool,
 }
 
 impl Default for SnapshotterConfig {
@@ -102,6 +108,7 @@ impl Default for SnapshotterConfig {
             fuse_threads: 4,
             fuse_passthrough: true,
             max_index_mb: tarn_fs::format::estargz::IndexBudget::DEFAULT_LIMIT >> 20,
+            holder: false,
         }
     }
 }
@@ -295,6 +302,19 @@ impl Config {
     /// The per-layer index budget, bytes.
     pub fn max_index_bytes(&self) -> u64 {
         self.snapshotter.max_index_mb.saturating_mul(1 << 20)
+    }
+
+    /// The holder of the daemon whose root is `root`, if configured: this
+    /// very binary started with `--fd-holder`.
+    pub fn holder(&self, root: &Path) -> Option<crate::holder::Holder> {
+        if !self.snapshotter.holder {
+            return None;
+        }
+        let program = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tarn-snapshotter"));
+        Some(crate::holder::Holder::new(
+            root.join(crate::holder::SOCKET_NAME),
+            program,
+        ))
     }
 
     pub fn shutdown_grace(&self) -> Duration {

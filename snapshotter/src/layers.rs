@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::labels::{self, RemoteLayer, Restore};
 use crate::locks::{KeyedGuard, KeyedMutex};
 use crate::mounts::Layout;
-use crate::seams::{LayerHandle, MountError, Mounter, Resolved};
+use crate::seams::{LayerHandle, MountError, Mounter, Resolved, Service};
 
 struct Mounted<L> {
     info: RemoteLayer,
@@ -46,6 +46,8 @@ pub struct LayerStatus {
     pub complete: bool,
     /// Why it could not be restored, if it could not.
     pub failed: Option<String>,
+    /// Since when this process serves it, and its takeovers.
+    pub service: Option<Service>,
 }
 
 /// What happens to a layer right after it is mounted.
@@ -246,6 +248,25 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
         }
     }
 
+    /// After restoring at start: see [`Mounter::settle`].
+    pub async fn settle(&self) {
+        let mounter = self.mounter.clone();
+        let _ = tokio::task::spawn_blocking(move || mounter.settle()).await;
+    }
+
+    /// On shutdown: leaves every mount to a successor if the mounter can
+    /// ([`Mounter::hand_over`]); true if it did.
+    pub async fn hand_over(&self) -> bool {
+        let mounter = self.mounter.clone();
+        let handed = tokio::task::spawn_blocking(move || mounter.hand_over())
+            .await
+            .unwrap_or(false);
+        if handed {
+            self.mounted.lock().expect("mounted map poisoned").clear();
+        }
+        handed
+    }
+
     /// Every mounted layer, and every one that failed to come back.
     pub fn status(&self) -> Vec<LayerStatus> {
         let mut out: Vec<LayerStatus> = self
@@ -261,6 +282,7 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
                 stats: m.layer.stats(),
                 complete: m.layer.complete(),
                 failed: None,
+                service: self.mounter.served(&self.mountpoint(&m.info.digest)),
             })
             .collect();
         out.extend(
@@ -276,6 +298,7 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
                     stats: FetchStatsSnapshot::default(),
                     complete: false,
                     failed: Some(f.why.clone()),
+                    service: None,
                 }),
         );
         out.sort_by_key(|l| l.digest);

@@ -16,7 +16,10 @@
 //! - [`layers`]: the table of remote layers, one mount per layer digest.
 //! - [`resolve`]: manifest, footer and TOC of remote layers, once each, all
 //!   of an image's layers at once.
-//! - [`mounter`]: remote layers as FUSE mounts.
+//! - [`mounter`]: remote layers as FUSE mounts, handed over to a
+//!   successor process through [`holder`].
+//! - [`holder`]: the process that keeps every mount's /dev/fuse fd across
+//!   restarts of the daemon.
 //! - [`fallback`]: why a layer was not lazy, counted by cause.
 //! - [`metrics`]: the Prometheus endpoint; reads the counters above and
 //!   tarn-fs's at each scrape.
@@ -32,6 +35,7 @@ pub mod cri;
 pub mod errors;
 pub mod fallback;
 pub mod filters;
+pub mod holder;
 pub mod labels;
 pub mod layers;
 pub mod locks;

@@ -318,6 +318,12 @@ impl Admin for AdminService {
                         .get(&l.digest)
                         .map(|n| n.join(","))
                         .unwrap_or_default(),
+                    served_since_unix: l.service.map_or(0, |s| {
+                        s.since
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs())
+                    }),
+                    takeovers: l.service.map_or(0, |s| s.takeovers),
                 }
             })
             .collect();

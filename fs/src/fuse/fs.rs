@@ -13,7 +13,7 @@ use fuser::{
 
 use super::attr::{attr, file_type};
 use super::ops::{FuseOps, Op, Timed};
-use super::passthrough::{Counters, Passthrough};
+use super::passthrough::Passthrough;
 use crate::format::ROOT_INO;
 use crate::layer::{CachedRead, Layer, LayerError};
 use crate::num::usize_from;
@@ -35,10 +35,9 @@ impl LayerFs {
         layer: Arc<Layer>,
         runtime: tokio::runtime::Handle,
         want_passthrough: bool,
-        counters: Arc<Counters>,
+        passthrough: Passthrough,
         ops: Arc<FuseOps>,
     ) -> LayerFs {
-        let passthrough = Passthrough::new(layer.clone(), runtime.clone(), counters);
         LayerFs {
             layer,
             runtime,

@@ -25,6 +25,7 @@ fn layer(digest: Digest, failed: bool) -> LayerStatus {
         },
         complete: false,
         failed: failed.then(|| "gone".to_owned()),
+        service: None,
     }
 }
 

@@ -211,7 +211,14 @@ impl RemoteSnapshotter {
             config.snapshotter.fuse_threads,
             config.snapshotter.fuse_passthrough,
             fuse_ops,
-        );
+        )
+        .counting_takeovers(metrics.takeovers().clone());
+        let mounter = match config.holder(root) {
+            Some(holder) => {
+                blocking(move || Ok::<_, OpenError>(mounter.with_holder(holder))).await?
+            }
+            None => mounter,
+        };
         let options = RemoteOptions {
             resolve_timeout: config.resolve_timeout(),
             restore_timeout: RESTORE_TIMEOUT,
@@ -571,6 +578,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             }
         });
         futures::future::join_all(restores).await;
+        self.layers.settle().await;
         Ok(())
     }
 
@@ -584,10 +592,13 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         Ok(())
     }
 
-    /// Unmounts every layer, waiting until `deadline` at most; state stays
-    /// on disk for the next start.
+    /// Leaves every layer's connection to the next process if the mounter
+    /// keeps them in a holder, else unmounts every layer, waiting until
+    /// `deadline` at most; state stays on disk for the next start.
     pub async fn shutdown(&self, deadline: tokio::time::Instant) {
-        self.layers.unmount_all(deadline).await;
+        if !self.layers.hand_over().await {
+            self.layers.unmount_all(deadline).await;
+        }
     }
 
     pub fn layers(&self) -> Vec<LayerStatus> {
