@@ -10,7 +10,7 @@ TESTBED_DIR ?= .testbed
 TARN_BIN_DIR ?= $(CURDIR)/target/release
 export TARN_BIN_DIR
 
-.PHONY: all setup deps build images test demo bench lint fuzz testbed-up testbed-down
+.PHONY: all setup deps build images test upgrade-bin demo bench lint fuzz testbed-up testbed-down
 
 all: build
 
@@ -27,8 +27,21 @@ build:
 images: deps
 	scripts/images.sh build
 
-test: setup images
+test: setup images upgrade-bin
 	$(CARGO) test --release --workspace --no-fail-fast
+
+# A second build of the daemon, told apart by its version (TARN_BUILD_TAG),
+# in $(TARN_BIN_DIR)/upgrade: integration/tests/survive.rs upgrades a running
+# daemon to it. Only the crate reading the tag (the daemon's binary) is
+# rebuilt, twice: tagged, then untagged again (`cargo test` would not
+# rebuild it). The whole workspace is named so that dependencies keep their
+# features.
+upgrade-bin: build
+	TARN_BUILD_TAG=$$($(CARGO) pkgid -p tarn-snapshotter | sed 's/.*[#@]//')+upgrade-test \
+	  $(CARGO) build --release --workspace
+	mkdir -p $(TARN_BIN_DIR)/upgrade
+	cp $(TARN_BIN_DIR)/tarn-snapshotter $(TARN_BIN_DIR)/upgrade/tarn-snapshotter
+	$(CARGO) build --release --workspace
 
 demo: setup images
 	scripts/demo.sh

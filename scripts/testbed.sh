@@ -341,6 +341,17 @@ stop_pid() {
   rm -f "$DIR/$name.pid"
 }
 
+# The holder tarn starts (`[snapshotter] holder`, on by default) keeps the
+# lazy mounts' FUSE connections and outlives the daemon by design: stop it by
+# the pid it wrote under tarn's root.
+stop_holder() {
+  local pid
+  pid="$(cat "$DIR/tarn/holder.pid" 2>/dev/null || true)"
+  if alive "$pid"; then
+    kill_and_wait "$pid"
+  fi
+}
+
 kill_and_wait() {
   local pid="$1" deadline
   kill -TERM "$pid" 2>/dev/null || return 0
@@ -487,6 +498,7 @@ cmd_down() {
   stop_pid containerd
   stop_shims
   stop_pid tarn
+  stop_holder
   stop_pid registry
   stop_pid tokenserver
   unmount_all

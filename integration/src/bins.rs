@@ -45,6 +45,12 @@ pub fn snapshotter() -> Result<PathBuf, Missing> {
     bin("tarn-snapshotter")
 }
 
+/// A second build of the daemon, with another version (`make upgrade-bin`
+/// builds it into `$TARN_BIN_DIR/upgrade`): what an upgrade takes over to.
+pub fn upgrade_snapshotter() -> Result<PathBuf, Missing> {
+    bin("upgrade/tarn-snapshotter")
+}
+
 /// The CLI, `tarn`.
 pub fn tarn() -> Result<PathBuf, Missing> {
     bin("tarn")

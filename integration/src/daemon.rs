@@ -98,6 +98,14 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The pid of the holder this daemon started (`ROOT/holder.pid`), if
+    /// one runs or ran: it outlives the daemon by design.
+    pub fn holder_pid(&self) -> Option<nix::unistd::Pid> {
+        let path = self.root().join(HOLDER_PID_FILE);
+        let text = std::fs::read_to_string(path).ok()?;
+        Some(nix::unistd::Pid::from_raw(text.trim().parse().ok()?))
+    }
+
     fn spawn(&mut self) -> Result<()> {
         let child = self.spawn_program(&bins::snapshotter()?, &[])?;
         self.child = Some(child);
@@ -242,10 +250,20 @@ impl Daemon {
     }
 }
 
+/// Where the holder writes its pid under the daemon's root
+/// (`tarn_snapshotter::holder::PID_FILE`; survive.rs checks they agree).
+pub const HOLDER_PID_FILE: &str = "holder.pid";
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = stop_child(&mut child, Duration::from_secs(10));
+        }
+        // The holder keeps the lazy mounts' connections past the daemon
+        // (`[snapshotter] holder`, on by default): stop the one this
+        // daemon started, by its pid, so nothing of the test outlives it.
+        if let Some(pid) = self.holder_pid() {
+            let _ = kill(pid, Signal::SIGKILL);
         }
         unmount_under(self.dir.path());
     }

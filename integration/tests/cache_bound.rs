@@ -165,7 +165,10 @@ fn check(out: &str, w: &Workload) {
 
 #[test]
 fn a_bound_below_the_working_set_holds_and_evicted_chunks_come_back() {
-    let mut b = Bed::up(&format!("[cache]\nmax_bytes = {BOUND}\n"));
+    // No holder: the restart below must give new mounts (see there).
+    let mut b = Bed::up(&format!(
+        "[cache]\nmax_bytes = {BOUND}\n[snapshotter]\nholder = false\n"
+    ));
     let refs: Vec<String> = WORKLOADS.iter().map(|w| b.push(w.image)).collect();
     let mut peak = 0;
     let mut refetched = 0;

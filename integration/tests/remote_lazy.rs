@@ -299,12 +299,17 @@ fn lazy_rpull_runs_fetches_little_and_survives_a_restart() {
         lazy_time.as_secs_f64()
     );
 
-    // SIGTERM and start again: the layers come back from metadata, the
-    // image runs without a pull, and no chunk is fetched again.
+    // SIGTERM and start again: the holder (on by default) keeps the layers
+    // mounted while no daemon runs, the next daemon adopts them, the image
+    // runs without a pull, and no chunk is fetched again.
     let mut b = b;
     let status = b.tarn.stop().expect("stop tarn");
     assert!(status.success(), "SIGTERM exit: {status}");
-    assert!(b.fuse_mounts().is_empty(), "layers unmounted on exit");
+    assert_eq!(
+        b.fuse_mounts().len(),
+        layers.len(),
+        "the holder keeps the layers mounted while no daemon runs"
+    );
     let before_restart = b.registry_log().len();
     b.tarn.start_again().expect("restart tarn");
     assert_eq!(
@@ -516,7 +521,7 @@ fn sigkill_during_a_pull_then_restart_pull_and_cleanup_leave_nothing() {
     let _ = pull.wait();
     assert!(
         !b.fuse_mounts().is_empty(),
-        "a killed daemon leaves its FUSE mounts behind (dead)"
+        "a killed daemon's FUSE mounts stay (kept by the holder)"
     );
 
     b.tarn.start_again().expect("restart after SIGKILL");

@@ -38,7 +38,7 @@ impl Bed {
     fn up() -> Bed {
         let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
         let config = format!(
-            "[registry]\nplain_http = [\"{}\"]\n[snapshotter]\nshutdown_grace_secs = {GRACE_SECS}\n",
+            "[registry]\nplain_http = [\"{}\"]\n[snapshotter]\nshutdown_grace_secs = {GRACE_SECS}\nholder = false\n",
             bed.registry().expect("registry")
         );
         let tarn = Daemon::start_with(Some(bed.dir().join("tarn.sock")), &config)

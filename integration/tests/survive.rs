@@ -24,7 +24,6 @@ use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use sha2::{Digest as _, Sha256};
 use tarn_integration::daemon::Daemon;
 use tarn_integration::testbed::{Component, Testbed};
@@ -34,7 +33,6 @@ use tarn_snapshotter::holder::{Holder, PID_FILE, SOCKET_NAME};
 /// Failure bound for waits on containerd, the daemon and the workload.
 const PATIENCE: Duration = Duration::from_secs(60);
 /// The reader container's id.
-const READER: &str = "survive-reader";
 /// Where the files the reader reads come from, on the host and in the image.
 const SOURCE: &str = "/usr/lib/python3.11";
 /// Far enough that a miss keeps bytes on the wire for a while.
@@ -106,6 +104,9 @@ impl Drop for FarProxy {
 
 /// Fields drop in order: the reader, tarn (then its holder), the proxy, the bed.
 struct Bed {
+    /// The reading container's id: one per test, as runc's state is the
+    /// host's and the tests of this file run side by side.
+    reader: String,
     tarn: Daemon,
     proxy: FarProxy,
     bed: Testbed,
@@ -113,7 +114,7 @@ struct Bed {
 }
 
 impl Bed {
-    fn up(extra: &str) -> Bed {
+    fn up(extra: &str, label: &str) -> Bed {
         let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
         let proxy = FarProxy::start(bed.registry().expect("registry"));
         let config = format!(
@@ -127,6 +128,7 @@ impl Bed {
             .tempdir_in("/tmp")
             .expect("work dir");
         Bed {
+            reader: format!("survive-reader-{label}"),
             tarn,
             proxy,
             bed,
@@ -198,25 +200,21 @@ impl Bed {
         )
     }
 
-    fn holder_pid(&self) -> Option<Pid> {
-        let text = std::fs::read_to_string(self.tarn.root().join(PID_FILE)).ok()?;
-        Some(Pid::from_raw(text.trim().parse().ok()?))
-    }
-
     fn remove_reader(&self) {
-        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", READER]);
+        let reader = self.reader.as_str();
+        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", reader]);
         let _ = wait_until("the reader to stop", PATIENCE, || {
             let out = self.ctr(&["task", "ls"]);
             (!text(&out.stdout)
                 .lines()
-                .any(|l| l.contains(READER) && !l.contains("STOPPED")))
+                .any(|l| l.contains(reader) && !l.contains("STOPPED")))
             .then_some(())
         });
-        let _ = self.ctr(&["task", "rm", "-f", READER]);
+        let _ = self.ctr(&["task", "rm", "-f", reader]);
         let _ = wait_until("the reader container to go", PATIENCE, || {
-            self.ctr(&["container", "rm", READER]);
+            self.ctr(&["container", "rm", reader]);
             let out = self.ctr(&["container", "ls", "-q"]);
-            (!text(&out.stdout).contains(READER)).then_some(())
+            (!text(&out.stdout).contains(reader)).then_some(())
         });
     }
 }
@@ -227,7 +225,7 @@ impl Drop for Bed {
             self.remove_reader();
         }
         // Only the holder this test's daemon started, by its pid.
-        if let Some(pid) = self.holder_pid() {
+        if let Some(pid) = self.tarn.holder_pid() {
             let _ = kill(pid, Signal::SIGKILL);
         }
     }
@@ -344,7 +342,7 @@ fn tarn_mounts_under(dir: &Path) -> BTreeSet<PathBuf> {
 /// Runs the plan against a reader container and checks every read; returns
 /// the bed for the checks after the run.
 fn survive(extra_config: &str, label: &str) -> Bed {
-    let b = Bed::up(extra_config);
+    let b = Bed::up(extra_config, label);
     let image = b.rpull("python-esgz");
     let files = source_files(400);
     let list: String = files.iter().map(|(p, _)| format!("{p}\n")).collect();
@@ -367,22 +365,31 @@ fn survive(extra_config: &str, label: &str) -> Bed {
         "--mount",
         &mount,
         &image,
-        READER,
+        &b.reader,
         "sh",
         "/w/run.sh",
     ]);
     assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
     let mut seen = b.wait_reads(0, 6);
 
-    let upgrade_dir = b.work.path().join("upgrade");
-    std::fs::create_dir_all(&upgrade_dir).expect("upgrade dir");
-    let upgrade = upgrade_dir.join("tarn-snapshotter");
-    // The same build at another path (a hard link: a debug binary is large),
-    // started as a new program with `--takeover`.
+    // A second build (another version: `make upgrade-bin`), started as a
+    // new program with `--takeover`.
     let built = tarn_integration::bins::snapshotter().expect("binary");
-    std::fs::hard_link(&built, &upgrade)
-        .or_else(|_| std::fs::copy(&built, &upgrade).map(drop))
-        .expect("the binary for the upgrade");
+    let upgrade = tarn_integration::bins::upgrade_snapshotter().expect("the upgrade build");
+    let version = |bin: &Path| {
+        let out = Command::new(bin)
+            .arg("--version")
+            .output()
+            .expect("--version");
+        text(&out.stdout).trim().to_owned()
+    };
+    let (old_version, new_version) = (version(&built), version(&upgrade));
+    assert_eq!(
+        tarn_integration::daemon::HOLDER_PID_FILE,
+        PID_FILE,
+        "the harness stops the holder by its pid file"
+    );
+    assert_ne!(old_version, new_version, "the upgrade is another build");
 
     let mut b = b;
     for (i, action) in PLAN.iter().enumerate() {
@@ -402,18 +409,36 @@ fn survive(extra_config: &str, label: &str) -> Bed {
             Action::Upgrade => {
                 let st = b.tarn.take_over(&upgrade).expect("upgrade");
                 assert!(st.success(), "old daemon's exit {st}:\n{}", b.tarn.log());
+                // `--version` prints "tarn-snapshotter VERSION".
+                let tag = new_version.rsplit(' ').next().unwrap_or_default();
+                assert!(
+                    b.tarn
+                        .log()
+                        .lines()
+                        .any(|l| l.contains("tarn-snapshotter starting") && l.contains(tag)),
+                    "{new_version} serves after the upgrade:\n{}",
+                    b.tarn.log()
+                );
             }
         }
         println!("{label}: {action:?} {} done", i + 1);
         // New containers work right after a restart (every third, and last).
         if i % 3 == 2 || i + 1 == PLAN.len() {
-            let out = b.run(&image, &format!("survive-new-{i}"), &["echo", "new"]);
+            let out = b.run(
+                &image,
+                &format!("survive-{label}-new-{i}"),
+                &["echo", "new"],
+            );
             assert!(out.contains("new"), "a new container ran: {out:?}");
         }
     }
     // A new lazy pull after all that.
     let other = b.rpull("busybox-esgz");
-    let out = b.run(&other, "survive-pull", &["echo", "pulled"]);
+    let out = b.run(
+        &other,
+        &format!("survive-{label}-pull"),
+        &["echo", "pulled"],
+    );
     assert!(out.contains("pulled"), "{out:?}");
     b.wait_reads(b.log_lines().len(), 4);
     std::fs::write(b.work.path().join("stop"), "").expect("stop the reader");
@@ -520,7 +545,7 @@ fn reads_survive_restarts_crashes_and_an_upgrade() {
     // The holder dies too: the next start restores every layer from
     // metadata (new connections), and new containers work; the reader's
     // lazy files are gone (README: "When the holder dies").
-    let pid = b.holder_pid().expect("holder pid");
+    let pid = b.tarn.holder_pid().expect("holder pid");
     kill(pid, Signal::SIGKILL).expect("kill the holder");
     b.tarn.kill().expect("SIGKILL the daemon");
     b.tarn.start_again().expect("start after losing the holder");

@@ -8,7 +8,7 @@
 //! resolve_timeout_secs = 10
 //! allow_unverified_layers = false
 //! max_index_mb = 256
-//! holder = false                 # true: lazy mounts survive restarts
+//! holder = true                  # false: SIGTERM unmounts lazy layers
 //! [registry]
 //! plain_http = ["127.0.0.1:5000"]
 //! docker_config = "/root/.docker/config.json"
@@ -96,6 +96,7 @@ pub struct SnapshotterConfig {
     /// (`ROOT/holder.sock`), so running containers only stall while the
     /// daemon restarts, is upgraded (`--takeover`) or crashes, instead of
     /// losing their lazy files. Off: SIGTERM unmounts every lazy layer.
+    /// On by default: a restart must not break running containers.
     pub holder: bool,
 }
 
@@ -108,7 +109,7 @@ impl Default for SnapshotterConfig {
             fuse_threads: 4,
             fuse_passthrough: true,
             max_index_mb: tarn_fs::format::estargz::IndexBudget::DEFAULT_LIMIT >> 20,
-            holder: false,
+            holder: true,
         }
     }
 }

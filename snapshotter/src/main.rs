@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 /// tarn's containerd snapshotter: lazily pulled eStargz layers, overlayfs
 /// semantics for everything else.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version = VERSION, about)]
 struct Args {
     /// Directory holding snapshots and metadata.
     #[arg(long, value_name = "DIR", default_value = config::DEFAULT_ROOT)]
@@ -42,6 +42,14 @@ struct Args {
     fd_holder: Option<PathBuf>,
 }
 
+/// The version `--version` prints and the log names: the package's, or
+/// `TARN_BUILD_TAG` when the build set it (`make test` builds a second,
+/// tagged daemon so its upgrade test takes over from a different build).
+const VERSION: &str = match option_env!("TARN_BUILD_TAG") {
+    Some(tag) => tag,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// The serving daemon's pid, in its root (for `--takeover`).
 const PID_FILE: &str = "daemon.pid";
 /// After the old daemon's grace period, how much longer a takeover waits
@@ -64,6 +72,11 @@ fn main() -> anyhow::Result<()> {
         .or_else(|_| EnvFilter::try_new(&args.log_level))
         .with_context(|| format!("invalid log level {:?}", args.log_level))?;
     tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing::info!(
+        version = VERSION,
+        pid = std::process::id(),
+        "tarn-snapshotter starting"
+    );
     if !tuned {
         tracing::warn!("could not tune malloc; the daemon may hold more memory than it uses");
     }
