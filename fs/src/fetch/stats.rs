@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::hints::{HintCounts, HintStats};
+
 /// Counters of one fetcher; cheap to bump from any thread.
 #[derive(Debug, Default)]
 pub struct FetchStats {
@@ -10,6 +12,8 @@ pub struct FetchStats {
     chunks_fetched: AtomicU64,
     cache_hits: AtomicU64,
     verify_failures: AtomicU64,
+    /// What each hint fetched, and what of it reads used.
+    pub(crate) hints: HintStats,
 }
 
 /// A point-in-time copy of [`FetchStats`].
@@ -25,6 +29,8 @@ pub struct FetchStatsSnapshot {
     pub cache_hits: u64,
     /// Chunks whose bytes did not decode or match their digest.
     pub verify_failures: u64,
+    /// Compressed bytes each hint fetched, and what reads used of them.
+    pub hints: HintCounts,
 }
 
 impl FetchStats {
@@ -63,6 +69,7 @@ impl FetchStats {
             chunks_fetched: self.chunks_fetched.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             verify_failures: self.verify_failures.load(Ordering::Relaxed),
+            hints: self.hints.snapshot(),
         }
     }
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::Intent;
-use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, OpenError};
+use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, Hint, HintCounts, OpenError};
 use crate::format::{FileKind, Inode, LayerIndex};
 
 pub use background::{BackgroundHandle, BackgroundOutcome, PrefetchOutcome, Progress};
@@ -114,6 +114,11 @@ impl Layer {
         self.fetcher.stats().snapshot()
     }
 
+    /// What each hint fetched for this layer, and what reads used of it.
+    pub fn hint_stats(&self) -> HintCounts {
+        self.fetcher.hints().snapshot()
+    }
+
     /// Plans a read of `len` bytes at `offset` of regular file `ino` and
     /// answers it from the cache if every byte is there. Blocking (cache file
     /// reads), never touches the network or the async runtime.
@@ -123,6 +128,11 @@ impl Layer {
             return Err(LayerError::NotFile(ino));
         }
         let chunks = self.index.file_chunks(&inode);
+        let end = inode.size().min(offset.saturating_add(len));
+        let first = chunks.partition_point(|c| c.file_offset + c.size <= offset);
+        let covering = chunks.get(first..).unwrap_or_default();
+        let covering = covering.iter().take_while(|c| c.file_offset < end);
+        self.fetcher.hints().used(covering);
         let mut read = plan::plan_read(chunks, inode.size(), offset, len, self.fetcher.cache());
         match &mut read {
             CachedRead::Hit(_) => self.fetcher.stats().cache_hits(1),
@@ -165,10 +175,11 @@ impl Layer {
         let Plan { behind, ahead } = planner.read_ahead(&missing, file, dir);
         if !behind.is_empty() {
             // Its own GET, so the bytes this read waits for do not queue
-            // behind them; below on-demand reads in the scheduler.
+            // behind them; within the speculation budget in the scheduler.
             let fetcher = self.fetcher.clone();
-            tokio::spawn(async move { fetcher.warm(&behind, Intent::Prefetch).await });
+            tokio::spawn(async move { fetcher.warm_for(Hint::ReadBehind, &behind).await });
         }
+        self.fetcher.speculating(Hint::ReadAhead, &ahead);
         let fetched = self
             .fetcher
             .fetch_with_read_ahead(&missing, &ahead, Intent::OnDemand)

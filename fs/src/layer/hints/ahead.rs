@@ -90,16 +90,22 @@ pub(crate) struct Planner<'a> {
 impl Planner<'_> {
     /// What to fetch along with `missing`, chunks of the file `file`
     /// (its chunks in file order), found in directory `dir` if known.
-    /// Nothing when every missing chunk is on the wire already. A file that
+    /// Nothing when every missing chunk is on the wire already, or when the
+    /// link has no room for speculative bytes (reads fill it). A file that
     /// misses is likely read whole (a program or library being mapped
     /// faults its pages in any order): its other chunks come too when the
-    /// file is at most `read_ahead_max` compressed. Then, unless the file
-    /// alone is a base window or more, the chunks after it in blob order,
-    /// neither cached nor in flight, separated by at most [`MAX_GAP`], up to
-    /// the stream's window of compressed bytes.
+    /// file fits in the window's largest size and in the room the link has.
+    /// Then, unless the file alone is a base window or more, the chunks
+    /// after it in blob order, neither cached nor in flight, separated by
+    /// at most [`MAX_GAP`], up to the stream's window of compressed bytes;
+    /// all of it within the room.
     pub(crate) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk], dir: Option<u64>) -> Plan {
         let scheduler = self.fetcher.scheduler();
-        let (base, max) = (scheduler.config().read_ahead, scheduler.read_ahead_max());
+        // Windows no larger than what the link carries in a round trip
+        // (the budget), and no more than the room left in it now.
+        let max = scheduler.read_ahead_max();
+        let base = scheduler.config().read_ahead.min(max);
+        let room = scheduler.speculation_room();
         let (Some(start), Some(mut end)) = (
             missing.iter().map(|c| c.blob_range.0).min(),
             missing.iter().map(|c| c.blob_range.1).max(),
@@ -108,7 +114,7 @@ impl Planner<'_> {
         };
         // A miss on chunks already on the wire: whoever sent them planned
         // the read-ahead (more now would only crowd the link).
-        if base == 0 || missing.iter().all(|c| self.fetcher.in_flight(&c.digest)) {
+        if base == 0 || room == 0 || missing.iter().all(|c| self.fetcher.in_flight(&c.digest)) {
             return Plan::default();
         }
         let mut plan = Plan::default();
@@ -118,7 +124,8 @@ impl Planner<'_> {
                 && !self.fetcher.in_flight(&c.digest)
         };
         let file_bytes: u64 = file.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
-        let whole = file_bytes <= scheduler.config().read_ahead_max.max(base);
+        let whole = file_bytes <= max.min(room);
+        let mut room = room;
         if whole {
             for c in file.iter().filter(|c| wanted(c)) {
                 if c.blob_range.0 < start {
@@ -128,6 +135,7 @@ impl Planner<'_> {
                     plan.ahead.push(*c);
                 }
             }
+            room = room.saturating_sub(file_bytes);
         }
         // A file of a window or more is read-ahead enough: what follows it
         // in the blob would only delay the next miss.
@@ -136,6 +144,7 @@ impl Planner<'_> {
         } else {
             self.streams.window_for(start, base, max)
         };
+        let base = base.min(room);
         let chunks = &self.index.chunks;
         let first = plan
             .behind
@@ -155,7 +164,7 @@ impl Planner<'_> {
         let from = self
             .order
             .partition_point(|i| chunks[i as usize].blob_range.0 < end);
-        let mut budget = window;
+        let mut budget = window.min(room);
         let out = &mut plan.ahead;
         for i in self.order.iter_from(from) {
             let c = &chunks[i as usize];
