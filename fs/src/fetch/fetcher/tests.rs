@@ -278,7 +278,8 @@ impl BlobSource for SlowLink {
         &self,
         range: Range<u64>,
         intent: Intent,
-    ) -> futures::future::BoxFuture<'_, Result<crate::registry::ByteStream, RegistryError>> {
+    ) -> futures::future::BoxFuture<'_, Result<crate::registry::source::ByteStream, RegistryError>>
+    {
         let now = tokio::time::Instant::now();
         let half = self.rtt / 2;
         let per_byte = Duration::from_secs_f64(1.0 / self.rate);
