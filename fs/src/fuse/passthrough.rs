@@ -120,6 +120,9 @@ impl Passthrough {
         match &backing {
             Some(id) => {
                 self.counters.opens.fetch_add(1, Ordering::Relaxed);
+                // Its reads will not come here: the opening is taken as the
+                // use of what hints fetched of it.
+                self.layer.opened_whole(inode);
                 reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id);
             }
             None => reply.opened(FileHandle(0), CACHED),

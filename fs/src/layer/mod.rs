@@ -141,6 +141,13 @@ impl Layer {
         Ok(read)
     }
 
+    /// A file handed whole to the kernel (passthrough): its reads bypass
+    /// [`Layer::read_cached`], so the chunks hints fetched of it count as
+    /// used now.
+    pub fn opened_whole(&self, inode: &Inode) {
+        self.fetcher.hints().used(self.index.file_chunks(inode));
+    }
+
     /// Notes that regular file `ino` was looked up in directory `parent`
     /// (a file may have several names: the latest lookup wins).
     pub fn looked_up(&self, parent: u64, ino: u64) {

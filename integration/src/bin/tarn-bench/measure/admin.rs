@@ -133,7 +133,10 @@ pub fn lazy_check(admin: &Path) -> Result<Facts> {
         }
         let mut facts = Facts::new([
             ("layers", layers as f64),
-            ("ahead_bytes", kinds.values().map(|k| k.0 as f64).sum()),
+            (
+                "ahead_bytes",
+                kinds.values().map(|k| k.0).sum::<u64>() as f64,
+            ),
         ]);
         for (kind, (fetched, used)) in kinds.iter().filter(|(_, k)| k.0 > 0) {
             facts.push(&format!("hit_{kind}"), *used as f64 / *fetched as f64);
