@@ -238,7 +238,7 @@ struct SlowLink {
     piece: usize,
     /// When the link has sent every byte asked of it so far.
     free_at: std::sync::Mutex<tokio::time::Instant>,
-    sent: std::sync::Mutex<Vec<(Intent, u64, tokio::time::Instant)>>,
+    sent: std::sync::Mutex<Vec<(Intent, f64, tokio::time::Instant)>>,
 }
 
 impl SlowLink {
@@ -282,23 +282,23 @@ impl BlobSource for SlowLink {
     {
         let now = tokio::time::Instant::now();
         let half = self.rtt / 2;
-        let per_byte = Duration::from_secs_f64(1.0 / self.rate);
+        let transfer = |n: usize| Duration::from_secs_f64(n as f64 / self.rate);
         // The request reaches the far end half a round trip from now; its
         // answer queues behind what the link still has to send.
         let start = {
             let mut free = self.free_at.lock().unwrap();
             let queued = free.saturating_duration_since(now + half);
-            let ahead = (queued.as_secs_f64() * self.rate) as u64;
+            let ahead = queued.as_secs_f64() * self.rate;
             self.sent.lock().unwrap().push((intent, ahead, now));
             let start = (*free).max(now + half);
-            *free = start + per_byte * (range.end - range.start) as u32;
+            *free = start + transfer(usize_from(range.end - range.start));
             start
         };
-        let body = self.data[range.start as usize..range.end as usize].to_vec();
+        let body = self.data[usize_from(range.start)..usize_from(range.end)].to_vec();
         let pieces: Vec<(tokio::time::Instant, Bytes)> = body
             .chunks(self.piece)
             .scan(start, |at, p| {
-                *at += per_byte * p.len() as u32;
+                *at += transfer(p.len());
                 Some((*at + half, Bytes::copy_from_slice(p)))
             })
             .collect();
@@ -351,7 +351,7 @@ async fn a_read_overtakes_a_speculative_backlog_on_a_slow_link() {
     // same instant means the read's GET waited for nothing.
     assert_eq!(at, asked, "the read's GET was sent at once");
     assert!(
-        ahead <= budget + CHUNK as u64,
+        ahead <= (budget + CHUNK as u64) as f64,
         "{ahead} bytes queued ahead of the read, budget {budget}"
     );
     let landed = chunks[..48]
