@@ -1,5 +1,5 @@
 //! Generates the gRPC code for containerd's Snapshots API and tarn's admin
-//! API. protoc comes from protoc-bin-vendored so a build needs no system
+//! API, and the messages of the CRI's PullImage that the CRI proxy reads. protoc comes from protoc-bin-vendored so a build needs no system
 //! protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/types/mount.proto",
         "proto/containerd/services/snapshots/v1/snapshots.proto",
         "proto/tarn/v1/admin.proto",
+        "proto/k8s/cri/v1/pull.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -3,9 +3,12 @@
 #   install-deps.sh [--bench]   (--bench: also what `make bench` needs for its chart)
 set -euo pipefail
 
+# python3-jwt, python3-cryptography: the test bed's token server
+# (scripts/tokenserver.py) for the registry with short-lived tokens.
 PKGS=(containerd runc docker-registry skopeo stargz-snapshotter fuse3 umoci
       busybox-static iproute2 protobuf-compiler python3-minimal libpython3.11-stdlib
-      golang-1.19-src golang-1.19-go ca-certificates curl jq shellcheck)
+      golang-1.19-src golang-1.19-go ca-certificates curl jq shellcheck
+      python3-jwt python3-cryptography)
 # Only the benchmark's chart needs matplotlib: the test path stays lean.
 if [ "${1:-}" = --bench ]; then
   PKGS+=(python3-matplotlib)

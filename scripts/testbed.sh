@@ -8,6 +8,13 @@
 #   testbed.sh down DIR
 #   testbed.sh status DIR
 #
+# The registry is anonymous unless one of these is set:
+#   TESTBED_REGISTRY_HTPASSWD=FILE     basic auth for the users of FILE (bcrypt)
+#   TESTBED_REGISTRY_TOKEN_USERS=FILE  token auth: a token server of the bed's
+#                                      own (scripts/tokenserver.py) issues
+#                                      tokens to FILE's `user:password` lines,
+#                                      valid TESTBED_TOKEN_TTL seconds (5)
+#
 # `up` writes DIR/env (shell-sourceable). `down` stops only the processes
 # whose pids DIR names (never anything by name) and unmounts everything
 # mounted under DIR.
@@ -124,7 +131,16 @@ http:
 EOF
   # $TESTBED_REGISTRY_HTPASSWD: a registry that demands basic auth of the
   # users in that htpasswd file.
-  if [ -n "${TESTBED_REGISTRY_HTPASSWD:-}" ]; then
+  if [ -n "${TESTBED_REGISTRY_TOKEN_USERS:-}" ]; then
+    cat >>"$DIR/registry.yml" <<EOF
+auth:
+  token:
+    realm: http://$TOKEN_SERVER/token
+    service: tarn-testbed
+    issuer: tarn-testbed-tokens
+    rootcertbundle: $DIR/token-cert.pem
+EOF
+  elif [ -n "${TESTBED_REGISTRY_HTPASSWD:-}" ]; then
     cat >>"$DIR/registry.yml" <<EOF
 auth:
   htpasswd:
@@ -134,9 +150,35 @@ EOF
   fi
 }
 
+# The token server of a registry with token auth (scripts/tokenserver.py):
+# it writes the certificate the registry trusts, then listens.
+start_tokenserver() {
+  local attempt port
+  for attempt in 1 2 3 4 5; do
+    port="$(free_port)"
+    rm -f "$DIR/token-cert.pem"
+    spawn tokenserver "$DIR/tokenserver.log" "$PYTHON" "$REPO_ROOT/scripts/tokenserver.py" \
+      --port "$port" --users "$TESTBED_REGISTRY_TOKEN_USERS" --cert "$DIR/token-cert.pem" \
+      --ttl "${TESTBED_TOKEN_TTL:-5}" --issuer tarn-testbed-tokens --service tarn-testbed
+    # Any answer will do: a request without credentials is a 401.
+    if wait_for tokenserver "$DIR/tokenserver.log" curl -sS -o /dev/null "http://127.0.0.1:$port/token" &&
+      [ -s "$DIR/token-cert.pem" ]; then
+      TOKEN_SERVER="127.0.0.1:$port"
+      env_set TOKEN_SERVER "$TOKEN_SERVER"
+      env_set TOKEN_SERVER_LOG "$DIR/tokenserver.log"
+      log "token server on $TOKEN_SERVER (tokens valid ${TESTBED_TOKEN_TTL:-5}s)"
+      return 0
+    fi
+    stop_pid tokenserver
+    log "token server start attempt $attempt failed, retrying on another port"
+  done
+  die "token server did not start"
+}
+
 start_registry() {
   mkdir -p "$DIR/registry"
   local attempt port
+  if [ -n "${TESTBED_REGISTRY_TOKEN_USERS:-}" ]; then start_tokenserver; fi
   for attempt in 1 2 3 4 5; do
     port="$(free_port)"
     write_registry_config "$port"
@@ -446,6 +488,7 @@ cmd_down() {
   stop_shims
   stop_pid tarn
   stop_pid registry
+  stop_pid tokenserver
   unmount_all
   local left
   left="$(mounts_under "$DIR")"
@@ -462,7 +505,7 @@ cmd_down() {
 cmd_status() {
   [ -d "$DIR" ] || die "no test bed at $DIR"
   local name pid any=0
-  for name in registry tarn containerd; do
+  for name in tokenserver registry tarn containerd; do
     pid="$(pid_of "$name" || true)"
     [ -n "$pid" ] || continue
     any=1

@@ -1,6 +1,7 @@
 //! `tarn`: the command line. Each subcommand lives in its own file; this one
 //! only parses flags, sets up logging and reports errors.
 
+mod cache;
 mod containerd;
 mod mount_layer;
 mod pull;
@@ -26,6 +27,7 @@ struct Cli {
 enum Command {
     Pull(pull::PullArgs),
     Status(status::StatusArgs),
+    Cache(cache::CacheArgs),
     MountLayer(mount_layer::Args),
 }
 
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::MountLayer(args) => mount_layer::run(args),
         Command::Pull(args) => pull::run(args),
         Command::Status(args) => block_on(status::run(args)),
+        Command::Cache(args) => block_on(cache::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

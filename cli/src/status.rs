@@ -8,6 +8,8 @@ use tarn_proto::admin::{
     Layer, LayerState, ListLayersRequest, StatsRequest, StatsResponse, admin_client::AdminClient,
 };
 
+use tonic::transport::Channel;
+
 use crate::pull::human;
 
 /// Show mounted layers, bytes fetched and cache statistics.
@@ -24,7 +26,8 @@ pub async fn run(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-async fn fetch(address: &Path) -> Result<(Vec<Layer>, StatsResponse)> {
+/// A client of the daemon's admin API at `address`.
+pub(crate) async fn connect(address: &Path) -> Result<AdminClient<Channel>> {
     if !address.exists() {
         bail!(
             "tarn daemon admin socket {} does not exist (is tarn-snapshotter running? see --admin-address)",
@@ -35,7 +38,11 @@ async fn fetch(address: &Path) -> Result<(Vec<Layer>, StatsResponse)> {
     let channel = containerd_client::connect(address)
         .await
         .with_context(|| format!("cannot connect to the tarn daemon at {}", address.display()))?;
-    let mut admin = AdminClient::new(channel);
+    Ok(AdminClient::new(channel))
+}
+
+async fn fetch(address: &Path) -> Result<(Vec<Layer>, StatsResponse)> {
+    let mut admin = connect(address).await?;
     let layers = admin
         .list_layers(ListLayersRequest {})
         .await
@@ -59,7 +66,7 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
     if layers.is_empty() {
         out.push_str("no lazily mounted layers\n");
     } else {
-        let rows: Vec<[String; 6]> = layers
+        let rows: Vec<[String; 7]> = layers
             .iter()
             .map(|l| {
                 [
@@ -68,6 +75,7 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
                     state(l),
                     fetched(l.bytes_fetched, l.blob_size),
                     l.requests.to_string(),
+                    served(l),
                     l.mountpoint.clone(),
                 ]
             })
@@ -78,6 +86,7 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
             "STATE",
             "FETCHED",
             "REQUESTS",
+            "SERVED",
             "MOUNTPOINT",
         ]
         .map(String::from);
@@ -107,6 +116,19 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
         stats.snapshots,
         stats.fallbacks,
         causes(stats)
+    ));
+    let bound = match stats.cache_max_bytes {
+        0 => "no bound".to_string(),
+        max => format!("bound {}", human(max)),
+    };
+    out.push_str(&format!(
+        "cache disk: {} ({bound}), {} released; served {}, dedup saved {}; {} evictions ({})\n",
+        human(stats.cache_disk_bytes),
+        human(stats.cache_released_bytes),
+        human(stats.cache_served_bytes),
+        human(stats.cache_dedup_saved_bytes),
+        stats.cache_evictions,
+        human(stats.cache_evicted_bytes),
     ));
     out
 }
@@ -161,6 +183,28 @@ fn state(l: &Layer) -> String {
     .to_string()
 }
 
+/// How long this daemon process has served the mount, and how many
+/// daemon processes took its connection over (restarts survived).
+fn served(l: &Layer) -> String {
+    if l.served_since_unix == 0 {
+        return "-".to_string();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let age = now.saturating_sub(l.served_since_unix);
+    let age = match age {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    };
+    match l.takeovers {
+        0 => age,
+        1 => format!("{age}, 1 takeover"),
+        n => format!("{age}, {n} takeovers"),
+    }
+}
+
 fn fetched(done: u64, total: u64) -> String {
     if total == 0 {
         return human(done);
@@ -194,7 +238,7 @@ mod tests {
             requests: 7,
             state: LayerState::Mounted.into(),
             snapshot: "sha256:aa".into(),
-            hints: Vec::new(),
+            ..Layer::default()
         }
     }
 
@@ -206,7 +250,14 @@ mod tests {
             fallbacks: 1,
             snapshots: 4,
             mounted_layers: 1,
-            fallbacks_by_cause: Default::default(),
+            cache_disk_bytes: 6 * 1024 * 1024,
+            cache_max_bytes: 10 * 1024 * 1024,
+            cache_released_bytes: 1024 * 1024,
+            cache_served_bytes: 30 * 1024 * 1024,
+            cache_dedup_saved_bytes: 2 * 1024 * 1024,
+            cache_evictions: 3,
+            cache_evicted_bytes: 512 * 1024,
+            ..Default::default()
         }
     }
 
@@ -214,7 +265,7 @@ mod tests {
     fn render_shows_each_layer_and_the_cache() {
         let text = render(&[layer()], &stats());
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].starts_with("IMAGE"));
         let row = lines[1];
         for want in [
@@ -231,6 +282,10 @@ mod tests {
         assert_eq!(
             lines[2],
             "cache: 5.0 MiB in 42 entries, hit rate 87.5%; 1 mounted layers, 4 snapshots, 1 fallbacks to full pulls"
+        );
+        assert_eq!(
+            lines[3],
+            "cache disk: 6.0 MiB (bound 10.0 MiB), 1.0 MiB released; served 30.0 MiB, dedup saved 2.0 MiB; 3 evictions (512.0 KiB)"
         );
         // Columns line up: the FETCHED header sits above the fetched figure.
         assert_eq!(lines[0].find("FETCHED"), row.find("3.0 MiB"));
@@ -270,7 +325,7 @@ mod tests {
         .collect();
         let text = render(&[], &s);
         assert!(
-            text.ends_with("3 fallbacks to full pulls (no-toc-digest 2, resolve-timeout 1)\n"),
+            text.contains("3 fallbacks to full pulls (no-toc-digest 2, resolve-timeout 1)\n"),
             "{text}"
         );
     }
@@ -301,6 +356,12 @@ mod tests {
             &self,
             _: Request<tarn_proto::admin::ExpectRequest>,
         ) -> Result<Response<tarn_proto::admin::ExpectResponse>, Status> {
+            Err(Status::unimplemented("not used by status"))
+        }
+        async fn prune_cache(
+            &self,
+            _: Request<tarn_proto::admin::PruneCacheRequest>,
+        ) -> Result<Response<tarn_proto::admin::PruneCacheResponse>, Status> {
             Err(Status::unimplemented("not used by status"))
         }
     }

@@ -25,7 +25,9 @@
 //! `digest`, `intent` and `format::index` hold the vocabulary every layer
 //! shares, and
 //! `num` the one conversion of `u64` offsets to `usize` the byte paths use;
-//! `memory` tunes the allocator for a daemon that keeps many layers.
+//! `memory` tunes the allocator for a daemon that keeps many layers;
+//! `latency` is the histogram of atomic counters FUSE operations and GETs
+//! are timed into (read by the daemon's metrics endpoint).
 //! `testing` (this crate's tests and the `testing` feature) holds the fakes
 //! tests share: an in-memory blob source and the plain (identity) format.
 
@@ -35,6 +37,7 @@ pub mod fetch;
 pub mod format;
 pub mod fuse;
 pub mod intent;
+pub mod latency;
 pub mod layer;
 pub mod memory;
 pub mod num;

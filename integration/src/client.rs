@@ -42,11 +42,24 @@ pub async fn commit_labels(
     key: &str,
     labels: HashMap<String, String>,
 ) -> Result<(), tonic::Status> {
+    commit_on(c, name, key, labels, "").await
+}
+
+/// Commit with containerd 2.x's `parent` (field 5): the parent a snapshot
+/// prepared without one is committed on (parallel unpack).
+pub async fn commit_on(
+    c: &mut Client,
+    name: &str,
+    key: &str,
+    labels: HashMap<String, String>,
+    parent: &str,
+) -> Result<(), tonic::Status> {
     c.commit(pb::CommitSnapshotRequest {
         snapshotter: "tarn".into(),
         name: name.into(),
         key: key.into(),
         labels,
+        parent: parent.into(),
     })
     .await
     .map(|_| ())

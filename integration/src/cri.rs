@@ -17,13 +17,14 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, ListImagesRequest,
-    ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
-    PullImageRequest, RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
-    VersionRequest, VersionResponse,
+    AuthConfig, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus,
+    ContainerStatusRequest, CreateContainerRequest, ImageSpec, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListContainersRequest, ListImagesRequest, ListPodSandboxRequest, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
+    RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    VersionResponse,
 };
 use tempfile::TempDir;
 use tokio::net::UnixStream;
@@ -159,6 +160,9 @@ impl Owned {
 pub struct Cri {
     sock: PathBuf,
     channel: Channel,
+    /// The image service: containerd's socket, or a proxy in front of it
+    /// (the kubelet's `--image-service-endpoint`).
+    image_channel: Channel,
     /// Parent of the pods' log directories.
     logs: TempDir,
     // A std mutex: held only for pushes and removals, never across `.await`.
@@ -215,8 +219,23 @@ fn host_network() -> Option<NamespaceOption> {
 impl Cri {
     /// Connects to the CRI service on containerd's socket.
     pub async fn connect(containerd_sock: impl AsRef<Path>) -> Result<Cri, CriError> {
-        let sock = containerd_sock.as_ref().to_path_buf();
+        Cri::connect_with_image_service(containerd_sock.as_ref(), containerd_sock.as_ref()).await
+    }
+
+    /// Connects to the runtime service on containerd's socket and to the
+    /// image service on `image_sock`, as a kubelet with
+    /// `--image-service-endpoint` does. Cleanup goes to containerd.
+    pub async fn connect_with_image_service(
+        containerd_sock: &Path,
+        image_sock: &Path,
+    ) -> Result<Cri, CriError> {
+        let sock = containerd_sock.to_path_buf();
         let channel = channel(&sock).await?;
+        let image_channel = if image_sock == containerd_sock {
+            channel.clone()
+        } else {
+            self::channel(image_sock).await?
+        };
         let logs = tempfile::Builder::new()
             .prefix("tarn-cri-logs-")
             .tempdir()
@@ -228,6 +247,7 @@ impl Cri {
         Ok(Cri {
             sock,
             channel,
+            image_channel,
             logs,
             owned: Mutex::new(Owned::default()),
         })
@@ -238,7 +258,7 @@ impl Cri {
     }
 
     fn images(&self) -> ImageServiceClient<Channel> {
-        ImageServiceClient::new(self.channel.clone())
+        ImageServiceClient::new(self.image_channel.clone())
     }
 
     fn owned(&self) -> std::sync::MutexGuard<'_, Owned> {
@@ -263,8 +283,19 @@ impl Cri {
     /// Pulls `image` with the configured snapshotter; returns the image id
     /// (`sha256:...` of its config). The image is removed on drop.
     pub async fn pull_image(&self, image: &str) -> Result<String, CriError> {
+        self.pull_image_with_auth(image, None).await
+    }
+
+    /// [`Cri::pull_image`] with the credentials a kubelet sends from a pod's
+    /// image pull secret.
+    pub async fn pull_image_with_auth(
+        &self,
+        image: &str,
+        auth: Option<AuthConfig>,
+    ) -> Result<String, CriError> {
         let req = PullImageRequest {
             image: image_spec(image),
+            auth,
             ..Default::default()
         };
         let id = self

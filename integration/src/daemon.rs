@@ -34,6 +34,9 @@ pub struct Daemon {
     address: PathBuf,
     /// TOML appended to the daemon's config file (sections of its own).
     config: String,
+    /// Environment added to the daemon's (a `PATH` with a credential
+    /// helper), on every start.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -45,6 +48,16 @@ impl Daemon {
     /// Starts a daemon serving on `address` (default: in its temp dir) with
     /// `config` (TOML sections, e.g. `[registry]`) in its config file.
     pub fn start_with(address: Option<PathBuf>, config: &str) -> Result<Self> {
+        Daemon::start_with_env(address, config, &[])
+    }
+
+    /// [`Daemon::start_with`] with `env` added to the daemon's environment
+    /// (kept for restarts).
+    pub fn start_with_env(
+        address: Option<PathBuf>,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         // Short paths: overlay mount options are limited to one page.
         let dir = tempfile::Builder::new()
             .prefix("tarn-")
@@ -56,6 +69,10 @@ impl Daemon {
             child: None,
             address,
             config: config.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         d.spawn()?;
         Ok(d)
@@ -82,6 +99,35 @@ impl Daemon {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        let child = self.spawn_program(&bins::snapshotter()?, &[])?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Upgrades the daemon: starts `program` (another build) on the same
+    /// root with `--takeover`, which stops the running one; waits for the
+    /// old one to exit and the new one to listen. Returns the old one's
+    /// exit status.
+    pub fn take_over(&mut self, program: &Path) -> Result<ExitStatus> {
+        let mut old = self.child.take().context("daemon is not running")?;
+        let new = self.spawn_program(program, &["--takeover"])?;
+        self.child = Some(new);
+        let status = wait_until("the old daemon to exit", START_TIMEOUT, || {
+            old.try_wait().transpose()
+        });
+        let status = match status {
+            Ok(s) => s.context("wait for the old daemon")?,
+            Err(e) => {
+                let _ = old.kill();
+                let _ = old.wait();
+                bail!("{e}: {}", self.log());
+            }
+        };
+        self.wait_ready()?;
+        Ok(status)
+    }
+
+    fn spawn_program(&mut self, program: &Path, extra: &[&str]) -> Result<Child> {
         let config = self.dir.path().join("config.toml");
         std::fs::write(
             &config,
@@ -97,7 +143,8 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .context("open daemon log")?;
-        let child = Command::new(bins::snapshotter()?)
+        Command::new(program)
+            .args(extra)
             .arg("--root")
             .arg(self.root())
             .arg("--address")
@@ -106,13 +153,12 @@ impl Daemon {
             .arg(&config)
             .arg("--log-level")
             .arg("debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone log fd")?)
             .stderr(log)
             .spawn()
-            .context("spawn tarn-snapshotter")?;
-        self.child = Some(child);
-        self.wait_ready()
+            .context("spawn tarn-snapshotter")
     }
 
     fn wait_ready(&mut self) -> Result<()> {

@@ -56,7 +56,7 @@ impl TestRegistry {
 
     fn launch(basic: Option<(String, String)>) -> Result<TestRegistry> {
         let htpasswd = match &basic {
-            Some((user, password)) => Some(format!("{user}:{}\n", bcrypt(password)?)),
+            Some((user, password)) => Some(htpasswd_line(user, password)?),
             None => None,
         };
         let bed = Testbed::up_with(&[Component::Registry], htpasswd.as_deref())?;
@@ -208,9 +208,14 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// One htpasswd line, `user:BCRYPT-HASH\n`, for a registry with basic auth.
+pub fn htpasswd_line(user: &str, password: &str) -> Result<String> {
+    Ok(format!("{user}:{}\n", bcrypt(password)?))
+}
+
 /// A bcrypt hash for htpasswd, made by Debian's python3 (libcrypt's `$2b$`,
 /// which distribution's Go bcrypt accepts).
-fn bcrypt(password: &str) -> Result<String> {
+pub fn bcrypt(password: &str) -> Result<String> {
     let out = Command::new("/usr/bin/python3")
         .args([
             "-W",

@@ -78,6 +78,23 @@ impl Component {
     }
 }
 
+/// How the bed's registry authenticates clients.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum RegistryAuth<'a> {
+    #[default]
+    Anonymous,
+    /// HTTP basic auth of the users of an htpasswd file (its lines,
+    /// `USER:BCRYPT-HASH`; see [`crate::registry::htpasswd_line`]).
+    Htpasswd(&'a str),
+    /// Token auth: the bed's own token server (`scripts/tokenserver.py`)
+    /// gives `users` (user, password) tokens the registry honours for
+    /// `ttl_secs` seconds.
+    Token {
+        users: &'a [(&'a str, &'a str)],
+        ttl_secs: u32,
+    },
+}
+
 /// A running test bed. Dropping it runs `testbed.sh down`.
 pub struct Testbed {
     dir: Option<TempDir>,
@@ -127,6 +144,17 @@ impl Testbed {
         components: &[Component],
         htpasswd: Option<&str>,
     ) -> Result<Testbed, TestbedError> {
+        Testbed::up_auth(
+            components,
+            htpasswd.map_or(RegistryAuth::Anonymous, RegistryAuth::Htpasswd),
+        )
+    }
+
+    /// [`Testbed::up`] with a registry that authenticates as `auth` says.
+    pub fn up_auth(
+        components: &[Component],
+        auth: RegistryAuth<'_>,
+    ) -> Result<Testbed, TestbedError> {
         let dir = tempfile::Builder::new()
             .prefix("tarn-testbed-")
             .tempdir()
@@ -134,13 +162,27 @@ impl Testbed {
         let path = dir.path().join("bed");
         let mut cmd = Command::new(script("testbed.sh"));
         cmd.arg("up").arg(&path);
-        if let Some(users) = htpasswd {
-            let file = dir.path().join("htpasswd");
-            fs::write(&file, users).map_err(|source| TestbedError::Write {
+        let write = |name: &str, text: &str| {
+            let file = dir.path().join(name);
+            fs::write(&file, text).map_err(|source| TestbedError::Write {
                 path: file.clone(),
                 source,
             })?;
-            cmd.env("TESTBED_REGISTRY_HTPASSWD", file);
+            Ok::<_, TestbedError>(file)
+        };
+        match auth {
+            RegistryAuth::Anonymous => {}
+            RegistryAuth::Htpasswd(users) => {
+                cmd.env("TESTBED_REGISTRY_HTPASSWD", write("htpasswd", users)?);
+            }
+            RegistryAuth::Token { users, ttl_secs } => {
+                let lines: String = users.iter().map(|(u, p)| format!("{u}:{p}\n")).collect();
+                cmd.env(
+                    "TESTBED_REGISTRY_TOKEN_USERS",
+                    write("token-users", &lines)?,
+                );
+                cmd.env("TESTBED_TOKEN_TTL", ttl_secs.to_string());
+            }
         }
         if components.is_empty() {
             cmd.arg("--all");
@@ -222,6 +264,45 @@ impl Testbed {
             .arg(name)
             .arg(registry))?;
         Ok(format!("{registry}/{name}:latest"))
+    }
+
+    /// [`Testbed::push_image`] to a registry that demands credentials.
+    pub fn push_image_as(
+        &self,
+        name: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<String, TestbedError> {
+        let registry = self.registry()?;
+        let out = run(Command::new(script("images.sh")).arg("path").arg(name))?;
+        let layout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let reference = format!("{registry}/{name}:latest");
+        run(Command::new("skopeo").args([
+            "copy",
+            "-q",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &format!("{user}:{password}"),
+            &format!("oci:{layout}:latest"),
+            &format!("docker://{reference}"),
+        ]))?;
+        Ok(reference)
+    }
+
+    /// Tokens the bed's token server has issued so far (refusals not
+    /// counted); 0 without a token server.
+    pub fn tokens_issued(&self) -> Result<usize, TestbedError> {
+        let Some(path) = self.var("TOKEN_SERVER_LOG") else {
+            return Ok(0);
+        };
+        let text = fs::read_to_string(path).map_err(|source| TestbedError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Ok(text
+            .lines()
+            .filter(|l| l.contains(r#""issued": true"#))
+            .count())
     }
 
     /// Stops the test bed now, reporting a failure to clean up.

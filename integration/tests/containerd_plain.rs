@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tarn_integration::daemon::Daemon;
 use tarn_integration::testbed::{Component, Testbed, TestbedError};
-use tarn_integration::wait::wait_until_async;
+use tarn_integration::wait::{wait_until, wait_until_async};
 use tarn_proto::snapshots::snapshots_client::SnapshotsClient;
 use tarn_proto::snapshots::{self as pb, Kind};
 use tonic::transport::Channel;
@@ -184,10 +184,24 @@ async fn containerd_pulls_and_runs_an_ordinary_image_through_tarn() {
     // removes their active snapshots from tarn (asynchronously).
     let active = snapshots_left(&c, "kind==active").await;
     assert!(active.is_ok(), "containerd's GC left {active:?}");
-    let dirs = std::fs::read_dir(tarn.root().join("snapshots"))
-        .unwrap()
-        .count();
-    assert_eq!(dirs, 2, "only the two layers' directories remain");
+    // containerd drops a snapshot from its own metadata first and asks the
+    // snapshotter to remove it afterwards, so tarn's directories go a little
+    // later: wait for that, and name what stays if it never happens.
+    let snapshot_dirs = tarn.root().join("snapshots");
+    let listing = || -> Vec<String> {
+        std::fs::read_dir(&snapshot_dirs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let two = wait_until("tarn's removals", CONTAINERD_TIMEOUT, || {
+        (listing().len() == 2).then_some(())
+    });
+    assert!(
+        two.is_ok(),
+        "only the two layers' directories remain: {:?}",
+        listing()
+    );
 
     // Restart tarn under a running containerd: the image's layers are still
     // there, so a container runs without pulling again.

@@ -54,6 +54,8 @@ fn systemd_unit_starts_the_daemon_with_its_defaults_before_containerd() {
             .any(|v| v.split_whitespace().any(|u| u == "containerd.service"))
     );
     assert_eq!(value("Restart"), ["always"]);
+    // The holder (issue 14) must survive a stop or restart of the daemon.
+    assert_eq!(value("KillMode"), ["process"]);
     assert_eq!(value("WantedBy"), ["multi-user.target"]);
 }
 
@@ -71,6 +73,88 @@ fn containerd_snippet_registers_tarn_and_stargz_at_the_default_socket() {
     assert_eq!(cri["snapshotter"].as_str(), Some("tarn"));
     assert_eq!(cri["disable_snapshot_annotations"].as_bool(), Some(false));
     assert_eq!(config["version"].as_integer(), Some(2));
+}
+
+/// containerd 1.6 itself reads the version 2 snippet as meant: its
+/// `config dump` (the merged, parsed config) keeps CRI's settings.
+#[test]
+fn containerd_1_6_reads_the_version_2_snippet() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerd-config.toml");
+    let out = std::process::Command::new("containerd")
+        .arg("--config")
+        .arg(&path)
+        .args(["config", "dump"])
+        .output()
+        .expect("run containerd config dump");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dumped: toml::Table = String::from_utf8_lossy(&out.stdout)
+        .parse()
+        .expect("config dump is TOML");
+    assert_eq!(
+        dumped["proxy_plugins"]["tarn"]["address"].as_str(),
+        Some(DEFAULT_ADDRESS)
+    );
+    let cri = &dumped["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
+    assert_eq!(cri["snapshotter"].as_str(), Some("tarn"));
+    assert_eq!(cri["disable_snapshot_annotations"].as_bool(), Some(false));
+}
+
+/// The containerd 2.x snippet (config version 3), with containerd's key
+/// names: proxy plugins export the remote-snapshot annotations for the
+/// transfer service, CRI's image settings sit in `io.containerd.cri.v1.images`
+/// (where 2.x reads them; a version 2 CRI table is migrated without them),
+/// and the transfer service unpacks with tarn for a platform while keeping
+/// its default overlayfs entry.
+#[test]
+fn containerd_2_snippet_configures_cri_and_the_transfer_service() {
+    let config: toml::Table = deploy_file("containerd2-config.toml")
+        .parse()
+        .expect("containerd2-config.toml is TOML");
+    assert_eq!(config["version"].as_integer(), Some(3));
+    for name in ["tarn", "stargz"] {
+        let plugin = &config["proxy_plugins"][name];
+        assert_eq!(plugin["type"].as_str(), Some("snapshot"), "{name}");
+        assert_eq!(plugin["address"].as_str(), Some(DEFAULT_ADDRESS), "{name}");
+        assert_eq!(
+            plugin["exports"]["enable_remote_snapshot_annotations"].as_str(),
+            Some("true"),
+            "{name}: a string, as containerd's exports are map[string]string"
+        );
+        assert!(
+            plugin.get("capabilities").is_none(),
+            "{name}: rebase is left to the operator (README)"
+        );
+    }
+    let plugins = config["plugins"].as_table().expect("plugins");
+    assert!(
+        !plugins.contains_key("io.containerd.grpc.v1.cri"),
+        "2.x reads CRI's image settings from io.containerd.cri.v1.images"
+    );
+    let images = &plugins["io.containerd.cri.v1.images"];
+    assert_eq!(images["snapshotter"].as_str(), Some("tarn"));
+    assert_eq!(
+        images["disable_snapshot_annotations"].as_bool(),
+        Some(false)
+    );
+
+    let unpack = plugins["io.containerd.transfer.v1.local"]["unpack_config"]
+        .as_array()
+        .expect("unpack_config is an array of tables");
+    let pairs: Vec<(&str, &str)> = unpack
+        .iter()
+        .map(|u| {
+            (
+                u["platform"].as_str().expect("platform"),
+                u["snapshotter"].as_str().expect("snapshotter"),
+            )
+        })
+        .collect();
+    assert!(pairs.contains(&("linux/amd64", "tarn")), "{pairs:?}");
+    assert!(pairs.contains(&("linux/amd64", "overlayfs")), "{pairs:?}");
 }
 
 #[test]

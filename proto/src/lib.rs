@@ -1,10 +1,14 @@
 //! tarn-proto: gRPC schemas and generated code, nothing else.
 //!
 //! - [`containerd::services::snapshots::v1`]: containerd's Snapshots API,
-//!   wire-identical to containerd 1.6's, served by `tarn-snapshotter` as a
+//!   wire-identical to containerd 2.x's (a superset of 1.6's: 2.x adds
+//!   `CommitSnapshotRequest.parent`), served by `tarn-snapshotter` as a
 //!   proxy plugin.
 //! - [`containerd::types`]: containerd's `Mount`.
 //! - [`tarn::v1`]: tarn's admin API (mounted layers, fetch and cache stats).
+//! - [`cri`]: Kubernetes CRI's `PullImageRequest` (`runtime.v1`), only the
+//!   image and auth fields, which tarn's CRI proxy reads from a copy of the
+//!   bytes it forwards.
 
 #![allow(missing_docs, clippy::all)]
 
@@ -27,8 +31,17 @@ pub mod tarn {
     }
 }
 
+pub mod k8s {
+    pub mod cri {
+        pub mod v1 {
+            tonic::include_proto!("runtime.v1");
+        }
+    }
+}
+
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types::Mount;
+pub use k8s::cri::v1 as cri;
 pub use tarn::v1 as admin;
 
 #[cfg(test)]
@@ -68,7 +81,37 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.encode_to_vec(), b"\x0a\x01t\x12\x01n\x1a\x01k");
+        // containerd 2.x's rebase: 5:"p"; absent when empty, so 1.6 sees
+        // the bytes it always saw.
+        let rebase = snapshots::CommitSnapshotRequest {
+            parent: "p".into(),
+            ..c
+        };
+        assert_eq!(
+            rebase.encode_to_vec(),
+            b"\x0a\x01t\x12\x01n\x1a\x01k\x2a\x01p"
+        );
         let u = snapshots::UsageResponse { size: 1, inodes: 2 };
         assert_eq!(u.encode_to_vec(), b"\x08\x01\x10\x02");
+    }
+
+    /// The CRI's field numbers: image = 1, auth = 2; username 1 ...
+    /// registry_token 6. A field tarn does not declare (sandbox_config = 3)
+    /// is skipped by a decode.
+    #[test]
+    fn cri_pull_layout_matches_the_cri() {
+        // 1:{1:"i"} 2:{1:"u" 2:"p" 6:"t"} 3:{...}
+        let bytes = b"\x0a\x03\x0a\x01i\x12\x09\x0a\x01u\x12\x01p\x32\x01t\x1a\x02\x08\x01";
+        let req = cri::PullImageRequest::decode(&bytes[..]).unwrap();
+        assert_eq!(req.image.unwrap().image, "i");
+        let auth = req.auth.unwrap();
+        assert_eq!(
+            (
+                auth.username.as_str(),
+                auth.password.as_str(),
+                auth.registry_token.as_str()
+            ),
+            ("u", "p", "t")
+        );
     }
 }

@@ -3,19 +3,28 @@
 //!
 //! ```toml
 //! admin_address = "/run/tarn/admin.sock"  # default: admin.sock beside --address
+//! metrics_address = "127.0.0.1:9099"      # default: no metrics endpoint
 //! [snapshotter]
 //! resolve_timeout_secs = 10
 //! allow_unverified_layers = false
 //! max_index_mb = 256
+//! holder = false                 # true: lazy mounts survive restarts
 //! [registry]
 //! plain_http = ["127.0.0.1:5000"]
 //! docker_config = "/root/.docker/config.json"
 //! [cache]
 //! dir = "/var/lib/tarn/cache"              # default: ROOT/cache
+//! max_bytes = 20_000_000_000                # default: none (max_percent only)
+//! max_percent = 10                          # of the cache's filesystem
 //! [fetch]
 //! background = false
+//! [cri]
+//! image_service_socket = "/run/tarn/cri-image.sock"  # default: off
+//! containerd_cri_socket = "/run/containerd/containerd.sock"
+//! credentials_ttl_hours = 24
 //! ```
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,10 +59,15 @@ pub struct Config {
     /// Socket of tarn's admin API (used by `tarn status`); `--admin-address`
     /// wins over it.
     pub admin_address: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP);
+    /// none by default. Anyone who can reach it sees image layer digests
+    /// and registry figures: keep it on loopback or a private network.
+    pub metrics_address: Option<SocketAddr>,
     pub snapshotter: SnapshotterConfig,
     pub registry: RegistrySection,
     pub cache: CacheSection,
     pub fetch: FetchSection,
+    pub cri: CriSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,6 +92,11 @@ pub struct SnapshotterConfig {
     /// more is refused (and pulled in full by containerd); 256 holds a few
     /// hundred thousand entries.
     pub max_index_mb: u64,
+    /// Keep every lazy mount's FUSE connection in a holder process
+    /// (`ROOT/holder.sock`), so running containers only stall while the
+    /// daemon restarts, is upgraded (`--takeover`) or crashes, instead of
+    /// losing their lazy files. Off: SIGTERM unmounts every lazy layer.
+    pub holder: bool,
 }
 
 impl Default for SnapshotterConfig {
@@ -89,6 +108,7 @@ impl Default for SnapshotterConfig {
             fuse_threads: 4,
             fuse_passthrough: true,
             max_index_mb: tarn_fs::format::estargz::IndexBudget::DEFAULT_LIMIT >> 20,
+            holder: false,
         }
     }
 }
@@ -104,12 +124,36 @@ pub struct RegistrySection {
     pub docker_config: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheSection {
     /// Chunk cache directory; default `ROOT/cache`.
     pub dir: Option<PathBuf>,
+    /// Bound on the cache's disk use in bytes; with `max_percent`, the
+    /// smaller of the two holds.
+    pub max_bytes: Option<u64>,
+    /// Bound on the cache's disk use as a percentage of its filesystem's
+    /// size; 0 or 100 and more: no share bound.
+    pub max_percent: u64,
 }
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            dir: None,
+            max_bytes: None,
+            max_percent: DEFAULT_CACHE_PERCENT,
+        }
+    }
+}
+
+/// The cache's default share of its filesystem. kubelet's image garbage
+/// collection starts at 85% disk use by default and evicts pods at 90%
+/// free-space pressure: a lazy cache that may take a tenth of the disk
+/// leaves room for images pulled the ordinary way, containers' writable
+/// layers and logs, and still holds the working set of tens of images
+/// (lazy images read a few percent of their bytes).
+pub const DEFAULT_CACHE_PERCENT: u64 = 10;
 
 /// When and how much tarn fetches beyond what containers read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +202,31 @@ impl Default for FetchSection {
     }
 }
 
+/// CRI's image service, proxied to containerd's so tarn learns the
+/// credentials of the kubelet's pulls (`crate::cri`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriSection {
+    /// Socket tarn serves `runtime.v1.ImageService` on (root-only), for the
+    /// kubelet's `--image-service-endpoint`; unset: no proxy.
+    pub image_service_socket: Option<PathBuf>,
+    /// containerd's CRI socket, where every call is forwarded.
+    pub containerd_cri_socket: PathBuf,
+    /// How long captured credentials are kept after the last pull that
+    /// sent them, hours (each pull of the image renews them).
+    pub credentials_ttl_hours: u64,
+}
+
+impl Default for CriSection {
+    fn default() -> Self {
+        CriSection {
+            image_service_socket: None,
+            containerd_cri_socket: PathBuf::from("/run/containerd/containerd.sock"),
+            credentials_ttl_hours: 24,
+        }
+    }
+}
+
 impl Config {
     /// Loads `path`. A missing file gives the defaults unless the user named
     /// it explicitly (`required`).
@@ -182,6 +251,24 @@ impl Config {
 
     pub fn cache_dir(&self, root: &Path) -> PathBuf {
         self.cache.dir.clone().unwrap_or_else(|| root.join("cache"))
+    }
+
+    /// The bound on the cache's disk use (`u64::MAX`: none): `max_bytes`,
+    /// or `max_percent` of the filesystem holding `cache_dir`, whichever
+    /// is smaller. A filesystem whose size cannot be read bounds nothing.
+    pub fn cache_bound(&self, cache_dir: &Path) -> u64 {
+        let percent = self.cache.max_percent;
+        let share = match percent {
+            1..=99 => match tarn_fs::cache::filesystem_bytes(cache_dir) {
+                Ok(size) => size / 100 * percent,
+                Err(e) => {
+                    tracing::warn!(dir = %cache_dir.display(), error = %e, "cannot size the cache's filesystem");
+                    u64::MAX
+                }
+            },
+            _ => u64::MAX,
+        };
+        self.cache.max_bytes.unwrap_or(u64::MAX).min(share)
     }
 
     /// The admin socket: the configured one, else `admin.sock` beside the
@@ -228,8 +315,26 @@ impl Config {
         self.snapshotter.max_index_mb.saturating_mul(1 << 20)
     }
 
+    /// The holder of the daemon whose root is `root`, if configured: this
+    /// very binary started with `--fd-holder`.
+    pub fn holder(&self, root: &Path) -> Option<crate::holder::Holder> {
+        if !self.snapshotter.holder {
+            return None;
+        }
+        let program = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tarn-snapshotter"));
+        Some(crate::holder::Holder::new(
+            root.join(crate::holder::SOCKET_NAME),
+            program,
+        ))
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.snapshotter.shutdown_grace_secs)
+    }
+
+    /// How long captured CRI credentials are kept.
+    pub fn cri_credentials_ttl(&self) -> Duration {
+        Duration::from_secs(self.cri.credentials_ttl_hours.saturating_mul(3600))
     }
 
     /// How tarn-fs reaches registries.
@@ -288,6 +393,34 @@ mod tests {
                 "a misplaced or misspelt key must not be ignored: {typo:?}"
             );
         }
+        assert_eq!(c.metrics_address, None, "no metrics endpoint by default");
+        std::fs::write(&p, "metrics_address = \"127.0.0.1:9099\"\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(c.metrics_address, Some(([127, 0, 0, 1], 9099).into()));
+        std::fs::write(&p, "metrics_address = \"localhost\"\n").unwrap();
+        assert!(
+            Config::load(&p, true).is_err(),
+            "an address without a port is refused, not ignored"
+        );
+        assert_eq!(
+            c.cri.image_service_socket, None,
+            "the CRI proxy is off by default"
+        );
+        std::fs::write(
+            &p,
+            "[cri]\nimage_service_socket = \"/run/tarn/cri.sock\"\ncredentials_ttl_hours = 2\n",
+        )
+        .unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(
+            c.cri.image_service_socket,
+            Some(PathBuf::from("/run/tarn/cri.sock"))
+        );
+        assert_eq!(
+            c.cri.containerd_cri_socket,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+        assert_eq!(c.cri_credentials_ttl(), Duration::from_secs(7200));
         std::fs::write(&p, "admin_address = \"/a/admin.sock\"\n").unwrap();
         let c = Config::load(&p, true).unwrap();
         assert_eq!(

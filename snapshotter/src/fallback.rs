@@ -36,10 +36,15 @@ pub enum Cause {
     BadLabel,
     /// No TOC digest: not eStargz, or unverifiable.
     NoTocDigest,
+    /// Prepared without its parent (containerd 2.x's parallel unpack).
+    NoParent,
     ResolveTimeout,
     /// The registry could not be reached or timed out.
     RegistryUnreachable,
-    /// The registry answered, but not with the layer (auth, not found, ...).
+    /// The registry refused tarn's credentials, or tarn has none for it:
+    /// a lazy layer would fail its reads, so containerd pulls it in full.
+    Auth,
+    /// The registry answered, but not with the layer (not found, ...).
     Registry,
     NotInImage,
     TocMismatch,
@@ -50,13 +55,15 @@ pub enum Cause {
 }
 
 impl Cause {
-    pub const ALL: [Cause; 12] = [
+    pub const ALL: [Cause; 14] = [
         Cause::NoImageRef,
         Cause::NoLayerDigest,
         Cause::BadLabel,
         Cause::NoTocDigest,
+        Cause::NoParent,
         Cause::ResolveTimeout,
         Cause::RegistryUnreachable,
+        Cause::Auth,
         Cause::Registry,
         Cause::NotInImage,
         Cause::TocMismatch,
@@ -72,8 +79,10 @@ impl Cause {
             Cause::NoLayerDigest => "no-layer-digest",
             Cause::BadLabel => "bad-label",
             Cause::NoTocDigest => "no-toc-digest",
+            Cause::NoParent => "no-parent",
             Cause::ResolveTimeout => "resolve-timeout",
             Cause::RegistryUnreachable => "registry-unreachable",
+            Cause::Auth => "auth",
             Cause::Registry => "registry",
             Cause::NotInImage => "not-in-image",
             Cause::TocMismatch => "toc-mismatch",
@@ -92,6 +101,7 @@ impl Fallback {
                 Unfit::NoLayerDigest => Cause::NoLayerDigest,
                 Unfit::BadLayerDigest(_) | Unfit::BadTocDigest(_) => Cause::BadLabel,
                 Unfit::NoTocDigest => Cause::NoTocDigest,
+                Unfit::NoParent(_) => Cause::NoParent,
             },
             Fallback::ResolveTimeout(_) => Cause::ResolveTimeout,
             Fallback::Resolve(e) => match e {
@@ -114,6 +124,7 @@ fn registry_cause(e: &RegistryError) -> Cause {
     match e {
         _ if e.is_transient() => Cause::RegistryUnreachable,
         RegistryError::InvalidReference { .. } => Cause::BadLabel,
+        RegistryError::Auth { .. } => Cause::Auth,
         _ => Cause::Registry,
     }
 }
@@ -129,6 +140,14 @@ impl Fallbacks {
 
     pub fn total(&self) -> u64 {
         self.0.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Every cause with its count, happened or not.
+    pub fn counts(&self) -> Vec<(Cause, u64)> {
+        Cause::ALL
+            .iter()
+            .map(|&c| (c, self.0[c as usize].load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// The causes that happened, by name.

@@ -15,6 +15,16 @@ pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 /// The layer annotation with the sha256 of the uncompressed TOC JSON.
 pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// containerd >= 2.3 on every extraction Prepare (core/unpack/unpacker.go):
+/// the chain ID of the layer below, and this layer's uncompressed digest.
+/// In parallel unpack the Prepare has no parent and this label is the only
+/// place the parent is named (the parent itself comes at Commit).
+pub const PARENT_CHAIN_ID: &str = "containerd.io/snapshot/parent-chain-id";
+pub const DIFF_ID: &str = "containerd.io/snapshot/diff-id";
+/// Set with the CRI ones by containerd's AppendInfoHandlerWrapper
+/// (pkg/snapshotters/annotations.go); tarn reads neither.
+pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 /// Marks a snapshot served from a remote layer (the stargz convention).
 pub const REMOTE: &str = "containerd.io/snapshot/remote";
 /// What tarn records on a remote snapshot to restore its mount.
@@ -46,6 +56,16 @@ pub enum Unfit {
     BadTocDigest(#[source] DigestError),
     #[error("no {TOC_DIGEST} label (not eStargz, or unverifiable; see allow_unverified_layers)")]
     NoTocDigest,
+    /// Prepared without its parent, which only [`PARENT_CHAIN_ID`] names
+    /// (containerd 2.x's parallel unpack). A lazy snapshot is committed at
+    /// Prepare, and containerd looks it up by the parent it sent (none):
+    /// committed on the labelled parent it is not found, committed without
+    /// one it hides every lower layer. An ordinary snapshot gets its parent
+    /// at Commit instead.
+    #[error(
+        "prepared without its parent (parallel unpack; {PARENT_CHAIN_ID} {0}): a lazy snapshot cannot be re-parented"
+    )]
+    NoParent(String),
 }
 
 /// What to do with a Prepare.
@@ -65,7 +85,12 @@ pub enum Decision {
 
 /// Reads a Prepare's labels. Stargz-style labels win over CRI ones when
 /// both are present (they come from the client that asked for laziness).
-pub fn decide(labels: &BTreeMap<String, String>, allow_unverified: bool) -> Decision {
+/// `has_parent`: whether the Prepare named a parent.
+pub fn decide(
+    labels: &BTreeMap<String, String>,
+    has_parent: bool,
+    allow_unverified: bool,
+) -> Decision {
     let Some(chain_id) = labels.get(SNAPSHOT_REF).filter(|c| !c.is_empty()) else {
         return Decision::Ordinary;
     };
@@ -86,6 +111,9 @@ pub fn decide(labels: &BTreeMap<String, String>, allow_unverified: bool) -> Deci
         None if allow_unverified => None,
         None => return Decision::Fallback(Unfit::NoTocDigest),
     };
+    if let Some(p) = labels.get(PARENT_CHAIN_ID).filter(|_| !has_parent) {
+        return Decision::Fallback(Unfit::NoParent(p.clone()));
+    }
     Decision::Remote {
         chain_id: chain_id.clone(),
         layer: RemoteLayer {
@@ -94,6 +122,12 @@ pub fn decide(labels: &BTreeMap<String, String>, allow_unverified: bool) -> Deci
             toc_digest,
         },
     }
+}
+
+/// Whether a parentless snapshot with these labels awaits its parent at
+/// Commit: an extraction of containerd 2.x's parallel unpack.
+pub fn awaits_parent(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(PARENT_CHAIN_ID).is_some_and(|p| !p.is_empty())
 }
 
 /// The labels of the committed remote snapshot: the Prepare's, plus the
@@ -141,6 +175,17 @@ pub fn restore_info(labels: &BTreeMap<String, String>) -> Option<Restore> {
     })
 }
 
+/// The layer of a remote snapshot (its `labels`) if it has uncompressed
+/// digest `diff_id`: a layer already on the node that an image layer
+/// Prepare without the remote-snapshot labels can be served from, as
+/// containerd itself reuses snapshots by the config's diff IDs.
+pub fn same_layer(labels: &BTreeMap<String, String>, diff_id: &str) -> Option<Restore> {
+    if diff_id.is_empty() || labels.get(DIFF_ID).map(String::as_str) != Some(diff_id) {
+        return None;
+    }
+    restore_info(labels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,7 +217,7 @@ mod tests {
                 (TOC_DIGEST, &t),
             ]),
         ] {
-            let Decision::Remote { chain_id, layer } = decide(&labels, false) else {
+            let Decision::Remote { chain_id, layer } = decide(&labels, false, false) else {
                 panic!("not remote: {labels:?}");
             };
             assert_eq!(chain_id, "chain");
@@ -196,8 +241,12 @@ mod tests {
     #[test]
     fn what_cannot_be_lazy_falls_back_with_a_reason() {
         let a = d('a');
-        assert!(matches!(decide(&l(&[]), false), Decision::Ordinary));
-        let no_ref = decide(&l(&[(SNAPSHOT_REF, "c"), (STARGZ_DIGEST, &a)]), false);
+        assert!(matches!(decide(&l(&[]), false, false), Decision::Ordinary));
+        let no_ref = decide(
+            &l(&[(SNAPSHOT_REF, "c"), (STARGZ_DIGEST, &a)]),
+            false,
+            false,
+        );
         assert!(matches!(&no_ref, Decision::Fallback(r) if r.to_string().contains("reference")));
         let no_toc = l(&[
             (SNAPSHOT_REF, "c"),
@@ -205,10 +254,10 @@ mod tests {
             (STARGZ_DIGEST, &a),
         ]);
         assert!(
-            matches!(decide(&no_toc, false), Decision::Fallback(r) if r.to_string().contains("toc.digest"))
+            matches!(decide(&no_toc, false, false), Decision::Fallback(r) if r.to_string().contains("toc.digest"))
         );
         assert!(
-            matches!(decide(&no_toc, true), Decision::Remote { layer, .. } if layer.toc_digest.is_none()),
+            matches!(decide(&no_toc, false, true), Decision::Remote { layer, .. } if layer.toc_digest.is_none()),
             "allowed unverified layers are served without a TOC digest"
         );
         let bad = l(&[
@@ -218,9 +267,80 @@ mod tests {
             (TOC_DIGEST, &a),
         ]);
         assert!(matches!(
-            decide(&bad, false),
+            decide(&bad, false, false),
             Decision::Fallback(Unfit::BadLayerDigest(_))
         ));
         assert_eq!(remote_layer(&l(&[(TARN_LAYER_DIGEST, "../x")])), None);
+    }
+
+    #[test]
+    fn a_remote_layer_is_found_by_its_diff_id() {
+        let (a, t, diff) = (d('a'), d('b'), d('c'));
+        let prepared = l(&[
+            (SNAPSHOT_REF, "chain"),
+            (DIFF_ID, &diff),
+            (CRI_IMAGE_REF, "r/x:1"),
+            (CRI_LAYER_DIGEST, &a),
+            (TOC_DIGEST, &t),
+        ]);
+        let Decision::Remote { layer, .. } = decide(&prepared, true, false) else {
+            panic!("remote");
+        };
+        let committed = remote_labels(prepared, &layer, 99);
+        let found = same_layer(&committed, &diff).expect("same diff id");
+        assert_eq!(found.layer, layer);
+        assert_eq!(found.blob_size, 99);
+        assert_eq!(same_layer(&committed, &d('e')), None);
+        assert_eq!(same_layer(&committed, ""), None);
+        let mut plain = committed.clone();
+        plain.remove(TARN_LAYER_DIGEST);
+        assert_eq!(same_layer(&plain, &diff), None, "not a remote snapshot");
+    }
+
+    /// containerd 2.3's unpacker labels every extraction with its diff ID
+    /// and, above the first layer, its parent's chain ID; in parallel
+    /// unpack the Prepare itself has no parent.
+    #[test]
+    fn a_parentless_prepare_naming_its_parent_in_a_label_is_not_lazy() {
+        let (a, t) = (d('a'), d('b'));
+        let labels = l(&[
+            (SNAPSHOT_REF, "chain-2"),
+            (DIFF_ID, &d('c')),
+            (PARENT_CHAIN_ID, "chain-1"),
+            (CRI_IMAGE_REF, "r/x:1"),
+            (CRI_LAYER_DIGEST, &a),
+            (CRI_IMAGE_LAYERS, &a),
+            (CRI_MANIFEST_DIGEST, &d('e')),
+            (TOC_DIGEST, &t),
+        ]);
+        // Sequential unpack (and the transfer service): the parent is given.
+        assert!(matches!(
+            decide(&labels, true, false),
+            Decision::Remote { chain_id, .. } if chain_id == "chain-2"
+        ));
+        // Parallel unpack: the parent comes only at Commit.
+        let Decision::Fallback(why) = decide(&labels, false, false) else {
+            panic!("a parentless layer above another must not be lazy");
+        };
+        assert!(matches!(&why, Unfit::NoParent(p) if p == "chain-1"));
+        assert!(why.to_string().contains("chain-1"), "{why}");
+        assert!(awaits_parent(&labels));
+
+        // The bottom layer has no parent to name: lazy either way.
+        let mut bottom = labels.clone();
+        bottom.remove(PARENT_CHAIN_ID);
+        assert!(matches!(
+            decide(&bottom, false, false),
+            Decision::Remote { .. }
+        ));
+        assert!(!awaits_parent(&bottom));
+        // Labels that cannot be lazy say so first, whatever the parent.
+        bottom.remove(CRI_IMAGE_REF);
+        let mut no_ref = bottom.clone();
+        no_ref.insert(PARENT_CHAIN_ID.into(), "chain-1".into());
+        assert!(matches!(
+            decide(&no_ref, false, false),
+            Decision::Fallback(Unfit::NoImageRef)
+        ));
     }
 }

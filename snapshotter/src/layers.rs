@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::labels::{self, RemoteLayer, Restore};
 use crate::locks::{KeyedGuard, KeyedMutex};
 use crate::mounts::Layout;
-use crate::seams::{LayerHandle, MountError, Mounter, Resolved};
+use crate::seams::{LayerHandle, MountError, Mounter, Resolved, Service};
 
 struct Mounted<L> {
     info: RemoteLayer,
@@ -46,6 +46,8 @@ pub struct LayerStatus {
     pub complete: bool,
     /// Why it could not be restored, if it could not.
     pub failed: Option<String>,
+    /// Since when this process serves it, and its takeovers.
+    pub service: Option<Service>,
 }
 
 /// What happens to a layer right after it is mounted.
@@ -151,13 +153,42 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
         );
     }
 
+    /// The chunks of every mounted layer but `except`: what the cache must
+    /// keep for them.
+    pub fn mounted_chunks(&self, except: Option<&Digest>) -> HashSet<Digest> {
+        let layers: Vec<L> = {
+            let mounted = self.mounted.lock().expect("mounted map poisoned");
+            mounted
+                .iter()
+                .filter(|(d, _)| Some(*d) != except)
+                .map(|(_, m)| m.layer.clone())
+                .collect()
+        };
+        layers
+            .iter()
+            .flat_map(|l| l.chunks())
+            .map(|(d, _)| d)
+            .collect()
+    }
+
+    /// Each mounted layer's chunks, for dedup accounting.
+    pub fn chunk_lists(&self) -> Vec<Vec<(Digest, u64)>> {
+        let layers: Vec<L> = {
+            let mounted = self.mounted.lock().expect("mounted map poisoned");
+            mounted.values().map(|m| m.layer.clone()).collect()
+        };
+        layers.iter().map(LayerHandle::chunks).collect()
+    }
+
     /// Unmounts a layer (if mounted, or left mounted by a killed daemon)
-    /// and removes its directory.
-    pub async fn unmount(&self, digest: &Digest) {
-        self.mounted
+    /// and removes its directory. Returns the layer if it was mounted.
+    pub async fn unmount(&self, digest: &Digest) -> Option<L> {
+        let layer = self
+            .mounted
             .lock()
             .expect("mounted map poisoned")
-            .remove(digest);
+            .remove(digest)
+            .map(|m| m.layer);
         self.failed
             .lock()
             .expect("failed map poisoned")
@@ -171,6 +202,7 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
             remove_dir(&dir);
         })
         .await;
+        layer
     }
 
     /// Digests with a mount or a directory under `ROOT/layers`.
@@ -216,6 +248,25 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
         }
     }
 
+    /// After restoring at start: see [`Mounter::settle`].
+    pub async fn settle(&self) {
+        let mounter = self.mounter.clone();
+        let _ = tokio::task::spawn_blocking(move || mounter.settle()).await;
+    }
+
+    /// On shutdown: leaves every mount to a successor if the mounter can
+    /// ([`Mounter::hand_over`]); true if it did.
+    pub async fn hand_over(&self) -> bool {
+        let mounter = self.mounter.clone();
+        let handed = tokio::task::spawn_blocking(move || mounter.hand_over())
+            .await
+            .unwrap_or(false);
+        if handed {
+            self.mounted.lock().expect("mounted map poisoned").clear();
+        }
+        handed
+    }
+
     /// Every mounted layer, and every one that failed to come back.
     pub fn status(&self) -> Vec<LayerStatus> {
         let mut out: Vec<LayerStatus> = self
@@ -231,6 +282,7 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
                 stats: m.layer.stats(),
                 complete: m.layer.complete(),
                 failed: None,
+                service: self.mounter.served(&self.mountpoint(&m.info.digest)),
             })
             .collect();
         out.extend(
@@ -246,6 +298,7 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
                     stats: FetchStatsSnapshot::default(),
                     complete: false,
                     failed: Some(f.why.clone()),
+                    service: None,
                 }),
         );
         out.sort_by_key(|l| l.digest);
@@ -275,6 +328,21 @@ fn dir_digests(dir: &Path) -> Vec<Digest> {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|name| format!("sha256:{name}").parse().ok())
         .collect()
+}
+
+/// Bytes dedup saves across `layers` (each a layer's chunks): what the
+/// layers hold each on their own, minus what the cache holds once. Within
+/// a layer, a chunk listed twice (two files with the same content) counts
+/// once, as the cache stores it once.
+pub fn dedup_saved_bytes(layers: &[Vec<(Digest, u64)>]) -> u64 {
+    let mut all: HashMap<Digest, u64> = HashMap::new();
+    let mut each = 0u64;
+    for chunks in layers {
+        let mine: HashMap<Digest, u64> = chunks.iter().copied().collect();
+        each += mine.values().sum::<u64>();
+        all.extend(mine);
+    }
+    each.saturating_sub(all.values().sum())
 }
 
 /// Groups remote snapshots by layer: digest -> (layer, blob size, names).

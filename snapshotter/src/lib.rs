@@ -16,21 +16,31 @@
 //! - [`layers`]: the table of remote layers, one mount per layer digest.
 //! - [`resolve`]: manifest, footer and TOC of remote layers, once each, all
 //!   of an image's layers at once.
-//! - [`mounter`]: remote layers as FUSE mounts.
+//! - [`mounter`]: remote layers as FUSE mounts, handed over to a
+//!   successor process through [`holder`].
+//! - [`holder`]: the process that keeps every mount's /dev/fuse fd across
+//!   restarts of the daemon.
 //! - [`fallback`]: why a layer was not lazy, counted by cause.
+//! - [`metrics`]: the Prometheus endpoint; reads the counters above and
+//!   tarn-fs's at each scrape.
 //! - [`labels`]: the remote-snapshot protocol's labels, pure.
 //! - [`errors`]: an error and its causes in one line.
 //! - [`locks`]: keyed mutex and singleflight for duplicate suppression.
+//! - [`cri`]: CRI's image service as a proxy to containerd's, capturing
+//!   the credentials of the kubelet's pulls (persisted per repository).
 //! - [`config`], [`server`]: configuration file, sockets and serving.
 
 pub mod config;
+pub mod cri;
 pub mod errors;
 pub mod fallback;
 pub mod filters;
+pub mod holder;
 pub mod labels;
 pub mod layers;
 pub mod locks;
 pub mod metastore;
+pub mod metrics;
 pub mod mounter;
 pub mod mounts;
 pub mod remote;

@@ -6,7 +6,9 @@
 //! - `create` makes an Active or View snapshot whose parent, if any, is
 //!   Committed;
 //! - `commit` turns an Active snapshot into a Committed one under a new name,
-//!   keeping its id (and so its directory);
+//!   keeping its id (and so its directory); `rebase` before it gives a
+//!   parentless Active snapshot its parent (containerd 2.x's parallel
+//!   unpack);
 //! - `remove` refuses a snapshot that still has children.
 //!
 //! Every change runs in [`MetaStore::update`], which commits the redb write
@@ -148,6 +150,8 @@ impl Info {
 pub struct Snapshot {
     pub id: u64,
     pub kind: Kind,
+    /// Its own labels (the store does not read them either).
+    pub labels: BTreeMap<String, String>,
     pub parents: Vec<Parent>,
 }
 
@@ -309,6 +313,40 @@ impl Tx<'_> {
         };
         self.put(name, &committed)?;
         Ok(committed.id)
+    }
+
+    /// Gives Active `key`, prepared without a parent, its parent: containerd
+    /// 2.x's parallel unpack prepares every layer parentless and names the
+    /// parent only at Commit ("rebase"). Metadata only: the snapshot's
+    /// directory holds its own changes whatever it sits on. Re-stating the
+    /// parent it has is allowed; moving it to another is refused.
+    pub fn rebase(&mut self, key: &str, parent: &str) -> Result<()> {
+        let mut r = get_record(&self.snapshots, key)?.ok_or_else(|| not_found(key))?;
+        if r.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is {}, not active",
+                r.kind.as_str()
+            )));
+        }
+        match r.parent.as_deref() {
+            Some(p) if p == parent => return Ok(()),
+            Some(p) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} has parent {p:?}: cannot commit it on {parent:?}"
+                )));
+            }
+            None => {}
+        }
+        let p = get_record(&self.snapshots, parent)?
+            .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?} not found")))?;
+        if p.kind != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "parent {parent:?} is not a committed snapshot"
+            )));
+        }
+        self.children.insert((parent, key), ())?;
+        r.parent = Some(parent.to_owned());
+        self.put(key, &r)
     }
 
     /// Creates the Committed snapshot `name` on `parent` directly, without
@@ -499,6 +537,7 @@ fn build_snapshot<T: ReadableTable<&'static str, &'static [u8]>>(
     Ok(Snapshot {
         id: r.id,
         kind: r.kind,
+        labels: r.labels.clone(),
         parents,
     })
 }

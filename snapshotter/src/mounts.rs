@@ -20,6 +20,9 @@ pub struct Stack {
     /// Parents that are remote layers: id -> layer digest (their content is
     /// the layer's FUSE mount, not their own directory).
     pub remote: BTreeMap<u64, Digest>,
+    /// A parentless extraction that gets its parent at Commit (containerd
+    /// 2.x's parallel unpack; [`labels::awaits_parent`]).
+    pub awaits_parent: bool,
 }
 
 impl Stack {
@@ -34,6 +37,7 @@ impl Stack {
                 .iter()
                 .filter_map(|p| Some((p.id, labels::remote_layer(&p.labels)?)))
                 .collect(),
+            awaits_parent: s.parents.is_empty() && labels::awaits_parent(&s.labels),
         }
     }
 }
@@ -113,6 +117,14 @@ impl Layout {
 ///
 /// - no parents: a bind mount of its own fs dir (overlay needs at least one
 ///   lower dir), read-only for a view;
+/// - no parents yet (parallel unpack): an overlay mount of the upper dir
+///   alone, which is never mounted: containerd's applier sees `overlay`
+///   and writes into `upperdir` with whiteouts as overlayfs keeps them
+///   (core/diff/apply/apply_linux.go). Through a bind mount it would apply
+///   them to an empty directory, where they vanish, and a file the layer
+///   deletes would come back once the layer sits on its parent. containerd
+///   does the same for its own overlayfs (`bindToOverlay` in
+///   core/unpack/unpacker.go), but only for a snapshotter named overlayfs;
 /// - a view of a single parent: a read-only bind of that parent;
 /// - otherwise overlay with `lowerdir=` nearest parent first, plus
 ///   `upperdir`/`workdir` for an active snapshot.
@@ -123,6 +135,13 @@ impl Layout {
 /// committed layer can be a lower dir of many overlays over its lifetime.
 pub fn mounts(layout: &Layout, s: &Stack) -> Vec<Mount> {
     let path = |id: u64| layout.lower(s, id).to_string_lossy().into_owned();
+    if s.awaits_parent && s.kind == Kind::Active {
+        return vec![Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: vec!["rw".into(), format!("upperdir={}", path(s.id))],
+        }];
+    }
     if s.parent_ids.is_empty() {
         let mode = if s.kind == Kind::View { "ro" } else { "rw" };
         return vec![Mount {
@@ -166,6 +185,7 @@ mod tests {
             kind,
             parent_ids: parents.to_vec(),
             remote: BTreeMap::new(),
+            awaits_parent: false,
         }
     }
 
@@ -198,6 +218,7 @@ mod tests {
         let s = Snapshot {
             id: 9,
             kind: Kind::Active,
+            labels: BTreeMap::new(),
             parents: vec![
                 Parent {
                     id: 7,
@@ -224,6 +245,38 @@ mod tests {
                 source: "/r/snapshots/1/fs".into(),
                 options: vec!["rw".into(), "rbind".into()],
             }]
+        );
+    }
+
+    #[test]
+    fn a_parallel_extraction_is_its_upper_dir_as_overlay() {
+        let labelled = |parents: Vec<Parent>| Snapshot {
+            id: 3,
+            kind: Kind::Active,
+            labels: BTreeMap::from([(labels::PARENT_CHAIN_ID.to_owned(), "sha256:c1".to_owned())]),
+            parents,
+        };
+        let s = Stack::of(&labelled(vec![]));
+        assert!(s.awaits_parent);
+        assert_eq!(
+            mounts(&layout(), &s),
+            vec![Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec!["rw".into(), "upperdir=/r/snapshots/3/fs".into()],
+            }]
+        );
+        // Once it has its parent (sequential unpack, or after a rebase),
+        // the label changes nothing.
+        let on = Stack::of(&labelled(vec![Parent {
+            id: 1,
+            labels: BTreeMap::new(),
+        }]));
+        assert!(!on.awaits_parent);
+        assert!(
+            mounts(&layout(), &on)[0]
+                .options
+                .contains(&"lowerdir=/r/snapshots/1/fs".to_owned())
         );
     }
 

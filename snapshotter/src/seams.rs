@@ -37,6 +37,9 @@ pub trait LayerHandle: Clone + Send + Sync + 'static {
     fn stats(&self) -> FetchStatsSnapshot;
     /// Every chunk is cached: reads no longer touch the network.
     fn complete(&self) -> bool;
+    /// The layer's chunks (cache key and plain size), as its index lists
+    /// them: what the cache holds for it.
+    fn chunks(&self) -> Vec<(Digest, u64)>;
     /// Right after mounting: prefetches the prioritized files, waiting for
     /// them up to `prefetch`, then starts the background fetch if asked.
     fn warm(&self, prefetch: Option<Duration>, background: bool)
@@ -79,6 +82,28 @@ pub trait Mounter<L>: Send + Sync + 'static {
     /// Unmounts whatever is mounted at `mountpoint`; not mounted is fine.
     fn unmount(&self, mountpoint: &Path) -> Result<(), MountError>;
     fn is_mounted(&self, mountpoint: &Path) -> bool;
+    /// After every layer was restored at start: lets go of what a
+    /// predecessor left that no layer took over.
+    fn settle(&self) {}
+    /// On shutdown: leaves every mount to a successor process instead of
+    /// unmounting it; false if this mounter cannot (then unmount).
+    fn hand_over(&self) -> bool {
+        false
+    }
+    /// Since when this process serves the mount at `mountpoint`, and how
+    /// many takeovers its connection went through.
+    fn served(&self, _mountpoint: &Path) -> Option<Service> {
+        None
+    }
+}
+
+/// How a mount is served, for `tarn status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// When this process began serving it (mounted or adopted it).
+    pub since: std::time::SystemTime,
+    /// How many processes adopted its connection from a predecessor.
+    pub takeovers: u64,
 }
 
 /// Why a layer could not be resolved. Cheap to clone: one resolution is

@@ -7,13 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tarn_fs::registry::auth::Keychains;
 use tarn_proto::admin::admin_server::AdminServer;
 use tarn_proto::snapshots::snapshots_server::SnapshotsServer;
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
+use crate::cri::{CriCredentials, ImageProxy};
+use crate::errors::chain;
+use crate::metrics::{self, Metrics, SnapshotterFigures};
 use crate::remote::RemoteSnapshotter;
 use crate::service::{AdminService, SnapshotsService};
 
@@ -103,17 +107,62 @@ pub async fn run(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let rs = Arc::new(RemoteSnapshotter::open(root, config).await?);
-    let (deadline, served) = serve(&rs, address, admin_address, config, shutdown).await;
+    let metrics = Metrics::new();
+    let cri = open_cri_credentials(root, config).await?;
+    let mut keychains = Keychains::default();
+    if let Some(c) = &cri {
+        keychains.push(c.clone());
+    }
+    let rs = Arc::new(RemoteSnapshotter::open(root, config, &metrics, keychains).await?);
+    let figures = Arc::downgrade(&rs);
+    metrics.register_collector(metrics::Snapshotter(move || {
+        // Weak: the registry must not keep the snapshotter (and its
+        // mounts) alive past shutdown.
+        match figures.upgrade().map(|rs| rs.figures()) {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                tracing::warn!(error = %chain(&e), "metrics: reading the snapshotter's figures");
+                SnapshotterFigures::default()
+            }
+            None => SnapshotterFigures::default(),
+        }
+    }));
+    let (deadline, served) =
+        serve(&rs, &metrics, cri, address, admin_address, config, shutdown).await;
     // Unmounted even when serving failed: a FUSE mount without its daemon
     // only answers ENOTCONN.
     rs.shutdown(deadline).await;
     served
 }
 
+/// The credentials captured through CRI, when the CRI proxy is on: what an
+/// earlier run persisted is read before the layers are mounted again, so a
+/// restored layer fetches with them. A file that cannot be read is logged
+/// and set aside (the next capture replaces it): the daemon still serves.
+async fn open_cri_credentials(
+    root: &Path,
+    config: &Config,
+) -> Result<Option<Arc<CriCredentials>>, Error> {
+    if config.cri.image_service_socket.is_none() {
+        return Ok(None);
+    }
+    let (root, ttl) = (root.to_owned(), config.cri_credentials_ttl());
+    let store = tokio::task::spawn_blocking(move || {
+        CriCredentials::open(&root, ttl).unwrap_or_else(|e| {
+            tracing::warn!(error = %crate::errors::chain(&e), "cri: starting without the persisted credentials");
+            CriCredentials::in_memory_at(&root, ttl)
+        })
+    })
+    .await?;
+    tracing::info!(repositories = store.len(), file = %store.path().display(), "cri: credentials loaded");
+    Ok(Some(Arc::new(store)))
+}
+
 /// Serves until `shutdown`, then drains; returns when stopping must be done.
 async fn serve(
     rs: &Arc<RemoteSnapshotter>,
+    metrics: &Metrics,
+    cri: Option<Arc<CriCredentials>>,
     address: &Path,
     admin_address: &Path,
     config: &Config,
@@ -122,11 +171,28 @@ async fn serve(
     let grace = config.shutdown_grace();
     // The Snapshots socket last: once it exists, everything is up (callers
     // and tests take its appearance as the ready signal).
+    let cri_socket = config
+        .cri
+        .image_service_socket
+        .as_deref()
+        .filter(|_| cri.is_some());
     let listeners = async {
+        let metrics = match config.metrics_address {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(io(format!("bind metrics_address {addr}")))?,
+            ),
+            None => None,
+        };
         let admin = bind_async(admin_address).await?;
-        Ok::<_, Error>((admin, bind_async(address).await?))
+        let cri_listener = match cri_socket {
+            Some(path) => Some(bind_async(path).await?),
+            None => None,
+        };
+        Ok::<_, Error>((metrics, admin, cri_listener, bind_async(address).await?))
     };
-    let (admin_listener, snap_listener) = match listeners.await {
+    let (metrics_listener, admin_listener, cri_listener, snap_listener) = match listeners.await {
         Ok(l) => l,
         Err(e) => return (Instant::now() + grace, Err(e)),
     };
@@ -149,20 +215,62 @@ async fn serve(
             .add_service(AdminServer::new(AdminService::new(rs.clone())))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(admin_listener),
-                stopped(stop_rx),
+                stopped(stop_rx.clone()),
             ),
     );
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics");
+        }
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            stopped(stop_rx.clone()),
+        ));
+    }
+    let cri_server = match (cri_listener, cri) {
+        (Some(listener), Some(credentials)) => {
+            let upstream = config.cri.containerd_cri_socket.clone();
+            let channel = crate::cri::proxy::containerd_channel(upstream.clone());
+            tracing::info!(
+                socket = %cri_socket.unwrap_or(Path::new("")).display(),
+                containerd = %upstream.display(),
+                "cri: serving the image service"
+            );
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(ImageProxy::new(channel, credentials))
+                    .serve_with_incoming_shutdown(
+                        UnixListenerStream::new(listener),
+                        stopped(stop_rx.clone()),
+                    ),
+            ))
+        }
+        _ => None,
+    };
     shutdown.await;
     let deadline = Instant::now() + grace;
     tracing::info!(grace_secs = grace.as_secs(), "shutting down");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout_at(deadline - UNMOUNT_SHARE.min(grace / 2), async {
+        if let Some(c) = cri_server {
+            // A failed image proxy is logged: the snapshotter is the job
+            // containerd needs finished.
+            match c.await {
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %crate::errors::chain(&e), "cri: image service failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "cri: image service task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
         (snap.await, admin.await)
     })
     .await;
     // Gone with the process, so containerd sees the plugin down rather
     // than a socket nobody answers.
-    let sockets = [address.to_owned(), admin_address.to_owned()];
+    let mut sockets = vec![address.to_owned(), admin_address.to_owned()];
+    sockets.extend(cri_socket.map(Path::to_owned));
     let _ = tokio::task::spawn_blocking(move || {
         for path in sockets {
             let _ = std::fs::remove_file(path);

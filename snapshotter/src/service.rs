@@ -187,9 +187,17 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        tracing::debug!(key = %r.key, name = %r.name, "commit");
+        tracing::debug!(key = %r.key, name = %r.name, parent = %r.parent, "commit");
         let sn = self.sn.clone();
-        blocking(move || sn.commit(&r.name, &r.key, labels(r.labels))).await?;
+        blocking(move || {
+            sn.commit(
+                &r.name,
+                &r.key,
+                labels(r.labels),
+                parent(r.parent).as_deref(),
+            )
+        })
+        .await?;
         Ok(Response::new(()))
     }
 
@@ -320,6 +328,12 @@ impl Admin for AdminService {
                             used_bytes: c.used,
                         })
                         .collect(),
+                    served_since_unix: l.service.map_or(0, |s| {
+                        s.since
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs())
+                    }),
+                    takeovers: l.service.map_or(0, |s| s.takeovers),
                 }
             })
             .collect();
@@ -364,6 +378,34 @@ impl Admin for AdminService {
                 .collect(),
             snapshots: s.snapshots,
             mounted_layers: s.lazy_layers,
+            cache_disk_bytes: s.cache.disk_bytes,
+            cache_max_bytes: if s.cache.max_bytes == u64::MAX {
+                0
+            } else {
+                s.cache.max_bytes
+            },
+            cache_released_bytes: s.cache.released_bytes,
+            cache_served_bytes: s.cache.served_bytes,
+            cache_dedup_saved_bytes: s.dedup_saved_bytes,
+            cache_evictions: s.cache.evictions,
+            cache_evicted_bytes: s.cache.evicted_bytes,
+        }))
+    }
+
+    async fn prune_cache(
+        &self,
+        req: Request<admin::PruneCacheRequest>,
+    ) -> Result<Response<admin::PruneCacheResponse>, Status> {
+        let p = self
+            .rs
+            .prune_cache(req.into_inner().all_unused)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(admin::PruneCacheResponse {
+            entries: p.entries,
+            bytes: p.bytes,
+            disk_bytes_before: p.disk_before,
+            disk_bytes_after: p.disk_after,
         }))
     }
 }

@@ -96,8 +96,16 @@ impl Snapshotter {
         Ok(mounts::mounts(&self.layout, &Stack::of(&s)))
     }
 
-    /// Commits Active `key` as `name`, recording its disk usage.
-    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+    /// Commits Active `key` as `name`, recording its disk usage. `parent`
+    /// is containerd 2.x's rebase: the parent of a snapshot prepared
+    /// without one, set in the same transaction as the commit.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        parent: Option<&str>,
+    ) -> Result<()> {
         let (record, _) = self.ms.get(key)?;
         // A non-active key is refused by the store; no need to measure it.
         let usage = if record.kind == Kind::Active {
@@ -105,7 +113,12 @@ impl Snapshotter {
         } else {
             Usage::default()
         };
-        self.ms.update(|tx| tx.commit(key, name, usage, labels))?;
+        self.ms.update(|tx| {
+            if let Some(p) = parent {
+                tx.rebase(key, p)?;
+            }
+            tx.commit(key, name, usage, labels)
+        })?;
         Ok(())
     }
 
@@ -350,7 +363,7 @@ mod tests {
         let u = sn.usage("k").unwrap();
         assert_eq!(u.inodes, 2);
         assert!(u.size >= 10_000, "{u:?}");
-        sn.commit("c", "k", BTreeMap::new()).unwrap();
+        sn.commit("c", "k", BTreeMap::new(), None).unwrap();
         assert_eq!(
             sn.usage("c").unwrap(),
             u,
@@ -400,6 +413,46 @@ mod tests {
         sn.cleanup().unwrap();
     }
 
+    /// containerd 2.x's rebase: the parent comes with Commit, set in the
+    /// commit's transaction; a refused commit leaves the active snapshot.
+    #[test]
+    fn commit_on_a_parent_rebases_a_parentless_snapshot() {
+        let (_dir, sn) = open();
+        sn.prepare("a", None, BTreeMap::new()).unwrap();
+        sn.commit("base", "a", BTreeMap::new(), None).unwrap();
+        sn.prepare("other-a", None, BTreeMap::new()).unwrap();
+        sn.commit("other", "other-a", BTreeMap::new(), None)
+            .unwrap();
+
+        sn.prepare("b", None, BTreeMap::new()).unwrap();
+        let e = sn.commit("top", "b", BTreeMap::new(), Some("nope"));
+        assert!(matches!(e, Err(Error::Meta(metastore::Error::NotFound(_)))));
+        sn.prepare("c", None, BTreeMap::new()).unwrap();
+        let e = sn.commit("top", "b", BTreeMap::new(), Some("c"));
+        assert!(
+            matches!(e, Err(Error::Meta(metastore::Error::InvalidArgument(_)))),
+            "an active snapshot is no parent"
+        );
+        assert_eq!(sn.stat("b").unwrap().kind, Kind::Active, "rolled back");
+
+        sn.commit("top", "b", BTreeMap::new(), Some("base"))
+            .unwrap();
+        assert_eq!(sn.stat("top").unwrap().parent.as_deref(), Some("base"));
+        assert!(sn.remove("base").is_err(), "base has a child now");
+        let m = sn.prepare("ctr", Some("top"), BTreeMap::new()).unwrap();
+        assert!(m[0].options.last().unwrap().starts_with("lowerdir="));
+        assert_eq!(m[0].options.last().unwrap().matches(':').count(), 1);
+
+        // Re-stating the parent is fine; another one is refused.
+        sn.prepare("d", Some("base"), BTreeMap::new()).unwrap();
+        let e = sn.commit("d2", "d", BTreeMap::new(), Some("other"));
+        assert!(matches!(
+            e,
+            Err(Error::Meta(metastore::Error::FailedPrecondition(_)))
+        ));
+        sn.commit("d2", "d", BTreeMap::new(), Some("base")).unwrap();
+    }
+
     #[test]
     fn list_applies_filters() {
         let (_dir, sn) = open();
@@ -409,7 +462,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>()
         };
         sn.prepare("a", None, l(&[("t", "1")])).unwrap();
-        sn.commit("b", "a", l(&[("t", "2")])).unwrap();
+        sn.commit("b", "a", l(&[("t", "2")]), None).unwrap();
         sn.prepare("c", Some("b"), BTreeMap::new()).unwrap();
         let names = |f: &[&str]| -> Vec<String> {
             sn.list(f).unwrap().into_iter().map(|i| i.name).collect()

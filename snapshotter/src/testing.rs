@@ -28,7 +28,24 @@ impl LayerHandle for FakeLayer {
         false
     }
 
+    /// One chunk of its own and one every fake layer shares.
+    fn chunks(&self) -> Vec<(Digest, u64)> {
+        vec![(own_chunk(&self.digest), 1), (Digest::of(SHARED_CHUNK), 1)]
+    }
+
     async fn warm(&self, _prefetch: Option<Duration>, _background: bool) {}
+}
+
+/// The content every [`FakeLayer`] lists as a chunk.
+pub const SHARED_CHUNK: &[u8] = b"a chunk every fake layer has";
+
+/// The content of the chunk only `layer` lists.
+pub fn own_chunk_data(layer: &Digest) -> Vec<u8> {
+    layer.0.to_vec()
+}
+
+pub fn own_chunk(layer: &Digest) -> Digest {
+    Digest::of(&own_chunk_data(layer))
 }
 
 /// What [`FakeResolver`] answers for one layer digest.

@@ -9,15 +9,17 @@
 //! from its cached chunks under its whole-file digest, verified while
 //! written ([`Cache::assemble`]).
 //!
-//! This duplicates the file's bytes on disk (chunk objects plus the whole
-//! file) until a size bound with eviction exists to reclaim either copy.
+//! The object duplicates its chunks' bytes on disk. Once it is made, the
+//! chunks it was built from are aged to the oldest stamp an entry in use
+//! can have ([`Cache::assemble`]): under a size bound they are the first
+//! in-use entries to go, and the passthrough file keeps serving (a read
+//! through the daemon fetches an evicted chunk again).
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
-use super::{Cache, CacheError, Entry, Location, SMALL_MAX, io_err};
+use super::{Cache, CacheError, Location, SMALL_MAX, UNKNOWN, disk_bytes, io_err, object_dir};
 use crate::Digest;
 use crate::digest::Hasher;
 use crate::format::Chunk;
@@ -166,7 +168,7 @@ impl Cache {
         let _flight = Flight(self, *digest);
 
         let path = self.object_path(digest);
-        let dir = path.parent().expect("object path has a parent");
+        let dir = object_dir(&path);
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = self.tmp_path(digest);
         let outcome = self.write_parts(&tmp, parts);
@@ -175,30 +177,38 @@ impl Cache {
                 tracing::warn!(%digest, %actual, "file chunks do not hash to the file digest");
                 Ok(Assembled::Mismatch)
             }
-            Ok(Some((_, len))) => match fs::rename(&tmp, &path) {
-                Ok(()) => {
-                    let entry = Entry {
-                        loc: Location::Object,
-                        len,
-                        verified: true,
-                    };
-                    let mut landed = false;
-                    self.index.entry(*digest).or_insert_with(|| {
-                        landed = true;
-                        entry
-                    });
-                    if landed {
-                        self.bytes.fetch_add(len, Ordering::Relaxed);
+            Ok(Some((_, len))) => {
+                let placed = fs::metadata(&tmp)
+                    .map(|m| disk_bytes(&m))
+                    .and_then(|disk| fs::rename(&tmp, &path).map(|()| disk));
+                match placed {
+                    Ok(disk) => {
+                        if self.index_object(digest, len, disk) {
+                            self.age_parts(parts);
+                        }
+                        self.enforce_bound();
+                        return Ok(Assembled::Done);
                     }
-                    return Ok(Assembled::Done);
+                    Err(e) => Err(io_err(&path)(e)),
                 }
-                Err(e) => Err(io_err(&path)(e)),
-            },
+            }
             Ok(None) => Ok(Assembled::PartMissing),
             Err(e) => Err(e),
         };
         let _ = fs::remove_file(&tmp);
         outcome
+    }
+
+    /// Ages the chunks a whole-file object was built from to the oldest
+    /// stamp of an entry in use: the object serves their bytes now.
+    fn age_parts(&self, parts: &[(Digest, u64)]) {
+        for (part, _) in parts {
+            if let Some(mut e) = self.index.get_mut(part)
+                && e.stamp > UNKNOWN
+            {
+                e.stamp = UNKNOWN;
+            }
+        }
     }
 
     /// Copies the parts into `tmp`; `None` if one is missing. Returns the

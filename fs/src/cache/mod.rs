@@ -22,27 +22,38 @@
 //! never make wrong bytes readable. Packs turn many small chunks into appends
 //! to a few files instead of a file (and an inode) each.
 //!
-//! Seams for later: a size bound with LRU eviction (entries would carry an
-//! access stamp; packs would need compaction) and dedup accounting, of which
-//! [`CacheStats::dedup_bytes`] is the start.
+//! A size bound (`evict.rs`): real disk use (object files' blocks, pack
+//! files' length) is kept under [`Cache::set_max_bytes`] by evicting entries
+//! in least-recently-used order. Each entry carries a coarse access stamp
+//! (seconds; written at most once a second per entry, so a hit costs an
+//! index write only when the second changed); the stamps are saved to
+//! `stamps` (`stamps.rs`) after every eviction pass and when the cache is
+//! dropped, so the order survives restarts. An entry released by the
+//! snapshotter (its last layer went) has stamp 0: it goes first and is not
+//! counted as in use.
 
 mod assemble;
+mod evict;
 mod pack;
+mod stamps;
 
 pub use assemble::{Assembled, Preparation, WholeFile};
+pub use evict::{COMPACT_LIVE_SHARE, Hold, Pruned, filesystem_bytes};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use dashmap::DashMap;
 
 use crate::Digest;
 use crate::digest::Hasher;
+use crate::num::usize_from;
 
 /// Items smaller than this go into pack files; larger ones get a file each,
 /// which is also what makes a file worth a whole-file object (`assemble.rs`):
@@ -83,16 +94,32 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
     pub entries: u64,
+    /// Logical bytes of the entries (what they hold).
     pub bytes: u64,
+    /// Disk bytes: object files' blocks plus pack files' length (dead
+    /// records of evicted items included until their pack is compacted).
+    pub disk_bytes: u64,
+    /// Logical bytes of entries released (no mounted layer uses them):
+    /// first to go, not in use.
+    pub released_bytes: u64,
+    /// The bound on `disk_bytes`; `u64::MAX`: none.
+    pub max_bytes: u64,
     pub hits: u64,
     pub misses: u64,
+    /// Bytes served from the cache by hits.
+    pub served_bytes: u64,
     /// Entries found on disk that failed verification and were dropped.
     pub corrupt: u64,
     /// Bytes inserted that were already present (saved by dedup).
     pub dedup_bytes: u64,
+    /// Entries evicted (by the bound or a prune) and their logical bytes.
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+    /// Packs rewritten without their dead records.
+    pub compactions: u64,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Location {
     Pack { pack: usize, offset: u64 },
     Object,
@@ -104,28 +131,60 @@ struct Entry {
     len: u64,
     /// Hashed (or written) by this process; only then is it served as is.
     verified: bool,
+    /// Disk bytes the entry holds: an object file's blocks, a pack record
+    /// (header and data).
+    disk: u64,
+    /// Last access, seconds since the Unix epoch; [`RELEASED`]: no mounted
+    /// layer uses it.
+    stamp: u32,
 }
+
+/// The stamp of a released entry: older than any access.
+const RELEASED: u32 = 0;
+/// The stamp of an entry found on disk without a saved stamp (a crash
+/// lost it): older than any access, newer than released.
+const UNKNOWN: u32 = 1;
 
 struct Pack {
     path: PathBuf,
-    file: File,
+    /// Read under the read lock; compaction swaps in the rewritten file and
+    /// moves the records' offsets under the write lock, so a reader that
+    /// looks its offset up under the read lock reads the file it names.
+    file: RwLock<File>,
     /// Where the next record goes. Held while appending so records of
-    /// concurrent inserts never interleave.
+    /// concurrent inserts never interleave, and while compacting.
     end: Mutex<u64>,
+    /// Bytes of the records still indexed (header and data).
+    live: AtomicU64,
 }
 
 /// The content-addressed store. `Send + Sync`; share it with an `Arc`.
 /// All methods do blocking file I/O: async callers use `spawn_blocking`.
 pub struct Cache {
+    root: PathBuf,
     objects: PathBuf,
     packs: Vec<Pack>,
     index: DashMap<Digest, Entry>,
     bytes: AtomicU64,
+    disk: AtomicU64,
+    released: AtomicU64,
+    max_bytes: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    served: AtomicU64,
     corrupt: AtomicU64,
     dedup_bytes: AtomicU64,
+    evictions: AtomicU64,
+    evicted_bytes: AtomicU64,
+    compactions: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Added to the wall clock's seconds (tests age entries with it).
+    clock_skew: AtomicU32,
+    /// One eviction pass or prune at a time.
+    evicting: Mutex<()>,
+    /// Objects something outside holds open (a passthrough file): never
+    /// evicted, since unlinking them would free nothing.
+    held: DashMap<Digest, usize>,
     /// Whole-file objects being assembled (see [`Cache::assemble`]).
     assembling: DashMap<Digest, ()>,
     /// Holds the flock for the cache's lifetime.
@@ -134,8 +193,10 @@ pub struct Cache {
 
 impl Cache {
     /// Opens (creating if needed) the cache under `dir`: scans pack headers,
-    /// truncates torn pack tails, lists object files and removes leftover
-    /// temp files. Entries found here are verified on their first read.
+    /// truncates torn pack tails, lists object files, removes leftover
+    /// temp files and loads the saved access stamps. Entries found here are
+    /// verified on their first read. No size bound until
+    /// [`Cache::set_max_bytes`].
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
         let objects = dir.join("objects").join("sha256");
         let packs_dir = dir.join("packs");
@@ -145,16 +206,13 @@ impl Cache {
 
         let index = DashMap::new();
         let mut bytes = 0u64;
+        let mut disk = 0u64;
         let mut packs = Vec::with_capacity(PACKS);
         for i in 0..PACKS {
-            let path = packs_dir.join(format!("pack-{i}.dat"));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(io_err(&path))?;
+            let path = pack_path(&packs_dir, i);
+            // A compaction cut short by a crash leaves its rewrite behind.
+            let _ = fs::remove_file(path.with_extension(pack::COMPACTING_EXT));
+            let file = open_pack(&path)?;
             let (records, valid) = pack::scan(&file).map_err(io_err(&path))?;
             let file_len = file.metadata().map_err(io_err(&path))?.len();
             if file_len > valid {
@@ -165,9 +223,12 @@ impl Cache {
                 );
                 file.set_len(valid).map_err(io_err(&path))?;
             }
+            let mut live = 0u64;
             for r in records {
                 index.entry(r.digest).or_insert_with(|| {
+                    let record = pack::HEADER_LEN as u64 + u64::from(r.len);
                     bytes += u64::from(r.len);
+                    live += record;
                     Entry {
                         loc: Location::Pack {
                             pack: i,
@@ -175,34 +236,63 @@ impl Cache {
                         },
                         len: u64::from(r.len),
                         verified: false,
+                        disk: record,
+                        stamp: UNKNOWN,
                     }
                 });
             }
+            disk += valid;
             packs.push(Pack {
                 path,
-                file,
+                file: RwLock::new(file),
                 end: Mutex::new(valid),
+                live: AtomicU64::new(live),
             });
         }
-        bytes += scan_objects(&objects, &index)?;
+        let (object_bytes, object_disk) = scan_objects(&objects, &index)?;
+        bytes += object_bytes;
+        disk += object_disk;
+
+        let saved = stamps::load(&dir.join(stamps::FILE));
+        let mut released = 0u64;
+        for (digest, stamp) in saved {
+            if let Some(mut e) = index.get_mut(&digest) {
+                e.stamp = stamp;
+                if stamp == RELEASED {
+                    released += e.len;
+                }
+            }
+        }
 
         Ok(Cache {
+            root: dir.to_path_buf(),
             objects,
             packs,
             index,
             bytes: AtomicU64::new(bytes),
+            disk: AtomicU64::new(disk),
+            released: AtomicU64::new(released),
+            max_bytes: AtomicU64::new(u64::MAX),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            served: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             dedup_bytes: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
+            clock_skew: AtomicU32::new(0),
+            evicting: Mutex::new(()),
+            held: DashMap::new(),
             assembling: DashMap::new(),
             _lock: lock,
         })
     }
 
     /// `len` bytes at `offset` of the content `digest`; `Ok(None)` when it is
-    /// not cached (or was found corrupt, and has now been dropped).
+    /// not cached (or was found corrupt, and has now been dropped, or was
+    /// evicted while this read looked).
     pub fn read(
         &self,
         digest: &Digest,
@@ -210,8 +300,7 @@ impl Cache {
         len: usize,
     ) -> Result<Option<Vec<u8>>, CacheError> {
         let Some(entry) = self.index.get(digest).map(|e| *e) else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
+            return Ok(self.miss());
         };
         let end = offset.checked_add(len as u64);
         if end.is_none_or(|end| end > entry.len) {
@@ -222,52 +311,126 @@ impl Cache {
                 size: entry.len,
             });
         }
-        if !entry.verified {
-            // Small entries are read whole to verify them anyway: serve the
-            // slice from that read instead of reading twice.
-            if let Location::Pack { pack, offset: at } = entry.loc {
-                let whole = self.read_whole_pack_entry(digest, pack, at, entry.len)?;
-                return Ok(whole.map(|w| {
-                    let start = usize::try_from(offset).expect("offset < entry len <= 64 KiB");
+        let data = match entry.loc {
+            Location::Pack { pack, .. } if !entry.verified => {
+                // Small entries are read whole to verify them anyway: serve
+                // the slice from that read instead of reading twice.
+                let whole = self.read_whole_pack_entry(digest, pack)?;
+                whole.map(|w| {
+                    let start = usize_from(offset);
                     w[start..start + len].to_vec()
-                }));
+                })
             }
-            if !self.verify_object(digest)? {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
-            }
-        }
-        let mut buf = vec![0u8; len];
-        match entry.loc {
-            Location::Pack { pack, offset: at } => {
-                let p = &self.packs[pack];
-                p.file
-                    .read_exact_at(&mut buf, at + offset)
-                    .map_err(io_err(&p.path))?;
-            }
+            Location::Pack { pack, .. } => self.read_pack(digest, pack, offset, len)?,
             Location::Object => {
-                let path = self.object_path(digest);
-                let read = File::open(&path).and_then(|f| f.read_exact_at(&mut buf, offset));
-                match read {
-                    Ok(()) => {}
-                    // Removed or truncated behind our back: a miss, not an error.
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
-                        ) =>
-                    {
-                        tracing::warn!(%digest, error = %e, "cache object vanished; dropping it");
-                        self.drop_entry(digest);
-                        self.misses.fetch_add(1, Ordering::Relaxed);
-                        return Ok(None);
-                    }
-                    Err(e) => return Err(io_err(&path)(e)),
+                if !entry.verified && !self.verify_object(digest)? {
+                    return Ok(self.miss());
                 }
+                self.read_object(digest, offset, len)?
             }
-        }
+        };
+        let Some(data) = data else {
+            return Ok(self.miss());
+        };
         self.hits.fetch_add(1, Ordering::Relaxed);
+        self.served.fetch_add(len as u64, Ordering::Relaxed);
+        self.touch(digest, entry.stamp);
+        Ok(Some(data))
+    }
+
+    fn miss(&self) -> Option<Vec<u8>> {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// Reads from a pack under its read lock, at the offset the index names
+    /// under that lock (compaction moves records under the write lock);
+    /// `None` if the entry went meanwhile.
+    fn read_pack(
+        &self,
+        digest: &Digest,
+        pack: usize,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
+        let p = &self.packs[pack];
+        let file = p.file.read().unwrap_or_else(|e| e.into_inner());
+        let Some(at) = self.pack_offset(digest) else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, at + offset)
+            .map_err(io_err(&p.path))?;
         Ok(Some(buf))
+    }
+
+    /// Where `digest`'s record data starts in its pack, if it is in one.
+    fn pack_offset(&self, digest: &Digest) -> Option<u64> {
+        match self.index.get(digest)?.loc {
+            Location::Pack { offset, .. } => Some(offset),
+            Location::Object => None,
+        }
+    }
+
+    fn read_object(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
+        let path = self.object_path(digest);
+        let mut buf = vec![0u8; len];
+        let read = File::open(&path).and_then(|f| f.read_exact_at(&mut buf, offset));
+        match read {
+            Ok(()) => Ok(Some(buf)),
+            // Evicted, or removed or truncated behind our back: a miss, not
+            // an error.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                tracing::debug!(%digest, error = %e, "cache object vanished; dropping it");
+                self.remove_entry(digest, |e| e.loc == Location::Object);
+                Ok(None)
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Records an access: the entry's stamp moves to now, at most once a
+    /// second (the index write is skipped when the stamp is current), and a
+    /// released entry is in use again.
+    fn touch(&self, digest: &Digest, seen: u32) {
+        let now = self.now();
+        if seen >= now {
+            return;
+        }
+        if let Some(mut e) = self.index.get_mut(digest) {
+            if e.stamp == RELEASED {
+                self.released.fetch_sub(e.len, Ordering::Relaxed);
+            }
+            e.stamp = e.stamp.max(now);
+        }
+    }
+
+    /// Seconds since the Unix epoch (plus the test skew); never [`RELEASED`]
+    /// or [`UNKNOWN`].
+    fn now(&self) -> u32 {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let secs = u32::try_from(secs).unwrap_or(u32::MAX);
+        secs.saturating_add(self.clock_skew.load(Ordering::Relaxed))
+            .max(UNKNOWN + 1)
+    }
+
+    /// Moves this cache's clock forward (tests age entries with it instead
+    /// of sleeping).
+    #[doc(hidden)]
+    pub fn advance_clock(&self, secs: u32) {
+        self.clock_skew.fetch_add(secs, Ordering::Relaxed);
     }
 
     /// Whether `digest` has an entry. An entry found on disk at open may
@@ -278,7 +441,8 @@ impl Cache {
 
     /// Stores content the caller has verified (`sha256(data) == digest`).
     /// Inserting content that is already present costs nothing but a lookup;
-    /// concurrent inserts of one digest are harmless.
+    /// concurrent inserts of one digest are harmless. Past the size bound,
+    /// the inserting thread runs an eviction pass (unless one is running).
     pub fn insert(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
         debug_assert_eq!(Digest::of(data), *digest, "cache insert of unverified data");
         if self.index.contains_key(digest) {
@@ -291,27 +455,38 @@ impl Cache {
                 self.dedup_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
-            return Ok(());
+        } else {
+            let disk = self.write_object(digest, data)?;
+            self.index_object(digest, data.len() as u64, disk);
         }
-        self.write_object(digest, data)?;
+        self.enforce_bound();
+        Ok(())
+    }
+
+    /// Indexes an object file just written under its final name. A racing
+    /// insert of the same object may have won; either entry holds the same
+    /// bytes, so count the bytes only for the one that lands. Returns
+    /// whether this one landed.
+    fn index_object(&self, digest: &Digest, len: u64, disk: u64) -> bool {
         let entry = Entry {
             loc: Location::Object,
-            len: data.len() as u64,
+            len,
             verified: true,
+            disk,
+            stamp: self.now(),
         };
-        // A racing insert of the same object may have won; either entry holds
-        // the same bytes, so count the bytes only for the one that lands.
         let mut landed = false;
         self.index.entry(*digest).or_insert_with(|| {
             landed = true;
             entry
         });
         if landed {
-            self.bytes.fetch_add(entry.len, Ordering::Relaxed);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            self.disk.fetch_add(disk, Ordering::Relaxed);
         } else {
-            self.dedup_bytes.fetch_add(entry.len, Ordering::Relaxed);
+            self.dedup_bytes.fetch_add(len, Ordering::Relaxed);
         }
-        Ok(())
+        landed
     }
 
     /// A standalone file holding exactly this content, if there is one (only
@@ -336,13 +511,21 @@ impl Cache {
     }
 
     pub fn stats(&self) -> CacheStats {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
             entries: self.index.len() as u64,
-            bytes: self.bytes.load(Ordering::Relaxed),
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            corrupt: self.corrupt.load(Ordering::Relaxed),
-            dedup_bytes: self.dedup_bytes.load(Ordering::Relaxed),
+            bytes: load(&self.bytes),
+            disk_bytes: load(&self.disk),
+            released_bytes: load(&self.released),
+            max_bytes: load(&self.max_bytes),
+            hits: load(&self.hits),
+            misses: load(&self.misses),
+            served_bytes: load(&self.served),
+            corrupt: load(&self.corrupt),
+            dedup_bytes: load(&self.dedup_bytes),
+            evictions: load(&self.evictions),
+            evicted_bytes: load(&self.evicted_bytes),
+            compactions: load(&self.compactions),
         }
     }
 
@@ -361,41 +544,51 @@ impl Cache {
         record.extend_from_slice(&pack::header(digest, len));
         record.extend_from_slice(data);
 
-        let mut end = p.end.lock().expect("pack lock poisoned");
+        let mut end = p.end.lock().unwrap_or_else(|e| e.into_inner());
         // Same digest, same pack: checking under the lock keeps duplicates out.
         if self.index.contains_key(digest) {
             return Ok(false);
         }
         // One write per record. If it fails halfway, `end` stays put and the
-        // next record overwrites the partial one.
+        // next record overwrites the partial one. Compaction holds `end`, so
+        // the file cannot be swapped under this write.
         p.file
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .write_all_at(&record, *end)
             .map_err(io_err(&p.path))?;
         let offset = *end + pack::HEADER_LEN as u64;
-        *end += record.len() as u64;
+        let disk = record.len() as u64;
+        *end += disk;
         // Insert while holding the lock so the contains check above sees it.
         let entry = Entry {
             loc: Location::Pack { pack, offset },
             len: u64::from(len),
             verified: true,
+            disk,
+            stamp: self.now(),
         };
         self.index.insert(*digest, entry);
         self.bytes.fetch_add(entry.len, Ordering::Relaxed);
+        self.disk.fetch_add(disk, Ordering::Relaxed);
+        p.live.fetch_add(disk, Ordering::Relaxed);
         Ok(true)
     }
 
     /// Writes an object file under a temp name and renames it into place, so
     /// a reader never sees a half-written file under the final name in this
     /// process (after a crash, verification catches what rename ordering
-    /// without fsync may leave).
-    fn write_object(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
+    /// without fsync may leave). Returns the disk bytes it takes.
+    fn write_object(&self, digest: &Digest, data: &[u8]) -> Result<u64, CacheError> {
         let path = self.object_path(digest);
-        let dir = path.parent().expect("object path has a parent");
+        let dir = object_dir(&path);
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = self.tmp_path(digest);
-        let write = || -> io::Result<()> {
+        let write = || -> io::Result<u64> {
             fs::write(&tmp, data)?;
-            fs::rename(&tmp, &path)
+            let disk = disk_bytes(&fs::metadata(&tmp)?);
+            fs::rename(&tmp, &path)?;
+            Ok(disk)
         };
         write().map_err(|e| {
             let _ = fs::remove_file(&tmp);
@@ -416,25 +609,24 @@ impl Cache {
         ))
     }
 
+    /// Reads an unverified pack entry whole and checks it; drops it if it
+    /// does not match. `None` also if it went meanwhile.
     fn read_whole_pack_entry(
         &self,
         digest: &Digest,
         pack: usize,
-        at: u64,
-        len: u64,
     ) -> Result<Option<Vec<u8>>, CacheError> {
-        let p = &self.packs[pack];
-        let mut buf = vec![0u8; usize::try_from(len).expect("pack items are < 64 KiB")];
-        p.file
-            .read_exact_at(&mut buf, at)
-            .map_err(io_err(&p.path))?;
+        let Some(len) = self.index.get(digest).map(|e| e.len) else {
+            return Ok(None);
+        };
+        let Some(buf) = self.read_pack(digest, pack, 0, usize_from(len))? else {
+            return Ok(None);
+        };
         if Digest::of(&buf) != *digest {
             self.reject(digest, "pack record");
-            self.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
         self.mark_verified(digest);
-        self.hits.fetch_add(1, Ordering::Relaxed);
         Ok(Some(buf))
     }
 
@@ -482,10 +674,59 @@ impl Cache {
     fn drop_entry(&self, digest: &Digest) {
         // Only an unverified entry can be wrong; a verified one that raced in
         // (a fresh insert) stays.
-        if let Some((_, e)) = self.index.remove_if(digest, |_, e| !e.verified) {
-            self.bytes.fetch_sub(e.len, Ordering::Relaxed);
-        }
+        self.remove_entry(digest, |e| !e.verified);
     }
+
+    /// Removes `digest`'s entry if `pred` holds for it and settles the
+    /// counters; the caller deals with the bytes on disk. The one place an
+    /// entry leaves the index, so the counters cannot drift.
+    fn remove_entry(&self, digest: &Digest, pred: impl FnOnce(&Entry) -> bool) -> Option<Entry> {
+        let (_, e) = self.index.remove_if(digest, |_, e| pred(e))?;
+        self.bytes.fetch_sub(e.len, Ordering::Relaxed);
+        if e.stamp == RELEASED {
+            self.released.fetch_sub(e.len, Ordering::Relaxed);
+        }
+        match e.loc {
+            // A pack record's bytes stay on disk until its pack is compacted.
+            Location::Pack { pack, .. } => {
+                self.packs[pack].live.fetch_sub(e.disk, Ordering::Relaxed);
+            }
+            Location::Object => {
+                self.disk.fetch_sub(e.disk, Ordering::Relaxed);
+            }
+        }
+        Some(e)
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.save_stamps();
+    }
+}
+
+fn pack_path(packs_dir: &Path, i: usize) -> PathBuf {
+    packs_dir.join(format!("pack-{i}.dat"))
+}
+
+fn open_pack(path: &Path) -> Result<File, CacheError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+/// The directory of an object path (`objects/sha256/ab`).
+fn object_dir(path: &Path) -> &Path {
+    path.parent().unwrap_or(path)
+}
+
+/// What a file takes on disk: its allocated blocks, not its length.
+fn disk_bytes(meta: &fs::Metadata) -> u64 {
+    meta.blocks().saturating_mul(512)
 }
 
 /// Takes an exclusive, non-blocking flock on `dir/lock`: two processes
@@ -512,9 +753,9 @@ fn lock_root(dir: &Path) -> Result<File, CacheError> {
 }
 
 /// Indexes the object files (unverified) and removes temp files a previous
-/// process left behind. Returns the bytes found.
-fn scan_objects(objects: &Path, index: &DashMap<Digest, Entry>) -> Result<u64, CacheError> {
-    let mut bytes = 0;
+/// process left behind. Returns the logical and disk bytes found.
+fn scan_objects(objects: &Path, index: &DashMap<Digest, Entry>) -> Result<(u64, u64), CacheError> {
+    let (mut bytes, mut disk) = (0, 0);
     for sub in fs::read_dir(objects).map_err(io_err(objects))? {
         let sub = sub.map_err(io_err(objects))?.path();
         if !sub.is_dir() {
@@ -531,19 +772,24 @@ fn scan_objects(objects: &Path, index: &DashMap<Digest, Entry>) -> Result<u64, C
             let Ok(digest) = format!("sha256:{name}").parse::<Digest>() else {
                 continue;
             };
-            let len = item.metadata().map_err(io_err(&item.path()))?.len();
+            let meta = item.metadata().map_err(io_err(&item.path()))?;
             index.entry(digest).or_insert_with(|| {
-                bytes += len;
+                bytes += meta.len();
+                disk += disk_bytes(&meta);
                 Entry {
                     loc: Location::Object,
-                    len,
+                    len: meta.len(),
                     verified: false,
+                    disk: disk_bytes(&meta),
+                    stamp: UNKNOWN,
                 }
             });
         }
     }
-    Ok(bytes)
+    Ok((bytes, disk))
 }
 
+#[cfg(test)]
+mod evict_tests;
 #[cfg(test)]
 mod tests;

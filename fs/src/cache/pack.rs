@@ -23,6 +23,9 @@ use crate::Digest;
 
 pub(super) const MAGIC: &[u8; 4] = b"TRNP";
 pub(super) const HEADER_LEN: usize = 48;
+/// The extension of a pack being rewritten without its dead records (see
+/// `evict.rs`); a leftover one is a compaction a crash cut short.
+pub(super) const COMPACTING_EXT: &str = "compacting";
 
 /// The header bytes of a record holding `len` bytes with digest `digest`.
 pub(super) fn header(digest: &Digest, len: u32) -> [u8; HEADER_LEN] {

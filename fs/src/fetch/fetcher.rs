@@ -451,7 +451,7 @@ impl Inner {
                     );
                 }
             };
-            self.stats.request_started();
+            self.stats.request_started(intent);
             body.reserve((get_end - start).min(MAX_MERGED_GET) as usize);
             let mut resumed = false;
             // Set once the body streams: the link's busy period includes it.
@@ -475,7 +475,7 @@ impl Inner {
                         tracing::debug!(at, end = get_end, error = %e, "blob body broke; resuming");
                         match self.source.read_range(at..get_end, intent).await {
                             Ok(rest) => {
-                                self.stats.request_started();
+                                self.stats.request_started(intent);
                                 permit.piece(rest.len() as u64);
                                 rest
                             }
@@ -493,7 +493,7 @@ impl Inner {
                         }
                     }
                 };
-                self.stats.bytes_received(piece.len() as u64);
+                self.stats.bytes_received(intent, piece.len() as u64);
                 if body_start + (body.len() + piece.len()) as u64 > get_end {
                     break; // more than asked for: caught as a short/long read below
                 }
@@ -524,6 +524,7 @@ impl Inner {
                 }
             }
             drop(streaming);
+            self.scheduler.record_get(intent, sent.elapsed());
         }
         let mut data = body.freeze();
         let got = |data: &Bytes| body_start - start + data.len() as u64;

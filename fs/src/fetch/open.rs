@@ -81,8 +81,10 @@ impl Fetcher {
                         .read_range(range.clone(), Intent::Open)
                         .await?;
                     drop(permit);
-                    self.stats().request(bytes.len() as u64);
-                    fetch_time += at.elapsed();
+                    self.stats().request(Intent::Open, bytes.len() as u64);
+                    let took = at.elapsed();
+                    self.scheduler().record_get(Intent::Open, took);
+                    fetch_time += took;
                     fetched.push(Piece {
                         offset: range.start,
                         bytes,

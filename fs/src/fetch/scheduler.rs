@@ -25,6 +25,9 @@
 //!   background GET already on the wire is not cancelled (its bytes are
 //!   half-paid already); new ones just are not started: background is
 //!   paused, never cancelled.
+//!
+//! Every GET passes here, so the scheduler also keeps the one daemon-wide
+//! record of how long GETs took, by intent ([`FetchScheduler::get_latency`]).
 
 mod link;
 
@@ -37,6 +40,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::Intent;
 use link::Estimate;
+use crate::latency::{Latency, LatencySnapshot};
 
 /// Tunables of a [`FetchScheduler`]. Every field has a default.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +101,8 @@ struct Shared {
     bucket: Option<Mutex<TokenBucket>>,
     /// The links of the hosts seen, by host name.
     links: Mutex<HashMap<String, Arc<Link>>>,
+    /// How long GETs took, send to last byte, by `Intent as usize`.
+    get_latency: [Latency; Intent::ALL.len()],
 }
 
 /// Hosts whose links are told apart; past this many (names come from
@@ -191,6 +197,7 @@ impl FetchScheduler {
                 background_slots: Arc::new(Semaphore::new(slots)),
                 bucket,
                 links: Mutex::new(HashMap::from([(String::new(), link.clone())])),
+                get_latency: Default::default(),
             }),
             link,
         }
@@ -255,6 +262,17 @@ impl FetchScheduler {
         (self.budget() / 4)
             .max(link::MIN_BUDGET)
             .min(self.shared.config.background_get.max(1))
+    }
+
+    /// Records that a GET of `intent` took `took`, from sending it to its
+    /// last byte (or its failure).
+    pub fn record_get(&self, intent: Intent, took: Duration) {
+        self.shared.get_latency[intent as usize].record(took);
+    }
+
+    /// How long GETs took since start, indexed by `Intent as usize`.
+    pub fn get_latency(&self) -> [LatencySnapshot; Intent::ALL.len()] {
+        std::array::from_fn(|i| self.shared.get_latency[i].snapshot())
     }
 
     /// The largest read-ahead window now: `read_ahead_max`, but no more

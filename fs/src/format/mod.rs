@@ -9,6 +9,7 @@
 
 pub mod estargz;
 pub mod index;
+pub mod overlaybd;
 
 use std::ops::Range;
 

@@ -12,7 +12,8 @@ use fuser::{
 };
 
 use super::attr::{attr, file_type};
-use super::passthrough::{Counters, Passthrough};
+use super::ops::{FuseOps, Op, Timed};
+use super::passthrough::Passthrough;
 use crate::format::ROOT_INO;
 use crate::layer::{CachedRead, Layer, LayerError};
 use crate::num::usize_from;
@@ -26,6 +27,7 @@ pub(super) struct LayerFs {
     /// Whether to ask the kernel for passthrough at init.
     want_passthrough: bool,
     passthrough: Passthrough,
+    ops: Arc<FuseOps>,
 }
 
 impl LayerFs {
@@ -33,14 +35,15 @@ impl LayerFs {
         layer: Arc<Layer>,
         runtime: tokio::runtime::Handle,
         want_passthrough: bool,
-        counters: Arc<Counters>,
+        passthrough: Passthrough,
+        ops: Arc<FuseOps>,
     ) -> LayerFs {
-        let passthrough = Passthrough::new(layer.clone(), runtime.clone(), counters);
         LayerFs {
             layer,
             runtime,
             want_passthrough,
             passthrough,
+            ops,
         }
     }
 }
@@ -91,6 +94,7 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timed = Timed::start(&*self.ops, Op::Lookup);
         let index = self.layer.index();
         match index.lookup(parent.0, name.as_bytes()) {
             Some(ino) => match index.inode(ino) {
@@ -107,6 +111,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timed = Timed::start(&*self.ops, Op::Getattr);
         match self.layer.inode(ino.0) {
             Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
             Err(e) => reply.error(errno(&e)),
@@ -114,6 +119,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timed = Timed::start(&*self.ops, Op::Readlink);
         match self.layer.inode(ino.0) {
             Ok(i) if i.kind() == crate::format::FileKind::Symlink => {
                 reply.data(self.layer.index().link_target(&i))
@@ -124,6 +130,7 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timed = Timed::start(&*self.ops, Op::Open);
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -143,6 +150,7 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timed = Timed::start(&*self.ops, Op::Release);
         reply.ok();
         if let Ok(i) = self.layer.inode(ino.0) {
             self.passthrough.release(ino.0, &i);
@@ -160,11 +168,15 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let timed = Timed::start(&*self.ops, Op::Read);
         match self.layer.read_cached(ino.0, offset, u64::from(size)) {
             Ok(CachedRead::Hit(data)) => reply.data(&data),
             Ok(CachedRead::Miss(pending)) => {
                 let layer = self.layer.clone();
+                // Timed until the reply, which the task sends.
+                let timed = timed.hand_over(self.ops.clone());
                 self.runtime.spawn(async move {
+                    let _timed = timed;
                     match layer.complete(pending).await {
                         Ok(data) => reply.data(&data),
                         Err(e) => {
@@ -179,6 +191,7 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timed = Timed::start(&*self.ops, Op::Opendir);
         match self.layer.inode(ino.0) {
             Ok(i) if i.kind() == crate::format::FileKind::Dir => reply.opened(
                 FileHandle(0),
@@ -197,6 +210,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timed = Timed::start(&*self.ops, Op::Readdir);
         let index = self.layer.index();
         let dir = match self.layer.inode(ino.0) {
             Ok(d) if d.kind() == crate::format::FileKind::Dir => d,
@@ -226,6 +240,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timed = Timed::start(&*self.ops, Op::Getxattr);
         if let Err(e) = self.layer.inode(ino.0) {
             return reply.error(errno(&e));
         }
@@ -237,6 +252,7 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timed = Timed::start(&*self.ops, Op::Listxattr);
         if let Err(e) = self.layer.inode(ino.0) {
             return reply.error(errno(&e));
         }
@@ -249,6 +265,7 @@ impl Filesystem for LayerFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _timed = Timed::start(&*self.ops, Op::Access);
         // Only reached without `default_permissions`; the mount is read-only.
         match self.layer.inode(ino.0) {
             Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
@@ -258,6 +275,7 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timed = Timed::start(&*self.ops, Op::Statfs);
         let index = self.layer.index();
         let bytes: u64 = index.inodes().map(|i| i.size()).sum();
         let files = index.inode_count();

@@ -5,17 +5,34 @@
 //! answered when their bytes arrive, so a slow fetch never holds a worker.
 //! The layer is immutable, so attributes, entries and page cache live long.
 //! Fully cached files are handed to the kernel (see [`passthrough`]).
+//!
+//! A connection can outlive the process serving it: [`MountHandle::connection`]
+//! gives its /dev/fuse fd to whoever keeps it (the snapshotter's holder), and
+//! a successor process [`adopt`]s it: no new mount, no second INIT, and the
+//! requests the predecessor had read but not answered are sent again
+//! (`FUSE_NOTIFY_RESEND`). That works because nothing a reply told the
+//! kernel depends on the process: node ids and generations are the index's
+//! (a pure function of the layer's TOC), file handles are always 0, and the
+//! passthrough choices are journaled (`journal.rs`). Every worker of such a
+//! connection reads the one fd the holder keeps (no `clone_fd`): a request
+//! read on a cloned fd would be failed by the kernel when that fd closes
+//! with its process.
 
 mod attr;
 mod fs;
+mod journal;
+mod ops;
 mod passthrough;
 
+pub use ops::{FuseOps, Op};
 pub use passthrough::PassthroughStats;
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::layer::Layer;
@@ -33,6 +50,26 @@ pub struct MountOptions {
     /// Linux >= 6.9) so their reads skip this process. Ignored where the
     /// kernel does not offer it.
     pub passthrough: bool,
+    /// Where this connection's passthrough choices are journaled, so that a
+    /// process adopting the connection knows them (see [`adopt`]).
+    pub journal: Option<PathBuf>,
+    /// The connection will be handed over (kept by a holder, adopted by a
+    /// successor): every worker then reads the one fd the holder keeps
+    /// instead of a clone of its own (see the module docs).
+    pub handed_over: bool,
+    /// Where the mount's operations are counted and timed; share one
+    /// across mounts for daemon-wide figures.
+    pub ops: Arc<FuseOps>,
+}
+
+/// What the kernel and the first process agreed at FUSE_INIT, which an
+/// adopting process must know since it sees no INIT. (Protocol version and
+/// max write need no keeping: fuser encodes replies the same for every
+/// version, and a read-only layer never gets a write.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The kernel agreed to FUSE passthrough.
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -42,6 +79,9 @@ impl Default for MountOptions {
             allow_other: true,
             fsname: "tarn".to_string(),
             passthrough: true,
+            journal: None,
+            handed_over: false,
+            ops: Arc::default(),
         }
     }
 }
@@ -55,6 +95,8 @@ pub enum FuseError {
     Mount { path: PathBuf, error: io::Error },
     #[error("unmounting {path}: {error}")]
     Unmount { path: PathBuf, error: io::Error },
+    #[error("adopting the connection of {path}: {error}")]
+    Adopt { path: PathBuf, error: io::Error },
 }
 
 /// How long [`MountHandle::unmount`] waits for the session to end.
@@ -67,6 +109,7 @@ pub struct MountHandle {
     ended: Arc<SessionEnd>,
     detached: bool,
     passthrough: Arc<passthrough::Counters>,
+    conn: Arc<OnceLock<OwnedFd>>,
 }
 
 /// What became of a mount's FUSE session after it was detached.
@@ -138,6 +181,10 @@ pub fn mount(
     runtime: tokio::runtime::Handle,
     options: &MountOptions,
 ) -> Result<MountHandle, FuseError> {
+    let mount_error = |error| FuseError::Mount {
+        path: mountpoint.to_path_buf(),
+        error,
+    };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
@@ -158,24 +205,158 @@ pub fn mount(
         fuser::MountOption::NoDev,
         fuser::MountOption::Exec,
     ];
+    let config = session_config(config, options);
+    let journal = options.journal.as_deref().and_then(|p| {
+        journal::Journal::create(p)
+            .inspect_err(|e| journal_warning(p, e))
+            .ok()
+    });
+    let parts = Parts::new(&layer, &runtime, journal);
+    let fs = fs::LayerFs::new(
+        layer,
+        runtime,
+        options.passthrough,
+        parts.passthrough,
+        options.ops.clone(),
+    );
+    let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_error)?;
+    let fd = session.as_fd().try_clone_to_owned().map_err(mount_error)?;
+    let _ = parts.conn.set(fd);
+    let background = session.spawn().map_err(mount_error)?;
+    watch(background, mountpoint, parts.counters, parts.conn).map_err(mount_error)
+}
+
+/// Serves `layer` on `fd`, a connection for `mountpoint` that another
+/// process initialised (and maybe died serving): no mount, no INIT. The
+/// kernel is then asked to send again every request that process read but
+/// did not answer (Linux >= 6.9; on older kernels those stay unanswered).
+pub fn adopt(
+    layer: Arc<Layer>,
+    mountpoint: &Path,
+    fd: OwnedFd,
+    negotiated: Negotiated,
+    runtime: tokio::runtime::Handle,
+    options: &MountOptions,
+) -> Result<MountHandle, FuseError> {
+    let adopt_error = |error| FuseError::Adopt {
+        path: mountpoint.to_path_buf(),
+        error,
+    };
+    let mut config = session_config(fuser::Config::default(), options);
+    // Adopted, it will be handed over again.
+    config.clone_fd = false;
+    let (journal, inherited) = match options.journal.as_deref().map(journal::Journal::resume) {
+        Some(Ok((j, open))) => (Some(j), open),
+        Some(Err(e)) => {
+            journal_warning(options.journal.as_deref().unwrap_or(mountpoint), &e);
+            (None, Default::default())
+        }
+        None => (None, Default::default()),
+    };
+    let mut parts = Parts::new(&layer, &runtime, journal);
+    if negotiated.passthrough {
+        parts.counters.negotiated.store(true, Ordering::Relaxed);
+        if options.passthrough {
+            parts.passthrough.enable();
+        }
+    }
+    parts.passthrough.inherit(inherited);
+    let _ = parts.conn.set(fd.try_clone().map_err(adopt_error)?);
+    let fs = fs::LayerFs::new(
+        layer,
+        runtime,
+        options.passthrough,
+        parts.passthrough,
+        options.ops.clone(),
+    );
+    let session = fuser::Session::from_initialized_fd(fs, fd, config.acl, config);
+    if let Some(conn) = parts.conn.get()
+        && let Err(e) = resend(conn.as_fd())
+    {
+        tracing::warn!(mountpoint = %mountpoint.display(), error = %e,
+            "kernel cannot resend requests in flight (Linux < 6.9?)");
+    }
+    let background = session.spawn().map_err(adopt_error)?;
+    watch(background, mountpoint, parts.counters, parts.conn).map_err(adopt_error)
+}
+
+/// What a mount and an adoption build alike.
+struct Parts {
+    counters: Arc<passthrough::Counters>,
+    conn: Arc<OnceLock<OwnedFd>>,
+    passthrough: passthrough::Passthrough,
+}
+
+impl Parts {
+    fn new(
+        layer: &Arc<Layer>,
+        runtime: &tokio::runtime::Handle,
+        journal: Option<journal::Journal>,
+    ) -> Parts {
+        let counters = Arc::new(passthrough::Counters::default());
+        let conn = Arc::new(OnceLock::new());
+        let passthrough = passthrough::Passthrough::new(
+            layer.clone(),
+            runtime.clone(),
+            counters.clone(),
+            conn.clone(),
+            journal,
+        );
+        Parts {
+            counters,
+            conn,
+            passthrough,
+        }
+    }
+}
+
+fn session_config(mut config: fuser::Config, options: &MountOptions) -> fuser::Config {
     if options.allow_other {
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(options.threads.max(1));
-    config.clone_fd = true;
-    let counters = Arc::new(passthrough::Counters::default());
-    let fs = fs::LayerFs::new(layer, runtime, options.passthrough, counters.clone());
-    let session =
-        fuser::spawn_mount(fs, mountpoint, &config).map_err(|error| FuseError::Mount {
-            path: mountpoint.to_path_buf(),
-            error,
-        })?;
-    // The session is joined on a thread of its own, so that an unmount
-    // waits for it with a bound and a caller can wait for its end: a
-    // session ends only when the kernel destroys the connection, which a
-    // running container's overlay can put off indefinitely. (The session's
-    // own unmount is never used: its plain umount(2) fails on a busy mount,
-    // and after an unmount from outside it is a no-op.)
+    // A clone per worker spreads requests over the kernel's queues; a
+    // connection to hand over needs one fd for every worker (module docs).
+    config.clone_fd = !options.handed_over;
+    config
+}
+
+fn journal_warning(path: &Path, e: &io::Error) {
+    tracing::warn!(path = %path.display(), error = %e,
+        "no passthrough journal; a successor may refuse some opens");
+}
+
+/// `FUSE_NOTIFY_RESEND`: the kernel queues again every request it sent
+/// and is still waiting on, on any fd of this connection.
+fn resend(fd: BorrowedFd<'_>) -> io::Result<()> {
+    /// `enum fuse_notify_code` in linux/fuse.h (7.40).
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    // struct fuse_out_header { u32 len; i32 error; u64 unique; }: a
+    // notification is a header with unique 0 and the code as `error`.
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: `header` is 16 initialised bytes that outlive the call, and
+    // `fd` is an open /dev/fuse fd borrowed for its duration.
+    let n = unsafe { libc::write(fd.as_raw_fd(), header.as_ptr().cast(), header.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Joins the session on a thread of its own, so that an unmount waits for
+/// it with a bound and a caller can wait for its end: a session ends only
+/// when the kernel destroys the connection, which a running container's
+/// overlay can put off indefinitely. (The session's own unmount is never
+/// used: its plain umount(2) fails on a busy mount, and after an unmount
+/// from outside it is a no-op.)
+fn watch(
+    session: fuser::BackgroundSession,
+    mountpoint: &Path,
+    passthrough: Arc<passthrough::Counters>,
+    conn: Arc<OnceLock<OwnedFd>>,
+) -> io::Result<MountHandle> {
     let ended = Arc::new(SessionEnd::default());
     let end = ended.clone();
     let path = mountpoint.to_path_buf();
@@ -186,22 +367,42 @@ pub fn mount(
                 tracing::warn!(mountpoint = %path.display(), error = %e, "FUSE session failed");
             }
             end.set();
-        })
-        .map_err(|error| FuseError::Mount {
-            path: mountpoint.to_path_buf(),
-            error,
         })?;
     Ok(MountHandle {
         mountpoint: mountpoint.to_path_buf(),
         ended,
         detached: false,
-        passthrough: counters,
+        passthrough,
+        conn,
     })
 }
 
 impl MountHandle {
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// A new fd of this mount's FUSE connection (the same open file, so
+    /// whoever keeps it keeps the connection and its unanswered requests
+    /// alive after this process is gone).
+    pub fn connection(&self) -> io::Result<OwnedFd> {
+        self.conn
+            .get()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no connection yet"))?
+            .try_clone()
+    }
+
+    /// What was agreed at INIT, for a process that adopts the connection.
+    pub fn negotiated(&self) -> Negotiated {
+        Negotiated {
+            passthrough: self.passthrough.negotiated.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops serving without touching the mount: the process is about to
+    /// exit and hand the connection over. Nothing is detached on drop.
+    pub fn forget(mut self) {
+        self.detached = true;
     }
 
     /// What passthrough did on this mount so far.

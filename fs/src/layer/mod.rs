@@ -135,7 +135,11 @@ impl Layer {
         self.fetcher.hints().used(covering);
         let mut read = plan::plan_read(chunks, inode.size(), offset, len, self.fetcher.cache());
         match &mut read {
-            CachedRead::Hit(_) => self.fetcher.stats().cache_hits(1),
+            CachedRead::Hit(data) => {
+                let stats = self.fetcher.stats();
+                stats.cache_hits(1);
+                stats.bytes_served(data.len() as u64);
+            }
             CachedRead::Miss(p) => p.ino = ino,
         }
         Ok(read)
@@ -192,7 +196,9 @@ impl Layer {
             .fetch_with_read_ahead(&missing, &ahead, Intent::OnDemand)
             .await?;
         self.prefetch_libraries(pending.ino);
-        Ok(pending.assemble(&missing, &fetched))
+        let data = pending.assemble(&missing, &fetched);
+        self.fetcher.stats().bytes_served(data.len() as u64);
+        Ok(data)
     }
 
     /// Reads through cache and fetcher: the convenience form of

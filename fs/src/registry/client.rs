@@ -19,6 +19,7 @@ use reqwest::{StatusCode, Url};
 
 use super::auth::challenge::Challenge;
 use super::auth::docker::DockerConfig;
+use super::auth::docker_file::DockerFile;
 use super::auth::token::Auth;
 use super::error::RegistryError;
 use super::http::{ClientStats, Failure, Http, RegistryConfig, classify, status_failure};
@@ -53,21 +54,23 @@ pub(super) struct Get<'a> {
 }
 
 impl RegistryClient {
-    /// Builds the client and reads the docker config file once (a small
-    /// blocking read: call it at startup, not on a busy async worker).
+    /// Builds the client and reads the docker config file (a small
+    /// blocking read: call it at startup, not on a busy async worker). The
+    /// credential sources are `config.keychains`, then the docker config
+    /// file, re-read whenever it changes.
     pub fn new(config: RegistryConfig) -> Result<RegistryClient, RegistryError> {
-        let docker = match config
+        let keychains = match config
             .docker_config
             .clone()
             .or_else(DockerConfig::default_path)
         {
-            Some(path) => DockerConfig::load(&path)?,
-            None => DockerConfig::default(),
+            Some(path) => config.keychains.clone().then(DockerFile::open(path)?),
+            None => config.keychains.clone(),
         };
         Ok(RegistryClient {
             inner: Arc::new(Inner {
                 http: Http::new(config)?,
-                auth: Auth::new(docker),
+                auth: Auth::new(keychains),
                 redirects: DashMap::new(),
             }),
         })
@@ -129,9 +132,12 @@ impl RegistryClient {
             if let Some(r) = &get.range {
                 rb = rb.header(RANGE, format!("bytes={}-{}", r.start, r.end - 1));
             }
-            if on_registry
-                && let Some(h) = self.inner.auth.header(&self.inner.http, get.repo).await?
-            {
+            let sent = if on_registry {
+                self.inner.auth.header(&self.inner.http, get.repo).await?
+            } else {
+                None
+            };
+            if let Some(h) = &sent {
                 rb = rb.header(AUTHORIZATION, h);
             }
             let resp = match rb.send().await {
@@ -199,7 +205,7 @@ impl RegistryClient {
                 };
                 self.inner
                     .auth
-                    .authenticate(&self.inner.http, get.repo, challenge)
+                    .authenticate(&self.inner.http, get.repo, challenge, sent.as_deref())
                     .await?;
                 reauthed = true;
                 continue;

@@ -36,11 +36,94 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// The names of the kinds of error ([`RegistryError::cause`]), each
+    /// counted apart by the client.
+    pub const CAUSES: [&'static str; 8] = [
+        "invalid-reference",
+        "unreachable",
+        "timeout",
+        "auth",
+        "not-found",
+        "bad-response",
+        "digest-mismatch",
+        "config",
+    ];
+
+    /// Which of [`RegistryError::CAUSES`] this is (its index).
+    pub fn cause_index(&self) -> usize {
+        match self {
+            RegistryError::InvalidReference { .. } => 0,
+            RegistryError::Unreachable { .. } => 1,
+            RegistryError::Timeout { .. } => 2,
+            RegistryError::Auth { .. } => 3,
+            RegistryError::NotFound { .. } => 4,
+            RegistryError::BadResponse { .. } => 5,
+            RegistryError::DigestMismatch { .. } => 6,
+            RegistryError::Config { .. } => 7,
+        }
+    }
+
+    /// The kind of error, as metrics name it.
+    pub fn cause(&self) -> &'static str {
+        Self::CAUSES[self.cause_index()]
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
             RegistryError::Unreachable { .. } | RegistryError::Timeout { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_own_cause() {
+        let s = String::new;
+        let errors = [
+            RegistryError::InvalidReference {
+                reference: s(),
+                reason: s(),
+            },
+            RegistryError::Unreachable {
+                host: s(),
+                reason: s(),
+            },
+            RegistryError::Timeout {
+                host: s(),
+                what: s(),
+            },
+            RegistryError::Auth {
+                host: s(),
+                reason: s(),
+            },
+            RegistryError::NotFound {
+                host: s(),
+                what: s(),
+            },
+            RegistryError::BadResponse {
+                host: s(),
+                what: s(),
+                reason: s(),
+            },
+            RegistryError::DigestMismatch {
+                host: s(),
+                what: s(),
+                expected: Digest::of(b"a"),
+                actual: Digest::of(b"b"),
+            },
+            RegistryError::Config {
+                path: PathBuf::new(),
+                reason: s(),
+            },
+        ];
+        for (i, e) in errors.iter().enumerate() {
+            assert_eq!(e.cause_index(), i, "{e:?}");
+        }
+        assert_eq!(errors.len(), RegistryError::CAUSES.len());
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
 
+use super::auth::keychain::Keychains;
 use super::error::RegistryError;
 use crate::Intent;
 
@@ -24,6 +25,9 @@ pub struct RegistryConfig {
     /// The docker config file with credentials; `None` means
     /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// Credential sources asked before the docker config, in order (CRI's
+    /// captured credentials, pull secrets). Empty by default.
+    pub keychains: Keychains,
     /// Retries after a failed attempt of an on-demand read; background
     /// reads get three times as many.
     pub retries: u32,
@@ -37,6 +41,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             plain_http: Vec::new(),
             docker_config: None,
+            keychains: Keychains::default(),
             retries: 3,
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
@@ -68,11 +73,16 @@ fn host_name(host: &str) -> &str {
 }
 
 /// Requests and body bytes since the client was made (token requests
-/// included in `requests`).
+/// included in `requests`), and failed attempts by cause.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientStats {
     pub requests: u64,
     pub bytes: u64,
+    /// Requests that failed for good (after their retries), indexed like
+    /// [`RegistryError::CAUSES`].
+    pub errors: [u64; RegistryError::CAUSES.len()],
+    /// Failed attempts that were tried again, indexed the same way.
+    pub retries: [u64; RegistryError::CAUSES.len()],
 }
 
 /// The connection pools, the settings, and the counters every request adds
@@ -86,6 +96,8 @@ pub(super) struct Http {
     pub(super) config: RegistryConfig,
     requests: AtomicU64,
     bytes: AtomicU64,
+    errors: [AtomicU64; RegistryError::CAUSES.len()],
+    retries: [AtomicU64; RegistryError::CAUSES.len()],
 }
 
 impl Http {
@@ -96,6 +108,8 @@ impl Http {
             config,
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            errors: Default::default(),
+            retries: Default::default(),
         })
     }
 
@@ -103,6 +117,8 @@ impl Http {
         ClientStats {
             requests: self.requests.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+            errors: std::array::from_fn(|i| self.errors[i].load(Ordering::Relaxed)),
+            retries: std::array::from_fn(|i| self.retries[i].load(Ordering::Relaxed)),
         }
     }
 
@@ -166,12 +182,16 @@ impl Http {
             match attempt().await {
                 Ok(v) => return Ok(v),
                 Err(f) if f.retry && n < max => {
+                    self.retries[f.err.cause_index()].fetch_add(1, Ordering::Relaxed);
                     let delay = backoff(n, cap);
                     tracing::debug!(what, attempt = n + 1, ?delay, error = %f.err, "retrying");
                     tokio::time::sleep(delay).await;
                     n += 1;
                 }
-                Err(f) => return Err(f.err),
+                Err(f) => {
+                    self.errors[f.err.cause_index()].fetch_add(1, Ordering::Relaxed);
+                    return Err(f.err);
+                }
             }
         }
     }

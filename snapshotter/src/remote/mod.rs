@@ -16,22 +16,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tarn_fs::Digest;
-use tarn_fs::cache::{Cache, CacheError};
+use tarn_fs::cache::{Cache, CacheError, CacheStats, Pruned};
 use tarn_fs::fetch::FetchScheduler;
+use tarn_fs::fuse::FuseOps;
+use tarn_fs::registry::auth::Keychains;
 use tarn_fs::registry::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
 use tarn_fs::registry::{Reference, RegistryClient, RegistryError, ResolvedImage};
 
 use crate::config::Config;
 use crate::errors::chain;
-use crate::fallback::{Fallback, Fallbacks};
+use crate::fallback::{Cause, Fallback, Fallbacks};
 use crate::labels::{self, Decision, RemoteLayer};
 use crate::layers::{self, LayerStatus, Layers, Warm};
 use crate::locks::KeyedMutex;
 use crate::metastore;
+use crate::metrics::{self, Metrics, SnapshotterFigures};
 use crate::mounter::FuseMounter;
 use crate::mounts::Mount;
 use crate::resolve::Resolver;
-use crate::seams::{MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch};
+use crate::seams::{
+    LayerHandle, MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch,
+};
 use crate::snapshotter::{self, Result, Snapshotter};
 
 #[cfg(test)]
@@ -54,6 +59,11 @@ pub struct Stats {
     pub cache_entries: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// The cache's own figures (disk use, bound, evictions, served bytes).
+    pub cache: CacheStats,
+    /// Bytes dedup saves across the mounted layers (see
+    /// [`layers::dedup_saved_bytes`]).
+    pub dedup_saved_bytes: u64,
 }
 
 /// How the remote path decides, from the daemon's config.
@@ -143,8 +153,16 @@ impl RemoteSnapshotter {
     /// Opens the snapshotter, cache and registry client under `root`, and
     /// mounts every remote snapshot's layer again before returning (so the
     /// caller serves only once they are back). Must run on the runtime
-    /// that will serve the FUSE mounts' cache misses.
-    pub async fn open(root: &Path, config: &Config) -> Result<Self, OpenError> {
+    /// that will serve the FUSE mounts' cache misses. What the registry
+    /// client, the fetch scheduler and the mounts count is registered on
+    /// `metrics`. `keychains` are credential sources asked before the
+    /// docker config (CRI's captured credentials).
+    pub async fn open(
+        root: &Path,
+        config: &Config,
+        metrics: &Metrics,
+        keychains: Keychains,
+    ) -> Result<Self, OpenError> {
         let r = root.to_owned();
         let sn = Arc::new(blocking(move || Snapshotter::open(&r)).await?);
         let cache_dir = config.cache_dir(root);
@@ -156,18 +174,34 @@ impl RemoteSnapshotter {
         })
         .await?;
         let cache = Arc::new(cache);
-        let registry = config.registry_config();
+        let bound = config.cache_bound(&config.cache_dir(root));
+        let c = cache.clone();
+        blocking(move || {
+            c.set_max_bytes(bound);
+            Ok::<_, OpenError>(())
+        })
+        .await?;
+        tracing::info!(max_bytes = bound, "cache bound");
+        let mut registry = config.registry_config();
+        registry.keychains = keychains;
         // Reads the docker config file: a small blocking read.
         let client = blocking(move || Ok::<_, OpenError>(RegistryClient::new(registry)?)).await?;
         let warm = Warm {
             prefetch: config.prefetch_timeout(),
             background: config.fetch.background,
         };
+        // One scheduler for every layer, so intents order all GETs together.
+        let scheduler = FetchScheduler::new(config.scheduler_config());
+        let fuse_ops = Arc::new(FuseOps::default());
+        metrics.register_collector(metrics::Io {
+            client: client.clone(),
+            scheduler: scheduler.clone(),
+            fuse: fuse_ops.clone(),
+        });
         let resolver = Resolver::new(
             client,
             cache.clone(),
-            // One scheduler for every layer, so intents order all GETs together.
-            FetchScheduler::new(config.scheduler_config()),
+            scheduler,
             warm.prefetch,
             warm.background,
             config.max_index_bytes(),
@@ -176,7 +210,15 @@ impl RemoteSnapshotter {
             tokio::runtime::Handle::current(),
             config.snapshotter.fuse_threads,
             config.snapshotter.fuse_passthrough,
-        );
+            fuse_ops,
+        )
+        .counting_takeovers(metrics.takeovers().clone());
+        let mounter = match config.holder(root) {
+            Some(holder) => {
+                blocking(move || Ok::<_, OpenError>(mounter.with_holder(holder))).await?
+            }
+            None => mounter,
+        };
         let options = RemoteOptions {
             resolve_timeout: config.resolve_timeout(),
             restore_timeout: RESTORE_TIMEOUT,
@@ -256,9 +298,17 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         parent: Option<String>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        match labels::decide(&labels, self.options.allow_unverified) {
+        match labels::decide(&labels, parent.is_some(), self.options.allow_unverified) {
             Decision::Ordinary => {}
-            Decision::Fallback(unfit) => self.fallback(&key, None, unfit.into()),
+            Decision::Fallback(unfit) => {
+                if let Some(chain_id) = self.on_node(parent.as_deref(), &labels).await? {
+                    return Err(metastore::Error::AlreadyExists(format!(
+                        "snapshot {chain_id:?} already exists (a layer on the node, by diff ID)"
+                    ))
+                    .into());
+                }
+                self.fallback(&key, None, unfit.into())
+            }
             Decision::Remote { chain_id, layer } => {
                 self.resolver
                     .ahead(&layer.image_ref, self.layers.mounted_digests());
@@ -282,6 +332,59 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         blocking(move || sn.prepare(&key, parent.as_deref(), labels)).await
     }
 
+    /// An image layer Prepare tarn cannot serve from its labels (no image
+    /// reference: containerd 2.x's transfer service without
+    /// `enable_remote_snapshot_annotations`, a plain `ctr pull`) whose
+    /// diff ID (`containerd.io/snapshot/diff-id`, containerd >= 2.3) is a
+    /// layer already mounted here: commits its chain ID on that mount, so
+    /// containerd neither downloads nor unpacks it. Returns the chain ID
+    /// if so. Not for a parentless Prepare naming a parent (parallel
+    /// unpack): see [`labels::Unfit::NoParent`].
+    async fn on_node(
+        &self,
+        parent: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<String>> {
+        let (Some(chain_id), Some(diff_id)) = (
+            labels.get(labels::SNAPSHOT_REF).filter(|c| !c.is_empty()),
+            labels.get(labels::DIFF_ID).filter(|d| !d.is_empty()),
+        ) else {
+            return Ok(None);
+        };
+        if parent.is_none() && labels::awaits_parent(labels) {
+            return Ok(None);
+        }
+        let _chain = self.chains.lock(chain_id.clone()).await;
+        let sn = self.sn.clone();
+        let id = diff_id.clone();
+        let found = blocking(move || {
+            Ok::<_, snapshotter::Error>(
+                sn.remote_snapshots()?
+                    .iter()
+                    .find_map(|i| labels::same_layer(&i.labels, &id)),
+            )
+        })
+        .await?;
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        // Held while the snapshot is made, so the mount cannot go meanwhile.
+        let _layer = self.layers.lock(found.layer.digest).await;
+        if !self.layers.is_mounted(&found.layer.digest) {
+            return Ok(None);
+        }
+        let labels = labels::remote_labels(labels.clone(), &found.layer, found.blob_size);
+        let (name, sn, parent) = (chain_id.clone(), self.sn.clone(), parent.map(str::to_owned));
+        blocking(move || sn.create_remote(&name, parent.as_deref(), labels)).await?;
+        tracing::info!(
+            chain_id = %chain_id,
+            layer = %found.layer.digest,
+            diff_id = %diff_id,
+            "layer already on the node: answering already exists"
+        );
+        Ok(Some(chain_id.clone()))
+    }
+
     fn fallback(&self, key: &str, layer: Option<&Digest>, why: Fallback) {
         let cause = why.cause();
         self.fallbacks.count(cause);
@@ -289,6 +392,17 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             Some(d) => format!("layer {d}: {}", chain(&why)),
             None => chain(&why),
         };
+        if cause == Cause::Auth {
+            // Worth a warning: every layer of the registry is pulled in full
+            // until tarn's credentials are fixed.
+            tracing::warn!(
+                key,
+                cause = cause.as_str(),
+                reason,
+                "not lazy: tarn has no credentials the registry accepts (see [registry] docker_config); ordinary prepare, containerd pulls the layer in full"
+            );
+            return;
+        }
         tracing::info!(
             key,
             cause = cause.as_str(),
@@ -401,9 +515,37 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         .await?;
         if !used {
             tracing::info!(layer = %digest, "layer unused: unmounting");
-            self.layers.unmount(&digest).await;
+            if let Some(layer) = self.layers.unmount(&digest).await {
+                self.release(&digest, layer).await;
+            }
         }
         Ok(())
+    }
+
+    /// The last snapshot of `layer` went: its chunks that no other mounted
+    /// layer lists are released in the cache (first to go, not in use, and
+    /// removed by `tarn cache prune`).
+    async fn release(&self, digest: &Digest, layer: R::Layer) {
+        let keep = self.layers.mounted_chunks(Some(digest));
+        let cache = self.cache.clone();
+        let released = tokio::task::spawn_blocking(move || {
+            let chunks = layer.chunks();
+            cache.release(chunks.iter().map(|(d, _)| d).filter(|d| !keep.contains(d)))
+        })
+        .await
+        .unwrap_or_default();
+        tracing::info!(layer = %digest, released_bytes = released, "layer's unshared chunks released");
+    }
+
+    /// Frees the cache's released entries, or (`all_unused`) every entry no
+    /// mounted layer lists.
+    pub async fn prune_cache(&self, all_unused: bool) -> Result<Pruned> {
+        let keep = all_unused.then(|| self.layers.mounted_chunks(None));
+        let cache = self.cache.clone();
+        let pruned =
+            blocking(move || Ok::<_, snapshotter::Error>(cache.prune(keep.as_ref()))).await?;
+        tracing::info!(?pruned, all_unused, "cache pruned");
+        Ok(pruned)
     }
 
     /// Mounts every remote snapshot's layer again, in parallel, reusing the
@@ -436,6 +578,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             }
         });
         futures::future::join_all(restores).await;
+        self.layers.settle().await;
         Ok(())
     }
 
@@ -449,10 +592,13 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         Ok(())
     }
 
-    /// Unmounts every layer, waiting until `deadline` at most; state stays
-    /// on disk for the next start.
+    /// Leaves every layer's connection to the next process if the mounter
+    /// keeps them in a holder, else unmounts every layer, waiting until
+    /// `deadline` at most; state stays on disk for the next start.
     pub async fn shutdown(&self, deadline: tokio::time::Instant) {
-        self.layers.unmount_all(deadline).await;
+        if !self.layers.hand_over().await {
+            self.layers.unmount_all(deadline).await;
+        }
     }
 
     pub fn layers(&self) -> Vec<LayerStatus> {
@@ -476,6 +622,11 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         let sn = self.sn.clone();
         let snapshots = blocking(move || sn.count()).await?;
         let c = self.cache.stats();
+        let lists = self.layers.chunk_lists();
+        let dedup_saved_bytes =
+            tokio::task::spawn_blocking(move || layers::dedup_saved_bytes(&lists))
+                .await
+                .unwrap_or_default();
         Ok(Stats {
             fallbacks: self.fallbacks.total(),
             fallbacks_by_cause: self.fallbacks.by_cause(),
@@ -485,6 +636,19 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             cache_entries: c.entries,
             cache_hits: c.hits,
             cache_misses: c.misses,
+            cache: c,
+            dedup_saved_bytes,
+        })
+    }
+
+    /// The figures the metrics endpoint reports. Blocking (reads the
+    /// metadata store): call it off the async workers.
+    pub fn figures(&self) -> Result<SnapshotterFigures> {
+        Ok(SnapshotterFigures {
+            layers: self.layers.status(),
+            fallbacks: self.fallbacks.counts(),
+            cache: self.cache.stats(),
+            snapshots: self.sn.count()? as u64,
         })
     }
 }

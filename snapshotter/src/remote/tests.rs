@@ -235,7 +235,7 @@ async fn each_fallback_cause_prepares_ordinarily_and_is_counted() {
                 host: host(),
                 reason: "denied".into(),
             }),
-            Cause::Registry,
+            Cause::Auth,
         ),
         (
             registry(RegistryError::InvalidReference {
@@ -355,7 +355,7 @@ async fn a_shared_layer_is_unmounted_with_its_last_snapshot() {
         .await
         .unwrap();
     b.rs.snapshotter()
-        .commit("base", "base-1", BTreeMap::new())
+        .commit("base", "base-1", BTreeMap::new(), None)
         .unwrap();
     let r = b.rs.prepare("k1".into(), None, cri("chain-1", d)).await;
     assert!(is_already_exists(&r), "{r:?}");
@@ -478,4 +478,137 @@ async fn restore_mounts_every_layer_but_the_failing_ones_and_reports_them() {
     rs.remove("chain-1".into()).await.unwrap();
     assert!(rs.layers().iter().all(|l| l.digest != unreachable));
     assert!(!mountpoint(unreachable).exists());
+}
+
+/// containerd 2.x's parallel unpack (core/unpack/unpacker.go): every
+/// extraction is Prepared without a parent, the layers above the first
+/// naming theirs in `parent-chain-id`; ordinary ones are committed in order
+/// with the parent (Commit's field 5).
+#[tokio::test]
+async fn parallel_unpack_serves_the_bottom_lazily_and_rebases_the_rest() {
+    let b = Bed::new().await;
+    let (a, c) = (digest('a'), digest('c'));
+    let r = b.rs.prepare("ex-1".into(), None, cri("c1", a)).await;
+    assert!(is_already_exists(&r), "the bottom layer is lazy: {r:?}");
+
+    let mut second = cri("c2", c);
+    second.insert(PARENT_CHAIN_ID.into(), "c1".into());
+    second.insert(DIFF_ID.into(), digest('d').to_string());
+    let m =
+        b.rs.prepare("ex-2".into(), None, second.clone())
+            .await
+            .unwrap();
+    assert_eq!(m[0].kind, "overlay", "the applier writes overlay whiteouts");
+    assert!(m[0].options.iter().all(|o| !o.starts_with("lowerdir")));
+    assert_eq!(b.fallbacks().await, BTreeMap::from([("no-parent", 1)]));
+    assert_eq!(b.layer_dirs(), vec![a.hex()], "c was not mounted");
+
+    let sn = b.rs.snapshotter().clone();
+    let e = sn.commit("c2", "ex-2", second.clone(), Some("missing"));
+    assert!(
+        matches!(&e, Err(snapshotter::Error::Meta(metastore::Error::NotFound(m))) if m.contains("missing")),
+        "{e:?}"
+    );
+    sn.commit("c2", "ex-2", second, Some("c1")).unwrap();
+    assert_eq!(sn.stat("c2").unwrap().parent.as_deref(), Some("c1"));
+
+    let m =
+        b.rs.prepare("ctr".into(), Some("c2".into()), BTreeMap::new())
+            .await
+            .unwrap();
+    let lower = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap();
+    let lower: Vec<&str> = lower.split(':').collect();
+    assert_eq!(lower.len(), 2, "both layers under the container: {lower:?}");
+    assert_eq!(
+        Path::new(lower[1]),
+        b.mountpoint(a),
+        "the lazy layer at the bottom"
+    );
+    let e = b.rs.remove("c1".into()).await;
+    assert!(e.is_err(), "the lazy layer is the rebased layer's parent");
+}
+
+/// containerd >= 2.3 labels every extraction with its diff ID: a layer
+/// already mounted here serves a Prepare that lacks the remote labels
+/// (the transfer service without its export), with no resolution and no
+/// download by containerd.
+#[tokio::test]
+async fn a_layer_on_the_node_is_found_by_its_diff_id() {
+    let b = Bed::new().await;
+    let a = digest('a');
+    let diff = digest('d').to_string();
+    let mut first = cri("c1", a);
+    first.insert(DIFF_ID.into(), diff.clone());
+    let r = b.rs.prepare("ex-1".into(), None, first).await;
+    assert!(is_already_exists(&r), "{r:?}");
+    b.rs.prepare("base-1".into(), None, BTreeMap::new())
+        .await
+        .unwrap();
+    b.rs.snapshotter()
+        .commit("base", "base-1", BTreeMap::new(), None)
+        .unwrap();
+
+    // The same layer on another parent, labelled only by containerd itself.
+    let bare = l(&[(SNAPSHOT_REF, "c2"), (DIFF_ID, &diff)]);
+    let r = b.rs.prepare("ex-2".into(), Some("base".into()), bare).await;
+    assert!(is_already_exists(&r), "{r:?}");
+    let info = b.rs.snapshotter().stat("c2").unwrap();
+    assert_eq!(info.parent.as_deref(), Some("base"));
+    assert_eq!(remote_layer(&info.labels), Some(a));
+    assert_eq!(b.resolver.resolved(), vec![a], "resolved once, for c1");
+    assert!(b.fallbacks().await.is_empty());
+
+    // Another diff ID is an ordinary fallback.
+    let other = l(&[(SNAPSHOT_REF, "c3"), (DIFF_ID, &digest('e').to_string())]);
+    let m =
+        b.rs.prepare("ex-3".into(), Some("base".into()), other)
+            .await;
+    assert!(m.is_ok(), "{m:?}");
+    assert_eq!(b.fallbacks().await, BTreeMap::from([("no-image-ref", 1)]));
+}
+
+#[tokio::test]
+async fn a_removed_layers_own_chunks_are_released_and_pruned_shared_ones_stay() {
+    use crate::testing::{SHARED_CHUNK, own_chunk, own_chunk_data};
+    let b = Bed::new().await;
+    let (da, db) = (digest('a'), digest('b'));
+    let cache = b.rs.cache.clone();
+    for data in [
+        own_chunk_data(&da),
+        own_chunk_data(&db),
+        SHARED_CHUNK.to_vec(),
+    ] {
+        cache.insert(&Digest::of(&data), &data).unwrap();
+    }
+    let stray = b"a chunk no layer lists".as_slice();
+    cache.insert(&Digest::of(stray), stray).unwrap();
+    for (key, chain, d) in [("k1", "chain-a", da), ("k2", "chain-b", db)] {
+        let r = b.rs.prepare(key.into(), None, cri(chain, d)).await;
+        assert!(is_already_exists(&r), "{r:?}");
+    }
+    // Both list the shared chunk: stored once, saved once.
+    assert_eq!(b.rs.stats().await.unwrap().dedup_saved_bytes, 1);
+
+    b.rs.remove("chain-a".into()).await.unwrap();
+    let released = b.rs.stats().await.unwrap().cache.released_bytes;
+    assert_eq!(
+        released,
+        own_chunk_data(&da).len() as u64,
+        "only a's own chunk"
+    );
+
+    let pruned = b.rs.prune_cache(false).await.unwrap();
+    assert_eq!(pruned.entries, 1);
+    assert!(!cache.contains(&own_chunk(&da)));
+    assert!(cache.contains(&own_chunk(&db)) && cache.contains(&Digest::of(SHARED_CHUNK)));
+    assert!(cache.contains(&Digest::of(stray)), "not released, so kept");
+
+    // All unused: whatever no mounted layer lists.
+    assert_eq!(b.rs.prune_cache(true).await.unwrap().entries, 1);
+    assert!(!cache.contains(&Digest::of(stray)));
+    assert!(cache.contains(&own_chunk(&db)) && cache.contains(&Digest::of(SHARED_CHUNK)));
 }

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,36 +19,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 
+use super::keychain::{Credentials, IDENTITY_TOKEN_USER, Keychain};
 use crate::registry::error::RegistryError;
-use crate::registry::reference::DOCKER_HUB;
+use crate::registry::reference::{DOCKER_HUB, Repository};
 
-/// What a credential helper answers for a registry with an identity
-/// (refresh) token instead of a password.
-const IDENTITY_TOKEN_USER: &str = "<token>";
 /// The server URL docker's tools key Docker Hub's credentials by.
 const DOCKER_HUB_SERVER: &str = "https://index.docker.io/v1/";
-
-/// A username and password (or identity token) for one registry.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl Credentials {
-    /// The identity (OAuth refresh) token, if that is what these are: a
-    /// helper says so with the username `<token>`.
-    pub fn identity_token(&self) -> Option<&str> {
-        (self.username == IDENTITY_TOKEN_USER).then_some(self.password.as_str())
-    }
-}
-
-impl fmt::Debug for Credentials {
-    // Never print the secret into logs.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credentials({}, <redacted>)", self.username)
-    }
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -277,6 +252,17 @@ impl DockerConfig {
             username: answer.username,
             password: answer.secret,
         })
+    }
+}
+
+/// The config as read once (tests, `tarn mount-layer`); the daemon uses
+/// [`DockerFile`](super::docker_file::DockerFile), which re-reads it.
+impl Keychain for DockerConfig {
+    fn name(&self) -> &str {
+        "docker-config"
+    }
+    fn credentials(&self, repo: &Repository) -> Option<Credentials> {
+        self.credentials_for(&repo.registry)
     }
 }
 

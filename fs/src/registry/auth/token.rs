@@ -1,6 +1,15 @@
-//! The token flow: what a host asked for in its last 401, the bearer tokens
+//! The auth flow: what a host asked for in its last 401, the bearer tokens
 //! got for it (per host and scope, with their expiry), and the credentials
-//! they are got with.
+//! they are got with (from the [`Keychains`], kept per repository).
+//!
+//! A token that expires in the middle of a run (the registry answers 401
+//! to a token tarn still thought good) is fetched again and the request
+//! retried (`client.rs`), so a reader never sees an expired token as EIO.
+//! Concurrent requests share one fetch: a slot per (host, scope) is locked
+//! while its token is fetched, and a request refused token T asks for a new
+//! one only if the slot still holds T (singleflight). Credentials work the
+//! same way per repository; a refusal drops them and asks the sources
+//! again, once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,40 +17,60 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use dashmap::DashMap;
-use reqwest::Url;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::{StatusCode, Url};
+use tokio::sync::Mutex;
 
 use super::challenge::{Challenge, TokenResponse};
-use super::docker::{Credentials, DockerConfig};
+use super::keychain::{ANSWER_TTL, Credentials, Found, Keychains};
 use crate::registry::error::RegistryError;
 use crate::registry::http::{Failure, Http, classify};
 use crate::registry::reference::Repository;
 
-/// How long a credential helper's answer is used before it is asked again:
-/// helpers hand out short-lived secrets (a cloud registry's last hours).
-const HELPER_ANSWER_TTL: Duration = Duration::from_secs(600);
 /// The OAuth client id sent with identity tokens, as docker sends its own.
 const CLIENT_ID: &str = "tarn";
+/// A token answer larger than this is refused (real ones are a few KiB).
+const MAX_TOKEN_BODY: usize = 1 << 20;
+/// Token slots and credential answers kept at most; past it they are
+/// dropped and fetched again (a node pulls a handful of repositories).
+const MAX_SLOTS: usize = 4096;
+
+#[derive(Clone)]
+struct Token {
+    value: String,
+    /// When tarn stops using it, a little before the registry would.
+    renew_at: Instant,
+}
+
+#[derive(Clone)]
+struct Answer {
+    found: Option<Found>,
+    at: Instant,
+}
+
+/// A value fetched at most once at a time: the lock is held across the
+/// fetch on purpose (that is the singleflight), never across anything else.
+type Slot<T> = Arc<Mutex<Option<T>>>;
 
 /// Auth state shared by every request of a client.
 pub(in crate::registry) struct Auth {
-    docker: Arc<DockerConfig>,
+    keychains: Keychains,
     /// What each host asked for in its last 401, so later requests (other
     /// repositories, other blobs) authenticate up front.
     challenges: DashMap<String, Challenge>,
-    /// Bearer tokens per (host, scope) with their expiry.
-    tokens: DashMap<(String, String), (String, Instant)>,
-    /// Credential helpers' answers per registry, with when they were got.
-    helped: DashMap<String, (Option<Credentials>, Instant)>,
+    /// Bearer tokens per (host, scope).
+    tokens: DashMap<(String, String), Slot<Token>>,
+    /// The sources' answer per (registry, repository).
+    answers: DashMap<(String, String), Slot<Answer>>,
 }
 
 impl Auth {
-    pub(in crate::registry) fn new(docker: DockerConfig) -> Auth {
+    pub(in crate::registry) fn new(keychains: Keychains) -> Auth {
         Auth {
-            docker: Arc::new(docker),
+            keychains,
             challenges: DashMap::new(),
             tokens: DashMap::new(),
-            helped: DashMap::new(),
+            answers: DashMap::new(),
         }
     }
 
@@ -52,22 +81,17 @@ impl Auth {
         http: &Http,
         repo: &Repository,
     ) -> Result<Option<String>, Failure> {
-        let host = repo.host();
-        let Some(challenge) = self.challenges.get(host).map(|c| c.clone()) else {
+        let Some(challenge) = self.challenges.get(repo.host()).map(|c| c.clone()) else {
             return Ok(None);
         };
         match challenge {
-            Challenge::Basic => Ok(self.credentials(repo).await.as_ref().and_then(basic)),
+            Challenge::Basic => Ok(self
+                .credentials(repo)
+                .await
+                .and_then(|f| basic(&f.credentials))),
             Challenge::Bearer { realm, service, .. } => {
-                let scope = pull_scope(repo);
-                let key = (host.to_string(), scope.clone());
-                if let Some(t) = self.tokens.get(&key)
-                    && t.1 > Instant::now()
-                {
-                    return Ok(Some(format!("Bearer {}", t.0)));
-                }
                 let token = self
-                    .fetch_token(http, repo, &realm, service.as_deref(), &scope)
+                    .token(http, repo, &realm, service.as_deref(), None)
                     .await?;
                 Ok(Some(format!("Bearer {token}")))
             }
@@ -75,40 +99,100 @@ impl Auth {
     }
 
     /// Learns a host's challenge after a 401 and gets what it asks for.
+    /// `sent` is the Authorization header the refused request carried: what
+    /// it names (a token, credentials) is not used again.
     pub(in crate::registry) async fn authenticate(
         &self,
         http: &Http,
         repo: &Repository,
         challenge: Challenge,
+        sent: Option<&str>,
     ) -> Result<(), Failure> {
         let host = repo.host();
         match &challenge {
             Challenge::Basic => {
-                if self
-                    .credentials(repo)
-                    .await
-                    .as_ref()
-                    .and_then(basic)
-                    .is_none()
-                {
-                    return Err(Failure::fatal(RegistryError::Auth {
-                        host: host.to_string(),
-                        reason: format!(
-                            "registry wants basic auth and the docker config has no credentials for {}",
-                            repo.registry
-                        ),
-                    }));
+                let mut found = self.credentials(repo).await;
+                let header = |f: &Option<Found>| f.as_ref().and_then(|f| basic(&f.credentials));
+                if sent.is_some() && header(&found).as_deref() == sent {
+                    found = self.credentials_again(repo, &found).await;
+                }
+                match (header(&found), &found) {
+                    (Some(h), _) if Some(h.as_str()) != sent => {}
+                    (_, Some(f)) => {
+                        return Err(Failure::fatal(RegistryError::Auth {
+                            host: host.to_string(),
+                            reason: format!(
+                                "the registry refused the credentials ({}) for {}",
+                                f.source, repo.registry
+                            ),
+                        }));
+                    }
+                    (_, None) => {
+                        return Err(Failure::fatal(RegistryError::Auth {
+                            host: host.to_string(),
+                            reason: format!(
+                                "registry wants basic auth and no credential source ({:?}) has credentials for {}",
+                                self.keychains, repo.registry
+                            ),
+                        }));
+                    }
                 }
             }
             Challenge::Bearer { realm, service, .. } => {
                 // The challenge may carry a narrower scope; tarn only pulls,
                 // and one scope per repository keeps the token cache simple.
-                self.fetch_token(http, repo, realm, service.as_deref(), &pull_scope(repo))
+                let refused = sent.and_then(|h| h.strip_prefix("Bearer "));
+                self.token(http, repo, realm, service.as_deref(), refused)
                     .await?;
             }
         }
         self.challenges.insert(host.to_string(), challenge);
         Ok(())
+    }
+
+    /// A token for `repo`'s pull scope: the kept one unless it is due for
+    /// renewal or is `refused`, else one fetched (once, for every request
+    /// that waits on the slot meanwhile).
+    async fn token(
+        &self,
+        http: &Http,
+        repo: &Repository,
+        realm: &str,
+        service: Option<&str>,
+        refused: Option<&str>,
+    ) -> Result<String, Failure> {
+        let scope = pull_scope(repo);
+        let slot = slot(&self.tokens, (repo.host().to_string(), scope.clone()));
+        let mut kept = slot.lock().await;
+        if let Some(t) = kept.as_ref()
+            && t.renew_at > Instant::now()
+            && Some(t.value.as_str()) != refused
+        {
+            return Ok(t.value.clone());
+        }
+        if refused.is_some() {
+            tracing::info!(repo = %repo, "registry refused the bearer token (expired?); getting a new one");
+        }
+        let found = self.credentials(repo).await;
+        let token = match self
+            .fetch_token(http, repo, realm, service, &scope, found.as_ref())
+            .await
+        {
+            Err(TokenError::Refused(f)) if found.is_some() => {
+                // The credentials may have been rotated: ask the sources
+                // again, once.
+                let fresh = self.credentials_again(repo, &found).await;
+                if fresh == found {
+                    return Err(f);
+                }
+                self.fetch_token(http, repo, realm, service, &scope, fresh.as_ref())
+                    .await
+                    .map_err(TokenError::into_failure)?
+            }
+            other => other.map_err(TokenError::into_failure)?,
+        };
+        *kept = Some(token.clone());
+        Ok(token.value)
     }
 
     /// A token for `scope` from `realm`: a GET with the basic credentials
@@ -121,23 +205,27 @@ impl Auth {
         realm: &str,
         service: Option<&str>,
         scope: &str,
-    ) -> Result<String, Failure> {
+        found: Option<&Found>,
+    ) -> Result<Token, TokenError> {
         let host = repo.host();
         let auth_err = |reason: String| {
-            Failure::fatal(RegistryError::Auth {
+            TokenError::Other(Failure::fatal(RegistryError::Auth {
                 host: host.to_string(),
                 reason,
-            })
+            }))
         };
         let realm_url =
             Url::parse(realm).map_err(|e| auth_err(format!("bad token realm {realm:?}: {e}")))?;
         if !matches!(realm_url.scheme(), "http" | "https") {
             return Err(auth_err(format!("token realm {realm:?} is not http(s)")));
         }
-        let client = http.client(&realm_url).await.map_err(Failure::fatal)?;
-        let creds = self.credentials(repo).await;
+        let client = http
+            .client(&realm_url)
+            .await
+            .map_err(|e| TokenError::Other(Failure::fatal(e)))?;
+        let creds = found.map(|f| &f.credentials);
         let mut url = realm_url.clone();
-        let rb = match creds.as_ref().and_then(Credentials::identity_token) {
+        let rb = match creds.and_then(Credentials::identity_token) {
             Some(refresh) => {
                 // The form, encoded by the URL's query encoder.
                 url.set_query(None);
@@ -166,67 +254,163 @@ impl Auth {
                     q.append_pair("scope", scope);
                 }
                 let mut rb = client.get(url);
-                if let Some(h) = creds.as_ref().and_then(basic) {
+                if let Some(h) = creds.and_then(basic) {
                     rb = rb.header(AUTHORIZATION, h);
                 }
                 rb
             }
         };
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| Failure::transient(classify(&e, host, "token request")))?;
+        let resp = rb.send().await.map_err(|e| {
+            TokenError::Other(Failure::transient(classify(&e, host, "token request")))
+        })?;
         http.sent();
-        if !resp.status().is_success() {
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(TokenError::Refused(Failure::fatal(RegistryError::Auth {
+                host: host.to_string(),
+                reason: format!(
+                    "token endpoint {realm} refused the credentials{} ({status})",
+                    found
+                        .map(|f| format!(" from {}", f.source))
+                        .unwrap_or_default()
+                ),
+            })));
+        }
+        if !status.is_success() {
+            if status.is_server_error() {
+                return Err(TokenError::Other(Failure::transient(
+                    RegistryError::BadResponse {
+                        host: host.to_string(),
+                        what: "token".to_string(),
+                        reason: format!("token endpoint {realm} answered {status}"),
+                    },
+                )));
+            }
             return Err(auth_err(format!(
                 "token endpoint {realm} answered {}",
                 resp.status()
             )));
         }
-        let body = resp
-            .bytes()
+        let body = read_limited(resp, MAX_TOKEN_BODY)
             .await
-            .map_err(|e| Failure::transient(classify(&e, host, "token response")))?;
+            .map_err(|e| {
+                TokenError::Other(Failure::transient(classify(&e, host, "token response")))
+            })?
+            .ok_or_else(|| {
+                auth_err(format!(
+                    "token endpoint {realm} sent more than {MAX_TOKEN_BODY} bytes"
+                ))
+            })?;
         let (token, ttl) = serde_json::from_slice::<TokenResponse>(&body)
             .ok()
             .and_then(TokenResponse::into_token)
             .ok_or_else(|| auth_err(format!("token endpoint {realm} sent no token")))?;
-        // Renew a little early so a token does not expire in flight.
-        let expiry = Instant::now()
-            + ttl
-                .saturating_sub(Duration::from_secs(5))
-                .max(Duration::from_secs(1));
-        self.tokens.insert(
-            (host.to_string(), scope.to_string()),
-            (token.clone(), expiry),
-        );
-        Ok(token)
+        Ok(Token {
+            value: token,
+            renew_at: Instant::now() + renew_after(ttl),
+        })
     }
 
-    /// `repo`'s registry's credentials. A helper is a process: it runs on
-    /// the blocking pool, and its answer is kept a while.
-    async fn credentials(&self, repo: &Repository) -> Option<Credentials> {
-        let registry = &repo.registry;
-        if !self.docker.uses_helper(registry) {
-            return self.docker.credentials_for(registry);
-        }
-        if let Some(h) = self.helped.get(registry)
-            && h.1.elapsed() < HELPER_ANSWER_TTL
+    /// `repo`'s credentials from the sources, kept [`ANSWER_TTL`]. The
+    /// sources may block (a file, a helper process): they run on the
+    /// blocking pool.
+    async fn credentials(&self, repo: &Repository) -> Option<Found> {
+        let slot = slot(&self.answers, (repo.registry.clone(), repo.name.clone()));
+        let mut kept = slot.lock().await;
+        if let Some(a) = kept.as_ref()
+            && a.at.elapsed() < ANSWER_TTL
         {
-            return h.0.clone();
+            return a.found.clone();
         }
-        let docker = self.docker.clone();
-        let name = registry.clone();
-        let creds = tokio::task::spawn_blocking(move || docker.credentials_for(&name))
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!(registry, error = %e, "credential helper task failed");
-                None
-            });
-        self.helped
-            .insert(registry.clone(), (creds.clone(), Instant::now()));
-        creds
+        let found = self.ask(repo, false).await;
+        *kept = Some(Answer {
+            found: found.clone(),
+            at: Instant::now(),
+        });
+        found
     }
+
+    /// The registry refused `stale`: unless another request already got
+    /// different ones, tell the sources and ask them again.
+    async fn credentials_again(&self, repo: &Repository, stale: &Option<Found>) -> Option<Found> {
+        let slot = slot(&self.answers, (repo.registry.clone(), repo.name.clone()));
+        let mut kept = slot.lock().await;
+        if let Some(a) = kept.as_ref()
+            && a.found != *stale
+            && a.at.elapsed() < ANSWER_TTL
+        {
+            return a.found.clone();
+        }
+        tracing::info!(repo = %repo, "registry refused the credentials; asking the sources again");
+        let found = self.ask(repo, true).await;
+        *kept = Some(Answer {
+            found: found.clone(),
+            at: Instant::now(),
+        });
+        found
+    }
+
+    async fn ask(&self, repo: &Repository, refused: bool) -> Option<Found> {
+        let keychains = self.keychains.clone();
+        let r = repo.clone();
+        tokio::task::spawn_blocking(move || {
+            if refused {
+                keychains.refused(&r);
+            }
+            keychains.credentials(&r)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(repo = %repo, error = %e, "credential source task failed");
+            None
+        })
+    }
+}
+
+/// Why a token request failed: the endpoint refused the credentials (they
+/// may have been rotated), or anything else.
+enum TokenError {
+    Refused(Failure),
+    Other(Failure),
+}
+
+impl TokenError {
+    fn into_failure(self) -> Failure {
+        match self {
+            TokenError::Refused(f) | TokenError::Other(f) => f,
+        }
+    }
+}
+
+/// The body, or `None` if it is longer than `limit`.
+async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// How long a token of lifetime `ttl` is used: renewed a little early so it
+/// does not expire in flight (a quarter of its life, at most 5 s early).
+fn renew_after(ttl: Duration) -> Duration {
+    ttl.saturating_sub((ttl / 4).min(Duration::from_secs(5)))
+        .max(Duration::from_millis(500))
+}
+
+/// The slot for `key`, made if new; the map is bounded by dropping every
+/// slot (a holder keeps its own `Arc`).
+fn slot<T>(map: &DashMap<(String, String), Slot<T>>, key: (String, String)) -> Slot<T> {
+    if map.len() >= MAX_SLOTS && !map.contains_key(&key) {
+        map.clear();
+    }
+    map.entry(key).or_default().clone()
 }
 
 /// The basic Authorization header for a username and password; `None` for

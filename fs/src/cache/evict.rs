@@ -1,0 +1,338 @@
+//! The size bound: eviction in least-recently-used order, pack compaction,
+//! release of what no mounted layer uses, and prune.
+//!
+//! **What counts.** Real disk use: object files' allocated blocks and pack
+//! files' length, dead records included until their pack is rewritten.
+//!
+//! **When.** An insert that takes disk use past the bound runs one pass on
+//! its own (blocking) thread; inserts racing it skip theirs. A pass evicts
+//! down to [`LOW_WATER_PERCENT`] of the bound, so a full cache does not
+//! pay for a pass on every insert.
+//!
+//! **Order.** Released entries (stamp 0: their last layer's snapshots were
+//! removed) first, then by access stamp, oldest first. Never evicted: an
+//! object something holds open ([`Hold`]: a passthrough file; unlinking it
+//! would free nothing). Nothing else needs protecting: a read that waits
+//! for a chunk gets its bytes from the flight that fetched it, not from the
+//! cache; a mounted layer's index lives in memory; the tail bytes kept for
+//! a chunk that straddles a layer's tail are a cache entry like any other,
+//! and without them the chunk is fetched whole.
+//!
+//! **Safety.** An evicted object is unlinked before it leaves the index: a
+//! reader that found the entry either has the file open (and reads its
+//! bytes) or finds it gone (a miss, fetched and verified again). A pack
+//! record's bytes stay where they are until its pack is compacted, and
+//! compaction moves records only under the pack's write lock, under which
+//! readers look their offsets up.
+//!
+//! **Compaction.** A pack is rewritten with only its live records when
+//! their share drops below [`COMPACT_LIVE_SHARE`] percent, or when the
+//! cache is still over its bound after evicting (most dead bytes first).
+//! Rewriting a pack of live share `L` writes `L` bytes to free `1 - L`: at
+//! 50% that is one byte written per byte freed, the point past which
+//! compacting costs more writes than it frees.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Cache, CacheError, Entry, Location, RELEASED, io_err, open_pack, pack, stamps};
+use crate::Digest;
+use crate::num::usize_from;
+
+/// A pack is compacted when its live records are less than this share
+/// (percent) of its length. See the module doc.
+pub const COMPACT_LIVE_SHARE: u64 = 50;
+/// An eviction pass stops at this share (percent) of the bound.
+pub const LOW_WATER_PERCENT: u64 = 90;
+
+/// What a prune freed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub entries: u64,
+    /// Logical bytes of the entries removed.
+    pub bytes: u64,
+    pub disk_before: u64,
+    pub disk_after: u64,
+}
+
+/// Keeps an object from eviction while it lives (a passthrough file open in
+/// the kernel).
+pub struct Hold {
+    cache: Arc<Cache>,
+    digest: Digest,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(mut n) = self.cache.held.get_mut(&self.digest) {
+            *n = n.saturating_sub(1);
+        }
+        self.cache.held.remove_if(&self.digest, |_, n| *n == 0);
+    }
+}
+
+/// The size of the filesystem holding `dir`, in bytes (for a bound given as
+/// a share of it).
+pub fn filesystem_bytes(dir: &Path) -> io::Result<u64> {
+    let path = CString::new(dir.as_os_str().as_bytes())?;
+    let mut st = MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is NUL-terminated and outlives the call; `st` is a
+    // valid, writable statvfs the kernel fills.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_blocks.saturating_mul(st.f_frsize))
+}
+
+impl Cache {
+    /// Bounds the disk use of the cache (`u64::MAX`: no bound) and evicts
+    /// down to it now if it is over.
+    pub fn set_max_bytes(&self, max: u64) {
+        self.max_bytes.store(max, Ordering::Relaxed);
+        self.enforce_bound();
+    }
+
+    /// Keeps `digest`'s object from eviction until the guard is dropped.
+    pub fn hold(self: &Arc<Self>, digest: &Digest) -> Hold {
+        *self.held.entry(*digest).or_insert(0) += 1;
+        Hold {
+            cache: self.clone(),
+            digest: *digest,
+        }
+    }
+
+    /// Marks `digests` as used by no mounted layer: they go first when
+    /// space is needed (or at the next prune) and are not counted as in
+    /// use; a read takes them back into use. Returns the bytes released.
+    pub fn release<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> u64 {
+        let mut released = 0;
+        for d in digests {
+            if let Some(mut e) = self.index.get_mut(d)
+                && e.stamp != RELEASED
+            {
+                e.stamp = RELEASED;
+                released += e.len;
+            }
+        }
+        self.released.fetch_add(released, Ordering::Relaxed);
+        released
+    }
+
+    /// Removes released entries (`keep: None`), or every entry not in
+    /// `keep` (the chunks of the layers mounted now), and compacts every
+    /// pack with dead records. Held objects stay.
+    pub fn prune(&self, keep: Option<&HashSet<Digest>>) -> Pruned {
+        let _pass = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        let disk_before = self.disk.load(Ordering::Relaxed);
+        let doomed = |d: &Digest, e: &Entry| match keep {
+            None => e.stamp == RELEASED,
+            Some(keep) => !keep.contains(d),
+        };
+        let (entries, bytes) = self.evict_until(u64::MAX, doomed);
+        for i in 0..self.packs.len() {
+            if self.pack_dead(i) > 0 {
+                self.compact_logged(i);
+            }
+        }
+        self.save_stamps();
+        Pruned {
+            entries,
+            bytes,
+            disk_before,
+            disk_after: self.disk.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs an eviction pass if disk use is over the bound and no pass is
+    /// running.
+    pub(super) fn enforce_bound(&self) {
+        let max = self.max_bytes.load(Ordering::Relaxed);
+        if self.disk.load(Ordering::Relaxed) <= max {
+            return;
+        }
+        let Ok(_pass) = self.evicting.try_lock() else {
+            return;
+        };
+        let low = max / 100 * LOW_WATER_PERCENT;
+        let (entries, bytes) = self.evict_until(low, |_, _| true);
+        let mut packs: Vec<(u64, usize)> = (0..self.packs.len())
+            .map(|i| (self.pack_dead(i), i))
+            .filter(|(dead, _)| *dead > 0)
+            .collect();
+        packs.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, i) in packs {
+            let end = self.pack_end(i);
+            let live = self.packs[i].live.load(Ordering::Relaxed);
+            let sparse = live.saturating_mul(100) < end.saturating_mul(COMPACT_LIVE_SHARE);
+            if sparse || self.disk.load(Ordering::Relaxed) > max {
+                self.compact_logged(i);
+            }
+        }
+        tracing::debug!(
+            entries,
+            bytes,
+            disk = self.disk.load(Ordering::Relaxed),
+            max,
+            "cache eviction pass"
+        );
+        self.save_stamps();
+    }
+
+    /// Evicts entries `doomed` picks, released first and then oldest first,
+    /// until disk use is at most `target` (`u64::MAX`: every one picked)
+    /// once dead pack records are compacted away. Returns the entries and
+    /// logical bytes evicted.
+    fn evict_until(&self, target: u64, doomed: impl Fn(&Digest, &Entry) -> bool) -> (u64, u64) {
+        let mut candidates: Vec<(u32, Digest)> = self
+            .index
+            .iter()
+            .filter(|r| doomed(r.key(), r.value()) && !self.held.contains_key(r.key()))
+            .map(|r| (r.value().stamp, *r.key()))
+            .collect();
+        candidates.sort_unstable();
+        let dead: u64 = (0..self.packs.len()).map(|i| self.pack_dead(i)).sum();
+        let mut projected = self.disk.load(Ordering::Relaxed).saturating_sub(dead);
+        let (mut entries, mut bytes) = (0, 0);
+        for (_, digest) in candidates {
+            if target != u64::MAX && projected <= target {
+                break;
+            }
+            if let Some(e) = self.evict_one(&digest) {
+                projected = projected.saturating_sub(e.disk);
+                entries += 1;
+                bytes += e.len;
+            }
+        }
+        (entries, bytes)
+    }
+
+    /// Evicts one entry unless it is held. An object is unlinked before it
+    /// leaves the index (see the module doc).
+    fn evict_one(&self, digest: &Digest) -> Option<Entry> {
+        if self.held.contains_key(digest) {
+            return None;
+        }
+        let loc = self.index.get(digest)?.loc;
+        if loc == Location::Object {
+            let path = self.object_path(digest);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot evict cache object");
+                    return None;
+                }
+            }
+        }
+        let e = self.remove_entry(digest, |e| e.loc == loc)?;
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        self.evicted_bytes.fetch_add(e.len, Ordering::Relaxed);
+        Some(e)
+    }
+
+    fn pack_end(&self, i: usize) -> u64 {
+        *self.packs[i].end.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes of pack `i` no entry uses.
+    fn pack_dead(&self, i: usize) -> u64 {
+        self.pack_end(i)
+            .saturating_sub(self.packs[i].live.load(Ordering::Relaxed))
+    }
+
+    fn compact_logged(&self, i: usize) {
+        if let Err(e) = self.compact(i) {
+            tracing::warn!(pack = i, error = %e, "cache pack compaction failed");
+        }
+    }
+
+    /// Rewrites pack `i` with only its live records (appends wait; reads go
+    /// on against the old file until the swap).
+    fn compact(&self, i: usize) -> Result<(), CacheError> {
+        let p = &self.packs[i];
+        let mut end = p.end.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live: Vec<(u64, Digest, u64)> = self
+            .index
+            .iter()
+            .filter_map(|r| match r.value().loc {
+                Location::Pack { pack, offset } if pack == i => {
+                    Some((offset, *r.key(), r.value().len))
+                }
+                _ => None,
+            })
+            .collect();
+        live.sort_unstable();
+        let tmp = p.path.with_extension(pack::COMPACTING_EXT);
+        let mut moved = Vec::with_capacity(live.len());
+        let mut rewrite = || -> io::Result<(u64, File)> {
+            let mut out = BufWriter::new(File::create(&tmp)?);
+            let file = p.file.read().unwrap_or_else(|e| e.into_inner());
+            let mut at = 0u64;
+            let mut buf = Vec::new();
+            for (old, digest, len) in &live {
+                buf.resize(usize_from(*len), 0);
+                file.read_exact_at(&mut buf, *old)?;
+                let len32 = u32::try_from(*len).map_err(io::Error::other)?;
+                out.write_all(&pack::header(digest, len32))?;
+                out.write_all(&buf)?;
+                moved.push((*digest, *old, at + pack::HEADER_LEN as u64));
+                at += pack::HEADER_LEN as u64 + len;
+            }
+            out.into_inner().map_err(io::IntoInnerError::into_error)?;
+            Ok((at, open_pack(&tmp).map_err(io::Error::other)?))
+        };
+        let (new_len, new_file) = rewrite().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_err(&tmp)(e)
+        })?;
+        {
+            let mut file = p.file.write().unwrap_or_else(|e| e.into_inner());
+            fs::rename(&tmp, &p.path).map_err(io_err(&p.path))?;
+            *file = new_file;
+            for (digest, old, new) in moved {
+                if let Some(mut e) = self.index.get_mut(&digest)
+                    && e.loc
+                        == (Location::Pack {
+                            pack: i,
+                            offset: old,
+                        })
+                {
+                    e.loc = Location::Pack {
+                        pack: i,
+                        offset: new,
+                    };
+                }
+            }
+        }
+        self.disk
+            .fetch_sub(end.saturating_sub(new_len), Ordering::Relaxed);
+        *end = new_len;
+        self.compactions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes every entry's access stamp to `ROOT/stamps` (failures are
+    /// logged: they cost eviction order after a restart, nothing else).
+    pub(super) fn save_stamps(&self) {
+        let all: Vec<(Digest, u32)> = self
+            .index
+            .iter()
+            .map(|r| (*r.key(), r.value().stamp))
+            .collect();
+        let path = self.root.join(stamps::FILE);
+        if let Err(e) = stamps::save(&path, &all) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save cache access stamps");
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! Issue 14's acceptance: a running container never notices tarn
+//! restarting (SIGTERM), crashing (SIGKILL) or being upgraded
+//! (`--takeover` by another copy of the binary), because every lazy mount's
+//! FUSE connection is kept by the holder and adopted by the next daemon.
+//!
+//! A container on the lazily pulled `python-esgz` reads a different,
+//! not-yet-read file every 0.2 s (and re-reads one it read before), hashes
+//! it and logs the hash and how long the read took (measured inside the
+//! container, from /proc/uptime). Meanwhile the test restarts the daemon 5
+//! times with SIGTERM, kills it 5 times with SIGKILL and upgrades it once,
+//! at varied moments; the registry sits behind `tarn-farproxy` so that
+//! reads have bytes on the wire when the daemon dies. Every hash must match
+//! the host's copy of the file (the image's python layer is copied from
+//! the host's /usr/lib/python3.11), no read may fail, and afterwards no
+//! mount, layer directory or held connection may be orphaned.
+//!
+//! The real registry and containerd of `scripts/testbed.sh`, tarn as
+//! containerd's proxy plugin `tarn`. Needs the binaries in `$TARN_BIN_DIR`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sha2::{Digest as _, Sha256};
+use tarn_integration::daemon::Daemon;
+use tarn_integration::testbed::{Component, Testbed};
+use tarn_integration::wait::wait_until;
+use tarn_snapshotter::holder::{Holder, PID_FILE, SOCKET_NAME};
+
+/// Failure bound for waits on containerd, the daemon and the workload.
+const PATIENCE: Duration = Duration::from_secs(60);
+/// The reader container's id.
+const READER: &str = "survive-reader";
+/// Where the files the reader reads come from, on the host and in the image.
+const SOURCE: &str = "/usr/lib/python3.11";
+/// Far enough that a miss keeps bytes on the wire for a while.
+const RTT_MS: u64 = 40;
+const RATE_MBIT: f64 = 40.0;
+
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    Term,
+    Kill,
+    Upgrade,
+}
+
+/// The order of the run: interleaved, so each kind meets the others' aftermath.
+const PLAN: [Action; 11] = [
+    Action::Term,
+    Action::Kill,
+    Action::Term,
+    Action::Kill,
+    Action::Kill,
+    Action::Term,
+    Action::Upgrade,
+    Action::Kill,
+    Action::Term,
+    Action::Kill,
+    Action::Term,
+];
+
+/// The far-registry emulator, killed (by PID) when dropped.
+struct FarProxy {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl FarProxy {
+    fn start(upstream: &str) -> FarProxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let addr_file: PathBuf = dir.path().join("addr");
+        let child = Command::new(env!("CARGO_BIN_EXE_tarn-farproxy"))
+            .args(["--upstream", upstream, "--listen", "127.0.0.1:0"])
+            .args(["--rtt-ms", &RTT_MS.to_string()])
+            .args(["--rate-mbit", &RATE_MBIT.to_string()])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .spawn()
+            .expect("starting tarn-farproxy");
+        let mut proxy = FarProxy {
+            child,
+            addr: String::new(),
+            _dir: dir,
+        };
+        proxy.addr = wait_until("tarn-farproxy to listen", Duration::from_secs(10), || {
+            let addr = std::fs::read_to_string(&addr_file).unwrap_or_default();
+            let addr = addr.trim();
+            (!addr.is_empty()).then(|| addr.to_owned())
+        })
+        .expect("tarn-farproxy started");
+        proxy
+    }
+}
+
+impl Drop for FarProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Fields drop in order: the reader, tarn (then its holder), the proxy, the bed.
+struct Bed {
+    tarn: Daemon,
+    proxy: FarProxy,
+    bed: Testbed,
+    work: tempfile::TempDir,
+}
+
+impl Bed {
+    fn up(extra: &str) -> Bed {
+        let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
+        let proxy = FarProxy::start(bed.registry().expect("registry"));
+        let config = format!(
+            "[registry]\nplain_http = [\"{}\"]\n[snapshotter]\nshutdown_grace_secs = 2\nholder = true\n{extra}",
+            proxy.addr
+        );
+        let tarn = Daemon::start_with(Some(bed.dir().join("tarn.sock")), &config)
+            .expect("start tarn-snapshotter");
+        let work = tempfile::Builder::new()
+            .prefix("tarn-survive-")
+            .tempdir_in("/tmp")
+            .expect("work dir");
+        Bed {
+            tarn,
+            proxy,
+            bed,
+            work,
+        }
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        self.bed.ctr(args).expect("run ctr")
+    }
+
+    /// Pushes `name` and pulls it lazily through the far proxy.
+    fn rpull(&self, name: &str) -> String {
+        self.bed.push_image(name).expect("push image");
+        let reference = format!("{}/{name}:latest", self.proxy.addr);
+        let out = Command::new("ctr-remote")
+            .arg("--address")
+            .arg(self.bed.containerd_sock().expect("containerd"))
+            .args(["image", "rpull", "--plain-http", "--snapshotter", "tarn"])
+            .arg(&reference)
+            .output()
+            .expect("ctr-remote");
+        assert!(out.status.success(), "rpull: {}", text(&out.stderr));
+        reference
+    }
+
+    /// `ctr run --rm`, retried while containerd's proxy client reconnects.
+    fn run(&self, reference: &str, id: &str, cmd: &[&str]) -> String {
+        let mut args = vec!["run", "--rm", "--snapshotter", "tarn", reference, id];
+        args.extend_from_slice(cmd);
+        let mut last = None;
+        let ran = wait_until("ctr run to succeed", PATIENCE, || {
+            let out = self.ctr(&args);
+            let ok = out.status.success();
+            if !ok {
+                let _ = self.ctr(&["container", "rm", id]);
+            }
+            last = Some(out);
+            ok.then_some(())
+        });
+        let out = last.expect("ran at least once");
+        if let Err(e) = ran {
+            panic!("{e}: {}\ntarn log:\n{}", text(&out.stderr), self.tarn.log());
+        }
+        text(&out.stdout)
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.work.path().join("log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until the workload logged `more` reads past `from`.
+    fn wait_reads(&self, from: usize, more: usize) -> usize {
+        wait_until("the reader to read on", PATIENCE, || {
+            let n = self.log_lines().len();
+            (n >= from + more).then_some(n)
+        })
+        .unwrap_or_else(|e| panic!("{e}; tarn log:\n{}", self.tarn.log()))
+    }
+
+    fn holder(&self) -> Holder {
+        Holder::new(
+            self.tarn.root().join(SOCKET_NAME),
+            PathBuf::from("/nonexistent"),
+        )
+    }
+
+    fn holder_pid(&self) -> Option<Pid> {
+        let text = std::fs::read_to_string(self.tarn.root().join(PID_FILE)).ok()?;
+        Some(Pid::from_raw(text.trim().parse().ok()?))
+    }
+
+    fn remove_reader(&self) {
+        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", READER]);
+        let _ = wait_until("the reader to stop", PATIENCE, || {
+            let out = self.ctr(&["task", "ls"]);
+            (!text(&out.stdout)
+                .lines()
+                .any(|l| l.contains(READER) && !l.contains("STOPPED")))
+            .then_some(())
+        });
+        let _ = self.ctr(&["task", "rm", "-f", READER]);
+        let _ = wait_until("the reader container to go", PATIENCE, || {
+            self.ctr(&["container", "rm", READER]);
+            let out = self.ctr(&["container", "ls", "-q"]);
+            (!text(&out.stdout).contains(READER)).then_some(())
+        });
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if self.tarn.pid().is_some() {
+            self.remove_reader();
+        }
+        // Only the holder this test's daemon started, by its pid.
+        if let Some(pid) = self.holder_pid() {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Regular files under [`SOURCE`] with their sha256, in a fixed shuffled
+/// order (so consecutive reads are not neighbours in the blob).
+fn source_files(max: usize) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    let mut dirs = vec![PathBuf::from(SOURCE)];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("read source dir").flatten() {
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                dirs.push(e.path());
+            } else if ft.is_file() {
+                files.push(e.path());
+            }
+        }
+    }
+    files.sort();
+    // A fixed stride through the sorted list: spread over the blob.
+    let n = files.len();
+    let stride = 97;
+    let picked: Vec<PathBuf> = (0..n.min(max))
+        .map(|i| files[(i * stride) % n].clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    picked
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().contains(char::is_whitespace))
+        .map(|p| {
+            let mut f = std::fs::File::open(&p).expect("open source file");
+            let mut h = Sha256::new();
+            let mut buf = vec![0; 1 << 16];
+            loop {
+                let k = f.read(&mut buf).expect("read source file");
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+            }
+            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            (p.to_string_lossy().into_owned(), hex)
+        })
+        .collect()
+}
+
+const WORKLOAD: &str = r#"#!/bin/sh
+# One new file, then one read before, every 0.2 s; each logged as
+# "N new|old START END HASH PATH" with /proc/uptime stamps (10 ms).
+n=0
+while read -r f; do
+  [ -e /w/stop ] && break
+  read a _ < /proc/uptime
+  h=$(sha256sum "$f" 2>>/w/err) || h=FAIL
+  read b _ < /proc/uptime
+  echo "$n new $a $b ${h%% *} $f" >> /w/log
+  g=$(sed -n "$(( n / 2 + 1 ))p" /w/files)
+  read a _ < /proc/uptime
+  h=$(sha256sum "$g" 2>>/w/err) || h=FAIL
+  read b _ < /proc/uptime
+  echo "$n old $a $b ${h%% *} $g" >> /w/log
+  n=$((n + 1))
+  sleep 0.2
+done < /w/files
+echo done >> /w/done
+sleep 3600
+"#;
+
+/// One logged read.
+struct Read1 {
+    start: f64,
+    end: f64,
+    hash: String,
+    path: String,
+}
+
+fn parse(lines: &[String]) -> Vec<Read1> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.splitn(6, ' ').collect();
+            Some(Read1 {
+                start: f.get(2)?.parse().ok()?,
+                end: f.get(3)?.parse().ok()?,
+                hash: (*f.get(4)?).to_owned(),
+                path: (*f.get(5)?).to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Mountpoints of tarn's FUSE mounts under `dir`.
+fn tarn_mounts_under(dir: &Path) -> BTreeSet<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let path = PathBuf::from(left.split(' ').nth(4)?);
+            let mut right = right.split(' ');
+            let (fstype, source) = (right.next()?, right.next()?);
+            (fstype.starts_with("fuse") && source.starts_with("tarn:") && path.starts_with(dir))
+                .then_some(path)
+        })
+        .collect()
+}
+
+/// Runs the plan against a reader container and checks every read; returns
+/// the bed for the checks after the run.
+fn survive(extra_config: &str, label: &str) -> Bed {
+    let b = Bed::up(extra_config);
+    let image = b.rpull("python-esgz");
+    let files = source_files(400);
+    let list: String = files.iter().map(|(p, _)| format!("{p}\n")).collect();
+    std::fs::write(b.work.path().join("files"), list).expect("write file list");
+    std::fs::write(b.work.path().join("run.sh"), WORKLOAD).expect("write workload");
+    let expected: BTreeMap<&str, &str> = files
+        .iter()
+        .map(|(p, h)| (p.as_str(), h.as_str()))
+        .collect();
+
+    let mount = format!(
+        "type=bind,src={},dst=/w,options=rbind:rw",
+        b.work.path().display()
+    );
+    let out = b.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "tarn",
+        "--mount",
+        &mount,
+        &image,
+        READER,
+        "sh",
+        "/w/run.sh",
+    ]);
+    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    let mut seen = b.wait_reads(0, 6);
+
+    let upgrade_dir = b.work.path().join("upgrade");
+    std::fs::create_dir_all(&upgrade_dir).expect("upgrade dir");
+    let upgrade = upgrade_dir.join("tarn-snapshotter");
+    // The same build at another path (a hard link: a debug binary is large),
+    // started as a new program with `--takeover`.
+    let built = tarn_integration::bins::snapshotter().expect("binary");
+    std::fs::hard_link(&built, &upgrade)
+        .or_else(|_| std::fs::copy(&built, &upgrade).map(drop))
+        .expect("the binary for the upgrade");
+
+    let mut b = b;
+    for (i, action) in PLAN.iter().enumerate() {
+        // Varied moments: after 1 to 3 more reads, then 0 to 180 ms more.
+        seen = b.wait_reads(seen, 1 + i % 3);
+        std::thread::sleep(Duration::from_millis((i as u64 * 67) % 190));
+        match action {
+            Action::Term => {
+                let st = b.tarn.stop().expect("SIGTERM");
+                assert!(st.success(), "exit status {st}:\n{}", b.tarn.log());
+                b.tarn.start_again().expect("start again");
+            }
+            Action::Kill => {
+                b.tarn.kill().expect("SIGKILL");
+                b.tarn.start_again().expect("start again");
+            }
+            Action::Upgrade => {
+                let st = b.tarn.take_over(&upgrade).expect("upgrade");
+                assert!(st.success(), "old daemon's exit {st}:\n{}", b.tarn.log());
+            }
+        }
+        println!("{label}: {action:?} {} done", i + 1);
+        // New containers work right after a restart (every third, and last).
+        if i % 3 == 2 || i + 1 == PLAN.len() {
+            let out = b.run(&image, &format!("survive-new-{i}"), &["echo", "new"]);
+            assert!(out.contains("new"), "a new container ran: {out:?}");
+        }
+    }
+    // A new lazy pull after all that.
+    let other = b.rpull("busybox-esgz");
+    let out = b.run(&other, "survive-pull", &["echo", "pulled"]);
+    assert!(out.contains("pulled"), "{out:?}");
+    b.wait_reads(b.log_lines().len(), 4);
+    std::fs::write(b.work.path().join("stop"), "").expect("stop the reader");
+    wait_until("the reader to finish", PATIENCE, || {
+        b.work.path().join("done").exists().then_some(())
+    })
+    .expect("reader done");
+
+    let reads = parse(&b.log_lines());
+    let errors = std::fs::read_to_string(b.work.path().join("err")).unwrap_or_default();
+    let failed: Vec<&Read1> = reads.iter().filter(|r| r.hash == "FAIL").collect();
+    let wrong: Vec<&Read1> = reads
+        .iter()
+        .filter(|r| r.hash != "FAIL" && expected.get(r.path.as_str()) != Some(&r.hash.as_str()))
+        .collect();
+    let longest = reads.iter().map(|r| r.end - r.start).fold(0.0, f64::max);
+    println!(
+        "{label}: {} reads ({} new files), {} failed, {} wrong, longest read {:.2} s",
+        reads.len(),
+        reads.len() / 2,
+        failed.len(),
+        wrong.len(),
+        longest
+    );
+    assert!(
+        failed.is_empty(),
+        "{} reads failed (first {:?}): {errors}\ntarn log:\n{}",
+        failed.len(),
+        failed.first().map(|r| &r.path),
+        b.tarn.log()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} reads gave wrong bytes, first {:?}",
+        wrong.len(),
+        wrong.first().map(|r| &r.path)
+    );
+    assert!(reads.len() >= 2 * (6 + PLAN.len()), "the reader read on");
+    b
+}
+
+/// Nothing orphaned: every layer directory has its live mount, every mount
+/// is a layer the daemon lists, and the holder keeps exactly those.
+fn assert_consistent(b: &Bed) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let layers = rt.block_on(async {
+        let mut admin = b.tarn.admin().await.expect("admin client");
+        admin
+            .list_layers(tarn_proto::admin::ListLayersRequest {})
+            .await
+            .expect("list layers")
+            .into_inner()
+            .layers
+    });
+    let listed: BTreeSet<PathBuf> = layers
+        .iter()
+        .map(|l| PathBuf::from(&l.mountpoint))
+        .collect();
+    for l in &layers {
+        assert_ne!(
+            l.state,
+            i32::from(tarn_proto::admin::LayerState::Failed),
+            "layer {} failed",
+            l.layer_digest
+        );
+        assert!(l.served_since_unix > 0, "served since is set");
+    }
+    let mounts = tarn_mounts_under(&b.tarn.root());
+    assert_eq!(listed, mounts, "the daemon's layers are exactly the mounts");
+    let dirs: BTreeSet<PathBuf> = std::fs::read_dir(b.tarn.root().join("layers"))
+        .expect("layers dir")
+        .flatten()
+        .map(|e| e.path().join("fs"))
+        .collect();
+    assert_eq!(dirs, mounts, "every layer directory has its mount");
+    let held: BTreeSet<PathBuf> = b
+        .holder()
+        .list()
+        .expect("holder list")
+        .into_keys()
+        .collect();
+    assert_eq!(
+        held, mounts,
+        "the holder keeps exactly the mounts' connections"
+    );
+    // containerd's view: every remote snapshot's layer is mounted.
+    let out = b.ctr(&["snapshots", "--snapshotter", "tarn", "ls"]);
+    assert!(out.status.success(), "ctr snapshots ls");
+    println!(
+        "after the run: {} layers, {} mounts, {} held connections, {} containerd snapshots; takeovers {:?}",
+        listed.len(),
+        mounts.len(),
+        held.len(),
+        text(&out.stdout).lines().count().saturating_sub(1),
+        layers.iter().map(|l| l.takeovers).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn reads_survive_restarts_crashes_and_an_upgrade() {
+    let mut b = survive("fuse_passthrough = false\n", "plain");
+    assert_consistent(&b);
+
+    // The holder dies too: the next start restores every layer from
+    // metadata (new connections), and new containers work; the reader's
+    // lazy files are gone (README: "When the holder dies").
+    let pid = b.holder_pid().expect("holder pid");
+    kill(pid, Signal::SIGKILL).expect("kill the holder");
+    b.tarn.kill().expect("SIGKILL the daemon");
+    b.tarn.start_again().expect("start after losing the holder");
+    let image = format!("{}/python-esgz:latest", b.proxy.addr);
+    let out = b.run(&image, "survive-after-holder", &["echo", "restored"]);
+    assert!(out.contains("restored"), "{out:?}");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let layers = rt.block_on(async {
+        let mut admin = b.tarn.admin().await.expect("admin client");
+        admin
+            .list_layers(tarn_proto::admin::ListLayersRequest {})
+            .await
+            .expect("list layers")
+            .into_inner()
+            .layers
+    });
+    assert!(
+        layers.iter().all(|l| l.takeovers == 0),
+        "restored, not adopted: {:?}",
+        layers.iter().map(|l| l.takeovers).collect::<Vec<_>>()
+    );
+    b.remove_reader();
+    assert_consistent(&b);
+}
+
+#[test]
+fn reads_survive_with_passthrough() {
+    let b = survive("fuse_passthrough = true\n", "passthrough");
+    assert_consistent(&b);
+}
+
+#[test]
+fn reads_survive_with_background_fetch() {
+    let b = survive(
+        "fuse_passthrough = true\n[fetch]\nbackground = true\n",
+        "background",
+    );
+    assert_consistent(&b);
+}
