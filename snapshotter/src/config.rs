@@ -180,8 +180,8 @@ pub struct FetchSection {
     /// KiB the read-ahead window grows to (doubling) while reads walk along
     /// the blob, and never past what the link carries in one round trip.
     pub read_ahead_max_kib: u64,
-    /// Fetch anything before a read asks for it: read-ahead and
-    /// read-behind, a program's libraries, the image's entrypoint, the
+    /// Fetch anything before a read asks for it: read-ahead, a
+    /// program's libraries, the image's entrypoint, the
     /// prioritized files. `false` fetches on demand only (what the bench's
     /// no-speculation baseline runs); `background` is separate.
     pub speculate: bool,

@@ -22,8 +22,6 @@ use crate::format::Chunk;
 pub enum Hint {
     /// The chunks after an on-demand miss in blob order, in its GET.
     ReadAhead,
-    /// The chunks before a miss (its file, its directory), a GET of their own.
-    ReadBehind,
     /// A program's shared libraries (`hints/elf.rs`).
     Library,
     /// The image's entrypoint and its interpreter (`hints/program.rs`).
@@ -33,9 +31,8 @@ pub enum Hint {
 }
 
 impl Hint {
-    pub const ALL: [Hint; 5] = [
+    pub const ALL: [Hint; 4] = [
         Hint::ReadAhead,
-        Hint::ReadBehind,
         Hint::Library,
         Hint::Entrypoint,
         Hint::Landmark,
@@ -45,7 +42,6 @@ impl Hint {
     pub fn name(self) -> &'static str {
         match self {
             Hint::ReadAhead => "read-ahead",
-            Hint::ReadBehind => "read-behind",
             Hint::Library => "library",
             Hint::Entrypoint => "entrypoint",
             Hint::Landmark => "landmark",
@@ -55,10 +51,9 @@ impl Hint {
     fn index(self) -> usize {
         match self {
             Hint::ReadAhead => 0,
-            Hint::ReadBehind => 1,
-            Hint::Library => 2,
-            Hint::Entrypoint => 3,
-            Hint::Landmark => 4,
+            Hint::Library => 1,
+            Hint::Entrypoint => 2,
+            Hint::Landmark => 3,
         }
     }
 }
@@ -84,7 +79,7 @@ impl HintCount {
 
 /// The figures of every hint kind, in [`Hint::ALL`]'s order.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct HintCounts(pub [HintCount; 5]);
+pub struct HintCounts(pub [HintCount; Hint::ALL.len()]);
 
 impl HintCounts {
     pub fn get(&self, hint: Hint) -> HintCount {
@@ -103,8 +98,8 @@ impl HintCounts {
 /// The counters and notes of one fetcher (one layer).
 #[derive(Debug, Default)]
 pub struct HintStats {
-    fetched: [AtomicU64; 5],
-    used: [AtomicU64; 5],
+    fetched: [AtomicU64; Hint::ALL.len()],
+    used: [AtomicU64; Hint::ALL.len()],
     /// Noted chunks not used yet: their hint and compressed bytes.
     noted: Mutex<HashMap<Digest, (Hint, u64)>>,
     /// `noted.len()`, read without the lock on every read.

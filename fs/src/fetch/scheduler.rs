@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::Intent;
-use link::Estimate;
 use crate::latency::{Latency, LatencySnapshot};
+use link::Estimate;
 
 /// Tunables of a [`FetchScheduler`]. Every field has a default.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,8 +62,8 @@ pub struct SchedulerConfig {
     /// the last window ended doubles it up to this, and up to what the link
     /// carries in one round trip ([`FetchScheduler::read_ahead_max`]).
     pub read_ahead_max: u64,
-    /// Whether to fetch anything before a read asks for it: read-ahead and
-    /// read-behind, a program's libraries, the image's entrypoint, the
+    /// Whether to fetch anything before a read asks for it: read-ahead, a
+    /// program's libraries, the image's entrypoint, the
     /// prioritized files. `false` fetches on demand only (a baseline).
     pub speculate: bool,
 }
