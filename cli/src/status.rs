@@ -106,6 +106,7 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
             out.push('\n');
         }
     }
+    out.push_str(&hints(layers));
     out.push_str(&format!(
         "cache: {} in {} entries, hit rate {:.1}%; {} mounted layers, {} snapshots, {} fallbacks to full pulls{}\n",
         human(stats.cache_bytes),
@@ -130,6 +131,34 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
         human(stats.cache_evicted_bytes),
     ));
     out
+}
+
+/// One line of what speculative fetches were worth, all layers together:
+/// per kind, the bytes fetched ahead of reads and the share a read used.
+/// Nothing when nothing was fetched ahead.
+fn hints(layers: &[Layer]) -> String {
+    let mut kinds: Vec<(String, u64, u64)> = Vec::new();
+    for h in layers.iter().flat_map(|l| &l.hints) {
+        match kinds.iter_mut().find(|(k, _, _)| *k == h.kind) {
+            Some((_, fetched, used)) => {
+                *fetched += h.fetched_bytes;
+                *used += h.used_bytes;
+            }
+            None => kinds.push((h.kind.clone(), h.fetched_bytes, h.used_bytes)),
+        }
+    }
+    let named: Vec<String> = kinds
+        .iter()
+        .filter(|(_, fetched, _)| *fetched > 0)
+        .map(|(kind, fetched, used)| {
+            let pct = *used as f64 * 100.0 / *fetched as f64;
+            format!("{kind} {} ({pct:.0}% used)", human(*fetched))
+        })
+        .collect();
+    if named.is_empty() {
+        return String::new();
+    }
+    format!("fetched ahead of reads: {}\n", named.join(", "))
 }
 
 /// ` (cause n, ...)` by cause name, or nothing when no cause is named (a
@@ -260,6 +289,28 @@ mod tests {
         );
         // Columns line up: the FETCHED header sits above the fetched figure.
         assert_eq!(lines[0].find("FETCHED"), row.find("3.0 MiB"));
+    }
+
+    #[test]
+    fn render_shows_what_fetching_ahead_was_worth() {
+        let hint = |kind: &str, fetched: u64, used: u64| tarn_proto::admin::HintStat {
+            kind: kind.into(),
+            fetched_bytes: fetched,
+            used_bytes: used,
+        };
+        let (mut a, mut b) = (layer(), layer());
+        a.hints = vec![
+            hint("read-ahead", 1 << 20, 1 << 19),
+            hint("library", 1 << 20, 0),
+        ];
+        b.hints = vec![hint("read-ahead", 1 << 20, 1 << 20)];
+        let text = render(&[a, b], &stats());
+        assert!(
+            text.contains(
+                "fetched ahead of reads: read-ahead 2.0 MiB (75% used), library 1.0 MiB (0% used)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

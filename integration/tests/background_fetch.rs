@@ -188,7 +188,7 @@ fn read_ahead_costs_a_small_read_little_and_saves_round_trips() {
         if read_ahead > 0 {
             assert_eq!(
                 requests, 2,
-                "the first file's GET brings the next nine; read-behind adds one GET for the files before it"
+                "the first file's GET is its own (a walk starts); the second's continues it and brings the next eight"
             );
         } else {
             assert_eq!(requests, 10);

@@ -179,8 +179,13 @@ pub struct FetchSection {
     /// it in the blob; 0: no read-ahead.
     pub read_ahead_kib: u64,
     /// KiB the read-ahead window grows to (doubling) while reads walk along
-    /// the blob.
+    /// the blob, and never past what the link carries in one round trip.
     pub read_ahead_max_kib: u64,
+    /// Fetch anything before a read asks for it: read-ahead, a
+    /// program's libraries, the image's entrypoint, the
+    /// prioritized files. `false` fetches on demand only (what the bench's
+    /// no-speculation baseline runs); `background` is separate.
+    pub speculate: bool,
 }
 
 impl Default for FetchSection {
@@ -193,6 +198,7 @@ impl Default for FetchSection {
             background_rate_mbps: 0,
             read_ahead_kib: sched.read_ahead / 1024,
             read_ahead_max_kib: sched.read_ahead_max / 1024,
+            speculate: sched.speculate,
         }
     }
 }
@@ -284,15 +290,20 @@ impl Config {
             background_concurrency: f.background_requests.max(1),
             background_rate: (f.background_rate_mbps > 0)
                 .then(|| f.background_rate_mbps * 1_000_000),
-            read_ahead: f.read_ahead_kib * 1024,
+            read_ahead: if f.speculate {
+                f.read_ahead_kib * 1024
+            } else {
+                0
+            },
             read_ahead_max: f.read_ahead_max_kib * 1024,
+            speculate: f.speculate,
             ..tarn_fs::fetch::SchedulerConfig::default()
         }
     }
 
-    /// `None` when prefetching is off.
+    /// `None` when prefetching is off (or all speculation).
     pub fn prefetch_timeout(&self) -> Option<Duration> {
-        (self.fetch.prefetch_timeout_ms > 0)
+        (self.fetch.speculate && self.fetch.prefetch_timeout_ms > 0)
             .then(|| Duration::from_millis(self.fetch.prefetch_timeout_ms))
     }
 

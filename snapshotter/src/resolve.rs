@@ -371,7 +371,8 @@ impl Resolver {
             format,
             info.toc_digest,
             self.cache.clone(),
-            self.scheduler.clone(),
+            // The host's link: its speculation budget is its own.
+            self.scheduler.for_host(reference.repository.host()),
         )
         .await?;
         Ok(Resolved {

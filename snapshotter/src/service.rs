@@ -318,6 +318,16 @@ impl Admin for AdminService {
                         .get(&l.digest)
                         .map(|n| n.join(","))
                         .unwrap_or_default(),
+                    hints: l
+                        .stats
+                        .hints
+                        .iter()
+                        .map(|(hint, c)| admin::HintStat {
+                            kind: hint.name().to_owned(),
+                            fetched_bytes: c.fetched,
+                            used_bytes: c.used,
+                        })
+                        .collect(),
                     served_since_unix: l.service.map_or(0, |s| {
                         s.since
                             .duration_since(std::time::UNIX_EPOCH)

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
@@ -18,6 +17,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::FetchStats;
+use super::hints::{Hint, HintStats};
 use super::plan::{Group, merge_adjacent};
 use super::scheduler::{FetchScheduler, Permit};
 use crate::Digest;
@@ -198,6 +198,23 @@ impl Fetcher {
         &self.inner.scheduler
     }
 
+    /// What each hint fetched for this layer, and what reads used of it.
+    pub fn hints(&self) -> &HintStats {
+        &self.inner.stats.hints
+    }
+
+    /// Notes that `chunks` are fetched ahead of any read, for `hint`: the
+    /// caller leaves out those cached or in flight.
+    pub fn speculating(&self, hint: Hint, chunks: &[Chunk]) {
+        self.inner.stats.hints.note(hint, chunks);
+    }
+
+    /// A read covered `chunks` (hits or misses): those a hint fetched count
+    /// as used.
+    pub fn used(&self, chunks: &[Chunk]) {
+        self.inner.stats.hints.used(chunks);
+    }
+
     /// Whether a fetch of chunk `digest` is under way.
     pub fn in_flight(&self, digest: &Digest) -> bool {
         self.inner.inflight.contains_key(digest)
@@ -244,6 +261,7 @@ impl Fetcher {
             }
         }
         if !lead.is_empty() {
+            let mut ahead_bytes = 0;
             for c in ahead {
                 if waits.contains_key(&c.digest) {
                     continue;
@@ -252,9 +270,11 @@ impl Fetcher {
                     let (tx, _) = watch::channel(None);
                     e.insert(Arc::new(tx));
                     lead.push(*c);
+                    ahead_bytes += c.blob_range.1.saturating_sub(c.blob_range.0);
                 }
             }
-            tokio::spawn(self.inner.clone().run_flights(lead, intent, None));
+            let admission = Admission::Read { ahead: ahead_bytes };
+            tokio::spawn(self.inner.clone().run_flights(lead, intent, admission));
         }
 
         let mut out = Vec::with_capacity(chunks.len());
@@ -268,79 +288,18 @@ impl Fetcher {
         }
         Ok(out)
     }
+}
 
-    /// Brings `chunks` into the cache: those not cached yet are fetched
-    /// (adjacent ones merged), those another fetch is producing are waited
-    /// for. Returns how many chunks were fetched by this call, or the first
-    /// error (the other chunks are still fetched and cached).
-    ///
-    /// For `Intent::Background` the scheduler's admission is taken *before*
-    /// the flights are registered, so an on-demand reader never joins a
-    /// flight that is paused behind it.
-    pub async fn warm(&self, chunks: &[Chunk], intent: Intent) -> Result<usize, FetchError> {
-        self.warm_admitted(chunks, intent, None).await
-    }
-
-    /// [`Fetcher::warm`] with the scheduler's admission already in hand
-    /// (`permit`), for callers that pace themselves on admission.
-    pub async fn warm_admitted(
-        &self,
-        chunks: &[Chunk],
-        intent: Intent,
-        permit: Option<Permit>,
-    ) -> Result<usize, FetchError> {
-        let mut seen = std::collections::HashSet::new();
-        let missing: Vec<Chunk> = chunks
-            .iter()
-            .filter(|c| seen.insert(c.digest) && !self.inner.cache.contains(&c.digest))
-            .copied()
-            .collect();
-        if missing.is_empty() {
-            return Ok(0);
-        }
-        let permit = match (intent, permit) {
-            (_, Some(p)) => Some(p),
-            (Intent::Background, None) => {
-                let bytes = missing
-                    .iter()
-                    .map(|c| c.blob_range.1.saturating_sub(c.blob_range.0))
-                    .sum();
-                Some(self.inner.scheduler.admit(intent, bytes).await)
-            }
-            (_, None) => None,
-        };
-        let mut waits = Vec::new();
-        let mut lead = Vec::new();
-        for c in &missing {
-            match self.inner.inflight.entry(c.digest) {
-                Entry::Occupied(e) => waits.push((c.digest, e.get().subscribe())),
-                Entry::Vacant(e) => {
-                    let (tx, rx) = watch::channel(None);
-                    e.insert(Arc::new(tx));
-                    waits.push((c.digest, rx));
-                    lead.push(*c);
-                }
-            }
-        }
-        let led = lead.len();
-        if !lead.is_empty() {
-            tokio::spawn(self.inner.clone().run_flights(lead, intent, permit));
-        }
-        let mut first_err = None;
-        for (digest, mut rx) in waits {
-            let res = match rx.wait_for(Option::is_some).await {
-                Ok(v) => v.clone().expect("waited for Some").map(|_| ()),
-                Err(_) => Err(FetchError::Abandoned(digest)),
-            };
-            if let Err(e) = res {
-                first_err.get_or_insert(e);
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(led),
-        }
-    }
+/// How a flight's GETs are admitted by the scheduler.
+enum Admission {
+    /// Already admitted by the caller (speculative warms do so before
+    /// registering their flights).
+    Taken(Permit),
+    /// To ask for, by the flight's intent.
+    Ask,
+    /// A read's GET, admitted at once: its chunks, then `ahead` bytes of
+    /// read-ahead.
+    Read { ahead: u64 },
 }
 
 impl Inner {
@@ -358,15 +317,10 @@ impl Inner {
     }
 
     /// Fetches the chunks this task leads and completes their flights.
-    /// `permit`: the scheduler's admission, if the caller took it before
-    /// registering the flights (background does, so that a reader never
-    /// waits on a flight that is itself waiting for admission).
-    async fn run_flights(
-        self: Arc<Self>,
-        lead: Vec<Chunk>,
-        intent: Intent,
-        permit: Option<Permit>,
-    ) {
+    /// `admission`: the scheduler's, if the caller took it before
+    /// registering the flights (speculative warms do, so that a reader
+    /// never waits on a flight that is itself waiting for admission).
+    async fn run_flights(self: Arc<Self>, lead: Vec<Chunk>, intent: Intent, admission: Admission) {
         let mut guard = FlightGuard {
             inner: self.clone(),
             pending: lead.iter().map(|c| c.digest).collect(),
@@ -418,18 +372,20 @@ impl Inner {
             return;
         }
         let groups = merge_adjacent(misses, self.max_merged_get);
-        let _permit = match permit {
-            Some(p) => p,
-            None => {
-                let bytes = groups.iter().map(|g| g.range.end - g.range.start).sum();
-                self.scheduler.admit(intent, bytes).await
+        let bytes: u64 = groups.iter().map(|g| g.range.end - g.range.start).sum();
+        let permit = match admission {
+            Admission::Taken(p) => p,
+            Admission::Ask => self.scheduler.admit(intent, bytes).await,
+            Admission::Read { ahead } => {
+                let ahead = ahead.min(bytes);
+                self.scheduler.admit_read(bytes - ahead, ahead)
             }
         };
         let guard = Mutex::new(guard);
         futures::future::join_all(
             groups
                 .into_iter()
-                .map(|g| self.fetch_group(g, intent, &guard)),
+                .map(|g| self.fetch_group(g, intent, &guard, &permit)),
         )
         .await;
     }
@@ -438,7 +394,13 @@ impl Inner {
     /// chunks are cached, and every chunk's flight is completed as soon as
     /// its bytes are in, when a reader waits for it: a reader whose chunks
     /// lead a long GET (read-ahead, background) does not wait for its end.
-    async fn fetch_group(&self, g: Group, intent: Intent, guard: &Mutex<FlightGuard>) {
+    async fn fetch_group(
+        &self,
+        g: Group,
+        intent: Intent,
+        guard: &Mutex<FlightGuard>,
+        permit: &Permit,
+    ) {
         let (start, end) = (g.range.start, g.range.end);
         let complete = |results: Vec<(Digest, Result<Bytes, FetchError>)>| {
             let mut guard = lock(guard);
@@ -471,7 +433,9 @@ impl Inner {
         let mut body = BytesMut::new();
         let mut body_start = start;
         let mut next = 0;
-        let sent = Instant::now();
+        // Tokio's clock, as the scheduler's: a test with paused time
+        // measures its fake link in it.
+        let sent = tokio::time::Instant::now();
         if get_end > start {
             let mut stream = match self.source.read_range_stream(start..get_end, intent).await {
                 Ok(s) => s,
@@ -490,14 +454,17 @@ impl Inner {
             self.stats.request_started(intent);
             body.reserve((get_end - start).min(MAX_MERGED_GET) as usize);
             let mut resumed = false;
-            // When the first piece came, and the bytes since: the link's rate.
-            let mut first: Option<(Instant, u64)> = None;
+            // Set once the body streams: the link's busy period includes it.
+            let mut streaming = None;
             while !resumed {
                 let piece = match stream.next().await {
                     None => break,
                     Some(Ok(p)) => {
-                        if first.is_none() {
-                            first = Some((Instant::now(), body.len() as u64 + p.len() as u64));
+                        if streaming.is_none() {
+                            permit.first_piece(sent.elapsed(), p.len() as u64);
+                            streaming = Some(Streaming(permit));
+                        } else {
+                            permit.piece(p.len() as u64);
                         }
                         p
                     }
@@ -509,6 +476,7 @@ impl Inner {
                         match self.source.read_range(at..get_end, intent).await {
                             Ok(rest) => {
                                 self.stats.request_started(intent);
+                                permit.piece(rest.len() as u64);
                                 rest
                             }
                             Err(e) => {
@@ -555,11 +523,7 @@ impl Inner {
                     next = cut;
                 }
             }
-            if let (false, Some((at, had))) = (resumed, first) {
-                let got = body_start - start + body.len() as u64;
-                let rest = got.saturating_sub(had);
-                self.scheduler.observe_get(at - sent, rest, at.elapsed());
-            }
+            drop(streaming);
             self.scheduler.record_get(intent, sent.elapsed());
         }
         let mut data = body.freeze();
@@ -686,6 +650,16 @@ impl Inner {
     }
 }
 
+/// A GET whose body streams: its end ends its part of the link's busy
+/// period, however the GET ends.
+struct Streaming<'a>(&'a Permit);
+
+impl Drop for Streaming<'_> {
+    fn drop(&mut self) {
+        self.0.get_ended();
+    }
+}
+
 /// Completes flights; whatever is still pending when it drops (a panic, a
 /// runtime shutting down) is answered `Abandoned` so no reader waits forever.
 struct FlightGuard {
@@ -713,6 +687,8 @@ impl Drop for FlightGuard {
         }
     }
 }
+
+mod warm;
 
 #[cfg(test)]
 mod tests;

@@ -15,17 +15,23 @@
 //!   is never cached, the rest of the GET still is;
 //! - every request carries its [`Intent`](crate::Intent) down to the
 //!   [`BlobSource`](crate::registry::BlobSource), and
-//!   the process-wide [`FetchScheduler`] admits it by that intent:
-//!   on-demand and prefetch at once, background paused while they run,
-//!   bounded in concurrency and optionally in rate.
+//!   the process-wide [`FetchScheduler`] admits it by that intent, per
+//!   registry host: reads at once; speculative bytes (prefetch, read-ahead,
+//!   background) within what the measured link carries in one round trip;
+//!   background also paused while foreground GETs run, bounded in
+//!   concurrency and optionally in rate;
+//! - what each hint fetched and what reads used of it is counted
+//!   ([`HintStats`]), for its hit rate.
 
 mod fetcher;
+mod hints;
 mod open;
 mod plan;
 mod scheduler;
 mod stats;
 
 pub use fetcher::{FetchError, Fetcher, MAX_CHUNK_RANGE, MAX_MERGED_GET};
+pub use hints::{Hint, HintCount, HintCounts, HintStats};
 pub use open::OpenError;
 pub use plan::MAX_GAP;
 pub use scheduler::{FetchScheduler, Permit, SchedulerConfig};

@@ -4,25 +4,43 @@
 //! priorities hold across layers: an on-demand read of one layer pauses the
 //! background fetch of all of them.
 //!
-//! - `OnDemand` and `Prefetch` GETs are admitted at once and counted as
-//!   *foreground* while they are on the wire.
-//! - `Background` GETs wait until no foreground GET is in flight, then for
-//!   one of [`SchedulerConfig::background_concurrency`] slots, then for
-//!   their bytes from the optional rate limit. A background GET already on
-//!   the wire is not cancelled (its bytes are half-paid already); new ones
-//!   just are not started: background is paused, never cancelled.
+//! Reads first. Per registry host (a [`FetchScheduler::for_host`] handle)
+//! the scheduler measures the link (`link.rs`: round trip and bandwidth,
+//! continuously, from the GETs on it) and keeps the bytes on the wire that
+//! nobody waits for within one round trip's worth of that link, the
+//! *speculation budget*: a GET sent now queues behind at most that.
+//!
+//! - `Open` and `OnDemand` GETs are admitted at once, and their bytes count
+//!   against the budget until they arrive: on a link the reads alone fill,
+//!   speculation stops.
+//! - Speculative bytes are those of `Prefetch` and `Background` GETs, and
+//!   the read-ahead an on-demand GET carries after its own chunks. A
+//!   `Prefetch` GET waits until its bytes fit in the budget (or nothing is
+//!   on the wire); read-ahead is sized by the planner to the room left
+//!   ([`FetchScheduler::speculation_room`]).
+//! - `Open`, `OnDemand` and `Prefetch` GETs are *foreground* while on the
+//!   wire. `Background` GETs wait until no foreground GET is in flight, then
+//!   for one of [`SchedulerConfig::background_concurrency`] slots, for their
+//!   bytes from the optional rate limit, and for room in the budget. A
+//!   background GET already on the wire is not cancelled (its bytes are
+//!   half-paid already); new ones just are not started: background is
+//!   paused, never cancelled.
 //!
 //! Every GET passes here, so the scheduler also keeps the one daemon-wide
 //! record of how long GETs took, by intent ([`FetchScheduler::get_latency`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+mod link;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::Intent;
 use crate::latency::{Latency, LatencySnapshot};
+use link::Estimate;
 
 /// Tunables of a [`FetchScheduler`]. Every field has a default.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +62,10 @@ pub struct SchedulerConfig {
     /// the last window ended doubles it up to this, and up to what the link
     /// carries in one round trip ([`FetchScheduler::read_ahead_max`]).
     pub read_ahead_max: u64,
+    /// Whether to fetch anything before a read asks for it: read-ahead, a
+    /// program's libraries, the image's entrypoint, the
+    /// prioritized files. `false` fetches on demand only (a baseline).
+    pub speculate: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -54,19 +76,22 @@ impl Default for SchedulerConfig {
             background_rate: None,
             read_ahead: 1 << 20,
             read_ahead_max: 8 << 20,
+            speculate: true,
         }
     }
 }
 
-/// A cheap, cloneable handle to one scheduler; see the module docs.
+/// A cheap, cloneable handle to one scheduler, for GETs to one registry
+/// host; see the module docs.
 #[derive(Clone)]
 pub struct FetchScheduler {
     shared: Arc<Shared>,
+    link: Arc<Link>,
 }
 
 struct Shared {
     config: SchedulerConfig,
-    /// OnDemand and Prefetch GETs on the wire now.
+    /// Open, OnDemand and Prefetch GETs on the wire now, all hosts.
     foreground: AtomicUsize,
     /// Woken when `foreground` drops to zero.
     idle: Notify,
@@ -74,21 +99,77 @@ struct Shared {
     paused: AtomicUsize,
     background_slots: Arc<Semaphore>,
     bucket: Option<Mutex<TokenBucket>>,
-    /// Bytes the link carries in one round trip, as measured by recent
-    /// GETs (a moving average); `None` until a GET large enough to tell.
-    link_bdp: Mutex<Option<f64>>,
+    /// The links of the hosts seen, by host name.
+    links: Mutex<HashMap<String, Arc<Link>>>,
     /// How long GETs took, send to last byte, by `Intent as usize`.
     get_latency: [Latency; Intent::ALL.len()],
 }
 
-/// The smallest GET body, after its first piece, that gives a rate.
-const RATE_SAMPLE_MIN: u64 = 128 << 10;
+/// Hosts whose links are told apart; past this many (names come from
+/// image references) the rest share one.
+const MAX_LINKS: usize = 256;
+
+/// One registry host: its measured figures and the bytes asked of it that
+/// have not arrived yet.
+#[derive(Default)]
+struct Link {
+    estimate: Mutex<Estimate>,
+    /// Bytes of Open and OnDemand GETs asked for and not arrived.
+    demand: AtomicU64,
+    /// Bytes of speculative GETs (and read-ahead) asked for and not arrived.
+    speculative: AtomicU64,
+    /// Woken whenever bytes arrive or a GET ends: room may have freed.
+    room: Notify,
+}
+
+/// Tokio's clock, so that a test with paused time measures in it.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; the figures are whole.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Link {
+    fn budget(&self) -> u64 {
+        lock(&self.estimate).budget()
+    }
+
+    fn on_wire(&self) -> u64 {
+        self.demand.load(Ordering::Acquire) + self.speculative.load(Ordering::Acquire)
+    }
+
+    /// Takes `bytes` of the budget if they fit, or if nothing is on the
+    /// wire (a GET larger than the budget goes alone).
+    fn try_take(&self, bytes: u64, budget: u64) -> bool {
+        let demand = self.demand.load(Ordering::Acquire);
+        self.speculative
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spec| {
+                let fits = demand + spec == 0 || demand + spec + bytes <= budget;
+                fits.then_some(spec + bytes)
+            })
+            .is_ok()
+    }
+
+    /// `bytes` arrived or will not: off the counter of their kind.
+    fn release(&self, counter: &AtomicU64, bytes: u64) {
+        if bytes > 0 {
+            let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(bytes))
+            });
+            self.room.notify_waiters();
+        }
+    }
+}
 
 impl std::fmt::Debug for FetchScheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FetchScheduler")
             .field("config", &self.shared.config)
             .field("foreground", &self.foreground())
+            .field("budget", &self.budget())
             .finish()
     }
 }
@@ -106,6 +187,7 @@ impl FetchScheduler {
             let rate = rate.max(1);
             Mutex::new(TokenBucket::new(rate, rate.max(config.background_get)))
         });
+        let link = Arc::new(Link::default());
         FetchScheduler {
             shared: Arc::new(Shared {
                 config,
@@ -114,9 +196,10 @@ impl FetchScheduler {
                 paused: AtomicUsize::new(0),
                 background_slots: Arc::new(Semaphore::new(slots)),
                 bucket,
-                link_bdp: Mutex::new(None),
+                links: Mutex::new(HashMap::from([(String::new(), link.clone())])),
                 get_latency: Default::default(),
             }),
+            link,
         }
     }
 
@@ -127,21 +210,58 @@ impl FetchScheduler {
         GLOBAL.get_or_init(FetchScheduler::default).clone()
     }
 
+    /// A handle to this scheduler for GETs to registry `host`: the same
+    /// priorities across hosts, the link figures and budget of that host.
+    pub fn for_host(&self, host: &str) -> FetchScheduler {
+        let mut links = lock(&self.shared.links);
+        let link = match links.get(host) {
+            Some(l) => l.clone(),
+            None if links.len() >= MAX_LINKS => self.link.clone(),
+            None => {
+                let l = Arc::new(Link::default());
+                links.insert(host.to_owned(), l.clone());
+                l
+            }
+        };
+        FetchScheduler {
+            shared: self.shared.clone(),
+            link,
+        }
+    }
+
     pub fn config(&self) -> &SchedulerConfig {
         &self.shared.config
     }
 
-    /// Records one GET: its first bytes came `first` after it was sent, and
-    /// `bytes` more came in the `rest` after that. Their product estimates
-    /// the bandwidth-delay product (low while other GETs share the link,
-    /// which errs on the side of smaller read-ahead).
-    pub fn observe_get(&self, first: Duration, bytes: u64, rest: Duration) {
-        if bytes < RATE_SAMPLE_MIN || rest.is_zero() {
-            return;
+    /// The link's round trip and bandwidth (bytes per second) as measured
+    /// so far.
+    pub fn link_figures(&self) -> (Option<Duration>, Option<f64>) {
+        let e = lock(&self.link.estimate);
+        (e.rtt(), e.rate())
+    }
+
+    /// Speculative bytes this host's link may have on the wire at once:
+    /// what it carries in one round trip.
+    pub fn budget(&self) -> u64 {
+        self.link.budget()
+    }
+
+    /// Room left in the budget now: what read-ahead may add to a GET
+    /// without making the next read wait longer than a round trip.
+    pub fn speculation_room(&self) -> u64 {
+        if !self.shared.config.speculate {
+            return 0;
         }
-        let sample = first.as_secs_f64() * bytes as f64 / rest.as_secs_f64();
-        let mut bdp = self.shared.link_bdp.lock().expect("link estimate poisoned");
-        *bdp = Some(bdp.map_or(sample, |b| 0.75 * b + 0.25 * sample));
+        self.budget().saturating_sub(self.link.on_wire())
+    }
+
+    /// The size of one speculative GET: a quarter of the budget, so that
+    /// several overlap and keep the link busy while the total stays within
+    /// it, and no larger than a background GET.
+    pub fn speculative_get(&self) -> u64 {
+        (self.budget() / 4)
+            .max(link::MIN_BUDGET)
+            .min(self.shared.config.background_get.max(1))
     }
 
     /// Records that a GET of `intent` took `took`, from sending it to its
@@ -156,18 +276,11 @@ impl FetchScheduler {
     }
 
     /// The largest read-ahead window now: `read_ahead_max`, but no more
-    /// than the link carries in one round trip (nor less than
-    /// `read_ahead`). Past that, a window's tail arrives later than a miss
-    /// of its own would, and delays the next miss behind it.
+    /// than the link carries in one round trip. Past that, a window's tail
+    /// arrives later than a miss of its own would, and delays the next
+    /// miss behind it.
     pub fn read_ahead_max(&self) -> u64 {
-        let c = &self.shared.config;
-        let bdp = *self.shared.link_bdp.lock().expect("link estimate poisoned");
-        // `as` is the conversion wanted here: the estimate is a byte count,
-        // and a float-to-int `as` saturates (a huge estimate gives u64::MAX,
-        // which the `min` below caps) instead of wrapping.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let cap = bdp.map_or(c.read_ahead_max, |b| b as u64);
-        c.read_ahead_max.min(cap).max(c.read_ahead)
+        self.shared.config.read_ahead_max.min(self.budget())
     }
 
     /// Foreground (Open, OnDemand, Prefetch) GETs on the wire now.
@@ -185,13 +298,39 @@ impl FetchScheduler {
     /// while the returned permit lives.
     pub async fn admit(&self, intent: Intent, bytes: u64) -> Permit {
         match intent {
-            Intent::Open | Intent::OnDemand | Intent::Prefetch => {
+            Intent::Open | Intent::OnDemand => self.admit_read(bytes, 0),
+            Intent::Prefetch => {
+                self.wait_for_room(bytes).await;
                 self.shared.foreground.fetch_add(1, Ordering::AcqRel);
-                Permit {
-                    kind: PermitKind::Foreground(self.shared.clone()),
-                }
+                self.permit(0, bytes, true, None)
             }
             Intent::Background => self.admit_background(bytes).await,
+        }
+    }
+
+    /// Admits at once an on-demand GET of `demand` bytes a read waits for,
+    /// followed in the same GET by `ahead` bytes of read-ahead (sized by
+    /// the caller to [`FetchScheduler::speculation_room`]).
+    pub fn admit_read(&self, demand: u64, ahead: u64) -> Permit {
+        self.shared.foreground.fetch_add(1, Ordering::AcqRel);
+        self.link.demand.fetch_add(demand, Ordering::AcqRel);
+        self.link.speculative.fetch_add(ahead, Ordering::AcqRel);
+        self.permit(demand, ahead, true, None)
+    }
+
+    fn permit(
+        &self,
+        demand: u64,
+        speculative: u64,
+        foreground: bool,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Permit {
+        Permit {
+            link: self.link.clone(),
+            foreground: foreground.then(|| self.shared.clone()),
+            demand: AtomicU64::new(demand),
+            speculative: AtomicU64::new(speculative),
+            _slot: slot,
         }
     }
 
@@ -208,19 +347,41 @@ impl FetchScheduler {
                 // The lock is dropped before sleeping.
                 // Tokio's clock, so that a test with paused time paces in it.
                 let now = tokio::time::Instant::now().into_std();
-                let wait = bucket
-                    .lock()
-                    .expect("token bucket lock poisoned")
-                    .take(bytes, now);
+                let wait = lock(bucket).take(bytes, now);
                 match wait {
                     None => break,
                     Some(d) => tokio::time::sleep(d).await,
                 }
             }
         }
-        self.wait_for_idle().await;
-        Permit {
-            kind: PermitKind::Background(slot),
+        loop {
+            self.wait_for_idle().await;
+            // Room is taken only once idle; a read that starts meanwhile
+            // is not held up by it beyond the budget.
+            let notified = self.link.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.link.try_take(bytes, self.budget()) {
+                break;
+            }
+            notified.await;
+        }
+        self.permit(0, bytes, false, Some(slot))
+    }
+
+    /// Returns once `bytes` more speculative bytes fit in the budget, and
+    /// has taken them.
+    async fn wait_for_room(&self, bytes: u64) {
+        loop {
+            let notified = self.link.room.notified();
+            tokio::pin!(notified);
+            // Registered before the check so a wake-up between the check
+            // and the await is not lost.
+            notified.as_mut().enable();
+            if self.link.try_take(bytes, self.budget()) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -259,20 +420,63 @@ impl Drop for Paused<'_> {
     }
 }
 
-/// Held while one admitted GET runs.
+/// Held while one admitted GET runs. The GET reports its bytes as they
+/// come ([`Permit::first_piece`], [`Permit::piece`]): they measure the
+/// link, and free budget room.
 pub struct Permit {
-    kind: PermitKind,
+    link: Arc<Link>,
+    /// Set for foreground GETs, counted in [`Shared::foreground`].
+    foreground: Option<Arc<Shared>>,
+    /// Bytes of this GET not arrived yet, a read's first.
+    demand: AtomicU64,
+    speculative: AtomicU64,
+    // Only held: dropping it frees the background slot.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
-enum PermitKind {
-    Foreground(Arc<Shared>),
-    // Only held: dropping it frees the slot.
-    Background(#[allow(dead_code)] OwnedSemaphorePermit),
+impl Permit {
+    /// The first piece of a GET of this permit, `len` bytes, came `ttfb`
+    /// after the GET was sent.
+    pub fn first_piece(&self, ttfb: Duration, len: u64) {
+        let now = now();
+        lock(&self.link.estimate).first_piece(now, ttfb, len);
+        self.arrived(len);
+    }
+
+    /// More bytes of a GET of this permit came.
+    pub fn piece(&self, len: u64) {
+        lock(&self.link.estimate).piece(now(), len);
+        self.arrived(len);
+    }
+
+    /// A GET of this permit whose first piece came has ended.
+    pub fn get_ended(&self) {
+        lock(&self.link.estimate).ended(now());
+    }
+
+    /// `len` bytes arrived: the read's own first, then read-ahead.
+    fn arrived(&self, len: u64) {
+        let take = |counter: &AtomicU64, len: u64| {
+            let mut took = 0;
+            let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                took = v.min(len);
+                Some(v - took)
+            });
+            took
+        };
+        let d = take(&self.demand, len);
+        self.link.release(&self.link.demand, d);
+        let s = take(&self.speculative, len - d);
+        self.link.release(&self.link.speculative, s);
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let PermitKind::Foreground(shared) = &self.kind
+        self.link.release(&self.link.demand, *self.demand.get_mut());
+        self.link
+            .release(&self.link.speculative, *self.speculative.get_mut());
+        if let Some(shared) = &self.foreground
             && shared.foreground.fetch_sub(1, Ordering::AcqRel) == 1
         {
             shared.idle.notify_waiters();
@@ -321,134 +525,4 @@ impl TokenBucket {
 }
 
 #[cfg(test)]
-mod tests {
-    use futures::FutureExt;
-    use futures::poll;
-
-    use super::*;
-    use crate::testing::PATIENCE;
-
-    #[test]
-    fn read_ahead_grows_no_further_than_the_link_carries_in_a_round_trip() {
-        const MIB: u64 = 1 << 20;
-        let s = FetchScheduler::new(SchedulerConfig {
-            read_ahead: MIB,
-            read_ahead_max: 8 * MIB,
-            ..SchedulerConfig::default()
-        });
-        let ms = Duration::from_millis;
-        assert_eq!(s.read_ahead_max(), 8 * MIB, "nothing measured yet");
-        s.observe_get(ms(100), 64 << 10, ms(5));
-        assert_eq!(
-            s.read_ahead_max(),
-            8 * MIB,
-            "too small a GET to tell a rate"
-        );
-        // RTT 200 ms, 25 MB/s: 5 MB in one round trip.
-        s.observe_get(ms(200), 5 * MIB, ms(200));
-        assert_eq!(s.read_ahead_max(), 5 * MIB);
-        // Then RTT 100 ms at 12.5 MB/s, again and again: towards 1.25 MB.
-        for _ in 0..30 {
-            s.observe_get(ms(100), 5 * MIB / 4, ms(100));
-        }
-        assert!(s.read_ahead_max().abs_diff(5 * MIB / 4) < MIB / 64);
-        // A fast near link: never below the base window.
-        for _ in 0..30 {
-            s.observe_get(Duration::from_micros(300), 4 * MIB, ms(4));
-        }
-        assert_eq!(s.read_ahead_max(), MIB);
-    }
-
-    #[test]
-    fn the_bucket_paces_bytes_at_its_rate() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(1000, 1000);
-        assert_eq!(b.take(1000, t0), None, "a full bucket pays one burst");
-        let wait = b.take(500, t0).expect("empty bucket must wait");
-        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
-        assert_eq!(b.take(500, t0 + Duration::from_millis(500)), None);
-        // A GET larger than the burst passes once full and leaves debt.
-        let later = t0 + Duration::from_secs(10);
-        assert_eq!(b.take(3000, later), None);
-        let wait = b.take(1, later).expect("in debt");
-        assert!(wait >= Duration::from_secs(2), "{wait:?}");
-    }
-
-    // These poll an admission by hand: a pending poll is the state in which
-    // an admission that was not held back would already be ready.
-
-    #[tokio::test]
-    async fn background_waits_while_foreground_is_on_the_wire() {
-        let s = FetchScheduler::default();
-        let fg = s.admit(Intent::OnDemand, 10).await;
-        let bg = s.admit(Intent::Background, 10);
-        tokio::pin!(bg);
-        assert!(
-            poll!(&mut bg).is_pending(),
-            "background pauses for on-demand"
-        );
-        assert_eq!(s.paused(), 1);
-        // Prefetch is foreground too, and is admitted at once.
-        let pf = s
-            .admit(Intent::Prefetch, 10)
-            .now_or_never()
-            .expect("prefetch is not paused");
-        drop(fg);
-        assert!(
-            poll!(&mut bg).is_pending(),
-            "prefetch still holds background"
-        );
-        drop(pf);
-        tokio::time::timeout(PATIENCE, bg)
-            .await
-            .expect("background resumes when foreground is idle");
-        assert_eq!(s.paused(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_cancelled_background_admission_is_no_longer_counted_as_paused() {
-        let s = FetchScheduler::default();
-        let _fg = s.admit(Intent::OnDemand, 10).await;
-        let mut bg = Box::pin(s.admit(Intent::Background, 10));
-        assert!(poll!(&mut bg).is_pending());
-        assert_eq!(s.paused(), 1);
-        drop(bg);
-        assert_eq!(s.paused(), 0);
-    }
-
-    #[tokio::test]
-    async fn background_concurrency_is_bounded() {
-        let s = FetchScheduler::new(SchedulerConfig {
-            background_concurrency: 2,
-            ..SchedulerConfig::default()
-        });
-        let a = s.admit(Intent::Background, 1).await;
-        let _b = s.admit(Intent::Background, 1).await;
-        let third = s.admit(Intent::Background, 1);
-        tokio::pin!(third);
-        assert!(
-            poll!(&mut third).is_pending(),
-            "a third background GET must wait"
-        );
-        drop(a);
-        tokio::time::timeout(PATIENCE, third)
-            .await
-            .expect("a freed slot admits the next");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_rate_limit_paces_background_in_tokio_time() {
-        let s = FetchScheduler::new(SchedulerConfig {
-            background_rate: Some(1000),
-            background_get: 1000,
-            ..SchedulerConfig::default()
-        });
-        let t = tokio::time::Instant::now();
-        drop(s.admit(Intent::Background, 1000).await);
-        assert_eq!(t.elapsed(), Duration::ZERO, "a full bucket pays one burst");
-        drop(s.admit(Intent::Background, 500).await);
-        // Paused time only moves when every task waits on it: exactly the
-        // half second 500 bytes take at 1000 bytes/s.
-        assert_eq!(t.elapsed(), Duration::from_millis(500));
-    }
-}
+mod tests;

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::hints::{HintCounts, HintStats};
 use crate::Intent;
 
 /// Counters of one fetcher; cheap to bump from any thread.
@@ -12,6 +13,8 @@ pub struct FetchStats {
     chunks_fetched: AtomicU64,
     cache_hits: AtomicU64,
     verify_failures: AtomicU64,
+    /// What each hint fetched, and what of it reads used.
+    pub(crate) hints: HintStats,
     bytes_served: AtomicU64,
 }
 
@@ -33,6 +36,8 @@ pub struct FetchStatsSnapshot {
     pub cache_hits: u64,
     /// Chunks whose bytes did not decode or match their digest.
     pub verify_failures: u64,
+    /// Compressed bytes each hint fetched, and what reads used of them.
+    pub hints: HintCounts,
     /// Plain bytes handed to readers of the layer's files (through the
     /// daemon: reads the kernel passes through to a cached file are not
     /// seen).
@@ -87,6 +92,7 @@ impl FetchStats {
             chunks_fetched: self.chunks_fetched.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             verify_failures: self.verify_failures.load(Ordering::Relaxed),
+            hints: self.hints.snapshot(),
             bytes_served: self.bytes_served.load(Ordering::Relaxed),
         }
     }

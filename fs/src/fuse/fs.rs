@@ -98,12 +98,7 @@ impl Filesystem for LayerFs {
         let index = self.layer.index();
         match index.lookup(parent.0, name.as_bytes()) {
             Some(ino) => match index.inode(ino) {
-                Some(i) => {
-                    if i.kind() == crate::format::FileKind::Reg {
-                        self.layer.looked_up(parent.0, ino);
-                    }
-                    reply.entry(&TTL, &attr(ino, &i), Generation(0))
-                }
+                Some(i) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
                 None => reply.error(Errno::ENOENT),
             },
             None => reply.error(Errno::ENOENT),

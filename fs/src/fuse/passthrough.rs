@@ -206,6 +206,9 @@ impl Passthrough {
         let kept = match backing {
             Some(raw) => {
                 self.counters.opens.fetch_add(1, Ordering::Relaxed);
+                // Its reads will not come here: the opening is taken as the
+                // use of what hints fetched of it.
+                self.layer.opened_whole(inode);
                 // SAFETY: `raw` was just registered on this connection and
                 // nothing else owns it.
                 let id = unsafe { reply.wrap_backing(raw) };

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::Intent;
-use crate::fetch::{FetchError, Fetcher, MAX_GAP};
+use crate::fetch::{FetchError, Fetcher, Hint, MAX_GAP};
 use crate::format::{Chunk, LayerIndex};
 use crate::layer::order::BlobOrder;
 
@@ -126,7 +126,7 @@ impl Whole<'_> {
             .collect();
         let bytes: u64 = chunks.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
         let fetcher = self.fetcher.clone();
-        let mut task = tokio::spawn(async move { fetcher.warm(&chunks, Intent::Prefetch).await });
+        let mut task = tokio::spawn(async move { fetcher.warm_for(Hint::Landmark, &chunks).await });
         match tokio::time::timeout(timeout, &mut task).await {
             Err(_) => PrefetchOutcome::TimedOut,
             Ok(Ok(Ok(fetched))) => PrefetchOutcome::Done { fetched, bytes },
@@ -247,7 +247,8 @@ impl Job {
     /// One pass in blob order; `None` if stopped, else the failed GETs and
     /// the first error.
     async fn pass(&mut self, skip_in_flight: bool) -> Option<(usize, Option<FetchError>)> {
-        let max_get = self.fetcher.scheduler().config().background_get.max(1);
+        // GETs of the link's speculative size: a few fill its budget.
+        let max_get = self.fetcher.scheduler().speculative_get();
         let mut tasks: JoinSet<Result<usize, FetchError>> = JoinSet::new();
         let (mut failed, mut first) = (0, None);
         let mut note = |res: Result<Result<usize, FetchError>, tokio::task::JoinError>| {

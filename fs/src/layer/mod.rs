@@ -26,14 +26,14 @@ mod open;
 mod order;
 mod plan;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::Intent;
-use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, OpenError};
+use crate::fetch::{FetchError, FetchStatsSnapshot, Fetcher, Hint, HintCounts, OpenError};
 use crate::format::{FileKind, Inode, LayerIndex};
 
 pub use background::{BackgroundHandle, BackgroundOutcome, PrefetchOutcome, Progress};
@@ -41,7 +41,7 @@ pub use hints::program::{Entrypoint, prefetch_entrypoint};
 pub use plan::{CachedRead, PendingRead};
 
 use background::Whole;
-use hints::ahead::{Plan, Planner, Streams};
+use hints::ahead::{Planner, Streams};
 use order::BlobOrder;
 
 /// Why a layer could not be opened or read.
@@ -72,14 +72,7 @@ pub struct Layer {
     streams: Streams,
     /// Files already looked at for the libraries they need (`hints/elf.rs`).
     examined: Mutex<HashSet<u64>>,
-    /// The directory recently looked-up files were found in, for
-    /// read-behind within a directory (`hints/ahead.rs`).
-    parents: Mutex<HashMap<u32, u32>>,
 }
-
-/// Looked-up files whose directory a layer remembers (~70 KiB); then it
-/// starts over.
-const PARENTS_KEPT: usize = 4 << 10;
 
 impl Layer {
     /// A layer from an index already built and verified.
@@ -92,7 +85,6 @@ impl Layer {
             background: Arc::default(),
             streams: Streams::default(),
             examined: Mutex::default(),
-            parents: Mutex::default(),
         }
     }
 
@@ -114,6 +106,11 @@ impl Layer {
         self.fetcher.stats().snapshot()
     }
 
+    /// What each hint fetched for this layer, and what reads used of it.
+    pub fn hint_stats(&self) -> HintCounts {
+        self.fetcher.hints().snapshot()
+    }
+
     /// Plans a read of `len` bytes at `offset` of regular file `ino` and
     /// answers it from the cache if every byte is there. Blocking (cache file
     /// reads), never touches the network or the async runtime.
@@ -123,9 +120,23 @@ impl Layer {
             return Err(LayerError::NotFile(ino));
         }
         let chunks = self.index.file_chunks(&inode);
+        let end = inode.size().min(offset.saturating_add(len));
+        let first = chunks.partition_point(|c| c.file_offset + c.size <= offset);
+        let covering = chunks.get(first..).unwrap_or_default();
+        let covering = covering.iter().take_while(|c| c.file_offset < end);
+        self.fetcher.hints().used(covering.clone());
         let mut read = plan::plan_read(chunks, inode.size(), offset, len, self.fetcher.cache());
         match &mut read {
             CachedRead::Hit(data) => {
+                // A hit carries its walk along the blob (a miss is noted
+                // by the read-ahead planner).
+                let span = covering.fold(None, |s: Option<(u64, u64)>, c| {
+                    let (a, b) = c.blob_range;
+                    Some(s.map_or((a, b), |(x, y)| (x.min(a), y.max(b))))
+                });
+                if let Some((start, end)) = span {
+                    self.streams.hit(start, end);
+                }
                 let stats = self.fetcher.stats();
                 stats.cache_hits(1);
                 stats.bytes_served(data.len() as u64);
@@ -135,17 +146,11 @@ impl Layer {
         Ok(read)
     }
 
-    /// Notes that regular file `ino` was looked up in directory `parent`
-    /// (a file may have several names: the latest lookup wins).
-    pub fn looked_up(&self, parent: u64, ino: u64) {
-        let mut parents = self.parents.lock().expect("parents map poisoned");
-        if parents.len() >= PARENTS_KEPT {
-            parents.clear();
-        }
-        // Inode numbers of a layer fit in 32 bits (`LayerIndex::new`).
-        if let (Ok(ino), Ok(parent)) = (u32::try_from(ino), u32::try_from(parent)) {
-            parents.insert(ino, parent);
-        }
+    /// A file handed whole to the kernel (passthrough): its reads bypass
+    /// [`Layer::read_cached`], so the chunks hints fetched of it count as
+    /// used now.
+    pub fn opened_whole(&self, inode: &Inode) {
+        self.fetcher.hints().used(self.index.file_chunks(inode));
     }
 
     /// Fetches what a planned read is missing and assembles its bytes.
@@ -156,23 +161,14 @@ impl Layer {
             .inode(pending.ino)
             .map(|i| self.index.file_chunks(&i))
             .unwrap_or_default();
-        let dir = u32::try_from(pending.ino).ok().and_then(|ino| {
-            let parents = self.parents.lock().expect("parents map poisoned");
-            parents.get(&ino).map(|&d| u64::from(d))
-        });
         let planner = Planner {
             index: &self.index,
             order: &self.blob_order,
             fetcher: &self.fetcher,
             streams: &self.streams,
         };
-        let Plan { behind, ahead } = planner.read_ahead(&missing, file, dir);
-        if !behind.is_empty() {
-            // Its own GET, so the bytes this read waits for do not queue
-            // behind them; below on-demand reads in the scheduler.
-            let fetcher = self.fetcher.clone();
-            tokio::spawn(async move { fetcher.warm(&behind, Intent::Prefetch).await });
-        }
+        let ahead = planner.read_ahead(&missing, file);
+        self.fetcher.speculating(Hint::ReadAhead, &ahead);
         let fetched = self
             .fetcher
             .fetch_with_read_ahead(&missing, &ahead, Intent::OnDemand)

@@ -1,5 +1,5 @@
 //! Read-ahead that knows about files: a program's libraries, the image's
-//! entrypoint across layers, read-behind within a directory. Layers are
+//! entrypoint across layers. Layers are
 //! built from paths over a fake blob that records its reads.
 
 use std::ops::Range;
@@ -234,43 +234,4 @@ async fn the_entrypoint_and_its_interpreter_are_fetched_across_layers() {
 
     let none = Entrypoint::from_config(br#"{"config":{"Cmd":["/nowhere"]}}"#).unwrap();
     assert!(prefetch_entrypoint(&layers, &none).await.is_empty());
-}
-
-/// Read-behind stays in the missed file's directory once its lookup was
-/// seen; without one it takes half a window of whatever precedes the miss.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_behind_takes_the_files_of_the_missed_files_directory() {
-    let entries = || {
-        vec![
-            Entry::File("/d/a", content(1000, 7)),
-            Entry::File("/e/z", content(1000, 8)),
-            Entry::File("/d/b", content(1000, 9)),
-            Entry::File("/d/c", content(1000, 10)),
-        ]
-    };
-    let config = SchedulerConfig {
-        read_ahead: 3000,
-        read_ahead_max: 3000,
-        ..SchedulerConfig::default()
-    };
-    let t = layer_of(entries(), config.clone());
-    let (_, c) = t.file("/d/c");
-    let d = t.layer.index().resolve("/d").unwrap();
-    t.layer.looked_up(d, c);
-    assert_eq!(
-        t.layer.read(c, 0, 10).await.unwrap(),
-        &content(1000, 10)[..10]
-    );
-    t.wait_prefetched(&["/d/a", "/d/b"]).await;
-    assert!(!t.cached("/e/z"), "{:?}", t.blob.reads());
-
-    let t = layer_of(entries(), config);
-    let (_, c) = t.file("/d/c");
-    t.layer.read(c, 0, 10).await.unwrap();
-    t.wait_prefetched(&["/d/b"]).await;
-    assert!(
-        !t.cached("/e/z") && !t.cached("/d/a"),
-        "{:?}",
-        t.blob.reads()
-    );
 }

@@ -10,7 +10,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet}
 use prometheus_client::metrics::MetricType;
 use tarn_fs::Intent;
 use tarn_fs::cache::CacheStats;
-use tarn_fs::fetch::FetchScheduler;
+use tarn_fs::fetch::{FetchScheduler, Hint, HintCount};
 use tarn_fs::fuse::FuseOps;
 use tarn_fs::latency::{BOUNDS_MICROS, LatencySnapshot};
 use tarn_fs::registry::{RegistryClient, RegistryError};
@@ -275,6 +275,26 @@ fn layer_figures(e: &mut Emit<'_, '_>, layers: &[LayerStatus]) -> fmt::Result {
             })
         })
     };
+    let per_hint = |get: fn(HintCount) -> u64| {
+        mounted.iter().zip(&digests).flat_map(move |(l, d)| {
+            Hint::ALL.into_iter().map(move |h| {
+                (
+                    [("layer", d.as_str()), ("hint", h.name())],
+                    Value::Counter(get(l.stats.hints.get(h))),
+                )
+            })
+        })
+    };
+    e.family(
+        "tarn_layer_hint_fetched_bytes",
+        "Compressed bytes of the layer fetched before a read asked for them, by the kind of guess that fetched them",
+        per_hint(|c| c.fetched),
+    )?;
+    e.family(
+        "tarn_layer_hint_used_bytes",
+        "Of the hint's bytes, those of chunks a read used later (hit rate: used / fetched)",
+        per_hint(|c| c.used),
+    )?;
     e.family(
         "tarn_layer_fetched_bytes",
         "Compressed bytes of the layer's blob received from the registry, by the intent of the read that fetched them",

@@ -225,3 +225,148 @@ async fn a_chunk_whose_range_no_sane_layer_has_is_refused_without_a_get() {
     let got = f.fetch(&chunks_of(&data, 1000), Intent::OnDemand).await;
     assert_eq!(got.unwrap().concat(), data, "the layer's other chunks read");
 }
+
+/// A link of `rate` bytes per second and round trip `rtt` in front of
+/// `data`, in tokio's clock: one queue for every GET, as one TCP
+/// connection or one token bucket is, so a GET's bytes come after those of
+/// every GET sent before it. Records each GET's intent, how many bytes
+/// were queued on the link ahead of it when it was sent, and when.
+struct SlowLink {
+    data: Vec<u8>,
+    rtt: Duration,
+    rate: f64,
+    piece: usize,
+    /// When the link has sent every byte asked of it so far.
+    free_at: std::sync::Mutex<tokio::time::Instant>,
+    sent: std::sync::Mutex<Vec<(Intent, f64, tokio::time::Instant)>>,
+}
+
+impl SlowLink {
+    fn new(data: Vec<u8>, rtt: Duration, rate: f64) -> Arc<SlowLink> {
+        Arc::new(SlowLink {
+            data,
+            rtt,
+            rate,
+            piece: 4096,
+            free_at: std::sync::Mutex::new(tokio::time::Instant::now()),
+            sent: std::sync::Mutex::default(),
+        })
+    }
+}
+
+impl BlobSource for SlowLink {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn read_range(
+        &self,
+        range: Range<u64>,
+        intent: Intent,
+    ) -> futures::future::BoxFuture<'_, Result<Bytes, RegistryError>> {
+        Box::pin(async move {
+            let mut s = self.read_range_stream(range, intent).await?;
+            let mut out = Vec::new();
+            while let Some(p) = s.next().await {
+                out.extend_from_slice(&p?);
+            }
+            Ok(Bytes::from(out))
+        })
+    }
+
+    fn read_range_stream(
+        &self,
+        range: Range<u64>,
+        intent: Intent,
+    ) -> futures::future::BoxFuture<'_, Result<crate::registry::source::ByteStream, RegistryError>>
+    {
+        let now = tokio::time::Instant::now();
+        let half = self.rtt / 2;
+        let transfer = |n: usize| Duration::from_secs_f64(n as f64 / self.rate);
+        // The request reaches the far end half a round trip from now; its
+        // answer queues behind what the link still has to send.
+        let start = {
+            let mut free = self.free_at.lock().unwrap();
+            let queued = free.saturating_duration_since(now + half);
+            let ahead = queued.as_secs_f64() * self.rate;
+            self.sent.lock().unwrap().push((intent, ahead, now));
+            let start = (*free).max(now + half);
+            *free = start + transfer(usize_from(range.end - range.start));
+            start
+        };
+        let body = self.data[usize_from(range.start)..usize_from(range.end)].to_vec();
+        let pieces: Vec<(tokio::time::Instant, Bytes)> = body
+            .chunks(self.piece)
+            .scan(start, |at, p| {
+                *at += transfer(p.len());
+                Some((*at + half, Bytes::copy_from_slice(p)))
+            })
+            .collect();
+        let stream = futures::stream::iter(pieces).then(|(at, p)| async move {
+            tokio::time::sleep_until(at).await;
+            Ok(p)
+        });
+        Box::pin(async move { Ok(stream.boxed()) })
+    }
+}
+
+/// Issue 20: reads first. A thin link (RTT 40 ms, 1 MB/s), a prefetch
+/// backlog of 768 KiB on it, then a read: the read's GET is sent at once,
+/// queues behind no more than the link carries in a round trip, and its
+/// bytes arrive while most of the backlog is still to come.
+#[tokio::test(start_paused = true)]
+async fn a_read_overtakes_a_speculative_backlog_on_a_slow_link() {
+    const CHUNK: usize = 16 << 10;
+    let data = pattern(64 * CHUNK);
+    let chunks = chunks_of(&data, CHUNK);
+    let link = SlowLink::new(data.clone(), Duration::from_millis(40), 1e6);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+    let scheduler = FetchScheduler::default();
+    let f = Fetcher::with_scheduler(link.clone(), Arc::new(Plain), cache.clone(), scheduler);
+    // One read measures the link: about 56 kB in one round trip.
+    f.fetch(&chunks[56..64], Intent::OnDemand).await.unwrap();
+    let budget = f.scheduler().budget();
+    assert!((40_000..80_000).contains(&budget), "{budget}");
+
+    let backlog = chunks[..48].to_vec();
+    let warm = tokio::spawn({
+        let f = f.clone();
+        async move { f.warm_for(Hint::Landmark, &backlog).await }
+    });
+    // Let the backlog start.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!warm.is_finished());
+    link.sent.lock().unwrap().clear();
+
+    let asked = tokio::time::Instant::now();
+    let read = f.fetch(&chunks[50..51], Intent::OnDemand).await.unwrap();
+    assert_eq!(read[0], &data[50 * CHUNK..51 * CHUNK]);
+    let sent = link.sent.lock().unwrap().clone();
+    let &(_, ahead, at) = sent
+        .iter()
+        .find(|(intent, _, _)| *intent == Intent::OnDemand)
+        .expect("the read's GET was sent");
+    // Tokio's paused clock moves only when every task waits on it: the
+    // same instant means the read's GET waited for nothing.
+    assert_eq!(at, asked, "the read's GET was sent at once");
+    assert!(
+        ahead <= (budget + CHUNK as u64) as f64,
+        "{ahead} bytes queued ahead of the read, budget {budget}"
+    );
+    let landed = chunks[..48]
+        .iter()
+        .filter(|c| cache.contains(&c.digest))
+        .count();
+    assert!(
+        landed < 24 && !warm.is_finished(),
+        "the read came before most of the backlog ({landed} of 48 chunks in)"
+    );
+    assert_eq!(
+        warm.await.unwrap().unwrap(),
+        48,
+        "and the backlog came after"
+    );
+    let landmark = f.hints().snapshot().get(Hint::Landmark);
+    assert_eq!(landmark.fetched, 48 * CHUNK as u64);
+}

@@ -1,31 +1,45 @@
 //! Read-ahead along blob order: what an on-demand miss also fetches.
 //!
 //! Files are laid out in the blob in the order they were written, which is
-//! the order a workload tends to read them (and, in an optimized image, the
-//! order it did read them). So the chunks that follow a miss in the blob are
-//! the likeliest next misses; fetching them in the same GET costs transfer
-//! time but no extra round trip.
+//! the order a workload often reads them (and, in an optimized image, the
+//! order it did read them). When reads walk along the blob, the chunks that
+//! follow a miss are the likeliest next misses, and fetching them in the
+//! same GET costs transfer time but no extra round trip. When they do not,
+//! those bytes are paid for and never used, and on a thin link they delay
+//! the reads that follow (issue 20 measured a read-ahead that opened a
+//! window on every miss at a 4% hit rate).
 //!
-//! The window grows while a workload walks along the blob, as the kernel's
-//! page-cache readahead does along a file: a miss that lands at or shortly
-//! after the end of an earlier window doubles that stream's window, up to
-//! the scheduler's `read_ahead_max`; a miss anywhere else starts a stream
-//! at `read_ahead`. Half a base window before the miss comes too, in a GET
-//! of its own (read-behind). Python importing its standard library is such a walk:
-//! one `__pycache__` directory is megabytes of small files, read in
-//! roughly blob order, each one a round trip if fetched alone.
+//! So a window opens only on a walk, as the kernel's page-cache readahead
+//! does along a file: every read (hit or miss) is noted by the blob span of
+//! the chunks it covers, and a miss *continues a walk* when the previous
+//! read of the walk ended where it starts, or at most [`STREAM_GAP`] before
+//! (tar headers, a file nobody read). A miss that continues none fetches
+//! only its own chunks and starts a walk. The first miss that continues one
+//! opens a window of `read_ahead` after it (and the rest of its file); the
+//! reads that hit the window carry the walk along, and the next miss past
+//! it doubles the window, up to the scheduler's `read_ahead_max`. A miss
+//! elsewhere leaves the walk to be forgotten (the oldest of [`STREAMS`]).
+//! Python importing a package is such a walk: its `__pycache__` files are
+//! adjacent in the blob and read one after another.
 
 use std::sync::Mutex;
 
 use crate::fetch::{Fetcher, MAX_GAP};
-use crate::format::{Chunk, FileKind, LayerIndex};
+use crate::format::{Chunk, LayerIndex};
 use crate::layer::order::BlobOrder;
 
-/// Streams remembered per layer: enough for a few interleaved walks.
-const STREAMS: usize = 4;
+/// Walks remembered per layer: a read that continues none starts one, so
+/// a few scattered reads must not push out a walk still going.
+const STREAMS: usize = 8;
 
-/// One walk along the blob: where its last window ended and how large it
-/// was.
+/// How far past the previous read's end the next one may start and still
+/// continue the walk: a few tar headers and small entries nobody read
+/// (well below [`MAX_GAP`], what one GET carries across: a walk that skips
+/// whole files is no walk).
+const STREAM_GAP: u64 = 8 << 10;
+
+/// One walk along the blob: the span of its latest read, and the window its
+/// latest miss opened (0 before any).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stream {
     start: u64,
@@ -33,48 +47,65 @@ struct Stream {
     window: u64,
 }
 
-/// The recent streams of a layer, most recent first.
+/// The recent walks of a layer, most recent first.
 #[derive(Debug, Default)]
 pub(crate) struct Streams(Mutex<Vec<Stream>>);
 
 impl Stream {
-    /// Whether a miss from `start` continues this walk: it lands inside
-    /// the last window (a chunk that was in flight or skipped) or within
-    /// one window after it.
+    /// Whether a read of blob bytes from `start` continues this walk: it
+    /// starts no earlier than the latest read did (a read within the same
+    /// chunk is the same walk) and at most [`STREAM_GAP`] after its end.
     fn continued_by(&self, start: u64) -> bool {
-        start >= self.start && start <= self.end.saturating_add(self.window)
+        start >= self.start && start <= self.end.saturating_add(STREAM_GAP)
     }
 }
 
 impl Streams {
-    /// The window for a miss covering blob bytes from `start`, given the
-    /// base and largest windows; the stream it continues moves to the front.
-    fn window_for(&self, start: u64, base: u64, max: u64) -> u64 {
-        let streams = self.0.lock().expect("read-ahead streams poisoned");
-        streams
-            .iter()
-            .find(|s| s.continued_by(start))
-            .map_or(base, |s| {
-                s.window.saturating_mul(2).clamp(base, max.max(base))
-            })
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Stream>> {
+        // Nothing panics while holding it; the spans are whole.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn record(&self, s: Stream) {
-        let mut streams = self.0.lock().expect("read-ahead streams poisoned");
-        streams.retain(|o| !o.continued_by(s.start));
-        streams.insert(0, s);
+    /// Moves the walk a read of `start..end` continues (or a new one) to
+    /// the front with `window`; returns the window it had, `None` for a
+    /// new walk.
+    fn advance(&self, start: u64, end: u64, window: impl FnOnce(Option<u64>) -> u64) -> u64 {
+        let mut streams = self.lock();
+        let found = streams.iter().position(|s| s.continued_by(start));
+        let had = found.map(|i| streams.remove(i));
+        let w = window(had.map(|s| s.window));
+        let end = had.map_or(end, |s| s.end.max(end));
+        streams.insert(
+            0,
+            Stream {
+                start,
+                end,
+                window: w,
+            },
+        );
         streams.truncate(STREAMS);
+        w
     }
-}
 
-/// What a miss fetches besides its own chunks.
-#[derive(Debug, Default)]
-pub(crate) struct Plan {
-    /// Chunks of the file before the miss, and those just before it in the
-    /// blob: a GET of their own.
-    pub behind: Vec<Chunk>,
-    /// The rest of the file and what follows in the blob: with the miss.
-    pub ahead: Vec<Chunk>,
+    /// A read answered from the cache (or from chunks already on the wire)
+    /// covered blob bytes `start..end`: it carries its walk along, window
+    /// unchanged, or starts one.
+    pub(crate) fn hit(&self, start: u64, end: u64) {
+        self.advance(start, end, |had| had.unwrap_or(0));
+    }
+
+    /// A miss on blob bytes `start..end`: the window it opens, given the
+    /// base and largest windows. None (0) unless it continues a walk; then
+    /// `base` the first time and twice the walk's last window after.
+    fn miss(&self, start: u64, end: u64, base: u64, max: u64) -> u64 {
+        self.advance(start, end, |had| match had {
+            None => 0,
+            Some(0) => base,
+            Some(w) => w.saturating_mul(2).clamp(base, max.max(base)),
+        })
+    }
 }
 
 /// What read-ahead looks at of a layer: borrowed from it for one miss.
@@ -88,75 +119,72 @@ pub(crate) struct Planner<'a> {
 }
 
 impl Planner<'_> {
-    /// What to fetch along with `missing`, chunks of the file `file`
-    /// (its chunks in file order), found in directory `dir` if known.
-    /// Nothing when every missing chunk is on the wire already. A file that
-    /// misses is likely read whole (a program or library being mapped
-    /// faults its pages in any order): its other chunks come too when the
-    /// file is at most `read_ahead_max` compressed. Then, unless the file
+    /// What to fetch in the GET of `missing`, chunks of the file `file` (its
+    /// chunks in file order), after them in the blob. Nothing unless the
+    /// miss continues a walk along the blob (see the module), nor when
+    /// every missing chunk is on the wire already (whoever sent them
+    /// planned the read-ahead), nor when the link has no room for
+    /// speculative bytes (reads fill it). On a walk: the rest of the file
+    /// when it fits in the window's largest size and in the room the link
+    /// has (a file read along is read to its end); then, unless the file
     /// alone is a base window or more, the chunks after it in blob order,
-    /// neither cached nor in flight, separated by at most [`MAX_GAP`], up to
-    /// the stream's window of compressed bytes.
-    pub(crate) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk], dir: Option<u64>) -> Plan {
+    /// neither cached nor in flight, separated by at most [`MAX_GAP`], up
+    /// to the walk's window of compressed bytes; all of it within the room.
+    pub(crate) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk]) -> Vec<Chunk> {
         let scheduler = self.fetcher.scheduler();
-        let (base, max) = (scheduler.config().read_ahead, scheduler.read_ahead_max());
+        // Windows no larger than what the link carries in a round trip
+        // (the budget), and no more than the room left in it now.
+        let max = scheduler.read_ahead_max();
+        let base = scheduler.config().read_ahead.min(max);
         let (Some(start), Some(mut end)) = (
             missing.iter().map(|c| c.blob_range.0).min(),
             missing.iter().map(|c| c.blob_range.1).max(),
         ) else {
-            return Plan::default();
+            return Vec::new();
         };
-        // A miss on chunks already on the wire: whoever sent them planned
-        // the read-ahead (more now would only crowd the link).
-        if base == 0 || missing.iter().all(|c| self.fetcher.in_flight(&c.digest)) {
-            return Plan::default();
+        if missing.iter().all(|c| self.fetcher.in_flight(&c.digest)) {
+            // A read of the walk all the same: it carries it along.
+            self.streams.hit(start, end);
+            return Vec::new();
         }
-        let mut plan = Plan::default();
+        let window = self.streams.miss(start, end, base, max);
+        let room = scheduler.speculation_room();
+        if base == 0 || window == 0 || room == 0 {
+            tracing::debug!(start, end, window, room, "no read-ahead");
+            return Vec::new();
+        }
+        let mut ahead = Vec::new();
         let wanted = |c: &Chunk| {
             !missing.iter().any(|m| m.digest == c.digest)
                 && !self.fetcher.cache().contains(&c.digest)
                 && !self.fetcher.in_flight(&c.digest)
         };
-        let file_bytes: u64 = file.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
-        let whole = file_bytes <= scheduler.config().read_ahead_max.max(base);
+        let file_rest: u64 = file
+            .iter()
+            .filter(|c| c.blob_range.0 >= start)
+            .map(|c| c.blob_range.1 - c.blob_range.0)
+            .sum();
+        let whole = file_rest <= max.min(room);
+        let mut room = room;
         if whole {
-            for c in file.iter().filter(|c| wanted(c)) {
-                if c.blob_range.0 < start {
-                    plan.behind.push(*c);
-                } else {
-                    end = end.max(c.blob_range.1);
-                    plan.ahead.push(*c);
-                }
+            for c in file.iter().filter(|c| c.blob_range.0 > start && wanted(c)) {
+                end = end.max(c.blob_range.1);
+                ahead.push(*c);
             }
+            room = room.saturating_sub(file_rest);
         }
-        // A file of a window or more is read-ahead enough: what follows it
-        // in the blob would only delay the next miss.
-        let window = if whole && file_bytes >= base {
+        // The rest of a file of a window or more is read-ahead enough:
+        // what follows it in the blob would only delay the next miss.
+        let window = if whole && file_rest >= base {
             0
         } else {
-            self.streams.window_for(start, base, max)
+            window
         };
         let chunks = &self.index.chunks;
-        let first = plan
-            .behind
-            .iter()
-            .map(|c| c.blob_range.0)
-            .fold(start, u64::min);
-        // Read-behind, in a GET of its own (no round trip on the miss's
-        // path): the files of the same directory before the miss, else
-        // half a base window of whatever precedes it in the blob.
-        let had = plan.behind.len();
-        if let Some(dir) = dir {
-            self.behind_in_dir(dir, first, base, &wanted, &mut plan.behind);
-        }
-        if plan.behind.len() == had {
-            self.behind_in_blob(first, base / 2, &wanted, &mut plan.behind);
-        }
         let from = self
             .order
             .partition_point(|i| chunks[i as usize].blob_range.0 < end);
-        let mut budget = window;
-        let out = &mut plan.ahead;
+        let mut budget = window.min(room);
         for i in self.order.iter_from(from) {
             let c = &chunks[i as usize];
             // The gap's bytes travel too: they count against the window.
@@ -170,82 +198,10 @@ impl Planner<'_> {
             }
             budget -= len;
             end = c.blob_range.1;
-            out.push(*c);
+            ahead.push(*c);
         }
-        self.streams.record(Stream { start, end, window });
-        tracing::debug!(
-            start,
-            end,
-            window,
-            max,
-            behind = plan.behind.len(),
-            ahead = plan.ahead.len(),
-            "read-ahead"
-        );
-        plan
-    }
-
-    /// Read-behind in the directory the missed file was found in: its
-    /// other files before `first` in the blob, nearest first, up to
-    /// `budget` bytes and within two budgets of `first`. Modules of one
-    /// package, pages of one site, are read together and rarely in blob
-    /// order (Python's standard library: `enum` after `sitecustomize`).
-    fn behind_in_dir(
-        &self,
-        dir: u64,
-        first: u64,
-        budget: u64,
-        wanted: &dyn Fn(&Chunk) -> bool,
-        out: &mut Vec<Chunk>,
-    ) {
-        let Some(dir) = self.index.inode(dir) else {
-            return;
-        };
-        let reach = first.saturating_sub(budget.saturating_mul(2));
-        let mut near: Vec<Chunk> = self
-            .index
-            .children(&dir)
-            .filter_map(|(_, ino)| self.index.inode(ino))
-            .filter(|i| i.kind() == FileKind::Reg)
-            .flat_map(|i| self.index.file_chunks(&i).iter().copied())
-            .filter(|c| c.blob_range.1 <= first && c.blob_range.0 >= reach && wanted(c))
-            .collect();
-        near.sort_unstable_by_key(|c| std::cmp::Reverse(c.blob_range.0));
-        let mut left = budget;
-        for c in near {
-            let len = c.blob_range.1 - c.blob_range.0;
-            if len > left {
-                break;
-            }
-            left -= len;
-            out.push(c);
-        }
-    }
-
-    /// Read-behind along the blob: the chunks just before `first`, up to
-    /// `budget` bytes with the gaps between them (a program's libraries
-    /// precede it in a layer built by copying them in).
-    fn behind_in_blob(
-        &self,
-        mut first: u64,
-        mut budget: u64,
-        wanted: &dyn Fn(&Chunk) -> bool,
-        out: &mut Vec<Chunk>,
-    ) {
-        let chunks = &self.index.chunks;
-        let before = self
-            .order
-            .partition_point(|i| chunks[i as usize].blob_range.0 < first);
-        for i in (0..before).rev().filter_map(|p| self.order.get(p)) {
-            let c = &chunks[i as usize];
-            let len = first.saturating_sub(c.blob_range.0);
-            if c.blob_range.1 + MAX_GAP < first || len > budget || !wanted(c) {
-                break;
-            }
-            budget -= len;
-            first = c.blob_range.0;
-            out.push(*c);
-        }
+        tracing::debug!(start, end, window, max, ahead = ahead.len(), "read-ahead");
+        ahead
     }
 }
 
@@ -256,64 +212,74 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     #[test]
-    fn a_walk_along_the_blob_doubles_its_window_up_to_the_max() {
+    fn a_miss_on_no_walk_opens_no_window() {
+        let s = Streams::default();
+        assert_eq!(s.miss(0, 100, MIB, 8 * MIB), 0, "the first read");
+        assert_eq!(
+            s.miss(10 * MIB, 10 * MIB + 100, MIB, 8 * MIB),
+            0,
+            "far from it"
+        );
+    }
+
+    #[test]
+    fn a_walk_opens_a_window_and_doubles_it_while_reads_follow_it() {
         let s = Streams::default();
         let mut at = 0;
+        // The first miss starts the walk; each next one lands just past
+        // the previous read (a small gap: a tar header).
+        assert_eq!(s.miss(at, at + 1000, MIB, 8 * MIB), 0);
+        at += 1000 + 512;
         let mut windows = Vec::new();
         for _ in 0..5 {
-            let w = s.window_for(at, MIB, 8 * MIB);
+            let w = s.miss(at, at + 1000, MIB, 8 * MIB);
             windows.push(w / MIB);
-            s.record(Stream {
-                start: at,
-                end: at + w,
-                window: w,
-            });
-            at += w + 4096; // the next miss lands just past the window
+            // Reads hit the window the miss fetched, along it.
+            let mut hit = at + 1000;
+            while hit < at + 1000 + w {
+                s.hit(hit, hit + 64 * 1024);
+                hit += 64 * 1024;
+            }
+            at = hit;
         }
         assert_eq!(windows, vec![1, 2, 4, 8, 8]);
     }
 
     #[test]
-    fn a_miss_elsewhere_starts_at_the_base_window_and_keeps_the_other_stream() {
+    fn a_walk_whose_window_is_not_read_along_does_not_grow() {
         let s = Streams::default();
-        s.record(Stream {
-            start: 0,
-            end: 4 * MIB,
-            window: 4 * MIB,
-        });
-        assert_eq!(s.window_for(100 * MIB, MIB, 8 * MIB), MIB, "far away: base");
-        s.record(Stream {
-            start: 100 * MIB,
-            end: 101 * MIB,
-            window: MIB,
-        });
-        assert_eq!(
-            s.window_for(5 * MIB, MIB, 8 * MIB),
-            8 * MIB,
-            "the first walk goes on"
-        );
-        assert_eq!(
-            s.window_for(101 * MIB, MIB, 8 * MIB),
-            2 * MIB,
-            "so does the second"
-        );
+        s.miss(0, 1000, MIB, 8 * MIB);
+        assert_eq!(s.miss(1000, 2000, MIB, 8 * MIB), MIB);
+        // The next miss lies past the window, but no read went there: a
+        // walk of its own, no window.
+        assert_eq!(s.miss(2000 + MIB, 2000 + MIB + 10, MIB, 8 * MIB), 0);
+        // The first walk goes on where it was left.
+        assert_eq!(s.miss(2000, 3000, MIB, 8 * MIB), 2 * MIB);
     }
 
     #[test]
-    fn streams_are_bounded() {
+    fn reads_within_one_chunk_and_hits_carry_the_walk() {
         let s = Streams::default();
-        for i in 0..10 {
-            s.record(Stream {
-                start: i * 100 * MIB,
-                end: i * 100 * MIB + MIB,
-                window: MIB,
-            });
+        s.hit(0, 4 * MIB);
+        s.hit(0, 4 * MIB);
+        assert_eq!(s.miss(4 * MIB, 8 * MIB, MIB, 8 * MIB), MIB);
+    }
+
+    #[test]
+    fn walks_are_bounded() {
+        let s = Streams::default();
+        for i in 0..20 {
+            s.hit(i * 100 * MIB, i * 100 * MIB + MIB);
         }
-        assert_eq!(s.0.lock().unwrap().len(), STREAMS);
+        assert_eq!(s.lock().len(), STREAMS);
         assert_eq!(
-            s.window_for(0, MIB, 8 * MIB),
-            MIB,
-            "the oldest stream was forgotten"
+            s.miss(MIB, MIB + 10, MIB, 8 * MIB),
+            0,
+            "the oldest walk was forgotten"
+        );
+        assert_eq!(
+            s.miss(1900 * MIB + MIB, 1900 * MIB + 2 * MIB, MIB, 8 * MIB),
+            MIB
         );
     }
 }

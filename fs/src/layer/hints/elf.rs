@@ -8,25 +8,36 @@
 //! libraries the same layer holds are fetched together, while the loader is
 //! still on the first. Each library's own dependencies follow it.
 //!
+//! By value: the loader reads a library's headers and dynamic section and
+//! maps the rest, of which a program touches the pages it calls. A library
+//! that fits in the link's speculation room is fetched whole (one GET, no
+//! round trip more); a larger one only in the parts the loader reads
+//! (its first chunk, then the chunks of its dynamic section and string
+//! table, as examining it asks for them), the rest on demand.
+//!
 //! Only 64-bit little-endian ELF is read; anything else (or anything
 //! malformed) is "not a program" and costs nothing more. All bytes read
 //! here came from the cache, verified.
 
+use std::cell::Cell;
+use std::ops::Range;
 use std::sync::Arc;
 
-use crate::Intent;
-use crate::format::{FileKind, LayerIndex, ROOT_INO};
+use crate::fetch::Hint;
+use crate::format::{Chunk, FileKind, LayerIndex, ROOT_INO};
 use crate::layer::{CachedRead, Layer, plan};
 use crate::num::usize_from;
 
 impl Layer {
-    /// After a miss on file `ino`: if it is a program whose dynamic section
-    /// is in the cache now, fetches the libraries it needs that this layer
-    /// holds, each at most `read_ahead_max` compressed, then theirs. Each
-    /// file is looked at until that can be decided, then never again.
+    /// After a miss on file `ino`: if it is a program, fetches the parts
+    /// of it that tell its libraries (as examining it asks for them), then
+    /// the libraries it needs that this layer holds, each by value (see the
+    /// module docs), then theirs. Each file is looked at until that can be
+    /// decided, then never again.
     pub(in crate::layer) fn prefetch_libraries(self: &Arc<Self>, ino: u64) {
         let config = self.fetcher.scheduler().config();
         if config.read_ahead == 0
+            || !config.speculate
             || self
                 .examined
                 .lock()
@@ -35,38 +46,70 @@ impl Layer {
         {
             return;
         }
-        let max = config.read_ahead_max.max(config.read_ahead);
         let me = self.clone();
         tokio::spawn(async move {
-            let finder = me.clone();
-            let Ok(libraries) = tokio::task::spawn_blocking(move || finder.libraries(ino)).await
-            else {
-                return;
-            };
-            for lib in libraries {
-                let Ok(inode) = me.inode(lib) else { continue };
-                let chunks = me.index.file_chunks(&inode).to_vec();
-                let bytes: u64 = chunks.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
-                if bytes > max {
-                    continue;
+            for _ in 0..MAX_ROUNDS {
+                let finder = me.clone();
+                let Ok((libraries, want)) =
+                    tokio::task::spawn_blocking(move || finder.libraries(ino)).await
+                else {
+                    return;
+                };
+                for lib in libraries {
+                    me.prefetch_library(lib);
                 }
-                let me = me.clone();
-                tokio::spawn(async move {
-                    if me.fetcher.warm(&chunks, Intent::Prefetch).await.is_ok() {
-                        me.prefetch_libraries(lib);
-                    }
-                });
+                let Some(want) = want else { return };
+                let chunks = me.file_chunks_in(ino, &want);
+                if chunks.is_empty() || me.fetcher.warm_for(Hint::Library, &chunks).await.is_err() {
+                    return;
+                }
             }
         });
     }
 
-    /// The libraries of file `ino` found in this layer, if it is a program
-    /// (blocking: reads the cache). Empty until its dynamic section is cached.
-    fn libraries(&self, ino: u64) -> Vec<u64> {
+    /// Fetches library `lib`: whole if it fits in the link's room now, else
+    /// its first chunk (its headers); then looks at it for its own.
+    fn prefetch_library(self: &Arc<Self>, lib: u64) {
+        let Ok(inode) = self.inode(lib) else { return };
+        let all = self.index.file_chunks(&inode);
+        let bytes: u64 = all.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
+        let scheduler = self.fetcher.scheduler();
+        let max = scheduler.config().read_ahead_max;
+        let chunks = if bytes <= max.min(scheduler.speculation_room()) {
+            all.to_vec()
+        } else {
+            all.iter().take(1).copied().collect()
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            if me.fetcher.warm_for(Hint::Library, &chunks).await.is_ok() {
+                me.prefetch_libraries(lib);
+            }
+        });
+    }
+
+    /// The chunks of file `ino` that hold its bytes `range`.
+    fn file_chunks_in(&self, ino: u64, range: &Range<u64>) -> Vec<Chunk> {
         let Ok(inode) = self.inode(ino) else {
             return Vec::new();
         };
+        self.index
+            .file_chunks(&inode)
+            .iter()
+            .filter(|c| c.file_offset < range.end && c.file_offset + c.size > range.start)
+            .copied()
+            .collect()
+    }
+
+    /// The libraries of file `ino` found in this layer, if it is a program
+    /// (blocking: reads the cache), and the range of it whose bytes are not
+    /// cached yet that would tell more.
+    fn libraries(&self, ino: u64) -> (Vec<u64>, Option<Range<u64>>) {
+        let Ok(inode) = self.inode(ino) else {
+            return (Vec::new(), None);
+        };
         let chunks = self.index.file_chunks(&inode);
+        let want = Cell::new(None);
         let read = |offset: u64, len: usize| match plan::plan_read(
             chunks,
             inode.size(),
@@ -75,7 +118,10 @@ impl Layer {
             self.fetcher.cache(),
         ) {
             CachedRead::Hit(d) if d.len() == len => Some(d),
-            _ => None,
+            _ => {
+                want.set(Some(offset..offset + len as u64));
+                None
+            }
         };
         let resolve = |name: &[u8], needs: &Needs| {
             candidates(name, needs)
@@ -86,10 +132,8 @@ impl Layer {
             // The loader is mapped first: it need not wait for the rest.
             Examined::NotYet { interp } => {
                 let needs = Needs::default();
-                return interp
-                    .and_then(|i| resolve(&i, &needs))
-                    .into_iter()
-                    .collect();
+                let found = interp.and_then(|i| resolve(&i, &needs)).into_iter();
+                return (found.collect(), want.take());
             }
             Examined::NotElf => Vec::new(),
             Examined::Needs(needs) => {
@@ -108,9 +152,13 @@ impl Layer {
         examined.insert(ino);
         found.retain(|l| !examined.contains(l));
         tracing::debug!(ino, libraries = found.len(), "looked for libraries");
-        found
+        (found, None)
     }
 }
+
+/// Times a file is fetched further and looked at again for its libraries:
+/// headers, program headers, dynamic section, string table.
+const MAX_ROUNDS: usize = 4;
 
 /// What looking at a file's first bytes found.
 #[derive(Debug, PartialEq, Eq)]

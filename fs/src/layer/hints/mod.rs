@@ -4,9 +4,9 @@
 //! `Intent::Prefetch`, or in the GET of a miss); it never changes what a
 //! read returns, and a wrong guess costs bytes, not correctness.
 //!
-//! - `ahead`: read-ahead along blob order (and read-behind within a
-//!   directory): the chunks that follow an on-demand miss in the blob come
-//!   in the same GET.
+//! - `ahead`: read-ahead along blob order: when an on-demand miss
+//!   continues a walk along the blob, the chunks that follow it come in the
+//!   same GET.
 //! - `elf`: a program's libraries: once a program's dynamic section is
 //!   cached, the libraries it names that the layer holds are fetched.
 //! - `program`: the entrypoint: the program an image config runs (and its

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use crate::Intent;
+use crate::fetch::Hint;
 use crate::format::FileKind;
 
 use super::elf;
@@ -54,10 +54,19 @@ fn absolute(dir: &str, path: &str) -> String {
 }
 
 /// Fetches the entrypoint of an image whose layers are `layers` (bottom
-/// first) with `Intent::Prefetch`: at most `read_ahead_max` compressed bytes
-/// of it, then its interpreter or its libraries. Returns the paths fetched.
+/// first) with `Intent::Prefetch`, within the link's speculation budget:
+/// at most `read_ahead_max` compressed bytes of it (it is run, so it is
+/// read: a script whole, a program's pages as it runs), then its
+/// interpreter or its libraries. Returns the paths fetched. Nothing when
+/// speculation is off.
 pub async fn prefetch_entrypoint(layers: &[Arc<Layer>], entry: &Entrypoint) -> Vec<String> {
     let mut fetched = Vec::new();
+    if layers
+        .first()
+        .is_some_and(|l| !l.fetcher.scheduler().config().speculate)
+    {
+        return fetched;
+    }
     let mut candidates = entry.candidates();
     for _ in 0..MAX_HOPS {
         let Some((path, layer, ino)) = candidates
@@ -81,7 +90,12 @@ pub async fn prefetch_entrypoint(layers: &[Arc<Layer>], entry: &Entrypoint) -> V
             })
             .copied()
             .collect();
-        if layer.fetcher.warm(&chunks, Intent::Prefetch).await.is_err() {
+        if layer
+            .fetcher
+            .warm_for(Hint::Entrypoint, &chunks)
+            .await
+            .is_err()
+        {
             break;
         }
         fetched.push(path);

@@ -29,6 +29,10 @@ impl Facts {
     pub fn new<const N: usize>(facts: [(&str, f64); N]) -> Facts {
         Facts(facts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
     }
+
+    pub fn push(&mut self, name: &str, value: f64) {
+        self.0.insert(name.to_owned(), value);
+    }
 }
 
 impl fmt::Display for Facts {

@@ -3,6 +3,7 @@
 //! been fetched (polled at most 100 ms apart by `wait_until_async`: well
 //! under the resolution the benchmark reports).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -104,12 +105,22 @@ pub fn digests(admin: &Path) -> Result<Vec<String>> {
 }
 
 /// Whether the pull was lazy: at least one layer mounted lazily and none
-/// fell back to a full pull. The fact `layers` counts the lazy ones.
+/// fell back to a full pull. The fact `layers` counts the lazy ones;
+/// `ahead_bytes` is what all hints fetched ahead of reads, and
+/// `hit_KIND` each hint kind's hit rate (bytes a read used / bytes it
+/// fetched), for the kinds that fetched anything.
 #[allow(clippy::cast_precision_loss)]
 pub fn lazy_check(admin: &Path) -> Result<Facts> {
     runtime()?.block_on(async {
         let mut client = connect(admin).await?;
-        let layers = list(&mut client).await?.len();
+        let listed = list(&mut client).await?;
+        let layers = listed.len();
+        let mut kinds: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for h in listed.iter().flat_map(|l| &l.hints) {
+            let k = kinds.entry(h.kind.replace('-', "_")).or_default();
+            k.0 += h.fetched_bytes;
+            k.1 += h.used_bytes;
+        }
         let fallbacks = client
             .stats(StatsRequest {})
             .await
@@ -120,6 +131,16 @@ pub fn lazy_check(admin: &Path) -> Result<Facts> {
         if layers == 0 || fallbacks > 0 {
             bail!("not lazy: {layers} layers mounted lazily, {fallbacks} fell back to a full pull");
         }
-        Ok(Facts::new([("layers", layers as f64)]))
+        let mut facts = Facts::new([
+            ("layers", layers as f64),
+            (
+                "ahead_bytes",
+                kinds.values().map(|k| k.0).sum::<u64>() as f64,
+            ),
+        ]);
+        for (kind, (fetched, used)) in kinds.iter().filter(|(_, k)| k.0 > 0) {
+            facts.push(&format!("hit_{kind}"), *used as f64 / *fetched as f64);
+        }
+        Ok(facts)
     })
 }
