@@ -321,7 +321,7 @@ mod tests {
         .expect("write");
         std::fs::write(
             blobs.join("ab"),
-            r#"{"config":{"size":7},"layers":[{"size":100},{"size":23}]}"#,
+            r#"{"config":{"size":7},"layers":[{"digest":"sha256:01","size":100},{"digest":"sha256:02","size":23}]}"#,
         )
         .expect("write");
         let f = layout_bytes(dir.path()).expect("layout bytes");
