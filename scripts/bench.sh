@@ -17,13 +17,18 @@
 # speculation as a baseline, overlayfs), S2 background fetch (profiles with
 # a rate limit), S3 20 concurrent pulls, S4 cached read and walk (once,
 # local), S5 daemon RSS per TOC entry (once, local).
+# P7 two images sharing ~80% of their files and no layer (registry bytes of
+# the second after the first against it alone; the cache's disk against the
+# distinct bytes of both).
 # The environment works too: PROFILES, SCENARIOS, BENCH_OUT; BENCH_STEP_TIMEOUT
 # bounds each step (default 600 s), BENCH_STRICT=1 fails unless every target
 # passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference,
 # BENCH_S1_OVERLAYFS=0 S1's (to try tarn settings through
 # TARN_CONFIG_EXTRA), BENCH_S1_REPS sets how many S1 tarn runs give the
 # median (default 3), BENCH_S3_REPS how many S3 tarn runs of each kind
-# (default 9). Everything started is stopped by PID on exit, also on
+# (default 9), BENCH_CACHE_MAX_BYTES bounds tarn's cache in S1 and S4 (the
+# cost of eviction on the read path; the records note the bound and the
+# evictions). Everything started is stopped by PID on exit, also on
 # failure.
 set -euo pipefail
 
@@ -34,7 +39,7 @@ PYTHON=/usr/bin/python3
 [ -x "$PYTHON" ] || PYTHON=python3
 
 PROFILES="${PROFILES:-loopback,rtt50,rtt100,rtt200,thin40,thin100}"
-SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5}"
+SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5,P7}"
 OUT="${BENCH_OUT:-$REPO_ROOT/bench}"
 STEP_TIMEOUT="${BENCH_STEP_TIMEOUT:-600}"
 CONCURRENT=20
@@ -194,6 +199,26 @@ tarn_lazy_check() {
   read -ra LAZY <<<"$out"
 }
 
+# The daemon's configuration for S1 and S4: TARN_CONFIG_EXTRA, plus the
+# cache bound of BENCH_CACHE_MAX_BYTES when set.
+bounded_config() {
+  local extra="${TARN_CONFIG_EXTRA:-}"
+  if [ -n "${BENCH_CACHE_MAX_BYTES:-}" ]; then
+    extra="${extra:+$extra$'\n'}[cache]"$'\n'"max_bytes = $BENCH_CACHE_MAX_BYTES"
+  fi
+  printf '%s' "$extra"
+}
+
+# Evictions and the bound after a run with BENCH_CACHE_MAX_BYTES, into
+# CACHE_FACTS (none without a bound).
+cache_facts() {
+  CACHE_FACTS=()
+  [ -n "${BENCH_CACHE_MAX_BYTES:-}" ] || return 0
+  local out
+  out="$("$BENCH_BIN" cache-stats --admin "$TARN_ADMIN_SOCK" 2>>"$1")" || return 0
+  read -ra CACHE_FACTS <<<"$out"
+}
+
 tarn_pull() {
   [ -n "$TARN_BIN" ] || { REASON="the tarn CLI is not built"; return 1; }
   step "$1" "$TARN_BIN" pull --plain-http --address "$CONTAINERD_SOCK" --admin-address "$TARN_ADMIN_SOCK" "$2"
@@ -205,6 +230,7 @@ images_up() {
   log "building images (cached in ${TARN_IMAGE_CACHE:-/var/cache/tarn-images})"
   "$BED_SCRIPTS/images.sh" build busybox busybox-esgz python-esgz multi multi-esgz multi-esgz-opt >/dev/null
   if wants S4 || wants S5; then "$SCRIPTS/bench-images.sh" build; fi
+  if wants P7; then "$BED_SCRIPTS/images.sh" build p7-a-esgz p7-b-esgz >/dev/null; fi
   REGBED="$WORK/registry"
   BEDS+=("$REGBED")
   "$BED_SCRIPTS/testbed.sh" up "$REGBED" --registry >/dev/null 2>&1 || die "the registry did not start"
@@ -213,7 +239,9 @@ images_up() {
   # shellcheck disable=SC1091
   REG_LOG="$(. "$REGBED/env" && echo "$REGISTRY_LOG")"
   local name
-  for name in busybox-esgz python-esgz multi multi-esgz multi-esgz-opt; do
+  local names=(busybox-esgz python-esgz multi multi-esgz multi-esgz-opt)
+  if wants P7; then names+=(p7-a-esgz p7-b-esgz); fi
+  for name in "${names[@]}"; do
     "$BED_SCRIPTS/images.sh" push "$name" "$REG_ADDR"
   done
   if wants S4 || wants S5; then
@@ -313,7 +341,7 @@ s1_tarn_run() {
   ref="$TARGET/$image:latest"
   lg="$WORK/$p-s1-$variant-$r.log"
   REASON=""
-  bed_up "$p-s1-$variant-$r" --containerd --tarn || return 1
+  TARN_CONFIG_EXTRA="$(bounded_config)" bed_up "$p-s1-$variant-$r" --containerd --tarn || return 1
   mark="$(reg_mark)"
   t0="$(now)"
   if tarn_pull "$lg" "$ref" &&
@@ -322,7 +350,9 @@ s1_tarn_run() {
     t1="$(now)"
     mark1="$(reg_mark)"
     if tarn_lazy_check; then
-      note "$p" S1 "$variant" --rep start="$t0" end="$t1" reg_from="$mark" reg_to="$mark1" "${LAZY[@]}"
+      cache_facts "$lg"
+      note "$p" S1 "$variant" --rep start="$t0" end="$t1" reg_from="$mark" reg_to="$mark1" "${LAZY[@]}" \
+        "${CACHE_FACTS[@]}"
       ok=0
     else
       # What the failed run took and fetched still belongs in its reason:
@@ -489,9 +519,9 @@ s4_on() {
   local snap="$1" suffix="" lg="$WORK/local-s4-$1.log"
   [ "$snap" = tarn ] && suffix=-esgz
   REASON=""
-  local flags=(--containerd)
-  [ "$snap" = tarn ] && flags+=(--tarn)
-  if ! bed_up "local-s4-$snap" "${flags[@]}"; then
+  local flags=(--containerd) extra="${TARN_CONFIG_EXTRA:-}"
+  [ "$snap" = tarn ] && flags+=(--tarn) && extra="$(bounded_config)"
+  if ! TARN_CONFIG_EXTRA="$extra" bed_up "local-s4-$snap" "${flags[@]}"; then
     note local S4 "read-$snap" --fail "$REASON"
     note local S4 "walk-$snap" --fail "$REASON"
     return 0
@@ -524,7 +554,19 @@ s4_on() {
     if step "$lg" "$BENCH_BIN" "${out[@]}" &&
       facts="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" "${out[@]}" --passes 3 2>>"$lg")"; then
       read -ra facts <<<"$facts"
-      note local S4 "$what-$snap" "${facts[@]}"
+      CACHE_FACTS=()
+      if [ "$snap" = tarn ]; then
+        cache_facts "$lg"
+        # What the cache holds for this image against what it takes on
+        # disk: whole-file objects for passthrough show here.
+        local held
+        if held="$("$BENCH_BIN" cache-figures --cache "$BED/tarn/cache" \
+          "$("$SCRIPTS/bench-images.sh" path "$image")" 2>>"$lg")"; then
+          read -ra held <<<"$held"
+          CACHE_FACTS+=("${held[@]}")
+        fi
+      fi
+      note local S4 "$what-$snap" "${facts[@]}" "${CACHE_FACTS[@]}"
     else
       note local S4 "$what-$snap" --fail "${REASON:-measurement failed}"
     fi
@@ -560,6 +602,65 @@ s5() {
   bed_down
 }
 
+# p7_run PROFILE LOG IMAGE: lazy pull and run of IMAGE on the bed that is
+# up, once the registry is quiet; P7_FACTS holds its start, end and marks,
+# or REASON says why it failed.
+p7_run() {
+  local p="$1" lg="$2" ref="$TARGET/$3:latest" mark t0 t1
+  "$BENCH_BIN" settle "$REG_LOG"
+  mark="$(reg_mark)"
+  t0="$(now)"
+  tarn_pull "$lg" "$ref" &&
+    step "$lg" ctr --address "$CONTAINERD_SOCK" run --rm --snapshotter tarn "$ref" "bench-p7-$$" /app/run.sh &&
+    check_workload "$lg" || return 1
+  t1="$(now)"
+  # Read-ahead may still be landing: its bytes belong to this run.
+  "$BENCH_BIN" settle "$REG_LOG"
+  tarn_lazy_check || return 1
+  P7_FACTS=(start="$t0" end="$t1" reg_from="$mark" reg_to="$(reg_mark)")
+}
+
+# P7: p7-b-esgz alone on fresh daemons, then p7-a-esgz and p7-b-esgz in
+# turn on one node: the second image's registry bytes against its own
+# alone, and the cache's disk against the distinct chunks of both it holds.
+p7() {
+  local p="$1" lg="$WORK/$1-p7.log" a b
+  a="$("$BED_SCRIPTS/images.sh" path p7-a-esgz)"
+  b="$("$BED_SCRIPTS/images.sh" path p7-b-esgz)"
+  REASON=""
+  if bed_up "$p-p7-alone" --containerd --tarn; then
+    if p7_run "$p" "$lg" p7-b-esgz; then
+      note "$p" P7 b-alone "${P7_FACTS[@]}"
+    else
+      note "$p" P7 b-alone --fail "$REASON"
+    fi
+    bed_down
+  else
+    note "$p" P7 b-alone --fail "$REASON"
+  fi
+  REASON=""
+  if ! bed_up "$p-p7-pair" --containerd --tarn; then
+    note "$p" P7 a-first --fail "$REASON"
+    note "$p" P7 b-after-a --fail "$REASON"
+    return 0
+  fi
+  if p7_run "$p" "$lg" p7-a-esgz; then
+    note "$p" P7 a-first "${P7_FACTS[@]}"
+    local held
+    if p7_run "$p" "$lg" p7-b-esgz &&
+      held="$("$BENCH_BIN" cache-figures --cache "$BED/tarn/cache" "$a" "$b" 2>>"$lg")"; then
+      read -ra held <<<"$held"
+      note "$p" P7 b-after-a "${P7_FACTS[@]}" "${held[@]}"
+    else
+      note "$p" P7 b-after-a --fail "${REASON:-$(tail -n1 "$lg" | cut -c1-160)}"
+    fi
+  else
+    note "$p" P7 a-first --fail "$REASON"
+    note "$p" P7 b-after-a --fail "the first image's run failed"
+  fi
+  bed_down
+}
+
 # ---------------------------------------------------------------- main
 
 mkdir -p "$OUT"
@@ -581,6 +682,7 @@ for p in "${PROFILE_LIST[@]}"; do
     read -r _ rate <<<"$(profile_params "$p")"
     if [ "$rate" != 0 ]; then s2 "$p"; fi
   fi
+  if wants P7; then p7 "$p"; fi
   if wants S3; then
     s3_tarn "$p" "$CONCURRENT" "${BENCH_S3_REPS:-9}"
     # The overlayfs reference of S3 is slow (containerd's lock back-off:

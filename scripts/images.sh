@@ -10,7 +10,9 @@
 #
 # Names: busybox, python, multi (plain gzip layers, built with umoci),
 # busybox-esgz, python-esgz, multi-esgz (eStargz, converted by Debian's
-# ctr-remote), multi-esgz-opt (eStargz optimized for /app/run.sh).
+# ctr-remote), multi-esgz-opt (eStargz optimized for /app/run.sh);
+# p7-a, p7-b and their -esgz forms (`make bench`'s P7, built only when
+# named): the same busybox and python trees, packed into different layers.
 # Every layout holds one tag, `latest`.
 set -euo pipefail
 
@@ -27,7 +29,7 @@ die() {
 }
 
 usage() {
-  sed -n '5,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '5,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -96,6 +98,22 @@ stage_python() {
       find /usr/lib/python3.11/lib-dynload -name '*.so' -exec ldd {} \;
     } 2>/dev/null | grep -oE '/[^ ]+\.so[^ ]*' | sort -u
   )
+}
+
+# The workload of P7's images: the reference workload's start (a shell,
+# python), then every file of the image's own tree under
+# /usr/share/go-1.19/src, which the other image lacks.
+stage_p7_app() {
+  local root="$1"
+  mkdir -p "$root/app"
+  cat >"$root/app/run.sh" <<'EOF'
+#!/bin/sh
+set -e
+echo "tarn test workload"
+python3 -c 'import json, sys'
+find /usr/share/go-1.19/src -type f -exec cat {} + | wc -c
+EOF
+  chmod 755 "$root/app/run.sh"
 }
 
 stage_app() {
@@ -172,6 +190,29 @@ build_plain() {
       umoci_layer "$layout" "$work/app"
       umoci_finish "$layout" --config.cmd /app/run.sh
       ;;
+    p7-a | p7-b)
+      # P7: two images sharing ~80% of their files (busybox and python:
+      # ~1,900 files) and no layer. p7-a has them as two layers, p7-b as
+      # one; each adds a tree of its own (~20% of its files: Go's net,
+      # 358 files, or internal, 442) with the workload in the same layer.
+      local own=net
+      [ "$name" = p7-b ] && own=internal
+      umoci init --layout "$layout"
+      umoci new --image "$layout:latest"
+      stage_busybox "$work/base"
+      if [ "$name" = p7-a ]; then
+        umoci_layer "$layout" "$work/base"
+        stage_python "$work/python"
+        umoci_layer "$layout" "$work/python"
+      else
+        stage_python "$work/base"
+        umoci_layer "$layout" "$work/base"
+      fi
+      stage_tree "/usr/share/go-1.19/src/$own" "$work/own"
+      stage_p7_app "$work/own"
+      umoci_layer "$layout" "$work/own"
+      umoci_finish "$layout" --config.cmd /app/run.sh
+      ;;
     *) die "unknown plain image $name" ;;
   esac
   rm -rf "${CACHE:?}/$name"
@@ -238,7 +279,7 @@ ensure() {
   local name="$1"
   have "$name" && return 0
   case "$name" in
-    busybox | python | multi) timed "build $name" build_plain "$name" ;;
+    busybox | python | multi | p7-a | p7-b) timed "build $name" build_plain "$name" ;;
     *-esgz | *-esgz-opt) build_esgz "$name" ;;
     *) die "unknown image $name (known: ${ALL[*]})" ;;
   esac

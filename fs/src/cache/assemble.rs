@@ -9,17 +9,15 @@
 //! from its cached chunks under its whole-file digest, verified while
 //! written ([`Cache::assemble`]).
 //!
-//! The object duplicates its chunks' bytes on disk. Once it is made, the
-//! chunks it was built from are aged to the oldest stamp an entry in use
-//! can have ([`Cache::assemble`]): under a size bound they are the first
-//! in-use entries to go, and the passthrough file keeps serving (a read
-//! through the daemon fetches an evicted chunk again).
+//! The object would duplicate its chunks' bytes on disk. Once it is made,
+//! the chunks it was built from become slices of it (`slice.rs`): their
+//! own copies go, and reads of them (from any layer) read the object.
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::{Cache, CacheError, Location, SMALL_MAX, UNKNOWN, disk_bytes, io_err, object_dir};
+use super::{Cache, CacheError, Location, SMALL_MAX, disk_bytes, io_err, object_dir};
 use crate::Digest;
 use crate::digest::Hasher;
 use crate::format::Chunk;
@@ -184,7 +182,7 @@ impl Cache {
                 match placed {
                     Ok(disk) => {
                         if self.index_object(digest, len, disk) {
-                            self.age_parts(parts);
+                            self.slice_parts(digest, parts);
                         }
                         self.enforce_bound();
                         return Ok(Assembled::Done);
@@ -197,18 +195,6 @@ impl Cache {
         };
         let _ = fs::remove_file(&tmp);
         outcome
-    }
-
-    /// Ages the chunks a whole-file object was built from to the oldest
-    /// stamp of an entry in use: the object serves their bytes now.
-    fn age_parts(&self, parts: &[(Digest, u64)]) {
-        for (part, _) in parts {
-            if let Some(mut e) = self.index.get_mut(part)
-                && e.stamp > UNKNOWN
-            {
-                e.stamp = UNKNOWN;
-            }
-        }
     }
 
     /// Copies the parts into `tmp`; `None` if one is missing. Returns the

@@ -117,16 +117,45 @@ impl Cache {
     /// use; a read takes them back into use. Returns the bytes released.
     pub fn release<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> u64 {
         let mut released = 0;
+        let mut files = HashSet::new();
         for d in digests {
             if let Some(mut e) = self.index.get_mut(d)
                 && e.stamp != RELEASED
             {
                 e.stamp = RELEASED;
                 released += e.len;
+                if let Location::Slice { file, .. } = e.loc {
+                    files.insert(file);
+                }
+            }
+        }
+        // A whole-file object (`slice.rs`) goes with its chunks: released
+        // once no chunk it holds is in use.
+        if !files.is_empty() {
+            let in_use = self.holding(|_, e| e.stamp != RELEASED);
+            for file in files.difference(&in_use) {
+                if let Some(mut e) = self.index.get_mut(file)
+                    && e.stamp != RELEASED
+                {
+                    e.stamp = RELEASED;
+                    released += e.len;
+                }
             }
         }
         self.released.fetch_add(released, Ordering::Relaxed);
         released
+    }
+
+    /// The whole-file objects holding a slice `pick` chooses (given the
+    /// slice's digest and entry).
+    fn holding(&self, pick: impl Fn(&Digest, &Entry) -> bool) -> HashSet<Digest> {
+        self.index
+            .iter()
+            .filter_map(|r| match r.value().loc {
+                Location::Slice { file, .. } if pick(r.key(), r.value()) => Some(file),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Removes released entries (`keep: None`), or every entry not in
@@ -135,9 +164,15 @@ impl Cache {
     pub fn prune(&self, keep: Option<&HashSet<Digest>>) -> Pruned {
         let _pass = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
         let disk_before = self.disk.load(Ordering::Relaxed);
+        // A whole-file object holding a chunk that stays (`slice.rs`)
+        // stays.
+        let holding = match keep {
+            None => self.holding(|_, e| e.stamp != RELEASED),
+            Some(keep) => self.holding(|d, _| keep.contains(d)),
+        };
         let doomed = |d: &Digest, e: &Entry| match keep {
-            None => e.stamp == RELEASED,
-            Some(keep) => !keep.contains(d),
+            None => e.stamp == RELEASED && !holding.contains(d),
+            Some(keep) => !keep.contains(d) && !holding.contains(d),
         };
         let (entries, bytes) = self.evict_until(u64::MAX, doomed);
         for i in 0..self.packs.len() {
@@ -194,10 +229,15 @@ impl Cache {
     /// once dead pack records are compacted away. Returns the entries and
     /// logical bytes evicted.
     fn evict_until(&self, target: u64, doomed: impl Fn(&Digest, &Entry) -> bool) -> (u64, u64) {
+        // A slice (`slice.rs`) frees nothing: a bounded pass leaves it to
+        // its object.
+        let frees = |e: &Entry| target == u64::MAX || e.disk > 0;
         let mut candidates: Vec<(u32, Digest)> = self
             .index
             .iter()
-            .filter(|r| doomed(r.key(), r.value()) && !self.held.contains_key(r.key()))
+            .filter(|r| {
+                doomed(r.key(), r.value()) && frees(r.value()) && !self.held.contains_key(r.key())
+            })
             .map(|r| (r.value().stamp, *r.key()))
             .collect();
         candidates.sort_unstable();

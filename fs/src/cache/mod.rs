@@ -12,7 +12,8 @@
 //!
 //! Which files get a whole-file object, and its assembly from cached
 //! chunks, is decided here too (`assemble.rs`); `fuse/` only hands the
-//! object to the kernel.
+//! object to the kernel. Once assembled, the object holds its chunks: they
+//! become slices of it (`slice.rs`), so a file's bytes are stored once.
 //!
 //! Nothing is ever fsynced. Instead, trust is per process: bytes this process
 //! wrote are served as they are (the page cache holds exactly what we wrote),
@@ -34,14 +35,18 @@
 
 mod assemble;
 mod evict;
+mod listing;
+mod object;
 mod pack;
+mod slice;
 mod stamps;
 
 pub use assemble::{Assembled, Preparation, WholeFile};
 pub use evict::{COMPACT_LIVE_SHARE, Hold, Pruned, filesystem_bytes};
+pub use listing::{Listing, list};
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
@@ -52,7 +57,6 @@ use std::sync::{Mutex, RwLock};
 use dashmap::DashMap;
 
 use crate::Digest;
-use crate::digest::Hasher;
 use crate::num::usize_from;
 
 /// Items smaller than this go into pack files; larger ones get a file each,
@@ -121,8 +125,16 @@ pub struct CacheStats {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Location {
-    Pack { pack: usize, offset: u64 },
+    Pack {
+        pack: usize,
+        offset: u64,
+    },
     Object,
+    /// Inside the whole-file object `file` from `offset` (`slice.rs`).
+    Slice {
+        file: Digest,
+        offset: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -328,6 +340,9 @@ impl Cache {
                 }
                 self.read_object(digest, offset, len)?
             }
+            Location::Slice { file, offset: at } => {
+                self.read_slice(digest, &file, at + offset, len)?
+            }
         };
         let Some(data) = data else {
             return Ok(self.miss());
@@ -368,34 +383,7 @@ impl Cache {
     fn pack_offset(&self, digest: &Digest) -> Option<u64> {
         match self.index.get(digest)?.loc {
             Location::Pack { offset, .. } => Some(offset),
-            Location::Object => None,
-        }
-    }
-
-    fn read_object(
-        &self,
-        digest: &Digest,
-        offset: u64,
-        len: usize,
-    ) -> Result<Option<Vec<u8>>, CacheError> {
-        let path = self.object_path(digest);
-        let mut buf = vec![0u8; len];
-        let read = File::open(&path).and_then(|f| f.read_exact_at(&mut buf, offset));
-        match read {
-            Ok(()) => Ok(Some(buf)),
-            // Evicted, or removed or truncated behind our back: a miss, not
-            // an error.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
-                ) =>
-            {
-                tracing::debug!(%digest, error = %e, "cache object vanished; dropping it");
-                self.remove_entry(digest, |e| e.loc == Location::Object);
-                Ok(None)
-            }
-            Err(e) => Err(io_err(&path)(e)),
+            Location::Object | Location::Slice { .. } => None,
         }
     }
 
@@ -529,11 +517,6 @@ impl Cache {
         }
     }
 
-    fn object_path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.objects.join(&hex[0..2]).join(hex)
-    }
-
     /// Appends a record and indexes it; `false` if another thread stored the
     /// digest first.
     fn append_to_pack(&self, digest: &Digest, data: &[u8]) -> Result<bool, CacheError> {
@@ -575,40 +558,6 @@ impl Cache {
         Ok(true)
     }
 
-    /// Writes an object file under a temp name and renames it into place, so
-    /// a reader never sees a half-written file under the final name in this
-    /// process (after a crash, verification catches what rename ordering
-    /// without fsync may leave). Returns the disk bytes it takes.
-    fn write_object(&self, digest: &Digest, data: &[u8]) -> Result<u64, CacheError> {
-        let path = self.object_path(digest);
-        let dir = object_dir(&path);
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tmp = self.tmp_path(digest);
-        let write = || -> io::Result<u64> {
-            fs::write(&tmp, data)?;
-            let disk = disk_bytes(&fs::metadata(&tmp)?);
-            fs::rename(&tmp, &path)?;
-            Ok(disk)
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err(&path)(e)
-        })
-    }
-
-    /// A fresh temp name beside the object's final path; `open` removes
-    /// leftovers of a process that died mid-write.
-    fn tmp_path(&self, digest: &Digest) -> PathBuf {
-        let path = self.object_path(digest);
-        let dir = path.parent().expect("object path has a parent");
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        dir.join(format!(
-            ".tmp-{}-{}-{seq}",
-            digest.hex(),
-            std::process::id()
-        ))
-    }
-
     /// Reads an unverified pack entry whole and checks it; drops it if it
     /// does not match. `None` also if it went meanwhile.
     fn read_whole_pack_entry(
@@ -628,35 +577,6 @@ impl Cache {
         }
         self.mark_verified(digest);
         Ok(Some(buf))
-    }
-
-    /// Hashes an object file found on disk; drops it if it does not match.
-    fn verify_object(&self, digest: &Digest) -> Result<bool, CacheError> {
-        let path = self.object_path(digest);
-        let hashed = (|| -> io::Result<Digest> {
-            let mut f = File::open(&path)?;
-            let mut hasher = Hasher::default();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(hasher.finish());
-                }
-                hasher.update(&buf[..n]);
-            }
-        })();
-        let ok = match hashed {
-            Ok(actual) => actual == *digest,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        if ok {
-            self.mark_verified(digest);
-        } else {
-            self.reject(digest, "object file");
-            let _ = fs::remove_file(&path);
-        }
-        Ok(ok)
     }
 
     fn mark_verified(&self, digest: &Digest) {
@@ -691,7 +611,8 @@ impl Cache {
             Location::Pack { pack, .. } => {
                 self.packs[pack].live.fetch_sub(e.disk, Ordering::Relaxed);
             }
-            Location::Object => {
+            // A slice holds none (`disk` is 0).
+            Location::Object | Location::Slice { .. } => {
                 self.disk.fetch_sub(e.disk, Ordering::Relaxed);
             }
         }

@@ -268,6 +268,86 @@ fn assembled_whole_file_is_a_verified_standalone_file() {
 }
 
 #[test]
+fn an_assembled_file_holds_its_chunks_once_and_serves_them_until_it_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let (whole, parts) = file_in_parts(&cache);
+    let before = cache.stats().disk_bytes;
+    let d = Digest::of(&whole);
+    assert_eq!(cache.assemble(&d, &parts).unwrap(), Assembled::Done);
+    // The chunks' own objects went; the pack item's record is dead until
+    // its pack is compacted. Block rounding aside, no byte is stored twice.
+    assert!(
+        cache.stats().disk_bytes <= before + 16 * 1024,
+        "{} after assembling, {before} before",
+        cache.stats().disk_bytes
+    );
+    assert_eq!(
+        cache.verified_file(&parts[0].0),
+        None,
+        "no object of its own"
+    );
+    let mut at = 0;
+    for (part, len) in &parts {
+        let n = usize::try_from(*len).unwrap();
+        let got = cache.read(part, 0, n).unwrap().expect("a slice is a hit");
+        assert_eq!(got, &whole[at..at + n]);
+        at += n;
+    }
+    assert_eq!(
+        cache.read(&parts[2].0, 10, 5).unwrap().unwrap(),
+        &whole[at - n_of(&parts[2]) + 10..at - n_of(&parts[2]) + 15]
+    );
+
+    // Pruning every entry no layer lists keeps the object of listed chunks.
+    let keep: std::collections::HashSet<Digest> = parts.iter().map(|(p, _)| *p).collect();
+    cache.prune(Some(&keep));
+    assert!(cache.contains(&d), "the object holds kept chunks");
+
+    // The object is evicted (a bound below anything): its slices are
+    // misses, never an error or other bytes, and then they are gone.
+    cache.set_max_bytes(1);
+    assert!(!cache.contains(&d));
+    for (part, len) in &parts {
+        assert_eq!(cache.read(part, 0, n_of(&(*part, *len))).unwrap(), None);
+        assert!(!cache.contains(part));
+    }
+    // Fetched again, a chunk is stored again.
+    cache.set_max_bytes(u64::MAX);
+    let piece = data(200 * 1024, 7);
+    cache.insert(&parts[0].0, &piece).unwrap();
+    assert_eq!(
+        cache.read(&parts[0].0, 0, piece.len()).unwrap().unwrap(),
+        piece
+    );
+}
+
+#[test]
+fn a_whole_file_is_released_and_pruned_with_the_last_of_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let (whole, parts) = file_in_parts(&cache);
+    let d = Digest::of(&whole);
+    assert_eq!(cache.assemble(&d, &parts).unwrap(), Assembled::Done);
+    cache.release(parts[..2].iter().map(|(p, _)| p));
+    cache.prune(None);
+    assert!(cache.contains(&d), "one of its chunks is still in use");
+    let last = n_of(&parts[2]);
+    assert_eq!(
+        cache.read(&parts[2].0, 0, last).unwrap().unwrap(),
+        &whole[whole.len() - last..]
+    );
+    cache.release([&parts[2].0]);
+    cache.prune(None);
+    assert!(!cache.contains(&d));
+    assert_eq!(cache.stats().disk_bytes, 0, "{:?}", cache.stats());
+}
+
+fn n_of(part: &(Digest, u64)) -> usize {
+    usize::try_from(part.1).unwrap()
+}
+
+#[test]
 fn parts_that_do_not_hash_to_the_file_digest_leave_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(dir.path()).unwrap();

@@ -252,6 +252,16 @@ fn snapshotter_figures(e: &mut Emit<'_, '_>, f: &SnapshotterFigures) -> fmt::Res
         "tarn_cache_dedup_saved_bytes",
         "Bytes inserted into the cache that it already held (stored once)",
         Value::Counter(c.dedup_bytes),
+    )?;
+    e.one(
+        "tarn_cache_evictions",
+        "Cache entries evicted, by the bound or a prune",
+        Value::Counter(c.evictions),
+    )?;
+    e.one(
+        "tarn_cache_evicted_bytes",
+        "Logical bytes of the cache entries evicted, by the bound or a prune",
+        Value::Counter(c.evicted_bytes),
     )
 }
 

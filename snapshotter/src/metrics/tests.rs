@@ -37,7 +37,11 @@ fn figures_read_at_scrape_time_come_out_as_prometheus_text() {
         layers: vec![layer(good, false), layer(bad, true)],
         fallbacks: Cause::ALL.iter().map(|&c| (c, 0)).collect(),
         snapshots: 7,
-        ..Default::default()
+        cache: tarn_fs::cache::CacheStats {
+            evictions: 3,
+            evicted_bytes: 4096,
+            ..Default::default()
+        },
     }));
     metrics.takeovers().inc();
     let text = metrics.encode().expect("encodes");
@@ -47,6 +51,8 @@ fn figures_read_at_scrape_time_come_out_as_prometheus_text() {
         "tarn_mounted_layers 1",
         "tarn_failed_layers 1",
         "tarn_snapshots 7",
+        "tarn_cache_evictions_total 3",
+        "tarn_cache_evicted_bytes_total 4096",
         "tarn_fallbacks_total{cause=\"no-toc-digest\"} 0",
         "# TYPE tarn_layer_fetched_bytes_total counter",
         &format!("tarn_layer_fetched_bytes_total{{layer=\"{good}\",intent=\"open\"}} 200"),

@@ -3,7 +3,8 @@
 //! facts, one note per run (`note`): start and end times, registry log
 //! marks, and the `NAME=VALUE` words the measuring subcommands print
 //! (sequential reads, tree walks, daemon RSS, TOC entries, background fetch
-//! completion, whether a pull was lazy). Everything computed from them is
+//! completion, whether a pull was lazy, the cache's disk against the
+//! distinct bytes it holds). Everything computed from them is
 //! computed here: `records` turns the notes into records (seconds, registry
 //! traffic, medians of repeated runs), `report` the records into the table
 //! with ratios and targets and results.json.
@@ -106,6 +107,21 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         min_layers: usize,
     },
+    /// A daemon's cache directory (in use) against the images of the OCI
+    /// layouts given: cache_disk_bytes, unique_bytes (distinct chunks of
+    /// those images it holds), whole_file_bytes, other_bytes.
+    CacheFigures {
+        #[arg(long)]
+        cache: PathBuf,
+        layouts: Vec<PathBuf>,
+    },
+    /// The cache's evictions and bound as the daemon counts them:
+    /// cache_evictions, cache_evicted_bytes, cache_daemon_disk_bytes,
+    /// cache_max_bytes.
+    CacheStats {
+        #[arg(long)]
+        admin: PathBuf,
+    },
     /// Fail unless the pull was lazy (layers mounted lazily, no fallback):
     /// layers.
     LazyCheck {
@@ -197,6 +213,8 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
             min_layers,
         } => measure::admin::wait_fetched(&admin, Duration::from_secs(timeout), min_layers)?,
+        Command::CacheFigures { cache, layouts } => measure::cache_figures(&cache, &layouts)?,
+        Command::CacheStats { admin } => measure::admin::cache_stats(&admin)?,
         Command::LazyCheck { admin } => measure::admin::lazy_check(&admin)?,
         Command::Records {
             notes,

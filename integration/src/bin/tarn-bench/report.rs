@@ -1,6 +1,6 @@
 //! The report: records written by scripts/bench.sh (one JSON object per
 //! line) become a table of measurements, ratios against the baselines of the
-//! same run, and the targets of issue 5 with PASS/FAIL. A scenario variant
+//! same run, and the targets of issue 5 (and P7's, issue 16) with PASS/FAIL. A scenario variant
 //! that failed shows FAILED with its reason, never a number.
 
 use std::collections::BTreeMap;
@@ -254,6 +254,31 @@ const SPECS: &[Spec] = &[
             Ok(rss / entries)
         },
     },
+    Spec {
+        scenario: "P7",
+        name: "2nd image after the 1st / alone, registry bytes",
+        unit: "x",
+        op: Op::Le,
+        target: 0.3,
+        target_profile: None,
+        value: |v| ratio(v, "b-after-a", "b-alone", "bytes"),
+    },
+    Spec {
+        scenario: "P7",
+        name: "cache disk / unique bytes of both images",
+        unit: "x",
+        op: Op::Le,
+        target: 1.05,
+        target_profile: None,
+        value: |v| {
+            let disk = metric(v, "b-after-a", "cache_disk_bytes")?;
+            let unique = metric(v, "b-after-a", "unique_bytes")?;
+            if unique <= 0.0 {
+                return Err("b-after-a: no chunk of either image cached".into());
+            }
+            Ok(disk / unique)
+        },
+    },
 ];
 
 /// Every check whose scenario ran in a profile.
@@ -298,7 +323,7 @@ pub fn checks(records: &[Record]) -> Vec<Check> {
 
 fn fmt_metric(name: &str, x: f64) -> String {
     match name {
-        "bytes" | "blob_bytes" | "rss_bytes" | "ahead_bytes" => format!("{name}={:.1}MB", x / 1e6),
+        _ if name == "bytes" || name.ends_with("_bytes") => format!("{name}={:.1}MB", x / 1e6),
         "secs" => format!("{x:.2}s"),
         _ if x.fract() == 0.0 && x.abs() < 1e15 => format!("{name}={x:.0}"),
         _ => format!("{name}={x:.2}"),
@@ -340,7 +365,7 @@ pub fn render(records: &[Record], checks: &[Check]) -> String {
     }
     let _ = writeln!(
         s,
-        "\nTargets (issues 5, 20), ratios against baselines measured in this run"
+        "\nTargets (issues 5, 16, 20), ratios against baselines measured in this run"
     );
     let _ = writeln!(
         s,
@@ -560,6 +585,36 @@ mod tests {
         // The overlayfs figures did not run, but they have no target.
         assert!(all_pass(&s3(1.2)));
         assert!(!all_pass(&s3(2.0)), "20 pulls at 2x one");
+    }
+
+    #[test]
+    fn p7_compares_the_second_image_with_itself_alone_and_the_cache_with_its_content() {
+        let records = vec![
+            rec("loopback", "P7", "b-alone", &[("bytes", 10e6)]),
+            rec(
+                "loopback",
+                "P7",
+                "b-after-a",
+                &[
+                    ("bytes", 2e6),
+                    ("cache_disk_bytes", 33e6),
+                    ("unique_bytes", 30e6),
+                ],
+            ),
+        ];
+        let c = checks(&records);
+        let wire = find(
+            &c,
+            "loopback",
+            "2nd image after the 1st / alone, registry bytes",
+        );
+        assert!((wire.value.expect("value") - 0.2).abs() < 1e-9);
+        assert_eq!(wire.verdict, Verdict::Pass);
+        // 33 / 30 = 1.1 > 1.05.
+        let disk = find(&c, "loopback", "cache disk / unique bytes of both images");
+        assert_eq!(disk.verdict, Verdict::Fail);
+        let table = render(&records, &c);
+        assert!(table.contains("cache_disk_bytes=33.0MB"), "{table}");
     }
 
     #[test]

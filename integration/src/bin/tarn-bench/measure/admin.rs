@@ -144,3 +144,25 @@ pub fn lazy_check(admin: &Path) -> Result<Facts> {
         Ok(facts)
     })
 }
+
+/// The cache's figures as the daemon counts them: `cache_evictions`,
+/// `cache_evicted_bytes`, `cache_daemon_disk_bytes` (its own count of its
+/// disk use) and `cache_max_bytes` (its bound; 0: none).
+#[allow(clippy::cast_precision_loss)]
+pub fn cache_stats(admin: &Path) -> Result<Facts> {
+    runtime()?.block_on(async {
+        let mut client = connect(admin).await?;
+        let s = client
+            .stats(StatsRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+            .context("cannot read tarn's statistics")?
+            .into_inner();
+        Ok(Facts::new([
+            ("cache_evictions", s.cache_evictions as f64),
+            ("cache_evicted_bytes", s.cache_evicted_bytes as f64),
+            ("cache_daemon_disk_bytes", s.cache_disk_bytes as f64),
+            ("cache_max_bytes", s.cache_max_bytes as f64),
+        ]))
+    })
+}

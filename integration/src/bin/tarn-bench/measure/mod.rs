@@ -3,6 +3,7 @@
 
 pub mod admin;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use tarn_fs::format::estargz::{decode_toc, parse_footer};
+use tarn_fs::Digest;
+use tarn_fs::format::estargz::{TocJson, decode_toc, parse_footer};
 use tarn_integration::reglog::{self, Traffic};
 
 use crate::runs::{Facts, median};
@@ -147,30 +149,49 @@ pub fn toc_entries(digests: &[String], layouts: &[PathBuf]) -> Result<Facts> {
 /// full fetch of the image moves.
 #[allow(clippy::cast_precision_loss)]
 pub fn layout_bytes(layout: &Path) -> Result<Facts> {
+    let total: u64 = layers(layout)?.iter().map(|(_, size)| size).sum();
+    Ok(Facts::new([("bytes", total as f64)]))
+}
+
+/// The layer blobs of an OCI layout's first manifest, with their sizes.
+fn layers(layout: &Path) -> Result<Vec<(PathBuf, u64)>> {
     let json = |p: &Path| -> Result<Value> {
         let text =
             std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
         serde_json::from_str(&text).with_context(|| format!("bad JSON in {}", p.display()))
     };
+    let blob = |digest: &str| -> Result<PathBuf> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .with_context(|| format!("{digest} is not a sha256 digest"))?;
+        Ok(layout.join("blobs/sha256").join(hex))
+    };
     let index = json(&layout.join("index.json"))?;
     let digest = index["manifests"][0]["digest"]
         .as_str()
         .context("index.json names no manifest")?;
-    let hex = digest
-        .strip_prefix("sha256:")
-        .context("manifest digest is not sha256")?;
-    let manifest = json(&layout.join("blobs/sha256").join(hex))?;
+    let manifest = json(&blob(digest)?)?;
     let layers = manifest["layers"]
         .as_array()
         .context("manifest has no layers")?;
-    let mut total = 0u64;
-    for l in layers {
-        total += l["size"].as_u64().context("layer without size")?;
-    }
-    Ok(Facts::new([("bytes", total as f64)]))
+    layers
+        .iter()
+        .map(|l| {
+            let digest = l["digest"].as_str().context("layer without digest")?;
+            Ok((
+                blob(digest)?,
+                l["size"].as_u64().context("layer without size")?,
+            ))
+        })
+        .collect()
 }
 
 fn count_toc_entries(blob: &Path) -> Result<usize> {
+    Ok(read_toc(blob)?.parse()?.entries.len())
+}
+
+/// The TOC of an eStargz blob on disk, unpacked.
+fn read_toc(blob: &Path) -> Result<TocJson> {
     let mut file = File::open(blob)?;
     let size = file.metadata()?.len();
     let tail_len = size.min(64 << 10);
@@ -189,7 +210,88 @@ fn count_toc_entries(blob: &Path) -> Result<usize> {
     let mut toc = vec![0u8; toc_len];
     file.seek(SeekFrom::Start(loc.toc_range.start))?;
     file.read_exact(&mut toc)?;
-    Ok(decode_toc(&toc)?.parse()?.entries.len())
+    Ok(decode_toc(&toc)?)
+}
+
+/// What the layers of some images list (eStargz TOCs): every chunk once
+/// per digest with its plain length, and every file's chunks by the
+/// file's digest (the key of its whole-file object).
+#[derive(Debug, Default)]
+struct Contents {
+    chunks: BTreeMap<Digest, u64>,
+    files: BTreeMap<Digest, Vec<Digest>>,
+}
+
+fn contents_of(layouts: &[PathBuf]) -> Result<Contents> {
+    let mut out = Contents::default();
+    for layout in layouts {
+        for (blob, _) in layers(layout)? {
+            let toc = read_toc(&blob)
+                .with_context(|| format!("cannot read the TOC of {}", blob.display()))?;
+            let digest = |s: &str| -> Result<Digest> {
+                s.parse()
+                    .with_context(|| format!("bad digest {s:?} in {}", blob.display()))
+            };
+            // A `chunk` entry has neither a size nor a digest of its own
+            // file: those are the `reg` entry's before it.
+            let (mut file_size, mut file) = (0u64, None);
+            for e in &toc.parse()?.entries {
+                if e.kind == "reg" {
+                    file_size = e.size;
+                    file = (!e.digest.is_empty())
+                        .then(|| digest(&e.digest[..]))
+                        .transpose()?;
+                }
+                if (e.kind != "reg" && e.kind != "chunk") || e.chunk_digest.is_empty() {
+                    continue;
+                }
+                let len = if e.chunk_size > 0 {
+                    e.chunk_size
+                } else {
+                    file_size.saturating_sub(e.chunk_offset)
+                };
+                let chunk = digest(&e.chunk_digest[..])?;
+                out.chunks.insert(chunk, len);
+                if let Some(f) = file {
+                    out.files.entry(f).or_default().push(chunk);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The cache directory `cache` (a daemon's, in use) against the contents
+/// of the images in `layouts`: `cache_disk_bytes` (blocks of every file
+/// under it), `unique_bytes` (plain bytes of the distinct chunks of those
+/// images it holds, as chunks or inside whole-file objects: what it must
+/// store), `whole_file_bytes` (the whole-file objects of files of more
+/// than one chunk, assembled for passthrough) and `other_bytes` (items that
+/// are neither).
+#[allow(clippy::cast_precision_loss)]
+pub fn cache_figures(cache: &Path, layouts: &[PathBuf]) -> Result<Facts> {
+    let contents = contents_of(layouts)?;
+    let listing = tarn_fs::cache::list(cache)
+        .with_context(|| format!("cannot list the cache {}", cache.display()))?;
+    let mut held = BTreeSet::new();
+    let (mut whole, mut other) = (0u64, 0u64);
+    for (digest, len) in &listing.items {
+        if contents.chunks.contains_key(digest) {
+            held.insert(*digest);
+        } else if let Some(chunks) = contents.files.get(digest) {
+            whole += len;
+            held.extend(chunks.iter().copied());
+        } else {
+            other += len;
+        }
+    }
+    let unique: u64 = held.iter().filter_map(|d| contents.chunks.get(d)).sum();
+    Ok(Facts::new([
+        ("cache_disk_bytes", listing.disk_bytes as f64),
+        ("unique_bytes", unique as f64),
+        ("whole_file_bytes", whole as f64),
+        ("other_bytes", other as f64),
+    ]))
 }
 
 #[cfg(test)]
@@ -219,7 +321,7 @@ mod tests {
         .expect("write");
         std::fs::write(
             blobs.join("ab"),
-            r#"{"config":{"size":7},"layers":[{"size":100},{"size":23}]}"#,
+            r#"{"config":{"size":7},"layers":[{"digest":"sha256:01","size":100},{"digest":"sha256:02","size":23}]}"#,
         )
         .expect("write");
         let f = layout_bytes(dir.path()).expect("layout bytes");
@@ -245,6 +347,79 @@ mod tests {
         assert_eq!(parse_vm_rss(status), Some(1234 * 1024));
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
         assert!(rss(std::process::id()).expect("own rss").0["rss_bytes"] > 0.0);
+    }
+
+    /// An OCI layout at `dir` of one eStargz layer written from `files`
+    /// (name, content) in chunks of `chunk_size`.
+    fn estargz_layout(dir: &Path, files: &[(&str, &[u8])], chunk_size: u64) {
+        use tarn_fs::format::estargz::{WriteOptions, write_estargz};
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, name, *data).expect("append");
+        }
+        let tar = tar.into_inner().expect("tar");
+        let mut blob = Vec::new();
+        let opts = WriteOptions {
+            chunk_size,
+            ..WriteOptions::default()
+        };
+        write_estargz(&tar[..], &mut blob, &opts).expect("write estargz");
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).expect("mkdir");
+        let layer = Digest::of(&blob);
+        std::fs::write(blobs.join(layer.hex()), &blob).expect("write");
+        let manifest = format!(
+            r#"{{"layers":[{{"digest":"{layer}","size":{}}}]}}"#,
+            blob.len()
+        );
+        let m = Digest::of(manifest.as_bytes());
+        std::fs::write(blobs.join(m.hex()), &manifest).expect("write");
+        std::fs::write(
+            dir.join("index.json"),
+            format!(r#"{{"manifests":[{{"digest":"{m}"}}]}}"#),
+        )
+        .expect("write");
+    }
+
+    #[test]
+    #[allow(clippy::cast_precision_loss)]
+    fn cache_figures_count_each_chunk_once_alone_or_in_its_whole_file() {
+        use tarn_fs::cache::Cache;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let big: Vec<u8> = (0..300_000u32)
+            .map(|i| u8::try_from(i % 251).expect("below 251"))
+            .collect();
+        let small = b"small file".to_vec();
+        let layout = dir.path().join("layout");
+        estargz_layout(&layout, &[("big", &big), ("small", &small)], 128 << 10);
+        let cache_dir = dir.path().join("cache");
+        let cache = Cache::open(&cache_dir).expect("open");
+        let parts: Vec<(Digest, u64)> = big
+            .chunks(128 << 10)
+            .chain([&small[..]])
+            .map(|c| {
+                cache.insert(&Digest::of(c), c).expect("insert");
+                (Digest::of(c), c.len() as u64)
+            })
+            .collect();
+        let unique = (big.len() + small.len()) as f64;
+        let f = cache_figures(&cache_dir, std::slice::from_ref(&layout)).expect("figures");
+        assert_eq!(f.0["unique_bytes"], unique, "{f}");
+        assert_eq!(f.0["whole_file_bytes"], 0.0, "{f}");
+        // The big file's whole-file object: its chunks are counted once.
+        let whole = cache
+            .assemble(&Digest::of(&big), &parts[..3])
+            .expect("assemble");
+        assert_eq!(whole, tarn_fs::cache::Assembled::Done);
+        let f = cache_figures(&cache_dir, &[layout]).expect("figures");
+        assert_eq!(f.0["unique_bytes"], unique, "{f}");
+        assert_eq!(f.0["whole_file_bytes"], big.len() as f64, "{f}");
+        assert_eq!(f.0["other_bytes"], 0.0, "{f}");
+        assert!(f.0["cache_disk_bytes"] >= unique, "{f}");
     }
 
     #[test]

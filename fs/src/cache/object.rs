@@ -1,0 +1,110 @@
+//! Object files: one file per item of `SMALL_MAX` bytes or more (and per
+//! whole-file object), under `objects/sha256/ab/<hex>`: where they go,
+//! how they are written (temp name, then rename), read and verified.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use super::{Cache, CacheError, Location, disk_bytes, io_err, object_dir};
+use crate::Digest;
+use crate::digest::Hasher;
+
+impl Cache {
+    pub(super) fn read_object(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
+        let path = self.object_path(digest);
+        let mut buf = vec![0u8; len];
+        let read = File::open(&path).and_then(|f| f.read_exact_at(&mut buf, offset));
+        match read {
+            Ok(()) => Ok(Some(buf)),
+            // Evicted, or removed or truncated behind our back: a miss, not
+            // an error.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                tracing::debug!(%digest, error = %e, "cache object vanished; dropping it");
+                self.remove_entry(digest, |e| e.loc == Location::Object);
+                Ok(None)
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    pub(super) fn object_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.objects.join(&hex[0..2]).join(hex)
+    }
+
+    /// Writes an object file under a temp name and renames it into place, so
+    /// a reader never sees a half-written file under the final name in this
+    /// process (after a crash, verification catches what rename ordering
+    /// without fsync may leave). Returns the disk bytes it takes.
+    pub(super) fn write_object(&self, digest: &Digest, data: &[u8]) -> Result<u64, CacheError> {
+        let path = self.object_path(digest);
+        let dir = object_dir(&path);
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let tmp = self.tmp_path(digest);
+        let write = || -> io::Result<u64> {
+            fs::write(&tmp, data)?;
+            let disk = disk_bytes(&fs::metadata(&tmp)?);
+            fs::rename(&tmp, &path)?;
+            Ok(disk)
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_err(&path)(e)
+        })
+    }
+
+    /// A fresh temp name beside the object's final path; `open` removes
+    /// leftovers of a process that died mid-write.
+    pub(super) fn tmp_path(&self, digest: &Digest) -> PathBuf {
+        let path = self.object_path(digest);
+        let dir = path.parent().expect("object path has a parent");
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        dir.join(format!(
+            ".tmp-{}-{}-{seq}",
+            digest.hex(),
+            std::process::id()
+        ))
+    }
+
+    /// Hashes an object file found on disk; drops it if it does not match.
+    pub(super) fn verify_object(&self, digest: &Digest) -> Result<bool, CacheError> {
+        let path = self.object_path(digest);
+        let hashed = (|| -> io::Result<Digest> {
+            let mut f = File::open(&path)?;
+            let mut hasher = Hasher::default();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(hasher.finish());
+                }
+                hasher.update(&buf[..n]);
+            }
+        })();
+        let ok = match hashed {
+            Ok(actual) => actual == *digest,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        if ok {
+            self.mark_verified(digest);
+        } else {
+            self.reject(digest, "object file");
+            let _ = fs::remove_file(&path);
+        }
+        Ok(ok)
+    }
+}
