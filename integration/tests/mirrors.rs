@@ -212,10 +212,7 @@ fn layer_gets<'a>(
 fn with_a_mirror_the_origin_serves_no_layer_bytes() {
     let (layers, want) = image_facts();
     let mirror = TestRegistry::start().expect("mirror registry");
-    mirror
-        .bed()
-        .push_image(IMAGE)
-        .expect("push to the mirror");
+    mirror.bed().push_image(IMAGE).expect("push to the mirror");
     let node = Node::start(|_| mirror.host());
     assert_eq!(node.run_md5(), want, "the run read the right bytes");
 
@@ -296,10 +293,7 @@ impl Drop for FlippingProxy {
 fn a_mirror_serving_wrong_bytes_is_skipped_and_the_output_is_right() {
     let (layers, want) = image_facts();
     let mirror = TestRegistry::start().expect("mirror registry");
-    mirror
-        .bed()
-        .push_image(IMAGE)
-        .expect("push to the mirror");
+    mirror.bed().push_image(IMAGE).expect("push to the mirror");
     // Every blob response of the mirror has a flipped byte, the layer's
     // opening (tail and TOC, whose digest the image pins) included.
     let proxy = FlippingProxy::start(&mirror.host(), 0);

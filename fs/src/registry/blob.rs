@@ -10,9 +10,9 @@ use reqwest::StatusCode;
 use reqwest::header::CONTENT_RANGE;
 
 use super::client::{Get, RegistryClient};
+use super::endpoint::Endpoint;
 use super::error::RegistryError;
 use super::http::{Failure, classify};
-use super::endpoint::Endpoint;
 use super::reference::Repository;
 use crate::Digest;
 use crate::Intent;

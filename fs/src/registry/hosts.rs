@@ -290,12 +290,7 @@ enum ClientItem {
 }
 
 impl RawHost {
-    fn build(
-        &self,
-        url: &str,
-        default: Capabilities,
-        dir: &Path,
-    ) -> Result<HostConfig, String> {
+    fn build(&self, url: &str, default: Capabilities, dir: &Path) -> Result<HostConfig, String> {
         let capabilities = match &self.capabilities {
             None => default,
             Some(list) => {

@@ -53,7 +53,13 @@ impl BlobSource for HostBlob {
     ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
         Box::pin(async move {
             self.client
-                .read_range_on(Some(&self.endpoint), &self.repo, &self.digest, range, intent)
+                .read_range_on(
+                    Some(&self.endpoint),
+                    &self.repo,
+                    &self.digest,
+                    range,
+                    intent,
+                )
                 .await
         })
     }
@@ -65,7 +71,13 @@ impl BlobSource for HostBlob {
     ) -> BoxFuture<'_, Result<ByteStream, RegistryError>> {
         Box::pin(async move {
             self.client
-                .read_range_stream_on(Some(&self.endpoint), &self.repo, &self.digest, range, intent)
+                .read_range_stream_on(
+                    Some(&self.endpoint),
+                    &self.repo,
+                    &self.digest,
+                    range,
+                    intent,
+                )
                 .await
         })
     }
@@ -153,8 +165,10 @@ impl RegistryClient {
             let mut headers = HeaderMap::new();
             for (k, v) in &h.headers {
                 // Checked when parsed; checked again rather than unwrapped.
-                let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v))
-                else {
+                let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(v),
+                ) else {
                     return Err(invalid(format!("header {k:?}")));
                 };
                 headers.append(k, v);
@@ -218,10 +232,10 @@ impl RegistryClient {
                 .map_err(|e| format!("client certificate {}: {e}", cert.display()))?;
             b = b.identity(id);
         }
-        let client = b.build().map_err(|e| format!("cannot build http client: {e}"))?;
-        self.inner
-            .host_clients
-            .insert(host.clone(), client.clone());
+        let client = b
+            .build()
+            .map_err(|e| format!("cannot build http client: {e}"))?;
+        self.inner.host_clients.insert(host.clone(), client.clone());
         Ok(client)
     }
 }
@@ -233,7 +247,10 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("{}: {e}", path.display()))?
         .len();
     if len > MAX_PEM {
-        return Err(format!("{}: {len} bytes, more than {MAX_PEM}", path.display()));
+        return Err(format!(
+            "{}: {len} bytes, more than {MAX_PEM}",
+            path.display()
+        ));
     }
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }

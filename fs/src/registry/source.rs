@@ -219,7 +219,10 @@ impl BlobSource for Sources {
             let order = self.order();
             let (&last, before) = order.split_last().expect("the last member is always asked");
             for &i in before {
-                match self.members[i].read_range_stream(range.clone(), intent).await {
+                match self.members[i]
+                    .read_range_stream(range.clone(), intent)
+                    .await
+                {
                     Ok(stream) => {
                         self.served(&range, i);
                         return Ok(stream);

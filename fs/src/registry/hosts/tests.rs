@@ -1,7 +1,10 @@
 use super::*;
 
 fn parse(text: &str) -> Result<HostsFile, HostsError> {
-    HostsFile::parse(text, Path::new("/etc/containerd/certs.d/docker.io/hosts.toml"))
+    HostsFile::parse(
+        text,
+        Path::new("/etc/containerd/certs.d/docker.io/hosts.toml"),
+    )
 }
 
 #[test]
@@ -42,14 +45,22 @@ server = "https://registry-1.docker.io"
     assert!(m.skip_verify && m.own_tls());
     assert_eq!(
         m.ca,
-        [PathBuf::from("/etc/containerd/certs.d/docker.io/docker-mirror.crt")]
+        [PathBuf::from(
+            "/etc/containerd/certs.d/docker.io/docker-mirror.crt"
+        )]
     );
     assert_eq!(
         m.headers,
-        [("x-custom".into(), "a".into()), ("x-custom".into(), "b".into())]
+        [
+            ("x-custom".into(), "a".into()),
+            ("x-custom".into(), "b".into())
+        ]
     );
     let n = &f.hosts[3];
-    assert!(n.capabilities.pull && n.capabilities.resolve, "default capabilities");
+    assert!(
+        n.capabilities.pull && n.capabilities.resolve,
+        "default capabilities"
+    );
     assert_eq!(
         n.client,
         [

@@ -102,7 +102,11 @@ async fn blobs_come_from_the_mirror_with_the_namespace_and_its_headers() {
         "{}",
         heads[0]
     );
-    assert!(heads[0].to_ascii_lowercase().contains("x-mirror: yes"), "{}", heads[0]);
+    assert!(
+        heads[0].to_ascii_lowercase().contains("x-mirror: yes"),
+        "{}",
+        heads[0]
+    );
     assert!(origin_log.lock().unwrap().is_empty());
     let stats = client.stats();
     assert_eq!((stats.bytes, stats.mirror_bytes), (4, 4));

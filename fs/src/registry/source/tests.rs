@@ -108,13 +108,25 @@ fn a_member_whose_bytes_fail_verification_is_skipped() {
     let log = Arc::new(Mutex::new(Vec::new()));
     let list = Sources::new(Fake::member("mirror", false, &log))
         .then(Fake::member("registry", false, &log));
-    assert_eq!(&block_on(list.read_range(0..2, Intent::OnDemand)).unwrap()[..], b"mm");
-    assert_eq!(&block_on(list.read_range(10..20, Intent::OnDemand)).unwrap()[..], b"mmmmmmmmmm");
+    assert_eq!(
+        &block_on(list.read_range(0..2, Intent::OnDemand)).unwrap()[..],
+        b"mm"
+    );
+    assert_eq!(
+        &block_on(list.read_range(10..20, Intent::OnDemand)).unwrap()[..],
+        b"mmmmmmmmmm"
+    );
     // Bytes 12..14 failed: the read that served them was the mirror's.
     assert!(list.distrust(12..14));
-    assert_eq!(&block_on(list.read_range(12..14, Intent::OnDemand)).unwrap()[..], b"rr");
+    assert_eq!(
+        &block_on(list.read_range(12..14, Intent::OnDemand)).unwrap()[..],
+        b"rr"
+    );
     let stream = block_on(list.read_range_stream(0..1, Intent::OnDemand)).unwrap();
-    assert_eq!(&block_on(stream.collect::<Vec<_>>())[0].as_ref().unwrap()[..], b"r");
+    assert_eq!(
+        &block_on(stream.collect::<Vec<_>>())[0].as_ref().unwrap()[..],
+        b"r"
+    );
     // The registry's own bytes failing: there is nowhere else to go.
     assert!(!list.distrust(12..14));
     // Nothing read there: nobody to blame.
