@@ -222,7 +222,7 @@ impl RegistryClient {
         };
         let inner = self.inner.clone();
         let host = get.target().host().to_string();
-        let mirror = get.from_mirror();
+        let mirror = get.is_mirror();
         let what = get.what.clone();
         Ok(resp
             .bytes_stream()

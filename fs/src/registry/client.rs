@@ -67,7 +67,7 @@ impl Get<'_> {
     }
 
     /// Whether the bytes come from a mirror.
-    pub(super) fn from_mirror(&self) -> bool {
+    pub(super) fn is_mirror(&self) -> bool {
         self.endpoint.is_some_and(|e| e.mirror)
     }
 }
@@ -272,7 +272,7 @@ impl RegistryClient {
             let Some(chunk) = chunk else {
                 return Ok((body, false));
             };
-            self.inner.http.received(chunk.len(), get.from_mirror());
+            self.inner.http.received(chunk.len(), get.is_mirror());
             let room = limit - body.len();
             if chunk.len() > room {
                 body.extend_from_slice(&chunk[..room]);
