@@ -130,6 +130,11 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
         stats.cache_evictions,
         human(stats.cache_evicted_bytes),
     ));
+    out.push_str(&format!(
+        "received: {} from registries, {} from mirrors\n",
+        human(stats.registry_bytes.saturating_sub(stats.mirror_bytes)),
+        human(stats.mirror_bytes),
+    ));
     out
 }
 
@@ -257,6 +262,8 @@ mod tests {
             cache_dedup_saved_bytes: 2 * 1024 * 1024,
             cache_evictions: 3,
             cache_evicted_bytes: 512 * 1024,
+            registry_bytes: 10 * 1024 * 1024,
+            mirror_bytes: 8 * 1024 * 1024,
             ..Default::default()
         }
     }
@@ -265,7 +272,7 @@ mod tests {
     fn render_shows_each_layer_and_the_cache() {
         let text = render(&[layer()], &stats());
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 5, "{text}");
         assert!(lines[0].starts_with("IMAGE"));
         let row = lines[1];
         for want in [
@@ -286,6 +293,10 @@ mod tests {
         assert_eq!(
             lines[3],
             "cache disk: 6.0 MiB (bound 10.0 MiB), 1.0 MiB released; served 30.0 MiB, dedup saved 2.0 MiB; 3 evictions (512.0 KiB)"
+        );
+        assert_eq!(
+            lines[4],
+            "received: 2.0 MiB from registries, 8.0 MiB from mirrors"
         );
         // Columns line up: the FETCHED header sits above the fetched figure.
         assert_eq!(lines[0].find("FETCHED"), row.find("3.0 MiB"));

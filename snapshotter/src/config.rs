@@ -12,6 +12,7 @@
 //! [registry]
 //! plain_http = ["127.0.0.1:5000"]
 //! docker_config = "/root/.docker/config.json"
+//! config_path = "/etc/containerd/certs.d"  # hosts.toml: mirrors; "" for none
 //! [cache]
 //! dir = "/var/lib/tarn/cache"              # default: ROOT/cache
 //! max_bytes = 20_000_000_000                # default: none (max_percent only)
@@ -123,6 +124,10 @@ pub struct RegistrySection {
     /// Docker config file with credentials; default `$DOCKER_CONFIG` or
     /// `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry hosts directory (`<dir>/<registry>/hosts.toml`,
+    /// `_default/hosts.toml`): blob reads go to the mirrors it names
+    /// first; default `/etc/containerd/certs.d`; `""`: no mirrors.
+    pub config_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -343,6 +348,11 @@ impl Config {
         tarn_fs::registry::RegistryConfig {
             plain_http: self.registry.plain_http.clone(),
             docker_config: self.registry.docker_config.clone(),
+            hosts_dir: match &self.registry.config_path {
+                None => Some(tarn_fs::registry::hosts::DEFAULT_CONFIG_DIR.into()),
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) => Some(p.clone()),
+            },
             ..Default::default()
         }
     }

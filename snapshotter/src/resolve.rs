@@ -26,7 +26,7 @@ use tarn_fs::cache::Cache;
 use tarn_fs::fetch::FetchScheduler;
 use tarn_fs::format::Estargz;
 use tarn_fs::layer::{Entrypoint, Layer};
-use tarn_fs::registry::{BlobSource, Reference, RegistryClient, RemoteBlob, ResolvedImage};
+use tarn_fs::registry::{ClientStats, Reference, RegistryClient, ResolvedImage};
 
 use crate::labels::{RemoteLayer, TOC_DIGEST};
 use crate::locks::Singleflight;
@@ -359,12 +359,10 @@ impl Resolver {
             }
         };
         self.connected(reference.repository.host()).await;
-        let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
-            client: self.client.clone(),
-            repo: reference.repository.clone(),
-            digest: info.digest,
-            size,
-        });
+        let source = self
+            .client
+            .blob_source(&reference.repository, info.digest, size)
+            .await;
         let format = Arc::new(Estargz::with_max_index_bytes(self.max_index_bytes));
         let layer = Layer::open_format(
             source,
@@ -408,5 +406,9 @@ impl Resolve for Arc<Resolver> {
 
     fn mounted(&self, digest: &Digest) {
         Resolver::mounted(self, digest)
+    }
+
+    fn registry_stats(&self) -> ClientStats {
+        self.client.stats()
     }
 }

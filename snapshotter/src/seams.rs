@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tarn_fs::Digest;
 use tarn_fs::fetch::FetchStatsSnapshot;
-use tarn_fs::registry::{Reference, RegistryError, ResolvedImage};
+use tarn_fs::registry::{ClientStats, Reference, RegistryError, ResolvedImage};
 
 use crate::labels::RemoteLayer;
 
@@ -71,6 +71,12 @@ pub trait Resolve: Send + Sync + 'static {
 
     /// The layer is mounted now: whatever was kept for it may go.
     fn mounted(&self, digest: &Digest);
+
+    /// What the registry client has received, mirrors apart (`tarn
+    /// status`); nothing for a resolver without one.
+    fn registry_stats(&self) -> ClientStats {
+        ClientStats::default()
+    }
 }
 
 /// Mounting resolved layers. Every method blocks (mount syscalls): call

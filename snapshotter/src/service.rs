@@ -389,6 +389,8 @@ impl Admin for AdminService {
             cache_dedup_saved_bytes: s.dedup_saved_bytes,
             cache_evictions: s.cache.evictions,
             cache_evicted_bytes: s.cache.evicted_bytes,
+            registry_bytes: s.registry_bytes,
+            mirror_bytes: s.mirror_bytes,
         }))
     }
 

@@ -600,8 +600,46 @@ impl Inner {
     }
 
     /// Decodes, verifies and caches `chunks`, whose bytes are `data`
-    /// (blob bytes from `data_start`).
+    /// (blob bytes from `data_start`). Chunks that fail are read once more
+    /// when the source can send the read elsewhere: a list of sources skips
+    /// the member that served bad bytes (a mirror), so readers get the
+    /// next member's bytes rather than an error.
     async fn decode(
+        &self,
+        chunks: Vec<Chunk>,
+        data_start: u64,
+        data: Bytes,
+    ) -> Vec<(Digest, Result<Bytes, FetchError>)> {
+        let failed_again = chunks.clone();
+        let mut decoded = self.decode_once(chunks, data_start, data).await;
+        let failed: Vec<Chunk> = failed_again
+            .into_iter()
+            .zip(&decoded)
+            .filter(|(_, (_, r))| matches!(r, Err(FetchError::Verify { .. })))
+            .map(|(c, _)| c)
+            .collect();
+        let start = failed.iter().map(|c| c.blob_range().start).min();
+        let end = failed.iter().map(|c| c.blob_range().end).max();
+        let (Some(start), Some(end)) = (start, end) else {
+            return decoded;
+        };
+        if !self.source.distrust(start..end) {
+            return decoded;
+        }
+        match self.source.read_range(start..end, Intent::OnDemand).await {
+            Ok(bytes) => {
+                for (digest, res) in self.decode_once(failed, start, bytes).await {
+                    if let Some(slot) = decoded.iter_mut().find(|(d, _)| *d == digest) {
+                        slot.1 = res;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(start, end, error = %e, "blob read failed"),
+        }
+        decoded
+    }
+
+    async fn decode_once(
         &self,
         chunks: Vec<Chunk>,
         data_start: u64,

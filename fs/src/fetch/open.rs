@@ -67,7 +67,18 @@ impl Fetcher {
                 .await
                 // A panic in a format's parser is a bug, but one layer's bug:
                 // the layer is refused, the process serves the others.
-                .map_err(|e| FormatError::Index(format!("building the index failed: {e}")))??
+                .map_err(|e| FormatError::Index(format!("building the index failed: {e}")))?
+            };
+            // Bytes that fail the format's checks (the TOC's digest) may be
+            // one source's fault: when the source can read them elsewhere
+            // (a mirror is skipped), the index is built again from scratch.
+            let step = match step {
+                Err(e) if self.distrust_fetched(&fetched) => {
+                    tracing::warn!(error = %e, "layer metadata failed its check; reading it again from the next source");
+                    fetched.clear();
+                    continue;
+                }
+                step => step?,
             };
             match step {
                 IndexStep::Fetch(range) => {
@@ -109,6 +120,16 @@ impl Fetcher {
             "the format asked for more than {MAX_INDEX_STEPS} ranges to build its index"
         ))
         .into())
+    }
+
+    /// Whether the source sends the next read of the pieces elsewhere
+    /// (see `BlobSource::distrust`); false if nothing was fetched.
+    fn distrust_fetched(&self, fetched: &[Piece]) -> bool {
+        let mut any = false;
+        for p in fetched {
+            any |= self.source().distrust(p.offset..p.end());
+        }
+        any
     }
 
     /// Caches the chunks inside the tail (`fetched[0]`, if it ends at the

@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 use reqwest::header::CONTENT_RANGE;
 
 use super::client::{Get, RegistryClient};
+use super::endpoint::Endpoint;
 use super::error::RegistryError;
 use super::http::{Failure, classify};
 use super::reference::Repository;
@@ -30,6 +31,7 @@ impl RegistryClient {
             accept: None,
             range: None,
             blob: Some(*digest),
+            endpoint: None,
         };
         let body = self
             .inner
@@ -40,7 +42,7 @@ impl RegistryClient {
                 let actual = Digest::of(&body);
                 if actual != *digest {
                     return Err(Failure::fatal(RegistryError::DigestMismatch {
-                        host: repo.host().to_string(),
+                        host: get.target().host().to_string(),
                         what: get.what.clone(),
                         expected: *digest,
                         actual,
@@ -62,6 +64,19 @@ impl RegistryClient {
         range: Range<u64>,
         intent: Intent,
     ) -> Result<Bytes, RegistryError> {
+        self.read_range_on(None, repo, digest, range, intent).await
+    }
+
+    /// [`RegistryClient::read_range`] from `endpoint` (a host of a
+    /// `hosts.toml`) when given, else from `repo`'s registry.
+    pub(super) async fn read_range_on(
+        &self,
+        endpoint: Option<&Endpoint>,
+        repo: &Repository,
+        digest: &Digest,
+        range: Range<u64>,
+        intent: Intent,
+    ) -> Result<Bytes, RegistryError> {
         if range.start >= range.end {
             return Ok(Bytes::new());
         }
@@ -76,21 +91,23 @@ impl RegistryClient {
             accept: None,
             range: Some(range.clone()),
             blob: Some(*digest),
+            endpoint,
         };
         let want =
             usize::try_from(range.end - range.start).map_err(|_| RegistryError::BadResponse {
-                host: repo.host().to_string(),
+                host: get.target().host().to_string(),
                 what: get.what.clone(),
                 reason: "range too large for memory".to_string(),
             })?;
+        let retries = endpoint.and_then(|e| e.retries);
         self.inner
             .http
-            .with_retries(intent, &get.what, || async {
+            .with_retries_up_to(intent, retries, &get.what, || async {
                 let resp = self.send(&get).await?;
                 let status = resp.status();
                 let bad = |reason: String| {
                     Failure::transient(RegistryError::BadResponse {
-                        host: repo.host().to_string(),
+                        host: get.target().host().to_string(),
                         what: get.what.clone(),
                         reason,
                     })
@@ -144,6 +161,19 @@ impl RegistryClient {
         range: Range<u64>,
         intent: Intent,
     ) -> Result<BoxStream<'static, Result<Bytes, RegistryError>>, RegistryError> {
+        self.read_range_stream_on(None, repo, digest, range, intent)
+            .await
+    }
+
+    /// [`RegistryClient::read_range_stream`] from `endpoint` when given.
+    pub(super) async fn read_range_stream_on(
+        &self,
+        endpoint: Option<&Endpoint>,
+        repo: &Repository,
+        digest: &Digest,
+        range: Range<u64>,
+        intent: Intent,
+    ) -> Result<BoxStream<'static, Result<Bytes, RegistryError>>, RegistryError> {
         if range.start >= range.end {
             return Ok(futures::stream::empty().boxed());
         }
@@ -158,11 +188,13 @@ impl RegistryClient {
             accept: None,
             range: Some(range.clone()),
             blob: Some(*digest),
+            endpoint,
         };
+        let retries = endpoint.and_then(|e| e.retries);
         let resp = self
             .inner
             .http
-            .with_retries(intent, &get.what, || async {
+            .with_retries_up_to(intent, retries, &get.what, || async {
                 let resp = self.send(&get).await?;
                 if resp.status() != StatusCode::PARTIAL_CONTENT {
                     return Ok(None);
@@ -171,7 +203,7 @@ impl RegistryClient {
                     let cr = cr.to_str().unwrap_or_default();
                     if parse_content_range(cr) != Some((range.start, range.end - 1)) {
                         return Err(Failure::transient(RegistryError::BadResponse {
-                            host: repo.host().to_string(),
+                            host: get.target().host().to_string(),
                             what: get.what.clone(),
                             reason: format!(
                                 "asked for a different range, got Content-Range {cr:?}"
@@ -183,17 +215,20 @@ impl RegistryClient {
             })
             .await?;
         let Some(resp) = resp else {
-            let whole = self.read_range(repo, digest, range, intent).await?;
+            let whole = self
+                .read_range_on(endpoint, repo, digest, range, intent)
+                .await?;
             return Ok(futures::stream::once(futures::future::ready(Ok(whole))).boxed());
         };
         let inner = self.inner.clone();
-        let host = repo.host().to_string();
+        let host = get.target().host().to_string();
+        let mirror = get.is_mirror();
         let what = get.what.clone();
         Ok(resp
             .bytes_stream()
             .map(move |piece| match piece {
                 Ok(b) => {
-                    inner.http.received(b.len());
+                    inner.http.received(b.len(), mirror);
                     Ok(b)
                 }
                 Err(e) => Err(classify(&e, &host, &what)),

@@ -21,7 +21,9 @@ use super::auth::challenge::Challenge;
 use super::auth::docker::DockerConfig;
 use super::auth::docker_file::DockerFile;
 use super::auth::token::Auth;
+use super::endpoint::Endpoint;
 use super::error::RegistryError;
+use super::hosts::HostConfig;
 use super::http::{ClientStats, Failure, Http, RegistryConfig, classify, status_failure};
 use super::reference::Repository;
 use crate::Digest;
@@ -40,6 +42,8 @@ pub(super) struct Inner {
     auth: Auth,
     /// Storage URL a blob's GET redirected to, per (host, blob).
     redirects: DashMap<(String, Digest), Url>,
+    /// Clients for hosts of a `hosts.toml` with TLS settings of their own.
+    pub(super) host_clients: DashMap<HostConfig, reqwest::Client>,
 }
 
 /// One GET, as the retry loop repeats it.
@@ -51,6 +55,21 @@ pub(super) struct Get<'a> {
     pub(super) range: Option<Range<u64>>,
     /// Remember (and reuse) where this blob redirects to.
     pub(super) blob: Option<Digest>,
+    /// A host of a `hosts.toml` to send it to instead of `repo`'s registry.
+    pub(super) endpoint: Option<&'a Endpoint>,
+}
+
+impl Get<'_> {
+    /// The repository as the host asked names it: for auth, redirects and
+    /// messages.
+    pub(super) fn target(&self) -> &Repository {
+        self.endpoint.map_or(self.repo, |e| &e.repo)
+    }
+
+    /// Whether the bytes come from a mirror.
+    pub(super) fn is_mirror(&self) -> bool {
+        self.endpoint.is_some_and(|e| e.mirror)
+    }
 }
 
 impl RegistryClient {
@@ -72,6 +91,7 @@ impl RegistryClient {
                 http: Http::new(config)?,
                 auth: Auth::new(keychains),
                 redirects: DashMap::new(),
+                host_clients: DashMap::new(),
             }),
         })
     }
@@ -105,14 +125,18 @@ impl RegistryClient {
 
     /// One GET with auth and redirects; returns a 200 or 206 response.
     pub(super) async fn send(&self, get: &Get<'_>) -> Result<reqwest::Response, Failure> {
-        let host = get.repo.host();
-        let registry_url = self.inner.http.url(host, &get.path).map_err(|e| {
-            Failure::fatal(RegistryError::BadResponse {
-                host: host.to_string(),
-                what: get.what.clone(),
-                reason: format!("cannot build url: {e}"),
-            })
-        })?;
+        let repo = get.target();
+        let host = repo.host();
+        let registry_url = match get.endpoint {
+            Some(e) => e.url(&get.path),
+            None => self.inner.http.url(host, &get.path).map_err(|e| {
+                Failure::fatal(RegistryError::BadResponse {
+                    host: host.to_string(),
+                    what: get.what.clone(),
+                    reason: format!("cannot build url: {e}"),
+                })
+            })?,
+        };
         let redirect_key = get.blob.map(|d| (host.to_string(), d));
         let cached = redirect_key
             .as_ref()
@@ -124,8 +148,15 @@ impl RegistryClient {
         loop {
             let on_registry =
                 url.host_str() == registry_url.host_str() && url.port() == registry_url.port();
-            let http = self.inner.http.client(&url).await.map_err(Failure::fatal)?;
+            let own = get.endpoint.and_then(|e| e.client.as_ref());
+            let http = match own {
+                Some(c) if on_registry => c,
+                _ => self.inner.http.client(&url).await.map_err(Failure::fatal)?,
+            };
             let mut rb = http.get(url.clone());
+            if on_registry && let Some(e) = get.endpoint {
+                rb = rb.headers(e.headers.clone());
+            }
             if let Some(a) = get.accept {
                 rb = rb.header(ACCEPT, a);
             }
@@ -133,7 +164,7 @@ impl RegistryClient {
                 rb = rb.header(RANGE, format!("bytes={}-{}", r.start, r.end - 1));
             }
             let sent = if on_registry {
-                self.inner.auth.header(&self.inner.http, get.repo).await?
+                self.inner.auth.header(&self.inner.http, repo).await?
             } else {
                 None
             };
@@ -205,7 +236,7 @@ impl RegistryClient {
                 };
                 self.inner
                     .auth
-                    .authenticate(&self.inner.http, get.repo, challenge, sent.as_deref())
+                    .authenticate(&self.inner.http, repo, challenge, sent.as_deref())
                     .await?;
                 reauthed = true;
                 continue;
@@ -237,11 +268,11 @@ impl RegistryClient {
             let chunk = resp
                 .chunk()
                 .await
-                .map_err(|e| Failure::transient(classify(&e, get.repo.host(), &get.what)))?;
+                .map_err(|e| Failure::transient(classify(&e, get.target().host(), &get.what)))?;
             let Some(chunk) = chunk else {
                 return Ok((body, false));
             };
-            self.inner.http.received(chunk.len());
+            self.inner.http.received(chunk.len(), get.is_mirror());
             let room = limit - body.len();
             if chunk.len() > room {
                 body.extend_from_slice(&chunk[..room]);

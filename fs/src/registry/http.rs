@@ -34,6 +34,10 @@ pub struct RegistryConfig {
     /// Limit for one whole request, body included.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// containerd's registry hosts directory (`<dir>/<registry>/hosts.toml`,
+    /// `hosts.rs`): blob reads go to the mirrors it names first. `None`:
+    /// the registry only.
+    pub hosts_dir: Option<PathBuf>,
 }
 
 impl Default for RegistryConfig {
@@ -45,6 +49,7 @@ impl Default for RegistryConfig {
             retries: 3,
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
+            hosts_dir: None,
         }
     }
 }
@@ -77,7 +82,11 @@ fn host_name(host: &str) -> &str {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientStats {
     pub requests: u64,
+    /// Body bytes from every host, mirrors included.
     pub bytes: u64,
+    /// Of `bytes`, those from mirrors (`hosts.toml` hosts other than the
+    /// server).
+    pub mirror_bytes: u64,
     /// Requests that failed for good (after their retries), indexed like
     /// [`RegistryError::CAUSES`].
     pub errors: [u64; RegistryError::CAUSES.len()],
@@ -96,6 +105,7 @@ pub(super) struct Http {
     pub(super) config: RegistryConfig,
     requests: AtomicU64,
     bytes: AtomicU64,
+    mirror_bytes: AtomicU64,
     errors: [AtomicU64; RegistryError::CAUSES.len()],
     retries: [AtomicU64; RegistryError::CAUSES.len()],
 }
@@ -108,6 +118,7 @@ impl Http {
             config,
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            mirror_bytes: AtomicU64::new(0),
             errors: Default::default(),
             retries: Default::default(),
         })
@@ -117,6 +128,7 @@ impl Http {
         ClientStats {
             requests: self.requests.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+            mirror_bytes: self.mirror_bytes.load(Ordering::Relaxed),
             errors: std::array::from_fn(|i| self.errors[i].load(Ordering::Relaxed)),
             retries: std::array::from_fn(|i| self.retries[i].load(Ordering::Relaxed)),
         }
@@ -127,9 +139,12 @@ impl Http {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts body bytes received.
-    pub(super) fn received(&self, n: usize) {
+    /// Counts body bytes received, from a mirror or not.
+    pub(super) fn received(&self, n: usize, mirror: bool) {
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        if mirror {
+            self.mirror_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     /// The client for `url`: the plain one for `http://`, else the one that
@@ -171,7 +186,23 @@ impl Http {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let retries = self.config.retries;
+        self.with_retries_up_to(intent, None, what, attempt).await
+    }
+
+    /// [`Http::with_retries`] with the configured retries replaced by
+    /// `retries` when given (a mirror's 0: the next host is its retry).
+    pub(super) async fn with_retries_up_to<T, F, Fut>(
+        &self,
+        intent: Intent,
+        retries: Option<u32>,
+        what: &str,
+        attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let retries = retries.unwrap_or(self.config.retries);
         let (max, cap) = match intent {
             Intent::Open | Intent::OnDemand => (retries, Duration::from_secs(2)),
             Intent::Prefetch => (retries.saturating_mul(2), Duration::from_secs(5)),

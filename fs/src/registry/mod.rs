@@ -15,6 +15,9 @@
 //!   process talks to: the one GET with auth and redirects; [`blob`] and
 //!   [`resolve`] are what it asks for (blobs, manifests).
 //! - [`http`]: connection pools, settings ([`RegistryConfig`]), retries.
+//! - [`hosts`]: containerd's `hosts.toml` (mirrors and server of a
+//!   registry), parsed; [`mirror`]: a blob from those hosts in order
+//!   ([`RegistryClient::blob_source`]).
 //! - [`auth`]: challenges, the docker config and its credential helpers,
 //!   the token flow.
 
@@ -22,9 +25,12 @@ pub mod auth;
 pub mod blob;
 pub mod client;
 pub mod config;
+mod endpoint;
 pub mod error;
+pub mod hosts;
 pub mod http;
 pub mod manifest;
+pub mod mirror;
 pub mod platform;
 pub mod reference;
 pub mod resolve;

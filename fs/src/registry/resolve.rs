@@ -83,6 +83,7 @@ impl RegistryClient {
             accept: Some(manifest::ACCEPT),
             range: None,
             blob: None,
+            endpoint: None,
         };
         self.inner
             .http

@@ -1,13 +1,15 @@
 //! Where the fetcher reads a blob's bytes from: a [`BlobSource`], and
 //! "a blob from an ordered list of sources" ([`Sources`]).
 //!
-//! Today the registry ([`RemoteBlob`]) is the only kind of source. Mirrors
-//! and peers (DESIGN §7) will be more implementations of the same small
-//! trait, listed in a [`Sources`] before or after the registry; the fetcher
-//! does not change.
+//! A registry blob ([`RemoteBlob`]) is one source; the same blob on a
+//! mirror (`mirror.rs`, from containerd's `hosts.toml`) is another, listed
+//! before the registry in a [`Sources`]; peers (DESIGN §7) will be more.
+//! The fetcher sees one `BlobSource` either way.
 
+use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -56,7 +58,28 @@ pub trait BlobSource: Send + Sync {
             Ok(one_piece(whole))
         })
     }
+
+    /// The bytes last read for `range` failed verification. `true` if
+    /// reading it again goes to another source (a [`Sources`] then skips
+    /// the member that served them); a single source has nowhere else to
+    /// go.
+    fn distrust(&self, range: Range<u64>) -> bool {
+        let _ = range;
+        false
+    }
 }
+
+/// How long a member that failed a read (down, timed out, refused) is
+/// skipped: the reads in between go straight to the next member instead of
+/// each waiting for the same failure.
+pub const FAILED_SKIP: Duration = Duration::from_secs(10);
+
+/// How long a member whose bytes failed verification is skipped.
+pub const DISTRUST_SKIP: Duration = Duration::from_secs(60);
+
+/// How many recent reads a list remembers the member of, so a verification
+/// failure can be pinned on the member that served the bytes.
+const SERVED_KEPT: usize = 256;
 
 fn one_piece(whole: Bytes) -> ByteStream {
     futures::stream::once(futures::future::ready(Ok(whole))).boxed()
@@ -70,14 +93,23 @@ fn one_piece(whole: Bytes) -> ByteStream {
 /// list from its start).
 ///
 /// Bytes that arrive but fail verification are not a read error: the
-/// fetcher detects them (chunk digests) and retries. With more than one
-/// member, the place for "this source gave bad bytes, skip it" is here: the
-/// fetcher reports the range, and the list stops asking the member that
-/// served it, which needs a read to say which member answered. With the
-/// registry the only member there is nothing to skip to, so it is not built
-/// yet.
+/// fetcher detects them (chunk digests) and says so
+/// ([`BlobSource::distrust`]); the list remembers which member served each
+/// recent read, skips that member for [`DISTRUST_SKIP`], and the fetcher
+/// reads the bytes again from the next. A member that fails a read is
+/// skipped for [`FAILED_SKIP`]. The last member (the registry) is never
+/// skipped: it is where every read ends up.
 pub struct Sources {
     members: Vec<Arc<dyn BlobSource>>,
+    state: Mutex<ListState>,
+}
+
+#[derive(Default)]
+struct ListState {
+    /// Per member: skipped until then.
+    skip_until: Vec<Option<Instant>>,
+    /// The most recent reads and the member that answered each.
+    served: VecDeque<(Range<u64>, usize)>,
 }
 
 impl Sources {
@@ -85,6 +117,10 @@ impl Sources {
     pub fn new(first: Arc<dyn BlobSource>) -> Sources {
         Sources {
             members: vec![first],
+            state: Mutex::new(ListState {
+                skip_until: vec![None],
+                served: VecDeque::new(),
+            }),
         }
     }
 
@@ -93,7 +129,56 @@ impl Sources {
     pub fn then(mut self, next: Arc<dyn BlobSource>) -> Sources {
         debug_assert_eq!(next.size(), self.size(), "members hold one blob");
         self.members.push(next);
+        self.state_mut().skip_until.push(None);
         self
+    }
+
+    /// How many members the list has.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Always false: a list has a first member.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn state_mut(&mut self) -> &mut ListState {
+        self.state.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ListState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The members to ask, in order: those not skipped, and always the last.
+    fn order(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let state = self.state();
+        let last = self.members.len() - 1;
+        (0..self.members.len())
+            .filter(|&i| i == last || state.skip_until[i].is_none_or(|t| t <= now))
+            .collect()
+    }
+
+    fn served(&self, range: &Range<u64>, member: usize) {
+        let mut state = self.state();
+        if state.served.len() == SERVED_KEPT {
+            state.served.pop_front();
+        }
+        state.served.push_back((range.clone(), member));
+    }
+
+    fn failed(&self, member: usize, range: &Range<u64>, e: &RegistryError) {
+        tracing::warn!(
+            member,
+            start = range.start,
+            end = range.end,
+            error = %e,
+            skip_secs = FAILED_SKIP.as_secs(),
+            "blob source failed; trying the next"
+        );
+        self.state().skip_until[member] = Some(Instant::now() + FAILED_SKIP);
     }
 }
 
@@ -108,17 +193,20 @@ impl BlobSource for Sources {
         intent: Intent,
     ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
         Box::pin(async move {
-            let (last, before) = self
-                .members
-                .split_last()
-                .expect("a list has a first member");
-            for (i, member) in before.iter().enumerate() {
-                match member.read_range(range.clone(), intent).await {
-                    Ok(bytes) => return Ok(bytes),
-                    Err(e) => fell_back(i, &range, &e),
+            let order = self.order();
+            let (&last, before) = order.split_last().expect("the last member is always asked");
+            for &i in before {
+                match self.members[i].read_range(range.clone(), intent).await {
+                    Ok(bytes) => {
+                        self.served(&range, i);
+                        return Ok(bytes);
+                    }
+                    Err(e) => self.failed(i, &range, &e),
                 }
             }
-            last.read_range(range, intent).await
+            let bytes = self.members[last].read_range(range.clone(), intent).await?;
+            self.served(&range, last);
+            Ok(bytes)
         })
     }
 
@@ -128,29 +216,55 @@ impl BlobSource for Sources {
         intent: Intent,
     ) -> BoxFuture<'_, Result<ByteStream, RegistryError>> {
         Box::pin(async move {
-            let (last, before) = self
-                .members
-                .split_last()
-                .expect("a list has a first member");
-            for (i, member) in before.iter().enumerate() {
-                match member.read_range_stream(range.clone(), intent).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(e) => fell_back(i, &range, &e),
+            let order = self.order();
+            let (&last, before) = order.split_last().expect("the last member is always asked");
+            for &i in before {
+                match self.members[i]
+                    .read_range_stream(range.clone(), intent)
+                    .await
+                {
+                    Ok(stream) => {
+                        self.served(&range, i);
+                        return Ok(stream);
+                    }
+                    Err(e) => self.failed(i, &range, &e),
                 }
             }
-            last.read_range_stream(range, intent).await
+            let stream = self.members[last]
+                .read_range_stream(range.clone(), intent)
+                .await?;
+            self.served(&range, last);
+            Ok(stream)
         })
     }
-}
 
-fn fell_back(member: usize, range: &Range<u64>, e: &RegistryError) {
-    tracing::debug!(
-        member,
-        start = range.start,
-        end = range.end,
-        error = %e,
-        "source failed; trying the next"
-    );
+    fn distrust(&self, range: Range<u64>) -> bool {
+        let last = self.members.len() - 1;
+        let mut state = self.state();
+        let member = state
+            .served
+            .iter()
+            .rev()
+            .find(|(r, _)| r.start < range.end && range.start < r.end)
+            .map(|(_, m)| *m);
+        let Some(member) = member else {
+            return false;
+        };
+        if member == last {
+            // A member of its own may still be wrong; the registry is where
+            // the buck stops.
+            return self.members[last].distrust(range);
+        }
+        tracing::warn!(
+            member,
+            start = range.start,
+            end = range.end,
+            skip_secs = DISTRUST_SKIP.as_secs(),
+            "blob source served bytes that failed verification; skipping it"
+        );
+        state.skip_until[member] = Some(Instant::now() + DISTRUST_SKIP);
+        true
+    }
 }
 
 /// A blob in a registry repository.

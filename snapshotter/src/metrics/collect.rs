@@ -148,6 +148,11 @@ impl Collector for Io {
             "Response body bytes received from registries",
             Value::Counter(c.bytes),
         )?;
+        e.one(
+            "tarn_registry_mirror_received_bytes",
+            "Of tarn_registry_received_bytes, the bytes from mirrors (hosts.toml)",
+            Value::Counter(c.mirror_bytes),
+        )?;
         let by_cause = |counts: [u64; RegistryError::CAUSES.len()]| {
             RegistryError::CAUSES
                 .into_iter()

@@ -64,6 +64,10 @@ pub struct Stats {
     /// Bytes dedup saves across the mounted layers (see
     /// [`layers::dedup_saved_bytes`]).
     pub dedup_saved_bytes: u64,
+    /// Body bytes received from registries and mirrors, and of those from
+    /// mirrors (`hosts.toml`).
+    pub registry_bytes: u64,
+    pub mirror_bytes: u64,
 }
 
 /// How the remote path decides, from the daemon's config.
@@ -622,6 +626,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         let sn = self.sn.clone();
         let snapshots = blocking(move || sn.count()).await?;
         let c = self.cache.stats();
+        let registry = self.resolver.registry_stats();
         let lists = self.layers.chunk_lists();
         let dedup_saved_bytes =
             tokio::task::spawn_blocking(move || layers::dedup_saved_bytes(&lists))
@@ -638,6 +643,8 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             cache_misses: c.misses,
             cache: c,
             dedup_saved_bytes,
+            registry_bytes: registry.bytes,
+            mirror_bytes: registry.mirror_bytes,
         })
     }
 

@@ -87,6 +87,8 @@ fn a_failing_source_falls_back_to_the_next_in_order() {
         .then(Fake::member("registry", false, &log));
     let got = block_on(list.read_range(5..7, Intent::Prefetch)).unwrap();
     assert_eq!(&got[..], b"rr");
+    // The failed members are skipped for a while: the next read goes
+    // straight to the registry.
     let stream = block_on(list.read_range_stream(7..9, Intent::Background)).unwrap();
     let pieces: Vec<_> = block_on(stream.collect::<Vec<_>>());
     assert_eq!(&pieces[0].as_ref().unwrap()[..], b"rr");
@@ -96,9 +98,46 @@ fn a_failing_source_falls_back_to_the_next_in_order() {
             "read peer 5..7",
             "read mirror 5..7",
             "read registry 5..7",
-            "stream peer 7..9",
-            "stream mirror 7..9",
             "stream registry 7..9",
+        ]
+    );
+}
+
+#[test]
+fn a_member_whose_bytes_fail_verification_is_skipped() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let list = Sources::new(Fake::member("mirror", false, &log))
+        .then(Fake::member("registry", false, &log));
+    assert_eq!(
+        &block_on(list.read_range(0..2, Intent::OnDemand)).unwrap()[..],
+        b"mm"
+    );
+    assert_eq!(
+        &block_on(list.read_range(10..20, Intent::OnDemand)).unwrap()[..],
+        b"mmmmmmmmmm"
+    );
+    // Bytes 12..14 failed: the read that served them was the mirror's.
+    assert!(list.distrust(12..14));
+    assert_eq!(
+        &block_on(list.read_range(12..14, Intent::OnDemand)).unwrap()[..],
+        b"rr"
+    );
+    let stream = block_on(list.read_range_stream(0..1, Intent::OnDemand)).unwrap();
+    assert_eq!(
+        &block_on(stream.collect::<Vec<_>>())[0].as_ref().unwrap()[..],
+        b"r"
+    );
+    // The registry's own bytes failing: there is nowhere else to go.
+    assert!(!list.distrust(12..14));
+    // Nothing read there: nobody to blame.
+    assert!(!list.distrust(50..60));
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "read mirror 0..2",
+            "read mirror 10..20",
+            "read registry 12..14",
+            "stream registry 0..1",
         ]
     );
 }
@@ -111,7 +150,8 @@ fn when_every_source_fails_the_last_error_is_returned() {
     let err = block_on(list.read_range(0..1, Intent::OnDemand)).unwrap_err();
     assert!(err.to_string().contains("registry"), "{err}");
     assert!(block_on(list.read_range_stream(0..1, Intent::OnDemand)).is_err());
-    assert_eq!(log.lock().unwrap().len(), 4);
+    // The mirror failed first: skipped for the second read, the registry is not.
+    assert_eq!(log.lock().unwrap().len(), 3);
 }
 
 #[test]
