@@ -22,6 +22,9 @@
 //! `format/` and puts fetched bytes into `cache/`; `layer/` only looks the
 //! cache up. `docs/architecture.md` walks a read through these folders.
 //!
+//! `disk` serves an overlaybd image's stacked disk: its layers are
+//! `layer/`s of the fetch engine, its reads mapped through the stack.
+//!
 //! `digest`, `intent` and `format::index` hold the vocabulary every layer
 //! shares, and
 //! `num` the one conversion of `u64` offsets to `usize` the byte paths use;
@@ -33,6 +36,7 @@
 
 pub mod cache;
 pub mod digest;
+pub mod disk;
 pub mod fetch;
 pub mod format;
 pub mod fuse;

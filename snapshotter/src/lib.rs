@@ -18,6 +18,8 @@
 //!   of an image's layers at once.
 //! - [`mounter`]: remote layers as FUSE mounts, handed over to a
 //!   successor process through [`holder`].
+//! - [`obd`]: overlaybd layers: their labels, and a stacked disk mounted
+//!   as a tree (FUSE file, read-only loop device, ext4 `ro,noload`).
 //! - [`holder`]: the process that keeps every mount's /dev/fuse fd across
 //!   restarts of the daemon.
 //! - [`fallback`]: why a layer was not lazy, counted by cause.
@@ -43,6 +45,7 @@ pub mod metastore;
 pub mod metrics;
 pub mod mounter;
 pub mod mounts;
+pub mod obd;
 pub mod remote;
 pub mod resolve;
 pub mod seams;

@@ -427,12 +427,13 @@ impl Cache {
         self.index.contains_key(digest)
     }
 
-    /// Stores content the caller has verified (`sha256(data) == digest`).
+    /// Stores data the caller has verified: `sha256(data) == digest`, or, for
+    /// an overlaybd block's location key, the block's CRC (an entry found at
+    /// open is re-hashed, so such an entry does not survive a restart).
     /// Inserting content that is already present costs nothing but a lookup;
     /// concurrent inserts of one digest are harmless. Past the size bound,
     /// the inserting thread runs an eviction pass (unless one is running).
     pub fn insert(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
-        debug_assert_eq!(Digest::of(data), *digest, "cache insert of unverified data");
         if self.index.contains_key(digest) {
             self.dedup_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);

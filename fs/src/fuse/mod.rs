@@ -5,6 +5,8 @@
 //! answered when their bytes arrive, so a slow fetch never holds a worker.
 //! The layer is immutable, so attributes, entries and page cache live long.
 //! Fully cached files are handed to the kernel (see [`passthrough`]).
+//! An overlaybd image's stacked disk is served as one file by `disk.rs`
+//! ([`mount_disk`]).
 //!
 //! A connection can outlive the process serving it: [`MountHandle::connection`]
 //! gives its /dev/fuse fd to whoever keeps it (the snapshotter's holder), and
@@ -19,11 +21,13 @@
 //! with its process.
 
 mod attr;
+mod disk;
 mod fs;
 mod journal;
 mod ops;
 mod passthrough;
 
+pub use disk::{DISK_NAME, mount_disk};
 pub use ops::{FuseOps, Op};
 pub use passthrough::PassthroughStats;
 

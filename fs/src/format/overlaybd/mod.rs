@@ -13,7 +13,10 @@
 //! 2. [`DiskMap::stack`] merges an image's layers (bottom first) into one
 //!    map of the disk: upper layers win, zeroed extents punch holes;
 //! 3. [`StackedDisk`] reads any byte range of that disk from the blobs:
-//!    the blocks that hold it are fetched, CRC-checked and decompressed.
+//!    the blocks that hold it are fetched, CRC-checked and decompressed
+//!    (no cache: the reference path for tests); [`Overlaybd`] is the same
+//!    layer as a fetch-engine [`Format`](crate::format::Format), which
+//!    `crate::disk` serves lazily.
 //!
 //! Pure except [`read`]: the parsing and the map never do I/O. Every field
 //! that comes from the blob is bounded before it is used (the limits are
@@ -24,6 +27,7 @@
 
 mod crc32c;
 mod error;
+mod format;
 mod le;
 pub mod lsmt;
 mod open;
@@ -37,7 +41,8 @@ mod tests;
 
 pub use crc32c::{BLOCK_SEED, crc32c};
 pub use error::ObdError;
-pub use lsmt::{Extent, MAX_RECORDS, MAX_VIRTUAL_SIZE};
+pub use format::{LSMT_INO, LSMT_NAME, Overlaybd, RAW_CHUNK, block_key};
+pub use lsmt::{Extent, MAX_RECORDS, MAX_VIRTUAL_SIZE, SECTOR};
 pub use open::{
     HEAD_FETCH, LSMT_TAIL_FETCH, Layer, MAX_OPEN_STEPS, OpenStep, Store, open_blob, open_step,
 };

@@ -1,0 +1,222 @@
+//! The stacked disk of an overlaybd image, served lazily: each layer blob
+//! is a [`Layer`] of the fetch engine (format [`Overlaybd`]: one file, the
+//! layer's plain LSMT file, whose chunks are its ZFile blocks), and a
+//! [`LazyDisk`] maps any byte range of the virtual disk through the
+//! stack's [`DiskMap`] to ranges of those files. Zeroed and unmapped
+//! sectors are zeros and never fetched.
+//!
+//! A read is planned first ([`LazyDisk::read_cached`]): every piece the
+//! cache holds is copied at once, on the calling (FUSE) thread; only when
+//! something is missing does [`DiskRead::complete`] go to the fetch engine
+//! (on-demand, with the layer's read-ahead), every layer's part at once.
+//!
+//! Each committed snapshot of an overlaybd chain is a stack of its layers
+//! up to it: [`DiskLayer`]s are shared between the stacks that use them.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::Digest;
+use crate::cache::Cache;
+use crate::fetch::FetchScheduler;
+use crate::format::overlaybd::stack::{layer_index, sectors_of};
+use crate::format::overlaybd::{DiskMap, Extent, LSMT_INO, ObdError, Overlaybd, SECTOR, Source};
+use crate::layer::{CachedRead, Layer, LayerError, PendingRead};
+use crate::num::usize_from;
+use crate::registry::BlobSource;
+
+/// The most bytes one disk read returns (the kernel asks for 128 KiB to
+/// 1 MiB).
+pub const MAX_DISK_READ: u64 = 16 << 20;
+
+/// Why a disk could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error(transparent)]
+    Obd(#[from] ObdError),
+    #[error("read {start}..{end} is outside the disk of {size} bytes", start = range.start, end = range.end)]
+    OutOfDisk { range: Range<u64>, size: u64 },
+    #[error("layer {0} of the stack is missing")]
+    NoLayer(u32),
+    #[error("layer {layer} returned {got} bytes of LSMT file where {want} were asked for")]
+    Short { layer: u32, want: usize, got: usize },
+}
+
+/// One overlaybd layer, opened through the fetch engine.
+pub struct DiskLayer {
+    pub digest: Digest,
+    pub layer: Arc<Layer>,
+    pub extents: Arc<[Extent]>,
+    pub virtual_size: u64,
+}
+
+impl DiskLayer {
+    /// Opens the overlaybd layer blob `digest` in `source`: its index is
+    /// fetched with `Intent::Open`, its blocks later as they are read.
+    pub async fn open(
+        digest: Digest,
+        source: Arc<dyn BlobSource>,
+        cache: Arc<Cache>,
+        scheduler: FetchScheduler,
+    ) -> Result<DiskLayer, DiskError> {
+        let format = Arc::new(Overlaybd::new(digest));
+        let layer = Layer::open_format(source, format.clone(), None, cache, scheduler).await?;
+        let opened = format
+            .opened()
+            .ok_or_else(|| ObdError::Stack("the layer opened without its extents".into()))?;
+        Ok(DiskLayer {
+            digest,
+            layer: Arc::new(layer),
+            extents: opened.extents.clone().into(),
+            virtual_size: opened.virtual_size,
+        })
+    }
+}
+
+/// Layers stacked into one disk (bottom first), read lazily.
+pub struct LazyDisk {
+    layers: Vec<Arc<DiskLayer>>,
+    map: DiskMap,
+}
+
+/// A disk read planned against the cache: the bytes the cache had, and
+/// the layer reads still to complete.
+pub struct DiskRead {
+    out: Vec<u8>,
+    pending: Vec<Missing>,
+}
+
+/// One layer's part of a read that the cache lacks.
+struct Missing {
+    /// Where its bytes go in the read, and how many.
+    at: usize,
+    want: usize,
+    layer: u32,
+    read: PendingRead,
+    from: Arc<Layer>,
+}
+
+impl LazyDisk {
+    /// Stacks `layers`, bottom first; the disk has the top layer's size.
+    pub fn new(layers: Vec<Arc<DiskLayer>>) -> Result<LazyDisk, DiskError> {
+        let size = layers
+            .last()
+            .map(|l| l.virtual_size)
+            .ok_or_else(|| ObdError::Stack("no layers".into()))?;
+        let map = DiskMap::stack(layers.iter().map(|l| &l.extents[..]), size)?;
+        Ok(LazyDisk { layers, map })
+    }
+
+    /// Size of the disk in bytes.
+    pub fn size(&self) -> u64 {
+        self.map.virtual_size()
+    }
+
+    pub fn layers(&self) -> &[Arc<DiskLayer>] {
+        &self.layers
+    }
+
+    pub fn map(&self) -> &DiskMap {
+        &self.map
+    }
+
+    /// Plans a read of `len` bytes at `offset` (cut at the disk's end):
+    /// zeros where no layer has data, the cache's bytes where it has them.
+    /// Blocking (cache file reads); never fetches.
+    pub fn read_cached(&self, offset: u64, len: u64) -> Result<DiskRead, DiskError> {
+        let size = self.size();
+        let end = size.min(offset.saturating_add(len));
+        let range = offset.min(end)..end;
+        if range.end - range.start > MAX_DISK_READ {
+            return Err(DiskError::OutOfDisk { range, size });
+        }
+        let mut out = vec![0u8; usize_from(range.end - range.start)];
+        let mut pending = Vec::new();
+        for seg in self.map.segments_in(sectors_of(&range)) {
+            let Source::Layer { layer, moffset } = seg.source else {
+                continue;
+            };
+            let from = range.start.max(seg.start * SECTOR);
+            let to = range.end.min(seg.end() * SECTOR);
+            let raw = moffset * SECTOR + (from - seg.start * SECTOR);
+            let want = usize_from(to - from);
+            let at = usize_from(from - range.start);
+            let l = self
+                .layers
+                .get(layer_index(layer))
+                .ok_or(DiskError::NoLayer(layer))?;
+            match l.layer.read_cached(LSMT_INO, raw, to - from)? {
+                CachedRead::Hit(data) => {
+                    if data.len() != want {
+                        return Err(DiskError::Short {
+                            layer,
+                            want,
+                            got: data.len(),
+                        });
+                    }
+                    out[at..at + want].copy_from_slice(&data);
+                }
+                CachedRead::Miss(read) => pending.push(Missing {
+                    at,
+                    want,
+                    layer,
+                    read,
+                    from: l.layer.clone(),
+                }),
+            }
+        }
+        Ok(DiskRead { out, pending })
+    }
+
+    /// Reads through cache and fetch engine (the cache lookup on the
+    /// blocking pool).
+    pub async fn read(self: &Arc<Self>, offset: u64, len: u64) -> Result<Vec<u8>, DiskError> {
+        let me = self.clone();
+        let planned = tokio::task::spawn_blocking(move || me.read_cached(offset, len))
+            .await
+            .map_err(|e| ObdError::Stack(format!("read planning: {e}")))??;
+        planned.complete().await
+    }
+}
+
+impl DiskRead {
+    /// Whether every byte is here already (no fetch needed).
+    pub fn is_complete(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The bytes, once the layers' missing blocks are fetched (all layers'
+    /// parts at once).
+    pub async fn complete(self) -> Result<Vec<u8>, DiskError> {
+        let DiskRead { mut out, pending } = self;
+        let reads = pending.into_iter().map(|m| async move {
+            let data = match m.from.complete(m.read).await {
+                Ok(data) => data,
+                Err(e) => return Err(DiskError::from(e)),
+            };
+            if data.len() != m.want {
+                return Err(DiskError::Short {
+                    layer: m.layer,
+                    want: m.want,
+                    got: data.len(),
+                });
+            }
+            Ok((m.at, data))
+        });
+        for done in futures::future::join_all(reads).await {
+            let (at, data) = done?;
+            out[at..at + data.len()].copy_from_slice(&data);
+        }
+        Ok(out)
+    }
+
+    /// The bytes, when [`DiskRead::is_complete`].
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests;

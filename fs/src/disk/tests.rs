@@ -1,0 +1,202 @@
+//! The lazy disk against the reference path (`StackedDisk`, no cache), on
+//! the layers overlaybd's own tools made: same bytes, fetched by block
+//! ranges only where read, once, checked by CRC and cached under location
+//! keys.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::*;
+use crate::Intent;
+use crate::fetch::SchedulerConfig;
+use crate::format::overlaybd::{StackedDisk, block_key};
+use crate::testing::FakeBlob;
+
+fn fixture_layers() -> Vec<Vec<u8>> {
+    let oci = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|a| a.join("shared/fixtures/overlaybd/oci"))
+        .find(|p| p.is_dir())
+        .expect("shared/fixtures/overlaybd beside the repository");
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let path = |d: &serde_json::Value| {
+        let hex = d.as_str().unwrap().strip_prefix("sha256:").unwrap();
+        oci.join("blobs/sha256").join(hex)
+    };
+    let index = json(oci.join("index.json"));
+    let manifest = json(path(&index["manifests"][0]["digest"]));
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| std::fs::read(path(&l["digest"])).unwrap())
+        .collect()
+}
+
+struct Fixture {
+    blobs: Vec<Arc<FakeBlob>>,
+    disk: Arc<LazyDisk>,
+    reference: StackedDisk,
+    _dir: tempfile::TempDir,
+}
+
+/// The fixture image as a lazy disk without read-ahead (so a read fetches
+/// exactly the blocks it needs), and as the reference reader's disk.
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(dir.path()).unwrap());
+    let scheduler = FetchScheduler::new(SchedulerConfig {
+        read_ahead: 0,
+        ..SchedulerConfig::default()
+    });
+    let layers = fixture_layers();
+    let blobs: Vec<Arc<FakeBlob>> = layers
+        .iter()
+        .map(|l| FakeBlob::instant(l.clone()))
+        .collect();
+    let mut opened = Vec::new();
+    for (l, b) in layers.iter().zip(&blobs) {
+        let layer = DiskLayer::open(Digest::of(l), b.clone(), cache.clone(), scheduler.clone())
+            .await
+            .unwrap();
+        opened.push(Arc::new(layer));
+    }
+    let disk = Arc::new(LazyDisk::new(opened).unwrap());
+    let reference = StackedDisk::open(
+        layers
+            .into_iter()
+            .map(|l| FakeBlob::instant(l) as Arc<dyn BlobSource>)
+            .collect(),
+    )
+    .await
+    .unwrap();
+    Fixture {
+        blobs,
+        disk,
+        reference,
+        _dir: dir,
+    }
+}
+
+fn on_demand_bytes(blobs: &[Arc<FakeBlob>]) -> u64 {
+    blobs
+        .iter()
+        .flat_map(|b| b.reads())
+        .filter(|(_, i)| *i == Intent::OnDemand)
+        .map(|(r, _)| r.end - r.start)
+        .sum()
+}
+
+#[tokio::test]
+async fn the_lazy_disk_reads_what_the_reference_reader_reads() {
+    let f = fixture().await;
+    assert_eq!(f.disk.size(), 64 << 30);
+    // Every data range of the stack (capped per read), plus a stretch
+    // across a hole and the last bytes of the disk.
+    let mut ranges: Vec<std::ops::Range<u64>> = f
+        .disk
+        .map()
+        .data_ranges()
+        .into_iter()
+        .map(|r| r.start..r.end.min(r.start + (1 << 20)))
+        .collect();
+    ranges.push((1 << 30) - 4096..(1 << 30) + 4096);
+    ranges.push((64 << 30) - 512..64 << 30);
+    for r in ranges {
+        let lazy = f.disk.read(r.start, r.end - r.start).await.unwrap();
+        let want = f.reference.read(r.clone()).await.unwrap();
+        assert!(lazy == want, "bytes {r:?} differ");
+    }
+    // The ext4 superblock's magic.
+    let sb = f.disk.read(1024, 1024).await.unwrap();
+    assert_eq!(&sb[0x38..0x3a], &[0x53, 0xef]);
+}
+
+#[tokio::test]
+async fn a_read_fetches_its_blocks_once_and_holes_nothing() {
+    let f = fixture().await;
+    let total: u64 = f.blobs.iter().map(|b| b.size()).sum();
+    // Zeros, between two data ranges of the map: no GET.
+    let data = f.disk.map().data_ranges();
+    let gap = data
+        .windows(2)
+        .map(|w| w[0].end..w[1].start)
+        .find(|g| g.end - g.start >= 128 << 10)
+        .unwrap();
+    let hole = f.disk.read(gap.start, 128 << 10).await.unwrap();
+    assert!(hole.iter().all(|&b| b == 0));
+    assert_eq!(on_demand_bytes(&f.blobs), 0);
+    // The superblock: a few blocks, a small part of the image.
+    f.disk.read(0, 4096).await.unwrap();
+    let first = on_demand_bytes(&f.blobs);
+    assert!(first > 0 && first < total / 20, "{first} of {total}");
+    // Again, and concurrently: served from the cache, no GET.
+    let (a, b) = tokio::join!(f.disk.read(0, 4096), f.disk.read(512, 2048));
+    assert_eq!(&a.unwrap()[512..2560], &b.unwrap()[..]);
+    assert_eq!(on_demand_bytes(&f.blobs), first);
+    // The planned read finds every byte in the cache now.
+    assert!(f.disk.read_cached(0, 4096).unwrap().is_complete());
+}
+
+#[tokio::test]
+async fn concurrent_reads_of_one_block_share_one_get() {
+    let f = fixture().await;
+    let r = f.disk.map().data_ranges()[1].clone();
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let d = f.disk.clone();
+            tokio::spawn(async move { d.read(r.start, 512).await.unwrap() })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in reads {
+        got.push(t.await.unwrap());
+    }
+    assert!(got.windows(2).all(|w| w[0] == w[1]));
+    let gets: usize = f
+        .blobs
+        .iter()
+        .flat_map(|b| b.reads())
+        .filter(|(_, i)| *i == Intent::OnDemand)
+        .count();
+    assert_eq!(gets, 1);
+}
+
+#[tokio::test]
+async fn a_block_that_fails_its_crc_fails_the_read_and_is_not_cached() {
+    let f = fixture().await;
+    // The block that holds the superblock (disk sector 2).
+    let seg = f.disk.map().segments_in(2..3)[0];
+    let Source::Layer { layer, moffset } = seg.source else {
+        panic!("the superblock is in a layer: {seg:?}");
+    };
+    let raw = moffset * SECTOR + (2 - seg.start) * SECTOR;
+    let l = layer_index(layer);
+    let chunk = *f.disk.layers()[l]
+        .layer
+        .index()
+        .chunks
+        .iter()
+        .find(|c| c.file_offset <= raw && raw < c.file_offset + c.size)
+        .unwrap();
+    // Named by where it is: the blob's digest and the block's number.
+    let blob = f.disk.layers()[l].digest;
+    assert_eq!(chunk.digest, block_key(&blob, chunk.file_offset / 4096));
+    f.blobs[l].tamper(chunk.blob_range.0 + 8);
+    assert!(f.disk.read(1024, 1024).await.is_err());
+    assert!(!f.disk.read_cached(1024, 1024).unwrap().is_complete());
+    f.blobs[l].heal();
+    let sb = f.disk.read(1024, 1024).await.unwrap();
+    assert_eq!(&sb[0x38..0x3a], &[0x53, 0xef]);
+}
+
+#[test]
+fn block_keys_name_a_place_not_content() {
+    let a = Digest::of(b"blob a");
+    let b = Digest::of(b"blob b");
+    assert_ne!(block_key(&a, 0), block_key(&a, 1));
+    assert_ne!(block_key(&a, 0), block_key(&b, 0));
+    assert_eq!(block_key(&a, 7), block_key(&a, 7));
+}

@@ -1,0 +1,280 @@
+//! overlaybd layers on the snapshotter's side: what a Prepare's labels say
+//! about one ([`overlaybd_layer`]), and the mount that serves a stacked
+//! disk as a directory tree ([`DiskMount`]: the disk as a FUSE file, a
+//! read-only loop device over it, the kernel's ext4 mounted `ro,noload`
+//! on that), torn down in reverse on [`DiskMount::detach`], on drop, and
+//! when any step of [`DiskMount::attach`] fails: nothing stays attached.
+//!
+//! Not wired into Prepare yet (see docs/architecture.md, overlaybd): an
+//! overlaybd layer still falls back per layer, as every layer without an
+//! eStargz TOC does.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use nix::mount::{MntFlags, MsFlags};
+use tarn_fs::Digest;
+use tarn_fs::digest::DigestError;
+use tarn_fs::disk::LazyDisk;
+use tarn_fs::fuse::{DISK_NAME, FuseError, MountHandle, MountOptions, mount_disk};
+
+/// The descriptor annotations of an overlaybd layer, as containerd passes
+/// them to Prepare (OVERLAYBD.md; accelerated-container-image's
+/// `pkg/label/label.go`).
+pub const OBD_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
+pub const OBD_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+pub const OBD_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
+pub const OBD_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
+
+/// The one filesystem an overlaybd disk is mounted as here (the reference
+/// tools' default; `noload` is ext4's).
+pub const EXT4: &str = "ext4";
+
+/// An overlaybd layer, as a Prepare's labels describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObdLabels {
+    pub blob_digest: Digest,
+    pub blob_size: u64,
+}
+
+/// Why labels that name an overlaybd layer cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ObdLabelError {
+    #[error("overlaybd layer without a {OBD_BLOB_DIGEST} label")]
+    NoDigest,
+    #[error("bad {OBD_BLOB_DIGEST} label")]
+    BadDigest(#[source] DigestError),
+    #[error("overlaybd layer without a numeric {OBD_BLOB_SIZE} label")]
+    BadSize,
+    #[error("overlaybd layer of filesystem {0:?}: only ext4 is mounted")]
+    FsType(String),
+}
+
+/// `None` if the labels do not name an overlaybd layer (no version
+/// label); the layer, or why it cannot be served, if they do.
+pub fn overlaybd_layer(
+    labels: &BTreeMap<String, String>,
+) -> Option<Result<ObdLabels, ObdLabelError>> {
+    labels.get(OBD_VERSION)?;
+    Some(read_labels(labels))
+}
+
+fn read_labels(labels: &BTreeMap<String, String>) -> Result<ObdLabels, ObdLabelError> {
+    let digest = labels.get(OBD_BLOB_DIGEST).ok_or(ObdLabelError::NoDigest)?;
+    let blob_digest: Digest = digest.parse().map_err(ObdLabelError::BadDigest)?;
+    let blob_size: u64 = labels
+        .get(OBD_BLOB_SIZE)
+        .and_then(|s| s.parse().ok())
+        .ok_or(ObdLabelError::BadSize)?;
+    match labels.get(OBD_FS_TYPE).map(String::as_str) {
+        None | Some(EXT4) => {}
+        Some(other) => return Err(ObdLabelError::FsType(other.to_owned())),
+    }
+    Ok(ObdLabels {
+        blob_digest,
+        blob_size,
+    })
+}
+
+/// Why a disk could not be attached or detached.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskMountError {
+    #[error("creating {path}: {error}")]
+    Dir { path: PathBuf, error: io::Error },
+    #[error(transparent)]
+    Fuse(#[from] FuseError),
+    #[error("{action} loop device for {file}: {reason}")]
+    Loop {
+        action: &'static str,
+        file: PathBuf,
+        reason: String,
+    },
+    #[error("mounting {dev} at {path} as ext4 ro,noload: {error}")]
+    Mount {
+        dev: String,
+        path: PathBuf,
+        error: nix::Error,
+    },
+    #[error("unmounting {path}: {error}")]
+    Unmount { path: PathBuf, error: nix::Error },
+}
+
+/// A stacked disk mounted as a tree: `<dir>/disk/disk` (the FUSE file),
+/// a read-only loop device over it, `<dir>/fs` (ext4, read-only).
+pub struct DiskMount {
+    fs: PathBuf,
+    fuse: Option<MountHandle>,
+    dev: Option<String>,
+    mounted: bool,
+}
+
+impl DiskMount {
+    /// Mounts `disk` under `dir` (created if missing). Reads that miss the
+    /// cache run on `runtime`. On failure, whatever was set up is undone.
+    pub fn attach(
+        disk: Arc<LazyDisk>,
+        dir: &Path,
+        runtime: tokio::runtime::Handle,
+        options: &MountOptions,
+    ) -> Result<DiskMount, DiskMountError> {
+        let fuse_dir = dir.join("disk");
+        let fs = dir.join("fs");
+        for d in [&fuse_dir, &fs] {
+            std::fs::create_dir_all(d).map_err(|error| DiskMountError::Dir {
+                path: d.clone(),
+                error,
+            })?;
+        }
+        // From here on, dropping `m` undoes what is set up so far.
+        let mut m = DiskMount {
+            fs: fs.clone(),
+            fuse: Some(mount_disk(disk, &fuse_dir, runtime, options)?),
+            dev: None,
+            mounted: false,
+        };
+        let file = fuse_dir.join(DISK_NAME);
+        // Buffered, not direct I/O: not measured yet (the page cache then
+        // holds the disk's blocks under the FUSE file and ext4's under the
+        // loop device).
+        let out = Command::new("losetup")
+            .args(["--read-only", "--find", "--show"])
+            .arg(&file)
+            .output();
+        let dev = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            Ok(o) => return Err(loop_error("attaching a", &file, &o.stderr)),
+            Err(e) => return Err(loop_error("attaching a", &file, e.to_string().as_bytes())),
+        };
+        m.dev = Some(dev.clone());
+        nix::mount::mount(
+            Some(dev.as_str()),
+            fs.as_path(),
+            Some(EXT4),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            // No journal replay: the disk is read-only, and a layer is a
+            // cleanly unmounted filesystem.
+            Some("noload"),
+        )
+        .map_err(|error| DiskMountError::Mount {
+            dev,
+            path: fs,
+            error,
+        })?;
+        m.mounted = true;
+        Ok(m)
+    }
+
+    /// The mounted tree: the lower dir of a container's overlay.
+    pub fn fs(&self) -> &Path {
+        &self.fs
+    }
+
+    /// The loop device the tree is mounted from.
+    pub fn device(&self) -> Option<&str> {
+        self.dev.as_deref()
+    }
+
+    /// Unmounts the tree, detaches the loop device and unmounts the FUSE
+    /// file. A tree still used (a running container's overlay) is
+    /// detached lazily, and its loop device cleared once it is let go.
+    pub fn detach(mut self) -> Result<(), DiskMountError> {
+        self.tear_down()
+    }
+
+    /// Every step is tried; the first error is returned.
+    fn tear_down(&mut self) -> Result<(), DiskMountError> {
+        let mut first = Ok(());
+        if std::mem::take(&mut self.mounted)
+            && let Err(error) = nix::mount::umount2(&self.fs, MntFlags::MNT_DETACH)
+        {
+            first = Err(DiskMountError::Unmount {
+                path: self.fs.clone(),
+                error,
+            });
+        }
+        if let Some(dev) = self.dev.take() {
+            // A device still in use gets autoclear: it goes with its last user.
+            let out = Command::new("losetup").args(["--detach", &dev]).output();
+            let failed = match out {
+                Ok(o) if o.status.success() => None,
+                Ok(o) => Some(o.stderr),
+                Err(e) => Some(e.to_string().into_bytes()),
+            };
+            if let Some(reason) = failed
+                && first.is_ok()
+            {
+                first = Err(loop_error("detaching the", Path::new(&dev), &reason));
+            }
+        }
+        if let Some(fuse) = self.fuse.take()
+            && let Err(e) = fuse.unmount()
+            && first.is_ok()
+        {
+            first = Err(e.into());
+        }
+        first
+    }
+}
+
+impl Drop for DiskMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.tear_down() {
+            tracing::warn!(fs = %self.fs.display(), error = %e, "overlaybd disk not fully torn down");
+        }
+    }
+}
+
+fn loop_error(action: &'static str, file: &Path, reason: &[u8]) -> DiskMountError {
+    DiskMountError::Loop {
+        action,
+        file: file.to_owned(),
+        reason: String::from_utf8_lossy(reason).trim().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn overlaybd_layers_are_told_by_their_annotations() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        assert!(overlaybd_layer(&l(&[("containerd.io/snapshot/cri.image-ref", "x")])).is_none());
+        let full = l(&[
+            (OBD_VERSION, "0.1.0"),
+            (OBD_BLOB_DIGEST, &digest),
+            (OBD_BLOB_SIZE, "4096"),
+            (OBD_FS_TYPE, "ext4"),
+        ]);
+        let got = overlaybd_layer(&full).unwrap().unwrap();
+        assert_eq!(got.blob_digest, digest.parse().unwrap());
+        assert_eq!(got.blob_size, 4096);
+        let mut no_size = full.clone();
+        no_size.remove(OBD_BLOB_SIZE);
+        assert!(matches!(
+            overlaybd_layer(&no_size),
+            Some(Err(ObdLabelError::BadSize))
+        ));
+        let mut erofs = full.clone();
+        erofs.insert(OBD_FS_TYPE.into(), "erofs".into());
+        assert!(matches!(
+            overlaybd_layer(&erofs),
+            Some(Err(ObdLabelError::FsType(t))) if t == "erofs"
+        ));
+        let mut bad = full;
+        bad.insert(OBD_BLOB_DIGEST.into(), "sha256:xyz".into());
+        assert!(matches!(
+            overlaybd_layer(&bad),
+            Some(Err(ObdLabelError::BadDigest(_)))
+        ));
+    }
+}
