@@ -165,11 +165,18 @@ impl Node {
         );
         let (tx, rx) = std::sync::mpsc::channel();
         let reference = self.reference.clone();
+        // runc's state is the host's and this file's tests run side by
+        // side: one container id per run.
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let id = format!(
+            "mirrored-{}",
+            RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         std::thread::spawn(move || {
             let out = Command::new("ctr")
                 .args(["--address", &sock, "run", "--rm", "--snapshotter", "tarn"])
                 .arg(&reference)
-                .arg("mirrored")
+                .arg(&id)
                 .args(["md5sum", "/bin/busybox"])
                 .output();
             let _ = tx.send(out);

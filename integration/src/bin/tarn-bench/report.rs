@@ -513,7 +513,7 @@ mod tests {
         );
         let table = render(&records, &c);
         assert!(table.contains("FAILED: ctr run exited 1"), "{table}");
-        assert!(table.contains("0 PASS, 0 FAIL, 4 FAILED"), "{table}");
+        assert!(table.contains("0 PASS, 0 FAIL, 6 FAILED"), "{table}");
         assert!(
             !all_pass(&c),
             "a figure that could not be measured did not pass"
