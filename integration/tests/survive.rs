@@ -144,14 +144,22 @@ impl Bed {
     fn rpull(&self, name: &str) -> String {
         self.bed.push_image(name).expect("push image");
         let reference = format!("{}/{name}:latest", self.proxy.addr);
-        let out = Command::new("ctr-remote")
-            .arg("--address")
-            .arg(self.bed.containerd_sock().expect("containerd"))
-            .args(["image", "rpull", "--plain-http", "--snapshotter", "tarn"])
-            .arg(&reference)
-            .output()
-            .expect("ctr-remote");
-        assert!(out.status.success(), "rpull: {}", text(&out.stderr));
+        // containerd's proxy client may have dialled tarn.sock before the
+        // daemon listened (or while it restarted) and backs off for a few
+        // seconds: only that error is retried.
+        let mut last = String::new();
+        let pulled = wait_until("rpull to succeed", PATIENCE, || {
+            let out = Command::new("ctr-remote")
+                .arg("--address")
+                .arg(self.bed.containerd_sock().expect("containerd"))
+                .args(["image", "rpull", "--plain-http", "--snapshotter", "tarn"])
+                .arg(&reference)
+                .output()
+                .expect("ctr-remote");
+            last = text(&out.stderr);
+            (out.status.success() || !last.contains("tarn.sock")).then_some(out.status.success())
+        });
+        assert_eq!(pulled.ok(), Some(true), "rpull: {last}");
         reference
     }
 
