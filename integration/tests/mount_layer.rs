@@ -12,6 +12,7 @@ use std::sync::{Arc, Barrier};
 use support::proc::{MountLayer, blob_gets, is_mounted};
 use support::tree::{assert_tree_matches_tar, pseudo_random, sample_tar};
 use tarn_fs::Digest;
+use tarn_fs::fetch::MAX_GAP;
 use tarn_fs::format::estargz::{WriteOptions, decode_toc, parse_footer, write_estargz};
 use tarn_fs::num::usize_from;
 use tarn_integration::registry::TestRegistry;
@@ -462,9 +463,16 @@ fn layers_converted_by_ctr_remote_mount_equal_to_their_tar() {
             on_mount.0 - before.0 <= 2,
             "opening takes the footer and TOC only"
         );
+        // A GET may carry a chunk already cached (read on demand, or by a
+        // hint, while the GET was planned) when at most `MAX_GAP` separates
+        // two missing ones: one round trip saved for a few KiB (see
+        // `fetch::plan`). Beyond that, no byte comes twice.
+        let gets = after.0 - before.0;
         assert!(
-            after.1 - before.1 <= blob.len() as u64,
-            "no byte of the blob fetched twice"
+            after.1 - before.1 <= blob.len() as u64 + gets * MAX_GAP,
+            "the blob is fetched about once: {} B in {gets} GETs for a blob of {} B",
+            after.1 - before.1,
+            blob.len()
         );
     }
 }
