@@ -176,18 +176,19 @@ impl Cache {
                 Ok(Assembled::Mismatch)
             }
             Ok(Some((_, len))) => {
-                let placed = fs::metadata(&tmp)
-                    .map(|m| disk_bytes(&m))
-                    .and_then(|disk| fs::rename(&tmp, &path).map(|()| disk));
+                let placed = match fs::metadata(&tmp) {
+                    Ok(meta) => self.place_object(digest, &tmp, len, disk_bytes(&meta)),
+                    Err(e) => Err(io_err(&path)(e)),
+                };
                 match placed {
-                    Ok(disk) => {
-                        if self.index_object(digest, len, disk) {
+                    Ok(landed) => {
+                        if landed {
                             self.slice_parts(digest, parts);
                         }
                         self.enforce_bound();
                         return Ok(Assembled::Done);
                     }
-                    Err(e) => Err(io_err(&path)(e)),
+                    Err(e) => Err(e),
                 }
             }
             Ok(None) => Ok(Assembled::PartMissing),

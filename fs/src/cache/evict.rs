@@ -18,9 +18,11 @@
 //! a chunk that straddles a layer's tail are a cache entry like any other,
 //! and without them the chunk is fetched whole.
 //!
-//! **Safety.** An evicted object is unlinked before it leaves the index: a
-//! reader that found the entry either has the file open (and reads its
-//! bytes) or finds it gone (a miss, fetched and verified again). A pack
+//! **Safety.** An evicted object is unlinked under its entry's lock, just
+//! before the entry leaves the index, and an inserted one is renamed into
+//! place under the same lock: a reader that found the entry either has the
+//! file open (and reads its bytes) or finds it gone (a miss, fetched and
+//! verified again), and no racing insert can leave a file nothing counts. A pack
 //! record's bytes stay where they are until its pack is compacted, and
 //! compaction moves records only under the pack's write lock, under which
 //! readers look their offsets up.
@@ -257,28 +259,33 @@ impl Cache {
         (entries, bytes)
     }
 
-    /// Evicts one entry unless it is held. An object is unlinked before it
-    /// leaves the index (see the module doc).
+    /// Evicts one entry unless it is held. An object is unlinked under its
+    /// entry's lock, just before the entry leaves the index (see the module
+    /// doc and [`Cache::place_object`]).
     fn evict_one(&self, digest: &Digest) -> Option<Entry> {
         if self.held.contains_key(digest) {
             return None;
         }
         let loc = self.index.get(digest)?.loc;
-        if loc == Location::Object {
-            let path = self.object_path(digest);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot evict cache object");
-                    return None;
-                }
-            }
-        }
-        let e = self.remove_entry(digest, |e| e.loc == loc)?;
+        let e = self.remove_entry(digest, |e| {
+            e.loc == loc && (loc != Location::Object || self.unlink_object(digest))
+        })?;
         self.evictions.fetch_add(1, Ordering::Relaxed);
         self.evicted_bytes.fetch_add(e.len, Ordering::Relaxed);
         Some(e)
+    }
+
+    /// Removes an object's file; whether it is gone.
+    fn unlink_object(&self, digest: &Digest) -> bool {
+        let path = self.object_path(digest);
+        match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot evict cache object");
+                false
+            }
+        }
     }
 
     fn pack_end(&self, i: usize) -> u64 {

@@ -177,7 +177,10 @@ fn readers_racing_eviction_never_see_a_wrong_byte() {
         }
     });
     pruner.join().unwrap();
-    tarn_wait(|| cache.stats().evictions > 200 && cache.stats().compactions > 5);
+    tarn_wait(
+        || cache.stats().evictions > 200 && cache.stats().compactions > 5,
+        || format!("{:?}", cache.stats()),
+    );
     stop.store(true, Ordering::Relaxed);
     let hits: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert!(hits > 0);
@@ -189,10 +192,14 @@ fn readers_racing_eviction_never_see_a_wrong_byte() {
 }
 
 /// Waits until `f` holds (a failure bound, not a timing assertion).
-fn tarn_wait(f: impl Fn() -> bool) {
+fn tarn_wait(f: impl Fn() -> bool, state: impl Fn() -> String) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !f() {
-        assert!(std::time::Instant::now() < deadline, "condition never held");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition never held: {}",
+            state()
+        );
         std::thread::yield_now();
     }
 }

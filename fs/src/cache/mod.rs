@@ -445,37 +445,10 @@ impl Cache {
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
         } else {
-            let disk = self.write_object(digest, data)?;
-            self.index_object(digest, data.len() as u64, disk);
+            self.write_object(digest, data)?;
         }
         self.enforce_bound();
         Ok(())
-    }
-
-    /// Indexes an object file just written under its final name. A racing
-    /// insert of the same object may have won; either entry holds the same
-    /// bytes, so count the bytes only for the one that lands. Returns
-    /// whether this one landed.
-    fn index_object(&self, digest: &Digest, len: u64, disk: u64) -> bool {
-        let entry = Entry {
-            loc: Location::Object,
-            len,
-            verified: true,
-            disk,
-            stamp: self.now(),
-        };
-        let mut landed = false;
-        self.index.entry(*digest).or_insert_with(|| {
-            landed = true;
-            entry
-        });
-        if landed {
-            self.bytes.fetch_add(len, Ordering::Relaxed);
-            self.disk.fetch_add(disk, Ordering::Relaxed);
-        } else {
-            self.dedup_bytes.fetch_add(len, Ordering::Relaxed);
-        }
-        landed
     }
 
     /// A standalone file holding exactly this content, if there is one (only

@@ -5,10 +5,12 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use super::{Cache, CacheError, Location, disk_bytes, io_err, object_dir};
+use dashmap::mapref::entry::Entry as MapEntry;
+
+use super::{Cache, CacheError, Entry, Location, disk_bytes, io_err, object_dir};
 use crate::Digest;
 use crate::digest::Hasher;
 
@@ -45,25 +47,67 @@ impl Cache {
         self.objects.join(&hex[0..2]).join(hex)
     }
 
-    /// Writes an object file under a temp name and renames it into place, so
-    /// a reader never sees a half-written file under the final name in this
-    /// process (after a crash, verification catches what rename ordering
-    /// without fsync may leave). Returns the disk bytes it takes.
-    pub(super) fn write_object(&self, digest: &Digest, data: &[u8]) -> Result<u64, CacheError> {
+    /// Writes an object file under a temp name and places it (see
+    /// [`Cache::place_object`]), so a reader never sees a half-written file
+    /// under the final name in this process (after a crash, verification
+    /// catches what rename ordering without fsync may leave).
+    pub(super) fn write_object(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
         let path = self.object_path(digest);
         let dir = object_dir(&path);
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = self.tmp_path(digest);
-        let write = || -> io::Result<u64> {
-            fs::write(&tmp, data)?;
-            let disk = disk_bytes(&fs::metadata(&tmp)?);
-            fs::rename(&tmp, &path)?;
-            Ok(disk)
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err(&path)(e)
-        })
+        let written = fs::write(&tmp, data).and_then(|()| fs::metadata(&tmp));
+        match written {
+            Ok(meta) => self
+                .place_object(digest, &tmp, data.len() as u64, disk_bytes(&meta))
+                .map(|_| ()),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(io_err(&path)(e))
+            }
+        }
+    }
+
+    /// Renames the written object file `tmp` into place and indexes it, both
+    /// under the entry's lock, which eviction also holds while it unlinks an
+    /// object and drops its entry: a file under an object's name and its
+    /// entry come and go together. (Renamed outside the lock, a racing
+    /// insert of the same content could put its file back between an
+    /// eviction's unlink and its removal of the entry: a file nothing
+    /// counts, leaked until the next start.) A racing insert that landed
+    /// first wins; this one's file is removed and its bytes count as
+    /// deduplicated. Returns whether this one landed.
+    pub(super) fn place_object(
+        &self,
+        digest: &Digest,
+        tmp: &Path,
+        len: u64,
+        disk: u64,
+    ) -> Result<bool, CacheError> {
+        let path = self.object_path(digest);
+        match self.index.entry(*digest) {
+            MapEntry::Occupied(_) => {
+                let _ = fs::remove_file(tmp);
+                self.dedup_bytes.fetch_add(len, Ordering::Relaxed);
+                Ok(false)
+            }
+            MapEntry::Vacant(v) => {
+                if let Err(e) = fs::rename(tmp, &path) {
+                    let _ = fs::remove_file(tmp);
+                    return Err(io_err(&path)(e));
+                }
+                v.insert(Entry {
+                    loc: Location::Object,
+                    len,
+                    verified: true,
+                    disk,
+                    stamp: self.now(),
+                });
+                self.bytes.fetch_add(len, Ordering::Relaxed);
+                self.disk.fetch_add(disk, Ordering::Relaxed);
+                Ok(true)
+            }
+        }
     }
 
     /// A fresh temp name beside the object's final path; `open` removes
