@@ -142,12 +142,12 @@ async fn open_layer(args: &Args) -> anyhow::Result<Layer> {
     let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_dir))
         .await
         .context("opening the cache")??;
-    let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
+    let source: Arc<dyn BlobSource> = Arc::new(RemoteBlob::new(
         client,
-        repo: reference.repository.clone(),
-        digest: desc.digest,
-        size: desc.size,
-    });
+        reference.repository.clone(),
+        desc.digest,
+        desc.size,
+    ));
     let format = Arc::new(Estargz::with_max_index_bytes(
         args.max_index_mb.saturating_mul(1 << 20),
     ));

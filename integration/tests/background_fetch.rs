@@ -101,15 +101,15 @@ fn files_layer(file: usize, count: usize) -> Vec<u8> {
 }
 
 fn remote(addr: &str, digest: tarn_fs::Digest, size: usize) -> Arc<dyn BlobSource> {
-    Arc::new(RemoteBlob {
-        client: RegistryClient::new(RegistryConfig::default()).expect("client"),
-        repo: Repository {
+    Arc::new(RemoteBlob::new(
+        RegistryClient::new(RegistryConfig::default()).expect("client"),
+        Repository {
             registry: addr.to_string(),
             name: "bg/layer".into(),
         },
         digest,
-        size: size as u64,
-    })
+        size as u64,
+    ))
 }
 
 /// The layer's GET count once it stops changing. Read-behind GETs start

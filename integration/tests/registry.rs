@@ -83,12 +83,12 @@ async fn resolves_a_pushed_image_and_reads_ranges_as_206() {
         .unwrap();
     assert!(String::from_utf8_lossy(&config).contains("amd64"));
 
-    let blob = RemoteBlob {
-        client: c.clone(),
-        repo: r.repository.clone(),
-        digest: img.layers[0].digest,
-        size: img.layers[0].size,
-    };
+    let blob = RemoteBlob::new(
+        c.clone(),
+        r.repository.clone(),
+        img.layers[0].digest,
+        img.layers[0].size,
+    );
     let n = layer.len() as u64;
     let ranges = [0..1, 100..70_000, n - 51..n, 1_000_000..2_500_000, 0..n];
     for range in &ranges {

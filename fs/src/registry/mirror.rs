@@ -11,77 +11,20 @@
 //! containerd resolves tags itself before tarn sees a layer, and tarn's
 //! own `tarn pull` resolves at the registry.
 
-use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures::future::BoxFuture;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::client::RegistryClient;
 use super::endpoint::Endpoint;
-use super::error::RegistryError;
 use super::hosts::{HostConfig, HostsError, HostsFile};
 use super::reference::Repository;
-use super::source::{BlobSource, ByteStream, RemoteBlob, Sources};
+use super::source::{BlobSource, RemoteBlob, Sources};
 use crate::Digest;
-use crate::Intent;
 
 /// The mirrors of a `hosts.toml` in order, and its server if it names one.
 type HostEndpoints = (Vec<Arc<Endpoint>>, Option<Arc<Endpoint>>);
-
-/// A blob on one host of a `hosts.toml`.
-pub struct HostBlob {
-    client: RegistryClient,
-    endpoint: Arc<Endpoint>,
-    /// The repository as the registry names it (the paths are the same).
-    repo: Repository,
-    digest: Digest,
-    size: u64,
-}
-
-impl BlobSource for HostBlob {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_range(
-        &self,
-        range: Range<u64>,
-        intent: Intent,
-    ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
-        Box::pin(async move {
-            self.client
-                .read_range_on(
-                    Some(&self.endpoint),
-                    &self.repo,
-                    &self.digest,
-                    range,
-                    intent,
-                )
-                .await
-        })
-    }
-
-    fn read_range_stream(
-        &self,
-        range: Range<u64>,
-        intent: Intent,
-    ) -> BoxFuture<'_, Result<ByteStream, RegistryError>> {
-        Box::pin(async move {
-            self.client
-                .read_range_stream_on(
-                    Some(&self.endpoint),
-                    &self.repo,
-                    &self.digest,
-                    range,
-                    intent,
-                )
-                .await
-        })
-    }
-}
 
 impl RegistryClient {
     /// The blob `digest` of `repo` (`size` bytes) as the fetcher reads it:
@@ -95,12 +38,8 @@ impl RegistryClient {
         digest: Digest,
         size: u64,
     ) -> Arc<dyn BlobSource> {
-        let origin: Arc<dyn BlobSource> = Arc::new(RemoteBlob {
-            client: self.clone(),
-            repo: repo.clone(),
-            digest,
-            size,
-        });
+        let registry = RemoteBlob::new(self.clone(), repo.clone(), digest, size);
+        let origin: Arc<dyn BlobSource> = Arc::new(registry.clone());
         let Some(dir) = self.inner.http.config.hosts_dir.clone() else {
             return origin;
         };
@@ -121,15 +60,8 @@ impl RegistryClient {
                 return origin;
             }
         };
-        let blob = |endpoint: Arc<Endpoint>| -> Arc<dyn BlobSource> {
-            Arc::new(HostBlob {
-                client: self.clone(),
-                endpoint,
-                repo: repo.clone(),
-                digest,
-                size,
-            })
-        };
+        let blob =
+            |endpoint: Arc<Endpoint>| -> Arc<dyn BlobSource> { Arc::new(registry.on(endpoint)) };
         let last = server.map_or(origin, blob);
         let Some((first, rest)) = mirrors.split_first() else {
             return last;

@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 
 use super::client::RegistryClient;
+use super::endpoint::Endpoint;
 use super::error::RegistryError;
 use super::reference::Repository;
 use crate::Digest;
@@ -267,16 +268,39 @@ impl BlobSource for Sources {
     }
 }
 
-/// A blob in a registry repository.
+/// A blob in a registry repository, read from the registry or from one
+/// host of its `hosts.toml` (a mirror, or the server it names).
 #[derive(Clone)]
 pub struct RemoteBlob {
-    pub client: RegistryClient,
-    pub repo: Repository,
-    pub digest: Digest,
-    pub size: u64,
+    client: RegistryClient,
+    /// The host's endpoint; `None`: the registry `repo` names.
+    endpoint: Option<Arc<Endpoint>>,
+    /// The repository as the registry names it (a host's paths are the same).
+    repo: Repository,
+    digest: Digest,
+    size: u64,
 }
 
 impl RemoteBlob {
+    /// The blob `digest` (`size` bytes) of `repo`, at its registry.
+    pub fn new(client: RegistryClient, repo: Repository, digest: Digest, size: u64) -> Self {
+        RemoteBlob {
+            client,
+            endpoint: None,
+            repo,
+            digest,
+            size,
+        }
+    }
+
+    /// The same blob on another host of the registry's `hosts.toml`.
+    pub(super) fn on(&self, endpoint: Arc<Endpoint>) -> Self {
+        RemoteBlob {
+            endpoint: Some(endpoint),
+            ..self.clone()
+        }
+    }
+
     fn check(&self, range: &Range<u64>) -> Result<(), RegistryError> {
         if range.end > self.size || range.start > range.end {
             return Err(RegistryError::BadResponse {
@@ -305,7 +329,13 @@ impl BlobSource for RemoteBlob {
         Box::pin(async move {
             self.check(&range)?;
             self.client
-                .read_range(&self.repo, &self.digest, range, intent)
+                .read_range_on(
+                    self.endpoint.as_deref(),
+                    &self.repo,
+                    &self.digest,
+                    range,
+                    intent,
+                )
                 .await
         })
     }
@@ -318,7 +348,13 @@ impl BlobSource for RemoteBlob {
         Box::pin(async move {
             self.check(&range)?;
             self.client
-                .read_range_stream(&self.repo, &self.digest, range, intent)
+                .read_range_stream_on(
+                    self.endpoint.as_deref(),
+                    &self.repo,
+                    &self.digest,
+                    range,
+                    intent,
+                )
                 .await
         })
     }

@@ -7,6 +7,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
 use super::*;
+use crate::Intent;
 use crate::registry::http::RegistryConfig;
 
 /// A registry that answers every ranged GET with `letter` repeated and
