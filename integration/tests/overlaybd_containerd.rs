@@ -293,7 +293,10 @@ fn an_overlaybd_image_runs_lazily_through_containerd_and_leaves_nothing_attached
     // on the disk file may reach blocks the first run did not read).
     let log = b.tarn.log();
     if again > 0 {
-        for l in log.lines().filter(|l| l.contains("WARN") || l.contains("cache")) {
+        for l in log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("cache"))
+        {
             println!("DEBUG {l}");
         }
     }
