@@ -4,7 +4,8 @@
 //! rpull`), run with `ctr run`; each snapshot of the chain is a disk
 //! (FUSE file, read-only loop device, ext4), the container's overlay has
 //! the top one as its lower dir. The registry must serve less than the
-//! blobs; a restart of the daemon brings the disks back; removing the
+//! blobs; a restart of the daemon brings the disks back, and so does a
+//! start after SIGKILL (clearing what the killed one left); removing the
 //! image leaves no loop device and no mount.
 //!
 //! Needs root, the test bed (registry, containerd), FUSE, loop devices,
@@ -314,6 +315,20 @@ fn an_overlaybd_image_runs_lazily_through_containerd_and_leaves_nothing_attached
         again * 4 < first_run,
         "cached blocks fetched again after the restart: {again} of {first_run}"
     );
+
+    // SIGKILL: the disks' FUSE connections die with the daemon, their loop
+    // devices and ext4 trees stay; the next start clears them and mounts
+    // the stacks afresh (one loop device each, not two).
+    b.tarn.kill().expect("SIGKILL tarn");
+    b.tarn.start_again().expect("start after SIGKILL");
+    assert_eq!(
+        b.loops().len(),
+        blobs.len(),
+        "stale loop devices cleared, stacks mounted again: {:?}",
+        b.loops()
+    );
+    let id = format!("obd-run3-{}", std::process::id());
+    assert_ran(&b.run(&image, &id));
 
     // containerd's cleanup: nothing of the disks stays.
     run_ok({
