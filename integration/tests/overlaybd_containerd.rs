@@ -298,7 +298,7 @@ fn an_overlaybd_image_runs_lazily_through_containerd_and_leaves_nothing_attached
             .lines()
             .filter(|l| l.contains("WARN") || l.contains("cache"))
         {
-            println!("DEBUG {l}");
+            println!("tarn log (blocks fetched again): {l}");
         }
     }
     let dropped: Vec<&str> = log
