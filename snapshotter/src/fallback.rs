@@ -5,11 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tarn_fs::disk::DiskError;
 use tarn_fs::fetch::{FetchError, OpenError};
 use tarn_fs::layer::LayerError;
 use tarn_fs::registry::RegistryError;
 
 use crate::labels::Unfit;
+use crate::obd::{DiskMountError, ObdLabelError, StackLabelError};
 use crate::seams::{MountError, ResolveError, TocMismatch};
 
 /// Why an image layer fell back to an ordinary Prepare.
@@ -26,6 +28,17 @@ pub enum Fallback {
     TocMismatch(#[from] TocMismatch),
     #[error(transparent)]
     Mount(#[from] MountError),
+    /// An overlaybd layer's labels name no layer tarn can serve.
+    #[error(transparent)]
+    ObdLabels(#[from] ObdLabelError),
+    #[error("overlaybd stack")]
+    ObdStack(#[from] StackLabelError),
+    /// An overlaybd layer over a parent tarn does not serve as a disk: its
+    /// disk would lack the layers below.
+    #[error("overlaybd layer on parent {0:?}, which is not an overlaybd disk served by tarn")]
+    ObdParent(String),
+    #[error(transparent)]
+    DiskMount(#[from] DiskMountError),
 }
 
 /// The kinds of [`Fallback`] counted apart, each named in the admin API.
@@ -51,11 +64,13 @@ pub enum Cause {
     /// The blob is not a layer tarn can read (footer, TOC).
     BadLayer,
     Mount,
+    /// An overlaybd layer whose parent is not an overlaybd disk.
+    ObdParent,
     Internal,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 14] = [
+    pub const ALL: [Cause; 15] = [
         Cause::NoImageRef,
         Cause::NoLayerDigest,
         Cause::BadLabel,
@@ -69,6 +84,7 @@ impl Cause {
         Cause::TocMismatch,
         Cause::BadLayer,
         Cause::Mount,
+        Cause::ObdParent,
         Cause::Internal,
     ];
 
@@ -88,6 +104,7 @@ impl Cause {
             Cause::TocMismatch => "toc-mismatch",
             Cause::BadLayer => "bad-layer",
             Cause::Mount => "mount",
+            Cause::ObdParent => "obd-parent",
             Cause::Internal => "internal",
         }
     }
@@ -107,16 +124,26 @@ impl Fallback {
             Fallback::Resolve(e) => match e {
                 ResolveError::Registry(r) => registry_cause(r),
                 ResolveError::NotInImage { .. } => Cause::NotInImage,
-                ResolveError::Open(l) => match &**l {
-                    LayerError::Open(OpenError::Source(r)) => registry_cause(r),
-                    LayerError::Fetch(FetchError::Source { error, .. }) => registry_cause(error),
+                ResolveError::Open(l) => layer_cause(l),
+                ResolveError::Disk(d) => match &**d {
+                    DiskError::Layer(l) => layer_cause(l),
                     _ => Cause::BadLayer,
                 },
-                ResolveError::Task(_) => Cause::Internal,
+                ResolveError::Task(_) | ResolveError::NoDisks => Cause::Internal,
             },
             Fallback::TocMismatch(_) => Cause::TocMismatch,
-            Fallback::Mount(_) => Cause::Mount,
+            Fallback::Mount(_) | Fallback::DiskMount(_) => Cause::Mount,
+            Fallback::ObdLabels(_) | Fallback::ObdStack(_) => Cause::BadLabel,
+            Fallback::ObdParent(_) => Cause::ObdParent,
         }
+    }
+}
+
+fn layer_cause(l: &LayerError) -> Cause {
+    match l {
+        LayerError::Open(OpenError::Source(r)) => registry_cause(r),
+        LayerError::Fetch(FetchError::Source { error, .. }) => registry_cause(error),
+        _ => Cause::BadLayer,
     }
 }
 

@@ -32,6 +32,10 @@ pub const TARN_IMAGE_REF: &str = "containerd.io/snapshot/tarn.image-ref";
 pub const TARN_LAYER_DIGEST: &str = "containerd.io/snapshot/tarn.layer-digest";
 pub const TARN_TOC_DIGEST: &str = "containerd.io/snapshot/tarn.toc-digest";
 pub const TARN_BLOB_SIZE: &str = "containerd.io/snapshot/tarn.blob-size";
+/// On the snapshot of an overlaybd chain: its stack, the layer blobs
+/// bottom first as `digest@size,...` (`crate::obd::stack_label`). Its
+/// [`TARN_LAYER_DIGEST`] is then the stack's key, not a blob.
+pub const TARN_OBD_STACK: &str = "containerd.io/snapshot/tarn.obd-stack";
 
 /// A layer to serve lazily, as a Prepare describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +154,12 @@ pub fn remote_labels(
 /// The layer digest of a remote snapshot, if `labels` are one's.
 pub fn remote_layer(labels: &BTreeMap<String, String>) -> Option<Digest> {
     labels.get(TARN_LAYER_DIGEST)?.parse().ok()
+}
+
+/// Whether a remote snapshot (its labels) is an overlaybd stack, served
+/// as a disk, not as one layer.
+pub fn is_disk(labels: &BTreeMap<String, String>) -> bool {
+    labels.contains_key(TARN_OBD_STACK)
 }
 
 /// Everything needed to mount a remote snapshot's layer again.

@@ -20,6 +20,7 @@
 //!   successor process through [`holder`].
 //! - [`obd`]: overlaybd layers: their labels, and a stacked disk mounted
 //!   as a tree (FUSE file, read-only loop device, ext4 `ro,noload`).
+//! - [`disks`]: the overlaybd stacks served, one disk mount per stack.
 //! - [`holder`]: the process that keeps every mount's /dev/fuse fd across
 //!   restarts of the daemon.
 //! - [`fallback`]: why a layer was not lazy, counted by cause.
@@ -34,6 +35,7 @@
 
 pub mod config;
 pub mod cri;
+pub mod disks;
 pub mod errors;
 pub mod fallback;
 pub mod filters;

@@ -2,7 +2,7 @@
 //! and where their directories are, as containerd's overlayfs snapshotter
 //! computes them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use tarn_fs::Digest;
@@ -20,6 +20,9 @@ pub struct Stack {
     /// Parents that are remote layers: id -> layer digest (their content is
     /// the layer's FUSE mount, not their own directory).
     pub remote: BTreeMap<u64, Digest>,
+    /// Remote parents that are overlaybd stacks: the tree of each already
+    /// holds every layer below it (`labels::is_disk`).
+    pub disks: BTreeSet<u64>,
     /// A parentless extraction that gets its parent at Commit (containerd
     /// 2.x's parallel unpack; [`labels::awaits_parent`]).
     pub awaits_parent: bool,
@@ -36,6 +39,12 @@ impl Stack {
                 .parents
                 .iter()
                 .filter_map(|p| Some((p.id, labels::remote_layer(&p.labels)?)))
+                .collect(),
+            disks: s
+                .parents
+                .iter()
+                .filter(|p| labels::is_disk(&p.labels))
+                .map(|p| p.id)
                 .collect(),
             awaits_parent: s.parents.is_empty() && labels::awaits_parent(&s.labels),
         }
@@ -129,7 +138,10 @@ impl Layout {
 /// - otherwise overlay with `lowerdir=` nearest parent first, plus
 ///   `upperdir`/`workdir` for an active snapshot.
 ///
-/// A remote parent contributes its layer's FUSE mountpoint.
+/// A remote parent contributes its layer's FUSE mountpoint. Of the
+/// overlaybd parents only the nearest does: its ext4 tree already holds
+/// every layer below it, deletions applied, which the lower ones would
+/// bring back.
 ///
 /// `index=off` keeps overlayfs from recording the lower dirs' identity, so a
 /// committed layer can be a lower dir of many overlays over its lifetime.
@@ -150,24 +162,41 @@ pub fn mounts(layout: &Layout, s: &Stack) -> Vec<Mount> {
             options: vec![mode.into(), "rbind".into()],
         }];
     }
+    let parents = lower_ids(s);
     let mut options = vec!["index=off".to_owned()];
     if s.kind == Kind::Active {
         options.push(format!("workdir={}", layout.work(s.id).display()));
         options.push(format!("upperdir={}", path(s.id)));
-    } else if let [only] = s.parent_ids[..] {
+    } else if let [only] = parents[..] {
         return vec![Mount {
             kind: "bind".into(),
             source: path(only),
             options: vec!["ro".into(), "rbind".into()],
         }];
     }
-    let lower: Vec<String> = s.parent_ids.iter().map(|&id| path(id)).collect();
+    let lower: Vec<String> = parents.iter().map(|&id| path(id)).collect();
     options.push(format!("lowerdir={}", lower.join(":")));
     vec![Mount {
         kind: "overlay".into(),
         source: "overlay".into(),
         options,
     }]
+}
+
+/// The parents that are lower dirs, nearest first: all but the overlaybd
+/// stacks under the nearest one.
+fn lower_ids(s: &Stack) -> Vec<u64> {
+    let mut seen_disk = false;
+    s.parent_ids
+        .iter()
+        .copied()
+        .filter(|id| {
+            let disk = s.disks.contains(id);
+            let keep = !(disk && seen_disk);
+            seen_disk |= disk;
+            keep
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -185,8 +214,35 @@ mod tests {
             kind,
             parent_ids: parents.to_vec(),
             remote: BTreeMap::new(),
+            disks: BTreeSet::new(),
             awaits_parent: false,
         }
+    }
+
+    #[test]
+    fn only_the_nearest_overlaybd_parent_is_a_lower_dir() {
+        let key = |c: &str| -> Digest { format!("sha256:{}", c.repeat(32)).parse().unwrap() };
+        // 9 active on 8 (plain) on 7, 5, 3 (overlaybd stacks).
+        let mut s = snap(9, Kind::Active, &[8, 7, 5, 3]);
+        for (id, c) in [(7, "07"), (5, "05"), (3, "03")] {
+            s.remote.insert(id, key(c));
+            s.disks.insert(id);
+        }
+        let m = mounts(&layout(), &s);
+        assert_eq!(
+            m[0].options.last().unwrap(),
+            &format!(
+                "lowerdir=/r/snapshots/8/fs:/r/layers/{}/fs",
+                "07".repeat(32)
+            )
+        );
+        // A view of the top of a chain: its one tree, bound read-only.
+        let mut v = snap(6, Kind::View, &[7, 5, 3]);
+        v.remote = s.remote.clone();
+        v.disks = s.disks.clone();
+        let m = mounts(&layout(), &v);
+        assert_eq!(m[0].kind, "bind");
+        assert_eq!(m[0].source, format!("/r/layers/{}/fs", "07".repeat(32)));
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! on that), torn down in reverse on [`DiskMount::detach`], on drop, and
 //! when any step of [`DiskMount::attach`] fails: nothing stays attached.
 //!
-//! Not wired into Prepare yet (see docs/architecture.md, overlaybd): an
-//! overlaybd layer still falls back per layer, as every layer without an
-//! eStargz TOC does.
+//! A committed snapshot of an overlaybd chain is served as the stack of
+//! its layers up to it: [`stack_label`] records the stack on the snapshot
+//! (so a restart can mount it again), [`stack_key`] names its mount.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -19,6 +19,7 @@ use nix::mount::{MntFlags, MsFlags};
 use tarn_fs::Digest;
 use tarn_fs::digest::DigestError;
 use tarn_fs::disk::LazyDisk;
+use tarn_fs::format::overlaybd::stack::MAX_LAYERS;
 use tarn_fs::fuse::{DISK_NAME, FuseError, MountHandle, MountOptions, mount_disk};
 
 /// The descriptor annotations of an overlaybd layer, as containerd passes
@@ -79,9 +80,66 @@ fn read_labels(labels: &BTreeMap<String, String>) -> Result<ObdLabels, ObdLabelE
     })
 }
 
+/// Why a recorded stack cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum StackLabelError {
+    #[error("overlaybd stack label entry {0:?} is not digest@size")]
+    Entry(String),
+    #[error("overlaybd stack of {0} layers is over the {MAX_LAYERS}-layer limit")]
+    TooMany(usize),
+    #[error("empty overlaybd stack label")]
+    Empty,
+}
+
+/// The stack's layer blobs, bottom first, as recorded on its snapshot.
+pub fn stack_label(stack: &[ObdLabels]) -> String {
+    let entries: Vec<String> = stack
+        .iter()
+        .map(|l| format!("{}@{}", l.blob_digest, l.blob_size))
+        .collect();
+    entries.join(",")
+}
+
+/// The stack [`stack_label`] recorded; bounded, as a label may have been
+/// edited by anyone with access to containerd.
+pub fn parse_stack(label: &str) -> Result<Vec<ObdLabels>, StackLabelError> {
+    if label.is_empty() {
+        return Err(StackLabelError::Empty);
+    }
+    let mut out = Vec::new();
+    for entry in label.split(',') {
+        if out.len() == MAX_LAYERS {
+            return Err(StackLabelError::TooMany(label.split(',').count()));
+        }
+        let bad = || StackLabelError::Entry(entry.chars().take(200).collect());
+        let (digest, size) = entry.split_once('@').ok_or_else(bad)?;
+        out.push(ObdLabels {
+            blob_digest: digest.parse().map_err(|_| bad())?,
+            blob_size: size.parse().map_err(|_| bad())?,
+        });
+    }
+    Ok(out)
+}
+
+/// The name of a stack's mount (`ROOT/layers/<hex>`): a digest of its
+/// blobs in order, so two chains share a mount only if they stack the
+/// same layers, and it never equals a blob's digest.
+pub fn stack_key(stack: &[ObdLabels]) -> Digest {
+    let mut text = String::from("tarn overlaybd stack v1\n");
+    for l in stack {
+        text.push_str(&l.blob_digest.to_string());
+        text.push('\n');
+    }
+    Digest::of(text.as_bytes())
+}
+
 /// Why a disk could not be attached or detached.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskMountError {
+    #[error("stacking the disk")]
+    Stack(#[from] tarn_fs::disk::DiskError),
+    #[error("mount task failed")]
+    Task(#[from] tokio::task::JoinError),
     #[error("creating {path}: {error}")]
     Dir { path: PathBuf, error: io::Error },
     #[error(transparent)]
@@ -219,6 +277,35 @@ impl DiskMount {
     }
 }
 
+/// Undoes what a killed daemon left under `dir` (a [`DiskMount`]'s
+/// directory): the ext4 tree, loop devices over the disk file, the FUSE
+/// file's mount, whose connection died with that process. Best effort:
+/// what is not there is fine, the rest is logged.
+pub fn clear_stale(dir: &Path) {
+    let (fs, fuse_dir) = (dir.join("fs"), dir.join("disk"));
+    let file = fuse_dir.join(DISK_NAME);
+    let _ = nix::mount::umount2(&fs, MntFlags::MNT_DETACH);
+    // `losetup -j` would stat the file, which fails on a dead connection:
+    // the list names each device's backing file as it was attached.
+    let listed = Command::new("losetup")
+        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+        .output();
+    if let Ok(o) = listed {
+        let text = String::from_utf8_lossy(&o.stdout);
+        for line in text.lines() {
+            let mut cols = line.split_whitespace();
+            let (Some(dev), Some(back)) = (cols.next(), cols.next()) else {
+                continue;
+            };
+            if Path::new(back) == file {
+                tracing::info!(dev, file = %file.display(), "detaching a loop device a previous daemon left");
+                let _ = Command::new("losetup").args(["--detach", dev]).output();
+            }
+        }
+    }
+    let _ = nix::mount::umount2(&fuse_dir, MntFlags::MNT_DETACH);
+}
+
 impl Drop for DiskMount {
     fn drop(&mut self) {
         if let Err(e) = self.tear_down() {
@@ -270,11 +357,38 @@ mod tests {
             overlaybd_layer(&erofs),
             Some(Err(ObdLabelError::FsType(t))) if t == "erofs"
         ));
-        let mut bad = full;
+        let mut bad = full.clone();
         bad.insert(OBD_BLOB_DIGEST.into(), "sha256:xyz".into());
         assert!(matches!(
             overlaybd_layer(&bad),
             Some(Err(ObdLabelError::BadDigest(_)))
+        ));
+    }
+
+    #[test]
+    fn a_stack_is_recorded_and_read_back_and_named_by_its_blobs_in_order() {
+        let layer = |c: char, size| ObdLabels {
+            blob_digest: format!("sha256:{}", c.to_string().repeat(64))
+                .parse()
+                .unwrap(),
+            blob_size: size,
+        };
+        let stack = vec![layer('a', 10), layer('b', 20)];
+        let label = stack_label(&stack);
+        assert_eq!(parse_stack(&label).unwrap(), stack);
+        let swapped = vec![layer('b', 20), layer('a', 10)];
+        assert_ne!(stack_key(&stack), stack_key(&swapped));
+        assert_ne!(stack_key(&stack[..1]), stack[0].blob_digest);
+        assert_eq!(stack_key(&stack), stack_key(&stack.clone()));
+        assert!(matches!(parse_stack(""), Err(StackLabelError::Empty)));
+        assert!(matches!(
+            parse_stack("sha256:xyz@1"),
+            Err(StackLabelError::Entry(_))
+        ));
+        let many = vec![label.clone(); MAX_LAYERS].join(",");
+        assert!(matches!(
+            parse_stack(&many),
+            Err(StackLabelError::TooMany(n)) if n == 2 * MAX_LAYERS
         ));
     }
 }

@@ -16,13 +16,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use tarn_fs::Digest;
 use tarn_fs::cache::Cache;
+use tarn_fs::disk::DiskLayer;
 use tarn_fs::fetch::FetchScheduler;
 use tarn_fs::format::Estargz;
 use tarn_fs::layer::{Entrypoint, Layer};
@@ -92,6 +93,11 @@ pub struct Resolver {
     recent_images: Memo<String, Arc<ResolvedImage>>,
     layers: Singleflight<Digest, Result<Resolved<Arc<Layer>>, ResolveError>>,
     recent_layers: Memo<Digest, Resolved<Arc<Layer>>>,
+    disk_flights: Singleflight<Digest, Result<Arc<DiskLayer>, ResolveError>>,
+    /// Overlaybd layers open in some stack: the next stack that needs one
+    /// shares it (its extents, its fetch figures) instead of opening it
+    /// again. Weak, so a layer no mounted stack uses is let go.
+    disk_layers: Mutex<HashMap<Digest, Weak<DiskLayer>>>,
 }
 
 impl Resolver {
@@ -116,6 +122,8 @@ impl Resolver {
             recent_images: Memo::new(),
             layers: Singleflight::default(),
             recent_layers: Memo::new(),
+            disk_flights: Singleflight::default(),
+            disk_layers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -167,6 +175,50 @@ impl Resolver {
                     .await
             }
         }
+    }
+
+    /// Opens the overlaybd layer `digest` of `image_ref`, or shares the one
+    /// a mounted stack has open; see [`Resolve::disk_layer`].
+    pub async fn disk_layer(
+        self: &Arc<Self>,
+        image_ref: &str,
+        digest: Digest,
+        blob_size: u64,
+    ) -> Result<Arc<DiskLayer>, ResolveError> {
+        if let Some(open) = self.open_disk_layer(&digest) {
+            return Ok(open);
+        }
+        let (me, image_ref) = (self.clone(), image_ref.to_owned());
+        self.disk_flights
+            .run(digest, move || async move {
+                let task = tokio::spawn(async move {
+                    let reference: Reference = image_ref.parse()?;
+                    me.connected(reference.repository.host()).await;
+                    let source = me
+                        .client
+                        .blob_source(&reference.repository, digest, blob_size)
+                        .await;
+                    let layer = DiskLayer::open(
+                        digest,
+                        source,
+                        me.cache.clone(),
+                        me.scheduler.for_host(reference.repository.host()),
+                    )
+                    .await?;
+                    let layer = Arc::new(layer);
+                    let mut open = me.disk_layers.lock().expect("disk layers poisoned");
+                    open.retain(|_, l| l.strong_count() > 0);
+                    open.insert(digest, Arc::downgrade(&layer));
+                    Ok(layer)
+                });
+                task.await.unwrap_or_else(|e| Err(e.into()))
+            })
+            .await
+    }
+
+    fn open_disk_layer(&self, digest: &Digest) -> Option<Arc<DiskLayer>> {
+        let open = self.disk_layers.lock().expect("disk layers poisoned");
+        open.get(digest).and_then(Weak::upgrade)
     }
 
     /// Forgets the memo of a layer that is now mounted.
@@ -406,6 +458,15 @@ impl Resolve for Arc<Resolver> {
 
     fn mounted(&self, digest: &Digest) {
         Resolver::mounted(self, digest)
+    }
+
+    async fn disk_layer(
+        &self,
+        image_ref: &str,
+        digest: Digest,
+        blob_size: u64,
+    ) -> Result<Arc<DiskLayer>, ResolveError> {
+        Resolver::disk_layer(self, image_ref, digest, blob_size).await
     }
 
     fn registry_stats(&self) -> ClientStats {

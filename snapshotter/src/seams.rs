@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tarn_fs::Digest;
+use tarn_fs::disk::DiskLayer;
 use tarn_fs::fetch::FetchStatsSnapshot;
 use tarn_fs::registry::{ClientStats, Reference, RegistryError, ResolvedImage};
 
@@ -72,6 +73,20 @@ pub trait Resolve: Send + Sync + 'static {
     /// The layer is mounted now: whatever was kept for it may go.
     fn mounted(&self, digest: &Digest);
 
+    /// Opens the overlaybd layer blob `digest` of `image_ref`
+    /// (`blob_size` bytes) as one layer of a stacked disk. Concurrent
+    /// calls for one digest share one resolution, and a layer still open
+    /// in a mounted stack is shared, not opened again. A resolver without
+    /// a registry serves none.
+    fn disk_layer(
+        &self,
+        _image_ref: &str,
+        _digest: Digest,
+        _blob_size: u64,
+    ) -> impl Future<Output = Result<Arc<DiskLayer>, ResolveError>> + Send {
+        async { Err(ResolveError::NoDisks) }
+    }
+
     /// What the registry client has received, mirrors apart (`tarn
     /// status`); nothing for a resolver without one.
     fn registry_stats(&self) -> ClientStats {
@@ -124,6 +139,16 @@ pub enum ResolveError {
     Open(#[source] Arc<tarn_fs::layer::LayerError>),
     #[error("resolve task failed")]
     Task(#[source] Arc<tokio::task::JoinError>),
+    #[error("opening the overlaybd layer")]
+    Disk(#[source] Arc<tarn_fs::disk::DiskError>),
+    #[error("this resolver serves no overlaybd layers")]
+    NoDisks,
+}
+
+impl From<tarn_fs::disk::DiskError> for ResolveError {
+    fn from(e: tarn_fs::disk::DiskError) -> Self {
+        ResolveError::Disk(Arc::new(e))
+    }
 }
 
 impl From<RegistryError> for ResolveError {

@@ -36,6 +36,7 @@
 mod assemble;
 mod evict;
 mod listing;
+mod locations;
 mod object;
 mod pack;
 mod slice;
@@ -44,6 +45,7 @@ mod stamps;
 pub use assemble::{Assembled, Preparation, WholeFile};
 pub use evict::{COMPACT_LIVE_SHARE, Hold, Pruned, filesystem_bytes};
 pub use listing::{Listing, list};
+pub use locations::{is_location, location_key};
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -199,6 +201,8 @@ pub struct Cache {
     held: DashMap<Digest, usize>,
     /// Whole-file objects being assembled (see [`Cache::assemble`]).
     assembling: DashMap<Digest, ()>,
+    /// Content digests of location-keyed entries (`locations.rs`).
+    locations: locations::Locations,
     /// Holds the flock for the cache's lifetime.
     _lock: File,
 }
@@ -265,6 +269,8 @@ impl Cache {
         bytes += object_bytes;
         disk += object_disk;
 
+        let locations =
+            locations::Locations::open(&dir.join(locations::FILE), |k| index.contains_key(k));
         let saved = stamps::load(&dir.join(stamps::FILE));
         let mut released = 0u64;
         for (digest, stamp) in saved {
@@ -298,6 +304,7 @@ impl Cache {
             evicting: Mutex::new(()),
             held: DashMap::new(),
             assembling: DashMap::new(),
+            locations,
             _lock: lock,
         })
     }
@@ -428,8 +435,9 @@ impl Cache {
     }
 
     /// Stores data the caller has verified: `sha256(data) == digest`, or, for
-    /// an overlaybd block's location key, the block's CRC (an entry found at
-    /// open is re-hashed, so such an entry does not survive a restart).
+    /// a location key ([`location_key`]: an overlaybd block), the block's
+    /// CRC; the sha256 of a location-keyed entry's bytes is journaled, so
+    /// the entry is checked against it when found again after a restart.
     /// Inserting content that is already present costs nothing but a lookup;
     /// concurrent inserts of one digest are harmless. Past the size bound,
     /// the inserting thread runs an eviction pass (unless one is running).
@@ -438,6 +446,9 @@ impl Cache {
             self.dedup_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             return Ok(());
+        }
+        if is_location(digest) {
+            self.locations.record(digest, Digest::of(data));
         }
         if data.len() < SMALL_MAX {
             if !self.append_to_pack(digest, data)? {
@@ -545,12 +556,22 @@ impl Cache {
         let Some(buf) = self.read_pack(digest, pack, 0, usize_from(len))? else {
             return Ok(None);
         };
-        if Digest::of(&buf) != *digest {
+        if Some(Digest::of(&buf)) != self.content_digest(digest) {
             self.reject(digest, "pack record");
             return Ok(None);
         }
         self.mark_verified(digest);
         Ok(Some(buf))
+    }
+
+    /// What the bytes under `key` must hash to: the key itself, or for a
+    /// location key its journaled digest (none: cannot be checked).
+    fn content_digest(&self, key: &Digest) -> Option<Digest> {
+        if is_location(key) {
+            self.locations.content(key)
+        } else {
+            Some(*key)
+        }
     }
 
     fn mark_verified(&self, digest: &Digest) {
@@ -576,6 +597,7 @@ impl Cache {
     /// entry leaves the index, so the counters cannot drift.
     fn remove_entry(&self, digest: &Digest, pred: impl FnOnce(&Entry) -> bool) -> Option<Entry> {
         let (_, e) = self.index.remove_if(digest, |_, e| pred(e))?;
+        self.locations.forget(digest);
         self.bytes.fetch_sub(e.len, Ordering::Relaxed);
         if e.stamp == RELEASED {
             self.released.fetch_sub(e.len, Ordering::Relaxed);

@@ -139,7 +139,7 @@ impl Cache {
             }
         })();
         let ok = match hashed {
-            Ok(actual) => actual == *digest,
+            Ok(actual) => Some(actual) == self.content_digest(digest),
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(io_err(&path)(e)),
         };

@@ -454,3 +454,68 @@ fn a_whole_file_is_assembled_once_its_chunks_are_cached_and_only_for_its_size() 
     assert!(!work.run(&cache));
     assert!(cache.whole_file(&file).is_some());
 }
+
+#[test]
+fn location_keyed_entries_survive_a_restart_checked_against_their_journaled_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (small, large) = (data(4096, 7), data(64 * 1024, 8));
+    let (ks, kl) = (location_key(b"block 1"), location_key(b"block 2"));
+    let (kept, torn) = (location_key(b"block 3"), location_key(b"block 4"));
+    assert!(is_location(&ks) && !is_location(&Digest::of(&small)));
+    {
+        let cache = Cache::open(dir.path()).unwrap();
+        for (k, d) in [
+            (&ks, &small),
+            (&kl, &large),
+            (&kept, &small),
+            (&torn, &small),
+        ] {
+            cache.insert(k, d).unwrap();
+        }
+    }
+    // A torn journal tail: the last record (block 4's) lost half.
+    let journal = dir.path().join(locations::FILE);
+    let len = fs::metadata(&journal).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&journal)
+        .unwrap()
+        .set_len(len - 32)
+        .unwrap();
+    // Block 3's stored bytes go bad on disk (same length, other content).
+    let cache = Cache::open(dir.path()).unwrap();
+    let at = cache.pack_offset(&kept).unwrap();
+    let pack = usize::from(kept.0[0]) % PACKS;
+    cache.packs[pack]
+        .file
+        .read()
+        .unwrap()
+        .write_all_at(&data(4096, 9), at)
+        .unwrap();
+
+    assert_eq!(cache.read(&ks, 0, 4096).unwrap().unwrap(), small);
+    assert_eq!(
+        cache.read(&kl, 1000, 10).unwrap().unwrap(),
+        &large[1000..1010]
+    );
+    assert_eq!(cache.read(&kept, 0, 1).unwrap(), None, "bad bytes dropped");
+    assert_eq!(
+        cache.read(&torn, 0, 1).unwrap(),
+        None,
+        "no journaled digest: dropped"
+    );
+    assert_eq!(cache.stats().corrupt, 2);
+    // A content-keyed entry holding other bytes is still refused.
+    drop(cache);
+    let cache = Cache::open(dir.path()).unwrap();
+    let wrong = Digest::of(b"not these bytes");
+    cache.insert(&wrong, &small).unwrap();
+    drop(cache);
+    let cache = Cache::open(dir.path()).unwrap();
+    assert_eq!(cache.read(&wrong, 0, 1).unwrap(), None);
+    assert_eq!(
+        cache.read(&ks, 0, 4).unwrap().unwrap(),
+        &small[..4],
+        "journal rewritten at open keeps what is there"
+    );
+}

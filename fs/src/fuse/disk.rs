@@ -15,8 +15,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
-    ReplyStatfs, Request,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, Request,
 };
 
 use super::ops::{FuseOps, Op, Timed};
@@ -92,6 +92,31 @@ impl Filesystem for DiskFs {
             ROOT_INO => reply.error(Errno::EISDIR),
             _ => reply.error(Errno::ENOENT),
         }
+    }
+
+    // losetup flushes and syncs the file it attaches: nothing is ever
+    // written, so both succeed (fuser's defaults answer ENOSYS with a
+    // warning each time).
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
     }
 
     fn read(

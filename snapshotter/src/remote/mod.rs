@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use tarn_fs::Digest;
 use tarn_fs::cache::{Cache, CacheError, CacheStats, Pruned};
 use tarn_fs::fetch::FetchScheduler;
-use tarn_fs::fuse::FuseOps;
+use tarn_fs::fuse::{FuseOps, MountOptions};
 use tarn_fs::registry::auth::Keychains;
 use tarn_fs::registry::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
 use tarn_fs::registry::{Reference, RegistryClient, RegistryError, ResolvedImage};
 
 use crate::config::Config;
+use crate::disks::Disks;
 use crate::errors::chain;
 use crate::fallback::{Cause, Fallback, Fallbacks};
 use crate::labels::{self, Decision, RemoteLayer};
@@ -33,12 +34,14 @@ use crate::metastore;
 use crate::metrics::{self, Metrics, SnapshotterFigures};
 use crate::mounter::FuseMounter;
 use crate::mounts::Mount;
+use crate::obd;
 use crate::resolve::Resolver;
 use crate::seams::{
     LayerHandle, MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch,
 };
 use crate::snapshotter::{self, Result, Snapshotter};
 
+mod disk;
 #[cfg(test)]
 mod tests;
 
@@ -141,6 +144,8 @@ pub struct RemoteSnapshotter<R: Resolve = Arc<Resolver>, M: Mounter<R::Layer> = 
     cache: Arc<Cache>,
     resolver: R,
     layers: Layers<R::Layer, M>,
+    /// overlaybd stacks, mounted as disks (not through `M`).
+    disks: Arc<Disks>,
     chains: KeyedMutex<String>,
     options: RemoteOptions,
     fallbacks: Fallbacks,
@@ -243,8 +248,18 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         mounter: M,
         options: RemoteOptions,
     ) -> Result<Self> {
+        let disk_options = MountOptions {
+            // A disk file is never whole in the cache: nothing to pass through.
+            passthrough: false,
+            ..MountOptions::default()
+        };
         let rs = RemoteSnapshotter {
             layers: Layers::new(sn.layout().clone(), mounter, options.warm),
+            disks: Arc::new(Disks::new(
+                sn.layout().clone(),
+                tokio::runtime::Handle::current(),
+                disk_options,
+            )),
             sn,
             cache,
             resolver,
@@ -302,6 +317,9 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         parent: Option<String>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        if let Some(obd) = obd::overlaybd_layer(&labels) {
+            return self.prepare_disk(key, parent, labels, obd).await;
+        }
         match labels::decide(&labels, parent.is_some(), self.options.allow_unverified) {
             Decision::Ordinary => {}
             Decision::Fallback(unfit) => {
@@ -517,6 +535,9 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             )
         })
         .await?;
+        if !used && self.disks.is_mounted(&digest) {
+            self.detach_disk(digest).await;
+        }
         if !used {
             tracing::info!(layer = %digest, "layer unused: unmounting");
             if let Some(layer) = self.layers.unmount(&digest).await {
@@ -564,6 +585,8 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
                 .into_iter()
                 .map(|i| (i.name, i.labels))
                 .collect();
+        let (disks, snapshots): (Vec<_>, Vec<_>) =
+            snapshots.into_iter().partition(|(_, l)| labels::is_disk(l));
         let by_layer = layers::by_layer(&snapshots);
         let restores = by_layer.values().map(|(r, names)| async move {
             let started = Instant::now();
@@ -581,7 +604,11 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
                 }
             }
         });
-        futures::future::join_all(restores).await;
+        futures::future::join(
+            futures::future::join_all(restores),
+            self.restore_disks(&disks),
+        )
+        .await;
         self.layers.settle().await;
         Ok(())
     }
@@ -600,6 +627,9 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
     /// keeps them in a holder, else unmounts every layer, waiting until
     /// `deadline` at most; state stays on disk for the next start.
     pub async fn shutdown(&self, deadline: tokio::time::Instant) {
+        // Disks are never handed over: the next start mounts them again.
+        let disks = self.disks.clone();
+        let _ = tokio::task::spawn_blocking(move || disks.detach_all()).await;
         if !self.layers.hand_over().await {
             self.layers.unmount_all(deadline).await;
         }

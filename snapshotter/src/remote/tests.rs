@@ -612,3 +612,58 @@ async fn a_removed_layers_own_chunks_are_released_and_pruned_shared_ones_stay() 
     assert!(!cache.contains(&Digest::of(stray)));
     assert!(cache.contains(&own_chunk(&db)) && cache.contains(&Digest::of(SHARED_CHUNK)));
 }
+
+/// An overlaybd layer's Prepare: the client's labels plus its descriptor's
+/// overlaybd annotations (no TOC).
+fn overlaybd(mut labels: BTreeMap<String, String>, blob: Digest) -> BTreeMap<String, String> {
+    labels.remove(TOC_DIGEST);
+    labels.insert(crate::obd::OBD_VERSION.into(), "0.1.0".into());
+    labels.insert(crate::obd::OBD_BLOB_DIGEST.into(), blob.to_string());
+    labels.insert(crate::obd::OBD_BLOB_SIZE.into(), "4096".into());
+    labels.insert(crate::obd::OBD_FS_TYPE.into(), "ext4".into());
+    labels
+}
+
+#[tokio::test]
+async fn overlaybd_layers_take_the_disk_path_and_fall_back_by_cause() {
+    let b = Bed::new().await;
+    // The fakes serve no disks: the layer falls back, and the eStargz
+    // resolver and mounter are never asked.
+    let r =
+        b.rs.prepare(
+            "x1".into(),
+            None,
+            overlaybd(stargz("c1", digest('a')), digest('a')),
+        )
+        .await;
+    assert_eq!(r.unwrap()[0].kind, "bind", "an ordinary Prepare");
+    assert!(b.resolver.resolved().is_empty());
+    assert!(b.mounter.calls().is_empty());
+
+    let mut erofs = overlaybd(cri("c2", digest('b')), digest('b'));
+    erofs.insert(crate::obd::OBD_FS_TYPE.into(), "erofs".into());
+    let r = b.rs.prepare("x2".into(), None, erofs).await;
+    assert!(r.is_ok(), "{r:?}");
+
+    // On a parent that is not one of tarn's disks: its stack is unknown.
+    let sn = b.rs.snapshotter().clone();
+    sn.prepare("k0", None, BTreeMap::new()).unwrap();
+    sn.commit("p0", "k0", BTreeMap::new(), None).unwrap();
+    let r =
+        b.rs.prepare(
+            "x3".into(),
+            Some("p0".into()),
+            overlaybd(stargz("c3", digest('c')), digest('c')),
+        )
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(
+        b.fallbacks().await,
+        BTreeMap::from([("bad-label", 1), ("internal", 1), ("obd-parent", 1)])
+    );
+    assert!(
+        b.layer_dirs().is_empty(),
+        "nothing left: {:?}",
+        b.layer_dirs()
+    );
+}

@@ -9,9 +9,10 @@
 //! is a *location* key ([`block_key`]: the blob's digest and the block's
 //! number, hashed under a domain of their own so they never meet a content
 //! digest). A block is checked by its CRC32C when fetched
-//! ([`super::zfile::ZFile::decode`]); its key is never the sha256 of its
-//! bytes, so nothing re-hashes it as content. A bare LSMT file has no
-//! check at all.
+//! ([`super::zfile::ZFile::decode`]); its key is marked as a location
+//! ([`crate::cache::location_key`]), so the cache journals the sha256 of
+//! what it stored and checks a block found after a restart against that.
+//! A bare LSMT file has no check at all.
 //!
 //! The stack above the layers (which virtual sectors come from which
 //! layer's LSMT bytes) needs the extents; the format keeps the opened
@@ -42,7 +43,8 @@ pub fn block_key(blob: &Digest, block: u64) -> Digest {
     bytes.extend_from_slice(BLOCK_KEY_DOMAIN);
     bytes.extend_from_slice(&blob.0);
     bytes.extend_from_slice(&block.to_le_bytes());
-    Digest::of(&bytes)
+    // Marked as a location, so the cache journals its content's digest.
+    crate::cache::location_key(&bytes)
 }
 
 /// The overlaybd format of one layer blob (its digest names its blocks).

@@ -1,0 +1,361 @@
+//! An overlaybd image (the reference tools' fixture, `shared/fixtures/
+//! overlaybd/oci`) through the registry, containerd and tarn: pushed
+//! unchanged, pulled lazily with stargz-style labels (`ctr-remote image
+//! rpull`), run with `ctr run`; each snapshot of the chain is a disk
+//! (FUSE file, read-only loop device, ext4), the container's overlay has
+//! the top one as its lower dir. The registry must serve less than the
+//! blobs; a restart of the daemon brings the disks back, and so does a
+//! start after SIGKILL (clearing what the killed one left); removing the
+//! image leaves no loop device and no mount.
+//!
+//! Needs root, the test bed (registry, containerd), FUSE, loop devices,
+//! skopeo and ctr-remote, and the daemon built into `$TARN_BIN_DIR`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use tarn_integration::daemon::Daemon;
+use tarn_integration::testbed::{Component, Testbed};
+use tarn_integration::wait::wait_until;
+
+/// containerd's proxy client backs off after a snapshotter restart, and
+/// its garbage collector runs in the background: a failure bound.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `/app/run.sh` prints: layer 2's `changed.txt`, the start of
+/// `random5m`'s sha256, the opaque directory holding only layer 3's file.
+const RUN_OUT: [&str; 4] = ["hello from overlaybd", "v2", "a7a9167b30ecaae0", "new.txt"];
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|a| a.join("shared/fixtures/overlaybd"))
+        .find(|p| p.is_dir())
+        .expect("shared/fixtures/overlaybd beside the repository")
+}
+
+/// The fixture's layer blobs: (digest, size).
+fn blobs() -> Vec<(String, u64)> {
+    let oci = fixtures().join("oci");
+    let json = |digest: &str| -> serde_json::Value {
+        let hex = digest.trim_start_matches("sha256:");
+        serde_json::from_slice(&std::fs::read(oci.join("blobs/sha256").join(hex)).unwrap()).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(oci.join("index.json")).unwrap()).unwrap();
+    let manifest = json(index["manifests"][0]["digest"].as_str().unwrap());
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_owned(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Fields drop in order: tarn first (tearing its disks down), then the bed.
+struct Bed {
+    tarn: Daemon,
+    bed: Testbed,
+}
+
+impl Bed {
+    fn up() -> Bed {
+        let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
+        // On demand only: read-ahead along an LSMT file follows write
+        // order, not what ext4 reads next (docs/architecture.md).
+        let config = format!(
+            "[registry]\nplain_http = [\"{}\"]\n[fetch]\nspeculate = false\n",
+            bed.registry().expect("registry")
+        );
+        let tarn = Daemon::start_with(Some(bed.dir().join("tarn.sock")), &config)
+            .expect("start tarn-snapshotter");
+        Bed { tarn, bed }
+    }
+
+    /// Pushes the fixture unchanged (digests and annotations kept).
+    fn push(&self) -> String {
+        let reference = format!("{}/fixtures/obd:v1", self.bed.registry().unwrap());
+        run_ok({
+            let mut c = Command::new("skopeo");
+            c.args([
+                "copy",
+                "-q",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+            ])
+            .arg(format!("oci:{}:v1", fixtures().join("oci").display()))
+            .arg(format!("docker://{reference}"));
+            c
+        });
+        reference
+    }
+
+    fn rpull(&self, reference: &str) {
+        let mut stderr = String::new();
+        wait_until("rpull", RECONNECT_TIMEOUT, || {
+            let out = Command::new("ctr-remote")
+                .arg("--address")
+                .arg(self.bed.containerd_sock().unwrap())
+                .args(["image", "rpull", "--plain-http", "--snapshotter", "tarn"])
+                .arg(reference)
+                .output()
+                .expect("run ctr-remote");
+            stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            out.status.success().then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {stderr}\n{}", tail(&self.tarn.log(), 30)));
+    }
+
+    /// `ctr run --rm` of `/app/run.sh`, retried while containerd's proxy
+    /// client reconnects.
+    fn run(&self, reference: &str, id: &str) -> String {
+        let mut last = None;
+        let ran = wait_until("ctr run", RECONNECT_TIMEOUT, || {
+            let out = self
+                .bed
+                .ctr(&[
+                    "run",
+                    "--rm",
+                    "--snapshotter",
+                    "tarn",
+                    reference,
+                    id,
+                    "/app/run.sh",
+                ])
+                .expect("run ctr");
+            // containerd 1.6 now and then loses a fast container's output.
+            let ok = out.status.success() && !out.stdout.is_empty();
+            last = Some(out);
+            ok.then_some(())
+        });
+        let out = last.expect("ran once");
+        if let Err(e) = ran {
+            panic!(
+                "{e}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail(&self.tarn.log(), 30)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Loop devices whose backing file is under the daemon's root.
+    fn loops(&self) -> Vec<String> {
+        let out = run_ok({
+            let mut c = Command::new("losetup");
+            c.arg("-a");
+            c
+        });
+        let root = self.tarn.root();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(root.to_str().unwrap()))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// (mountpoint, fstype) of every mount under the daemon's root.
+    fn mounts(&self) -> Vec<(PathBuf, String)> {
+        mounts_under(&self.tarn.root())
+    }
+
+    fn answers(&self) -> usize {
+        self.tarn
+            .log()
+            .matches("overlaybd layer: answering already exists")
+            .count()
+    }
+}
+
+fn assert_ran(out: &str) {
+    for want in RUN_OUT {
+        assert!(out.contains(want), "{want:?} missing from {out:?}");
+    }
+}
+
+fn run_ok(mut c: Command) -> Output {
+    let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn mounts_under(dir: &Path) -> Vec<(PathBuf, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some((PathBuf::from(f.get(4)?), f.get(sep + 1)?.to_string()))
+        })
+        .filter(|(p, _)| p.starts_with(dir))
+        .collect()
+}
+
+fn blob_bytes(b: &Bed, since: usize, blobs: &[(String, u64)]) -> u64 {
+    b.bed.registry_log().expect("registry log")[since..]
+        .iter()
+        .filter(|r| blobs.iter().any(|(d, _)| r.path.ends_with(d.as_str())))
+        .map(|r| r.bytes)
+        .sum()
+}
+
+#[test]
+fn an_overlaybd_image_runs_lazily_through_containerd_and_leaves_nothing_attached() {
+    let mut b = Bed::up();
+    let image = b.push();
+    let blobs = blobs();
+    let total: u64 = blobs.iter().map(|(_, s)| s).sum();
+    let before = b.bed.registry_log().expect("registry log").len();
+
+    b.rpull(&image);
+    assert_eq!(
+        b.answers(),
+        blobs.len(),
+        "every layer served as a disk:\n{}",
+        tail(&b.tarn.log(), 30)
+    );
+    assert_eq!(b.loops().len(), blobs.len(), "one loop device per stack");
+    let ext4 = b.mounts().iter().filter(|(_, t)| t == "ext4").count();
+    assert_eq!(
+        ext4,
+        blobs.len(),
+        "one ext4 tree per stack: {:?}",
+        b.mounts()
+    );
+
+    let pulled = blob_bytes(&b, before, &blobs);
+    let id = format!("obd-run-{}", std::process::id());
+    assert_ran(&b.run(&image, &id));
+    let served = blob_bytes(&b, before, &blobs);
+    println!(
+        "overlaybd: rpull fetched {pulled} bytes of blobs of {total} ({:.1}%), rpull + run {served} ({:.0}%)",
+        pulled as f64 * 100.0 / total as f64,
+        served as f64 * 100.0 / total as f64
+    );
+    assert!(
+        pulled * 10 < total,
+        "a lazy pull fetches a small part of the blobs: {pulled} of {total}"
+    );
+    // The run reads busybox and all of random5m: most of this small image.
+    assert!(
+        served < total,
+        "a lazy pull and run fetches less than the blobs: {served} of {total}"
+    );
+
+    // Stopped, the daemon leaves no disk attached; started again, it
+    // mounts the recorded stacks before serving, and the image runs.
+    let status = b.tarn.stop().expect("stop tarn");
+    assert!(status.success(), "SIGTERM exit: {status}");
+    assert!(
+        b.loops().is_empty(),
+        "loop devices after stop: {:?}",
+        b.loops()
+    );
+    assert!(
+        b.mounts().iter().all(|(_, t)| t != "ext4"),
+        "ext4 trees after stop: {:?}",
+        b.mounts()
+    );
+    let before_restart = b.bed.registry_log().expect("registry log").len();
+    b.tarn.start_again().expect("restart tarn");
+    assert_eq!(
+        b.loops().len(),
+        blobs.len(),
+        "stacks restored before serving"
+    );
+    let restored = b.bed.registry_log().expect("registry log").len();
+    let id = format!("obd-run2-{}", std::process::id());
+    assert_ran(&b.run(&image, &id));
+    let restore = blob_bytes(&b, before_restart, &blobs) - blob_bytes(&b, restored, &blobs);
+    let again = blob_bytes(&b, restored, &blobs);
+    let first_run = served - pulled;
+    println!(
+        "overlaybd restart: restoring fetched {restore} bytes of blobs, the same run after it {again} (the first run {first_run})"
+    );
+    // Blocks are cached under location keys, checked against the digest
+    // journaled with them: none is dropped at its first read after the
+    // restart, and the run fetches little again (the kernel's read-ahead
+    // on the disk file may reach blocks the first run did not read).
+    let log = b.tarn.log();
+    if again > 0 {
+        for l in log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("cache"))
+        {
+            println!("tarn log (blocks fetched again): {l}");
+        }
+    }
+    let dropped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("failed verification"))
+        .collect();
+    assert!(
+        dropped.is_empty(),
+        "cached blocks dropped after the restart: {} {:?}",
+        dropped.len(),
+        dropped.first()
+    );
+    assert!(
+        again * 4 < first_run,
+        "cached blocks fetched again after the restart: {again} of {first_run}"
+    );
+
+    // SIGKILL: the disks' FUSE connections die with the daemon, their loop
+    // devices and ext4 trees stay; the next start clears them and mounts
+    // the stacks afresh (one loop device each, not two).
+    b.tarn.kill().expect("SIGKILL tarn");
+    b.tarn.start_again().expect("start after SIGKILL");
+    assert_eq!(
+        b.loops().len(),
+        blobs.len(),
+        "stale loop devices cleared, stacks mounted again: {:?}",
+        b.loops()
+    );
+    let id = format!("obd-run3-{}", std::process::id());
+    assert_ran(&b.run(&image, &id));
+
+    // containerd's cleanup: nothing of the disks stays.
+    run_ok({
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(b.bed.containerd_sock().unwrap())
+            .args(["image", "rm", "--sync", &image]);
+        c
+    });
+    let layers_dir = b.tarn.root().join("layers");
+    let leftovers = || {
+        let dirs: Vec<String> = std::fs::read_dir(&layers_dir)
+            .map(|r| {
+                r.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (dirs, b.loops(), b.mounts())
+    };
+    if let Err(e) = wait_until("containerd's cleanup", RECONNECT_TIMEOUT, || {
+        let (d, l, m) = leftovers();
+        (d.is_empty() && l.is_empty() && m.is_empty()).then_some(())
+    }) {
+        let (d, l, m) = leftovers();
+        panic!(
+            "{e}: after image rm: layer dirs {d:?}, loop devices {l:?}, mounts {m:?}\n{}",
+            tail(&b.tarn.log(), 30)
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! overlaybd layers on the remote path: a Prepare whose labels carry the
+//! overlaybd annotations ([`obd::overlaybd_layer`]) is served as the
+//! stack of the parent snapshot's layers plus this one, mounted as one
+//! disk ([`crate::disks`]) and committed under its chain ID, as an
+//! eStargz layer is; anything that fails falls back per layer, counted
+//! by cause. The snapshot records its stack ([`labels::TARN_OBD_STACK`])
+//! and, as [`labels::TARN_LAYER_DIGEST`], the stack's key, so Remove,
+//! Cleanup and a restart find the disk from the metastore alone.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tarn_fs::Digest;
+use tarn_fs::disk::DiskLayer;
+use tarn_fs::format::overlaybd::stack::MAX_LAYERS;
+
+use super::{RemoteSnapshotter, Why, blocking};
+use crate::errors::chain;
+use crate::fallback::Fallback;
+use crate::labels::{self, Decision, RemoteLayer};
+use crate::metastore;
+use crate::mounts::Mount;
+use crate::obd::{self, ObdLabelError, ObdLabels, StackLabelError};
+use crate::seams::{Mounter, Resolve, ResolveError};
+use crate::snapshotter::Result;
+
+/// Why a recorded stack could not be mounted again at start.
+#[derive(Debug, thiserror::Error)]
+enum RestoreDiskError {
+    #[error("no image reference recorded")]
+    NoImageRef,
+    #[error(transparent)]
+    Stack(#[from] StackLabelError),
+    #[error("not restored within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Mount(#[from] obd::DiskMountError),
+    #[error("mount task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
+    /// Prepare of an overlaybd layer (`obd`, read from its labels): lazily
+    /// as a disk when its labels name an image (any of the label sources
+    /// eStargz reads: CRI, stargz-style, `tarn pull`), else ordinarily.
+    pub(super) async fn prepare_disk(
+        &self,
+        key: String,
+        parent: Option<String>,
+        labels: BTreeMap<String, String>,
+        obd: std::result::Result<ObdLabels, ObdLabelError>,
+    ) -> Result<Vec<Mount>> {
+        // No TOC to verify: overlaybd blocks are checked by their CRCs.
+        match labels::decide(&labels, parent.is_some(), true) {
+            Decision::Ordinary => {}
+            Decision::Fallback(unfit) => self.fallback(&key, None, unfit.into()),
+            Decision::Remote { chain_id, layer } => {
+                let served = match obd {
+                    Ok(top) => {
+                        self.prepare_stack(&chain_id, parent.clone(), labels.clone(), &layer, top)
+                            .await
+                    }
+                    Err(e) => Err(Fallback::from(e).into()),
+                };
+                match served {
+                    Ok(()) => {
+                        return Err(metastore::Error::AlreadyExists(format!(
+                            "snapshot {chain_id:?} already exists (overlaybd layer {})",
+                            layer.digest
+                        ))
+                        .into());
+                    }
+                    Err(Why::Snapshot(e)) => return Err(e),
+                    Err(Why::Lazy(f)) => self.fallback(&key, Some(&layer.digest), f),
+                }
+            }
+        }
+        let sn = self.sn.clone();
+        blocking(move || sn.prepare(&key, parent.as_deref(), labels)).await
+    }
+
+    /// Mounts the stack of `parent`'s layers plus `top` and commits it as
+    /// `chain_id`. On any error nothing is left: no disk, no record.
+    async fn prepare_stack(
+        &self,
+        chain_id: &str,
+        parent: Option<String>,
+        labels: BTreeMap<String, String>,
+        layer: &RemoteLayer,
+        top: ObdLabels,
+    ) -> std::result::Result<(), Why> {
+        let started = Instant::now();
+        let _chain = self.chains.lock(chain_id.to_owned()).await;
+        let (name, sn) = (chain_id.to_owned(), self.sn.clone());
+        if blocking(move || sn.stat(&name)).await.is_ok() {
+            return Ok(());
+        }
+        let mut stack = match &parent {
+            None => Vec::new(),
+            Some(p) => {
+                let (name, sn) = (p.clone(), self.sn.clone());
+                let info = blocking(move || sn.stat(&name))
+                    .await
+                    .map_err(Why::Snapshot)?;
+                match info.labels.get(labels::TARN_OBD_STACK) {
+                    Some(s) => obd::parse_stack(s).map_err(Fallback::from)?,
+                    None => return Err(Fallback::ObdParent(p.clone()).into()),
+                }
+            }
+        };
+        if stack.len() >= MAX_LAYERS {
+            return Err(Fallback::from(StackLabelError::TooMany(stack.len() + 1)).into());
+        }
+        let blob_size = top.blob_size;
+        stack.push(top);
+        let key = obd::stack_key(&stack);
+        let _disk = self.layers.lock(key).await;
+        let fresh = !self.disks.is_mounted(&key);
+        if fresh {
+            let timeout = self.options.resolve_timeout;
+            let layers = tokio::time::timeout(timeout, self.disk_layers(&layer.image_ref, &stack))
+                .await
+                .map_err(|_| Fallback::ResolveTimeout(timeout))?
+                .map_err(Fallback::from)?;
+            let disks = self.disks.clone();
+            blocking(move || disks.attach(key, layers))
+                .await
+                .map_err(Fallback::from)?;
+        }
+        let recorded = RemoteLayer {
+            image_ref: layer.image_ref.clone(),
+            digest: key,
+            toc_digest: None,
+        };
+        let mut labels = labels::remote_labels(labels, &recorded, blob_size);
+        labels.insert(labels::TARN_OBD_STACK.into(), obd::stack_label(&stack));
+        let (name, sn) = (chain_id.to_owned(), self.sn.clone());
+        let created = blocking(move || sn.create_remote(&name, parent.as_deref(), labels)).await;
+        if let Err(e) = created {
+            if fresh {
+                let disks = self.disks.clone();
+                let _ = tokio::task::spawn_blocking(move || disks.detach(&key)).await;
+            }
+            return Err(Why::Snapshot(e));
+        }
+        tracing::info!(
+            chain_id,
+            layer = %layer.digest,
+            stack = %key,
+            layers = stack.len(),
+            image = %layer.image_ref,
+            mounted = fresh,
+            elapsed_ms = started.elapsed().as_millis(),
+            "overlaybd layer: answering already exists"
+        );
+        Ok(())
+    }
+
+    /// Every layer of `stack` opened (or shared with a mounted stack),
+    /// all at once.
+    async fn disk_layers(
+        &self,
+        image_ref: &str,
+        stack: &[ObdLabels],
+    ) -> std::result::Result<Vec<Arc<DiskLayer>>, ResolveError> {
+        let opens = stack.iter().map(|l| {
+            self.resolver
+                .disk_layer(image_ref, l.blob_digest, l.blob_size)
+        });
+        futures::future::join_all(opens).await.into_iter().collect()
+    }
+
+    /// Tears down the disk `key` if it is one and no snapshot uses it;
+    /// called with the key's lock held.
+    pub(super) async fn detach_disk(&self, key: Digest) {
+        let disks = self.disks.clone();
+        let _ = tokio::task::spawn_blocking(move || disks.detach(&key)).await;
+    }
+
+    /// Mounts every recorded overlaybd stack again (at start), in
+    /// parallel. A stack that cannot come back is logged; its snapshots
+    /// fail their reads until removed.
+    pub(super) async fn restore_disks(&self, snapshots: &[(String, BTreeMap<String, String>)]) {
+        let restores =
+            snapshots
+                .iter()
+                .filter(|(_, l)| labels::is_disk(l))
+                .map(|(name, l)| async move {
+                    let started = Instant::now();
+                    match self.restore_disk(l).await {
+                        Ok(key) => tracing::info!(
+                            snapshot = %name,
+                            stack = %key,
+                            elapsed_ms = started.elapsed().as_millis(),
+                            "overlaybd disk restored"
+                        ),
+                        Err(e) => tracing::error!(
+                            snapshot = %name,
+                            error = %chain(&e),
+                            "overlaybd disk not restored"
+                        ),
+                    }
+                });
+        futures::future::join_all(restores).await;
+    }
+
+    async fn restore_disk(
+        &self,
+        l: &BTreeMap<String, String>,
+    ) -> std::result::Result<Digest, RestoreDiskError> {
+        let image_ref = l
+            .get(labels::TARN_IMAGE_REF)
+            .ok_or(RestoreDiskError::NoImageRef)?;
+        let stack = obd::parse_stack(
+            l.get(labels::TARN_OBD_STACK)
+                .map(String::as_str)
+                .unwrap_or_default(),
+        )?;
+        let key = obd::stack_key(&stack);
+        let _disk = self.layers.lock(key).await;
+        if self.disks.is_mounted(&key) {
+            return Ok(key);
+        }
+        let timeout = self.options.restore_timeout;
+        let layers = tokio::time::timeout(timeout, self.disk_layers(image_ref, &stack))
+            .await
+            .map_err(|_| RestoreDiskError::Timeout(timeout))??;
+        let disks = self.disks.clone();
+        tokio::task::spawn_blocking(move || disks.attach(key, layers)).await??;
+        Ok(key)
+    }
+}
