@@ -140,6 +140,20 @@ impl Cache {
         })
     }
 
+    /// Makes the chunks of `file` that the cache lacks slices of its
+    /// whole-file object, when that object is here: one another image's
+    /// file assembled, or this layer's before a restart (slices live in
+    /// memory only). Each such slice is checked against its own digest on
+    /// its first read, so a TOC that lies about a chunk cannot make the
+    /// object answer for it. In-memory lookups only.
+    pub fn reslice(&self, file: &WholeFile<'_>) {
+        if file.chunks.len() < 2 {
+            return;
+        }
+        let parts = file.chunks.iter().map(|c| (c.digest, c.size));
+        self.add_slices(&file.key, file.size, parts);
+    }
+
     /// Writes the concatenation of the cached `parts` (digest and length,
     /// in file order) as the object `digest`, hashing while writing. The
     /// object is indexed only if the bytes hash to `digest`, so an

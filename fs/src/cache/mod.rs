@@ -347,6 +347,12 @@ impl Cache {
                 }
                 self.read_object(digest, offset, len)?
             }
+            Location::Slice { file, offset: at } if !entry.verified => self
+                .read_unverified_slice(digest, &file, at, entry.len)?
+                .map(|w| {
+                    let start = usize_from(offset);
+                    w[start..start + len].to_vec()
+                }),
             Location::Slice { file, offset: at } => {
                 self.read_slice(digest, &file, at + offset, len)?
             }

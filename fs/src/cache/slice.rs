@@ -13,15 +13,21 @@
 //! and a read of it counts as a use of its object; `prune` keeps an object
 //! that holds a kept chunk. When the object is evicted, the next read of a
 //! slice finds the file gone and drops the slice (a miss, fetched and
-//! verified again). Slices live in memory only: after a restart the chunks
-//! are misses (fetched again) while the object still serves passthrough.
+//! verified again). Slices live in memory only: after a restart, opening a
+//! layer makes the chunks of its files whose objects are still here slices
+//! again ([`Cache::reslice`]), unverified: the first read of one hashes the
+//! chunk's bytes in the object against the chunk's digest (as a pack record
+//! found at startup is checked), and a slice that fails is dropped.
 
 use std::fs;
 use std::io;
 use std::sync::atomic::Ordering;
 
-use super::{Cache, CacheError, Location};
+use dashmap::mapref::entry::Entry as MapEntry;
+
+use super::{Cache, CacheError, Entry, Location};
 use crate::Digest;
+use crate::num::usize_from;
 
 impl Cache {
     /// Turns the `parts` (digest and length, in file order) of the
@@ -70,6 +76,66 @@ impl Cache {
                 Location::Slice { .. } => {}
             }
         }
+    }
+
+    /// Adds an unverified slice of the object `file` (`file_len` bytes) for
+    /// each of `parts` (digest and length, in file order) the index lacks;
+    /// nothing if `file` is not an object of that length.
+    pub(super) fn add_slices(
+        &self,
+        file: &Digest,
+        file_len: u64,
+        parts: impl Iterator<Item = (Digest, u64)>,
+    ) {
+        let is_object = self
+            .index
+            .get(file)
+            .is_some_and(|e| e.loc == Location::Object && e.len == file_len);
+        if !is_object {
+            return;
+        }
+        let mut at = 0u64;
+        for (part, len) in parts {
+            let offset = at;
+            at = at.saturating_add(len);
+            if part == *file || at > file_len {
+                continue;
+            }
+            if let MapEntry::Vacant(v) = self.index.entry(part) {
+                v.insert(Entry {
+                    loc: Location::Slice {
+                        file: *file,
+                        offset,
+                    },
+                    len,
+                    verified: false,
+                    disk: 0,
+                    stamp: self.now(),
+                });
+                self.bytes.fetch_add(len, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The whole of the unverified slice `digest` (`len` bytes at `at` of
+    /// the object `file`), checked against its digest: marked verified if
+    /// it matches, dropped (a miss) if not.
+    pub(super) fn read_unverified_slice(
+        &self,
+        digest: &Digest,
+        file: &Digest,
+        at: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
+        let Some(whole) = self.read_slice(digest, file, at, usize_from(len))? else {
+            return Ok(None);
+        };
+        if Digest::of(&whole) != *digest {
+            self.reject(digest, "slice");
+            return Ok(None);
+        }
+        self.mark_verified(digest);
+        Ok(Some(whole))
     }
 
     /// `len` bytes at `offset` of the object `file`, for the slice

@@ -519,3 +519,45 @@ fn location_keyed_entries_survive_a_restart_checked_against_their_journaled_dige
         "journal rewritten at open keeps what is there"
     );
 }
+
+#[test]
+fn after_a_restart_a_whole_files_chunks_are_slices_again_each_checked_on_first_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let (whole, parts) = file_in_parts(&cache);
+    let d = Digest::of(&whole);
+    assert_eq!(cache.assemble(&d, &parts).unwrap(), Assembled::Done);
+    drop(cache);
+
+    // Slices live in memory: after a restart the object is known, the
+    // large chunks (their own files unlinked) are not.
+    let cache = Cache::open(dir.path()).unwrap();
+    assert!(cache.contains(&d));
+    assert!(!cache.contains(&parts[0].0) && !cache.contains(&parts[2].0));
+
+    // A TOC that lies about one chunk: its digest names other bytes.
+    let mut told = parts.clone();
+    told[1].0 = Digest::of(b"not these bytes");
+    let chunks = as_chunks(&told);
+    let file = WholeFile::of(whole.len() as u64, &chunks, || Some(d)).unwrap();
+    cache.reslice(&file);
+
+    let mut at = 0;
+    for (i, (part, len)) in told.iter().enumerate() {
+        let n = usize_from(*len);
+        let got = cache.read(part, 0, n).unwrap();
+        if i == 1 {
+            assert_eq!(got, None, "a slice whose bytes fail its digest is a miss");
+            assert!(!cache.contains(part), "and is dropped");
+        } else {
+            assert_eq!(got.as_deref(), Some(&whole[at..at + n]), "part {i}");
+        }
+        at += n;
+    }
+    // Checked once: the next read of a part is served from the object.
+    assert_eq!(
+        cache.read(&told[2].0, 10, 5).unwrap().unwrap(),
+        &whole[at - n_of(&told[2]) + 10..at - n_of(&told[2]) + 15]
+    );
+    assert_eq!(cache.stats().corrupt, 1, "{:?}", cache.stats());
+}

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use crate::Digest;
-use crate::cache::Cache;
+use crate::cache::{Cache, WholeFile};
 use crate::fetch::{FetchScheduler, Fetcher};
-use crate::format::{Estargz, Format};
+use crate::format::{Estargz, Format, LayerIndex};
 use crate::registry::BlobSource;
 
 use super::{Layer, LayerError};
@@ -50,8 +50,24 @@ impl Layer {
         cache: Arc<Cache>,
         scheduler: FetchScheduler,
     ) -> Result<Layer, LayerError> {
-        let fetcher = Fetcher::with_scheduler(source, format, cache, scheduler);
+        let fetcher = Fetcher::with_scheduler(source, format, cache.clone(), scheduler);
         let index = fetcher.open_index(expected_index_digest).await?;
+        reslice(&index, &cache);
         Ok(Layer::new(index, fetcher))
+    }
+}
+
+/// Chunks of the layer's files whose whole-file objects the cache holds
+/// (made before a restart, or by another image with the same file) are read
+/// from those objects rather than fetched again (see `cache/slice.rs`).
+fn reslice(index: &LayerIndex, cache: &Cache) {
+    for (ino, inode) in (1u64..).zip(index.inodes()) {
+        let chunks = index.file_chunks(&inode);
+        if chunks.len() < 2 {
+            continue;
+        }
+        if let Some(file) = WholeFile::of(inode.size(), chunks, || index.file_digest(ino)) {
+            cache.reslice(&file);
+        }
     }
 }
