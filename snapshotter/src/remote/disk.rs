@@ -19,7 +19,6 @@ use super::{RemoteSnapshotter, Why, blocking};
 use crate::errors::chain;
 use crate::fallback::Fallback;
 use crate::labels::{self, Decision, RemoteLayer};
-use crate::metastore;
 use crate::mounts::Mount;
 use crate::obd::{self, ObdLabelError, ObdLabels, StackLabelError};
 use crate::seams::{Mounter, Resolve, ResolveError};
@@ -65,17 +64,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
                     }
                     Err(e) => Err(Fallback::from(e).into()),
                 };
-                match served {
-                    Ok(()) => {
-                        return Err(metastore::Error::AlreadyExists(format!(
-                            "snapshot {chain_id:?} already exists (overlaybd layer {})",
-                            layer.digest
-                        ))
-                        .into());
-                    }
-                    Err(Why::Snapshot(e)) => return Err(e),
-                    Err(Why::Lazy(f)) => self.fallback(&key, Some(&layer.digest), f),
-                }
+                self.settle(&key, &chain_id, "overlaybd layer", &layer.digest, served)?;
             }
         }
         let sn = self.sn.clone();

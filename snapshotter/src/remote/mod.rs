@@ -334,20 +334,10 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             Decision::Remote { chain_id, layer } => {
                 self.resolver
                     .ahead(&layer.image_ref, self.layers.mounted_digests());
-                match self
+                let served = self
                     .prepare_remote(&chain_id, parent.clone(), labels.clone(), &layer)
-                    .await
-                {
-                    Ok(()) => {
-                        return Err(metastore::Error::AlreadyExists(format!(
-                            "snapshot {chain_id:?} already exists (remote layer {})",
-                            layer.digest
-                        ))
-                        .into());
-                    }
-                    Err(Why::Snapshot(e)) => return Err(e),
-                    Err(Why::Lazy(f)) => self.fallback(&key, Some(&layer.digest), f),
-                }
+                    .await;
+                self.settle(&key, &chain_id, "remote layer", &layer.digest, served)?;
             }
         }
         let sn = self.sn.clone();
@@ -405,6 +395,32 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             "layer already on the node: answering already exists"
         );
         Ok(Some(chain_id.clone()))
+    }
+
+    /// What a lazy Prepare of `chain_id` (a `what` of blob `digest`) that
+    /// ended in `served` tells containerd: its snapshot exists now
+    /// (committed under the chain ID, which containerd takes as "skip this
+    /// layer"), an error, or, once the fallback is recorded, nothing: the
+    /// caller then prepares an ordinary snapshot.
+    fn settle(
+        &self,
+        key: &str,
+        chain_id: &str,
+        what: &str,
+        digest: &Digest,
+        served: std::result::Result<(), Why>,
+    ) -> Result<()> {
+        match served {
+            Ok(()) => Err(metastore::Error::AlreadyExists(format!(
+                "snapshot {chain_id:?} already exists ({what} {digest})"
+            ))
+            .into()),
+            Err(Why::Snapshot(e)) => Err(e),
+            Err(Why::Lazy(f)) => {
+                self.fallback(key, Some(digest), f);
+                Ok(())
+            }
+        }
     }
 
     fn fallback(&self, key: &str, layer: Option<&Digest>, why: Fallback) {
