@@ -47,9 +47,10 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 fn read(blobs: Vec<Vec<u8>>, range: std::ops::Range<u64>) -> Vec<u8> {
     let blobs: Vec<Arc<dyn BlobSource>> = blobs
         .into_iter()
-        .map(|b| FakeBlob::new(b) as Arc<dyn BlobSource>)
+        .map(|b| -> Arc<dyn BlobSource> { FakeBlob::instant(b) })
         .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .unwrap();
     let d = rt.block_on(StackedDisk::open(blobs)).unwrap();
