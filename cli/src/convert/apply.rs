@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use nix::sys::time::TimeSpec;
-use nix::unistd::{FchownatFlags, Gid, Uid, fchownat};
+use nix::fcntl::{AT_FDCWD, AtFlags};
+use nix::unistd::{Gid, Uid, fchownat};
 use tar::EntryType;
 
 use super::rootpath::{clean, resolve};
@@ -163,11 +164,11 @@ fn set_meta(
     let mtime = i64::try_from(h.mtime()?).unwrap_or(0);
     let kind = h.entry_type();
     fchownat(
-        None,
+        AT_FDCWD,
         path,
         Some(Uid::from_raw(uid)),
         Some(Gid::from_raw(gid)),
-        FchownatFlags::NoFollowSymlink,
+        AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .with_context(|| format!("cannot chown {}", path.display()))?;
     if let Some(pax) = entry.pax_extensions()? {
@@ -194,7 +195,7 @@ fn set_meta(
 fn set_mtime(path: &Path, mtime: i64) -> Result<()> {
     let t = TimeSpec::new(mtime, 0);
     nix::sys::stat::utimensat(
-        None,
+        AT_FDCWD,
         path,
         &t,
         &t,

@@ -71,7 +71,7 @@ impl Mounted {
         };
         let dev = m.device.clone().unwrap_or_default();
         run(Command::new("mount")
-            .args(["-t", "ext4", "-o", "noinit_itable", &dev])
+            .args(["-t", "ext4", "-o", "noinit_itable", dev.as_str()])
             .arg(dir))
         .context("cannot mount the disk")?;
         m.dir = Some(dir.to_path_buf());
@@ -171,38 +171,4 @@ pub fn copy_sparse(from: &Path, to: &Path, size: u64) -> Result<()> {
     }
     dst.sync_all()?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn union_merges_and_widens_to_blocks() {
-        let u = union(&[0..10, 100..200], &[5..20, 4096..4097], 4096);
-        assert_eq!(u, vec![0..4096, 4096..8192]);
-        let u = union(&[0..1], &[8192..8193], 4096);
-        assert_eq!(u, vec![0..4096, 8192..12288]);
-    }
-
-    #[test]
-    fn data_regions_skip_holes_and_a_sparse_copy_keeps_them() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a");
-        let f = File::create(&p).unwrap();
-        f.set_len(64 << 20).unwrap();
-        f.write_all_at(b"hello", 32 << 20).unwrap();
-        f.sync_all().unwrap();
-        let r = data_regions(&f, 64 << 20).unwrap();
-        assert_eq!(r.len(), 1);
-        assert!(r[0].contains(&(32 << 20)));
-        let q = dir.path().join("b");
-        copy_sparse(&p, &q, 64 << 20).unwrap();
-        let g = File::open(&q).unwrap();
-        let mut b = [0u8; 5];
-        g.read_exact_at(&mut b, 32 << 20).unwrap();
-        assert_eq!(&b, b"hello");
-        assert_eq!(data_regions(&g, 64 << 20).unwrap().len(), 1);
-    }
 }

@@ -19,6 +19,9 @@ mod disk;
 mod rootpath;
 mod source;
 
+#[cfg(test)]
+mod tests;
+
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -140,7 +143,9 @@ async fn convert(args: ConvertArgs) -> Result<()> {
     let mut parent_uuid: Option<String> = None;
     for (i, layer) in image.layers.iter().enumerate() {
         let blob = work.path().join("layer.blob");
-        source::download(&registry, &src.repository, layer, &blob).await?;
+        source::download(&registry, &src.repository, layer, &blob)
+            .await
+            .with_context(|| format!("layer {} ({})", i + 1, layer.digest))?;
         let out = work.path().join("layer.obd");
         let uuid = uuid_from(&layer_uuid(&layer.digest, i));
         let step = LayerStep {
@@ -178,10 +183,13 @@ async fn convert(args: ConvertArgs) -> Result<()> {
         layers.push(converted);
     }
 
-    config["rootfs"] = json!({
+    let Some(config_obj) = config.as_object_mut() else {
+        bail!("the image config is not a JSON object");
+    };
+    config_obj.insert("rootfs".to_string(), json!({
         "type": "layers",
         "diff_ids": layers.iter().map(|l| l.digest.to_string()).collect::<Vec<_>>(),
-    });
+    }));
     let config_bytes = Bytes::from(serde_json::to_vec(&config)?);
     let config_size = config_bytes.len() as u64;
     let config_digest = registry

@@ -40,7 +40,7 @@ fn blob(ops: &[Op], uuid: &str, parent: Option<&str>) -> Vec<u8> {
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u32).wrapping_mul(31).to_le_bytes()[0] ^ seed)
+        .map(|i| (i.wrapping_mul(31) % 256).to_le_bytes()[0] ^ seed)
         .collect()
 }
 
