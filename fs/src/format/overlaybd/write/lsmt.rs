@@ -59,7 +59,7 @@ impl<W: Write> LsmtWriter<W> {
     /// below's uuid, or `None` for a base layer (all zeros, as the tools
     /// write it).
     pub fn new(
-        mut out: W,
+        out: W,
         virtual_size: u64,
         uuid: &str,
         parent_uuid: Option<&str>,
