@@ -114,12 +114,18 @@ fn fetch_converted(reg: &TestRegistry, repo: &str, tag: &str) -> Vec<Vec<u8>> {
         );
         let a = &l["annotations"];
         assert_eq!(a[format!("{ANNOTATION}/version")].as_str(), Some("0.1.0"));
-        assert_eq!(a[format!("{ANNOTATION}/blob-digest")].as_str(), Some(digest));
+        assert_eq!(
+            a[format!("{ANNOTATION}/blob-digest")].as_str(),
+            Some(digest)
+        );
         assert_eq!(
             a[format!("{ANNOTATION}/blob-size")].as_str(),
             Some(l["size"].to_string().as_str())
         );
-        assert_eq!(a[format!("{ANNOTATION}/blob-fs-type")].as_str(), Some("ext4"));
+        assert_eq!(
+            a[format!("{ANNOTATION}/blob-fs-type")].as_str(),
+            Some("ext4")
+        );
         assert_eq!(diff_id.as_str(), Some(digest), "diff ID = blob digest");
         let blob = get(reg, &format!("/v2/{repo}/blobs/{digest}"));
         assert_eq!(format!("sha256:{}", sha256_hex(&blob)), digest);
@@ -218,7 +224,13 @@ fn unpack_source(layers: &[PathBuf], dir: &Path) {
             }
         }
         let ok = Command::new("tar")
-            .args(["-x", "-p", "--numeric-owner", "--xattrs", "--xattrs-include=*"])
+            .args([
+                "-x",
+                "-p",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+            ])
             .arg("-f")
             .arg(layer)
             .arg("-C")
@@ -295,7 +307,10 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             format!("{kind} {mode} {owner} {size} {secs} -> {target}")
         };
         if kind == "f" {
-            desc.push_str(&format!(" sha256={}", sha256_hex(&std::fs::read(&full).unwrap())));
+            desc.push_str(&format!(
+                " sha256={}",
+                sha256_hex(&std::fs::read(&full).unwrap())
+            ));
         }
         for (name, value) in user_xattrs(&full) {
             desc.push_str(&format!(" {name}={}", String::from_utf8_lossy(&value)));
@@ -355,7 +370,10 @@ fn convert_and_compare(reg: &TestRegistry, src: &str, repo: &str, source_layers:
     let want = tree(&want_dir);
     let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
     let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, extra {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
     for (path, w) in &want {
         assert_eq!(&got[path], w, "{path}");
     }
@@ -391,8 +409,12 @@ fn the_reference_image_converts_to_the_same_tree() {
     let out = Command::new(layout).args(["path", &name]).output().unwrap();
     assert!(out.status.success());
     let oci = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    let json = |p: PathBuf| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
-    let blob = |d: &Value| oci.join("blobs/sha256").join(d.as_str().unwrap().trim_start_matches("sha256:"));
+    let json =
+        |p: PathBuf| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let blob = |d: &Value| {
+        oci.join("blobs/sha256")
+            .join(d.as_str().unwrap().trim_start_matches("sha256:"))
+    };
     let index = json(oci.join("index.json"));
     let mut m = json(blob(&index["manifests"][0]["digest"]));
     if m["manifests"].is_array() {
@@ -433,7 +455,10 @@ fn a_failed_conversion_leaves_no_mount_loop_device_or_scratch_file() {
     let out = convert(&src, &dst, scratch.path());
     assert!(!out.status.success(), "a broken layer fails the conversion");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("layer 2"), "the error names the layer: {stderr}");
+    assert!(
+        stderr.contains("layer 2"),
+        "the error names the layer: {stderr}"
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert_nothing_left(scratch.path());
 }

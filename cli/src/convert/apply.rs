@@ -5,6 +5,7 @@
 //! links, symlinks, devices and fifos as themselves. Paths resolve inside
 //! the mount point ([`rootpath`](super::rootpath)).
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::ffi::{CString, OsString};
 use std::fs;
@@ -12,11 +13,12 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::{Context, Result, bail};
+use nix::fcntl::{AT_FDCWD, AtFlags};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use nix::sys::time::TimeSpec;
-use nix::fcntl::{AT_FDCWD, AtFlags};
 use nix::unistd::{Gid, Uid, fchownat};
 use tar::EntryType;
 
@@ -33,18 +35,55 @@ pub struct Applied {
     pub whiteouts: u64,
 }
 
+/// A reader that counts the bytes read through it.
+struct Counting<R> {
+    inner: R,
+    n: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n.set(self.n.get() + k as u64);
+        Ok(k)
+    }
+}
+
 /// Applies the tar read from `tar` onto `root`.
+///
+/// A tar whose last entry's data ends the stream (no padding, no end
+/// blocks: umoci writes such layers) is taken as complete, as long as
+/// that data is all there.
 pub fn apply(root: &Path, tar: impl Read) -> Result<Applied> {
-    let mut archive = tar::Archive::new(tar);
+    let read = Rc::new(Cell::new(0u64));
+    let mut archive = tar::Archive::new(Counting {
+        inner: tar,
+        n: read.clone(),
+    });
     let mut done = Applied::default();
     // Paths this layer wrote: an opaque marker keeps them.
     let mut ours: HashSet<PathBuf> = HashSet::new();
     // Directory mtimes, set last (entries written into a directory change
     // it).
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
-    for entry in archive.entries().context("cannot read the layer's tar")? {
-        let mut entry = entry.context("cannot read the layer's tar")?;
-        let name = entry.path().context("tar entry with a bad name")?.into_owned();
+    let mut entries = archive.entries().context("cannot read the layer's tar")?;
+    // Where the last entry's data ends in the stream.
+    let mut data_end = None;
+    loop {
+        let mut entry = match entries.next() {
+            None => break,
+            Some(Ok(e)) => e,
+            Some(Err(e)) if data_end == Some(read.get()) => {
+                tracing::info!("the layer's tar ends without padding after its last entry: {e}");
+                break;
+            }
+            Some(Err(e)) => return Err(e).context("cannot read the layer's tar"),
+        };
+        data_end = Some(entry.raw_file_position() + entry.size());
+        let name = entry
+            .path()
+            .context("tar entry with a bad name")?
+            .into_owned();
         let parts = clean(&name)?;
         let Some(last) = parts.last().cloned() else {
             // The root itself: its metadata only.
@@ -125,8 +164,9 @@ fn create(
                 .link_name()?
                 .ok_or_else(|| anyhow::anyhow!("hard link {} without a target", path.display()))?;
             let target = resolve(root, &clean(&target)?)?;
-            fs::hard_link(&target, path)
-                .with_context(|| format!("cannot link {} to {}", path.display(), target.display()))?;
+            fs::hard_link(&target, path).with_context(|| {
+                format!("cannot link {} to {}", path.display(), target.display())
+            })?;
         }
         EntryType::Char | EntryType::Block | EntryType::Fifo => {
             let h = entry.header();

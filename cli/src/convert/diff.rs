@@ -94,7 +94,12 @@ pub fn diff<W: Write>(
     Ok(done)
 }
 
-fn push_data<W: Write>(run: &mut Run, block: u64, data: &[u8], out: &mut LsmtWriter<W>) -> Result<()> {
+fn push_data<W: Write>(
+    run: &mut Run,
+    block: u64,
+    data: &[u8],
+    out: &mut LsmtWriter<W>,
+) -> Result<()> {
     if let Run::Data { start, bytes } = run
         && *start + bytes.len() as u64 / BLOCK == block
         && (bytes.len() as u64 / BLOCK) < RUN_BLOCKS
@@ -131,7 +136,9 @@ fn flush<W: Write>(run: &mut Run, out: &mut LsmtWriter<W>) -> Result<()> {
     match std::mem::replace(run, Run::None) {
         Run::None => {}
         Run::Data { start, bytes } => out.put(start * sectors_per_block, &bytes)?,
-        Run::Zero { start, blocks } => out.zero(start * sectors_per_block, blocks * sectors_per_block)?,
+        Run::Zero { start, blocks } => {
+            out.zero(start * sectors_per_block, blocks * sectors_per_block)?
+        }
     }
     Ok(())
 }

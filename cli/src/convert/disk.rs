@@ -38,18 +38,20 @@ pub fn mkfs(path: &Path, size: u64) -> Result<()> {
     f.set_len(size)
         .with_context(|| format!("cannot size {}", path.display()))?;
     drop(f);
-    run(Command::new("mkfs.ext4").args([
-        "-q",
-        "-F",
-        "-b",
-        "4096",
-        "-O",
-        "^has_journal",
-        "-E",
-        "lazy_itable_init=1,nodiscard",
-        "-m",
-        "0",
-    ]).arg(path))?;
+    run(Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-O",
+            "^has_journal",
+            "-E",
+            "lazy_itable_init=1,nodiscard",
+            "-m",
+            "0",
+        ])
+        .arg(path))?;
     Ok(())
 }
 
@@ -63,8 +65,9 @@ pub struct Mounted {
 impl Mounted {
     /// Attaches `disk` and mounts it at `dir` (which must exist).
     pub fn new(disk: &Path, dir: &Path) -> Result<Mounted> {
-        let device = run(Command::new("losetup").args(["--find", "--show"]).arg(disk))
-            .context("cannot attach the disk to a loop device (root and free loop devices are needed)")?;
+        let device = run(Command::new("losetup").args(["--find", "--show"]).arg(disk)).context(
+            "cannot attach the disk to a loop device (root and free loop devices are needed)",
+        )?;
         let mut m = Mounted {
             device: Some(device),
             dir: None,
@@ -163,7 +166,9 @@ pub fn copy_sparse(from: &Path, to: &Path, size: u64) -> Result<()> {
     for r in data_regions(&src, size)? {
         let mut at = r.start;
         while at < r.end {
-            let n = usize::try_from(r.end - at).unwrap_or(buf.len()).min(buf.len());
+            let n = usize::try_from(r.end - at)
+                .unwrap_or(buf.len())
+                .min(buf.len());
             src.read_exact_at(&mut buf[..n], at)?;
             dst.write_all_at(&buf[..n], at)?;
             at += n as u64;

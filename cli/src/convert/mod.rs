@@ -126,7 +126,12 @@ async fn convert(args: ConvertArgs) -> Result<()> {
     let work = tempfile::Builder::new()
         .prefix("tarn-convert-")
         .tempdir_in(&args.work_dir)
-        .with_context(|| format!("cannot make a scratch directory in {}", args.work_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot make a scratch directory in {}",
+                args.work_dir.display()
+            )
+        })?;
     let disk = work.path().join("disk.img");
     let prev = work.path().join("prev.img");
     let mnt = work.path().join("mnt");
@@ -186,10 +191,13 @@ async fn convert(args: ConvertArgs) -> Result<()> {
     let Some(config_obj) = config.as_object_mut() else {
         bail!("the image config is not a JSON object");
     };
-    config_obj.insert("rootfs".to_string(), json!({
-        "type": "layers",
-        "diff_ids": layers.iter().map(|l| l.digest.to_string()).collect::<Vec<_>>(),
-    }));
+    config_obj.insert(
+        "rootfs".to_string(),
+        json!({
+            "type": "layers",
+            "diff_ids": layers.iter().map(|l| l.digest.to_string()).collect::<Vec<_>>(),
+        }),
+    );
     let config_bytes = Bytes::from(serde_json::to_vec(&config)?);
     let config_size = config_bytes.len() as u64;
     let config_digest = registry
@@ -206,7 +214,8 @@ async fn convert(args: ConvertArgs) -> Result<()> {
         "pushed {dst} ({digest}): {n} overlaybd layers in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    work.close().context("cannot remove the scratch directory")?;
+    work.close()
+        .context("cannot remove the scratch directory")?;
     Ok(())
 }
 
@@ -295,7 +304,8 @@ fn write_blob(
     uuid: &str,
     parent_uuid: Option<&str>,
 ) -> Result<(diff::Diffed, Converted)> {
-    let f = std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let f =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, f);
     w.seek(SeekFrom::Start(wrapper_head(0).len() as u64))?;
     let z = ZFileWriter::new(w, ZFILE_BLOCK)?;

@@ -50,7 +50,10 @@ pub fn resolve(root: &Path, parts: &[OsString]) -> Result<PathBuf> {
             Ok(m) if m.file_type().is_symlink() => {
                 links += 1;
                 if links > MAX_LINKS {
-                    bail!("more than {MAX_LINKS} symlinks resolving {}", here.display());
+                    bail!(
+                        "more than {MAX_LINKS} symlinks resolving {}",
+                        here.display()
+                    );
                 }
                 let target = std::fs::read_link(&here)?;
                 if target.is_absolute() {

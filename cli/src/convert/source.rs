@@ -48,7 +48,11 @@ pub async fn download(
                 Ok(bytes) => {
                     let room = layer.size - have;
                     if bytes.len() as u64 > room {
-                        bail!("layer {} is longer than its {} bytes", layer.digest, layer.size);
+                        bail!(
+                            "layer {} is longer than its {} bytes",
+                            layer.digest,
+                            layer.size
+                        );
                     }
                     hasher.update(&bytes);
                     file.write_all(&bytes).await?;

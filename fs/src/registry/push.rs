@@ -54,7 +54,9 @@ impl Body<'_> {
             Body::Empty => reqwest::Body::from(Vec::new()),
             Body::Bytes(b) => reqwest::Body::from(b),
             Body::File(path, range) => {
-                let mut f = tokio::fs::File::open(path).await.map_err(|e| file_error(path, &e))?;
+                let mut f = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| file_error(path, &e))?;
                 f.seek(std::io::SeekFrom::Start(range.start))
                     .await
                     .map_err(|e| file_error(path, &e))?;
@@ -212,7 +214,13 @@ impl RegistryClient {
                         for part in chunks(size, CHUNK) {
                             let file_range = range.start + part.start..range.start + part.end;
                             let resp = self
-                                .patch(repo, at.clone(), &what, Body::File(*path, file_range), &part)
+                                .patch(
+                                    repo,
+                                    at.clone(),
+                                    &what,
+                                    Body::File(*path, file_range),
+                                    &part,
+                                )
                                 .await?;
                             at = self.location(&at, &resp, &what, None)?;
                         }
@@ -221,7 +229,8 @@ impl RegistryClient {
                     other => other.clone(),
                 };
                 let mut put = at.clone();
-                put.query_pairs_mut().append_pair("digest", &digest.to_string());
+                put.query_pairs_mut()
+                    .append_pair("digest", &digest.to_string());
                 self.request(repo, Method::PUT, put, &what, None, last)
                     .await
                     .map(drop)

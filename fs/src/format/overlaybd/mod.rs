@@ -36,9 +36,9 @@ pub mod lsmt;
 mod open;
 pub mod read;
 pub mod stack;
+pub mod wrapper;
 #[cfg(feature = "writer")]
 pub mod write;
-pub mod wrapper;
 pub mod zfile;
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ pub enum WriteError {
     Io(#[from] std::io::Error),
     /// Extents must come in disk order and inside the virtual disk, as the
     /// index is sorted and the reader refuses overlaps.
-    #[error("extent at sector {offset} (+{sectors}) is before sector {after} or past the disk's {disk}")]
+    #[error(
+        "extent at sector {offset} (+{sectors}) is before sector {after} or past the disk's {disk}"
+    )]
     Order {
         offset: u64,
         sectors: u64,

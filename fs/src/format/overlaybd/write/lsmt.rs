@@ -135,8 +135,7 @@ impl<W: Write> LsmtWriter<W> {
                 disk,
             });
         }
-        self.records
-            .push(record(offset, sectors, moffset, zeroed));
+        self.records.push(record(offset, sectors, moffset, zeroed));
         self.next_sector = offset + sectors;
         Ok(())
     }

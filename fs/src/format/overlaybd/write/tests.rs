@@ -118,7 +118,12 @@ fn fields_are_the_reference_tools_values() {
     let t_at = usize::try_from(zf.info().index_offset + zf.info().blocks * 4).unwrap();
     assert_eq!(u32_at(z, t_at + 32), 0x16, "trailer flags");
     // The LSMT header: the first block's plain bytes.
-    let first = zf.decode(0..1, &z[512..512 + usize::try_from(zf.stored_range(0..1).end - 512).unwrap()]).unwrap();
+    let first = zf
+        .decode(
+            0..1,
+            &z[512..512 + usize::try_from(zf.stored_range(0..1).end - 512).unwrap()],
+        )
+        .unwrap();
     assert_eq!(&first[..8], b"LSMT\0\x01\x02\0");
     assert_eq!(u32_at(&first, 24), 390);
     assert_eq!(u32_at(&first, 28), 0b111);

@@ -98,7 +98,11 @@ impl<W: Write + Seek> ZFileWriter<W> {
         self.out.write_all(&index)?;
         self.written += index.len() as u64;
         let index_crc = crc32c(0, &index);
-        let trailer = self.ht(FLAG_DATA_FILE | FLAG_SEALED | FLAG_DIGEST, index_offset, index_crc);
+        let trailer = self.ht(
+            FLAG_DATA_FILE | FLAG_SEALED | FLAG_DIGEST,
+            index_offset,
+            index_crc,
+        );
         self.out.write_all(&trailer)?;
         self.written += HT_SIZE;
         let header = self.ht(
