@@ -109,6 +109,8 @@ fn a_layer_applies_with_whiteouts_opaque_dirs_and_links() {
         ("out", S, "/a"),
     ]);
     apply(root, &lower[..]).unwrap();
+    let a = std::fs::metadata(root.join("a")).unwrap();
+    assert_eq!(a.mtime(), 1_000_000_000, "directory mtimes set last");
     let upper = tar_of(&[
         ("a/.wh.gone", F, ""),
         ("o/new", F, "new"),
@@ -131,8 +133,6 @@ fn a_layer_applies_with_whiteouts_opaque_dirs_and_links() {
     assert_eq!(k.ino(), k2.ino(), "hard link");
     assert_eq!((k.uid(), k.gid(), k.mode() & 0o7777), (1000, 1000, 0o644));
     assert_eq!(k.mtime(), 1_000_000_000);
-    let a = std::fs::metadata(root.join("a")).unwrap();
-    assert_eq!(a.mtime(), 1_000_000_000, "directory mtimes set last");
 }
 
 #[test]

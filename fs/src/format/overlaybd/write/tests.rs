@@ -100,7 +100,10 @@ fn fields_are_the_reference_tools_values() {
     // Tar wrapper: pax size record, payload at 1536, padded, two zero
     // blocks at the end.
     assert_eq!(&f[..13], b"overlaybd.pax");
-    assert!(f[512..].starts_with(b"16 size="));
+    let record = String::from_utf8_lossy(&f[512..1024]);
+    let size = record.trim_end_matches('\0').split_once(" size=").unwrap().1;
+    let size: usize = size.trim_end().parse().unwrap();
+    assert_eq!(1536 + size + (512 - size % 512) % 512 + 1024, f.len());
     assert_eq!(&f[1024..1040], b"overlaybd.commit");
     assert_eq!(f.len() % 512, 0);
     assert!(f[f.len() - 1024..].iter().all(|&x| x == 0));
