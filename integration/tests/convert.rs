@@ -194,11 +194,13 @@ fn stack_to_file(blobs: Vec<Vec<u8>>, image: &Path) {
 /// marker empties its directory), and the markers themselves are not
 /// kept.
 fn unpack_source(layers: &[PathBuf], dir: &Path) {
-    for layer in layers {
+    for (i, blob) in layers.iter().enumerate() {
+        let layer = &dir.with_extension(format!("layer{i}.tar"));
+        plain_tar(blob, layer);
         let list = Command::new("tar").arg("-tf").arg(layer).output().unwrap();
         assert!(list.status.success());
         for name in String::from_utf8(list.stdout).unwrap().lines() {
-            let path = Path::new(name);
+            let path = Path::new(name.trim_start_matches('/'));
             let Some(base) = path.file_name().and_then(|b| b.to_str()) else {
                 continue;
             };
@@ -244,7 +246,26 @@ fn unpack_source(layers: &[PathBuf], dir: &Path) {
             .status()
             .unwrap();
         assert!(wh.success());
+        std::fs::remove_file(layer).unwrap();
     }
+}
+
+/// The tar in `blob` (gzip or plain) at `out`, padded to whole blocks and
+/// ended with two zero blocks: umoci writes layers without either, which
+/// GNU tar takes for a truncated archive.
+fn plain_tar(blob: &Path, out: &Path) {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let raw = std::fs::read(blob).unwrap();
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut bytes)
+            .unwrap();
+    } else {
+        bytes = raw;
+    }
+    bytes.resize(bytes.len().div_ceil(512) * 512 + 1024, 0);
+    std::fs::write(out, bytes).unwrap();
 }
 
 /// User xattrs of `path`, names and values.

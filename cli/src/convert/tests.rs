@@ -41,7 +41,8 @@ fn union_merges_and_widens_to_blocks() {
     let u = union(&[0..10, 100..200], &[5..20, 4096..4097], 4096);
     // Touching ranges merge too.
     assert_eq!(u, vec![0..8192]);
-    let u = union(&[0..1], &[8192..8193], 4096);
+    let (a, b) = (vec![0..1, 1..2], vec![8192..8193, 8193..8194]);
+    let u = union(&a, &b, 4096);
     assert_eq!(u, vec![0..4096, 8192..12288]);
 }
 

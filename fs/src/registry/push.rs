@@ -214,13 +214,7 @@ impl RegistryClient {
                         for part in chunks(size, CHUNK) {
                             let file_range = range.start + part.start..range.start + part.end;
                             let resp = self
-                                .patch(
-                                    repo,
-                                    at.clone(),
-                                    &what,
-                                    Body::File(*path, file_range),
-                                    &part,
-                                )
+                                .patch(repo, at.clone(), &what, Body::File(path, file_range), &part)
                                 .await?;
                             at = self.location(&at, &resp, &what, None)?;
                         }

@@ -101,7 +101,11 @@ fn fields_are_the_reference_tools_values() {
     // blocks at the end.
     assert_eq!(&f[..13], b"overlaybd.pax");
     let record = String::from_utf8_lossy(&f[512..1024]);
-    let size = record.trim_end_matches('\0').split_once(" size=").unwrap().1;
+    let size = record
+        .trim_end_matches('\0')
+        .split_once(" size=")
+        .unwrap()
+        .1;
     let size: usize = size.trim_end().parse().unwrap();
     assert_eq!(1536 + size + (512 - size % 512) % 512 + 1024, f.len());
     assert_eq!(&f[1024..1040], b"overlaybd.commit");
