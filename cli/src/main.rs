@@ -3,6 +3,7 @@
 
 mod cache;
 mod containerd;
+mod convert;
 mod mount_layer;
 mod pull;
 mod status;
@@ -29,6 +30,7 @@ enum Command {
     Status(status::StatusArgs),
     Cache(cache::CacheArgs),
     MountLayer(mount_layer::Args),
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Pull(args) => pull::run(args),
         Command::Status(args) => block_on(status::run(args)),
         Command::Cache(args) => block_on(cache::run(args)),
+        Command::Convert(args) => convert::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

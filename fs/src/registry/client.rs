@@ -39,7 +39,7 @@ pub struct RegistryClient {
 
 pub(super) struct Inner {
     pub(super) http: Http,
-    auth: Auth,
+    pub(super) auth: Auth,
     /// Storage URL a blob's GET redirected to, per (host, blob).
     redirects: DashMap<(String, Digest), Url>,
     /// Clients for hosts of a `hosts.toml` with TLS settings of their own.

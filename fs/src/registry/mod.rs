@@ -18,6 +18,8 @@
 //! - [`hosts`]: containerd's `hosts.toml` (mirrors and server of a
 //!   registry), parsed; [`mirror`]: a blob from those hosts in order
 //!   ([`RegistryClient::blob_source`]).
+//! - [`push`]: blob uploads (streamed from a file, chunked when large)
+//!   and manifest PUTs, for `tarn convert`.
 //! - [`auth`]: challenges, the docker config and its credential helpers,
 //!   the token flow.
 
@@ -32,6 +34,7 @@ pub mod http;
 pub mod manifest;
 pub mod mirror;
 pub mod platform;
+pub mod push;
 pub mod reference;
 pub mod resolve;
 pub mod source;

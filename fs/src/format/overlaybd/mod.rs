@@ -18,6 +18,9 @@
 //!    layer as a fetch-engine [`Format`](crate::format::Format), which
 //!    `crate::disk` serves lazily.
 //!
+//! [`write`] (feature `writer`) writes layers as the reference tools do,
+//! for `tarn convert`.
+//!
 //! Pure except [`read`]: the parsing and the map never do I/O. Every field
 //! that comes from the blob is bounded before it is used (the limits are
 //! named constants of [`lsmt`], [`zfile`] and [`stack`]); a malformed blob
@@ -34,6 +37,8 @@ mod open;
 pub mod read;
 pub mod stack;
 pub mod wrapper;
+#[cfg(feature = "writer")]
+pub mod write;
 pub mod zfile;
 
 #[cfg(test)]

@@ -1,0 +1,485 @@
+//! `tarn convert --format overlaybd` against the test bed's registry
+//! (issue 15's "Convert"): an ordinary image is converted and pushed; the
+//! result is fetched back, every layer opened with tarn's own overlaybd
+//! reader and stacked, the stacked disk loop-mounted read-only, and its
+//! tree compared with the source image unpacked by plain `tar` (whiteouts
+//! applied): types, modes, owners, sizes, mtimes, symlink targets, user
+//! xattrs and every regular file's sha256. The manifest carries the
+//! annotations the reference snapshotter reads and the config's diff IDs
+//! are the blobs' digests. Each conversion must leave no mount, loop
+//! device or scratch file behind, a failed one included. Needs root, loop
+//! devices, mkfs.ext4 and GNU tar.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use tarn_fs::format::overlaybd::StackedDisk;
+use tarn_fs::format::overlaybd::read::MAX_READ;
+use tarn_fs::registry::BlobSource;
+use tarn_fs::testing::FakeBlob;
+use tarn_integration::bins;
+use tarn_integration::registry::{OCI_MANIFEST, TestRegistry};
+
+const ANNOTATION: &str = "containerd.io/snapshot/overlaybd";
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|a| a.join("shared/fixtures/overlaybd"))
+        .find(|p| p.is_dir())
+        .expect("shared/fixtures/overlaybd beside the repository")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `tarn convert` with a scratch directory of its own under `work`.
+fn convert(src: &str, dst: &str, work: &Path) -> Output {
+    Command::new(bins::tarn().unwrap())
+        .args(["convert", "--format", "overlaybd", src, dst, "--work-dir"])
+        .arg(work)
+        .output()
+        .unwrap()
+}
+
+/// Nothing of a conversion left: no scratch files, no mount or loop
+/// device on anything under `work`.
+fn assert_nothing_left(work: &Path) {
+    let left: Vec<_> = std::fs::read_dir(work).unwrap().collect();
+    assert!(left.is_empty(), "scratch files left: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let w = work.to_string_lossy();
+    assert!(!mounts.contains(&*w), "a mount left under {w}:\n{mounts}");
+    let loops = Command::new("losetup").arg("-a").output().unwrap();
+    let loops = String::from_utf8_lossy(&loops.stdout);
+    assert!(!loops.contains(&*w), "a loop device left on {w}:\n{loops}");
+}
+
+/// GETs a path of the registry.
+fn get(reg: &TestRegistry, path: &str) -> Vec<u8> {
+    let url = format!("http://{}{path}", reg.host());
+    rt().block_on(async {
+        let resp = reqwest::Client::new()
+            .get(&url)
+            .header(reqwest::header::ACCEPT, OCI_MANIFEST)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "GET {url}: {}", resp.status());
+        resp.bytes().await.unwrap().to_vec()
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The converted image `repo:tag`: checks its manifest and config, and
+/// returns its layer blobs, bottom first.
+fn fetch_converted(reg: &TestRegistry, repo: &str, tag: &str) -> Vec<Vec<u8>> {
+    let manifest: Value =
+        serde_json::from_slice(&get(reg, &format!("/v2/{repo}/manifests/{tag}"))).unwrap();
+    let config: Value = serde_json::from_slice(&get(
+        reg,
+        &format!(
+            "/v2/{repo}/blobs/{}",
+            manifest["config"]["digest"].as_str().unwrap()
+        ),
+    ))
+    .unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    assert_eq!(diff_ids.len(), layers.len());
+    let mut blobs = Vec::new();
+    for (l, diff_id) in layers.iter().zip(diff_ids) {
+        let digest = l["digest"].as_str().unwrap();
+        assert_eq!(
+            l["mediaType"].as_str(),
+            Some("application/vnd.oci.image.layer.v1.tar")
+        );
+        let a = &l["annotations"];
+        assert_eq!(a[format!("{ANNOTATION}/version")].as_str(), Some("0.1.0"));
+        assert_eq!(
+            a[format!("{ANNOTATION}/blob-digest")].as_str(),
+            Some(digest)
+        );
+        assert_eq!(
+            a[format!("{ANNOTATION}/blob-size")].as_str(),
+            Some(l["size"].to_string().as_str())
+        );
+        assert_eq!(
+            a[format!("{ANNOTATION}/blob-fs-type")].as_str(),
+            Some("ext4")
+        );
+        assert_eq!(diff_id.as_str(), Some(digest), "diff ID = blob digest");
+        let blob = get(reg, &format!("/v2/{repo}/blobs/{digest}"));
+        assert_eq!(format!("sha256:{}", sha256_hex(&blob)), digest);
+        blobs.push(blob);
+    }
+    blobs
+}
+
+/// A read-only loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-r", "-f", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup: {out:?}");
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A mount, unmounted on drop.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount(&self.0);
+    }
+}
+
+/// The blobs stacked by tarn's reader into a sparse disk file at `image`.
+fn stack_to_file(blobs: Vec<Vec<u8>>, image: &Path) {
+    let rt = rt();
+    let sources: Vec<Arc<dyn BlobSource>> = blobs
+        .into_iter()
+        .map(|b| -> Arc<dyn BlobSource> { FakeBlob::instant(b) })
+        .collect();
+    let disk = rt
+        .block_on(StackedDisk::open(sources))
+        .expect("tarn's reader opens and stacks every converted layer");
+    assert_eq!(disk.size(), 64 << 30);
+    let file = File::create(image).unwrap();
+    file.set_len(disk.size()).unwrap();
+    for range in disk.map().data_ranges() {
+        let mut at = range.start;
+        while at < range.end {
+            let end = range.end.min(at + MAX_READ);
+            let bytes = rt.block_on(disk.read(at..end)).unwrap();
+            file.write_all_at(&bytes, at).unwrap();
+            at = end;
+        }
+    }
+    file.sync_all().unwrap();
+}
+
+/// The source layers unpacked in order by GNU tar, as a container would
+/// see them: before each layer, what its whiteouts name goes (an opaque
+/// marker empties its directory), and the markers themselves are not
+/// kept.
+fn unpack_source(layers: &[PathBuf], dir: &Path) {
+    for (i, blob) in layers.iter().enumerate() {
+        let layer = &dir.with_extension(format!("layer{i}.tar"));
+        plain_tar(blob, layer);
+        let list = Command::new("tar").arg("-tf").arg(layer).output().unwrap();
+        assert!(list.status.success());
+        for name in String::from_utf8(list.stdout).unwrap().lines() {
+            let path = Path::new(name.trim_start_matches('/'));
+            let Some(base) = path.file_name().and_then(|b| b.to_str()) else {
+                continue;
+            };
+            let parent = dir.join(path.parent().unwrap_or(Path::new("")));
+            if base == ".wh..wh..opq" {
+                if let Ok(children) = std::fs::read_dir(&parent) {
+                    for c in children {
+                        let p = c.unwrap().path();
+                        if p.is_dir() && !p.is_symlink() {
+                            std::fs::remove_dir_all(&p).unwrap();
+                        } else {
+                            std::fs::remove_file(&p).unwrap();
+                        }
+                    }
+                }
+            } else if let Some(hidden) = base.strip_prefix(".wh.") {
+                let p = parent.join(hidden);
+                if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p).unwrap();
+                } else {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        let ok = Command::new("tar")
+            .args([
+                "-x",
+                "-p",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+            ])
+            .arg("-f")
+            .arg(layer)
+            .arg("-C")
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "tar -x {}", layer.display());
+        let wh = Command::new("find")
+            .arg(dir)
+            .args(["-name", ".wh.*", "-delete"])
+            .status()
+            .unwrap();
+        assert!(wh.success());
+        std::fs::remove_file(layer).unwrap();
+    }
+}
+
+/// The tar in `blob` (gzip or plain) at `out`, padded to whole blocks and
+/// ended with two zero blocks: umoci writes layers without either, which
+/// GNU tar takes for a truncated archive.
+fn plain_tar(blob: &Path, out: &Path) {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let raw = std::fs::read(blob).unwrap();
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut bytes)
+            .unwrap();
+    } else {
+        bytes = raw;
+    }
+    bytes.resize(bytes.len().div_ceil(512) * 512 + 1024, 0);
+    std::fs::write(out, bytes).unwrap();
+}
+
+/// User xattrs of `path`, names and values.
+fn user_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 64 << 10];
+    // SAFETY: `c` is NUL-terminated; `names` is writable for its length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0, "llistxattr {}", path.display());
+    names.truncate(usize::try_from(n).unwrap());
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
+        let cn = CString::new(name).unwrap();
+        let mut v = vec![0u8; 64 << 10];
+        // SAFETY: both strings are NUL-terminated; `v` is writable for its
+        // length.
+        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        assert!(m >= 0);
+        v.truncate(usize::try_from(m).unwrap());
+        out.push((String::from_utf8_lossy(name).into_owned(), v));
+    }
+    out
+}
+
+/// What a tree shows a container: per path (`lost+found` and the root
+/// left out) type, mode, owner, size and mtime (seconds; directories
+/// neither, their sizes and times are the filesystem's), symlink target,
+/// user xattrs, and the sha256 of regular files.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let out = Command::new("find")
+        .arg(".")
+        .arg("-printf")
+        .arg("%y %#m %U:%G %s %T@ %p\\0%l\\0")
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let fields: Vec<&str> = text.split('\0').collect();
+    let mut map = BTreeMap::new();
+    for pair in fields.chunks(2) {
+        let [line, target] = pair else { continue };
+        let mut f = line.splitn(6, ' ');
+        let (kind, mode, owner, size, mtime, path) = (
+            f.next().unwrap(),
+            f.next().unwrap(),
+            f.next().unwrap(),
+            f.next().unwrap(),
+            f.next().unwrap(),
+            f.next().unwrap(),
+        );
+        if path == "." || path == "./lost+found" || path.starts_with("./lost+found/") {
+            continue;
+        }
+        let secs = mtime.split('.').next().unwrap();
+        let full = root.join(path);
+        let mut desc = if kind == "d" {
+            format!("{kind} {mode} {owner}")
+        } else {
+            format!("{kind} {mode} {owner} {size} {secs} -> {target}")
+        };
+        if kind == "f" {
+            desc.push_str(&format!(
+                " sha256={}",
+                sha256_hex(&std::fs::read(&full).unwrap())
+            ));
+        }
+        for (name, value) in user_xattrs(&full) {
+            desc.push_str(&format!(" {name}={}", String::from_utf8_lossy(&value)));
+        }
+        map.insert(path.to_owned(), desc);
+    }
+    map
+}
+
+/// Converts `src` to `repo:obd` and checks the result's tree against the
+/// source layers (tar files, bottom first) unpacked by tar.
+fn convert_and_compare(reg: &TestRegistry, src: &str, repo: &str, source_layers: &[PathBuf]) {
+    let scratch = tempfile::Builder::new()
+        .prefix("tarn-convert-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let work = scratch.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let dst = format!("{}/{repo}:obd", reg.host());
+    let out = convert(src, &dst, &work);
+    assert!(
+        out.status.success(),
+        "tarn convert: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("layer ")).count(),
+        source_layers.len(),
+        "one progress line per layer"
+    );
+    assert_nothing_left(&work);
+
+    let blobs = fetch_converted(reg, repo, "obd");
+    assert_eq!(blobs.len(), source_layers.len());
+    let image = scratch.path().join("disk.img");
+    stack_to_file(blobs, &image);
+    let mnt = scratch.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let dev = Loop::attach(&image);
+    nix::mount::mount(
+        Some(dev.0.as_str()),
+        &mnt,
+        Some("ext4"),
+        nix::mount::MsFlags::MS_RDONLY,
+        Some("noload"),
+    )
+    .expect("mount the stacked disk read-only");
+    let mounted = Mount(mnt.clone());
+
+    let want_dir = scratch.path().join("want");
+    std::fs::create_dir(&want_dir).unwrap();
+    unpack_source(source_layers, &want_dir);
+    let got = tree(&mnt);
+    let want = tree(&want_dir);
+    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
+    for (path, w) in &want {
+        assert_eq!(&got[path], w, "{path}");
+    }
+    eprintln!("{} paths identical", want.len());
+    drop(mounted);
+    drop(dev);
+}
+
+#[test]
+fn whiteouts_opaque_dirs_links_and_xattrs_convert_as_tar_unpacks_them() {
+    let reg = TestRegistry::start().unwrap();
+    let fx = fixtures();
+    let layers: Vec<PathBuf> = (1..=3)
+        .map(|i| fx.join(format!("layer{i}-source.tar")))
+        .collect();
+    let blobs: Vec<_> = layers
+        .iter()
+        .map(|p| (std::fs::read(p).unwrap(), Vec::new()))
+        .collect();
+    rt().block_on(reg.push_image("fx", Some("latest"), "amd64", &blobs))
+        .unwrap();
+    let src = format!("{}/fx:latest", reg.host());
+    convert_and_compare(&reg, &src, "fx-obd", &layers);
+}
+
+#[test]
+fn the_reference_image_converts_to_the_same_tree() {
+    let reg = TestRegistry::start().unwrap();
+    let name = std::env::var("TARN_CONVERT_IMAGE").unwrap_or_else(|_| "multi".to_string());
+    let src = reg.bed().push_image(&name).unwrap();
+    // The source layers, as tar files, from the cached OCI layout.
+    let layout = tarn_integration::testbed::repo_root().join("scripts/images.sh");
+    let out = Command::new(layout).args(["path", &name]).output().unwrap();
+    assert!(out.status.success());
+    let oci = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let json =
+        |p: PathBuf| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let blob = |d: &Value| {
+        oci.join("blobs/sha256")
+            .join(d.as_str().unwrap().trim_start_matches("sha256:"))
+    };
+    let index = json(oci.join("index.json"));
+    let mut m = json(blob(&index["manifests"][0]["digest"]));
+    if m["manifests"].is_array() {
+        m = json(blob(&m["manifests"][0]["digest"]));
+    }
+    let layers: Vec<PathBuf> = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| blob(&l["digest"]))
+        .collect();
+    convert_and_compare(&reg, &src, &format!("{name}-obd"), &layers);
+}
+
+#[test]
+fn a_failed_conversion_leaves_no_mount_loop_device_or_scratch_file() {
+    let reg = TestRegistry::start().unwrap();
+    let fx = fixtures();
+    // A good first layer, then one that is not a tar: the failure comes
+    // with the disk mounted.
+    let good = std::fs::read(fx.join("layer1-source.tar")).unwrap();
+    let mut bad = std::fs::read(fx.join("layer3-source.tar")).unwrap();
+    bad.truncate(700);
+    bad[600..].fill(0xAB);
+    rt().block_on(reg.push_image(
+        "broken",
+        Some("latest"),
+        "amd64",
+        &[(good, Vec::new()), (bad, Vec::new())],
+    ))
+    .unwrap();
+    let scratch = tempfile::Builder::new()
+        .prefix("tarn-convert-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let src = format!("{}/broken:latest", reg.host());
+    let dst = format!("{}/broken-obd:latest", reg.host());
+    let out = convert(&src, &dst, scratch.path());
+    assert!(!out.status.success(), "a broken layer fails the conversion");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("layer 2"),
+        "the error names the layer: {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert_nothing_left(scratch.path());
+}
