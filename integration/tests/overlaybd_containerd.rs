@@ -359,3 +359,75 @@ fn an_overlaybd_image_runs_lazily_through_containerd_and_leaves_nothing_attached
         );
     }
 }
+
+/// What the reference image's `/app/run.sh` prints (as in remote_lazy.rs).
+const WORKLOAD_OUT: [&str; 2] = ["tarn test workload", "Copyright 2009 The Go Authors"];
+
+/// The layers (digest, size) of `reference`'s manifest, as the registry
+/// serves it.
+fn manifest_layers(reference: &str) -> Vec<(String, u64)> {
+    let out = run_ok({
+        let mut c = Command::new("skopeo");
+        c.args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{reference}"));
+        c
+    });
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest json");
+    m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_owned(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 15's acceptance: the test bed's reference image converted by
+/// `tarn convert --format overlaybd`, then pulled lazily and run through
+/// containerd: the workload's output, and the registry serves a part of
+/// the converted blobs.
+#[test]
+fn the_reference_image_converted_by_tarn_runs_lazily_through_containerd() {
+    let b = Bed::up();
+    let src = b.bed.push_image("multi").expect("push multi");
+    let dst = format!("{}/multi-obd:latest", b.bed.registry().unwrap());
+    let work = tempfile::tempdir().expect("work dir");
+    run_ok({
+        let mut c = Command::new(tarn_integration::bins::tarn().expect("tarn binary"));
+        c.args(["convert", "--format", "overlaybd", &src, &dst, "--work-dir"])
+            .arg(work.path());
+        c
+    });
+    let blobs = manifest_layers(&dst);
+    let total: u64 = blobs.iter().map(|(_, s)| s).sum();
+    let before = b.bed.registry_log().expect("registry log").len();
+
+    b.rpull(&dst);
+    assert_eq!(
+        b.answers(),
+        blobs.len(),
+        "every converted layer served as a disk:\n{}",
+        tail(&b.tarn.log(), 30)
+    );
+    let pulled = blob_bytes(&b, before, &blobs);
+    let id = format!("obd-conv-{}", std::process::id());
+    let out = b.run(&dst, &id);
+    for want in WORKLOAD_OUT {
+        assert!(out.contains(want), "{want:?} missing from {out:?}");
+    }
+    let served = blob_bytes(&b, before, &blobs);
+    println!(
+        "tarn convert --format overlaybd of multi: {} layers, {total} bytes of blobs; rpull fetched {pulled} ({:.1}%), rpull + run {served} ({:.1}%)",
+        blobs.len(),
+        pulled as f64 * 100.0 / total as f64,
+        served as f64 * 100.0 / total as f64
+    );
+    assert!(
+        served * 4 < total,
+        "a lazy pull and run of the converted image fetches a small part of it: {served} of {total}"
+    );
+}
