@@ -110,6 +110,17 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The overlaybd fixtures (`shared/fixtures/overlaybd`: blobs made by the
+/// reference tools, with the trees they were made from), beside the
+/// repository.
+pub fn overlaybd_fixtures() -> PathBuf {
+    repo_root()
+        .ancestors()
+        .map(|a| a.join("shared/fixtures/overlaybd"))
+        .find(|p| p.is_dir())
+        .expect("shared/fixtures/overlaybd beside the repository")
+}
+
 fn script(name: &str) -> PathBuf {
     repo_root().join("scripts").join(name)
 }

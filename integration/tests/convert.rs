@@ -18,6 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
+use tarn_integration::testbed::overlaybd_fixtures as fixtures;
 
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -29,14 +30,6 @@ use tarn_integration::bins;
 use tarn_integration::registry::{OCI_MANIFEST, TestRegistry};
 
 const ANNOTATION: &str = "containerd.io/snapshot/overlaybd";
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/fixtures/overlaybd"))
-        .find(|p| p.is_dir())
-        .expect("shared/fixtures/overlaybd beside the repository")
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

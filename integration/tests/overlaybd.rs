@@ -18,6 +18,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use tarn_integration::testbed::overlaybd_fixtures as fixtures;
 
 use sha2::{Digest as _, Sha256};
 use tarn_fs::format::overlaybd::StackedDisk;
@@ -27,14 +28,6 @@ use tarn_fs::testing::FakeBlob;
 
 /// The fixture folder, in the project's shared folder beside the
 /// repository (or beside one of its parents, for a worktree).
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/fixtures/overlaybd"))
-        .find(|p| p.is_dir())
-        .expect("shared/fixtures/overlaybd beside the repository")
-}
-
 /// The image's layer blobs (tag `v1`), bottom first, from the OCI layout.
 fn layer_blobs(oci: &Path) -> Vec<Arc<dyn BlobSource>> {
     let json = |p: PathBuf| -> serde_json::Value {

@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
+use tarn_integration::testbed::overlaybd_fixtures as fixtures;
 
 use tarn_integration::daemon::Daemon;
 use tarn_integration::testbed::{Component, Testbed};
@@ -26,14 +27,6 @@ const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// What `/app/run.sh` prints: layer 2's `changed.txt`, the start of
 /// `random5m`'s sha256, the opaque directory holding only layer 3's file.
 const RUN_OUT: [&str; 4] = ["hello from overlaybd", "v2", "a7a9167b30ecaae0", "new.txt"];
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/fixtures/overlaybd"))
-        .find(|p| p.is_dir())
-        .expect("shared/fixtures/overlaybd beside the repository")
-}
 
 /// The fixture's layer blobs: (digest, size).
 fn blobs() -> Vec<(String, u64)> {

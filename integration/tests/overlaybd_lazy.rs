@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use tarn_integration::testbed::overlaybd_fixtures as fixtures;
 
 use sha2::{Digest as _, Sha256};
 use tarn_fs::cache::Cache;
@@ -23,14 +24,6 @@ use tarn_fs::fetch::{FetchScheduler, SchedulerConfig};
 use tarn_fs::fuse::{DISK_NAME, MountOptions};
 use tarn_fs::testing::FakeBlob;
 use tarn_snapshotter::obd::DiskMount;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/fixtures/overlaybd"))
-        .find(|p| p.is_dir())
-        .expect("shared/fixtures/overlaybd beside the repository")
-}
 
 /// The image's layer blobs (tag `v1`), bottom first.
 fn layer_blobs(oci: &Path) -> Vec<Vec<u8>> {

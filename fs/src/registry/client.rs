@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use dashmap::DashMap;
-use reqwest::header::{ACCEPT, AUTHORIZATION, LOCATION, RANGE, WWW_AUTHENTICATE};
+use reqwest::header::{ACCEPT, AUTHORIZATION, LOCATION, RANGE};
 use reqwest::{StatusCode, Url};
 
 use super::auth::challenge::Challenge;
@@ -220,11 +220,7 @@ impl RegistryClient {
                 }
             }
             if status == StatusCode::UNAUTHORIZED && on_registry && !reauthed {
-                let challenge = resp
-                    .headers()
-                    .get(WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(Challenge::parse);
+                let challenge = Challenge::of(resp.headers());
                 let Some(challenge) = challenge else {
                     return Err(Failure::fatal(RegistryError::Auth {
                         host: host.to_string(),

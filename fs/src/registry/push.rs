@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use bytes::Bytes;
-use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode, Url};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -349,11 +349,7 @@ impl RegistryClient {
                 return Ok(resp);
             }
             if status == StatusCode::UNAUTHORIZED && !reauthed {
-                let challenge = resp
-                    .headers()
-                    .get(WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(Challenge::parse);
+                let challenge = Challenge::of(resp.headers());
                 if let Some(challenge) = challenge {
                     self.inner
                         .auth

@@ -19,6 +19,15 @@ pub enum Challenge {
 }
 
 impl Challenge {
+    /// The challenge of a 401 response's `WWW-Authenticate` header, if it
+    /// has one tarn can answer.
+    pub fn of(headers: &reqwest::header::HeaderMap) -> Option<Challenge> {
+        headers
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Challenge::parse)
+    }
+
     /// Parses a `WWW-Authenticate` value. `None` for schemes tarn does not
     /// speak or a bearer challenge without a realm.
     pub fn parse(header: &str) -> Option<Challenge> {
