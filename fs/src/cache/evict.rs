@@ -273,8 +273,16 @@ impl Cache {
                 // Only a pass for the bound says anything about the working
                 // set (a prune takes what it is told to).
                 if target != u64::MAX && stamp >= recent {
-                    self.pressure_until
+                    let was = self
+                        .pressure_until
                         .fetch_max(now.saturating_add(PRESSURE_SECS), Ordering::Relaxed);
+                    if was <= now {
+                        tracing::warn!(
+                            max_bytes = self.max_bytes.load(Ordering::Relaxed),
+                            "cache under pressure: evicting chunks used in the last {PRESSURE_SECS} s \
+                             (the bound is below the working set); no fetching ahead meanwhile"
+                        );
+                    }
                 }
             }
         }
