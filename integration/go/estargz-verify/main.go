@@ -3,7 +3,7 @@
 // golang-github-containerd-stargz-snapshotter-dev), so that what tarn
 // writes is judged by the code other readers run, not by tarn's own.
 //
-//	estargz-verify -toc-digest sha256:... [-diff-id sha256:...] BLOB
+//	estargz-verify -toc-digest sha256:... [-diff-id sha256:...] [-uncompressed-size N] BLOB
 //
 // For the blob it checks:
 //   - estargz.Open parses the footer and the TOC, and VerifyTOC accepts the
@@ -13,7 +13,7 @@
 //   - the blob read as one gzip stream is one tar whose entries are exactly
 //     the TOC's (names, types, sizes, modes, owners, link targets, contents'
 //     digests), in the same order, plus the TOC's own entry last; and its
-//     sha256 is the diff ID given.
+//     sha256 and length are the diff ID and uncompressed size given.
 //
 // It prints one line per failure and exits 1 if there was any, 2 on bad
 // usage.
@@ -25,6 +25,7 @@ import (
 	"crypto/sha256"
 	"flag"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"path"
@@ -50,20 +51,21 @@ func (c *checker) fail(format string, args ...interface{}) {
 func main() {
 	tocDigest := flag.String("toc-digest", "", "the layer's containerd.io/snapshot/stargz/toc.digest annotation (required)")
 	diffID := flag.String("diff-id", "", "the layer's diff ID in the image config (checked if given)")
+	size := flag.Int64("uncompressed-size", -1, "the layer's io.containers.estargz.uncompressed-size annotation (checked if given)")
 	flag.Parse()
 	if flag.NArg() != 1 || *tocDigest == "" {
-		fmt.Fprintln(os.Stderr, "usage: estargz-verify -toc-digest sha256:... [-diff-id sha256:...] BLOB")
+		fmt.Fprintln(os.Stderr, "usage: estargz-verify -toc-digest sha256:... [-diff-id sha256:...] [-uncompressed-size N] BLOB")
 		os.Exit(2)
 	}
 	c := &checker{blob: flag.Arg(0)}
-	c.check(*tocDigest, *diffID)
+	c.check(*tocDigest, *diffID, *size)
 	if c.failures > 0 {
 		os.Exit(1)
 	}
 	fmt.Printf("%s: ok\n", c.blob)
 }
 
-func (c *checker) check(tocDigest, diffID string) {
+func (c *checker) check(tocDigest, diffID string, size int64) {
 	want, err := digest.Parse(tocDigest)
 	if err != nil {
 		c.fail("bad -toc-digest %q: %v", tocDigest, err)
@@ -97,7 +99,7 @@ func (c *checker) check(tocDigest, diffID string) {
 		return
 	}
 	c.checkFiles(r, v, toc)
-	c.checkStream(sr, toc, diffID)
+	c.checkStream(sr, toc, diffID, size)
 }
 
 // readTOC returns the TOC's entries in blob order, as the JSON lists them
@@ -155,14 +157,14 @@ func (c *checker) checkFiles(r *estargz.Reader, v estargz.TOCEntryVerifier, toc 
 
 // checkStream reads the blob as one gzip stream of one tar and compares
 // its entries with the TOC's.
-func (c *checker) checkStream(sr *io.SectionReader, toc *estargz.JTOC, diffID string) {
+func (c *checker) checkStream(sr *io.SectionReader, toc *estargz.JTOC, diffID string, size int64) {
 	var entries []*estargz.TOCEntry
 	for _, e := range toc.Entries {
 		if e.Type != "chunk" {
 			entries = append(entries, e)
 		}
 	}
-	diff := sha256.New()
+	diff := &counter{h: sha256.New()}
 	gz, err := gzip.NewReader(io.NewSectionReader(sr, 0, sr.Size()))
 	if err != nil {
 		c.fail("not a gzip stream: %v", err)
@@ -211,9 +213,23 @@ func (c *checker) checkStream(sr *io.SectionReader, toc *estargz.JTOC, diffID st
 	if !sawTOC {
 		c.fail("tar stream: no %s", tocName)
 	}
-	if got := digest.NewDigest(digest.SHA256, diff); diffID != "" && got.String() != diffID {
+	if got := digest.NewDigest(digest.SHA256, diff.h); diffID != "" && got.String() != diffID {
 		c.fail("uncompressed stream %s, diff ID %s", got, diffID)
 	}
+	if size >= 0 && diff.n != size {
+		c.fail("uncompressed stream of %d bytes, annotation %d", diff.n, size)
+	}
+}
+
+// counter hashes and counts what is written to it.
+type counter struct {
+	h hash.Hash
+	n int64
+}
+
+func (c *counter) Write(p []byte) (int, error) {
+	c.n += int64(len(p))
+	return c.h.Write(p)
 }
 
 var types = map[byte]string{
