@@ -568,7 +568,9 @@ fn verify_estargz(reg: &TestRegistry, repo: &str, tag: &str, dir: &Path) -> Vec<
     let layers = estargz_layers(reg, repo, tag);
     for (l, m) in layers.iter().zip(manifest["layers"].as_array().unwrap()) {
         assert_eq!(m["mediaType"].as_str(), Some(OCI_LAYER_GZIP));
-        let toc = l.annotations[TOC_DIGEST].as_str().expect("TOC digest annotation");
+        let toc = l.annotations[TOC_DIGEST]
+            .as_str()
+            .expect("TOC digest annotation");
         let size = l.annotations[UNCOMPRESSED_SIZE]
             .as_str()
             .expect("uncompressed size annotation");
@@ -640,7 +642,14 @@ impl<'a> ImageMount<'a> {
         ctr_ok(
             reg,
             tarn,
-            &["images", "mount", "--snapshotter", "overlayfs", reference, t],
+            &[
+                "images",
+                "mount",
+                "--snapshotter",
+                "overlayfs",
+                reference,
+                t,
+            ],
         );
         ImageMount { reg, target }
     }
@@ -701,7 +710,14 @@ fn the_reference_image_converted_to_estargz_verifies_unpacks_the_same_and_runs_l
     let sock = reg.bed().containerd_sock().unwrap().to_owned();
     let rpull = Command::new("ctr-remote")
         .args(["--address", &sock])
-        .args(["image", "rpull", "--plain-http", "--snapshotter", "tarn", &dst])
+        .args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "tarn",
+            &dst,
+        ])
         .output()
         .unwrap();
     assert_success("ctr-remote rpull", &rpull);
@@ -844,7 +860,9 @@ fn tar_entries(blob: &[u8]) -> Vec<(String, u32, u64, u64, String)> {
 fn plain_and_gzip_layers_convert_and_estargz_layers_are_copied_unchanged() {
     let reg = TestRegistry::start().unwrap();
     // 9 MiB: three chunks of the writer's 4 MiB.
-    let big: Vec<u8> = (0..9u32 << 20).map(|i| u8::try_from(i % 253).unwrap()).collect();
+    let big: Vec<u8> = (0..9u32 << 20)
+        .map(|i| u8::try_from(i % 253).unwrap())
+        .collect();
     let plain = tar_of(&[("usr/bin/big", &big), ("usr/bin/empty", b"")]);
     let gz = gzip(&tar_of(&[("etc/a", b"a"), ("etc/b", b"bb")]));
     // An eStargz layer (tarn's writer), annotated as converters do.
@@ -886,17 +904,28 @@ fn plain_and_gzip_layers_convert_and_estargz_layers_are_copied_unchanged() {
     let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("layer ")).collect();
     assert_eq!(lines.len(), 3, "one line per layer");
     assert!(
-        lines.iter().any(|l| l.starts_with("layer 2/3") && l.contains("already eStargz")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("layer 2/3") && l.contains("already eStargz")),
         "{stdout}"
     );
     // The source config has no diff IDs (the helper pushes none): the
     // copied layer's comes from its bytes, and the checker checks it.
     let layers = verify_estargz(&reg, "mixed-conv", "v1", scratch.path());
-    assert_eq!(layers[1].digest, written.blob_digest.to_string(), "copied as is");
+    assert_eq!(
+        layers[1].digest,
+        written.blob_digest.to_string(),
+        "copied as is"
+    );
     assert_eq!(layers[1].diff_id, written.diff_id.to_string());
     for (l, source) in layers.iter().zip(&sources) {
         let blob = get(&reg, &format!("/v2/mixed-conv/blobs/{}", l.digest));
-        assert_eq!(tar_entries(&blob), tar_entries(source), "layer {}", l.digest);
+        assert_eq!(
+            tar_entries(&blob),
+            tar_entries(source),
+            "layer {}",
+            l.digest
+        );
     }
 }
 
@@ -922,7 +951,11 @@ fn a_corrupt_or_unsupported_layer_fails_in_one_line_and_leaves_nothing() {
     };
     for (name, bad, want) in [
         ("corrupt", corrupt, ""),
-        ("sparse", sparse, "unsupported input: tar entry \"var/sparse\""),
+        (
+            "sparse",
+            sparse,
+            "unsupported input: tar entry \"var/sparse\"",
+        ),
     ] {
         rt().block_on(reg.push_image(
             name,
@@ -943,7 +976,11 @@ fn a_corrupt_or_unsupported_layer_fails_in_one_line_and_leaves_nothing() {
             stderr.contains("layer 2/2") && stderr.contains(want),
             "{name}: the error names the layer and the cause: {stderr}"
         );
-        assert_eq!(stderr.trim().lines().count(), 1, "{name}: one line: {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{name}: one line: {stderr}"
+        );
         assert_nothing_left(work.path());
         let url = format!("http://{}/v2/{name}-conv/manifests/latest", reg.host());
         let status = rt().block_on(async { reqwest::get(&url).await.unwrap().status() });

@@ -139,10 +139,7 @@ impl Job<'_> {
     async fn rewrite(&self, i: usize, layer: &Descriptor) -> Result<Layer> {
         let start = Instant::now();
         let Source {
-            src,
-            dst,
-            registry,
-            ..
+            src, dst, registry, ..
         } = self.source;
         let input = self.work.join(format!("{i}.src"));
         let output = self.work.join(format!("{i}.esgz"));
@@ -196,10 +193,7 @@ impl Job<'_> {
     async fn copy(&self, i: usize, layer: &Descriptor) -> Result<Layer> {
         let start = Instant::now();
         let Source {
-            src,
-            dst,
-            registry,
-            ..
+            src, dst, registry, ..
         } = self.source;
         let blob = self.work.join(format!("{i}.src"));
         source::download(registry, &src.repository, layer, &blob).await?;

@@ -142,7 +142,10 @@ impl<R: BufRead> Read for ZstdFrames<R> {
                 ));
             }
             self.frame = Some(ZstdDecoder::new(r).map_err(|e| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad zstd frame: {e}"))
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("bad zstd frame: {e}"),
+                )
             })?);
         }
     }

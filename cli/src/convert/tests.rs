@@ -177,8 +177,8 @@ fn blob_file(dir: &tempfile::TempDir, bytes: &[u8]) -> std::path::PathBuf {
 
 #[test]
 fn zstd_layers_of_several_frames_are_read_whole_and_trailing_garbage_fails() {
-    use std::io::Read;
     use ruzstd::encoding::{CompressionLevel, compress_to_vec};
+    use std::io::Read;
     let tar = tar_of(&[
         ("a", tar::EntryType::Regular, "first"),
         ("b", tar::EntryType::Regular, "second"),
@@ -217,7 +217,7 @@ fn an_estargz_layer_is_written_from_a_gzip_blob_and_a_given_up_run_stops() {
     assert_eq!(blob.len() as u64, written.blob_size);
     assert_eq!(tarn_fs::Digest::of(&blob), written.blob_digest);
 
-    let e = super::estargz::write_layer(&input, &output, Arc::new(AtomicBool::new(true)))
-        .unwrap_err();
+    let e =
+        super::estargz::write_layer(&input, &output, Arc::new(AtomicBool::new(true))).unwrap_err();
     assert!(format!("{e:#}").contains("given up"), "{e:#}");
 }

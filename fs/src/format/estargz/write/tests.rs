@@ -41,7 +41,11 @@ fn unpacked(blob: &[u8]) -> Vec<u8> {
 #[test]
 fn a_tar_ending_right_after_its_last_data_gives_a_well_formed_blob() {
     let (tar, data) = tar_of(700, true);
-    assert_eq!(tar.len(), 512 + 512 + 700, "the input is cut after the data");
+    assert_eq!(
+        tar.len(),
+        512 + 512 + 700,
+        "the input is cut after the data"
+    );
     let mut blob = Vec::new();
     let res = write_estargz(&tar[..], &mut blob, &WriteOptions::default()).unwrap();
     let plain = unpacked(&blob);
@@ -62,12 +66,7 @@ fn a_tar_ending_right_after_its_last_data_gives_a_well_formed_blob() {
     }
     assert_eq!(
         names,
-        [
-            ".no.prefetch.landmark",
-            "link",
-            "file",
-            "stargz.index.json"
-        ]
+        [".no.prefetch.landmark", "link", "file", "stargz.index.json"]
     );
 }
 
