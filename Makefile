@@ -10,7 +10,7 @@ TESTBED_DIR ?= .testbed
 TARN_BIN_DIR ?= $(CURDIR)/target/release
 export TARN_BIN_DIR
 
-.PHONY: all setup deps build images test upgrade-bin demo bench lint fuzz testbed-up testbed-down
+.PHONY: all setup deps build images test upgrade-bin go-tools demo bench lint fuzz testbed-up testbed-down
 
 all: build
 
@@ -27,8 +27,14 @@ build:
 images: deps
 	scripts/images.sh build
 
-test: setup images upgrade-bin
+test: setup images upgrade-bin go-tools
 	$(CARGO) test --release --workspace --no-fail-fast
+
+# The test bed's Go tools (integration/go/), built offline with Debian's Go
+# into $(TARN_BIN_DIR): estargz-verify, the reference reader's check of the
+# eStargz blobs `tarn convert` writes.
+go-tools: deps
+	scripts/go-tools.sh $(TARN_BIN_DIR)
 
 # A second build of the daemon, told apart by its version (TARN_BUILD_TAG),
 # in $(TARN_BIN_DIR)/upgrade: integration/tests/survive.rs upgrades a running

@@ -5,10 +5,12 @@ set -euo pipefail
 
 # python3-jwt, python3-cryptography: the test bed's token server
 # (scripts/tokenserver.py) for the registry with short-lived tokens.
+# golang-github-containerd-stargz-snapshotter-dev: the Go estargz package
+# the test bed's reference checker is built with (scripts/go-tools.sh).
 PKGS=(containerd runc docker-registry skopeo stargz-snapshotter fuse3 umoci
       busybox-static iproute2 protobuf-compiler python3-minimal libpython3.11-stdlib
-      golang-1.19-src golang-1.19-go ca-certificates curl jq shellcheck
-      python3-jwt python3-cryptography)
+      golang-1.19-src golang-1.19-go golang-github-containerd-stargz-snapshotter-dev
+      ca-certificates curl jq shellcheck python3-jwt python3-cryptography)
 # Only the benchmark's chart needs matplotlib: the test path stays lean.
 if [ "${1:-}" = --bench ]; then
   PKGS+=(python3-matplotlib)

@@ -27,7 +27,10 @@ use tarn_fs::format::overlaybd::read::MAX_READ;
 use tarn_fs::registry::BlobSource;
 use tarn_fs::testing::FakeBlob;
 use tarn_integration::bins;
+use tarn_integration::daemon::Daemon;
 use tarn_integration::registry::{OCI_MANIFEST, TestRegistry};
+use tarn_integration::testbed::Component;
+use tarn_integration::wait::wait_until;
 
 const ANNOTATION: &str = "containerd.io/snapshot/overlaybd";
 
@@ -475,4 +478,512 @@ fn a_failed_conversion_leaves_no_mount_loop_device_or_scratch_file() {
     );
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert_nothing_left(scratch.path());
+}
+
+// ---------------------------------------------------------------- eStargz
+//
+// Issue 18's first acceptance item: `tarn convert` (eStargz, the default
+// format) of the reference image; every layer passes the reference reader's
+// verification (integration/go/estargz-verify, the Go estargz package of
+// stargz-snapshotter, built by `make go-tools`); a full pull of the result
+// through containerd's own overlayfs snapshotter gives the source's tree;
+// the result runs lazily through tarn.
+
+const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+const UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
+const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// What the reference image's `/app/run.sh` prints (as in remote_lazy.rs).
+const WORKLOAD_OUT: [&str; 2] = ["tarn test workload", "Copyright 2009 The Go Authors"];
+/// What an eStargz layer adds to the tree a plain unpack makes: its TOC
+/// and its landmark file, at the root.
+const ESTARGZ_EXTRAS: [&str; 2] = ["./.no.prefetch.landmark", "./stargz.index.json"];
+/// containerd's proxy client and garbage collector: a failure bound.
+const CONTAINERD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `tarn convert SRC DST` with the default format.
+fn convert_estargz(src: &str, dst: &str, work: &Path) -> Output {
+    Command::new(bins::tarn().unwrap())
+        .args(["convert", src, dst, "--work-dir"])
+        .arg(work)
+        .output()
+        .unwrap()
+}
+
+fn assert_success(what: &str, out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One layer of a converted eStargz image.
+struct EstargzLayer {
+    digest: String,
+    size: u64,
+    annotations: Value,
+    diff_id: String,
+}
+
+/// The layers of `repo:tag` with their config's diff IDs.
+fn estargz_layers(reg: &TestRegistry, repo: &str, tag: &str) -> Vec<EstargzLayer> {
+    let manifest: Value =
+        serde_json::from_slice(&get(reg, &format!("/v2/{repo}/manifests/{tag}"))).unwrap();
+    let config: Value = serde_json::from_slice(&get(
+        reg,
+        &format!(
+            "/v2/{repo}/blobs/{}",
+            manifest["config"]["digest"].as_str().unwrap()
+        ),
+    ))
+    .unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    assert_eq!(diff_ids.len(), layers.len(), "a diff ID per layer");
+    layers
+        .iter()
+        .zip(diff_ids)
+        .map(|(l, d)| EstargzLayer {
+            digest: l["digest"].as_str().unwrap().to_owned(),
+            size: l["size"].as_u64().unwrap(),
+            annotations: l["annotations"].clone(),
+            diff_id: d.as_str().unwrap().to_owned(),
+        })
+        .collect()
+}
+
+/// Checks every layer of the eStargz image `repo:tag` with the reference
+/// reader (`estargz-verify`): TOC digest, every chunk and file digest, the
+/// blob as one tar stream equal to the TOC, diff ID and uncompressed size.
+/// Also the media types and annotations containerd 1.6 and the stargz
+/// snapshotter read. Returns the layers.
+fn verify_estargz(reg: &TestRegistry, repo: &str, tag: &str, dir: &Path) -> Vec<EstargzLayer> {
+    let manifest: Value =
+        serde_json::from_slice(&get(reg, &format!("/v2/{repo}/manifests/{tag}"))).unwrap();
+    assert_eq!(manifest["mediaType"].as_str(), Some(OCI_MANIFEST));
+    let verify = bins::bin("estargz-verify")
+        .expect("the Go checker: `make go-tools` (scripts/go-tools.sh $TARN_BIN_DIR)");
+    let layers = estargz_layers(reg, repo, tag);
+    for (l, m) in layers.iter().zip(manifest["layers"].as_array().unwrap()) {
+        assert_eq!(m["mediaType"].as_str(), Some(OCI_LAYER_GZIP));
+        let toc = l.annotations[TOC_DIGEST]
+            .as_str()
+            .expect("TOC digest annotation");
+        let size = l.annotations[UNCOMPRESSED_SIZE]
+            .as_str()
+            .expect("uncompressed size annotation");
+        let blob = get(reg, &format!("/v2/{repo}/blobs/{}", l.digest));
+        assert_eq!(blob.len() as u64, l.size);
+        assert_eq!(format!("sha256:{}", sha256_hex(&blob)), l.digest);
+        let path = dir.join(l.digest.trim_start_matches("sha256:"));
+        std::fs::write(&path, &blob).unwrap();
+        let out = Command::new(&verify)
+            .args(["-toc-digest", toc, "-diff-id", &l.diff_id])
+            .args(["-uncompressed-size", size])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "the reference reader refuses layer {}:\n{text}{}",
+            l.digest,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprint!("{text}");
+        std::fs::remove_file(&path).unwrap();
+    }
+    layers
+}
+
+/// tarn as containerd's `tarn` proxy plugin, in the registry's test bed.
+fn tarn_daemon(reg: &TestRegistry) -> Daemon {
+    let config = format!("[registry]\nplain_http = [\"{}\"]\n", reg.host());
+    Daemon::start_with(Some(reg.bed().dir().join("tarn.sock")), &config)
+        .expect("start tarn-snapshotter")
+}
+
+/// `ctr` in the test bed, retried while containerd's proxy client
+/// reconnects; the output of the success.
+fn ctr_ok(reg: &TestRegistry, tarn: &Daemon, args: &[&str]) -> String {
+    let mut last = None;
+    let ok = wait_until(&format!("ctr {args:?}"), CONTAINERD_TIMEOUT, || {
+        let out = reg.bed().ctr(args).expect("run ctr");
+        let ok = out.status.success();
+        last = Some(out);
+        ok.then_some(())
+    });
+    let out = last.expect("ran once");
+    if let Err(e) = ok {
+        let log = tarn.log();
+        let lines: Vec<&str> = log.lines().collect();
+        panic!(
+            "{e}: {}\ntarn log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An image mounted read-only by `ctr images mount` (containerd's own
+/// snapshotter), unmounted and its snapshot removed on drop.
+struct ImageMount<'a> {
+    reg: &'a TestRegistry,
+    target: PathBuf,
+}
+
+impl<'a> ImageMount<'a> {
+    fn new(reg: &'a TestRegistry, tarn: &Daemon, reference: &str, target: PathBuf) -> Self {
+        std::fs::create_dir_all(&target).unwrap();
+        let t = target.to_str().unwrap();
+        ctr_ok(
+            reg,
+            tarn,
+            &[
+                "images",
+                "mount",
+                "--snapshotter",
+                "overlayfs",
+                reference,
+                t,
+            ],
+        );
+        ImageMount { reg, target }
+    }
+}
+
+impl Drop for ImageMount<'_> {
+    fn drop(&mut self) {
+        let t = self.target.to_string_lossy().into_owned();
+        let _ = self.reg.bed().ctr(&[
+            "images",
+            "unmount",
+            "--snapshotter",
+            "overlayfs",
+            "--rm",
+            &t,
+        ]);
+    }
+}
+
+/// Bytes of `blobs` (digests) the registry served since log line `since`.
+fn blob_bytes_served(reg: &TestRegistry, since: usize, blobs: &[String]) -> u64 {
+    reg.log().unwrap()[since..]
+        .iter()
+        .filter(|r| blobs.iter().any(|d| r.path.ends_with(d.as_str())))
+        .map(|r| r.bytes)
+        .sum()
+}
+
+#[test]
+fn the_reference_image_converted_to_estargz_verifies_unpacks_the_same_and_runs_lazily() {
+    let reg = TestRegistry::start_in_bed(&[Component::Registry, Component::Containerd])
+        .expect("test bed up");
+    let tarn = tarn_daemon(&reg);
+    let name = std::env::var("TARN_CONVERT_IMAGE").unwrap_or_else(|_| "multi".to_string());
+    let src = reg.bed().push_image(&name).unwrap();
+    let repo = format!("{name}-conv");
+    let dst = format!("{}/{repo}:latest", reg.host());
+    let scratch = tempfile::Builder::new()
+        .prefix("tarn-convert-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let work = scratch.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+
+    let stdout = assert_success("tarn convert", &convert_estargz(&src, &dst, &work));
+    eprintln!("{stdout}");
+    assert_nothing_left(&work);
+    let layers = verify_estargz(&reg, &repo, "latest", scratch.path());
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("layer ")).count(),
+        layers.len(),
+        "one line per layer"
+    );
+
+    // Lazily through tarn: every layer mounted remote, the workload runs,
+    // the registry serves a part of the blobs.
+    let before = reg.log().unwrap().len();
+    let sock = reg.bed().containerd_sock().unwrap().to_owned();
+    let rpull = Command::new("ctr-remote")
+        .args(["--address", &sock])
+        .args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "tarn",
+            &dst,
+        ])
+        .output()
+        .unwrap();
+    assert_success("ctr-remote rpull", &rpull);
+    assert_eq!(
+        tarn.log()
+            .matches("remote layer: answering already exists")
+            .count(),
+        layers.len(),
+        "every converted layer mounted lazily:\n{}",
+        tarn.log()
+    );
+    let out = ctr_ok(
+        &reg,
+        &tarn,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "tarn",
+            &dst,
+            "esgz-conv",
+            "/app/run.sh",
+        ],
+    );
+    for want in WORKLOAD_OUT {
+        assert!(out.contains(want), "{want:?} missing from {out:?}");
+    }
+    let digests: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
+    let total: u64 = layers.iter().map(|l| l.size).sum();
+    let served = blob_bytes_served(&reg, before, &digests);
+    eprintln!(
+        "tarn convert of {name}: {} eStargz layers, {total} bytes; rpull + run through tarn fetched {served} ({:.1}%)",
+        layers.len(),
+        served as f64 * 100.0 / total as f64
+    );
+    assert!(
+        served * 4 < total,
+        "a lazy pull and run fetches a small part of the image: {served} of {total}"
+    );
+
+    // Fully, through containerd's own overlayfs snapshotter (no tarn): the
+    // same tree as the source pulled the same way, but for the TOC and the
+    // landmark eStargz layers carry at their root.
+    for r in [&src, &dst] {
+        ctr_ok(
+            &reg,
+            &tarn,
+            &[
+                "images",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                "overlayfs",
+                r,
+            ],
+        );
+    }
+    let want_mnt = ImageMount::new(&reg, &tarn, &src, scratch.path().join("src"));
+    let got_mnt = ImageMount::new(&reg, &tarn, &dst, scratch.path().join("dst"));
+    let want = tree(&want_mnt.target);
+    let mut got = tree(&got_mnt.target);
+    for extra in ESTARGZ_EXTRAS {
+        assert!(got.remove(extra).is_some(), "{extra} in the converted tree");
+    }
+    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
+    for (path, w) in &want {
+        assert_eq!(&got[path], w, "{path}");
+    }
+    eprintln!(
+        "{} paths identical through overlayfs (types, modes, owners, sizes, mtimes, link targets, user xattrs, sha256)",
+        want.len()
+    );
+}
+
+/// A tar of `entries` (name, content), a user xattr on the first.
+fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (i, (name, data)) in entries.iter().enumerate() {
+        if i == 0 {
+            b.append_pax_extensions([("SCHILY.xattr.user.tarn", &b"yes"[..])])
+                .unwrap();
+        }
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o640);
+        h.set_uid(1000 + i as u64);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+/// The entries of a tar (gzip or plain): name, mode, uid, size, sha256 of
+/// the content; eStargz's own entries left out.
+fn tar_entries(blob: &[u8]) -> Vec<(String, u32, u64, u64, String)> {
+    use std::io::Read;
+    let mut plain = Vec::new();
+    if blob.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::MultiGzDecoder::new(blob)
+            .read_to_end(&mut plain)
+            .unwrap();
+    } else {
+        plain = blob.to_vec();
+    }
+    let mut out = Vec::new();
+    let mut ar = tar::Archive::new(&plain[..]);
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        if [".no.prefetch.landmark", "stargz.index.json"].contains(&name.as_str()) {
+            continue;
+        }
+        let h = e.header().clone();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        out.push((
+            name,
+            h.mode().unwrap(),
+            h.uid().unwrap(),
+            data.len() as u64,
+            sha256_hex(&data),
+        ));
+    }
+    out
+}
+
+#[test]
+fn plain_and_gzip_layers_convert_and_estargz_layers_are_copied_unchanged() {
+    let reg = TestRegistry::start().unwrap();
+    // 9 MiB: three chunks of the writer's 4 MiB.
+    let big: Vec<u8> = (0..9u32 << 20)
+        .map(|i| u8::try_from(i % 253).unwrap())
+        .collect();
+    let plain = tar_of(&[("usr/bin/big", &big), ("usr/bin/empty", b"")]);
+    let gz = gzip(&tar_of(&[("etc/a", b"a"), ("etc/b", b"bb")]));
+    // An eStargz layer (tarn's writer), annotated as converters do.
+    let mut esgz = Vec::new();
+    let written = tarn_fs::format::estargz::write_estargz(
+        &tar_of(&[("etc/motd", b"hi\n")])[..],
+        &mut esgz,
+        &tarn_fs::format::estargz::WriteOptions::default(),
+    )
+    .unwrap();
+    let esgz_ann = vec![
+        (TOC_DIGEST.to_string(), written.toc_digest.to_string()),
+        (
+            UNCOMPRESSED_SIZE.to_string(),
+            written.uncompressed_size.to_string(),
+        ),
+    ];
+    let sources = [plain, esgz, gz];
+    rt().block_on(reg.push_image(
+        "mixed",
+        Some("latest"),
+        "amd64",
+        &[
+            (sources[0].clone(), Vec::new()),
+            (sources[1].clone(), esgz_ann),
+            (sources[2].clone(), Vec::new()),
+        ],
+    ))
+    .unwrap();
+    let src = format!("{}/mixed:latest", reg.host());
+    let dst = format!("{}/mixed-conv:v1", reg.host());
+    let scratch = tempfile::tempdir().unwrap();
+    let work = scratch.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+
+    let stdout = assert_success("tarn convert", &convert_estargz(&src, &dst, &work));
+    eprintln!("{stdout}");
+    assert_nothing_left(&work);
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("layer ")).collect();
+    assert_eq!(lines.len(), 3, "one line per layer");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("layer 2/3") && l.contains("already eStargz")),
+        "{stdout}"
+    );
+    // The source config has no diff IDs (the helper pushes none): the
+    // copied layer's comes from its bytes, and the checker checks it.
+    let layers = verify_estargz(&reg, "mixed-conv", "v1", scratch.path());
+    assert_eq!(
+        layers[1].digest,
+        written.blob_digest.to_string(),
+        "copied as is"
+    );
+    assert_eq!(layers[1].diff_id, written.diff_id.to_string());
+    for (l, source) in layers.iter().zip(&sources) {
+        let blob = get(&reg, &format!("/v2/mixed-conv/blobs/{}", l.digest));
+        assert_eq!(
+            tar_entries(&blob),
+            tar_entries(source),
+            "layer {}",
+            l.digest
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_or_unsupported_layer_fails_in_one_line_and_leaves_nothing() {
+    let reg = TestRegistry::start().unwrap();
+    let good = gzip(&tar_of(&[("etc/a", b"a")]));
+    // gzip whose deflate data is garbage (what it decodes to, if anything,
+    // is no tar: the cause named depends on where decoding gives up).
+    let mut corrupt = gzip(&tar_of(&[("etc/b", &[7u8; 100_000][..])]));
+    let n = corrupt.len();
+    corrupt[20..n - 8].fill(0xAB);
+    // A GNU sparse file: a tar entry type eStargz cannot hold.
+    let sparse = {
+        let mut h = tar::Header::new_gnu();
+        h.set_path("var/sparse").unwrap();
+        h.set_size(0);
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_cksum();
+        let mut t = h.as_bytes().to_vec();
+        t.resize(t.len() + 1024, 0);
+        t
+    };
+    for (name, bad, want) in [
+        ("corrupt", corrupt, ""),
+        (
+            "sparse",
+            sparse,
+            "unsupported input: tar entry \"var/sparse\"",
+        ),
+    ] {
+        rt().block_on(reg.push_image(
+            name,
+            Some("latest"),
+            "amd64",
+            &[(good.clone(), Vec::new()), (bad, Vec::new())],
+        ))
+        .unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let out = convert_estargz(
+            &format!("{}/{name}:latest", reg.host()),
+            &format!("{}/{name}-conv:latest", reg.host()),
+            work.path(),
+        );
+        assert!(!out.status.success(), "{name}: the conversion fails");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("layer 2/2") && stderr.contains(want),
+            "{name}: the error names the layer and the cause: {stderr}"
+        );
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{name}: one line: {stderr}"
+        );
+        assert_nothing_left(work.path());
+        let url = format!("http://{}/v2/{name}-conv/manifests/latest", reg.host());
+        let status = rt().block_on(async { reqwest::get(&url).await.unwrap().status() });
+        assert_eq!(status, 404, "{name}: no image pushed");
+    }
 }

@@ -1,8 +1,12 @@
-//! `tarn convert --format overlaybd SRC DST`: an ordinary image (gzip,
-//! zstd or plain tar layers; a single manifest or an index, of which the
-//! node's platform) to overlaybd, pushed to DST.
+//! `tarn convert [--format estargz|overlaybd] SRC DST`: an ordinary image
+//! (gzip, zstd or plain tar layers; a single manifest or an index, of which
+//! the node's platform) converted layer by layer and pushed to DST.
 //!
-//! Layer by layer, as the reference converter does: a sparse disk file
+//! eStargz, the default ([`estargz`]): each layer's tar streamed through
+//! tarn's eStargz writer, several layers at once.
+//!
+//! overlaybd (the rest of this file): layer by layer, as the reference
+//! converter does: a sparse disk file
 //! with a fresh ext4 ([`disk`]), the layer's tar applied onto it through a
 //! loop mount ([`apply`]), then only the blocks that changed against the
 //! disk before it written as the layer's LSMT file ([`diff`]), compressed
@@ -16,6 +20,7 @@
 mod apply;
 mod diff;
 mod disk;
+mod estargz;
 mod rootpath;
 mod source;
 
@@ -33,7 +38,7 @@ use tarn_fs::Digest;
 use tarn_fs::format::overlaybd::write::{
     LsmtWriter, ZFileWriter, uuid_from, wrapper_head, wrapper_tail,
 };
-use tarn_fs::registry::{Reference, RegistryClient, RegistryConfig};
+use tarn_fs::registry::{Reference, RegistryClient, RegistryConfig, ResolvedImage};
 
 use crate::pull::human;
 
@@ -50,24 +55,32 @@ const ANNOTATION: &str = "containerd.io/snapshot/overlaybd";
 /// The format images are converted to.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
+    /// eStargz: each layer a gzip tar that tarn (and stargz) read lazily.
+    Estargz,
     /// overlaybd (DADI): each layer a block diff of one ext4 disk.
     Overlaybd,
 }
 
-/// Convert an image in a registry to overlaybd and push it.
+/// Convert an image in a registry to eStargz (or overlaybd) and push it.
 ///
-/// Needs root, mkfs.ext4 and a free loop device: each layer is applied to
-/// an ext4 disk image through a loop mount (as overlaybd's own converter
-/// does). Scratch space: the disk image (sparse, about the unpacked size
-/// twice) and one layer at a time, under --work-dir.
+/// eStargz (the default): gzip, zstd or plain tar layers are rewritten as
+/// eStargz, a few at once, each pushed with its TOC digest and
+/// uncompressed size annotations; layers already eStargz are copied as
+/// they are. Needs no privileges. Scratch space under --work-dir: each
+/// layer in conversion twice (the source blob and the eStargz blob).
+///
+/// overlaybd: needs root, mkfs.ext4 and a free loop device: each layer is
+/// applied to an ext4 disk image through a loop mount (as overlaybd's own
+/// converter does). Scratch space: the disk image (sparse, about the
+/// unpacked size twice) and one layer at a time, under --work-dir.
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
     /// The image to convert, e.g. 127.0.0.1:5000/app:latest
     pub src: String,
-    /// Where to push the result, e.g. 127.0.0.1:5000/app:obd
+    /// Where to push the result, e.g. 127.0.0.1:5000/app:esgz
     pub dst: String,
     /// The format to convert to
-    #[arg(long, value_enum, default_value = "overlaybd")]
+    #[arg(long, value_enum, default_value = "estargz")]
     pub format: Format,
     /// Reach the registries over plain HTTP (localhost is always plain HTTP)
     #[arg(long)]
@@ -76,13 +89,103 @@ pub struct ConvertArgs {
     /// and removed after)
     #[arg(long, default_value = "/var/tmp")]
     pub work_dir: PathBuf,
-    /// Size of the virtual disk in GiB (sparse)
+    /// overlaybd: size of the virtual disk in GiB (sparse)
     #[arg(long, default_value_t = DEFAULT_VSIZE_GIB)]
     pub vsize_gib: u64,
 }
 
 pub fn run(args: ConvertArgs) -> Result<()> {
-    crate::block_on(convert(args))
+    match args.format {
+        Format::Estargz => crate::block_on(estargz::convert(args)),
+        Format::Overlaybd => crate::block_on(convert(args)),
+    }
+}
+
+/// What both formats start from: the two references, a registry client
+/// for them, SRC resolved to one image manifest and its config.
+struct Source {
+    src: Reference,
+    dst: Reference,
+    registry: RegistryClient,
+    image: ResolvedImage,
+    config: Value,
+}
+
+impl Source {
+    async fn resolve(args: &ConvertArgs) -> Result<Source> {
+        let src: Reference = args.src.parse()?;
+        let dst: Reference = args.dst.parse()?;
+        if dst.digest.is_some() {
+            bail!("the destination {dst} names a digest: give a tag");
+        }
+        let mut config = RegistryConfig::default();
+        if args.plain_http {
+            config.plain_http.push(src.repository.registry.clone());
+            config.plain_http.push(dst.repository.registry.clone());
+        }
+        let registry = tokio::task::spawn_blocking(move || RegistryClient::new(config))
+            .await
+            .context("registry client setup task failed")?
+            .context("cannot set up the registry client")?;
+        let image = registry
+            .resolve(&src)
+            .await
+            .with_context(|| format!("cannot resolve {src}"))?;
+        let src_config = registry
+            .fetch_blob(&src.repository, &image.config.digest)
+            .await
+            .context("cannot fetch the image config")?;
+        let config: Value =
+            serde_json::from_slice(&src_config).context("the image config is not JSON")?;
+        if !config.is_object() {
+            bail!("the image config is not a JSON object");
+        }
+        Ok(Source {
+            src,
+            dst,
+            registry,
+            image,
+            config,
+        })
+    }
+
+    /// Pushes the config (the source's, with `diff_ids`) and an OCI
+    /// manifest of `layers` (descriptors) to DST. Returns the manifest's
+    /// digest.
+    async fn push_image(&self, diff_ids: &[Digest], layers: Vec<Value>) -> Result<Digest> {
+        let mut config = self.config.clone();
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert(
+                "rootfs".to_string(),
+                json!({
+                    "type": "layers",
+                    "diff_ids": diff_ids.iter().map(Digest::to_string).collect::<Vec<_>>(),
+                }),
+            );
+        }
+        let config_bytes = Bytes::from(serde_json::to_vec(&config)?);
+        let config_size = config_bytes.len() as u64;
+        let repo = &self.dst.repository;
+        let config_digest = self
+            .registry
+            .push_blob_bytes(repo, config_bytes)
+            .await
+            .context("cannot push the config")?;
+        let manifest = manifest(&config_digest, config_size, layers)?;
+        let tag = self.dst.tag.clone().unwrap_or_else(|| "latest".to_string());
+        self.registry
+            .push_manifest(repo, &tag, OCI_MANIFEST, Bytes::from(manifest))
+            .await
+            .context("cannot push the manifest")
+    }
+}
+
+/// The scratch directory in `work_dir`, removed when dropped.
+fn scratch(work_dir: &Path) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("tarn-convert-")
+        .tempdir_in(work_dir)
+        .with_context(|| format!("cannot make a scratch directory in {}", work_dir.display()))
 }
 
 /// One converted layer.
@@ -93,45 +196,21 @@ struct Converted {
 
 async fn convert(args: ConvertArgs) -> Result<()> {
     let start = Instant::now();
-    let src: Reference = args.src.parse()?;
-    let dst: Reference = args.dst.parse()?;
-    if dst.digest.is_some() {
-        bail!("the destination {dst} names a digest: give a tag");
-    }
     let vsize = args
         .vsize_gib
         .checked_mul(1 << 30)
         .filter(|&v| v > 0 && v <= tarn_fs::format::overlaybd::MAX_VIRTUAL_SIZE)
         .context("--vsize-gib out of range")?;
-    let mut config = RegistryConfig::default();
-    if args.plain_http {
-        config.plain_http.push(src.repository.registry.clone());
-        config.plain_http.push(dst.repository.registry.clone());
-    }
-    let registry = tokio::task::spawn_blocking(move || RegistryClient::new(config))
-        .await
-        .context("registry client setup task failed")?
-        .context("cannot set up the registry client")?;
-    let image = registry
-        .resolve(&src)
-        .await
-        .with_context(|| format!("cannot resolve {src}"))?;
-    let src_config = registry
-        .fetch_blob(&src.repository, &image.config.digest)
-        .await
-        .context("cannot fetch the image config")?;
-    let mut config: Value =
-        serde_json::from_slice(&src_config).context("the image config is not JSON")?;
+    let from = Source::resolve(&args).await?;
+    let Source {
+        src,
+        dst,
+        registry,
+        image,
+        ..
+    } = &from;
 
-    let work = tempfile::Builder::new()
-        .prefix("tarn-convert-")
-        .tempdir_in(&args.work_dir)
-        .with_context(|| {
-            format!(
-                "cannot make a scratch directory in {}",
-                args.work_dir.display()
-            )
-        })?;
+    let work = scratch(&args.work_dir)?;
     let disk = work.path().join("disk.img");
     let prev = work.path().join("prev.img");
     let mnt = work.path().join("mnt");
@@ -148,7 +227,7 @@ async fn convert(args: ConvertArgs) -> Result<()> {
     let mut parent_uuid: Option<String> = None;
     for (i, layer) in image.layers.iter().enumerate() {
         let blob = work.path().join("layer.blob");
-        source::download(&registry, &src.repository, layer, &blob)
+        source::download(registry, &src.repository, layer, &blob)
             .await
             .with_context(|| format!("layer {} ({})", i + 1, layer.digest))?;
         let out = work.path().join("layer.obd");
@@ -188,28 +267,12 @@ async fn convert(args: ConvertArgs) -> Result<()> {
         layers.push(converted);
     }
 
-    let Some(config_obj) = config.as_object_mut() else {
-        bail!("the image config is not a JSON object");
-    };
-    config_obj.insert(
-        "rootfs".to_string(),
-        json!({
-            "type": "layers",
-            "diff_ids": layers.iter().map(|l| l.digest.to_string()).collect::<Vec<_>>(),
-        }),
-    );
-    let config_bytes = Bytes::from(serde_json::to_vec(&config)?);
-    let config_size = config_bytes.len() as u64;
-    let config_digest = registry
-        .push_blob_bytes(&dst.repository, config_bytes)
-        .await
-        .context("cannot push the config")?;
-    let manifest = manifest(&config_digest, config_size, &layers);
-    let tag = dst.tag.clone().unwrap_or_else(|| "latest".to_string());
-    let digest = registry
-        .push_manifest(&dst.repository, &tag, OCI_MANIFEST, Bytes::from(manifest))
-        .await
-        .context("cannot push the manifest")?;
+    // The blobs are plain tars to containerd: their diff IDs are their
+    // digests.
+    let diff_ids: Vec<Digest> = layers.iter().map(|l| l.digest).collect();
+    let digest = from
+        .push_image(&diff_ids, layers.iter().map(obd_descriptor).collect())
+        .await?;
     println!(
         "pushed {dst} ({digest}): {n} overlaybd layers in {:.1} s",
         start.elapsed().as_secs_f64()
@@ -230,24 +293,24 @@ fn layer_uuid(digest: &Digest, i: usize) -> [u8; 16] {
     u
 }
 
+/// A converted overlaybd layer's descriptor, with the annotations the
+/// reference snapshotter reads.
+fn obd_descriptor(l: &Converted) -> Value {
+    json!({
+        "mediaType": OCI_LAYER_TAR,
+        "digest": l.digest.to_string(),
+        "size": l.size,
+        "annotations": {
+            format!("{ANNOTATION}/version"): "0.1.0",
+            format!("{ANNOTATION}/blob-digest"): l.digest.to_string(),
+            format!("{ANNOTATION}/blob-size"): l.size.to_string(),
+            format!("{ANNOTATION}/blob-fs-type"): "ext4",
+        }
+    })
+}
+
 /// The OCI manifest of the converted image.
-fn manifest(config: &Digest, config_size: u64, layers: &[Converted]) -> Vec<u8> {
-    let layers: Vec<Value> = layers
-        .iter()
-        .map(|l| {
-            json!({
-                "mediaType": OCI_LAYER_TAR,
-                "digest": l.digest.to_string(),
-                "size": l.size,
-                "annotations": {
-                    format!("{ANNOTATION}/version"): "0.1.0",
-                    format!("{ANNOTATION}/blob-digest"): l.digest.to_string(),
-                    format!("{ANNOTATION}/blob-size"): l.size.to_string(),
-                    format!("{ANNOTATION}/blob-fs-type"): "ext4",
-                }
-            })
-        })
-        .collect();
+fn manifest(config: &Digest, config_size: u64, layers: Vec<Value>) -> Result<Vec<u8>> {
     let m = json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -258,7 +321,7 @@ fn manifest(config: &Digest, config_size: u64, layers: &[Converted]) -> Vec<u8> 
         },
         "layers": layers,
     });
-    serde_json::to_vec_pretty(&m).unwrap_or_default()
+    Ok(serde_json::to_vec_pretty(&m)?)
 }
 
 /// One layer's blocking work: apply, diff, write the blob.
@@ -280,7 +343,7 @@ impl LayerStep {
             disk::copy_sparse(&self.disk, prev, self.vsize)?;
         }
         let mounted = disk::Mounted::new(&self.disk, &self.mnt)?;
-        let applied = apply::apply(&self.mnt, source::tar_reader(&self.blob)?)?;
+        let applied = apply::apply(&self.mnt, source::tar_reader(&self.blob)?.0)?;
         mounted.close()?;
         let (diffed, converted) = write_blob(
             self.prev.as_deref(),

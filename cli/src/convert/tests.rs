@@ -1,6 +1,7 @@
 //! Unit tests of the conversion's pure and local parts: path resolution,
 //! disk regions, and a tar applied onto a directory (whiteouts, opaque
-//! directories, links, a symlink that points out).
+//! directories, links, a symlink that points out); source layers read
+//! whole (zstd frames) and an eStargz layer written.
 
 use std::fs::File;
 use std::path::Path;
@@ -165,4 +166,58 @@ fn a_tar_ending_right_after_its_last_data_applies_and_a_cut_one_fails() {
     let cut = &t[..512 * 3 + 50];
     let dir = tempfile::tempdir().unwrap();
     assert!(apply(dir.path(), cut).is_err(), "data missing is an error");
+}
+
+/// `bytes` in a scratch file.
+fn blob_file(dir: &tempfile::TempDir, bytes: &[u8]) -> std::path::PathBuf {
+    let p = dir.path().join("blob");
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn zstd_layers_of_several_frames_are_read_whole_and_trailing_garbage_fails() {
+    use ruzstd::encoding::{CompressionLevel, compress_to_vec};
+    use std::io::Read;
+    let tar = tar_of(&[
+        ("a", tar::EntryType::Regular, "first"),
+        ("b", tar::EntryType::Regular, "second"),
+    ]);
+    let (front, back) = tar.split_at(512 + 7);
+    let mut two = compress_to_vec(front, CompressionLevel::Fastest);
+    two.extend(compress_to_vec(back, CompressionLevel::Fastest));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut r, kind) = super::source::tar_reader(&blob_file(&dir, &two)).unwrap();
+    assert_eq!(kind, "zstd");
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).unwrap();
+    assert_eq!(got, tar, "both frames");
+
+    two.extend_from_slice(b"not a frame");
+    let (mut r, _) = super::source::tar_reader(&blob_file(&dir, &two)).unwrap();
+    let e = r.read_to_end(&mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("start no frame"), "{e}");
+}
+
+#[test]
+fn an_estargz_layer_is_written_from_a_gzip_blob_and_a_given_up_run_stops() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let tar = tar_of(&[("etc/a", tar::EntryType::Regular, "content")]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = blob_file(&dir, &gz.finish().unwrap());
+    let output = dir.path().join("out");
+    let (written, kind) =
+        super::estargz::write_layer(&input, &output, Arc::new(AtomicBool::new(false))).unwrap();
+    assert_eq!(kind, "gzip");
+    let blob = std::fs::read(&output).unwrap();
+    assert_eq!(blob.len() as u64, written.blob_size);
+    assert_eq!(tarn_fs::Digest::of(&blob), written.blob_digest);
+
+    let e =
+        super::estargz::write_layer(&input, &output, Arc::new(AtomicBool::new(true))).unwrap_err();
+    assert!(format!("{e:#}").contains("given up"), "{e:#}");
 }

@@ -305,7 +305,8 @@ impl<W: Write> BlobWriter<W> {
             _ => {}
         }
         if m.kind != Kind::Reg {
-            self.copy(payload, m.padded_size(), None)?;
+            self.copy(payload, m.size, None)?;
+            self.padding(payload, m.padded_size() - m.size)?;
             self.toc.entries.push(ent);
             return Ok(());
         }
@@ -338,7 +339,21 @@ impl<W: Write> BlobWriter<W> {
         }
         self.toc.entries[first].digest = whole.finish().to_string().into();
         // The padding goes into the last chunk's member.
-        self.copy(payload, m.padded_size() - m.size, None)?;
+        self.padding(payload, m.padded_size() - m.size)?;
+        Ok(())
+    }
+
+    /// Copies an entry's tar padding, writing zeros for what the input
+    /// lacks: a tar that ends right after its last entry's data (umoci
+    /// writes layers so) still gives a well-formed output. Only the end of
+    /// the input can be short: a padding cut short is followed by nothing.
+    fn padding(&mut self, r: &mut impl Read, n: u64) -> Result<(), WriteError> {
+        let mut buf = [0u8; usize_from(BLOCK)];
+        let want = usize_from(n.min(BLOCK));
+        // What the input has is copied as is (byte for byte, as headers
+        // are); the buffer's zeros stand in for the rest.
+        read_full(r, &mut buf[..want])?;
+        self.write_tar(&buf[..want])?;
         Ok(())
     }
 

@@ -14,5 +14,8 @@ mod encode;
 mod error;
 mod tarin;
 
+#[cfg(test)]
+mod tests;
+
 pub use encode::{WriteOptions, WriteResult, write_estargz};
 pub use error::WriteError;
