@@ -11,6 +11,7 @@
 //! (mounts, `losetup`): call them from the blocking pool.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tarn_fs::Digest;
@@ -25,6 +26,19 @@ pub struct Disks {
     runtime: tokio::runtime::Handle,
     options: MountOptions,
     mounted: Mutex<HashMap<Digest, DiskMount>>,
+    /// What each mounted stack serves, for status (beside `mounted`, so
+    /// the mount's own record stays as it was).
+    stacks: Mutex<HashMap<Digest, Arc<LazyDisk>>>,
+}
+
+/// A mounted stack as `tarn status` shows it.
+pub struct DiskStatus {
+    pub key: Digest,
+    /// Bottom first.
+    pub layers: Vec<Arc<DiskLayer>>,
+    pub virtual_size: u64,
+    pub device: Option<String>,
+    pub fs: PathBuf,
 }
 
 impl Disks {
@@ -37,6 +51,7 @@ impl Disks {
             runtime,
             options,
             mounted: Mutex::new(HashMap::new()),
+            stacks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -62,11 +77,12 @@ impl Disks {
             fsname: format!("tarn-obd-{}", &key.hex()[..12]),
             ..self.options.clone()
         };
-        let mount = DiskMount::attach(disk, &dir, self.runtime.clone(), &options)?;
+        let mount = DiskMount::attach(disk.clone(), &dir, self.runtime.clone(), &options)?;
         tracing::info!(stack = %key, dev = mount.device().unwrap_or("?"), fs = %mount.fs().display(), "overlaybd disk mounted");
         // A concurrent attach of the same key cannot happen: callers hold
         // the key's lock. Were it to, the older mount is torn down here.
         self.lock().insert(key, mount);
+        self.stacks_lock().insert(key, disk);
         Ok(())
     }
 
@@ -76,6 +92,7 @@ impl Disks {
         let Some(mount) = self.lock().remove(key) else {
             return false;
         };
+        self.stacks_lock().remove(key);
         if let Err(e) = mount.detach() {
             tracing::warn!(stack = %key, error = %crate::errors::chain(&e), "overlaybd disk not fully torn down");
         }
@@ -92,11 +109,41 @@ impl Disks {
     /// start.
     pub fn detach_all(&self) {
         let all: Vec<(Digest, DiskMount)> = self.lock().drain().collect();
+        self.stacks_lock().clear();
         for (key, mount) in all {
             if let Err(e) = mount.detach() {
                 tracing::warn!(stack = %key, error = %crate::errors::chain(&e), "overlaybd disk not fully torn down");
             }
         }
+    }
+
+    /// Every mounted stack, for status.
+    pub fn status(&self) -> Vec<DiskStatus> {
+        let stacks: Vec<(Digest, Arc<LazyDisk>)> = self
+            .stacks_lock()
+            .iter()
+            .map(|(k, d)| (*k, d.clone()))
+            .collect();
+        let mounted = self.lock();
+        let mut out: Vec<DiskStatus> = stacks
+            .into_iter()
+            .filter_map(|(key, disk)| {
+                let m = mounted.get(&key)?;
+                Some(DiskStatus {
+                    key,
+                    layers: disk.layers().to_vec(),
+                    virtual_size: disk.size(),
+                    device: m.device().map(str::to_owned),
+                    fs: m.fs().to_path_buf(),
+                })
+            })
+            .collect();
+        out.sort_by_key(|d| d.layers.len());
+        out
+    }
+
+    fn stacks_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<LazyDisk>>> {
+        self.stacks.lock().expect("disk stacks map poisoned")
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, DiskMount>> {
