@@ -284,8 +284,7 @@ fn ext4_mounts_under(root: &Path) -> Vec<PathBuf> {
 fn cri_pulls_an_overlaybd_image_as_disks_lazily_and_runs_a_pod() {
     // On demand only: read-ahead along an LSMT file follows write order,
     // not what ext4 reads next (README, overlaybd).
-    let bed = Testbed::up_with_tarn_config(&[], "[fetch]\nspeculate = false")
-        .expect("test bed up");
+    let bed = Testbed::up_with_tarn_config(&[], "[fetch]\nspeculate = false").expect("test bed up");
     bed.push_image("busybox").expect("push busybox");
     // The reference tools' three-layer image, pushed unchanged: CRI passes
     // its layers' `containerd.io/snapshot/overlaybd/*` annotations as
@@ -293,7 +292,12 @@ fn cri_pulls_an_overlaybd_image_as_disks_lazily_and_runs_a_pod() {
     let fixture = tarn_integration::testbed::overlaybd_fixtures().join("oci");
     let image = format!("{}/fixtures/obd:v1", bed.registry().expect("registry"));
     let out = Command::new("skopeo")
-        .args(["copy", "-q", "--preserve-digests", "--dest-tls-verify=false"])
+        .args([
+            "copy",
+            "-q",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
         .arg(format!("oci:{}:v1", fixture.display()))
         .arg(format!("docker://{image}"))
         .output()
@@ -306,7 +310,9 @@ fn cri_pulls_an_overlaybd_image_as_disks_lazily_and_runs_a_pod() {
     let index = json(&fixture.join("index.json"));
     let manifest = json(&blob(
         &fixture,
-        index["manifests"][0]["digest"].as_str().expect("a manifest"),
+        index["manifests"][0]["digest"]
+            .as_str()
+            .expect("a manifest"),
     ));
     let blobs = manifest["layers"].as_array().expect("layers").len();
     let total: u64 = manifest["layers"]

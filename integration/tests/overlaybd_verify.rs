@@ -293,7 +293,10 @@ fn tarn_pull_mounts_an_overlaybd_image_as_disks_lazily_and_it_runs() {
     });
     // Every layer answered as a disk: one per snapshot of the chain.
     let status = b.status();
-    let disks = status.lines().filter(|l| l.starts_with("overlaybd disk ")).count();
+    let disks = status
+        .lines()
+        .filter(|l| l.starts_with("overlaybd disk "))
+        .count();
     assert_eq!(disks, blobs.len(), "{status}\n{}", tail(&b.tarn.log(), 30));
     let fetched = |since: usize| -> u64 {
         b.bed.registry_log().expect("registry log")[since..]

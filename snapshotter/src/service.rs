@@ -344,10 +344,7 @@ impl Admin for AdminService {
             .into_iter()
             .map(|d| admin::Disk {
                 key: d.key.to_string(),
-                snapshot: names
-                    .get(&d.key)
-                    .map(|n| n.join(","))
-                    .unwrap_or_default(),
+                snapshot: names.get(&d.key).map(|n| n.join(",")).unwrap_or_default(),
                 blobs: d
                     .layers
                     .iter()

@@ -108,12 +108,7 @@ impl DiskLayer {
         if !self.check.begin() {
             return self.check.check();
         }
-        verify::run(
-            Arc::downgrade(&self.layer),
-            self.digest,
-            self.check.clone(),
-        )
-        .await
+        verify::run(Arc::downgrade(&self.layer), self.digest, self.check.clone()).await
     }
 
     /// Where the whole-blob check stands.

@@ -187,8 +187,7 @@ pub(super) async fn run(layer: Weak<Layer>, blob: Digest, state: Arc<BlobState>)
             if let Some(l) = layer.upgrade() {
                 let cache = l.cache().clone();
                 let keys: Vec<Digest> = l.index().chunks.iter().map(|c| c.digest).collect();
-                let dropped =
-                    tokio::task::spawn_blocking(move || cache.discard(keys.iter())).await;
+                let dropped = tokio::task::spawn_blocking(move || cache.discard(keys.iter())).await;
                 tracing::info!(%blob, dropped = dropped.unwrap_or(0), "failed layer's blocks dropped from the cache");
             }
             return state.check();
