@@ -81,8 +81,9 @@ pub enum VerifyError {
     #[error("reading blob {blob} whole: {source}")]
     Registry {
         blob: Digest,
+        // Boxed: the error is carried through every `Result` of the pass.
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("blob {blob}: {got} bytes came for range {start}..{end}")]
     Short {
@@ -276,7 +277,10 @@ async fn get_range(
     let len = end - start;
     let scheduler = fetcher.scheduler();
     let permit = scheduler.admit(Intent::Background, len).await;
-    let registry = |source| VerifyError::Registry { blob, source };
+    let registry = |source: RegistryError| VerifyError::Registry {
+        blob,
+        source: Box::new(source),
+    };
     let sent = Instant::now();
     let mut stream = fetcher
         .source()
