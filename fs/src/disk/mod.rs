@@ -61,8 +61,10 @@ pub struct DiskLayer {
     pub layer: Arc<Layer>,
     pub extents: Arc<[Extent]>,
     pub virtual_size: u64,
-    /// The whole-blob check (`verify.rs`).
-    check: Arc<BlobState>,
+    /// The whole-blob check (`verify.rs`); public like the other fields
+    /// (a layer may be rebuilt with other extents), changed only by the
+    /// pass.
+    pub blob_check: Arc<BlobState>,
 }
 
 impl DiskLayer {
@@ -84,7 +86,7 @@ impl DiskLayer {
             layer: Arc::new(layer),
             extents: opened.extents.clone().into(),
             virtual_size: opened.virtual_size,
-            check: Arc::default(),
+            blob_check: Arc::default(),
         })
     }
 
@@ -93,11 +95,11 @@ impl DiskLayer {
     /// already or is done. The pass stops when the layer is dropped (no
     /// disk stacks it). Must run inside a tokio runtime.
     pub fn start_background(&self) {
-        if self.check.begin() {
+        if self.blob_check.begin() {
             tokio::spawn(verify::run(
                 Arc::downgrade(&self.layer),
                 self.digest,
-                self.check.clone(),
+                self.blob_check.clone(),
             ));
         }
     }
@@ -105,20 +107,25 @@ impl DiskLayer {
     /// Runs the whole-blob pass now and waits for it (tests, tools);
     /// what it ended with, or where the check stands if it runs already.
     pub async fn verify(&self) -> BlobCheck {
-        if !self.check.begin() {
-            return self.check.check();
+        if !self.blob_check.begin() {
+            return self.blob_check.check();
         }
-        verify::run(Arc::downgrade(&self.layer), self.digest, self.check.clone()).await
+        verify::run(
+            Arc::downgrade(&self.layer),
+            self.digest,
+            self.blob_check.clone(),
+        )
+        .await
     }
 
     /// Where the whole-blob check stands.
     pub fn check(&self) -> BlobCheck {
-        self.check.check()
+        self.blob_check.check()
     }
 
     /// Blob bytes the whole-blob pass has read so far.
     pub fn hashed_bytes(&self) -> u64 {
-        self.check.hashed_bytes()
+        self.blob_check.hashed_bytes()
     }
 
     /// The blob's size in bytes.
@@ -128,7 +135,7 @@ impl DiskLayer {
 
     /// Refuses a read of a failed layer.
     fn usable(&self) -> Result<(), DiskError> {
-        if self.check.is_failed() {
+        if self.blob_check.is_failed() {
             return Err(DiskError::Failed(self.digest));
         }
         Ok(())
