@@ -20,6 +20,8 @@
 # P7 two images sharing ~80% of their files and no layer (registry bytes of
 # the second after the first against it alone; the cache's disk against the
 # distinct bytes of both).
+# G1 the break-even of carrying a cached chunk inside one GET: two 64 KiB
+# ranges with a gap between, one GET against two at once, per profile.
 # The environment works too: PROFILES, SCENARIOS, BENCH_OUT; BENCH_STEP_TIMEOUT
 # bounds each step (default 600 s), BENCH_STRICT=1 fails unless every target
 # passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference,
@@ -39,7 +41,7 @@ PYTHON=/usr/bin/python3
 [ -x "$PYTHON" ] || PYTHON=python3
 
 PROFILES="${PROFILES:-loopback,rtt50,rtt100,rtt200,thin40,thin100}"
-SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5,P7}"
+SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5,P7,G1}"
 OUT="${BENCH_OUT:-$REPO_ROOT/bench}"
 STEP_TIMEOUT="${BENCH_STEP_TIMEOUT:-600}"
 CONCURRENT=20
@@ -661,6 +663,20 @@ p7() {
   bed_down
 }
 
+# G1: what carrying a cached chunk inside one GET costs against a second
+# GET sent at once (issue 16's break-even, fetch/plan.rs's MAX_GAP), with
+# tarn's registry client over this profile's link. No daemon: the GETs
+# themselves.
+g1() {
+  local p="$1" lg="$WORK/$1-g1.log" out
+  if out="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" gaps --plain-http "$TARGET/multi-esgz:latest" 2>>"$lg")"; then
+    read -ra out <<<"$out"
+    note "$p" G1 gets "${out[@]}"
+  else
+    note "$p" G1 gets --fail "$(tail -n1 "$lg" | cut -c1-160)"
+  fi
+}
+
 # ---------------------------------------------------------------- main
 
 mkdir -p "$OUT"
@@ -675,6 +691,7 @@ for p in "${PROFILE_LIST[@]}"; do
     s1_tarn "$p" tarn-opt multi-esgz-opt
     s1_nospec "$p"
   fi
+  if wants G1; then g1 "$p"; fi
   # A thin link is S1's question (issue 20); the other scenarios would take
   # many minutes on it and answer nothing new.
   case "$p" in thin*) continue ;; esac

@@ -266,6 +266,9 @@ impl Drop for Daemon {
             let _ = kill(pid, Signal::SIGKILL);
         }
         unmount_under(self.dir.path());
+        // An overlaybd disk handed to the holder keeps its loop device
+        // past the daemon; with the mounts gone it can go too.
+        detach_loops_under(self.dir.path());
     }
 }
 
@@ -296,6 +299,23 @@ pub fn stop_child(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
             let _ = child.kill();
             let status = child.wait().context("wait for killed child")?;
             bail!("process {pid} ignored SIGTERM for {grace:?} and was killed ({status})");
+        }
+    }
+}
+
+/// Detaches every loop device whose backing file is under `dir` (a
+/// device still open is cleared by the kernel when let go).
+pub fn detach_loops_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(back) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if Path::new(back.trim_end()).starts_with(dir) {
+            let dev = Path::new("/dev").join(e.file_name());
+            let _ = Command::new("losetup").arg("--detach").arg(dev).output();
         }
     }
 }

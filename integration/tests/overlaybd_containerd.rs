@@ -61,9 +61,11 @@ impl Bed {
     fn up() -> Bed {
         let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
         // On demand only: read-ahead along an LSMT file follows write
-        // order, not what ext4 reads next (docs/architecture.md).
+        // order, not what ext4 reads next (docs/architecture.md). No
+        // holder: this test shows the teardown and remount path
+        // (survive.rs shows disks surviving with one).
         let config = format!(
-            "[registry]\nplain_http = [\"{}\"]\n[fetch]\nspeculate = false\n",
+            "[registry]\nplain_http = [\"{}\"]\n[fetch]\nspeculate = false\n[snapshotter]\nholder = false\n",
             bed.registry().expect("registry")
         );
         let tarn = Daemon::start_with(Some(bed.dir().join("tarn.sock")), &config)

@@ -23,6 +23,7 @@
 //! - [`disks`]: the overlaybd stacks served, one disk mount per stack.
 //! - [`holder`]: the process that keeps every mount's /dev/fuse fd across
 //!   restarts of the daemon.
+//! - [`mountinfo`]: this namespace's mounts, read without touching them.
 //! - [`fallback`]: why a layer was not lazy, counted by cause.
 //! - [`metrics`]: the Prometheus endpoint; reads the counters above and
 //!   tarn-fs's at each scrape.
@@ -46,6 +47,7 @@ pub mod locks;
 pub mod metastore;
 pub mod metrics;
 pub mod mounter;
+pub mod mountinfo;
 pub mod mounts;
 pub mod obd;
 pub mod remote;

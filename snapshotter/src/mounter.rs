@@ -7,7 +7,7 @@
 //! that starts while the holder keeps a connection adopts it instead of
 //! mounting again: running containers see a stall, not an error.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,8 @@ use tarn_fs::fuse::{FuseOps, MountHandle, MountOptions, Negotiated, Unmounted};
 use tarn_fs::layer::{Layer, PrefetchOutcome};
 
 use crate::holder::Holder;
+use crate::mountinfo;
+use crate::obd;
 use crate::seams::{LayerHandle, MountError, Mounter, Service};
 
 /// FUSE mounts by mountpoint; each one lives until unmounted (or this is
@@ -61,6 +63,8 @@ struct ConnectionRecord {
 
 const RECORD: &str = "connection.json";
 const JOURNAL: &str = "passthrough.journal";
+/// The source of a layer's FUSE mount (`tarn:<digest>`, as `Layers` names it).
+const LAYER_FSNAME_PREFIX: &str = "tarn:";
 
 impl FuseMounter {
     pub fn new(
@@ -92,15 +96,17 @@ impl FuseMounter {
     pub fn with_holder(mut self, holder: Holder) -> Self {
         let inherited = match holder.ensure().and_then(|()| holder.list()) {
             Ok(fds) => {
-                let mounted = tarn_mounts();
+                let mounted = fuse_mounts();
                 fds.into_iter()
-                    .filter(|(path, _)| {
-                        let live = mounted.contains(path);
-                        if !live {
+                    .filter(|(path, _)| match mounted.get(path) {
+                        Some(source) if source.starts_with(LAYER_FSNAME_PREFIX) => true,
+                        // An overlaybd disk's: `Disks` takes those.
+                        Some(source) if source.starts_with(obd::DISK_FSNAME_PREFIX) => false,
+                        _ => {
                             // Unmounted from outside: nothing to adopt.
                             let _ = holder.drop_fd(path);
+                            false
                         }
-                        live
                     })
                     .collect()
             }
@@ -320,6 +326,10 @@ impl Mounter<Arc<Layer>> for FuseMounter {
         let handles = self.handles.lock().expect("mount handles poisoned");
         handles.get(mountpoint).map(|s| s.service)
     }
+
+    fn holder(&self) -> Option<&Holder> {
+        self.handover.as_ref().map(|h| &h.holder)
+    }
 }
 
 fn read_record(path: &Path) -> Result<ConnectionRecord, String> {
@@ -339,46 +349,16 @@ fn write_record(path: &Path, record: &ConnectionRecord) {
     }
 }
 
-/// Mountpoints of the daemon's FUSE mounts in this mount namespace, read from
-/// /proc/self/mountinfo (never by touching the mounts: one nobody serves
-/// would hang the caller).
-fn tarn_mounts() -> HashSet<PathBuf> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return HashSet::new();
-    };
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mountpoint = left.split(' ').nth(4)?;
-            // fuser's own mount passes no subtype: the type is `fuse`, the
-            // source the fsname Layers gives (`tarn:<digest>`).
-            let mut right = right.split(' ');
-            let (fstype, source) = (right.next()?, right.next()?);
-            (fstype.starts_with("fuse") && source.starts_with("tarn:"))
-                .then(|| PathBuf::from(unescape(mountpoint)))
-        })
+/// The daemon's FUSE mounts in this mount namespace, mountpoint to
+/// source, read from /proc/self/mountinfo (never by touching the mounts:
+/// one nobody serves would hang the caller). fuser's own mount passes no
+/// subtype: the type is `fuse`, the source the fsname given.
+fn fuse_mounts() -> HashMap<PathBuf, String> {
+    mountinfo::read()
+        .into_iter()
+        .filter(|m| m.fstype.starts_with("fuse") && m.source.starts_with("tarn"))
+        .map(|m| (m.mountpoint, m.source))
         .collect()
-}
-
-/// mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(v) = s
-                .get(i + 1..i + 4)
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Lazily detaches whatever is mounted at `path` (a killed daemon's FUSE
@@ -420,17 +400,5 @@ impl LayerHandle for Arc<Layer> {
         if background {
             self.start_background().detach();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape(r"/var/lib/a\040b/fs"), "/var/lib/a b/fs");
-        assert_eq!(unescape(r"/x\\y"), r"/x\\y");
-        assert_eq!(unescape("/plain"), "/plain");
     }
 }

@@ -8,9 +8,15 @@
 //! A committed snapshot of an overlaybd chain is served as the stack of
 //! its layers up to it: [`stack_label`] records the stack on the snapshot
 //! (so a restart can mount it again), [`stack_key`] names its mount.
+//!
+//! A mount can outlive its daemon: [`DiskMount::hand_over`] leaves the
+//! FUSE file, the loop device and the tree in place (the FUSE connection
+//! kept by the holder), and the next daemon takes them back with
+//! [`DiskMount::adopt`] after checking they are what it left.
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -20,7 +26,9 @@ use tarn_fs::Digest;
 use tarn_fs::digest::DigestError;
 use tarn_fs::disk::LazyDisk;
 use tarn_fs::format::overlaybd::stack::MAX_LAYERS;
-use tarn_fs::fuse::{DISK_NAME, FuseError, MountHandle, MountOptions, mount_disk};
+use tarn_fs::fuse::{DISK_NAME, FuseError, MountHandle, MountOptions, adopt_disk, mount_disk};
+
+use crate::mountinfo;
 
 /// The descriptor annotations of an overlaybd layer, as containerd passes
 /// them to Prepare (OVERLAYBD.md; accelerated-container-image's
@@ -33,6 +41,10 @@ pub const OBD_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
 /// The one filesystem an overlaybd disk is mounted as here (the reference
 /// tools' default; `noload` is ext4's).
 pub const EXT4: &str = "ext4";
+
+/// The source of a disk's FUSE mount in mountinfo: `tarn-obd-` and the
+/// start of its stack key (`Disks` names them).
+pub const DISK_FSNAME_PREFIX: &str = "tarn-obd-";
 
 /// An overlaybd layer, as a Prepare's labels describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +170,32 @@ pub enum DiskMountError {
     },
     #[error("unmounting {path}: {error}")]
     Unmount { path: PathBuf, error: nix::Error },
+    #[error("what a previous daemon left at {dir} cannot be taken over")]
+    Leftover {
+        dir: PathBuf,
+        #[source]
+        why: Leftover,
+    },
+}
+
+/// How a disk a previous daemon left differs from one [`DiskMount::attach`]
+/// sets up.
+#[derive(Debug, thiserror::Error)]
+pub enum Leftover {
+    #[error("no loop device over the disk file")]
+    NoLoop,
+    #[error("{0} loop devices over the disk file")]
+    Loops(usize),
+    #[error("loop device {0} is writable")]
+    Writable(String),
+    #[error("nothing mounted at the tree")]
+    NoTree,
+    #[error("{fstype} from {from} mounted at the tree, not ext4 from {dev}")]
+    OtherTree {
+        fstype: String,
+        from: String,
+        dev: String,
+    },
 }
 
 /// A stacked disk mounted as a tree: `<dir>/disk/disk` (the FUSE file),
@@ -225,6 +263,52 @@ impl DiskMount {
         Ok(m)
     }
 
+    /// Takes over the disk mount a previous daemon left under `dir` and
+    /// handed over: serves `disk` on `fd` (that mount's FUSE connection,
+    /// kept by the holder) once the loop device over the disk file and
+    /// the ext4 tree on it are checked to be as [`DiskMount::attach`]
+    /// leaves them. Nothing is changed when they are not: the caller lets
+    /// go of `fd`, clears the rest ([`clear_stale`]) and attaches afresh.
+    pub fn adopt(
+        disk: Arc<LazyDisk>,
+        dir: &Path,
+        fd: OwnedFd,
+        runtime: tokio::runtime::Handle,
+        options: &MountOptions,
+    ) -> Result<DiskMount, DiskMountError> {
+        let dev = left_as_attached(dir).map_err(|why| DiskMountError::Leftover {
+            dir: dir.to_owned(),
+            why,
+        })?;
+        let fuse = adopt_disk(disk, &dir.join("disk"), fd, runtime, options)?;
+        Ok(DiskMount {
+            fs: dir.join("fs"),
+            fuse: Some(fuse),
+            dev: Some(dev),
+            mounted: true,
+        })
+    }
+
+    /// A new fd of the disk's FUSE connection, for the holder.
+    pub fn connection(&self) -> io::Result<OwnedFd> {
+        self.fuse
+            .as_ref()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no FUSE mount"))?
+            .connection()
+    }
+
+    /// Stops serving and leaves everything in place for the next daemon
+    /// (this process is about to exit; the holder keeps the connection):
+    /// the tree stays mounted, the loop device attached, the FUSE file
+    /// mounted, and the reads they send wait for the next daemon.
+    pub fn hand_over(mut self) {
+        if let Some(fuse) = self.fuse.take() {
+            fuse.forget();
+        }
+        self.dev = None;
+        self.mounted = false;
+    }
+
     /// The mounted tree: the lower dir of a container's overlay.
     pub fn fs(&self) -> &Path {
         &self.fs
@@ -285,25 +369,85 @@ pub fn clear_stale(dir: &Path) {
     let (fs, fuse_dir) = (dir.join("fs"), dir.join("disk"));
     let file = fuse_dir.join(DISK_NAME);
     let _ = nix::mount::umount2(&fs, MntFlags::MNT_DETACH);
-    // `losetup -j` would stat the file, which fails on a dead connection:
-    // the list names each device's backing file as it was attached.
-    let listed = Command::new("losetup")
-        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
-        .output();
-    if let Ok(o) = listed {
-        let text = String::from_utf8_lossy(&o.stdout);
-        for line in text.lines() {
-            let mut cols = line.split_whitespace();
-            let (Some(dev), Some(back)) = (cols.next(), cols.next()) else {
-                continue;
-            };
-            if Path::new(back) == file {
-                tracing::info!(dev, file = %file.display(), "detaching a loop device a previous daemon left");
-                let _ = Command::new("losetup").args(["--detach", dev]).output();
-            }
-        }
+    for l in loops_backed_by(&file) {
+        tracing::info!(dev = %l.dev, file = %file.display(), "detaching a loop device a previous daemon left");
+        let _ = Command::new("losetup").args(["--detach", &l.dev]).output();
     }
     let _ = nix::mount::umount2(&fuse_dir, MntFlags::MNT_DETACH);
+}
+
+/// A loop device, as sysfs shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    pub dev: String,
+    pub read_only: bool,
+}
+
+/// The loop devices whose backing file is `file`, read from sysfs: never
+/// by touching the file (`losetup -j` stats it, which hangs on a FUSE
+/// mount nobody serves and fails on a dead one). sysfs names each
+/// device's file as it was attached.
+pub fn loops_backed_by(file: &Path) -> Vec<LoopDevice> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("loop") {
+                return None;
+            }
+            // Only a bound device has the file.
+            let back = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            (Path::new(back.trim_end_matches('\n')) == file).then(|| {
+                let ro = std::fs::read_to_string(e.path().join("ro")).unwrap_or_default();
+                LoopDevice {
+                    dev: format!("/dev/{name}"),
+                    read_only: ro.trim() == "1",
+                }
+            })
+        })
+        .collect()
+}
+
+/// The loop device of the disk under `dir`, if what is there is what
+/// [`DiskMount::attach`] sets up ([`check_left`] on this system's loop
+/// devices and mounts).
+fn left_as_attached(dir: &Path) -> Result<String, Leftover> {
+    let file = dir.join("disk").join(DISK_NAME);
+    check_left(&loops_backed_by(&file), &dir.join("fs"), &mountinfo::read())
+}
+
+/// `loops` (the devices over the disk file) and `mounts` (mountinfo) hold
+/// what [`DiskMount::attach`] leaves: one read-only loop device, and ext4
+/// from it as the topmost mount at `tree`. The device's path if so.
+fn check_left(
+    loops: &[LoopDevice],
+    tree: &Path,
+    mounts: &[mountinfo::MountEntry],
+) -> Result<String, Leftover> {
+    let dev = match loops {
+        [] => return Err(Leftover::NoLoop),
+        [one] if !one.read_only => return Err(Leftover::Writable(one.dev.clone())),
+        [one] => one.dev.clone(),
+        many => return Err(Leftover::Loops(many.len())),
+    };
+    // Mounts are listed in mount order: the last one at a path is the
+    // one its users see.
+    let top = mounts
+        .iter()
+        .rfind(|m| m.mountpoint == tree)
+        .ok_or(Leftover::NoTree)?;
+    if top.fstype != EXT4 || top.source != dev {
+        return Err(Leftover::OtherTree {
+            fstype: top.fstype.clone(),
+            from: top.source.clone(),
+            dev,
+        });
+    }
+    Ok(dev)
 }
 
 impl Drop for DiskMount {
@@ -362,6 +506,58 @@ mod tests {
         assert!(matches!(
             overlaybd_layer(&bad),
             Some(Err(ObdLabelError::BadDigest(_)))
+        ));
+    }
+
+    #[test]
+    fn a_disk_is_taken_over_only_as_attach_left_it() {
+        let tree = Path::new("/r/layers/ab/fs");
+        let lo = |dev: &str, read_only| LoopDevice {
+            dev: dev.into(),
+            read_only,
+        };
+        let at = |path: &str, fstype: &str, source: &str| mountinfo::MountEntry {
+            mountpoint: PathBuf::from(path),
+            fstype: fstype.into(),
+            source: source.into(),
+        };
+        let ext4 = at("/r/layers/ab/fs", "ext4", "/dev/loop3");
+        let other = at("/r/layers/cd/fs", "ext4", "/dev/loop4");
+        let good = [lo("/dev/loop3", true)];
+        assert_eq!(
+            check_left(&good, tree, &[other.clone(), ext4.clone()]).unwrap(),
+            "/dev/loop3"
+        );
+        assert!(matches!(
+            check_left(&[], tree, std::slice::from_ref(&ext4)),
+            Err(Leftover::NoLoop)
+        ));
+        assert!(matches!(
+            check_left(
+                &[lo("/dev/loop3", true), lo("/dev/loop5", true)],
+                tree,
+                std::slice::from_ref(&ext4)
+            ),
+            Err(Leftover::Loops(2))
+        ));
+        assert!(matches!(
+            check_left(&[lo("/dev/loop3", false)], tree, std::slice::from_ref(&ext4)),
+            Err(Leftover::Writable(d)) if d == "/dev/loop3"
+        ));
+        assert!(matches!(
+            check_left(&good, tree, &[other]),
+            Err(Leftover::NoTree)
+        ));
+        // Another device's tree, or something mounted over it.
+        let from_other = at("/r/layers/ab/fs", "ext4", "/dev/loop9");
+        assert!(matches!(
+            check_left(&good, tree, &[from_other]),
+            Err(Leftover::OtherTree { from, .. }) if from == "/dev/loop9"
+        ));
+        let over = at("/r/layers/ab/fs", "tmpfs", "tmpfs");
+        assert!(matches!(
+            check_left(&good, tree, &[ext4, over]),
+            Err(Leftover::OtherTree { fstype, .. }) if fstype == "tmpfs"
         ));
     }
 

@@ -116,6 +116,11 @@ pub trait Mounter<L>: Send + Sync + 'static {
     fn served(&self, _mountpoint: &Path) -> Option<Service> {
         None
     }
+    /// The holder this mounter hands its connections to, if any: the
+    /// overlaybd disks' go to the same one.
+    fn holder(&self) -> Option<&crate::holder::Holder> {
+        None
+    }
 }
 
 /// How a mount is served, for `tarn status`.

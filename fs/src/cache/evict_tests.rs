@@ -269,3 +269,30 @@ fn access_order_and_releases_survive_a_restart() {
     assert!(!cache.contains(&released) && !cache.contains(&old));
     assert!(cache.contains(&new));
 }
+
+#[test]
+fn evicting_what_was_just_used_puts_the_cache_under_pressure_for_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    cache.set_max_bytes(1 << 20);
+    for i in 0..3 {
+        put(&cache, &content(300 * 1024, i));
+    }
+    cache.advance_clock(evict::PRESSURE_SECS + 5);
+    // Each new entry evicts one of yesterday's: the bound holds the
+    // working set.
+    for i in 3..6 {
+        put(&cache, &content(300 * 1024, i));
+        assert!(!cache.under_pressure(), "entry {i} evicted an old one only");
+    }
+    assert_eq!(cache.stats().evictions, 3);
+    // The next evicts one just inserted: the bound is below the working set.
+    put(&cache, &content(300 * 1024, 6));
+    assert_eq!(cache.stats().evictions, 4);
+    assert!(cache.under_pressure());
+    // A prune takes what it is told to: it says nothing of the working set.
+    cache.advance_clock(evict::PRESSURE_SECS + 1);
+    assert!(!cache.under_pressure(), "pressure passes");
+    cache.prune(Some(&HashSet::new()));
+    assert!(!cache.under_pressure());
+}

@@ -194,6 +194,10 @@ pub struct Cache {
     tmp_seq: AtomicU64,
     /// Added to the wall clock's seconds (tests age entries with it).
     clock_skew: AtomicU32,
+    /// Until when (a stamp, seconds) the cache is *thrashing*: an eviction
+    /// pass had to take entries used within [`evict::PRESSURE_SECS`], so
+    /// the bound is below the working set (see [`Cache::under_pressure`]).
+    pressure_until: AtomicU32,
     /// One eviction pass or prune at a time.
     evicting: Mutex<()>,
     /// Objects something outside holds open (a passthrough file): never
@@ -298,6 +302,7 @@ impl Cache {
             dedup_bytes: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
+            pressure_until: AtomicU32::new(0),
             compactions: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
             clock_skew: AtomicU32::new(0),

@@ -5,12 +5,19 @@
 //! fetch), and a flight re-checks the cache before it fetches. A cached
 //! chunk (the same content from another layer or image) between two
 //! missing ones is therefore a gap: carried inside one GET up to
-//! [`MAX_GAP`], skipped with a second GET beyond it. The break-even is one
-//! round trip's worth of bytes (RTT x bandwidth): 12.5 KB at 1 ms and
-//! 100 Mbit/s, 125 KB at 10 ms, 1.25 MB at 100 ms (plus the registry's
-//! per-request cost, which only raises it). 32 KiB is at or below it for
-//! every link but a LAN-local registry at sub-millisecond RTT, so a GET
-//! carries a cached chunk only when that costs less than skipping it.
+//! [`MAX_GAP`], skipped with a second GET beyond it.
+//!
+//! The break-even, measured (`make bench`'s G1: two 64 KiB ranges with a
+//! gap between them, one GET against two sent at once, tarn's own client;
+//! release build on a loaded 2-core machine): on loopback carrying is
+//! cheaper at every gap up to 2 MiB (the registry's cost per request
+//! dominates); at RTT 100 ms and 100 Mbit/s splitting pays from about
+//! 115 KiB; at RTT 40 ms and 20 Mbit/s from the smallest gap measured
+//! (4 KiB: even; 32 KiB: 106 against 114 ms). Splitting costs no round
+//! trip (both GETs leave at once), only the per-request cost, so the
+//! break-even is that cost times the bandwidth. 32 KiB sits between the
+//! two far links: on the thin one a carried gap costs ~8 ms, on the fast
+//! one a split gap would cost about as much.
 
 use std::ops::Range;
 
@@ -24,11 +31,11 @@ pub(crate) struct Group {
 }
 
 /// Bytes between two wanted chunks that one GET carries (and drops) rather
-/// than splitting in two. Chunk ranges of an eStargz blob are not quite
-/// contiguous: the tar headers of directories, symlinks and empty files sit
-/// between them in gzip members of their own, a few hundred bytes each. A
-/// round trip costs far more than such a gap (100 ms at 100 Mbit/s moves
-/// 1.25 MB), so a GET does not stop at one.
+/// than splitting in two (the module doc gives the measured break-even).
+/// Chunk ranges of an eStargz blob are not quite contiguous: the tar
+/// headers of directories, symlinks and empty files sit between them in
+/// gzip members of their own, a few hundred bytes each, so a GET must not
+/// stop at one.
 pub const MAX_GAP: u64 = 32 << 10;
 
 /// Groups chunks whose blob ranges touch, overlap or lie at most [`MAX_GAP`]

@@ -8,7 +8,7 @@
 //! missing blocks arrive.
 
 use std::ffi::OsStr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
@@ -20,7 +20,9 @@ use fuser::{
 };
 
 use super::ops::{FuseOps, Op, Timed};
-use super::{FuseError, MountHandle, MountOptions, passthrough, session_config, watch};
+use super::{
+    FuseError, MountHandle, MountOptions, passthrough, resend_or_warn, session_config, watch,
+};
 use crate::disk::LazyDisk;
 use crate::format::ROOT_INO;
 use crate::num::usize_from;
@@ -200,8 +202,9 @@ impl Filesystem for DiskFs {
 
 /// Mounts `disk` at `mountpoint` as one read-only file, [`DISK_NAME`].
 /// Reads that miss the cache run on `runtime`, which must outlive the
-/// mount. `options.passthrough`, `journal` and `handed_over` do not apply
-/// (a disk is served by this process only, and never handed over).
+/// mount. `options.passthrough` and `journal` do not apply (nothing is
+/// passed through); with `handed_over` every worker reads the one fd a
+/// holder keeps, as for a layer (module docs of `fuse`).
 pub fn mount_disk(
     disk: Arc<LazyDisk>,
     mountpoint: &Path,
@@ -222,11 +225,7 @@ pub fn mount_disk(
         fuser::MountOption::NoDev,
         fuser::MountOption::NoExec,
     ];
-    let options = MountOptions {
-        handed_over: false,
-        ..options.clone()
-    };
-    let config = session_config(config, &options);
+    let config = session_config(config, options);
     let fs = DiskFs {
         disk,
         runtime,
@@ -239,4 +238,41 @@ pub fn mount_disk(
     let background = session.spawn().map_err(mount_error)?;
     let counters = Arc::new(passthrough::Counters::default());
     watch(background, mountpoint, counters, conn).map_err(mount_error)
+}
+
+/// Serves `disk` on `fd`, the connection of a disk mount at `mountpoint`
+/// that another process initialised ([`mount_disk`] with `handed_over`)
+/// and maybe died serving: no mount, no INIT, and the requests that
+/// process read but did not answer are sent again, as [`super::adopt`]
+/// does for a layer. Nothing else carries over: the disk file's inode,
+/// generation, attributes and file handle (0) are the same in every
+/// process serving the same stack.
+pub fn adopt_disk(
+    disk: Arc<LazyDisk>,
+    mountpoint: &Path,
+    fd: OwnedFd,
+    runtime: tokio::runtime::Handle,
+    options: &MountOptions,
+) -> Result<MountHandle, FuseError> {
+    let adopt_error = |error| FuseError::Adopt {
+        path: mountpoint.to_path_buf(),
+        error,
+    };
+    let mut config = session_config(fuser::Config::default(), options);
+    // Adopted, it will be handed over again.
+    config.clone_fd = false;
+    let conn = Arc::new(OnceLock::new());
+    let _ = conn.set(fd.try_clone().map_err(adopt_error)?);
+    let fs = DiskFs {
+        disk,
+        runtime,
+        ops: options.ops.clone(),
+    };
+    let session = fuser::Session::from_initialized_fd(fs, fd, config.acl, config);
+    if let Some(c) = conn.get() {
+        resend_or_warn(c.as_fd(), mountpoint);
+    }
+    let background = session.spawn().map_err(adopt_error)?;
+    let counters = Arc::new(passthrough::Counters::default());
+    watch(background, mountpoint, counters, conn).map_err(adopt_error)
 }

@@ -6,7 +6,7 @@
 //! The layer is immutable, so attributes, entries and page cache live long.
 //! Fully cached files are handed to the kernel (see [`passthrough`]).
 //! An overlaybd image's stacked disk is served as one file by `disk.rs`
-//! ([`mount_disk`]).
+//! ([`mount_disk`]), handed over and adopted ([`adopt_disk`]) as a layer is.
 //!
 //! A connection can outlive the process serving it: [`MountHandle::connection`]
 //! gives its /dev/fuse fd to whoever keeps it (the snapshotter's holder), and
@@ -27,7 +27,7 @@ mod journal;
 mod ops;
 mod passthrough;
 
-pub use disk::{DISK_NAME, mount_disk};
+pub use disk::{DISK_NAME, adopt_disk, mount_disk};
 pub use ops::{FuseOps, Op};
 pub use passthrough::PassthroughStats;
 
@@ -274,11 +274,8 @@ pub fn adopt(
         options.ops.clone(),
     );
     let session = fuser::Session::from_initialized_fd(fs, fd, config.acl, config);
-    if let Some(conn) = parts.conn.get()
-        && let Err(e) = resend(conn.as_fd())
-    {
-        tracing::warn!(mountpoint = %mountpoint.display(), error = %e,
-            "kernel cannot resend requests in flight (Linux < 6.9?)");
+    if let Some(conn) = parts.conn.get() {
+        resend_or_warn(conn.as_fd(), mountpoint);
     }
     let background = session.spawn().map_err(adopt_error)?;
     watch(background, mountpoint, parts.counters, parts.conn).map_err(adopt_error)
@@ -328,6 +325,14 @@ fn session_config(mut config: fuser::Config, options: &MountOptions) -> fuser::C
 fn journal_warning(path: &Path, e: &io::Error) {
     tracing::warn!(path = %path.display(), error = %e,
         "no passthrough journal; a successor may refuse some opens");
+}
+
+/// [`resend`], or a warning that requests in flight stay unanswered.
+fn resend_or_warn(fd: BorrowedFd<'_>, mountpoint: &Path) {
+    if let Err(e) = resend(fd) {
+        tracing::warn!(mountpoint = %mountpoint.display(), error = %e,
+            "kernel cannot resend requests in flight (Linux < 6.9?)");
+    }
 }
 
 /// `FUSE_NOTIFY_RESEND`: the kernel queues again every request it sent

@@ -41,6 +41,10 @@ pub enum BackgroundOutcome {
     /// Ran through the layer twice without error, yet `missing` chunks are
     /// not cached (evicted meanwhile, or their cache writes failed).
     Incomplete { missing: usize },
+    /// Stood down: the cache's bound is below the working set
+    /// (`Cache::under_pressure`), so fetching the whole layer would only
+    /// evict what reads want. Reads fetch their chunks on demand.
+    CacheFull,
 }
 
 /// Progress of a layer towards being complete (every chunk cached).
@@ -156,6 +160,7 @@ impl Whole<'_> {
             state: self.state.clone(),
             stop: stop_rx,
             alive,
+            yielded: false,
         };
         let task = tokio::spawn(job.run());
         BackgroundHandle {
@@ -194,6 +199,8 @@ struct Job {
     state: Arc<State>,
     stop: watch::Receiver<()>,
     alive: watch::Receiver<()>,
+    /// A pass stood down because the cache is under pressure.
+    yielded: bool,
 }
 
 impl Job {
@@ -214,6 +221,9 @@ impl Job {
     async fn fetch_all(&mut self) -> BackgroundOutcome {
         let (mut failed, mut first) = (0, None);
         for pass in 0..2 {
+            if self.yielded {
+                break;
+            }
             match self.pass(pass == 0).await {
                 None => return BackgroundOutcome::Stopped,
                 Some((n, e)) => {
@@ -226,6 +236,9 @@ impl Job {
         }
         if let Some(first) = first {
             return BackgroundOutcome::Failed { failed, first };
+        }
+        if self.yielded {
+            return BackgroundOutcome::CacheFull;
         }
         let missing = self
             .order
@@ -259,6 +272,10 @@ impl Job {
         };
         let mut pos = 0;
         while let Some(group) = self.next_group(&mut pos, max_get, skip_in_flight) {
+            if self.fetcher.cache().under_pressure() {
+                self.yielded = true;
+                break;
+            }
             let bytes = group.iter().map(|c| c.blob_range.1 - c.blob_range.0).sum();
             let scheduler = self.fetcher.scheduler().clone();
             let permit = tokio::select! {

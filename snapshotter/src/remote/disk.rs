@@ -5,7 +5,9 @@
 //! eStargz layer is; anything that fails falls back per layer, counted
 //! by cause. The snapshot records its stack ([`labels::TARN_OBD_STACK`])
 //! and, as [`labels::TARN_LAYER_DIGEST`], the stack's key, so Remove,
-//! Cleanup and a restart find the disk from the metastore alone.
+//! Cleanup and a restart find the disk from the metastore alone (a
+//! restart with the holder takes the running disk over, see
+//! [`crate::disks`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -173,8 +175,10 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
     }
 
     /// Mounts every recorded overlaybd stack again (at start), in
-    /// parallel. A stack that cannot come back is logged; its snapshots
-    /// fail their reads until removed.
+    /// parallel, or takes over the mount a predecessor handed to the
+    /// holder (`Disks::attach`): its layers are opened from the recorded
+    /// stack either way. A stack that cannot come back is logged; its
+    /// snapshots fail their reads until removed.
     pub(super) async fn restore_disks(&self, snapshots: &[(String, BTreeMap<String, String>)]) {
         let restores =
             snapshots

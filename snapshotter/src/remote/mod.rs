@@ -253,13 +253,19 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             passthrough: false,
             ..MountOptions::default()
         };
+        let disks = Disks::new(
+            sn.layout().clone(),
+            tokio::runtime::Handle::current(),
+            disk_options,
+        );
+        // Disks are handed over to the layers' holder, or to none.
+        let disks = match mounter.holder().cloned() {
+            Some(holder) => tokio::task::spawn_blocking(move || disks.with_holder(holder)).await?,
+            None => disks,
+        };
         let rs = RemoteSnapshotter {
             layers: Layers::new(sn.layout().clone(), mounter, options.warm),
-            disks: Arc::new(Disks::new(
-                sn.layout().clone(),
-                tokio::runtime::Handle::current(),
-                disk_options,
-            )),
+            disks: Arc::new(disks),
             sn,
             cache,
             resolver,
@@ -626,6 +632,8 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         )
         .await;
         self.layers.settle().await;
+        let disks = self.disks.clone();
+        let _ = tokio::task::spawn_blocking(move || disks.settle()).await;
         Ok(())
     }
 
@@ -643,9 +651,14 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
     /// keeps them in a holder, else unmounts every layer, waiting until
     /// `deadline` at most; state stays on disk for the next start.
     pub async fn shutdown(&self, deadline: tokio::time::Instant) {
-        // Disks are never handed over: the next start mounts them again.
+        // Disks go with the layers: to the holder, or torn down.
         let disks = self.disks.clone();
-        let _ = tokio::task::spawn_blocking(move || disks.detach_all()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            if !disks.hand_over() {
+                disks.detach_all();
+            }
+        })
+        .await;
         if !self.layers.hand_over().await {
             self.layers.unmount_all(deadline).await;
         }

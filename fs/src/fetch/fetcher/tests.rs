@@ -370,3 +370,23 @@ async fn a_read_overtakes_a_speculative_backlog_on_a_slow_link() {
     let landmark = f.hints().snapshot().get(Hint::Landmark);
     assert_eq!(landmark.fetched, 48 * CHUNK as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculation_stands_down_while_the_cache_thrashes() {
+    let data = pattern(8_000);
+    let (_dir, blob, f) = setup(data.clone());
+    let chunks = chunks_of(&data, 1000);
+    let cache = f.cache().clone();
+    // A bound of two chunks, and reads that need four: every insert evicts
+    // one just used.
+    cache.set_max_bytes(2200);
+    f.fetch(&chunks[..4], Intent::OnDemand).await.unwrap();
+    assert!(cache.under_pressure(), "{:?}", cache.stats());
+    let gets = blob.reads().len();
+
+    assert_eq!(f.warm_for(Hint::Library, &chunks[4..]).await.unwrap(), 0);
+    assert_eq!(blob.reads().len(), gets, "no speculative GET");
+    // Reads still fetch what they ask for, right.
+    let got = f.fetch(&chunks[6..7], Intent::OnDemand).await.unwrap();
+    assert_eq!(got.concat(), &data[6000..7000]);
+}

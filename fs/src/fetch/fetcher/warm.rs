@@ -16,8 +16,18 @@ use crate::format::Chunk;
 impl Fetcher {
     /// [`Fetcher::warm`] with `Intent::Prefetch` for `hint`: the chunks
     /// neither cached nor on the wire are noted for its hit rate, then
-    /// fetched within the link's speculation budget.
+    /// fetched within the link's speculation budget. Nothing while the
+    /// cache thrashes ([`Cache::under_pressure`](crate::cache::Cache::under_pressure)):
+    /// reads fetch what they need.
     pub async fn warm_for(&self, hint: Hint, chunks: &[Chunk]) -> Result<usize, FetchError> {
+        if self.inner.cache.under_pressure() {
+            tracing::debug!(
+                hint = hint.name(),
+                chunks = chunks.len(),
+                "cache under pressure: no prefetch"
+            );
+            return Ok(0);
+        }
         let fresh: Vec<Chunk> = chunks
             .iter()
             .filter(|c| !self.inner.cache.contains(&c.digest) && !self.in_flight(&c.digest))

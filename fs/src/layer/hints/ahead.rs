@@ -124,7 +124,7 @@ impl Planner<'_> {
     /// miss continues a walk along the blob (see the module), nor when
     /// every missing chunk is on the wire already (whoever sent them
     /// planned the read-ahead), nor when the link has no room for
-    /// speculative bytes (reads fill it). On a walk: the rest of the file
+    /// speculative bytes (reads fill it) or the cache is under pressure. On a walk: the rest of the file
     /// when it fits in the window's largest size and in the room the link
     /// has (a file read along is read to its end); then, unless the file
     /// alone is a base window or more, the chunks after it in blob order,
@@ -149,7 +149,9 @@ impl Planner<'_> {
         }
         let window = self.streams.miss(start, end, base, max);
         let room = scheduler.speculation_room();
-        if base == 0 || window == 0 || room == 0 {
+        // A cache that thrashes would evict for these bytes what the next
+        // reads want.
+        if base == 0 || window == 0 || room == 0 || self.fetcher.cache().under_pressure() {
             tracing::debug!(start, end, window, room, "no read-ahead");
             return Vec::new();
         }

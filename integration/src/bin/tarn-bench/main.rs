@@ -122,6 +122,18 @@ enum Command {
         #[arg(long)]
         admin: PathBuf,
     },
+    /// The break-even of carrying a cached chunk inside one ranged GET:
+    /// two 64 KiB ranges with gaps of 4 KiB to 2 MiB between them, fetched
+    /// as one GET or two at once from IMAGE's largest layer (tarn's own
+    /// registry client): merged_ms_<gap>, split_ms_<gap> (medians),
+    /// break_even_bytes.
+    Gaps {
+        image: String,
+        #[arg(long)]
+        plain_http: bool,
+        #[arg(long, default_value_t = 9)]
+        reps: usize,
+    },
     /// Fail unless the pull was lazy (layers mounted lazily, no fallback):
     /// layers.
     LazyCheck {
@@ -215,6 +227,11 @@ fn run(cli: Cli) -> Result<()> {
         } => measure::admin::wait_fetched(&admin, Duration::from_secs(timeout), min_layers)?,
         Command::CacheFigures { cache, layouts } => measure::cache_figures(&cache, &layouts)?,
         Command::CacheStats { admin } => measure::admin::cache_stats(&admin)?,
+        Command::Gaps {
+            image,
+            plain_http,
+            reps,
+        } => measure::gaps::gaps(&image, plain_http, reps)?,
         Command::LazyCheck { admin } => measure::admin::lazy_check(&admin)?,
         Command::Records {
             notes,

@@ -279,6 +279,15 @@ const SPECS: &[Spec] = &[
             Ok(disk / unique)
         },
     },
+    Spec {
+        scenario: "G1",
+        name: "gap a GET should carry rather than split (KiB)",
+        unit: "",
+        op: Op::Le,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| Ok(metric(v, "gets", "break_even_bytes")? / 1024.0),
+    },
 ];
 
 /// Every check whose scenario ran in a profile.

@@ -108,7 +108,8 @@ pub fn digests(admin: &Path) -> Result<Vec<String>> {
 /// fell back to a full pull. The fact `layers` counts the lazy ones;
 /// `ahead_bytes` is what all hints fetched ahead of reads, and
 /// `hit_KIND` each hint kind's hit rate (bytes a read used / bytes it
-/// fetched), for the kinds that fetched anything.
+/// fetched) and `ahead_KIND_bytes` what it fetched, for the kinds that
+/// fetched anything.
 #[allow(clippy::cast_precision_loss)]
 pub fn lazy_check(admin: &Path) -> Result<Facts> {
     runtime()?.block_on(async {
@@ -140,6 +141,7 @@ pub fn lazy_check(admin: &Path) -> Result<Facts> {
         ]);
         for (kind, (fetched, used)) in kinds.iter().filter(|(_, k)| k.0 > 0) {
             facts.push(&format!("hit_{kind}"), *used as f64 / *fetched as f64);
+            facts.push(&format!("ahead_{kind}_bytes"), *fetched as f64);
         }
         Ok(facts)
     })

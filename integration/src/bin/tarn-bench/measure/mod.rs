@@ -2,6 +2,7 @@
 //! `NAME=VALUE` words `scripts/bench.sh` hands on to `tarn-bench note`.
 
 pub mod admin;
+pub mod gaps;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
