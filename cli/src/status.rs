@@ -1,11 +1,13 @@
 //! `tarn status`: what the daemon serves, from its admin API — each lazily
-//! mounted layer with how much of it has been fetched, then the cache.
+//! mounted layer with how much of it has been fetched, each overlaybd disk
+//! with its blobs' fetch and whole-blob check, then the cache.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use tarn_proto::admin::{
-    Layer, LayerState, ListLayersRequest, StatsRequest, StatsResponse, admin_client::AdminClient,
+    Disk, Layer, LayerState, ListLayersRequest, ListLayersResponse, StatsRequest, StatsResponse,
+    admin_client::AdminClient,
 };
 
 use tonic::transport::Channel;
@@ -21,8 +23,9 @@ pub struct StatusArgs {
 }
 
 pub async fn run(args: StatusArgs) -> Result<()> {
-    let (layers, stats) = fetch(&args.admin_address).await?;
-    print!("{}", render(&layers, &stats));
+    let (listed, stats) = fetch(&args.admin_address).await?;
+    print!("{}", render(&listed.layers, &stats));
+    print!("{}", disks(&listed.disks));
     Ok(())
 }
 
@@ -41,15 +44,14 @@ pub(crate) async fn connect(address: &Path) -> Result<AdminClient<Channel>> {
     Ok(AdminClient::new(channel))
 }
 
-async fn fetch(address: &Path) -> Result<(Vec<Layer>, StatsResponse)> {
+async fn fetch(address: &Path) -> Result<(ListLayersResponse, StatsResponse)> {
     let mut admin = connect(address).await?;
     let layers = admin
         .list_layers(ListLayersRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))
         .context("cannot list the daemon's layers")?
-        .into_inner()
-        .layers;
+        .into_inner();
     let stats = admin
         .stats(StatsRequest {})
         .await
@@ -135,6 +137,47 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
         human(stats.registry_bytes.saturating_sub(stats.mirror_bytes)),
         human(stats.mirror_bytes),
     ));
+    out
+}
+
+/// The overlaybd disks: a line per disk, then one per blob (bottom
+/// first) with what was fetched of it and where its whole-blob sha256
+/// check stands. Nothing when no disk is mounted.
+fn disks(disks: &[Disk]) -> String {
+    let mut out = String::new();
+    for d in disks {
+        let snapshot = match d.snapshot.as_str() {
+            "" => String::new(),
+            s => format!(", snapshot {s}"),
+        };
+        out.push_str(&format!(
+            "overlaybd disk {}: {} blobs, {} virtual, {} at {}{snapshot}\n",
+            short(&d.key),
+            d.blobs.len(),
+            human(d.virtual_size),
+            if d.loop_device.is_empty() {
+                "-"
+            } else {
+                &d.loop_device
+            },
+            d.mountpoint,
+        ));
+        for b in &d.blobs {
+            let check = match b.verify_state.as_str() {
+                "verifying" => format!("verifying ({} read)", human(b.hashed_bytes)),
+                s => s.to_string(),
+            };
+            let error = match b.error.as_str() {
+                "" => String::new(),
+                e => format!(": {e}"),
+            };
+            out.push_str(&format!(
+                "  blob {}  fetched {}  sha256 {check}{error}\n",
+                short(&b.digest),
+                fetched(b.bytes_fetched, b.blob_size),
+            ));
+        }
+    }
     out
 }
 
@@ -227,7 +270,7 @@ fn short(digest: &str) -> String {
 #[cfg(test)]
 mod tests {
     use tarn_proto::admin::admin_server::{Admin, AdminServer};
-    use tarn_proto::admin::{ListLayersResponse, StatsResponse};
+    use tarn_proto::admin::{DiskBlob, StatsResponse};
     use tonic::{Request, Response, Status};
 
     use super::*;
@@ -341,6 +384,45 @@ mod tests {
         );
     }
 
+    fn disk() -> Disk {
+        let blob = |hex: char, state: &str, error: &str| DiskBlob {
+            digest: format!("sha256:{}", hex.to_string().repeat(64)),
+            blob_size: 20 << 20,
+            bytes_fetched: 1 << 20,
+            verify_state: state.into(),
+            hashed_bytes: 4 << 20,
+            error: error.into(),
+        };
+        Disk {
+            key: format!("sha256:{}", "c".repeat(64)),
+            blobs: vec![
+                blob('a', "verified", ""),
+                blob('b', "failed", "blob read whole has sha256 x"),
+                blob('d', "verifying", ""),
+            ],
+            virtual_size: 1 << 30,
+            loop_device: "/dev/loop7".into(),
+            mountpoint: "/var/lib/tarn/layers/c/fs".into(),
+            snapshot: "sha256:ee".into(),
+        }
+    }
+
+    #[test]
+    fn disks_show_each_blob_and_its_check() {
+        let text = disks(&[disk()]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "overlaybd disk cccccccccccc: 3 blobs, 1.0 GiB virtual, /dev/loop7 at /var/lib/tarn/layers/c/fs, snapshot sha256:ee",
+                "  blob aaaaaaaaaaaa  fetched 1.0 MiB / 20.0 MiB (5.0%)  sha256 verified",
+                "  blob bbbbbbbbbbbb  fetched 1.0 MiB / 20.0 MiB (5.0%)  sha256 failed: blob read whole has sha256 x",
+                "  blob dddddddddddd  fetched 1.0 MiB / 20.0 MiB (5.0%)  sha256 verifying (4.0 MiB read)",
+            ]
+        );
+        assert_eq!(disks(&[]), "");
+    }
+
     #[test]
     fn render_without_layers_says_so() {
         let text = render(&[], &StatsResponse::default());
@@ -358,6 +440,7 @@ mod tests {
         ) -> Result<Response<ListLayersResponse>, Status> {
             Ok(Response::new(ListLayersResponse {
                 layers: vec![layer()],
+                disks: vec![disk()],
             }))
         }
         async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
@@ -387,9 +470,10 @@ mod tests {
                 .add_service(AdminServer::new(Fake))
                 .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
         );
-        let (layers, s) = fetch(&sock).await.unwrap();
+        let (listed, s) = fetch(&sock).await.unwrap();
         server.abort();
-        assert_eq!(layers, vec![layer()]);
+        assert_eq!(listed.layers, vec![layer()]);
+        assert_eq!(listed.disks, vec![disk()]);
         assert_eq!(s, stats());
     }
 

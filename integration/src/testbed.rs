@@ -166,6 +166,23 @@ impl Testbed {
         components: &[Component],
         auth: RegistryAuth<'_>,
     ) -> Result<Testbed, TestbedError> {
+        Testbed::start(components, auth, None)
+    }
+
+    /// [`Testbed::up`] with `extra` appended to tarn's configuration (TOML
+    /// sections other than `[registry]`: `$TARN_CONFIG_EXTRA`).
+    pub fn up_with_tarn_config(
+        components: &[Component],
+        extra: &str,
+    ) -> Result<Testbed, TestbedError> {
+        Testbed::start(components, RegistryAuth::Anonymous, Some(extra))
+    }
+
+    fn start(
+        components: &[Component],
+        auth: RegistryAuth<'_>,
+        tarn_extra: Option<&str>,
+    ) -> Result<Testbed, TestbedError> {
         let dir = tempfile::Builder::new()
             .prefix("tarn-testbed-")
             .tempdir()
@@ -194,6 +211,9 @@ impl Testbed {
                 );
                 cmd.env("TESTBED_TOKEN_TTL", ttl_secs.to_string());
             }
+        }
+        if let Some(extra) = tarn_extra {
+            cmd.env("TARN_CONFIG_EXTRA", extra);
         }
         if components.is_empty() {
             cmd.arg("--all");

@@ -268,6 +268,105 @@ fn cri_pulls_an_ordinary_image_in_full_through_tarn_and_runs_a_pod() {
     bed.down().expect("test bed down");
 }
 
+/// ext4 mount points under `root` (overlaybd disks' trees).
+fn ext4_mounts_under(root: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo");
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let point = unescape_mountinfo(left.split(' ').nth(4)?);
+            (right.split(' ').next()? == "ext4" && point.starts_with(root)).then_some(point)
+        })
+        .collect()
+}
+
+#[test]
+fn cri_pulls_an_overlaybd_image_as_disks_lazily_and_runs_a_pod() {
+    // On demand only: read-ahead along an LSMT file follows write order,
+    // not what ext4 reads next (README, overlaybd).
+    let bed = Testbed::up_with_tarn_config(&[], "[fetch]\nspeculate = false").expect("test bed up");
+    bed.push_image("busybox").expect("push busybox");
+    // The reference tools' three-layer image, pushed unchanged: CRI passes
+    // its layers' `containerd.io/snapshot/overlaybd/*` annotations as
+    // labels, beside its own `cri.*` ones.
+    let fixture = tarn_integration::testbed::overlaybd_fixtures().join("oci");
+    let image = format!("{}/fixtures/obd:v1", bed.registry().expect("registry"));
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:v1", fixture.display()))
+        .arg(format!("docker://{image}"))
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index = json(&fixture.join("index.json"));
+    let manifest = json(&blob(
+        &fixture,
+        index["manifests"][0]["digest"]
+            .as_str()
+            .expect("a manifest"),
+    ));
+    let blobs = manifest["layers"].as_array().expect("layers").len();
+    let total: u64 = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["size"].as_u64().expect("size"))
+        .sum();
+    let tarn_root = PathBuf::from(bed.var("TARN_ROOT").expect("bed runs tarn"));
+
+    let rt = runtime();
+    let sock = bed
+        .containerd_sock()
+        .expect("bed runs containerd")
+        .to_owned();
+    let cri = rt.block_on(Cri::connect(&sock)).expect("cri connect");
+    rt.block_on(cri.pull_image(&image)).expect("cri pull");
+    // Each snapshot of the chain is a disk: an ext4 tree per layer.
+    let trees = ext4_mounts_under(&tarn_root);
+    assert_eq!(
+        trees.len(),
+        blobs,
+        "an ext4 tree per layer under {}: {trees:?}; tarn's log ends with:\n{}",
+        tarn_root.display(),
+        log_tail(bed.var("TARN_LOG"), 20)
+    );
+    let pulled = blob_bytes(&bed.registry_log().expect("registry log"), "fixtures/obd");
+    eprintln!(
+        "overlaybd CRI pull: registry served {pulled} of {total} blob bytes ({:.1}%)",
+        pulled as f64 * 100.0 / total as f64
+    );
+    assert!(
+        pulled * 10 < total,
+        "a lazy pull fetched {pulled} of {total} bytes"
+    );
+
+    let pod = rt.block_on(cri.run_pod("tarn-cri-obd")).expect("run pod");
+    let container = rt
+        .block_on(cri.create_container(&pod, &image, &["/app/run.sh"], &[]))
+        .expect("create container");
+    rt.block_on(cri.start(&container)).expect("start container");
+    let code = rt
+        .block_on(cri.wait_exit(&container, EXIT_TIMEOUT))
+        .expect("container exits");
+    let stdout = rt.block_on(cri.stdout(&container)).expect("stdout");
+    assert_eq!(code, 0, "run.sh failed: {stdout:?}");
+    for want in ["hello from overlaybd", "v2", "a7a9167b30ecaae0", "new.txt"] {
+        assert!(stdout.contains(want), "{want:?} missing from {stdout:?}");
+    }
+    rt.block_on(cri.cleanup()).expect("cri cleanup");
+    drop(cri);
+    bed.down().expect("test bed down");
+}
+
 #[test]
 fn mountinfo_escapes_are_undone() {
     assert_eq!(

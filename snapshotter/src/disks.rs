@@ -43,7 +43,20 @@ pub struct Disks {
     runtime: tokio::runtime::Handle,
     options: MountOptions,
     mounted: Mutex<HashMap<Digest, DiskMount>>,
+    /// What each mounted stack serves, for status (beside `mounted`, so
+    /// the mount's own record stays as it was).
+    stacks: Mutex<HashMap<Digest, Arc<LazyDisk>>>,
     handover: Option<Handover>,
+}
+
+/// A mounted stack as `tarn status` shows it.
+pub struct DiskStatus {
+    pub key: Digest,
+    /// Bottom first.
+    pub layers: Vec<Arc<DiskLayer>>,
+    pub virtual_size: u64,
+    pub device: Option<String>,
+    pub fs: PathBuf,
 }
 
 /// The holder, and the disk connections a predecessor left in it that no
@@ -63,6 +76,7 @@ impl Disks {
             runtime,
             options,
             mounted: Mutex::new(HashMap::new()),
+            stacks: Mutex::new(HashMap::new()),
             handover: None,
         }
     }
@@ -125,7 +139,7 @@ impl Disks {
             Some(mount) => mount,
             None => {
                 obd::clear_stale(&dir);
-                let mount = DiskMount::attach(disk, &dir, self.runtime.clone(), &options)?;
+                let mount = DiskMount::attach(disk.clone(), &dir, self.runtime.clone(), &options)?;
                 self.hold(&key, &mount);
                 tracing::info!(stack = %key, dev = mount.device().unwrap_or("?"), fs = %mount.fs().display(), "overlaybd disk mounted");
                 mount
@@ -134,6 +148,7 @@ impl Disks {
         // A concurrent attach of the same key cannot happen: callers hold
         // the key's lock. Were it to, the older mount is torn down here.
         self.lock().insert(key, mount);
+        self.stacks_lock().insert(key, disk);
         Ok(())
     }
 
@@ -171,6 +186,7 @@ impl Disks {
         let Some(mount) = self.lock().remove(key) else {
             return false;
         };
+        self.stacks_lock().remove(key);
         let dir = self.layout.layer_dir(key);
         self.let_go(&dir.join("disk"));
         if let Err(e) = mount.detach() {
@@ -224,11 +240,41 @@ impl Disks {
     /// for the next start.
     pub fn detach_all(&self) {
         let all: Vec<(Digest, DiskMount)> = self.lock().drain().collect();
+        self.stacks_lock().clear();
         for (key, mount) in all {
             if let Err(e) = mount.detach() {
                 tracing::warn!(stack = %key, error = %chain(&e), "overlaybd disk not fully torn down");
             }
         }
+    }
+
+    /// Every mounted stack, for status.
+    pub fn status(&self) -> Vec<DiskStatus> {
+        let stacks: Vec<(Digest, Arc<LazyDisk>)> = self
+            .stacks_lock()
+            .iter()
+            .map(|(k, d)| (*k, d.clone()))
+            .collect();
+        let mounted = self.lock();
+        let mut out: Vec<DiskStatus> = stacks
+            .into_iter()
+            .filter_map(|(key, disk)| {
+                let m = mounted.get(&key)?;
+                Some(DiskStatus {
+                    key,
+                    layers: disk.layers().to_vec(),
+                    virtual_size: disk.size(),
+                    device: m.device().map(str::to_owned),
+                    fs: m.fs().to_path_buf(),
+                })
+            })
+            .collect();
+        out.sort_by_key(|d| d.layers.len());
+        out
+    }
+
+    fn stacks_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<LazyDisk>>> {
+        self.stacks.lock().expect("disk stacks map poisoned")
     }
 
     fn take_inherited(&self, mountpoint: &Path) -> Option<OwnedFd> {

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use tarn_fs::disk::BlobCheck;
 use tarn_proto::admin::{self, admin_server::Admin};
 use tarn_proto::snapshots::{self as pb, snapshots_server::Snapshots};
 use tonic::{Request, Response, Status};
@@ -337,7 +338,39 @@ impl Admin for AdminService {
                 }
             })
             .collect();
-        Ok(Response::new(admin::ListLayersResponse { layers }))
+        let disks = self
+            .rs
+            .disks()
+            .into_iter()
+            .map(|d| admin::Disk {
+                key: d.key.to_string(),
+                snapshot: names.get(&d.key).map(|n| n.join(",")).unwrap_or_default(),
+                blobs: d
+                    .layers
+                    .iter()
+                    .map(|l| {
+                        let check = l.check();
+                        let error = match &check {
+                            BlobCheck::Failed(e) => e.clone(),
+                            BlobCheck::Unverified { error } => error.clone().unwrap_or_default(),
+                            BlobCheck::Verifying | BlobCheck::Verified => String::new(),
+                        };
+                        admin::DiskBlob {
+                            digest: l.digest.to_string(),
+                            blob_size: l.blob_size(),
+                            bytes_fetched: l.layer.stats().bytes_fetched,
+                            verify_state: check.name().to_owned(),
+                            hashed_bytes: l.hashed_bytes(),
+                            error,
+                        }
+                    })
+                    .collect(),
+                virtual_size: d.virtual_size,
+                loop_device: d.device.unwrap_or_default(),
+                mountpoint: d.fs.to_string_lossy().into_owned(),
+            })
+            .collect();
+        Ok(Response::new(admin::ListLayersResponse { layers, disks }))
     }
 
     async fn expect(

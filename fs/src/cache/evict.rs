@@ -162,6 +162,31 @@ impl Cache {
         released
     }
 
+    /// Removes `digests`' entries now, held or not, and compacts the packs
+    /// they leave dead records in: content found wrong after it was cached
+    /// (an overlaybd layer whose blob failed its sha256) must not be
+    /// served again, nor found again after a restart. Not counted as
+    /// evictions. Returns the entries removed.
+    pub fn discard<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> u64 {
+        let _pass = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        let mut removed = 0;
+        for digest in digests {
+            let Some(loc) = self.index.get(digest).map(|e| e.loc) else {
+                continue;
+            };
+            let gone = self.remove_entry(digest, |e| {
+                e.loc == loc && (loc != Location::Object || self.unlink_object(digest))
+            });
+            removed += u64::from(gone.is_some());
+        }
+        for i in 0..self.packs.len() {
+            if self.pack_dead(i) > 0 {
+                self.compact_logged(i);
+            }
+        }
+        removed
+    }
+
     /// The whole-file objects holding a slice `pick` chooses (given the
     /// slice's digest and entry).
     fn holding(&self, pick: impl Fn(&Digest, &Entry) -> bool) -> HashSet<Digest> {

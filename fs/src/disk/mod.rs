@@ -12,6 +12,13 @@
 //!
 //! Each committed snapshot of an overlaybd chain is a stack of its layers
 //! up to it: [`DiskLayer`]s are shared between the stacks that use them.
+//!
+//! Each layer's blob is read whole once its disk is mounted
+//! ([`DiskLayer::start_background`], `verify.rs`): its background fetch,
+//! and the check of its sha256 against the descriptor's digest. A layer
+//! that fails it fails every read of a disk that stacks it.
+
+mod verify;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -24,6 +31,8 @@ use crate::format::overlaybd::{DiskMap, Extent, LSMT_INO, ObdError, Overlaybd, S
 use crate::layer::{CachedRead, Layer, LayerError, PendingRead};
 use crate::num::usize_from;
 use crate::registry::BlobSource;
+
+pub use verify::{BlobCheck, BlobState, VerifyError};
 
 /// The most bytes one disk read returns (the kernel asks for 128 KiB to
 /// 1 MiB).
@@ -42,6 +51,8 @@ pub enum DiskError {
     NoLayer(u32),
     #[error("layer {layer} returned {got} bytes of LSMT file where {want} were asked for")]
     Short { layer: u32, want: usize, got: usize },
+    #[error("overlaybd layer {0} failed its whole-blob check: its reads fail")]
+    Failed(Digest),
 }
 
 /// One overlaybd layer, opened through the fetch engine.
@@ -50,6 +61,10 @@ pub struct DiskLayer {
     pub layer: Arc<Layer>,
     pub extents: Arc<[Extent]>,
     pub virtual_size: u64,
+    /// The whole-blob check (`verify.rs`); public like the other fields
+    /// (a layer may be rebuilt with other extents), changed only by the
+    /// pass.
+    pub blob_check: Arc<BlobState>,
 }
 
 impl DiskLayer {
@@ -71,7 +86,59 @@ impl DiskLayer {
             layer: Arc::new(layer),
             extents: opened.extents.clone().into(),
             virtual_size: opened.virtual_size,
+            blob_check: Arc::default(),
         })
+    }
+
+    /// Starts reading the blob whole at background priority (caching the
+    /// blocks the cache lacks) and checking its sha256, unless that runs
+    /// already or is done. The pass stops when the layer is dropped (no
+    /// disk stacks it). Must run inside a tokio runtime.
+    pub fn start_background(&self) {
+        if self.blob_check.begin() {
+            tokio::spawn(verify::run(
+                Arc::downgrade(&self.layer),
+                self.digest,
+                self.blob_check.clone(),
+            ));
+        }
+    }
+
+    /// Runs the whole-blob pass now and waits for it (tests, tools);
+    /// what it ended with, or where the check stands if it runs already.
+    pub async fn verify(&self) -> BlobCheck {
+        if !self.blob_check.begin() {
+            return self.blob_check.check();
+        }
+        verify::run(
+            Arc::downgrade(&self.layer),
+            self.digest,
+            self.blob_check.clone(),
+        )
+        .await
+    }
+
+    /// Where the whole-blob check stands.
+    pub fn check(&self) -> BlobCheck {
+        self.blob_check.check()
+    }
+
+    /// Blob bytes the whole-blob pass has read so far.
+    pub fn hashed_bytes(&self) -> u64 {
+        self.blob_check.hashed_bytes()
+    }
+
+    /// The blob's size in bytes.
+    pub fn blob_size(&self) -> u64 {
+        self.layer.fetcher().source().size()
+    }
+
+    /// Refuses a read of a failed layer.
+    fn usable(&self) -> Result<(), DiskError> {
+        if self.blob_check.is_failed() {
+            return Err(DiskError::Failed(self.digest));
+        }
+        Ok(())
     }
 }
 
@@ -95,7 +162,7 @@ struct Missing {
     want: usize,
     layer: u32,
     read: PendingRead,
-    from: Arc<Layer>,
+    from: Arc<DiskLayer>,
 }
 
 impl LazyDisk {
@@ -132,6 +199,11 @@ impl LazyDisk {
         if range.end - range.start > MAX_DISK_READ {
             return Err(DiskError::OutOfDisk { range, size });
         }
+        // A layer found wrong fails the whole disk: its bytes (zeros
+        // included: its extents may be a forger's) are not to be trusted.
+        for l in &self.layers {
+            l.usable()?;
+        }
         let mut out = vec![0u8; usize_from(range.end - range.start)];
         let mut pending = Vec::new();
         for seg in self.map.segments_in(sectors_of(&range)) {
@@ -163,7 +235,7 @@ impl LazyDisk {
                     want,
                     layer,
                     read,
-                    from: l.layer.clone(),
+                    from: l.clone(),
                 }),
             }
         }
@@ -192,10 +264,12 @@ impl DiskRead {
     pub async fn complete(self) -> Result<Vec<u8>, DiskError> {
         let DiskRead { mut out, pending } = self;
         let reads = pending.into_iter().map(|m| async move {
-            let data = match m.from.complete(m.read).await {
+            let data = match m.from.layer.complete(m.read).await {
                 Ok(data) => data,
                 Err(e) => return Err(DiskError::from(e)),
             };
+            // The layer may have failed while its blocks were fetched.
+            m.from.usable()?;
             if data.len() != m.want {
                 return Err(DiskError::Short {
                     layer: m.layer,

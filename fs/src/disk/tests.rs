@@ -200,3 +200,79 @@ fn block_keys_name_a_place_not_content() {
     assert_ne!(block_key(&a, 0), block_key(&b, 0));
     assert_eq!(block_key(&a, 7), block_key(&a, 7));
 }
+
+fn bytes_of(blob: &FakeBlob, intent: Intent) -> u64 {
+    blob.reads()
+        .into_iter()
+        .filter(|(_, i)| *i == intent)
+        .map(|(r, _)| r.end - r.start)
+        .sum()
+}
+
+#[tokio::test]
+async fn the_whole_blob_pass_verifies_each_blob_and_caches_every_block_once() {
+    let f = fixture().await;
+    // A read first: its blocks are cached before the pass.
+    f.disk.read(0, 4096).await.unwrap();
+    for (l, blob) in f.disk.layers().iter().zip(&f.blobs) {
+        assert!(matches!(l.check(), BlobCheck::Unverified { .. }));
+        assert_eq!(l.verify().await, BlobCheck::Verified);
+        assert_eq!(l.hashed_bytes(), blob.size());
+        // The blob went through once, at background priority.
+        assert_eq!(bytes_of(blob, Intent::Background), blob.size());
+        // Verified stays verified: no second pass.
+        assert_eq!(l.verify().await, BlobCheck::Verified);
+        assert_eq!(bytes_of(blob, Intent::Background), blob.size());
+    }
+    // Every block is cached: reading all the disk's data fetches nothing.
+    let before = on_demand_bytes(&f.blobs);
+    for r in f.disk.map().data_ranges() {
+        let mut at = r.start;
+        while at < r.end {
+            let len = (r.end - at).min(1 << 20);
+            let lazy = f.disk.read(at, len).await.unwrap();
+            let want = f.reference.read(at..at + len).await.unwrap();
+            assert!(lazy == want, "bytes at {at} differ");
+            at += len;
+        }
+    }
+    assert_eq!(on_demand_bytes(&f.blobs), before);
+}
+
+#[tokio::test]
+async fn a_blob_whose_sha256_is_not_its_digest_fails_its_disk_and_leaves_the_cache() {
+    let f = fixture().await;
+    let sb = f.disk.read(1024, 1024).await.unwrap();
+    assert_eq!(&sb[0x38..0x3a], &[0x53, 0xef]);
+    // A registry (or a proxy) serves one byte differently from the bytes
+    // the reads were served from: the sha256 of the whole no longer is
+    // the digest. The block it is in fails its CRC too; the other blocks,
+    // cached from the first bytes, are dropped all the same.
+    let top = f.disk.layers().len() - 1;
+    let size = f.blobs[top].size();
+    f.blobs[top].tamper(size / 2);
+    let layer = &f.disk.layers()[top];
+    let BlobCheck::Failed(why) = layer.verify().await else {
+        panic!("a tampered blob verified: {:?}", layer.check());
+    };
+    assert!(why.contains("sha256"), "{why}");
+    assert!(
+        layer
+            .layer
+            .index()
+            .chunks
+            .iter()
+            .all(|c| !layer.layer.cache().contains(&c.digest)),
+        "a failed layer's blocks stay cached"
+    );
+    // Every read of the disk fails now, cached or not, data or hole.
+    assert!(matches!(
+        f.disk.read(1024, 1024).await,
+        Err(DiskError::Failed(d)) if d == layer.digest
+    ));
+    assert!(f.disk.read_cached(0, 512).is_err());
+    // Healing the source does not bring a failed layer back.
+    f.blobs[top].heal();
+    assert!(matches!(layer.verify().await, BlobCheck::Failed(_)));
+    assert!(f.disk.read(1024, 1024).await.is_err());
+}

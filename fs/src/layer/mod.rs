@@ -96,6 +96,13 @@ impl Layer {
         self.index.inode(ino).ok_or(LayerError::NoInode(ino))
     }
 
+    /// The fetcher of this layer's blob (an overlaybd disk's whole-blob
+    /// pass reads through its source and scheduler, and counts in its
+    /// stats).
+    pub(crate) fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
     /// The cache this layer's chunks are stored in.
     pub fn cache(&self) -> &Arc<crate::cache::Cache> {
         self.fetcher.cache()

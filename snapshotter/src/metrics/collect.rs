@@ -40,6 +40,9 @@ pub struct SnapshotterFigures {
     pub fallbacks: Vec<(Cause, u64)>,
     pub cache: CacheStats,
     pub snapshots: u64,
+    /// Blobs of the mounted overlaybd disks by where their whole-blob
+    /// check stands (every state, so each series exists from the start).
+    pub disk_blobs: Vec<(&'static str, u64)>,
 }
 
 /// Reads [`SnapshotterFigures`] at each scrape through `read` (a closure,
@@ -226,6 +229,13 @@ fn snapshotter_figures(e: &mut Emit<'_, '_>, f: &SnapshotterFigures) -> fmt::Res
         f.fallbacks
             .iter()
             .map(|(c, n)| ([("cause", c.as_str())], Value::Counter(*n))),
+    )?;
+    e.family(
+        "tarn_disk_blobs",
+        "Blobs of the mounted overlaybd disks, by their whole-blob sha256 check",
+        f.disk_blobs
+            .iter()
+            .map(|(check, n)| ([("check", *check)], Value::Gauge(*n))),
     )?;
     let c = &f.cache;
     e.one(

@@ -37,6 +37,7 @@ fn figures_read_at_scrape_time_come_out_as_prometheus_text() {
         layers: vec![layer(good, false), layer(bad, true)],
         fallbacks: Cause::ALL.iter().map(|&c| (c, 0)).collect(),
         snapshots: 7,
+        disk_blobs: vec![("verified", 2), ("failed", 1)],
         cache: tarn_fs::cache::CacheStats {
             evictions: 3,
             evicted_bytes: 4096,
@@ -48,6 +49,8 @@ fn figures_read_at_scrape_time_come_out_as_prometheus_text() {
     for line in [
         "# TYPE tarn_takeovers_total counter",
         "tarn_takeovers_total 1",
+        "# TYPE tarn_disk_blobs gauge",
+        "tarn_disk_blobs{check=\"failed\"} 1",
         "tarn_mounted_layers 1",
         "tarn_failed_layers 1",
         "tarn_snapshots 7",

@@ -18,6 +18,7 @@ use tarn_fs::disk::DiskLayer;
 use tarn_fs::format::overlaybd::stack::MAX_LAYERS;
 
 use super::{RemoteSnapshotter, Why, blocking};
+use crate::disks::DiskStatus;
 use crate::errors::chain;
 use crate::fallback::Fallback;
 use crate::labels::{self, Decision, RemoteLayer};
@@ -117,9 +118,11 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
                 .map_err(|_| Fallback::ResolveTimeout(timeout))?
                 .map_err(Fallback::from)?;
             let disks = self.disks.clone();
+            let started = layers.clone();
             blocking(move || disks.attach(key, layers))
                 .await
                 .map_err(Fallback::from)?;
+            self.start_disk_background(&started);
         }
         let recorded = RemoteLayer {
             image_ref: layer.image_ref.clone(),
@@ -222,7 +225,47 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             .await
             .map_err(|_| RestoreDiskError::Timeout(timeout))??;
         let disks = self.disks.clone();
+        let started = layers.clone();
         tokio::task::spawn_blocking(move || disks.attach(key, layers)).await??;
+        self.start_disk_background(&started);
         Ok(key)
+    }
+
+    /// With background fetch on (`[fetch] background`), each blob of a
+    /// mounted disk is read whole at background priority and its sha256
+    /// checked (`tarn_fs::disk::DiskLayer::start_background`; a layer
+    /// shared with another stack is read once).
+    fn start_disk_background(&self, layers: &[Arc<DiskLayer>]) {
+        if self.options.warm.background {
+            for l in layers {
+                l.start_background();
+            }
+        }
+    }
+
+    /// Blobs of the mounted disks by check (`unverified`, `verifying`,
+    /// `verified`, `failed`), each blob once however many stacks share
+    /// it, for the metrics.
+    pub(super) fn disk_checks(&self) -> Vec<(&'static str, u64)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out: Vec<(&'static str, u64)> = ["unverified", "verifying", "verified", "failed"]
+            .into_iter()
+            .map(|c| (c, 0))
+            .collect();
+        for l in self.disks.status().iter().flat_map(|d| &d.layers) {
+            if !seen.insert(l.digest) {
+                continue;
+            }
+            let name = l.check().name();
+            if let Some((_, n)) = out.iter_mut().find(|(c, _)| *c == name) {
+                *n += 1;
+            }
+        }
+        out
+    }
+
+    /// The mounted overlaybd stacks, for the admin API.
+    pub fn disks(&self) -> Vec<DiskStatus> {
+        self.disks.status()
     }
 }

@@ -715,6 +715,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             fallbacks: self.fallbacks.counts(),
             cache: self.cache.stats(),
             snapshots: self.sn.count()? as u64,
+            disk_blobs: self.disk_checks(),
         })
     }
 }
