@@ -265,10 +265,13 @@ impl Drop for Daemon {
         if let Some(pid) = self.holder_pid() {
             let _ = kill(pid, Signal::SIGKILL);
         }
-        unmount_under(self.dir.path());
         // An overlaybd disk handed to the holder keeps its loop device
-        // past the daemon; with the mounts gone it can go too.
+        // past the daemon. Detach it while its backing file's path is
+        // still under the test's dir (a lazily unmounted FUSE file shows
+        // as "/disk" afterwards): a device still mounted gets autoclear
+        // and goes with the unmount below.
         detach_loops_under(self.dir.path());
+        unmount_under(self.dir.path());
     }
 }
 
