@@ -22,6 +22,12 @@
 # distinct bytes of both).
 # G1 the break-even of carrying a cached chunk inside one GET: two 64 KiB
 # ranges with a gap between, one GET against two at once, per profile.
+# S6 (issue 15) the reference image converted to overlaybd by `tarn convert`,
+# pull+run against the same image as eStargz and containerd's own pull, in
+# the same profile (not on the thin ones); S4 then also reads and walks the
+# bench images as overlaybd disks (ext4 over a loop device over FUSE); both
+# with the loop device's buffered and direct I/O. S4 measures warm and with
+# the kernel's caches dropped (cold_*, with the page cache that pass took).
 # The environment works too: PROFILES, SCENARIOS, BENCH_OUT; BENCH_STEP_TIMEOUT
 # bounds each step (default 600 s), BENCH_STRICT=1 fails unless every target
 # passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference,
@@ -41,7 +47,7 @@ PYTHON=/usr/bin/python3
 [ -x "$PYTHON" ] || PYTHON=python3
 
 PROFILES="${PROFILES:-loopback,rtt50,rtt100,rtt200,thin40,thin100}"
-SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5,P7,G1}"
+SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5,P7,G1,S6}"
 OUT="${BENCH_OUT:-$REPO_ROOT/bench}"
 STEP_TIMEOUT="${BENCH_STEP_TIMEOUT:-600}"
 CONCURRENT=20
@@ -211,6 +217,11 @@ bounded_config() {
   printf '%s' "$extra"
 }
 
+# TARN_CONFIG_EXTRA with overlaybd's loop devices on direct I/O.
+loop_dio_config() {
+  printf '%s' "${TARN_CONFIG_EXTRA:+$TARN_CONFIG_EXTRA$'\n'}"$'[snapshotter]\nloop_direct_io = true'
+}
+
 # Evictions and the bound after a run with BENCH_CACHE_MAX_BYTES, into
 # CACHE_FACTS (none without a bound).
 cache_facts() {
@@ -233,6 +244,9 @@ images_up() {
   "$BED_SCRIPTS/images.sh" build busybox busybox-esgz python-esgz multi multi-esgz multi-esgz-opt >/dev/null
   if wants S4 || wants S5; then "$SCRIPTS/bench-images.sh" build; fi
   if wants P7; then "$BED_SCRIPTS/images.sh" build p7-a-esgz p7-b-esgz >/dev/null; fi
+  if wants S4 || wants S6; then
+    [ -n "$TARN_BIN" ] || die "S4 and S6 convert images to overlaybd: the tarn CLI is not built"
+  fi
   REGBED="$WORK/registry"
   BEDS+=("$REGBED")
   "$BED_SCRIPTS/testbed.sh" up "$REGBED" --registry >/dev/null 2>&1 || die "the registry did not start"
@@ -252,6 +266,16 @@ images_up() {
         "docker://$REG_ADDR/$name:latest"
     done
   fi
+  # overlaybd images are made here, by tarn's converter, from the images
+  # just pushed (root and a loop device; a minute or two for all three).
+  local obd=()
+  if wants S6; then obd+=(multi); fi
+  if wants S4; then obd+=(bench-bigfile bench-manyfiles); fi
+  for name in "${obd[@]}"; do
+    "$TARN_BIN" convert --format overlaybd --plain-http --work-dir "$WORK" \
+      "$REG_ADDR/$name:latest" "$REG_ADDR/$name-obd:latest" >"$WORK/convert-$name.log" 2>&1 ||
+      die "tarn convert --format overlaybd $name failed: $(tail -n1 "$WORK/convert-$name.log")"
+  done
   log "registry $REG_ADDR holds the images"
 }
 
@@ -284,24 +308,25 @@ check_workload() {
   grep -q "tarn test workload" "$1" || { REASON="workload output missing (see $1)"; return 1; }
 }
 
-# S1 overlayfs: containerd's own full pull, then run.
+# S1 overlayfs: containerd's own full pull, then run (noted under SCENARIO,
+# default S1).
 s1_overlayfs() {
-  local p="$1" ref="$TARGET/multi:latest" lg="$WORK/$1-s1-overlayfs.log" mark t0 t1
+  local p="$1" s="${2:-S1}" ref="$TARGET/multi:latest" lg="$WORK/$1-s1-overlayfs.log" mark t0 t1
   REASON=""
-  if bed_up "$p-s1-overlayfs" --containerd; then
+  if bed_up "$p-$s-overlayfs" --containerd; then
     mark="$(reg_mark)"
     t0="$(now)"
     if step "$lg" ctr --address "$CONTAINERD_SOCK" image pull --plain-http "$ref" &&
       step "$lg" ctr --address "$CONTAINERD_SOCK" run --rm --snapshotter overlayfs "$ref" "bench-$$" /app/run.sh &&
       check_workload "$lg"; then
       t1="$(now)"
-      note "$p" S1 overlayfs start="$t0" end="$t1" reg_from="$mark" reg_to="$(reg_mark)"
+      note "$p" "$s" overlayfs start="$t0" end="$t1" reg_from="$mark" reg_to="$(reg_mark)"
     else
-      note "$p" S1 overlayfs --fail "$REASON"
+      note "$p" "$s" overlayfs --fail "$REASON"
     fi
     bed_down
   else
-    note "$p" S1 overlayfs --fail "$REASON"
+    note "$p" "$s" overlayfs --fail "$REASON"
   fi
 }
 
@@ -321,9 +346,11 @@ repeat() {
   done
 }
 
-# S1 tarn: the median of BENCH_S1_REPS (default 3) runs.
+# s1_tarn PROFILE VARIANT IMAGE [SCENARIO]: the median of BENCH_S1_REPS
+# (default 3) runs, noted under SCENARIO (default S1).
 s1_tarn() {
-  repeat "$1" S1 "$2" "${BENCH_S1_REPS:-3}" s1_tarn_run "$1" "$2" "$3"
+  local s="${4:-S1}"
+  repeat "$1" "$s" "$2" "${BENCH_S1_REPS:-3}" s1_tarn_run "$1" "$2" "$3" "$s"
 }
 
 # S1 tarn fetching nothing ahead of reads (no read-ahead, no hints, no
@@ -339,11 +366,11 @@ s1_nospec() {
 # counted right after the run, before any background fetch could add to
 # them, then the daemons go.
 s1_tarn_run() {
-  local p="$1" variant="$2" image="$3" r="$4" ref lg mark t0 t1 mark1 ok=1
+  local p="$1" variant="$2" image="$3" s="$4" r="$5" ref lg mark t0 t1 mark1 ok=1
   ref="$TARGET/$image:latest"
-  lg="$WORK/$p-s1-$variant-$r.log"
+  lg="$WORK/$p-$s-$variant-$r.log"
   REASON=""
-  TARN_CONFIG_EXTRA="$(bounded_config)" bed_up "$p-s1-$variant-$r" --containerd --tarn || return 1
+  TARN_CONFIG_EXTRA="$(bounded_config)" bed_up "$p-$s-$variant-$r" --containerd --tarn || return 1
   mark="$(reg_mark)"
   t0="$(now)"
   if tarn_pull "$lg" "$ref" &&
@@ -353,7 +380,7 @@ s1_tarn_run() {
     mark1="$(reg_mark)"
     if tarn_lazy_check; then
       cache_facts "$lg"
-      note "$p" S1 "$variant" --rep start="$t0" end="$t1" reg_from="$mark" reg_to="$mark1" "${LAZY[@]}" \
+      note "$p" "$s" "$variant" --rep start="$t0" end="$t1" reg_from="$mark" reg_to="$mark1" "${LAZY[@]}" \
         "${CACHE_FACTS[@]}"
       ok=0
     else
@@ -514,18 +541,23 @@ s3_run() {
   [ "$ok" = 1 ]
 }
 
-# S4 on one snapshotter: run a container that sleeps, then read and walk
+# s4_on KIND (overlayfs, tarn, tarn-obd, tarn-obd-dio): run a container
+# that sleeps on that snapshotter, then read and walk
 # through its rootfs mount from the host. The first pass fills the caches
 # (tarn's chunk cache and the page cache), the second is measured.
 s4_on() {
-  local snap="$1" suffix="" lg="$WORK/local-s4-$1.log"
-  [ "$snap" = tarn ] && suffix=-esgz
+  local kind="$1" snap=tarn suffix="" lg="$WORK/local-s4-$1.log"
+  case "$kind" in
+    overlayfs) snap=overlayfs ;;
+    tarn) suffix=-esgz ;;
+    tarn-obd*) suffix=-obd ;;
+  esac
   REASON=""
   local flags=(--containerd) extra="${TARN_CONFIG_EXTRA:-}"
   [ "$snap" = tarn ] && flags+=(--tarn) && extra="$(bounded_config)"
-  if ! TARN_CONFIG_EXTRA="$extra" bed_up "local-s4-$snap" "${flags[@]}"; then
-    note local S4 "read-$snap" --fail "$REASON"
-    note local S4 "walk-$snap" --fail "$REASON"
+  if ! TARN_CONFIG_EXTRA="$extra" bed_up "local-s4-$kind" "${flags[@]}"; then
+    note local S4 "read-$kind" --fail "$REASON"
+    note local S4 "walk-$kind" --fail "$REASON"
     return 0
   fi
   local what image id rootfs out
@@ -535,13 +567,13 @@ s4_on() {
     local ref="$TARGET/$image:latest"
     REASON=""
     if [ "$snap" = tarn ]; then
-      tarn_pull "$lg" "$ref" || { note local S4 "$what-$snap" --fail "$REASON"; continue; }
+      tarn_pull "$lg" "$ref" || { note local S4 "$what-$kind" --fail "$REASON"; continue; }
     else
       step "$lg" ctr --address "$CONTAINERD_SOCK" image pull --plain-http "$ref" ||
-        { note local S4 "$what-$snap" --fail "$REASON"; continue; }
+        { note local S4 "$what-$kind" --fail "$REASON"; continue; }
     fi
     if ! step "$lg" ctr --address "$CONTAINERD_SOCK" run -d --snapshotter "$snap" "$ref" "$id"; then
-      note local S4 "$what-$snap" --fail "$REASON"
+      note local S4 "$what-$kind" --fail "$REASON"
       continue
     fi
     rootfs="$CONTAINERD_STATE/io.containerd.runtime.v2.task/default/$id/rootfs"
@@ -551,13 +583,17 @@ s4_on() {
       out=(walk "$rootfs/data")
     fi
     # One pass to fill the caches, then the median of three measured ones
-    # (tarn-bench keeps the median pass).
-    local facts
+    # (tarn-bench keeps the median pass), then three with the kernel's
+    # caches dropped first: cold_*, with the page cache each took.
+    local facts cold
     if step "$lg" "$BENCH_BIN" "${out[@]}" &&
-      facts="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" "${out[@]}" --passes 3 2>>"$lg")"; then
+      facts="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" "${out[@]}" --passes 3 2>>"$lg")" &&
+      cold="$(timeout "$STEP_TIMEOUT" "$BENCH_BIN" "${out[@]}" --passes 3 --drop-caches 2>>"$lg")"; then
+      read -ra cold <<<"$cold"
       read -ra facts <<<"$facts"
+      facts+=("${cold[@]/#/cold_}")
       CACHE_FACTS=()
-      if [ "$snap" = tarn ]; then
+      if [ "$kind" = tarn ]; then
         cache_facts "$lg"
         # What the cache holds for this image against what it takes on
         # disk: whole-file objects for passthrough show here.
@@ -568,9 +604,9 @@ s4_on() {
           CACHE_FACTS+=("${held[@]}")
         fi
       fi
-      note local S4 "$what-$snap" "${facts[@]}" "${CACHE_FACTS[@]}"
+      note local S4 "$what-$kind" "${facts[@]}" "${CACHE_FACTS[@]}"
     else
-      note local S4 "$what-$snap" --fail "${REASON:-measurement failed}"
+      note local S4 "$what-$kind" --fail "${REASON:-measurement failed}"
     fi
     timeout 30 ctr --address "$CONTAINERD_SOCK" task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
     timeout 30 ctr --address "$CONTAINERD_SOCK" task delete "$id" >/dev/null 2>&1 || true
@@ -695,6 +731,12 @@ for p in "${PROFILE_LIST[@]}"; do
   # A thin link is S1's question (issue 20); the other scenarios would take
   # many minutes on it and answer nothing new.
   case "$p" in thin*) continue ;; esac
+  if wants S6; then
+    if [ "${BENCH_S1_OVERLAYFS:-1}" = 1 ]; then s1_overlayfs "$p" S6; fi
+    s1_tarn "$p" tarn-esgz multi-esgz S6
+    s1_tarn "$p" tarn-obd multi-obd S6
+    TARN_CONFIG_EXTRA="$(loop_dio_config)" s1_tarn "$p" tarn-obd-dio multi-obd S6
+  fi
   if wants S2; then
     read -r _ rate <<<"$(profile_params "$p")"
     if [ "$rate" != 0 ]; then s2 "$p"; fi
@@ -716,6 +758,8 @@ TARGET="$REG_ADDR"
 if wants S4; then
   s4_on overlayfs
   s4_on tarn
+  s4_on tarn-obd
+  TARN_CONFIG_EXTRA="$(loop_dio_config)" s4_on tarn-obd-dio
 fi
 if wants S5; then s5; fi
 

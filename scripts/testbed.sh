@@ -488,6 +488,21 @@ unmount_all() {
   done < <(mounts_under "$DIR")
 }
 
+# Detaches the loop devices over files under the bed (overlaybd disks the
+# holder kept): while their FUSE file is still mounted, so its path still
+# names the bed (a lazily unmounted one reads as "/disk"). One still mounted
+# gets autoclear and goes with unmount_all's unmount of its ext4 tree.
+detach_loops() {
+  local f back
+  for f in /sys/block/loop*/loop/backing_file; do
+    [ -r "$f" ] || continue
+    back="$(cat "$f" 2>/dev/null || true)"
+    case "$back" in
+      "$DIR"/*) losetup --detach "/dev/$(basename "$(dirname "$(dirname "$f")")")" 2>/dev/null || true ;;
+    esac
+  done
+}
+
 cmd_down() {
   [ -d "$DIR" ] || return 0
   stop_tasks_gracefully
@@ -501,6 +516,7 @@ cmd_down() {
   stop_holder
   stop_pid registry
   stop_pid tokenserver
+  detach_loops
   unmount_all
   local left
   left="$(mounts_under "$DIR")"

@@ -9,6 +9,7 @@
 //! allow_unverified_layers = false
 //! max_index_mb = 256
 //! holder = true                  # false: SIGTERM unmounts lazy layers
+//! loop_direct_io = false         # overlaybd disks' loop devices
 //! [registry]
 //! plain_http = ["127.0.0.1:5000"]
 //! docker_config = "/root/.docker/config.json"
@@ -99,6 +100,10 @@ pub struct SnapshotterConfig {
     /// losing their lazy files. Off: SIGTERM unmounts every lazy layer.
     /// On by default: a restart must not break running containers.
     pub holder: bool,
+    /// overlaybd disks: the loop device under each ext4 tree reads its
+    /// FUSE file with direct I/O, so the disk's blocks are not cached a
+    /// second time under the FUSE file (see README, "overlaybd").
+    pub loop_direct_io: bool,
 }
 
 impl Default for SnapshotterConfig {
@@ -111,6 +116,7 @@ impl Default for SnapshotterConfig {
             fuse_passthrough: true,
             max_index_mb: tarn_fs::format::estargz::IndexBudget::DEFAULT_LIMIT >> 20,
             holder: true,
+            loop_direct_io: false,
         }
     }
 }
@@ -319,6 +325,15 @@ impl Config {
     /// The per-layer index budget, bytes.
     pub fn max_index_bytes(&self) -> u64 {
         self.snapshotter.max_index_mb.saturating_mul(1 << 20)
+    }
+
+    /// How overlaybd disks' loop devices read their FUSE files.
+    pub fn loop_io(&self) -> crate::obd::LoopIo {
+        if self.snapshotter.loop_direct_io {
+            crate::obd::LoopIo::Direct
+        } else {
+            crate::obd::LoopIo::Buffered
+        }
     }
 
     /// The holder of the daemon whose root is `root`, if configured: this

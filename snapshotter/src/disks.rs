@@ -23,7 +23,7 @@
 //! (mounts, `losetup`, the holder's socket): call them from the blocking
 //! pool.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -36,16 +36,20 @@ use crate::errors::chain;
 use crate::holder::Holder;
 use crate::mountinfo;
 use crate::mounts::Layout;
-use crate::obd::{self, DiskMount, DiskMountError};
+use crate::obd::{self, DiskMount, DiskMountError, LoopIo};
 
 pub struct Disks {
     layout: Layout,
     runtime: tokio::runtime::Handle,
     options: MountOptions,
+    loop_io: LoopIo,
     mounted: Mutex<HashMap<Digest, DiskMount>>,
     /// What each mounted stack serves, for status (beside `mounted`, so
     /// the mount's own record stays as it was).
     stacks: Mutex<HashMap<Digest, Arc<LazyDisk>>>,
+    /// Stacks whose ext4 metadata was warmed (or is being), so a second
+    /// container on the same image does not send the pass again.
+    warmed: Mutex<HashSet<Digest>>,
     handover: Option<Handover>,
 }
 
@@ -69,14 +73,22 @@ struct Handover {
 impl Disks {
     /// Disks under `layout`'s layers dir, their misses served on
     /// `runtime`, each FUSE file mounted with `options` (its fsname set
-    /// per disk). Torn down on shutdown until [`Disks::with_holder`].
-    pub fn new(layout: Layout, runtime: tokio::runtime::Handle, options: MountOptions) -> Disks {
+    /// per disk) and read by its loop device with `loop_io`. Torn down on
+    /// shutdown until [`Disks::with_holder`].
+    pub fn new(
+        layout: Layout,
+        runtime: tokio::runtime::Handle,
+        options: MountOptions,
+        loop_io: LoopIo,
+    ) -> Disks {
         Disks {
             layout,
             runtime,
             options,
+            loop_io,
             mounted: Mutex::new(HashMap::new()),
             stacks: Mutex::new(HashMap::new()),
+            warmed: Mutex::new(HashSet::new()),
             handover: None,
         }
     }
@@ -139,7 +151,13 @@ impl Disks {
             Some(mount) => mount,
             None => {
                 obd::clear_stale(&dir);
-                let mount = DiskMount::attach(disk.clone(), &dir, self.runtime.clone(), &options)?;
+                let mount = DiskMount::attach(
+                    disk.clone(),
+                    &dir,
+                    self.runtime.clone(),
+                    &options,
+                    self.loop_io,
+                )?;
                 self.hold(&key, &mount);
                 tracing::info!(stack = %key, dev = mount.device().unwrap_or("?"), fs = %mount.fs().display(), "overlaybd disk mounted");
                 mount
@@ -187,6 +205,7 @@ impl Disks {
             return false;
         };
         self.stacks_lock().remove(key);
+        self.warmed.lock().expect("warmed set poisoned").remove(key);
         let dir = self.layout.layer_dir(key);
         self.let_go(&dir.join("disk"));
         if let Err(e) = mount.detach() {
@@ -271,6 +290,39 @@ impl Disks {
             .collect();
         out.sort_by_key(|d| d.layers.len());
         out
+    }
+
+    /// Fetches the ext4 metadata of the mounted stack `key` in the
+    /// background (`LazyDisk::warm_metadata`), once per stack: called when
+    /// a container's snapshot is prepared on it, so the image's lower
+    /// stacks, which no container reads, are not warmed.
+    pub fn warm(&self, key: &Digest) {
+        let Some(disk) = self.stacks_lock().get(key).cloned() else {
+            return;
+        };
+        if !self
+            .warmed
+            .lock()
+            .expect("warmed set poisoned")
+            .insert(*key)
+        {
+            return;
+        }
+        let key = *key;
+        self.runtime.spawn(async move {
+            match disk.warm_metadata().await {
+                Ok(w) => tracing::info!(
+                    stack = %key,
+                    metadata_bytes = w.metadata_bytes,
+                    fetched_bytes = w.fetched_bytes,
+                    directories = w.directories,
+                    skipped = w.skipped,
+                    cut = w.cut,
+                    "overlaybd disk metadata warmed"
+                ),
+                Err(e) => tracing::info!(stack = %key, error = %chain(&e), "overlaybd disk metadata not warmed"),
+            }
+        });
     }
 
     fn stacks_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<LazyDisk>>> {

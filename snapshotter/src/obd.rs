@@ -198,6 +198,29 @@ pub enum Leftover {
     },
 }
 
+/// How a disk's loop device reads its FUSE file
+/// (`[snapshotter] loop_direct_io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoopIo {
+    /// Through the FUSE file's page cache: a block ext4 reads is then
+    /// cached twice, under the FUSE file and under ext4's own file.
+    #[default]
+    Buffered,
+    /// `losetup --direct-io=on`: the loop device's reads skip the FUSE
+    /// file's page cache and go to the daemon (its chunk cache) each time
+    /// ext4's page cache misses.
+    Direct,
+}
+
+impl LoopIo {
+    fn flag(self) -> &'static str {
+        match self {
+            LoopIo::Buffered => "--direct-io=off",
+            LoopIo::Direct => "--direct-io=on",
+        }
+    }
+}
+
 /// A stacked disk mounted as a tree: `<dir>/disk/disk` (the FUSE file),
 /// a read-only loop device over it, `<dir>/fs` (ext4, read-only).
 pub struct DiskMount {
@@ -209,12 +232,14 @@ pub struct DiskMount {
 
 impl DiskMount {
     /// Mounts `disk` under `dir` (created if missing). Reads that miss the
-    /// cache run on `runtime`. On failure, whatever was set up is undone.
+    /// cache run on `runtime`; the loop device reads the FUSE file with
+    /// `loop_io`. On failure, whatever was set up is undone.
     pub fn attach(
         disk: Arc<LazyDisk>,
         dir: &Path,
         runtime: tokio::runtime::Handle,
         options: &MountOptions,
+        loop_io: LoopIo,
     ) -> Result<DiskMount, DiskMountError> {
         let fuse_dir = dir.join("disk");
         let fs = dir.join("fs");
@@ -232,11 +257,8 @@ impl DiskMount {
             mounted: false,
         };
         let file = fuse_dir.join(DISK_NAME);
-        // Buffered, not direct I/O: not measured yet (the page cache then
-        // holds the disk's blocks under the FUSE file and ext4's under the
-        // loop device).
         let out = Command::new("losetup")
-            .args(["--read-only", "--find", "--show"])
+            .args(["--read-only", "--find", "--show", loop_io.flag()])
             .arg(&file)
             .output();
         let dev = match out {

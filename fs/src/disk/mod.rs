@@ -18,7 +18,9 @@
 //! and the check of its sha256 against the descriptor's digest. A layer
 //! that fails it fails every read of a disk that stacks it.
 
+pub mod ext4;
 mod verify;
+mod warm;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -33,6 +35,7 @@ use crate::num::usize_from;
 use crate::registry::BlobSource;
 
 pub use verify::{BlobCheck, BlobState, VerifyError};
+pub use warm::{MAX_WARM_BYTES, WarmError, Warmed};
 
 /// The most bytes one disk read returns (the kernel asks for 128 KiB to
 /// 1 MiB).

@@ -186,6 +186,26 @@ impl Layer {
         Ok(data)
     }
 
+    /// Fetches what planned reads are missing, with `Intent::Prefetch` and
+    /// no read-ahead, adjacent chunks merged into as few GETs as the GET
+    /// size cap allows; returns the bytes of the chunks fetched. For a
+    /// caller that knows what will be read soon (a disk's ext4 metadata):
+    /// nothing is assembled.
+    pub async fn prefetch_reads(&self, reads: &[PendingRead]) -> Result<u64, LayerError> {
+        let mut chunks = Vec::new();
+        let mut seen = HashSet::new();
+        for c in reads.iter().flat_map(PendingRead::missing_chunks) {
+            if seen.insert(c.digest) {
+                chunks.push(c);
+            }
+        }
+        if chunks.is_empty() {
+            return Ok(0);
+        }
+        self.fetcher.fetch(&chunks, Intent::Prefetch).await?;
+        Ok(chunks.iter().map(|c| c.size).sum())
+    }
+
     /// Reads through cache and fetcher: the convenience form of
     /// [`Layer::read_cached`] followed by [`Layer::complete`]. Runs the
     /// cache lookup on the blocking pool.

@@ -169,6 +169,26 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
 
     /// Tears down the disk `key` if it is one and no snapshot uses it;
     /// called with the key's lock held.
+    /// A snapshot (a container's) is being prepared on `parent`: if that is
+    /// an overlaybd stack of tarn's, its ext4 metadata is fetched ahead of
+    /// the container's first lookups ([`Disks::warm`]). A node with no
+    /// disk mounted reads nothing for this.
+    pub(super) async fn warm_disk_under(&self, parent: &str) {
+        if self.disks.known().is_empty() {
+            return;
+        }
+        let (name, sn) = (parent.to_owned(), self.sn.clone());
+        let Ok(info) = blocking(move || sn.stat(&name)).await else {
+            return;
+        };
+        if !labels::is_disk(&info.labels) {
+            return;
+        }
+        if let Some(key) = labels::remote_layer(&info.labels) {
+            self.disks.warm(&key);
+        }
+    }
+
     pub(super) async fn detach_disk(&self, key: Digest) {
         let disks = self.disks.clone();
         let _ = tokio::task::spawn_blocking(move || disks.detach(&key)).await;

@@ -34,7 +34,7 @@ use crate::metastore;
 use crate::metrics::{self, Metrics, SnapshotterFigures};
 use crate::mounter::FuseMounter;
 use crate::mounts::Mount;
-use crate::obd;
+use crate::obd::{self, LoopIo};
 use crate::resolve::Resolver;
 use crate::seams::{
     LayerHandle, MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch,
@@ -83,6 +83,8 @@ pub struct RemoteOptions {
     /// Serve layers without a TOC digest (unverified).
     pub allow_unverified: bool,
     pub warm: Warm,
+    /// How overlaybd disks' loop devices read their FUSE files.
+    pub loop_io: LoopIo,
 }
 
 /// Why the daemon could not start serving.
@@ -233,6 +235,7 @@ impl RemoteSnapshotter {
             restore_timeout: RESTORE_TIMEOUT,
             allow_unverified: config.snapshotter.allow_unverified_layers,
             warm,
+            loop_io: config.loop_io(),
         };
         Ok(Self::with_parts(sn, cache, resolver, mounter, options).await?)
     }
@@ -257,6 +260,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             sn.layout().clone(),
             tokio::runtime::Handle::current(),
             disk_options,
+            options.loop_io,
         );
         // Disks are handed over to the layers' holder, or to none.
         let disks = match mounter.holder().cloned() {
@@ -327,7 +331,11 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             return self.prepare_disk(key, parent, labels, obd).await;
         }
         match labels::decide(&labels, parent.is_some(), self.options.allow_unverified) {
-            Decision::Ordinary => {}
+            Decision::Ordinary => {
+                if let Some(p) = &parent {
+                    self.warm_disk_under(p).await;
+                }
+            }
             Decision::Fallback(unfit) => {
                 if let Some(chain_id) = self.on_node(parent.as_deref(), &labels).await? {
                     return Err(metastore::Error::AlreadyExists(format!(

@@ -34,6 +34,7 @@ fn options() -> RemoteOptions {
         restore_timeout: Duration::from_secs(30),
         allow_unverified: false,
         warm: Warm::default(),
+        loop_io: LoopIo::default(),
     }
 }
 

@@ -76,6 +76,12 @@ enum Command {
         file: PathBuf,
         #[arg(long, default_value_t = 1)]
         passes: usize,
+        /// Empty the kernel's page, dentry and inode caches before each
+        /// pass (root): what a read costs when only the snapshotter's own
+        /// store (tarn's chunk cache, overlayfs's unpacked files) holds it;
+        /// page_cache_mb: what the pass put in the page cache.
+        #[arg(long)]
+        drop_caches: bool,
     },
     /// Walk a tree, lstat every entry (what `find -exec stat` does, without
     /// a process per file): entries, secs, entries_per_s of the median pass.
@@ -83,6 +89,9 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 1)]
         passes: usize,
+        /// As for `read`.
+        #[arg(long)]
+        drop_caches: bool,
     },
     /// Resident set size of a process (VmRSS): rss_bytes.
     Rss { pid: u32 },
@@ -213,8 +222,20 @@ fn run(cli: Cli) -> Result<()> {
             return Ok(());
         }
         Command::Traffic { log, from, to } => measure::traffic(&log, from, to.unwrap_or(u64::MAX))?,
-        Command::Read { file, passes } => measure::median_pass(passes, || measure::read(&file))?,
-        Command::Walk { dir, passes } => measure::median_pass(passes, || measure::walk(&dir))?,
+        Command::Read {
+            file,
+            passes,
+            drop_caches,
+        } => measure::median_pass(passes, || {
+            measure::pass_cold(drop_caches, || measure::read(&file))
+        })?,
+        Command::Walk {
+            dir,
+            passes,
+            drop_caches,
+        } => measure::median_pass(passes, || {
+            measure::pass_cold(drop_caches, || measure::walk(&dir))
+        })?,
         Command::Rss { pid } => measure::rss(pid)?,
         Command::TocEntries { admin, layouts } => {
             measure::toc_entries(&measure::admin::digests(&admin)?, &layouts)?

@@ -62,7 +62,8 @@ pub struct Check {
 }
 
 /// The targets of issues 5, 16 and 20, and the profiles each applies to (none
-/// named: every profile the scenario ran in).
+/// named: every profile the scenario ran in). A NaN target: the figure is
+/// shown for information (issue 15's overlaybd comparisons, G1).
 struct Spec {
     scenario: &'static str,
     name: &'static str,
@@ -237,6 +238,191 @@ const SPECS: &[Spec] = &[
         target: 0.5,
         target_profiles: &[],
         value: |v| ratio(v, "walk-tarn", "walk-overlayfs", "entries_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "1 GiB read, overlaybd / overlayfs",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "read-tarn-obd", "read-overlayfs", "mb_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "1 GiB read, overlaybd loop dio / overlayfs",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "read-tarn-obd-dio", "read-overlayfs", "mb_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "1 GiB read, caches dropped, tarn / overlayfs",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "read-tarn", "read-overlayfs", "cold_mb_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "1 GiB read, caches dropped, overlaybd / ovl",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "read-tarn-obd", "read-overlayfs", "cold_mb_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "1 GiB read, dropped, overlaybd loop dio / ovl",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "read-tarn-obd-dio", "read-overlayfs", "cold_mb_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "1 GiB read, dropped: page cache, tarn / ovl",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "read-tarn", "read-overlayfs", "cold_page_cache_mb"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "1 GiB read, dropped: page cache, overlaybd / ovl",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "read-tarn-obd", "read-overlayfs", "cold_page_cache_mb"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "1 GiB read, dropped: page cache, obd dio / ovl",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| {
+            ratio(
+                v,
+                "read-tarn-obd-dio",
+                "read-overlayfs",
+                "cold_page_cache_mb",
+            )
+        },
+    },
+    Spec {
+        scenario: "S4",
+        name: "walk 50k files, overlaybd / overlayfs",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "walk-tarn-obd", "walk-overlayfs", "entries_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "walk 50k files, overlaybd loop dio / overlayfs",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "walk-tarn-obd-dio", "walk-overlayfs", "entries_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "walk, caches dropped, tarn / overlayfs",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "walk-tarn", "walk-overlayfs", "cold_entries_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "walk, caches dropped, overlaybd / overlayfs",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "walk-tarn-obd", "walk-overlayfs", "cold_entries_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "walk, dropped, overlaybd loop dio / overlayfs",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| {
+            ratio(
+                v,
+                "walk-tarn-obd-dio",
+                "walk-overlayfs",
+                "cold_entries_per_s",
+            )
+        },
+    },
+    Spec {
+        scenario: "S6",
+        name: "overlaybd / overlayfs pull+run time",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "tarn-obd", "overlayfs", "secs"),
+    },
+    Spec {
+        scenario: "S6",
+        name: "overlaybd loop dio / overlayfs pull+run time",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "tarn-obd-dio", "overlayfs", "secs"),
+    },
+    Spec {
+        scenario: "S6",
+        name: "eStargz / overlayfs pull+run time",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "tarn-esgz", "overlayfs", "secs"),
+    },
+    Spec {
+        scenario: "S6",
+        name: "overlaybd / eStargz pull+run time",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "tarn-obd", "tarn-esgz", "secs"),
+    },
+    Spec {
+        scenario: "S6",
+        name: "overlaybd / overlayfs registry bytes",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "tarn-obd", "overlayfs", "bytes"),
+    },
+    Spec {
+        scenario: "S6",
+        name: "eStargz / overlayfs registry bytes",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "tarn-esgz", "overlayfs", "bytes"),
     },
     Spec {
         scenario: "S5",
@@ -594,6 +780,47 @@ mod tests {
         // The overlayfs figures did not run, but they have no target.
         assert!(all_pass(&s3(1.2)));
         assert!(!all_pass(&s3(2.0)), "20 pulls at 2x one");
+    }
+
+    #[test]
+    fn s6_sets_overlaybd_against_estargz_and_overlayfs_of_the_same_profile() {
+        let records = vec![
+            rec(
+                "rtt100",
+                "S6",
+                "overlayfs",
+                &[("secs", 20.0), ("bytes", 100e6)],
+            ),
+            rec(
+                "rtt100",
+                "S6",
+                "tarn-esgz",
+                &[("secs", 5.0), ("bytes", 10e6)],
+            ),
+            rec(
+                "rtt100",
+                "S6",
+                "tarn-obd",
+                &[("secs", 4.0), ("bytes", 20e6)],
+            ),
+            // Another profile's figures do not mix in.
+            rec(
+                "loopback",
+                "S6",
+                "tarn-esgz",
+                &[("secs", 1.0), ("bytes", 1e6)],
+            ),
+        ];
+        let c = checks(&records);
+        let time = find(&c, "rtt100", "overlaybd / eStargz pull+run time");
+        assert_eq!((time.value, &time.verdict), (Some(0.8), &Verdict::Info));
+        let bytes = find(&c, "rtt100", "overlaybd / overlayfs registry bytes");
+        assert_eq!(bytes.value, Some(0.2));
+        let missing = find(&c, "loopback", "overlaybd / eStargz pull+run time");
+        assert!(
+            matches!(&missing.verdict, Verdict::Failed { reason } if reason.contains("tarn-obd: not run")),
+            "{missing:?}"
+        );
     }
 
     #[test]

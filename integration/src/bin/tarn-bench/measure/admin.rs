@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use tarn_integration::daemon::unix_channel;
 use tarn_integration::wait::wait_until_async;
 use tarn_proto::admin::admin_client::AdminClient;
-use tarn_proto::admin::{Layer, LayerState, ListLayersRequest, StatsRequest};
+use tarn_proto::admin::{Layer, LayerState, ListLayersRequest, ListLayersResponse, StatsRequest};
 use tonic::transport::Channel;
 
 use crate::runs::Facts;
@@ -37,13 +37,17 @@ async fn connect(path: &Path) -> Result<AdminClient<Channel>> {
 }
 
 async fn list(client: &mut AdminClient<Channel>) -> Result<Vec<Layer>> {
+    Ok(list_all(client).await?.layers)
+}
+
+/// The eStargz layers and the overlaybd disks.
+async fn list_all(client: &mut AdminClient<Channel>) -> Result<ListLayersResponse> {
     Ok(client
         .list_layers(ListLayersRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))
         .context("cannot list tarn's layers")?
-        .into_inner()
-        .layers)
+        .into_inner())
 }
 
 fn complete(l: &Layer) -> bool {
@@ -114,8 +118,16 @@ pub fn digests(admin: &Path) -> Result<Vec<String>> {
 pub fn lazy_check(admin: &Path) -> Result<Facts> {
     runtime()?.block_on(async {
         let mut client = connect(admin).await?;
-        let listed = list(&mut client).await?;
+        let all = list_all(&mut client).await?;
+        let listed = all.layers;
         let layers = listed.len();
+        // An overlaybd image mounts disks (a stack per snapshot), no layers.
+        let disk_blobs: std::collections::BTreeSet<&str> = all
+            .disks
+            .iter()
+            .flat_map(|d| &d.blobs)
+            .map(|b| b.digest.as_str())
+            .collect();
         let mut kinds: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for h in listed.iter().flat_map(|l| &l.hints) {
             let k = kinds.entry(h.kind.replace('-', "_")).or_default();
@@ -129,11 +141,15 @@ pub fn lazy_check(admin: &Path) -> Result<Facts> {
             .context("cannot read tarn's statistics")?
             .into_inner()
             .fallbacks;
-        if layers == 0 || fallbacks > 0 {
-            bail!("not lazy: {layers} layers mounted lazily, {fallbacks} fell back to a full pull");
+        if layers + disk_blobs.len() == 0 || fallbacks > 0 {
+            bail!(
+                "not lazy: {layers} layers and {} overlaybd blobs mounted lazily, {fallbacks} fell back to a full pull",
+                disk_blobs.len()
+            );
         }
         let mut facts = Facts::new([
             ("layers", layers as f64),
+            ("disk_layers", disk_blobs.len() as f64),
             (
                 "ahead_bytes",
                 kinds.values().map(|k| k.0).sum::<u64>() as f64,
