@@ -1,6 +1,7 @@
 //! `tarn status`: what the daemon serves, from its admin API — each lazily
 //! mounted layer with how much of it has been fetched, each overlaybd disk
-//! with its blobs' fetch and whole-blob check, then the cache.
+//! with its blobs' fetch and whole-blob check (or one line saying there
+//! is neither), then the cache.
 
 use std::path::{Path, PathBuf};
 
@@ -24,8 +25,7 @@ pub struct StatusArgs {
 
 pub async fn run(args: StatusArgs) -> Result<()> {
     let (listed, stats) = fetch(&args.admin_address).await?;
-    print!("{}", render(&listed.layers, &stats));
-    print!("{}", disks(&listed.disks));
+    print!("{}", render(&listed.layers, &listed.disks, &stats));
     Ok(())
 }
 
@@ -61,13 +61,15 @@ async fn fetch(address: &Path) -> Result<(ListLayersResponse, StatsResponse)> {
     Ok((layers, stats))
 }
 
-/// The report, as printed: a table of layers (or a note that there are
-/// none), then one line about the cache.
-fn render(layers: &[Layer], stats: &StatsResponse) -> String {
+/// The report, as printed: a table of layers, the overlaybd disks (a note
+/// instead when there is neither: a daemon serving only disks does not
+/// say it mounts nothing), then the cache.
+fn render(layers: &[Layer], disk_list: &[Disk], stats: &StatsResponse) -> String {
     let mut out = String::new();
-    if layers.is_empty() {
-        out.push_str("no lazily mounted layers\n");
-    } else {
+    if layers.is_empty() && disk_list.is_empty() {
+        out.push_str("no lazily mounted layers or overlaybd disks\n");
+    }
+    if !layers.is_empty() {
         let rows: Vec<[String; 7]> = layers
             .iter()
             .map(|l| {
@@ -108,6 +110,7 @@ fn render(layers: &[Layer], stats: &StatsResponse) -> String {
             out.push('\n');
         }
     }
+    out.push_str(&disks(disk_list));
     out.push_str(&hints(layers));
     out.push_str(&format!(
         "cache: {} in {} entries, hit rate {:.1}%; {} mounted layers, {} snapshots, {} fallbacks to full pulls{}\n",
@@ -313,7 +316,7 @@ mod tests {
 
     #[test]
     fn render_shows_each_layer_and_the_cache() {
-        let text = render(&[layer()], &stats());
+        let text = render(&[layer()], &[], &stats());
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5, "{text}");
         assert!(lines[0].starts_with("IMAGE"));
@@ -358,7 +361,7 @@ mod tests {
             hint("library", 1 << 20, 0),
         ];
         b.hints = vec![hint("read-ahead", 1 << 20, 1 << 20)];
-        let text = render(&[a, b], &stats());
+        let text = render(&[a, b], &[], &stats());
         assert!(
             text.contains(
                 "fetched ahead of reads: read-ahead 2.0 MiB (75% used), library 1.0 MiB (0% used)\n"
@@ -377,7 +380,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let text = render(&[], &s);
+        let text = render(&[], &[], &s);
         assert!(
             text.contains("3 fallbacks to full pulls (no-toc-digest 2, resolve-timeout 1)\n"),
             "{text}"
@@ -424,10 +427,37 @@ mod tests {
     }
 
     #[test]
-    fn render_without_layers_says_so() {
-        let text = render(&[], &StatsResponse::default());
-        assert!(text.starts_with("no lazily mounted layers\n"), "{text}");
+    fn render_without_layers_or_disks_says_so() {
+        let text = render(&[], &[], &StatsResponse::default());
+        assert!(
+            text.starts_with("no lazily mounted layers or overlaybd disks\n"),
+            "{text}"
+        );
         assert!(text.contains("hit rate 0.0%"));
+    }
+
+    #[test]
+    fn render_with_only_disks_shows_them_and_no_contradiction() {
+        let text = render(&[], &[disk()], &stats());
+        assert!(!text.contains("no lazily mounted"), "{text}");
+        assert!(
+            text.starts_with("overlaybd disk cccccccccccc: 3 blobs"),
+            "{text}"
+        );
+        // What is mounted comes first, the cache after it.
+        assert!(
+            text.find("  blob dddddddddddd") < text.find("cache: "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn render_shows_layers_then_disks_then_the_cache() {
+        let text = render(&[layer()], &[disk()], &stats());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("IMAGE"), "{text}");
+        assert!(lines[2].starts_with("overlaybd disk "), "{text}");
+        assert!(lines[6].starts_with("cache: "), "{text}");
     }
 
     struct Fake;

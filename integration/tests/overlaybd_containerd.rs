@@ -11,100 +11,43 @@
 //! Needs root, the test bed (registry, containerd), FUSE, loop devices,
 //! skopeo and ctr-remote, and the daemon built into `$TARN_BIN_DIR`.
 
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
-use tarn_integration::testbed::overlaybd_fixtures as fixtures;
 
-use tarn_integration::daemon::Daemon;
-use tarn_integration::testbed::{Component, Testbed};
+use tarn_integration::overlaybd::{ObdBed, RUN_OUT, fixture_blobs as blobs, run_ok, tail};
 use tarn_integration::wait::wait_until;
 
 /// containerd's proxy client backs off after a snapshotter restart, and
 /// its garbage collector runs in the background: a failure bound.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What `/app/run.sh` prints: layer 2's `changed.txt`, the start of
-/// `random5m`'s sha256, the opaque directory holding only layer 3's file.
-const RUN_OUT: [&str; 4] = ["hello from overlaybd", "v2", "a7a9167b30ecaae0", "new.txt"];
+/// The shared overlaybd bed, with this file's steps.
+struct Bed(ObdBed);
 
-/// The fixture's layer blobs: (digest, size).
-fn blobs() -> Vec<(String, u64)> {
-    let oci = fixtures().join("oci");
-    let json = |digest: &str| -> serde_json::Value {
-        let hex = digest.trim_start_matches("sha256:");
-        serde_json::from_slice(&std::fs::read(oci.join("blobs/sha256").join(hex)).unwrap()).unwrap()
-    };
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(oci.join("index.json")).unwrap()).unwrap();
-    let manifest = json(index["manifests"][0]["digest"].as_str().unwrap());
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().unwrap().to_owned(),
-                l["size"].as_u64().unwrap(),
-            )
-        })
-        .collect()
+impl Deref for Bed {
+    type Target = ObdBed;
+    fn deref(&self) -> &ObdBed {
+        &self.0
+    }
 }
 
-/// Fields drop in order: tarn first (tearing its disks down), then the bed.
-struct Bed {
-    tarn: Daemon,
-    bed: Testbed,
+impl DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut ObdBed {
+        &mut self.0
+    }
 }
 
 impl Bed {
     fn up() -> Bed {
-        let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
-        // On demand only: read-ahead along an LSMT file follows write
-        // order, not what ext4 reads next (docs/architecture.md). No
-        // holder: this test shows the teardown and remount path
+        // No holder: this test shows the teardown and remount path
         // (survive.rs shows disks surviving with one).
-        let config = format!(
-            "[registry]\nplain_http = [\"{}\"]\n[fetch]\nspeculate = false\n[snapshotter]\nholder = false\n",
-            bed.registry().expect("registry")
-        );
-        let tarn = Daemon::start_with(Some(bed.dir().join("tarn.sock")), &config)
-            .expect("start tarn-snapshotter");
-        Bed { tarn, bed }
-    }
-
-    /// Pushes the fixture unchanged (digests and annotations kept).
-    fn push(&self) -> String {
-        let reference = format!("{}/fixtures/obd:v1", self.bed.registry().unwrap());
-        run_ok({
-            let mut c = Command::new("skopeo");
-            c.args([
-                "copy",
-                "-q",
-                "--preserve-digests",
-                "--dest-tls-verify=false",
-            ])
-            .arg(format!("oci:{}:v1", fixtures().join("oci").display()))
-            .arg(format!("docker://{reference}"));
-            c
-        });
-        reference
+        Bed(ObdBed::up("[snapshotter]\nholder = false\n"))
     }
 
     fn rpull(&self, reference: &str) {
-        let mut stderr = String::new();
-        wait_until("rpull", RECONNECT_TIMEOUT, || {
-            let out = Command::new("ctr-remote")
-                .arg("--address")
-                .arg(self.bed.containerd_sock().unwrap())
-                .args(["image", "rpull", "--plain-http", "--snapshotter", "tarn"])
-                .arg(reference)
-                .output()
-                .expect("run ctr-remote");
-            stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            out.status.success().then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}: {stderr}\n{}", tail(&self.tarn.log(), 30)));
+        self.0.rpull(reference, RECONNECT_TIMEOUT);
     }
 
     /// `ctr run --rm` of `/app/run.sh`, retried while containerd's proxy
@@ -172,22 +115,6 @@ fn assert_ran(out: &str) {
     for want in RUN_OUT {
         assert!(out.contains(want), "{want:?} missing from {out:?}");
     }
-}
-
-fn run_ok(mut c: Command) -> Output {
-    let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{c:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn mounts_under(dir: &Path) -> Vec<(PathBuf, String)> {

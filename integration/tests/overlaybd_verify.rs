@@ -13,86 +13,33 @@
 //! Needs root, the test bed (registry, containerd), FUSE, loop devices,
 //! skopeo and ctr-remote, and the daemon built into `$TARN_BIN_DIR`.
 
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use tarn_integration::daemon::Daemon;
-use tarn_integration::testbed::overlaybd_fixtures as fixtures;
-use tarn_integration::testbed::{Component, Testbed};
+use tarn_integration::overlaybd::{ObdBed, RUN_OUT, fixture_blobs as blobs, run_ok, tail};
 use tarn_integration::wait::wait_until;
 
 /// containerd's proxy client backs off after a snapshotter restart: a
 /// failure bound, as is the whole-blob pass over a few MB at loopback.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What `/app/run.sh` prints (see overlaybd_containerd.rs).
-const RUN_OUT: [&str; 4] = ["hello from overlaybd", "v2", "a7a9167b30ecaae0", "new.txt"];
+/// The shared overlaybd bed, with this file's steps.
+struct Bed(ObdBed);
 
-/// The fixture's layer blobs: (digest, size), bottom first.
-fn blobs() -> Vec<(String, u64)> {
-    let oci = fixtures().join("oci");
-    let json = |digest: &str| -> serde_json::Value {
-        let hex = digest.trim_start_matches("sha256:");
-        serde_json::from_slice(&std::fs::read(oci.join("blobs/sha256").join(hex)).unwrap()).unwrap()
-    };
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(oci.join("index.json")).unwrap()).unwrap();
-    let manifest = json(index["manifests"][0]["digest"].as_str().unwrap());
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().unwrap().to_owned(),
-                l["size"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// Fields drop in order: tarn first (tearing its disks down), then the bed.
-struct Bed {
-    tarn: Daemon,
-    bed: Testbed,
-    metrics: std::net::SocketAddr,
+impl Deref for Bed {
+    type Target = ObdBed;
+    fn deref(&self) -> &ObdBed {
+        &self.0
+    }
 }
 
 impl Bed {
     /// A bed whose daemon fetches in the background (and so checks each
     /// blob's sha256) if `background`.
     fn up(background: bool) -> Bed {
-        let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
-        // A loopback port nothing listens on now.
-        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
-        let config = format!(
-            "metrics_address = \"{metrics}\"\n[registry]\nplain_http = [\"{}\"]\n[fetch]\nspeculate = false\nbackground = {background}\n",
-            bed.registry().expect("registry")
-        );
-        let tarn = Daemon::start_with(Some(bed.dir().join("tarn.sock")), &config)
-            .expect("start tarn-snapshotter");
-        Bed { tarn, bed, metrics }
-    }
-
-    /// Pushes the fixture unchanged (digests and annotations kept).
-    fn push(&self) -> String {
-        let reference = format!("{}/fixtures/obd:v1", self.bed.registry().unwrap());
-        run_ok({
-            let mut c = Command::new("skopeo");
-            c.args([
-                "copy",
-                "-q",
-                "--preserve-digests",
-                "--dest-tls-verify=false",
-            ])
-            .arg(format!("oci:{}:v1", fixtures().join("oci").display()))
-            .arg(format!("docker://{reference}"));
-            c
-        });
-        reference
+        Bed(ObdBed::up(&format!("background = {background}\n")))
     }
 
     /// The file the registry serves blob `digest` from.
@@ -107,19 +54,7 @@ impl Bed {
     }
 
     fn rpull(&self, reference: &str) {
-        let mut stderr = String::new();
-        wait_until("rpull", TIMEOUT, || {
-            let out = Command::new("ctr-remote")
-                .arg("--address")
-                .arg(self.bed.containerd_sock().unwrap())
-                .args(["image", "rpull", "--plain-http", "--snapshotter", "tarn"])
-                .arg(reference)
-                .output()
-                .expect("run ctr-remote");
-            stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            out.status.success().then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}: {stderr}\n{}", tail(&self.tarn.log(), 30)));
+        self.0.rpull(reference, TIMEOUT);
     }
 
     /// `ctr run --rm` of `/app/run.sh`: its output, or its failure.
@@ -180,33 +115,9 @@ impl Bed {
 
     /// `tarn_disk_blobs{check="..."}` from the daemon's metrics endpoint.
     fn disk_blobs(&self, check: &str) -> Option<u64> {
-        use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect(self.metrics).ok()?;
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: tarn\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        conn.read_to_string(&mut text).ok()?;
-        let series = format!("tarn_disk_blobs{{check=\"{check}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(series.as_str()))
-            .and_then(|v| v.trim().parse().ok())
+        let series = format!("tarn_disk_blobs{{check=\"{check}\"}}");
+        tarn_integration::scrape::series(self.metrics, &series)
     }
-}
-
-fn run_ok(mut c: Command) -> Output {
-    let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{c:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[test]

@@ -116,14 +116,17 @@ struct Bed {
     proxy: FarProxy,
     bed: Testbed,
     work: tempfile::TempDir,
+    /// The daemon's `metrics_address`.
+    metrics: std::net::SocketAddr,
 }
 
 impl Bed {
     fn up(extra: &str, label: &str) -> Bed {
         let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
         let proxy = FarProxy::start(bed.registry().expect("registry"));
+        let metrics = tarn_integration::scrape::free_addr().expect("a free port");
         let config = format!(
-            "[registry]\nplain_http = [\"{}\"]\n[snapshotter]\nshutdown_grace_secs = 2\nholder = true\n{extra}",
+            "metrics_address = \"{metrics}\"\n[registry]\nplain_http = [\"{}\"]\n[snapshotter]\nshutdown_grace_secs = 2\nholder = true\n{extra}",
             proxy.addr
         );
         let tarn = Daemon::start_with(Some(bed.dir().join("tarn.sock")), &config)
@@ -138,7 +141,17 @@ impl Bed {
             proxy,
             bed,
             work,
+            metrics,
         }
+    }
+
+    /// `tarn_takeovers_total` of the daemon serving now: the layers and
+    /// disks it took over from the one before it.
+    fn takeovers(&self) -> u64 {
+        wait_until("the metrics endpoint", PATIENCE, || {
+            tarn_integration::scrape::series(self.metrics, "tarn_takeovers_total")
+        })
+        .unwrap_or_else(|e| panic!("{e}; tarn log:\n{}", self.tarn.log()))
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
@@ -805,23 +818,7 @@ fn overlaybd_reads_survive_restarts_crashes_and_an_upgrade() {
     // On demand only, as overlaybd_containerd.rs: read-ahead along an
     // LSMT file follows write order, not what ext4 reads next.
     let mut b = Bed::up("[fetch]\nspeculate = false\n", "obd");
-    let registry = b.bed.registry().expect("registry").to_owned();
-    let oci = tarn_integration::testbed::overlaybd_fixtures().join("oci");
-    // Pushed unchanged: digests and the overlaybd annotations kept.
-    let out = Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-        ])
-        .arg(format!("oci:{}:v1", oci.display()))
-        .arg(format!("docker://{registry}/fixtures/obd:v1"))
-        .output()
-        .expect("run skopeo");
-    assert!(out.status.success(), "skopeo copy: {}", text(&out.stderr));
-    let image = format!("{}/fixtures/obd:v1", b.proxy.addr);
-    b.rpull_ref(&image);
+    let image = b.push_obd();
     let files = fixture_files();
     let expected: BTreeMap<&str, &str> = files
         .iter()
@@ -846,6 +843,9 @@ fn overlaybd_reads_survive_restarts_crashes_and_an_upgrade() {
         b.tarn.log().contains("overlaybd disk taken over"),
         "the disks were taken over, not mounted again"
     );
+    // The plan ends with a restart: the daemon serving now took the
+    // three disks over, and counts them.
+    assert_eq!(b.takeovers(), 3, "tarn_takeovers_total");
     assert_disks_consistent(&b, 3);
 
     // The reader and the image gone, nothing of the disks stays: no
@@ -872,4 +872,74 @@ fn overlaybd_reads_survive_restarts_crashes_and_an_upgrade() {
     }) {
         panic!("{e}: left {:?}\ntarn log:\n{}", leftovers(), b.tarn.log());
     }
+}
+
+impl Bed {
+    /// Pushes the overlaybd fixture and pulls it lazily through the far
+    /// proxy; its reference there.
+    fn push_obd(&self) -> String {
+        let pushed =
+            tarn_integration::overlaybd::push_fixture(self.bed.registry().expect("registry"));
+        let (_, name) = pushed.split_once('/').expect("registry/name");
+        let image = format!("{}/{name}", self.proxy.addr);
+        self.rpull_ref(&image);
+        image
+    }
+}
+
+/// Runs `cmd`, which must succeed.
+fn sh(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+/// Held disks that are not as the daemon left them when the next one
+/// starts (one's tree unmounted by hand, another's covered by a tmpfs)
+/// are torn down and mounted afresh: the image runs right, the one left
+/// as it was is taken over, and nothing of the old two stays attached.
+#[test]
+fn overlaybd_disks_not_as_handed_over_are_mounted_afresh() {
+    let mut b = Bed::up("[fetch]\nspeculate = false\n", "obdleft");
+    let image = b.push_obd();
+    let (cmd, want) = (["/app/run.sh"], "hello from overlaybd");
+    b.run_expecting(&image, "survive-obdleft-before", &cmd, want);
+    assert_disks_consistent(&b, 3);
+
+    // Stopped with the holder: every disk stays, its reads would wait.
+    let st = b.tarn.stop().expect("SIGTERM");
+    assert!(st.success(), "exit status {st}:\n{}", b.tarn.log());
+    let root = b.tarn.root();
+    let dirs: Vec<PathBuf> = disk_dirs(&root).into_iter().collect();
+    assert_eq!(
+        dirs.len(),
+        3,
+        "the disks stay for the next daemon: {dirs:?}"
+    );
+    let tree = |d: &PathBuf| d.join("fs").to_str().expect("utf-8 path").to_owned();
+    let (bare, covered) = (tree(&dirs[0]), tree(&dirs[1]));
+    sh("umount", &["-l", &bare]);
+    sh("mount", &["-t", "tmpfs", "tarn-test-cover", &covered]);
+
+    b.tarn.start_again().expect("start again");
+    b.run_expecting(&image, "survive-obdleft-after", &cmd, want);
+    let log = b.tarn.log();
+    assert_eq!(
+        log.matches("cannot take over the held overlaybd disk")
+            .count(),
+        2,
+        "the two disks not as left are mounted afresh:\n{log}"
+    );
+    assert_eq!(b.takeovers(), 1, "the disk left as it was is taken over");
+    // One read-only loop device per disk file, one ext4 tree per disk,
+    // no tmpfs, the holder keeping exactly the FUSE mounts.
+    assert_disks_consistent(&b, 3);
+    assert!(
+        mounts_under(&root).iter().all(|m| m.1 != "tmpfs"),
+        "the cover is gone: {:?}",
+        mounts_under(&root)
+    );
 }

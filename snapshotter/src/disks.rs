@@ -28,6 +28,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::counter::Counter;
 use tarn_fs::Digest;
 use tarn_fs::disk::{DiskLayer, LazyDisk};
 use tarn_fs::fuse::MountOptions;
@@ -51,6 +52,8 @@ pub struct Disks {
     /// container on the same image does not send the pass again.
     warmed: Mutex<HashSet<Digest>>,
     handover: Option<Handover>,
+    /// Bumped for each disk taken over from a predecessor.
+    takeovers: Counter,
 }
 
 /// A mounted stack as `tarn status` shows it.
@@ -90,7 +93,15 @@ impl Disks {
             stacks: Mutex::new(HashMap::new()),
             warmed: Mutex::new(HashSet::new()),
             handover: None,
+            takeovers: Counter::default(),
         }
+    }
+
+    /// Counts the disks taken over on `takeovers` (`tarn_takeovers_total`,
+    /// with the layers the mounter adopts).
+    pub fn counting_takeovers(mut self, takeovers: Counter) -> Disks {
+        self.takeovers = takeovers;
+        self
     }
 
     /// Hands every disk's connection to `holder`, and takes the ones it
@@ -185,6 +196,7 @@ impl Disks {
         let fd = self.take_inherited(&fuse_dir)?;
         match DiskMount::adopt(disk.clone(), dir, fd, self.runtime.clone(), options) {
             Ok(mount) => {
+                self.takeovers.inc();
                 tracing::info!(stack = %key, dev = mount.device().unwrap_or("?"), fs = %mount.fs().display(), "overlaybd disk taken over");
                 Some(mount)
             }

@@ -330,6 +330,10 @@ impl Mounter<Arc<Layer>> for FuseMounter {
     fn holder(&self) -> Option<&Holder> {
         self.handover.as_ref().map(|h| &h.holder)
     }
+
+    fn takeovers(&self) -> Option<&Counter> {
+        Some(&self.takeovers)
+    }
 }
 
 fn read_record(path: &Path) -> Result<ConnectionRecord, String> {

@@ -384,18 +384,41 @@ impl DiskMount {
 }
 
 /// Undoes what a killed daemon left under `dir` (a [`DiskMount`]'s
-/// directory): the ext4 tree, loop devices over the disk file, the FUSE
-/// file's mount, whose connection died with that process. Best effort:
-/// what is not there is fine, the rest is logged.
+/// directory), or a held disk that did not check out: every mount at the
+/// tree (the ext4 tree and whatever was mounted over it), loop devices
+/// over the disk file, the FUSE file's mounts. Best effort: what is not
+/// there is fine, the rest is logged.
 pub fn clear_stale(dir: &Path) {
     let (fs, fuse_dir) = (dir.join("fs"), dir.join("disk"));
     let file = fuse_dir.join(DISK_NAME);
-    let _ = nix::mount::umount2(&fs, MntFlags::MNT_DETACH);
+    // The ext4 tree first: under another mount it would keep its loop
+    // device (autoclear) and the FUSE file, and the fresh tree would be
+    // stacked on it.
+    unmount_stacked(&fs);
     for l in loops_backed_by(&file) {
         tracing::info!(dev = %l.dev, file = %file.display(), "detaching a loop device a previous daemon left");
         let _ = Command::new("losetup").args(["--detach", &l.dev]).output();
     }
-    let _ = nix::mount::umount2(&fuse_dir, MntFlags::MNT_DETACH);
+    unmount_stacked(&fuse_dir);
+}
+
+/// The most mounts [`clear_stale`] takes off one path: anyone with root
+/// may have mounted over a disk's directories.
+const MAX_STACKED: usize = 16;
+
+/// Lazily unmounts the mounts stacked at `path`, topmost first, until
+/// nothing is mounted there (EINVAL) or [`MAX_STACKED`] are gone.
+fn unmount_stacked(path: &Path) {
+    let mut gone = 0;
+    while gone < MAX_STACKED && nix::mount::umount2(path, MntFlags::MNT_DETACH).is_ok() {
+        gone += 1;
+    }
+    if gone > 1 {
+        tracing::info!(path = %path.display(), mounts = gone, "unmounted mounts stacked on a disk's directory");
+    }
+    if gone == MAX_STACKED {
+        tracing::warn!(path = %path.display(), "{MAX_STACKED} mounts stacked on a disk's directory unmounted: any more are left");
+    }
 }
 
 /// A loop device, as sysfs shows it.

@@ -121,6 +121,12 @@ pub trait Mounter<L>: Send + Sync + 'static {
     fn holder(&self) -> Option<&crate::holder::Holder> {
         None
     }
+    /// The counter of mounts taken over from a predecessor
+    /// (`tarn_takeovers_total`), if this mounter keeps one: adopted
+    /// overlaybd disks count on the same one.
+    fn takeovers(&self) -> Option<&prometheus_client::metrics::counter::Counter> {
+        None
+    }
 }
 
 /// How a mount is served, for `tarn status`.

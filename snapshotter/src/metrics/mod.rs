@@ -59,7 +59,7 @@ impl Metrics {
         };
         metrics.register(
             "tarn_takeovers",
-            "Layers this daemon took over, still mounted, from the daemon before it",
+            "Layers and overlaybd disks this daemon took over, still mounted, from the daemon before it",
             metrics.shared.takeovers.clone(),
         );
         metrics
@@ -76,8 +76,9 @@ impl Metrics {
         self.registry().register_collector(Box::new(collector));
     }
 
-    /// `tarn_takeovers_total`: bumped by whoever takes a live layer over
-    /// at start (restart survival).
+    /// `tarn_takeovers_total`: bumped by whoever takes a live layer or
+    /// overlaybd disk over at start (restart survival: the mounter and
+    /// `Disks`).
     pub fn takeovers(&self) -> &Counter {
         &self.shared.takeovers
     }

@@ -256,12 +256,15 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             passthrough: false,
             ..MountOptions::default()
         };
-        let disks = Disks::new(
+        let mut disks = Disks::new(
             sn.layout().clone(),
             tokio::runtime::Handle::current(),
             disk_options,
             options.loop_io,
         );
+        if let Some(takeovers) = mounter.takeovers() {
+            disks = disks.counting_takeovers(takeovers.clone());
+        }
         // Disks are handed over to the layers' holder, or to none.
         let disks = match mounter.holder().cloned() {
             Some(holder) => tokio::task::spawn_blocking(move || disks.with_holder(holder)).await?,

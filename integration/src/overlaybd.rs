@@ -1,0 +1,137 @@
+//! The reference tools' overlaybd fixture ([`overlaybd_fixtures`]) on
+//! the test bed, as the overlaybd tests use it: its layer blobs, pushed
+//! unchanged to the registry, pulled lazily with `ctr-remote image
+//! rpull` through a tarn that fetches on demand only.
+//!
+//! Panics instead of returning errors: these are a test's own steps.
+
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::daemon::Daemon;
+use crate::testbed::{Component, Testbed, overlaybd_fixtures};
+use crate::wait::wait_until;
+
+/// What the fixture's `/app/run.sh` prints: layer 2's `changed.txt`, the
+/// start of `random5m`'s sha256, the opaque directory holding only layer
+/// 3's file.
+pub const RUN_OUT: [&str; 4] = ["hello from overlaybd", "v2", "a7a9167b30ecaae0", "new.txt"];
+
+/// The fixture's layer blobs: (digest, size), bottom first.
+pub fn fixture_blobs() -> Vec<(String, u64)> {
+    let oci = overlaybd_fixtures().join("oci");
+    let json = |path: std::path::PathBuf| -> serde_json::Value {
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let blob = |digest: &str| {
+        json(
+            oci.join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+    };
+    let index = json(oci.join("index.json"));
+    let manifest = blob(index["manifests"][0]["digest"].as_str().expect("manifest"));
+    manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("digest").to_owned(),
+                l["size"].as_u64().expect("size"),
+            )
+        })
+        .collect()
+}
+
+/// Pushes the fixture unchanged (digests and overlaybd annotations kept)
+/// to `registry` as `fixtures/obd:v1`; its reference there.
+pub fn push_fixture(registry: &str) -> String {
+    let reference = format!("{registry}/fixtures/obd:v1");
+    let mut c = Command::new("skopeo");
+    c.args([
+        "copy",
+        "-q",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+    ])
+    .arg(format!(
+        "oci:{}:v1",
+        overlaybd_fixtures().join("oci").display()
+    ))
+    .arg(format!("docker://{reference}"));
+    run_ok(c);
+    reference
+}
+
+/// The test bed's registry and containerd, and tarn as containerd's
+/// proxy plugin `tarn`. Fields drop in order: tarn first (tearing its
+/// disks down), then the bed.
+pub struct ObdBed {
+    pub tarn: Daemon,
+    pub bed: Testbed,
+    /// The daemon's `metrics_address`.
+    pub metrics: SocketAddr,
+}
+
+impl ObdBed {
+    /// A bed whose daemon fetches on demand only (read-ahead along an LSMT
+    /// file follows write order, not what ext4 reads next), from the
+    /// registry over plain HTTP, serving metrics on a free port. `more`
+    /// goes on in the `[fetch]` table (its other keys, then any tables).
+    pub fn up(more: &str) -> ObdBed {
+        let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
+        let metrics = crate::scrape::free_addr().expect("a free port");
+        let config = format!(
+            "metrics_address = \"{metrics}\"\n[registry]\nplain_http = [\"{}\"]\n[fetch]\nspeculate = false\n{more}",
+            bed.registry().expect("registry")
+        );
+        let tarn = Daemon::start_with(Some(bed.dir().join("tarn.sock")), &config)
+            .expect("start tarn-snapshotter");
+        ObdBed { tarn, bed, metrics }
+    }
+
+    /// Pushes the fixture to the bed's registry ([`push_fixture`]).
+    pub fn push(&self) -> String {
+        push_fixture(self.bed.registry().expect("registry"))
+    }
+
+    /// `ctr-remote image rpull` of `reference`, retried until it succeeds
+    /// (containerd's proxy client backs off after a daemon restart) or
+    /// `timeout` passes.
+    pub fn rpull(&self, reference: &str, timeout: Duration) {
+        let mut stderr = String::new();
+        wait_until("rpull", timeout, || {
+            let out = Command::new("ctr-remote")
+                .arg("--address")
+                .arg(self.bed.containerd_sock().expect("containerd"))
+                .args(["image", "rpull", "--plain-http", "--snapshotter", "tarn"])
+                .arg(reference)
+                .output()
+                .expect("run ctr-remote");
+            stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            out.status.success().then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {stderr}\n{}", tail(&self.tarn.log(), 30)));
+    }
+}
+
+/// Runs `c`, which must succeed; its output.
+pub fn run_ok(mut c: Command) -> Output {
+    let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The last `n` lines of `text` (a daemon's log, for a failure message).
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
