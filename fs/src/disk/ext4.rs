@@ -341,7 +341,7 @@ mod tests {
         sb[0x20..0x24].copy_from_slice(&0u32.to_le_bytes());
         assert!(Geometry::parse(&sb, DISK).is_err(), "no blocks per group");
         let mut sb = superblock();
-        sb[0x60] |= INCOMPAT_META_BG as u8;
+        sb[0x60] |= 0x10; // INCOMPAT_META_BG
         assert_eq!(Geometry::parse(&sb, DISK), Err(Ext4Error::MetaBg));
         assert!(
             Geometry::parse(&superblock()[..512], DISK).is_err(),
