@@ -26,7 +26,7 @@
 # pull+run against the same image as eStargz and containerd's own pull, in
 # the same profile (not on the thin ones); S4 then also reads and walks the
 # bench images as overlaybd disks (ext4 over a loop device over FUSE); both
-# with the loop device's buffered and direct I/O. S4 measures warm and with
+# with the loop device's direct I/O (the default) and buffered. S4 measures warm and with
 # the kernel's caches dropped (cold_*, with the page cache that pass took).
 # The environment works too: PROFILES, SCENARIOS, BENCH_OUT; BENCH_STEP_TIMEOUT
 # bounds each step (default 600 s), BENCH_STRICT=1 fails unless every target
@@ -217,9 +217,10 @@ bounded_config() {
   printf '%s' "$extra"
 }
 
-# TARN_CONFIG_EXTRA with overlaybd's loop devices on direct I/O.
-loop_dio_config() {
-  printf '%s' "${TARN_CONFIG_EXTRA:+$TARN_CONFIG_EXTRA$'\n'}"$'[snapshotter]\nloop_direct_io = true'
+# TARN_CONFIG_EXTRA with overlaybd's loop devices on buffered I/O (direct
+# is the default).
+loop_buffered_config() {
+  printf '%s' "${TARN_CONFIG_EXTRA:+$TARN_CONFIG_EXTRA$'\n'}"$'[snapshotter]\nloop_direct_io = false'
 }
 
 # Evictions and the bound after a run with BENCH_CACHE_MAX_BYTES, into
@@ -541,7 +542,7 @@ s3_run() {
   [ "$ok" = 1 ]
 }
 
-# s4_on KIND (overlayfs, tarn, tarn-obd, tarn-obd-dio): run a container
+# s4_on KIND (overlayfs, tarn, tarn-obd, tarn-obd-buffered): run a container
 # that sleeps on that snapshotter, then read and walk
 # through its rootfs mount from the host. The first pass fills the caches
 # (tarn's chunk cache and the page cache), the second is measured.
@@ -735,7 +736,7 @@ for p in "${PROFILE_LIST[@]}"; do
     if [ "${BENCH_S1_OVERLAYFS:-1}" = 1 ]; then s1_overlayfs "$p" S6; fi
     s1_tarn "$p" tarn-esgz multi-esgz S6
     s1_tarn "$p" tarn-obd multi-obd S6
-    TARN_CONFIG_EXTRA="$(loop_dio_config)" s1_tarn "$p" tarn-obd-dio multi-obd S6
+    TARN_CONFIG_EXTRA="$(loop_buffered_config)" s1_tarn "$p" tarn-obd-buffered multi-obd S6
   fi
   if wants S2; then
     read -r _ rate <<<"$(profile_params "$p")"
@@ -759,7 +760,7 @@ if wants S4; then
   s4_on overlayfs
   s4_on tarn
   s4_on tarn-obd
-  TARN_CONFIG_EXTRA="$(loop_dio_config)" s4_on tarn-obd-dio
+  TARN_CONFIG_EXTRA="$(loop_buffered_config)" s4_on tarn-obd-buffered
 fi
 if wants S5; then s5; fi
 

@@ -9,7 +9,7 @@
 //! allow_unverified_layers = false
 //! max_index_mb = 256
 //! holder = true                  # false: SIGTERM unmounts lazy layers
-//! loop_direct_io = false         # overlaybd disks' loop devices
+//! loop_direct_io = true          # overlaybd disks' loop devices
 //! [registry]
 //! plain_http = ["127.0.0.1:5000"]
 //! docker_config = "/root/.docker/config.json"
@@ -102,7 +102,8 @@ pub struct SnapshotterConfig {
     pub holder: bool,
     /// overlaybd disks: the loop device under each ext4 tree reads its
     /// FUSE file with direct I/O, so the disk's blocks are not cached a
-    /// second time under the FUSE file (see README, "overlaybd").
+    /// second time under the FUSE file (see README, "overlaybd images":
+    /// measured no slower to start a container, faster to read cold).
     pub loop_direct_io: bool,
 }
 
@@ -116,7 +117,7 @@ impl Default for SnapshotterConfig {
             fuse_passthrough: true,
             max_index_mb: tarn_fs::format::estargz::IndexBudget::DEFAULT_LIMIT >> 20,
             holder: true,
-            loop_direct_io: false,
+            loop_direct_io: true,
         }
     }
 }

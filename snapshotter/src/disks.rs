@@ -328,6 +328,7 @@ impl Disks {
                     metadata_bytes = w.metadata_bytes,
                     fetched_bytes = w.fetched_bytes,
                     directories = w.directories,
+                    file_extents = w.file_extents,
                     skipped = w.skipped,
                     cut = w.cut,
                     "overlaybd disk metadata warmed"

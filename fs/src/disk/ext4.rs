@@ -24,6 +24,7 @@ const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 const BG_INODE_UNINIT: u16 = 0x1;
 const S_IFMT: u16 = 0xF000;
 const S_IFDIR: u16 = 0x4000;
+const S_IFREG: u16 = 0x8000;
 const EXTENTS_FL: u32 = 0x8_0000;
 const INLINE_DATA_FL: u32 = 0x1000_0000;
 const EXTENT_MAGIC: u16 = 0xF30A;
@@ -209,9 +210,18 @@ impl Geometry {
     /// whose blocks are in an extent tree: the ranges of its leaves, or the
     /// tree's next nodes to read. Anything else names nothing.
     pub fn directory(&self, inode: &[u8]) -> Result<Node, Ext4Error> {
+        self.extents_of(inode, S_IFDIR)
+    }
+
+    /// The same for a regular file: where its data lies.
+    pub fn regular_file(&self, inode: &[u8]) -> Result<Node, Ext4Error> {
+        self.extents_of(inode, S_IFREG)
+    }
+
+    fn extents_of(&self, inode: &[u8], kind: u16) -> Result<Node, Ext4Error> {
         let mode = u16_at(inode, 0x0);
         let flags = u32_at(inode, 0x20);
-        if mode & S_IFMT != S_IFDIR
+        if mode & S_IFMT != kind
             || u16_at(inode, 0x1A) == 0
             || flags & EXTENTS_FL == 0
             || flags & INLINE_DATA_FL != 0
@@ -406,6 +416,16 @@ mod tests {
         let mut file = dir_inode(&node(0, &[leaf(500, 2)]));
         file[0..2].copy_from_slice(&0o100_644u16.to_le_bytes());
         assert_eq!(g.directory(&file).unwrap(), Node::default());
+        // As a regular file it names its data.
+        assert_eq!(
+            g.regular_file(&file).unwrap().leaves,
+            vec![500 * 4096..502 * 4096]
+        );
+        assert_eq!(
+            g.regular_file(&dir_inode(&node(0, &[leaf(500, 2)])))
+                .unwrap(),
+            Node::default()
+        );
         let mut gone = dir_inode(&node(0, &[leaf(500, 2)]));
         gone[0x1A] = 0;
         assert_eq!(g.directory(&gone).unwrap(), Node::default());

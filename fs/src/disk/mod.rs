@@ -149,6 +149,10 @@ impl DiskLayer {
 pub struct LazyDisk {
     layers: Vec<Arc<DiskLayer>>,
     map: DiskMap,
+    /// Where the ext4 tree's regular files lie (their extents, sorted),
+    /// once the warm pass has read it (`warm.rs`): a miss then fetches a
+    /// read-ahead window of its file with it ([`LazyDisk::read_cached`]).
+    files: std::sync::OnceLock<Vec<Range<u64>>>,
 }
 
 /// A disk read planned against the cache: the bytes the cache had, and
@@ -156,6 +160,9 @@ pub struct LazyDisk {
 pub struct DiskRead {
     out: Vec<u8>,
     pending: Vec<Missing>,
+    /// The rest of the files' windows around the missing parts, by layer:
+    /// fetched with them, not returned.
+    around: Vec<(u32, PendingRead)>,
 }
 
 /// One layer's part of a read that the cache lacks.
@@ -176,7 +183,11 @@ impl LazyDisk {
             .map(|l| l.virtual_size)
             .ok_or_else(|| ObdError::Stack("no layers".into()))?;
         let map = DiskMap::stack(layers.iter().map(|l| &l.extents[..]), size)?;
-        Ok(LazyDisk { layers, map })
+        Ok(LazyDisk {
+            layers,
+            map,
+            files: std::sync::OnceLock::new(),
+        })
     }
 
     /// Size of the disk in bytes.
@@ -242,7 +253,75 @@ impl LazyDisk {
                 }),
             }
         }
-        Ok(DiskRead { out, pending })
+        let around = if pending.is_empty() {
+            Vec::new()
+        } else {
+            self.around(&range, &pending)?
+        };
+        Ok(DiskRead {
+            out,
+            pending,
+            around,
+        })
+    }
+
+    /// What to fetch with a read of `range` whose `pending` parts miss: for
+    /// each, the window of the base read-ahead size (aligned) around it,
+    /// cut to the extent of the file it lies in, minus the read itself.
+    /// An ext4 file read at a few places (a library the loader maps, a
+    /// program's pages as they fault) then costs a round trip per window,
+    /// not per kernel request (128 KiB), and nothing beyond its file is
+    /// fetched. Nothing before the warm pass has mapped the files.
+    fn around(
+        &self,
+        range: &Range<u64>,
+        pending: &[Missing],
+    ) -> Result<Vec<(u32, PendingRead)>, DiskError> {
+        let Some(files) = self.files.get() else {
+            return Ok(Vec::new());
+        };
+        let mut wanted: Vec<Range<u64>> = Vec::new();
+        for m in pending {
+            let window = m.from.layer.read_around();
+            let at = range.start + m.at as u64;
+            let i = files.partition_point(|f| f.start <= at);
+            let Some(file) = i
+                .checked_sub(1)
+                .and_then(|i| files.get(i))
+                .filter(|f| f.end > at)
+            else {
+                continue;
+            };
+            if window == 0 {
+                continue;
+            }
+            let start = file.start.max(at / window * window);
+            let end = file.end.min(start.saturating_add(window));
+            for r in [start..range.start.min(end), range.end.max(start)..end] {
+                if r.start < r.end && !wanted.iter().any(|w| w.start <= r.start && r.end <= w.end) {
+                    wanted.push(r);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for r in wanted {
+            for seg in self.map.segments_in(sectors_of(&r)) {
+                let Source::Layer { layer, moffset } = seg.source else {
+                    continue;
+                };
+                let from = r.start.max(seg.start * SECTOR);
+                let to = r.end.min(seg.end() * SECTOR);
+                let raw = moffset * SECTOR + (from - seg.start * SECTOR);
+                let l = self
+                    .layers
+                    .get(layer_index(layer))
+                    .ok_or(DiskError::NoLayer(layer))?;
+                if let CachedRead::Miss(read) = l.layer.read_cached(LSMT_INO, raw, to - from)? {
+                    out.push((layer, read));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Reads through cache and fetch engine (the cache lookup on the
@@ -265,9 +344,23 @@ impl DiskRead {
     /// The bytes, once the layers' missing blocks are fetched (all layers'
     /// parts at once).
     pub async fn complete(self) -> Result<Vec<u8>, DiskError> {
-        let DiskRead { mut out, pending } = self;
-        let reads = pending.into_iter().map(|m| async move {
-            let data = match m.from.layer.complete(m.read).await {
+        let DiskRead {
+            mut out,
+            pending,
+            mut around,
+        } = self;
+        // Each layer's window goes with the first of its missing parts.
+        let parts: Vec<(Missing, Vec<PendingRead>)> = pending
+            .into_iter()
+            .map(|m| {
+                let (mine, rest): (Vec<_>, Vec<_>) =
+                    around.drain(..).partition(|(layer, _)| *layer == m.layer);
+                around = rest;
+                (m, mine.into_iter().map(|(_, r)| r).collect())
+            })
+            .collect();
+        let reads = parts.into_iter().map(|(m, with)| async move {
+            let data = match m.from.layer.complete_around(m.read, &with).await {
                 Ok(data) => data,
                 Err(e) => return Err(DiskError::from(e)),
             };

@@ -45,10 +45,14 @@ struct Fixture {
 /// The fixture image as a lazy disk without read-ahead (so a read fetches
 /// exactly the blocks it needs), and as the reference reader's disk.
 async fn fixture() -> Fixture {
+    fixture_with(0).await
+}
+
+async fn fixture_with(read_ahead: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(dir.path()).unwrap());
     let scheduler = FetchScheduler::new(SchedulerConfig {
-        read_ahead: 0,
+        read_ahead,
         ..SchedulerConfig::default()
     });
     let layers = fixture_layers();
@@ -275,4 +279,43 @@ async fn a_blob_whose_sha256_is_not_its_digest_fails_its_disk_and_leaves_the_cac
     f.blobs[top].heal();
     assert!(matches!(layer.verify().await, BlobCheck::Failed(_)));
     assert!(f.disk.read(1024, 1024).await.is_err());
+}
+
+/// Once the warm pass has mapped the ext4 tree's files, a miss inside a
+/// file fetches the window around it (the base read-ahead, aligned, cut to
+/// the file's extent) with it: the rest of that window is then read from
+/// the cache, the next window of the file is not fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_warm_pass_a_miss_fetches_its_files_window_and_no_further() {
+    const WINDOW: u64 = 256 << 10;
+    let f = fixture_with(WINDOW).await;
+    let w = f.disk.warm_metadata().await.unwrap();
+    assert!(w.file_extents > 0, "{w:?}");
+    let files = f.disk.files.get().expect("the files are mapped");
+    let big = files
+        .iter()
+        .find(|r| r.end - r.start >= 4 * WINDOW)
+        .cloned()
+        .expect("a file of a few windows (random5m)");
+    let window = (big.start / WINDOW + 1) * WINDOW..(big.start / WINDOW + 2) * WINDOW;
+    let at = window.start + 8192;
+    let gets = || f.blobs.iter().map(|b| b.reads().len()).sum::<usize>();
+    let before = gets();
+    let got = f.disk.read(at, 4096).await.unwrap();
+    assert_eq!(got, f.reference.read(at..at + 4096).await.unwrap());
+    assert!(gets() > before, "the read missed");
+    let sent = gets();
+    crate::testing::wait_until("the window to be cached", || {
+        f.disk
+            .read_cached(window.start, WINDOW)
+            .is_ok_and(|r| r.is_complete())
+    })
+    .await;
+    let whole = f.disk.read(window.start, WINDOW).await.unwrap();
+    assert_eq!(whole, f.reference.read(window.clone()).await.unwrap());
+    assert_eq!(gets(), sent, "the window came with the miss");
+    assert!(
+        !f.disk.read_cached(window.end, 4096).unwrap().is_complete(),
+        "the file's next window is not fetched"
+    );
 }

@@ -3,9 +3,9 @@
 //! a time (the used inode tables, then every directory's blocks, found
 //! through `ext4.rs`), with `Intent::Prefetch`, in merged GETs.
 //!
-//! Measured with `make bench` S6 (the reference image as overlaybd, RTT
-//! 100 ms): without it the container's start sent 148 GETs, most of them
-//! one after another. What it fetches is bounded ([`MAX_WARM_BYTES`],
+//! It also maps where every regular file's data lies (its extents), so a
+//! miss can fetch a window of its own file with it
+//! (`LazyDisk::around`). What it fetches is bounded ([`MAX_WARM_BYTES`],
 //! [`MAX_NODES`]); it stands down while the cache is under pressure, and
 //! a disk whose bytes are not ext4 as this walk knows it is left alone
 //! (the kernel's own reads still fetch what they need).
@@ -24,6 +24,8 @@ use crate::num::usize_from;
 pub const MAX_WARM_BYTES: u64 = 256 << 20;
 /// The most extent tree nodes one pass reads (beyond inodes' own roots).
 pub const MAX_NODES: usize = 65_536;
+/// The most file extents remembered for read-around (16 bytes each).
+pub const MAX_FILE_EXTENTS: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
@@ -43,6 +45,8 @@ pub struct Warmed {
     /// Bytes of blocks it fetched (the rest was cached).
     pub fetched_bytes: u64,
     pub directories: u64,
+    /// Extents of regular files mapped for read-around.
+    pub file_extents: u64,
     /// Directories whose extent tree was not followed (malformed).
     pub skipped: u64,
     /// Whether a bound cut the pass short, or the cache was under pressure.
@@ -82,8 +86,10 @@ impl LazyDisk {
             return Ok(w);
         }
         // Directories: their leaves to fetch, their deeper nodes to read.
+        // Regular files: where their data lies, for read-around.
         let mut dirs: Vec<Range<u64>> = Vec::new();
-        let mut nodes: Vec<(Range<u64>, u16)> = Vec::new();
+        let mut files: Vec<Range<u64>> = Vec::new();
+        let mut nodes: Vec<(Range<u64>, u16, bool)> = Vec::new();
         let stride = usize_from(g.inode_size);
         for table in &wanted {
             let mut at = table.start;
@@ -96,16 +102,22 @@ impl LazyDisk {
                         Ok(n) => {
                             w.directories += 1;
                             dirs.extend(n.leaves);
-                            nodes.extend(n.children);
+                            nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, true)));
                         }
                         Err(_) => w.skipped += 1,
+                    }
+                    if files.len() < MAX_FILE_EXTENTS
+                        && let Ok(n) = g.regular_file(inode)
+                    {
+                        files.extend(n.leaves);
+                        nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, false)));
                     }
                 }
                 at += len;
             }
         }
         let mut read_nodes = 0usize;
-        while let Some((r, depth)) = nodes.pop() {
+        while let Some((r, depth, dir)) = nodes.pop() {
             read_nodes += 1;
             if read_nodes > MAX_NODES || !take(&mut budget, &r) {
                 w.cut = true;
@@ -113,13 +125,22 @@ impl LazyDisk {
             }
             let block = self.read(r.start, r.end - r.start).await?;
             match g.node(&block, Some(depth)) {
-                Ok(n) => {
+                Ok(n) if dir => {
                     dirs.extend(n.leaves);
-                    nodes.extend(n.children);
+                    nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, true)));
+                }
+                Ok(n) => {
+                    files.extend(n.leaves);
+                    nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, false)));
                 }
                 Err(_) => w.skipped += 1,
             }
         }
+        files.truncate(MAX_FILE_EXTENTS);
+        files.sort_by_key(|r| r.start);
+        w.file_extents = files.len() as u64;
+        // A second pass (another container on the same stack) finds it set.
+        let _ = self.files.set(files);
         dirs.sort_by_key(|r| r.start);
         let mut fetch = Vec::new();
         'dirs: for r in dirs {

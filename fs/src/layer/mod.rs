@@ -162,6 +162,27 @@ impl Layer {
 
     /// Fetches what a planned read is missing and assembles its bytes.
     pub async fn complete(self: &Arc<Self>, pending: PendingRead) -> Result<Vec<u8>, LayerError> {
+        self.complete_with(pending, &[], true).await
+    }
+
+    /// For a disk's blob (one file, the LSMT file, never a program): like
+    /// [`Layer::complete`] without the library hints, also fetching what
+    /// `around` (reads the caller expects next: the rest of a disk file's
+    /// window) is missing, in the same GETs, as read-ahead.
+    pub async fn complete_around(
+        self: &Arc<Self>,
+        pending: PendingRead,
+        around: &[PendingRead],
+    ) -> Result<Vec<u8>, LayerError> {
+        self.complete_with(pending, around, false).await
+    }
+
+    async fn complete_with(
+        self: &Arc<Self>,
+        pending: PendingRead,
+        around: &[PendingRead],
+        library_hints: bool,
+    ) -> Result<Vec<u8>, LayerError> {
         let missing = pending.missing_chunks();
         let file = self
             .index
@@ -174,16 +195,35 @@ impl Layer {
             fetcher: &self.fetcher,
             streams: &self.streams,
         };
-        let ahead = planner.read_ahead(&missing, file);
+        let mut ahead = planner.read_ahead(&missing, file);
+        let mut seen: HashSet<_> = missing.iter().chain(&ahead).map(|c| c.digest).collect();
+        for c in around.iter().flat_map(PendingRead::missing_chunks) {
+            if seen.insert(c.digest) {
+                ahead.push(c);
+            }
+        }
         self.fetcher.speculating(Hint::ReadAhead, &ahead);
         let fetched = self
             .fetcher
             .fetch_with_read_ahead(&missing, &ahead, Intent::OnDemand)
             .await?;
-        self.prefetch_libraries(pending.ino);
+        if library_hints {
+            self.prefetch_libraries(pending.ino);
+        }
         let data = pending.assemble(&missing, &fetched);
         self.fetcher.stats().bytes_served(data.len() as u64);
         Ok(data)
+    }
+
+    /// How much of a disk file around a miss to fetch with it (the
+    /// scheduler's base read-ahead window), or 0 when speculation is off
+    /// or the cache is under pressure.
+    pub fn read_around(&self) -> u64 {
+        let config = self.fetcher.scheduler().config();
+        if !config.speculate || self.fetcher.cache().under_pressure() {
+            return 0;
+        }
+        config.read_ahead
     }
 
     /// Fetches what planned reads are missing, with `Intent::Prefetch` and

@@ -250,12 +250,12 @@ const SPECS: &[Spec] = &[
     },
     Spec {
         scenario: "S4",
-        name: "1 GiB read, overlaybd loop dio / overlayfs",
+        name: "1 GiB read, obd buffered loop / overlayfs",
         unit: "x",
         op: Op::Ge,
         target: f64::NAN,
         target_profiles: &[],
-        value: |v| ratio(v, "read-tarn-obd-dio", "read-overlayfs", "mb_per_s"),
+        value: |v| ratio(v, "read-tarn-obd-buffered", "read-overlayfs", "mb_per_s"),
     },
     Spec {
         scenario: "S4",
@@ -277,12 +277,19 @@ const SPECS: &[Spec] = &[
     },
     Spec {
         scenario: "S4",
-        name: "1 GiB read, dropped, overlaybd loop dio / ovl",
+        name: "1 GiB read, dropped, obd buffered loop / ovl",
         unit: "x",
         op: Op::Ge,
         target: f64::NAN,
         target_profiles: &[],
-        value: |v| ratio(v, "read-tarn-obd-dio", "read-overlayfs", "cold_mb_per_s"),
+        value: |v| {
+            ratio(
+                v,
+                "read-tarn-obd-buffered",
+                "read-overlayfs",
+                "cold_mb_per_s",
+            )
+        },
     },
     Spec {
         scenario: "S4",
@@ -304,7 +311,7 @@ const SPECS: &[Spec] = &[
     },
     Spec {
         scenario: "S4",
-        name: "1 GiB read, dropped: page cache, obd dio / ovl",
+        name: "1 GiB read, dropped: page cache, buffered / ovl",
         unit: "x",
         op: Op::Ge,
         target: f64::NAN,
@@ -312,7 +319,7 @@ const SPECS: &[Spec] = &[
         value: |v| {
             ratio(
                 v,
-                "read-tarn-obd-dio",
+                "read-tarn-obd-buffered",
                 "read-overlayfs",
                 "cold_page_cache_mb",
             )
@@ -329,12 +336,19 @@ const SPECS: &[Spec] = &[
     },
     Spec {
         scenario: "S4",
-        name: "walk 50k files, overlaybd loop dio / overlayfs",
+        name: "walk 50k files, obd buffered loop / overlayfs",
         unit: "x",
         op: Op::Ge,
         target: f64::NAN,
         target_profiles: &[],
-        value: |v| ratio(v, "walk-tarn-obd-dio", "walk-overlayfs", "entries_per_s"),
+        value: |v| {
+            ratio(
+                v,
+                "walk-tarn-obd-buffered",
+                "walk-overlayfs",
+                "entries_per_s",
+            )
+        },
     },
     Spec {
         scenario: "S4",
@@ -356,7 +370,7 @@ const SPECS: &[Spec] = &[
     },
     Spec {
         scenario: "S4",
-        name: "walk, dropped, overlaybd loop dio / overlayfs",
+        name: "walk, dropped, obd buffered loop / overlayfs",
         unit: "x",
         op: Op::Ge,
         target: f64::NAN,
@@ -364,7 +378,7 @@ const SPECS: &[Spec] = &[
         value: |v| {
             ratio(
                 v,
-                "walk-tarn-obd-dio",
+                "walk-tarn-obd-buffered",
                 "walk-overlayfs",
                 "cold_entries_per_s",
             )
@@ -381,12 +395,12 @@ const SPECS: &[Spec] = &[
     },
     Spec {
         scenario: "S6",
-        name: "overlaybd loop dio / overlayfs pull+run time",
+        name: "obd buffered loop / overlayfs pull+run time",
         unit: "x",
         op: Op::Ge,
         target: f64::NAN,
         target_profiles: &[],
-        value: |v| ratio(v, "tarn-obd-dio", "overlayfs", "secs"),
+        value: |v| ratio(v, "tarn-obd-buffered", "overlayfs", "secs"),
     },
     Spec {
         scenario: "S6",
