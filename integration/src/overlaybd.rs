@@ -82,10 +82,16 @@ impl ObdBed {
     /// registry over plain HTTP, serving metrics on a free port. `more`
     /// goes on in the `[fetch]` table (its other keys, then any tables).
     pub fn up(more: &str) -> ObdBed {
+        ObdBed::up_with(false, more)
+    }
+
+    /// The same with speculation (`[fetch] speculate`) as asked: on, the
+    /// daemon's defaults (read-around, the entrypoint and library hints).
+    pub fn up_with(speculate: bool, more: &str) -> ObdBed {
         let bed = Testbed::up(&[Component::Registry, Component::Containerd]).expect("test bed up");
         let metrics = crate::scrape::free_addr().expect("a free port");
         let config = format!(
-            "metrics_address = \"{metrics}\"\n[registry]\nplain_http = [\"{}\"]\n[fetch]\nspeculate = false\n{more}",
+            "metrics_address = \"{metrics}\"\n[registry]\nplain_http = [\"{}\"]\n[fetch]\nspeculate = {speculate}\n{more}",
             bed.registry().expect("registry")
         );
         let tarn = Daemon::start_with(Some(bed.dir().join("tarn.sock")), &config)

@@ -315,15 +315,7 @@ fn manifest_layers(reference: &str) -> Vec<(String, u64)> {
 #[test]
 fn the_reference_image_converted_by_tarn_runs_lazily_through_containerd() {
     let b = Bed::up();
-    let src = b.bed.push_image("multi").expect("push multi");
-    let dst = format!("{}/multi-obd:latest", b.bed.registry().unwrap());
-    let work = tempfile::tempdir().expect("work dir");
-    run_ok({
-        let mut c = Command::new(tarn_integration::bins::tarn().expect("tarn binary"));
-        c.args(["convert", "--format", "overlaybd", &src, &dst, "--work-dir"])
-            .arg(work.path());
-        c
-    });
+    let dst = convert(&b, "multi");
     let blobs = manifest_layers(&dst);
     let total: u64 = blobs.iter().map(|(_, s)| s).sum();
     let before = b.bed.registry_log().expect("registry log").len();
@@ -352,4 +344,75 @@ fn the_reference_image_converted_by_tarn_runs_lazily_through_containerd() {
         served * 4 < total,
         "a lazy pull and run of the converted image fetches a small part of it: {served} of {total}"
     );
+}
+
+/// Pushes the test bed's image `name` and converts it with `tarn convert
+/// --format overlaybd` to `<name>-obd:latest`; that reference.
+fn convert(b: &Bed, name: &str) -> String {
+    let src = b.bed.push_image(name).expect("push the image");
+    let dst = format!("{}/{name}-obd:latest", b.bed.registry().unwrap());
+    let work = tempfile::tempdir().expect("work dir");
+    run_ok({
+        let mut c = Command::new(tarn_integration::bins::tarn().expect("tarn binary"));
+        c.args(["convert", "--format", "overlaybd", &src, &dst, "--work-dir"])
+            .arg(work.path());
+        c
+    });
+    dst
+}
+
+/// With speculation on (the default), preparing a container's snapshot on
+/// an overlaybd disk finds the image's entrypoint (`python3`, through
+/// `PATH` and the link `python3 -> python3.11`) and the libraries it
+/// needs in the disk's ext4 tree and fetches them before the container
+/// runs; the loader then reads those libraries from the cache.
+#[test]
+fn an_overlaybd_images_entrypoint_and_its_libraries_are_fetched_before_it_runs() {
+    let b = Bed(ObdBed::up_with(true, "[snapshotter]\nholder = false\n"));
+    let image = convert(&b, "python");
+    b.rpull(&image);
+    let id = format!("obd-entry-{}", std::process::id());
+    let ctr = |args: &[&str]| {
+        let out = b.bed.ctr(args).expect("run ctr");
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&b.tarn.log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let program = "print('entrypoint ok')";
+    ctr(&[
+        "container",
+        "create",
+        "--snapshotter",
+        "tarn",
+        &image,
+        &id,
+        "--",
+        "python3",
+        "-c",
+        program,
+    ]);
+    let hint = |figure: &str, kind: &str| {
+        let series = format!("tarn_disk_hint_{figure}_bytes_total{{hint=\"{kind}\"}}");
+        tarn_integration::scrape::series(b.metrics, &series).unwrap_or(0)
+    };
+    wait_until(
+        "the entrypoint and its libraries fetched",
+        RECONNECT_TIMEOUT,
+        || (hint("fetched", "entrypoint") > 0 && hint("fetched", "library") > 0).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&b.tarn.log(), 30)));
+    let out = ctr(&["task", "start", &id]);
+    assert!(out.contains("entrypoint ok"), "{out:?}");
+    let used = hint("used", "library");
+    println!(
+        "entrypoint {} bytes fetched ahead; libraries {} fetched, {used} of them read by the loader",
+        hint("fetched", "entrypoint"),
+        hint("fetched", "library")
+    );
+    assert!(used > 0, "the loader read the libraries the hint fetched");
+    ctr(&["container", "rm", &id]);
 }

@@ -32,6 +32,7 @@ use prometheus_client::metrics::counter::Counter;
 use tarn_fs::Digest;
 use tarn_fs::disk::{DiskLayer, LazyDisk};
 use tarn_fs::fuse::MountOptions;
+use tarn_fs::layer::Entrypoint;
 
 use crate::errors::chain;
 use crate::holder::Holder;
@@ -305,10 +306,12 @@ impl Disks {
     }
 
     /// Fetches the ext4 metadata of the mounted stack `key` in the
-    /// background (`LazyDisk::warm_metadata`), once per stack: called when
-    /// a container's snapshot is prepared on it, so the image's lower
-    /// stacks, which no container reads, are not warmed.
-    pub fn warm(&self, key: &Digest) {
+    /// background (`LazyDisk::warm_metadata`), once per stack, then the
+    /// program `entry` names with its libraries
+    /// (`LazyDisk::prefetch_entrypoint`): called when a container's
+    /// snapshot is prepared on it, so the image's lower stacks, which no
+    /// container reads, are not warmed.
+    pub fn warm(&self, key: &Digest, entry: Option<Entrypoint>) {
         let Some(disk) = self.stacks_lock().get(key).cloned() else {
             return;
         };
@@ -335,7 +338,19 @@ impl Disks {
                 ),
                 Err(e) => tracing::info!(stack = %key, error = %chain(&e), "overlaybd disk metadata not warmed"),
             }
+            if let Some(entry) = entry {
+                let fetched = disk.prefetch_entrypoint(&entry).await;
+                tracing::info!(stack = %key, program = %entry.argv0, ?fetched, "overlaybd disk entrypoint prefetched");
+            }
         });
+    }
+
+    /// Whether stack `key` has been warmed already (or is being).
+    pub fn warmed(&self, key: &Digest) -> bool {
+        self.warmed
+            .lock()
+            .expect("warmed set poisoned")
+            .contains(key)
     }
 
     fn stacks_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<LazyDisk>>> {

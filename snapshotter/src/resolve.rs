@@ -310,7 +310,7 @@ impl Resolver {
             // The config names the entrypoint: fetched while layers open.
             let entry = (me.prefetch.is_some()).then(|| {
                 let (me, r, image) = (me.clone(), r.clone(), image.clone());
-                tokio::spawn(async move { me.entrypoint(&r, &image).await })
+                tokio::spawn(async move { me.config_entrypoint(&r, &image).await })
             });
             let mut opened = Vec::new();
             for desc in image.layers.iter().filter(|d| !skip.contains(&d.digest)) {
@@ -369,7 +369,11 @@ impl Resolver {
 
     /// The program `image`'s config runs, if it names one (`None` also when
     /// the config cannot be fetched: this only decides a prefetch).
-    async fn entrypoint(&self, image_ref: &str, image: &ResolvedImage) -> Option<Entrypoint> {
+    async fn config_entrypoint(
+        &self,
+        image_ref: &str,
+        image: &ResolvedImage,
+    ) -> Option<Entrypoint> {
         const MAX_CONFIG: u64 = 1 << 20;
         if image.config.size > MAX_CONFIG {
             return None;
@@ -458,6 +462,12 @@ impl Resolve for Arc<Resolver> {
 
     fn mounted(&self, digest: &Digest) {
         Resolver::mounted(self, digest)
+    }
+
+    async fn entrypoint(&self, image_ref: &str) -> Option<Entrypoint> {
+        self.prefetch?;
+        let image = self.image(image_ref).await.ok()?;
+        self.config_entrypoint(image_ref, &image).await
     }
 
     async fn disk_layer(

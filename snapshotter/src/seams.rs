@@ -19,6 +19,7 @@ use std::time::Duration;
 use tarn_fs::Digest;
 use tarn_fs::disk::DiskLayer;
 use tarn_fs::fetch::FetchStatsSnapshot;
+use tarn_fs::layer::Entrypoint;
 use tarn_fs::registry::{ClientStats, Reference, RegistryError, ResolvedImage};
 
 use crate::labels::RemoteLayer;
@@ -85,6 +86,12 @@ pub trait Resolve: Send + Sync + 'static {
         _blob_size: u64,
     ) -> impl Future<Output = Result<Arc<DiskLayer>, ResolveError>> + Send {
         async { Err(ResolveError::NoDisks) }
+    }
+
+    /// The program `image_ref`'s config runs, when entrypoint prefetch is
+    /// on (`[fetch] prefetch`); nothing for a resolver without a registry.
+    fn entrypoint(&self, _image_ref: &str) -> impl Future<Output = Option<Entrypoint>> + Send {
+        async { None }
     }
 
     /// What the registry client has received, mirrors apart (`tarn

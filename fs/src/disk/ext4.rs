@@ -25,6 +25,7 @@ const BG_INODE_UNINIT: u16 = 0x1;
 const S_IFMT: u16 = 0xF000;
 const S_IFDIR: u16 = 0x4000;
 const S_IFREG: u16 = 0x8000;
+const S_IFLNK: u16 = 0xA000;
 const EXTENTS_FL: u32 = 0x8_0000;
 const INLINE_DATA_FL: u32 = 0x1000_0000;
 const EXTENT_MAGIC: u16 = 0xF30A;
@@ -34,6 +35,10 @@ pub const MAX_EXTENT_DEPTH: u16 = 5;
 const MAX_INIT_EXTENT: u16 = 32768;
 /// Groups walked at most: 2^20 groups of 128 MiB is 128 TiB.
 const MAX_GROUPS: u64 = 1 << 20;
+/// The longest symbolic link target read (the kernel's `PATH_MAX`).
+pub const MAX_LINK: u64 = 4096;
+/// Where an inode keeps its extent tree's root, or a short link's target.
+const I_BLOCK: Range<usize> = 0x28..0x28 + 60;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Ext4Error {
@@ -228,10 +233,40 @@ impl Geometry {
         {
             return Ok(Node::default());
         }
-        let root = inode
-            .get(0x28..0x28 + 60)
-            .ok_or(Ext4Error::Extent("short inode"))?;
+        let root = inode.get(I_BLOCK).ok_or(Ext4Error::Extent("short inode"))?;
         self.node(root, None)
+    }
+
+    /// Where inode `ino`'s record lies on the disk, if its group's table
+    /// is among `tables` (the used ones) and it is within the used part.
+    pub fn inode_at(&self, tables: &[InodeTable], ino: u64) -> Option<Range<u64>> {
+        let group = ino.checked_sub(1)? / self.inodes_per_group;
+        let first = group * self.inodes_per_group + 1;
+        let i = tables
+            .binary_search_by_key(&first, |t| t.first_inode)
+            .ok()?;
+        let at = tables[i].bytes.start + (ino - first) * self.inode_size;
+        (at + self.inode_size <= tables[i].bytes.end).then(|| at..at + self.inode_size)
+    }
+
+    /// What a symbolic link's record says of its target: the target when
+    /// the record holds it (a short link), else where its one block lies.
+    /// `None` for anything that is not a link of at most [`MAX_LINK`] bytes.
+    pub fn link(&self, inode: &[u8]) -> Option<LinkTarget> {
+        let size = file_size(inode);
+        if u16_at(inode, 0x0) & S_IFMT != S_IFLNK || u16_at(inode, 0x1A) == 0 || size > MAX_LINK {
+            return None;
+        }
+        let flags = u32_at(inode, 0x20);
+        if flags & EXTENTS_FL == 0 {
+            // Short: the target is where the block map would be.
+            let target = inode.get(I_BLOCK)?.get(..usize::try_from(size).ok()?)?;
+            return (flags & INLINE_DATA_FL != 0 || size < 60)
+                .then(|| LinkTarget::Here(target.to_vec()));
+        }
+        let node = self.node(inode.get(I_BLOCK)?, None).ok()?;
+        let first = node.leaves.first().filter(|e| e.file == 0)?;
+        Some(LinkTarget::At(first.disk.start..first.disk.start + size))
     }
 
     /// One extent tree node (an inode's 60-byte root, or a block of the
@@ -258,10 +293,11 @@ impl Geometry {
                 }
                 let start = u64::from(u32_at(e, 8)) | (u64::from(u16_at(e, 6)) << 32);
                 if len > 0 {
-                    let r = self
+                    let disk = self
                         .blocks(start, len.into())
                         .ok_or(Ext4Error::Extent("extent outside the filesystem"))?;
-                    node.leaves.push(r);
+                    let file = u64::from(u32_at(e, 0)) * self.block_size;
+                    node.leaves.push(Extent { file, disk });
                 }
             } else {
                 let child = u64::from(u32_at(e, 4)) | (u64::from(u16_at(e, 8)) << 32);
@@ -282,12 +318,59 @@ pub struct InodeTable {
     pub first_inode: u64,
 }
 
-/// What one extent tree node names: data ranges (bytes of the disk), and
-/// nodes below it with the depth each must have.
+/// What one extent tree node names: data extents, and nodes below it
+/// with the depth each must have.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Node {
-    pub leaves: Vec<Range<u64>>,
+    pub leaves: Vec<Extent>,
     pub children: Vec<(Range<u64>, u16)>,
+}
+
+/// Bytes of a file: where they start in it, and where they lie on the
+/// disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    pub file: u64,
+    pub disk: Range<u64>,
+}
+
+/// A symbolic link's target, or where on the disk it lies.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkTarget {
+    Here(Vec<u8>),
+    At(Range<u64>),
+}
+
+/// Whether an inode's record is a live directory, or a regular file.
+pub fn kind_is(inode: &[u8], dir: bool) -> bool {
+    let want = if dir { S_IFDIR } else { S_IFREG };
+    u16_at(inode, 0x0) & S_IFMT == want && u16_at(inode, 0x1A) != 0
+}
+
+/// A file's size from its inode's record.
+pub fn file_size(inode: &[u8]) -> u64 {
+    u64::from(u32_at(inode, 0x4)) | (u64::from(u32_at(inode, 0x6C)) << 32)
+}
+
+/// The inode number of `name` in one block of a directory (its linear
+/// entries; an indexed directory's leaves are such blocks too, and its
+/// index blocks read as one empty entry). A malformed entry ends the
+/// block.
+pub fn dir_entry(block: &[u8], name: &[u8]) -> Option<u64> {
+    let mut at = 0usize;
+    while at + 8 <= block.len() {
+        let ino = u32_at(block, at);
+        let rec_len = usize::from(u16_at(block, at + 4));
+        let name_len = usize::from(block[at + 6]);
+        if rec_len < 8 || at + rec_len > block.len() || 8 + name_len > rec_len {
+            return None;
+        }
+        if ino != 0 && &block[at + 8..at + 8 + name_len] == name {
+            return Some(ino.into());
+        }
+        at += rec_len;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -386,7 +469,12 @@ mod tests {
     }
 
     fn leaf(start: u32, len: u16) -> [u8; 12] {
+        leaf_at(0, start, len)
+    }
+
+    fn leaf_at(logical: u32, start: u32, len: u16) -> [u8; 12] {
         let mut e = [0u8; 12];
+        e[0..4].copy_from_slice(&logical.to_le_bytes());
         e[4..6].copy_from_slice(&len.to_le_bytes());
         e[8..12].copy_from_slice(&start.to_le_bytes());
         e
@@ -406,7 +494,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             n.leaves,
-            vec![500 * 4096..502 * 4096],
+            vec![Extent {
+                file: 0,
+                disk: 500 * 4096..502 * 4096
+            }],
             "uninitialized extents fetch nothing"
         );
         let n = g.directory(&dir_inode(&node(1, &[index(700)]))).unwrap();
@@ -419,7 +510,10 @@ mod tests {
         // As a regular file it names its data.
         assert_eq!(
             g.regular_file(&file).unwrap().leaves,
-            vec![500 * 4096..502 * 4096]
+            vec![Extent {
+                file: 0,
+                disk: 500 * 4096..502 * 4096
+            }]
         );
         assert_eq!(
             g.regular_file(&dir_inode(&node(0, &[leaf(500, 2)])))
@@ -429,6 +523,88 @@ mod tests {
         let mut gone = dir_inode(&node(0, &[leaf(500, 2)]));
         gone[0x1A] = 0;
         assert_eq!(g.directory(&gone).unwrap(), Node::default());
+    }
+
+    #[test]
+    fn a_file_extent_says_where_in_the_file_it_starts() {
+        let g = Geometry::parse(&superblock(), DISK).unwrap();
+        let mut file = dir_inode(&node(0, &[leaf(500, 1), leaf_at(3, 800, 2)]));
+        file[0..2].copy_from_slice(&0o100_755u16.to_le_bytes());
+        let leaves = g.regular_file(&file).unwrap().leaves;
+        assert_eq!(leaves[1].file, 3 * 4096, "after a hole of two blocks");
+        assert_eq!(leaves[1].disk, 800 * 4096..802 * 4096);
+    }
+
+    #[test]
+    fn inodes_are_found_in_their_groups_used_table() {
+        let g = Geometry::parse(&superblock(), DISK).unwrap();
+        let tables = [
+            InodeTable {
+                bytes: 100 * 4096..100 * 4096 + 8192,
+                first_inode: 1,
+            },
+            InodeTable {
+                bytes: 40000 * 4096..40000 * 4096 + 4096,
+                first_inode: 8193,
+            },
+        ];
+        assert_eq!(
+            g.inode_at(&tables, 2),
+            Some(100 * 4096 + 256..100 * 4096 + 512)
+        );
+        assert_eq!(
+            g.inode_at(&tables, 8194),
+            Some(40000 * 4096 + 256..40000 * 4096 + 512)
+        );
+        assert_eq!(g.inode_at(&tables, 33), None, "past the used part");
+        assert_eq!(g.inode_at(&tables, 0), None);
+        assert_eq!(g.inode_at(&tables, 16385), None, "no such group");
+    }
+
+    #[test]
+    fn links_say_their_target_or_where_it_lies() {
+        let g = Geometry::parse(&superblock(), DISK).unwrap();
+        let mut short = vec![0u8; 256];
+        short[0..2].copy_from_slice(&0o120_777u16.to_le_bytes());
+        short[0x1A] = 1;
+        short[0x4] = 7;
+        short[0x28..0x2F].copy_from_slice(b"usr/lib");
+        assert_eq!(g.link(&short), Some(LinkTarget::Here(b"usr/lib".to_vec())));
+        let mut long = dir_inode(&node(0, &[leaf(900, 1)]));
+        long[0..2].copy_from_slice(&0o120_777u16.to_le_bytes());
+        long[0x4..0x6].copy_from_slice(&100u16.to_le_bytes());
+        assert_eq!(
+            g.link(&long),
+            Some(LinkTarget::At(900 * 4096..900 * 4096 + 100))
+        );
+        long[0x4..0x8].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        assert_eq!(g.link(&long), None, "longer than PATH_MAX");
+        assert_eq!(g.link(&dir_inode(&node(0, &[]))), None, "not a link");
+    }
+
+    #[test]
+    fn a_directory_block_names_its_entries() {
+        let mut block = vec![0u8; 1024];
+        let mut at = 0;
+        for (ino, name, rec) in [
+            (2u32, &b"."[..], 12u16),
+            (0, b"gone", 20),
+            (11, b"bin", 992),
+        ] {
+            block[at..at + 4].copy_from_slice(&ino.to_le_bytes());
+            block[at + 4..at + 6].copy_from_slice(&rec.to_le_bytes());
+            block[at + 6] = u8::try_from(name.len()).unwrap();
+            block[at + 8..at + 8 + name.len()].copy_from_slice(name);
+            at += usize::from(rec);
+        }
+        assert_eq!(dir_entry(&block, b"bin"), Some(11));
+        assert_eq!(dir_entry(&block, b"gone"), None, "a deleted entry");
+        assert_eq!(dir_entry(&block, b"bi"), None);
+        // A record length that runs past the block ends it.
+        block[12 + 4..12 + 6].copy_from_slice(&5000u16.to_le_bytes());
+        assert_eq!(dir_entry(&block, b"bin"), None);
+        block[12 + 4..12 + 6].copy_from_slice(&0u16.to_le_bytes());
+        assert_eq!(dir_entry(&block, b"bin"), None, "a zero length never loops");
     }
 
     #[test]

@@ -17,8 +17,13 @@
 //! ([`DiskLayer::start_background`], `verify.rs`): its background fetch,
 //! and the check of its sha256 against the descriptor's digest. A layer
 //! that fails it fails every read of a disk that stacks it.
+//!
+//! When a container is prepared on a disk, its ext4 metadata is fetched
+//! ahead of the kernel's lookups (`warm.rs`, through `ext4.rs`), then the
+//! image's entrypoint and its libraries (`hints.rs`).
 
 pub mod ext4;
+mod hints;
 mod verify;
 mod warm;
 
@@ -152,7 +157,12 @@ pub struct LazyDisk {
     /// Where the ext4 tree's regular files lie (their extents, sorted),
     /// once the warm pass has read it (`warm.rs`): a miss then fetches a
     /// read-ahead window of its file with it ([`LazyDisk::read_cached`]).
-    files: std::sync::OnceLock<Vec<Range<u64>>>,
+    files: std::sync::OnceLock<Vec<warm::FileExtent>>,
+    /// Where its inodes are, once the warm pass has read it: what the
+    /// entrypoint's lookup needs (`hints.rs`).
+    ext4: std::sync::OnceLock<warm::Ext4Map>,
+    /// Files already looked at for the libraries they need (`hints.rs`).
+    examined: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 /// A disk read planned against the cache: the bytes the cache had, and
@@ -163,6 +173,8 @@ pub struct DiskRead {
     /// The rest of the files' windows around the missing parts, by layer:
     /// fetched with them, not returned.
     around: Vec<(u32, PendingRead)>,
+    /// The files whose first bytes it misses ([`DiskRead::heads`]).
+    heads: Vec<u64>,
 }
 
 /// One layer's part of a read that the cache lacks.
@@ -187,6 +199,8 @@ impl LazyDisk {
             layers,
             map,
             files: std::sync::OnceLock::new(),
+            ext4: std::sync::OnceLock::new(),
+            examined: std::sync::Mutex::default(),
         })
     }
 
@@ -253,16 +267,38 @@ impl LazyDisk {
                 }),
             }
         }
-        let around = if pending.is_empty() {
-            Vec::new()
+        let (around, heads) = if pending.is_empty() {
+            (Vec::new(), Vec::new())
         } else {
-            self.around(&range, &pending)?
+            (self.around(&range, &pending)?, self.heads(&range, &pending))
         };
         Ok(DiskRead {
             out,
             pending,
             around,
+            heads,
         })
+    }
+
+    /// The files whose first bytes the `pending` parts of a read of
+    /// `range` miss (where a program is first read: `hints.rs`), by inode
+    /// number; none before the warm pass has mapped the files.
+    fn heads(&self, range: &Range<u64>, pending: &[Missing]) -> Vec<u64> {
+        let Some(files) = self.files.get() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for m in pending {
+            let lo = range.start + m.at as u64;
+            let hi = lo + m.want as u64;
+            let first = files.partition_point(|f| f.disk.start < lo);
+            for f in files[first..].iter().take_while(|f| f.disk.start < hi) {
+                if f.head != 0 && !out.contains(&u64::from(f.head)) {
+                    out.push(f.head.into());
+                }
+            }
+        }
+        out
     }
 
     /// What to fetch with a read of `range` whose `pending` parts miss: for
@@ -284,10 +320,11 @@ impl LazyDisk {
         for m in pending {
             let window = m.from.layer.read_around();
             let at = range.start + m.at as u64;
-            let i = files.partition_point(|f| f.start <= at);
+            let i = files.partition_point(|f| f.disk.start <= at);
             let Some(file) = i
                 .checked_sub(1)
                 .and_then(|i| files.get(i))
+                .map(|f| &f.disk)
                 .filter(|f| f.end > at)
             else {
                 continue;
@@ -331,7 +368,10 @@ impl LazyDisk {
         let planned = tokio::task::spawn_blocking(move || me.read_cached(offset, len))
             .await
             .map_err(|e| ObdError::Stack(format!("read planning: {e}")))??;
-        planned.complete().await
+        let heads = planned.heads().to_vec();
+        let data = planned.complete().await?;
+        self.prefetch_libraries(&heads);
+        Ok(data)
     }
 }
 
@@ -341,6 +381,12 @@ impl DiskRead {
         self.pending.is_empty()
     }
 
+    /// The files (inode numbers) whose first bytes this read misses: once
+    /// it is complete, [`LazyDisk::prefetch_libraries`] of them.
+    pub fn heads(&self) -> &[u64] {
+        &self.heads
+    }
+
     /// The bytes, once the layers' missing blocks are fetched (all layers'
     /// parts at once).
     pub async fn complete(self) -> Result<Vec<u8>, DiskError> {
@@ -348,6 +394,7 @@ impl DiskRead {
             mut out,
             pending,
             mut around,
+            heads: _,
         } = self;
         // Each layer's window goes with the first of its missing parts.
         let parts: Vec<(Missing, Vec<PendingRead>)> = pending

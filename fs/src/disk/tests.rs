@@ -294,8 +294,8 @@ async fn after_the_warm_pass_a_miss_fetches_its_files_window_and_no_further() {
     let files = f.disk.files.get().expect("the files are mapped");
     let big = files
         .iter()
+        .map(|f| f.disk.clone())
         .find(|r| r.end - r.start >= 4 * WINDOW)
-        .cloned()
         .expect("a file of a few windows (random5m)");
     let window = (big.start / WINDOW + 1) * WINDOW..(big.start / WINDOW + 2) * WINDOW;
     let at = window.start + 8192;
@@ -318,4 +318,98 @@ async fn after_the_warm_pass_a_miss_fetches_its_files_window_and_no_further() {
         !f.disk.read_cached(window.end, 4096).unwrap().is_complete(),
         "the file's next window is not fetched"
     );
+}
+
+/// After the warm pass, the image's entrypoint is found through the ext4
+/// tree (through `PATH`; a script, then its interpreter through the link
+/// `/bin/sh -> busybox`) and fetched ahead with `Intent::Prefetch`: the
+/// kernel's reads of them then send no GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_entrypoint_and_its_interpreter_are_found_in_the_ext4_tree_and_fetched_ahead() {
+    let f = fixture().await;
+    let entry = crate::layer::Entrypoint::from_config(
+        br#"{"config":{"Cmd":["run.sh"],"Env":["PATH=/usr/bin:/app"]}}"#,
+    )
+    .unwrap();
+    assert!(
+        f.disk.prefetch_entrypoint(&entry).await.is_empty(),
+        "nothing before the warm pass has mapped the disk"
+    );
+    f.disk.warm_metadata().await.unwrap();
+    let fetched = f.disk.prefetch_entrypoint(&entry).await;
+    assert_eq!(fetched, ["/app/run.sh", "/bin/sh"]);
+    let gets = || f.blobs.iter().map(|b| b.reads().len()).sum::<usize>();
+    let before = gets();
+    let on_demand = on_demand_bytes(&f.blobs);
+    let busybox = f.disk.file_extents("/bin/sh").await.expect("busybox");
+    let size: u64 = busybox.iter().map(|e| e.disk.end - e.disk.start).sum();
+    assert!(size >= 1_982_256, "{busybox:?}");
+    for e in &busybox {
+        let mut at = e.disk.start;
+        while at < e.disk.end {
+            let len = (e.disk.end - at).min(1 << 20);
+            let got = f.disk.read(at, len).await.unwrap();
+            assert_eq!(got, f.reference.read(at..at + len).await.unwrap());
+            at += len;
+        }
+    }
+    assert_eq!(gets(), before, "busybox was fetched ahead, whole");
+    assert_eq!(on_demand_bytes(&f.blobs), on_demand);
+    let hinted: u64 = f
+        .disk
+        .layers
+        .iter()
+        .map(|l| {
+            l.layer
+                .stats()
+                .hints
+                .get(crate::fetch::Hint::Entrypoint)
+                .fetched
+        })
+        .sum();
+    // Compressed bytes: busybox's ZFile blocks.
+    assert!(
+        hinted >= 1 << 20,
+        "counted as the entrypoint hint's: {hinted}"
+    );
+}
+
+/// Lookups follow the tree's links, relative and absolute, and stop at
+/// what the tree does not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_in_the_ext4_tree_follow_links_and_find_only_what_is_there() {
+    let f = fixture().await;
+    f.disk.warm_metadata().await.unwrap();
+    let hostname = f.disk.file_extents("/etc/hostname").await.unwrap();
+    assert_eq!(
+        f.disk.file_extents("/data/rel-link").await,
+        Some(hostname.clone())
+    );
+    assert_eq!(
+        f.disk.file_extents("/etc/abs-link").await,
+        Some(hostname.clone())
+    );
+    assert_eq!(
+        f.disk
+            .file_extents("/deep/a/b/../b/c/d/e/../../../../../../etc/hostname")
+            .await,
+        Some(hostname)
+    );
+    let leaf = f
+        .disk
+        .file_extents("/deep/a/b/c/d/e/leaf.txt")
+        .await
+        .unwrap();
+    let at = leaf[0].disk.start;
+    assert_eq!(
+        f.disk.read(at, 7).await.unwrap(),
+        f.reference.read(at..at + 7).await.unwrap()
+    );
+    assert_eq!(f.disk.file_extents("/etc/nothing").await, None);
+    assert_eq!(
+        f.disk.file_extents("/etc").await,
+        None,
+        "a directory is not a file"
+    );
+    assert_eq!(f.disk.file_extents("/data/empty").await, Some(Vec::new()));
 }

@@ -13,8 +13,9 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::ext4::{Ext4Error, Geometry, SUPERBLOCK};
+use super::ext4::{Ext4Error, Geometry, InodeTable, SUPERBLOCK};
 use super::{DiskError, LazyDisk, MAX_DISK_READ};
+use crate::fetch::Hint;
 use crate::format::overlaybd::stack::sectors_of;
 use crate::format::overlaybd::{SECTOR, Source};
 use crate::layer::PendingRead;
@@ -35,6 +36,46 @@ pub enum WarmError {
     Ext4(#[from] Ext4Error),
     #[error("warm planning: {0}")]
     Join(#[from] tokio::task::JoinError),
+}
+
+/// Where a disk's inodes are, once the warm pass has read it: what path
+/// lookups need (`hints.rs`).
+#[derive(Debug)]
+pub struct Ext4Map {
+    pub geometry: Geometry,
+    pub tables: Vec<InodeTable>,
+}
+
+/// Where some of a regular file's data lies on the disk; `head` is its
+/// inode number when these are its first bytes (0 otherwise), which is
+/// where a program is first read (`hints.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileExtent {
+    pub disk: Range<u64>,
+    pub head: u32,
+}
+
+impl FileExtent {
+    fn of(e: super::ext4::Extent, ino: u64) -> FileExtent {
+        let head = if e.file == 0 {
+            u32::try_from(ino).unwrap_or(0)
+        } else {
+            0
+        };
+        FileExtent { disk: e.disk, head }
+    }
+}
+
+/// The number of the inode whose record is at byte `at` of the disk, in
+/// one of `tables` (sorted by place).
+fn inode_number(tables: &[&InodeTable], at: u64, inode_size: u64) -> Option<u64> {
+    let i = tables
+        .partition_point(|t| t.bytes.start <= at)
+        .checked_sub(1)?;
+    let t = tables[i];
+    t.bytes
+        .contains(&at)
+        .then(|| t.first_inode + (at - t.bytes.start) / inode_size)
 }
 
 /// What one pass did.
@@ -81,63 +122,72 @@ impl LazyDisk {
             }
         }
         w.metadata_bytes += wanted.iter().map(|r| r.end - r.start).sum::<u64>();
-        w.fetched_bytes += self.prefetch(wanted.clone()).await?;
+        w.fetched_bytes += self.prefetch(wanted.clone(), None).await?;
         if !Geometry::extents(sb) {
             return Ok(w);
         }
+        let _ = self.ext4.set(Ext4Map {
+            geometry: g.clone(),
+            tables: tables.clone(),
+        });
         // Directories: their leaves to fetch, their deeper nodes to read.
         // Regular files: where their data lies, for read-around.
         let mut dirs: Vec<Range<u64>> = Vec::new();
-        let mut files: Vec<Range<u64>> = Vec::new();
-        let mut nodes: Vec<(Range<u64>, u16, bool)> = Vec::new();
+        let mut files: Vec<FileExtent> = Vec::new();
+        // Tree nodes to read: a directory's (`None`) or a file's.
+        let mut nodes: Vec<(Range<u64>, u16, Option<u64>)> = Vec::new();
         let stride = usize_from(g.inode_size);
+        let mut by_place: Vec<&InodeTable> = tables.iter().collect();
+        by_place.sort_by_key(|t| t.bytes.start);
         for table in &wanted {
+            let first = inode_number(&by_place, table.start, g.inode_size);
             let mut at = table.start;
             while at < table.end {
                 let len = (table.end - at).min(MAX_DISK_READ);
                 let bytes = self.read(at, len).await?;
-                for inode in bytes.chunks_exact(stride) {
+                for (i, inode) in (0u64..).zip(bytes.chunks_exact(stride)) {
                     match g.directory(inode) {
                         Ok(n) if n.leaves.is_empty() && n.children.is_empty() => {}
                         Ok(n) => {
                             w.directories += 1;
-                            dirs.extend(n.leaves);
-                            nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, true)));
+                            dirs.extend(n.leaves.into_iter().map(|e| e.disk));
+                            nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, None)));
                         }
                         Err(_) => w.skipped += 1,
                     }
                     if files.len() < MAX_FILE_EXTENTS
                         && let Ok(n) = g.regular_file(inode)
                     {
-                        files.extend(n.leaves);
-                        nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, false)));
+                        let ino = first.map_or(0, |f| f + (at - table.start) / g.inode_size + i);
+                        files.extend(n.leaves.into_iter().map(|e| FileExtent::of(e, ino)));
+                        nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, Some(ino))));
                     }
                 }
                 at += len;
             }
         }
         let mut read_nodes = 0usize;
-        while let Some((r, depth, dir)) = nodes.pop() {
+        while let Some((r, depth, file)) = nodes.pop() {
             read_nodes += 1;
             if read_nodes > MAX_NODES || !take(&mut budget, &r) {
                 w.cut = true;
                 break;
             }
             let block = self.read(r.start, r.end - r.start).await?;
-            match g.node(&block, Some(depth)) {
-                Ok(n) if dir => {
-                    dirs.extend(n.leaves);
-                    nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, true)));
+            match (g.node(&block, Some(depth)), file) {
+                (Ok(n), None) => {
+                    dirs.extend(n.leaves.into_iter().map(|e| e.disk));
+                    nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, None)));
                 }
-                Ok(n) => {
-                    files.extend(n.leaves);
-                    nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, false)));
+                (Ok(n), Some(ino)) => {
+                    files.extend(n.leaves.into_iter().map(|e| FileExtent::of(e, ino)));
+                    nodes.extend(n.children.into_iter().map(|(r, d)| (r, d, Some(ino))));
                 }
-                Err(_) => w.skipped += 1,
+                (Err(_), _) => w.skipped += 1,
             }
         }
         files.truncate(MAX_FILE_EXTENTS);
-        files.sort_by_key(|r| r.start);
+        files.sort_by_key(|f| f.disk.start);
         w.file_extents = files.len() as u64;
         // A second pass (another container on the same stack) finds it set.
         let _ = self.files.set(files);
@@ -153,7 +203,7 @@ impl LazyDisk {
             }
         }
         w.metadata_bytes += fetch.iter().map(|r| r.end - r.start).sum::<u64>();
-        w.fetched_bytes += self.prefetch(fetch).await?;
+        w.fetched_bytes += self.prefetch(fetch, None).await?;
         Ok(w)
     }
 
@@ -204,9 +254,13 @@ impl LazyDisk {
     }
 
     /// Fetches what the cache lacks of `ranges` with `Intent::Prefetch`,
-    /// each layer's part in one call (adjacent blocks in one GET); returns
-    /// the bytes fetched.
-    async fn prefetch(self: &Arc<Self>, ranges: Vec<Range<u64>>) -> Result<u64, WarmError> {
+    /// each layer's part in one call (adjacent blocks in one GET), counted
+    /// as `hint`'s if one is named; returns the bytes fetched.
+    pub(super) async fn prefetch(
+        self: &Arc<Self>,
+        ranges: Vec<Range<u64>>,
+        hint: Option<Hint>,
+    ) -> Result<u64, WarmError> {
         let me = self.clone();
         let by_layer = tokio::task::spawn_blocking(move || {
             let mut by_layer: Vec<Vec<PendingRead>> =
@@ -230,7 +284,7 @@ impl LazyDisk {
             .layers
             .iter()
             .zip(&by_layer)
-            .map(|(l, reads)| l.layer.prefetch_reads(reads));
+            .map(|(l, reads)| l.layer.prefetch_reads(reads, hint));
         let mut fetched = 0;
         for done in futures::future::join_all(fetches).await {
             fetched += done.map_err(DiskError::from)?;

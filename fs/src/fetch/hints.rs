@@ -86,6 +86,14 @@ impl HintCounts {
         self.0[hint.index()]
     }
 
+    /// Adds `other`'s figures to these (several layers' sum).
+    pub fn add(&mut self, other: &HintCounts) {
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            mine.fetched += theirs.fetched;
+            mine.used += theirs.used;
+        }
+    }
+
     /// `(hint, figures)` of the kinds that fetched anything.
     pub fn iter(&self) -> impl Iterator<Item = (Hint, HintCount)> + '_ {
         Hint::ALL

@@ -147,10 +147,16 @@ impl Filesystem for DiskFs {
             return reply.data(&planned.into_bytes());
         }
         let timed = timed.hand_over(self.ops.clone());
+        let disk = self.disk.clone();
         self.runtime.spawn(async move {
             let _timed = timed;
+            let heads = planned.heads().to_vec();
             match planned.complete().await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => {
+                    reply.data(&data);
+                    // A program just started: its libraries are next.
+                    disk.prefetch_libraries(&heads);
+                }
                 Err(e) => {
                     tracing::warn!(offset, error = %e, "disk read failed");
                     // The bytes cannot be had or trusted: an I/O error.

@@ -21,7 +21,7 @@
 //! point one way, from here to them.
 
 mod background;
-mod hints;
+pub(crate) mod hints;
 mod open;
 mod order;
 mod plan;
@@ -116,6 +116,11 @@ impl Layer {
     /// What each hint fetched for this layer, and what reads used of it.
     pub fn hint_stats(&self) -> HintCounts {
         self.fetcher.hints().snapshot()
+    }
+
+    /// The fetch scheduler of this layer's registry host.
+    pub fn scheduler(&self) -> &crate::fetch::FetchScheduler {
+        self.fetcher.scheduler()
     }
 
     /// Plans a read of `len` bytes at `offset` of regular file `ino` and
@@ -229,9 +234,14 @@ impl Layer {
     /// Fetches what planned reads are missing, with `Intent::Prefetch` and
     /// no read-ahead, adjacent chunks merged into as few GETs as the GET
     /// size cap allows; returns the bytes of the chunks fetched. For a
-    /// caller that knows what will be read soon (a disk's ext4 metadata):
-    /// nothing is assembled.
-    pub async fn prefetch_reads(&self, reads: &[PendingRead]) -> Result<u64, LayerError> {
+    /// caller that knows what will be read soon (a disk's ext4 metadata,
+    /// its entrypoint): nothing is assembled. Counted as `hint`'s bytes
+    /// (for its hit rate) when one is named.
+    pub async fn prefetch_reads(
+        &self,
+        reads: &[PendingRead],
+        hint: Option<Hint>,
+    ) -> Result<u64, LayerError> {
         let mut chunks = Vec::new();
         let mut seen = HashSet::new();
         for c in reads.iter().flat_map(PendingRead::missing_chunks) {
@@ -241,6 +251,9 @@ impl Layer {
         }
         if chunks.is_empty() {
             return Ok(0);
+        }
+        if let Some(hint) = hint {
+            self.fetcher.speculating(hint, &chunks);
         }
         self.fetcher.fetch(&chunks, Intent::Prefetch).await?;
         Ok(chunks.iter().map(|c| c.size).sum())

@@ -10,7 +10,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet}
 use prometheus_client::metrics::MetricType;
 use tarn_fs::Intent;
 use tarn_fs::cache::CacheStats;
-use tarn_fs::fetch::{FetchScheduler, Hint, HintCount};
+use tarn_fs::fetch::{FetchScheduler, Hint, HintCount, HintCounts};
 use tarn_fs::fuse::FuseOps;
 use tarn_fs::latency::{BOUNDS_MICROS, LatencySnapshot};
 use tarn_fs::registry::{RegistryClient, RegistryError};
@@ -43,6 +43,8 @@ pub struct SnapshotterFigures {
     /// Blobs of the mounted overlaybd disks by where their whole-blob
     /// check stands (every state, so each series exists from the start).
     pub disk_blobs: Vec<(&'static str, u64)>,
+    /// The mounted disks' blobs' hint figures, summed (each blob once).
+    pub disk_hints: HintCounts,
 }
 
 /// Reads [`SnapshotterFigures`] at each scrape through `read` (a closure,
@@ -236,6 +238,23 @@ fn snapshotter_figures(e: &mut Emit<'_, '_>, f: &SnapshotterFigures) -> fmt::Res
         f.disk_blobs
             .iter()
             .map(|(check, n)| ([("check", *check)], Value::Gauge(*n))),
+    )?;
+    e.family(
+        "tarn_disk_hint_fetched_bytes",
+        "Compressed bytes of the mounted overlaybd disks' blobs fetched before a read asked for them, by the kind of guess that fetched them",
+        Hint::ALL
+            .into_iter()
+            .map(|h| ([("hint", h.name())], Value::Counter(f.disk_hints.get(h).fetched))),
+    )?;
+    e.family(
+        "tarn_disk_hint_used_bytes",
+        "Of the disks' hint bytes, those of blocks a read used later",
+        Hint::ALL.into_iter().map(|h| {
+            (
+                [("hint", h.name())],
+                Value::Counter(f.disk_hints.get(h).used),
+            )
+        }),
     )?;
     let c = &f.cache;
     e.one(

@@ -38,6 +38,7 @@ fn figures_read_at_scrape_time_come_out_as_prometheus_text() {
         fallbacks: Cause::ALL.iter().map(|&c| (c, 0)).collect(),
         snapshots: 7,
         disk_blobs: vec![("verified", 2), ("failed", 1)],
+        disk_hints: tarn_fs::fetch::HintCounts::default(),
         cache: tarn_fs::cache::CacheStats {
             evictions: 3,
             evicted_bytes: 4096,

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use tarn_fs::Digest;
 use tarn_fs::disk::DiskLayer;
+use tarn_fs::fetch::HintCounts;
 use tarn_fs::format::overlaybd::stack::MAX_LAYERS;
 
 use super::{RemoteSnapshotter, Why, blocking};
@@ -171,8 +172,9 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
     /// called with the key's lock held.
     /// A snapshot (a container's) is being prepared on `parent`: if that is
     /// an overlaybd stack of tarn's, its ext4 metadata is fetched ahead of
-    /// the container's first lookups ([`Disks::warm`]). A node with no
-    /// disk mounted reads nothing for this.
+    /// the container's first lookups, then the image's entrypoint
+    /// ([`Disks::warm`]). A node with no disk mounted reads nothing for
+    /// this.
     pub(super) async fn warm_disk_under(&self, parent: &str) {
         if self.disks.known().is_empty() {
             return;
@@ -184,9 +186,16 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         if !labels::is_disk(&info.labels) {
             return;
         }
-        if let Some(key) = labels::remote_layer(&info.labels) {
-            self.disks.warm(&key);
-        }
+        let Some(key) = labels::remote_layer(&info.labels) else {
+            return;
+        };
+        let entry = match info.labels.get(labels::TARN_IMAGE_REF) {
+            Some(image_ref) if !self.disks.warmed(&key) => {
+                self.resolver.entrypoint(image_ref).await
+            }
+            _ => None,
+        };
+        self.disks.warm(&key, entry);
     }
 
     pub(super) async fn detach_disk(&self, key: Digest) {
@@ -279,6 +288,19 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             let name = l.check().name();
             if let Some((_, n)) = out.iter_mut().find(|(c, _)| *c == name) {
                 *n += 1;
+            }
+        }
+        out
+    }
+
+    /// The hint figures of the mounted disks' blobs, each blob once
+    /// however many stacks share it, summed, for the metrics.
+    pub(super) fn disk_hints(&self) -> HintCounts {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = HintCounts::default();
+        for l in self.disks.status().iter().flat_map(|d| &d.layers) {
+            if seen.insert(l.digest) {
+                out.add(&l.layer.hint_stats());
             }
         }
         out

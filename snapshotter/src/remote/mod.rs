@@ -727,6 +727,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             cache: self.cache.stats(),
             snapshots: self.sn.count()? as u64,
             disk_blobs: self.disk_checks(),
+            disk_hints: self.disk_hints(),
         })
     }
 }

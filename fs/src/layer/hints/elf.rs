@@ -162,7 +162,7 @@ const MAX_ROUNDS: usize = 4;
 
 /// What looking at a file's first bytes found.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Examined {
+pub(crate) enum Examined {
     /// Not a dynamically linked 64-bit little-endian ELF file.
     NotElf,
     /// An ELF file whose dynamic section or string table is not cached
@@ -173,7 +173,7 @@ pub(super) enum Examined {
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct Needs {
+pub(crate) struct Needs {
     /// `PT_INTERP`: the loader.
     pub interp: Option<Vec<u8>>,
     /// `DT_NEEDED`, in order.
@@ -221,7 +221,7 @@ struct Phdr {
 
 /// Reads the libraries of a file of `size` bytes through `read(offset,
 /// len)`, which answers from the cache only (`None`: not cached).
-pub(super) fn examine(size: u64, read: &dyn Fn(u64, usize) -> Option<Vec<u8>>) -> Examined {
+pub(crate) fn examine(size: u64, read: &dyn Fn(u64, usize) -> Option<Vec<u8>>) -> Examined {
     let mut interp = None;
     match try_examine(size, read, &mut interp) {
         Ok(Some(needs)) => Examined::Needs(needs),
@@ -345,7 +345,7 @@ fn until_nul(b: &[u8]) -> &[u8] {
 /// Where the loader looks for `name`: the runpath's absolute directories,
 /// then the system's (with the multiarch ones of `machine`). A name with a
 /// slash is a path of its own.
-pub(super) fn candidates(name: &[u8], needs: &Needs) -> Vec<Vec<u8>> {
+pub(crate) fn candidates(name: &[u8], needs: &Needs) -> Vec<Vec<u8>> {
     if name.contains(&b'/') {
         return if name.starts_with(b"/") {
             vec![name.to_vec()]
@@ -397,11 +397,39 @@ pub(super) fn resolve_dir(index: &LayerIndex, path: &[u8]) -> Option<u64> {
     resolve(index, path).filter(|&i| index.inode(i).is_some_and(|n| n.kind() == FileKind::Dir))
 }
 
-fn resolve(index: &LayerIndex, path: &[u8]) -> Option<u64> {
+/// A tree of files that paths are looked up in: a layer's index, or the
+/// ext4 tree of an overlaybd disk (`disk/hints.rs`).
+pub(crate) trait Tree {
+    /// The root directory's inode number.
+    fn root(&self) -> u64;
+    /// The inode of `name` in directory `dir`.
+    fn lookup(&self, dir: u64, name: &[u8]) -> Option<u64>;
+    /// Where `ino` points, if it is a symbolic link.
+    fn link(&self, ino: u64) -> Option<Vec<u8>>;
+}
+
+impl Tree for LayerIndex {
+    fn root(&self) -> u64 {
+        ROOT_INO
+    }
+
+    fn lookup(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        LayerIndex::lookup(self, dir, name)
+    }
+
+    fn link(&self, ino: u64) -> Option<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        (inode.kind() == FileKind::Symlink).then(|| self.link_target(&inode).to_vec())
+    }
+}
+
+/// What absolute `path` names in `tree`, following its symbolic links
+/// (at most 40, as the kernel does); `..` stops at the root.
+pub(crate) fn resolve(tree: &impl Tree, path: &[u8]) -> Option<u64> {
     const MAX_LINKS: usize = 40;
     // The directories walked so far, for `..`; the names still to walk,
     // last first.
-    let mut dirs = vec![ROOT_INO];
+    let mut dirs = vec![tree.root()];
     let mut todo: Vec<Vec<u8>> = components(path);
     let mut links = 0;
     while let Some(name) = todo.pop() {
@@ -415,20 +443,19 @@ fn resolve(index: &LayerIndex, path: &[u8]) -> Option<u64> {
             }
             _ => {}
         }
-        let ino = index.lookup(*dirs.last()?, &name)?;
-        let inode = index.inode(ino)?;
-        if inode.kind() == FileKind::Symlink {
-            links += 1;
-            if links > MAX_LINKS {
-                return None;
+        let ino = tree.lookup(*dirs.last()?, &name)?;
+        match tree.link(ino) {
+            Some(target) => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return None;
+                }
+                if target.starts_with(b"/") {
+                    dirs.truncate(1);
+                }
+                todo.extend(components(&target));
             }
-            let target = index.link_target(&inode);
-            if target.starts_with(b"/") {
-                dirs.truncate(1);
-            }
-            todo.extend(components(target));
-        } else {
-            dirs.push(ino);
+            None => dirs.push(ino),
         }
     }
     dirs.last().copied()

@@ -11,7 +11,11 @@
 //!   cached, the libraries it names that the layer holds are fetched.
 //! - `program`: the entrypoint: the program an image config runs (and its
 //!   interpreter and libraries) is fetched while the container is created.
+//!
+//! An overlaybd disk has no index of files: `disk/hints.rs` finds the
+//! entrypoint and its libraries through the disk's ext4 tree, with the
+//! path lookup (`elf::resolve`), ELF reading and candidates of these.
 
 pub(super) mod ahead;
-pub(super) mod elf;
-pub(super) mod program;
+pub(crate) mod elf;
+pub(crate) mod program;

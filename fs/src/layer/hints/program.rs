@@ -22,13 +22,13 @@ use crate::layer::{CachedRead, Layer};
 /// The image config's program; parsed with the manifest code.
 pub use crate::registry::Entrypoint;
 /// Interpreters followed: a script run by a script run by a program.
-const MAX_HOPS: usize = 3;
+pub(crate) const MAX_HOPS: usize = 3;
 /// Symbolic links followed across layers, per lookup.
 const MAX_LINKS: usize = 40;
 
 impl Entrypoint {
     /// The absolute paths `argv0` may be, in the order a shell tries them.
-    fn candidates(&self) -> Vec<String> {
+    pub(crate) fn candidates(&self) -> Vec<String> {
         if self.argv0.contains('/') {
             return vec![absolute(&self.workdir, &self.argv0)];
         }
@@ -120,7 +120,7 @@ pub async fn prefetch_entrypoint(layers: &[Arc<Layer>], entry: &Entrypoint) -> V
 }
 
 /// The interpreter a `#!` line names.
-fn interpreter(head: &[u8]) -> Option<String> {
+pub(crate) fn interpreter(head: &[u8]) -> Option<String> {
     let line = head.strip_prefix(b"#!")?.split(|&b| b == b'\n').next()?;
     let line = std::str::from_utf8(line).ok()?;
     let interp = line.split_whitespace().next()?;
