@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use tarn_proto::admin::{
-    Disk, Layer, LayerState, ListLayersRequest, ListLayersResponse, StatsRequest, StatsResponse,
-    admin_client::AdminClient,
+    Disk, HintStat, Layer, LayerState, ListLayersRequest, ListLayersResponse, StatsRequest,
+    StatsResponse, admin_client::AdminClient,
 };
 
 use tonic::transport::Channel;
@@ -111,7 +111,16 @@ fn render(layers: &[Layer], disk_list: &[Disk], stats: &StatsResponse) -> String
         }
     }
     out.push_str(&disks(disk_list));
-    out.push_str(&hints(layers));
+    // Each disk blob once, however many stacks share it.
+    let mut seen = std::collections::HashSet::new();
+    let blob_hints = disk_list
+        .iter()
+        .flat_map(|d| &d.blobs)
+        .filter(|b| seen.insert(b.digest.as_str()))
+        .flat_map(|b| &b.hints);
+    out.push_str(&hints(
+        layers.iter().flat_map(|l| &l.hints).chain(blob_hints),
+    ));
     out.push_str(&format!(
         "cache: {} in {} entries, hit rate {:.1}%; {} mounted layers, {} snapshots, {} fallbacks to full pulls{}\n",
         human(stats.cache_bytes),
@@ -184,12 +193,12 @@ fn disks(disks: &[Disk]) -> String {
     out
 }
 
-/// One line of what speculative fetches were worth, all layers together:
-/// per kind, the bytes fetched ahead of reads and the share a read used.
-/// Nothing when nothing was fetched ahead.
-fn hints(layers: &[Layer]) -> String {
+/// One line of what speculative fetches were worth, all layers and disk
+/// blobs together: per kind, the bytes fetched ahead of reads and the
+/// share a read used. Nothing when nothing was fetched ahead.
+fn hints<'a>(stats: impl Iterator<Item = &'a HintStat>) -> String {
     let mut kinds: Vec<(String, u64, u64)> = Vec::new();
-    for h in layers.iter().flat_map(|l| &l.hints) {
+    for h in stats {
         match kinds.iter_mut().find(|(k, _, _)| *k == h.kind) {
             Some((_, fetched, used)) => {
                 *fetched += h.fetched_bytes;
@@ -368,6 +377,14 @@ mod tests {
             ),
             "{text}"
         );
+        // A disk's blobs count too, each once however many stacks share it.
+        let mut d = disk();
+        d.blobs[0].hints = vec![hint("entrypoint", 1 << 20, 1 << 20)];
+        let text = render(&[], &[d.clone(), d], &stats());
+        assert!(
+            text.contains("fetched ahead of reads: entrypoint 1.0 MiB (100% used)\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -395,6 +412,7 @@ mod tests {
             verify_state: state.into(),
             hashed_bytes: 4 << 20,
             error: error.into(),
+            hints: Vec::new(),
         };
         Disk {
             key: format!("sha256:{}", "c".repeat(64)),

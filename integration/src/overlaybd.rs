@@ -50,6 +50,13 @@ pub fn fixture_blobs() -> Vec<(String, u64)> {
 /// to `registry` as `fixtures/obd:v1`; its reference there.
 pub fn push_fixture(registry: &str) -> String {
     let reference = format!("{registry}/fixtures/obd:v1");
+    push_layout(&overlaybd_fixtures().join("oci"), &reference);
+    reference
+}
+
+/// Copies the image tagged `v1` in the OCI layout `oci` to `reference`,
+/// digests kept.
+fn push_layout(oci: &std::path::Path, reference: &str) {
     let mut c = Command::new("skopeo");
     c.args([
         "copy",
@@ -57,12 +64,77 @@ pub fn push_fixture(registry: &str) -> String {
         "--preserve-digests",
         "--dest-tls-verify=false",
     ])
-    .arg(format!(
-        "oci:{}:v1",
-        overlaybd_fixtures().join("oci").display()
-    ))
+    .arg(format!("oci:{}:v1", oci.display()))
     .arg(format!("docker://{reference}"));
     run_ok(c);
+}
+
+/// Pushes the fixture with an acceleration layer on top, as overlaybd's
+/// `record-trace` leaves an image: a plain tar holding the file `trace`
+/// (`trace`'s bytes), annotated `acceleration-layer: yes` with its own
+/// blob digest and size, its diff ID appended to the config. Pushed to
+/// `registry` as `fixtures/obd-accel:v1`; its reference there.
+pub fn push_fixture_with_trace(registry: &str, trace: &[u8]) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let oci = dir.path().join("oci");
+    run_ok({
+        let mut c = Command::new("cp");
+        c.arg("-a").arg(overlaybd_fixtures().join("oci")).arg(&oci);
+        c
+    });
+    let blobs = oci.join("blobs/sha256");
+    let put = |bytes: &[u8]| -> (String, u64) {
+        let digest = tarn_fs::Digest::of(bytes).to_string();
+        std::fs::write(blobs.join(digest.trim_start_matches("sha256:")), bytes)
+            .expect("write blob");
+        (digest, bytes.len() as u64)
+    };
+    let get = |digest: &str| -> serde_json::Value {
+        let path = blobs.join(digest.trim_start_matches("sha256:"));
+        serde_json::from_slice(&std::fs::read(path).expect("read blob")).expect("json blob")
+    };
+    let layer = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(trace.len() as u64);
+        h.set_mode(0o444);
+        h.set_cksum();
+        b.append_data(&mut h, "trace", trace).expect("tar");
+        b.into_inner().expect("tar")
+    };
+    let (layer_digest, layer_size) = put(&layer);
+    let index_path = oci.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).expect("index")).expect("index json");
+    let mut manifest = get(index["manifests"][0]["digest"].as_str().expect("manifest"));
+    let mut config = get(manifest["config"]["digest"].as_str().expect("config"));
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .expect("diff_ids")
+        .push(layer_digest.clone().into());
+    let (config_digest, config_size) = put(&serde_json::to_vec(&config).expect("config"));
+    manifest["config"]["digest"] = config_digest.into();
+    manifest["config"]["size"] = config_size.into();
+    manifest["layers"]
+        .as_array_mut()
+        .expect("layers")
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest,
+            "size": layer_size,
+            "annotations": {
+                "containerd.io/snapshot/overlaybd/acceleration-layer": "yes",
+                "containerd.io/snapshot/overlaybd/blob-digest": layer_digest,
+                "containerd.io/snapshot/overlaybd/blob-size": layer_size.to_string(),
+                "containerd.io/snapshot/overlaybd/version": "0.1.0",
+            }
+        }));
+    let (manifest_digest, manifest_size) = put(&serde_json::to_vec(&manifest).expect("manifest"));
+    index["manifests"][0]["digest"] = manifest_digest.into();
+    index["manifests"][0]["size"] = manifest_size.into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).expect("index")).expect("write index");
+    let reference = format!("{registry}/fixtures/obd-accel:v1");
+    push_layout(&oci, &reference);
     reference
 }
 

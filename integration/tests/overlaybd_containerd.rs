@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tarn_integration::overlaybd::{ObdBed, RUN_OUT, fixture_blobs as blobs, run_ok, tail};
+use tarn_integration::overlaybd::{
+    ObdBed, RUN_OUT, fixture_blobs as blobs, push_fixture_with_trace, run_ok, tail,
+};
 use tarn_integration::wait::wait_until;
 
 /// containerd's proxy client backs off after a snapshotter restart, and
@@ -372,16 +374,7 @@ fn an_overlaybd_images_entrypoint_and_its_libraries_are_fetched_before_it_runs()
     let image = convert(&b, "python");
     b.rpull(&image);
     let id = format!("obd-entry-{}", std::process::id());
-    let ctr = |args: &[&str]| {
-        let out = b.bed.ctr(args).expect("run ctr");
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            tail(&b.tarn.log(), 30)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ctr = |args: &[&str]| ctr_ok(&b, args);
     let program = "print('entrypoint ok')";
     ctr(&[
         "container",
@@ -395,10 +388,7 @@ fn an_overlaybd_images_entrypoint_and_its_libraries_are_fetched_before_it_runs()
         "-c",
         program,
     ]);
-    let hint = |figure: &str, kind: &str| {
-        let series = format!("tarn_disk_hint_{figure}_bytes_total{{hint=\"{kind}\"}}");
-        tarn_integration::scrape::series(b.metrics, &series).unwrap_or(0)
-    };
+    let hint = |figure: &str, kind: &str| disk_hint(&b, figure, kind);
     wait_until(
         "the entrypoint and its libraries fetched",
         RECONNECT_TIMEOUT,
@@ -415,4 +405,87 @@ fn an_overlaybd_images_entrypoint_and_its_libraries_are_fetched_before_it_runs()
     );
     assert!(used > 0, "the loader read the libraries the hint fetched");
     ctr(&["container", "rm", &id]);
+}
+
+/// The metric `tarn_disk_hint_<figure>_bytes_total{hint="<kind>"}`.
+fn disk_hint(b: &Bed, figure: &str, kind: &str) -> u64 {
+    let series = format!("tarn_disk_hint_{figure}_bytes_total{{hint=\"{kind}\"}}");
+    tarn_integration::scrape::series(b.metrics, &series).unwrap_or(0)
+}
+
+/// `ctr args`, which must succeed; its output.
+fn ctr_ok(b: &Bed, args: &[&str]) -> String {
+    let out = b.bed.ctr(args).expect("run ctr");
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&b.tarn.log(), 30)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An image with an acceleration layer (a recorded trace, as overlaybd's
+/// `record-trace` leaves one) is served as its disks: the acceleration
+/// layer adds no disk and nothing to the container's tree; preparing a
+/// container on it replays the trace, whose reads of each layer are
+/// fetched before the container runs.
+#[test]
+fn an_acceleration_layers_trace_is_replayed_before_the_container_runs() {
+    use tarn_fs::format::overlaybd::trace::{Trace, TraceRead};
+    let b = Bed(ObdBed::up_with(true, "[snapshotter]\nholder = false\n"));
+    let reads: Vec<TraceRead> = (0..3)
+        .map(|layer| TraceRead {
+            layer,
+            offset: 0,
+            count: 1 << 20,
+        })
+        .collect();
+    let image = push_fixture_with_trace(b.bed.registry().unwrap(), &Trace::encode(&reads));
+    b.rpull(&image);
+    assert_eq!(
+        b.answers(),
+        4,
+        "every layer served:\n{}",
+        tail(&b.tarn.log(), 30)
+    );
+    assert_eq!(b.loops().len(), 3, "the acceleration layer adds no disk");
+    let id = format!("obd-accel-{}", std::process::id());
+    ctr_ok(
+        &b,
+        &[
+            "container",
+            "create",
+            "--snapshotter",
+            "tarn",
+            &image,
+            &id,
+            "/app/run.sh",
+        ],
+    );
+    wait_until("the trace replayed", RECONNECT_TIMEOUT, || {
+        (disk_hint(&b, "fetched", "trace") > 0).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&b.tarn.log(), 30)));
+    assert_ran(&ctr_ok(&b, &["task", "start", &id]));
+    ctr_ok(&b, &["container", "rm", &id]);
+    let root = ctr_ok(
+        &b,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "tarn",
+            &image,
+            &format!("{id}-ls"),
+            "/bin/ls",
+            "/",
+        ],
+    );
+    assert!(root.contains("app") && !root.contains("trace"), "{root:?}");
+    println!(
+        "trace: {} bytes fetched ahead, {} of them read by the container",
+        disk_hint(&b, "fetched", "trace"),
+        disk_hint(&b, "used", "trace")
+    );
 }

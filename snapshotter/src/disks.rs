@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::metrics::counter::Counter;
 use tarn_fs::Digest;
 use tarn_fs::disk::{DiskLayer, LazyDisk};
+use tarn_fs::format::overlaybd::trace::Trace;
 use tarn_fs::fuse::MountOptions;
 use tarn_fs::layer::Entrypoint;
 
@@ -311,7 +312,7 @@ impl Disks {
     /// (`LazyDisk::prefetch_entrypoint`): called when a container's
     /// snapshot is prepared on it, so the image's lower stacks, which no
     /// container reads, are not warmed.
-    pub fn warm(&self, key: &Digest, entry: Option<Entrypoint>) {
+    pub fn warm(&self, key: &Digest, entry: Option<Entrypoint>, trace: Option<Trace>) {
         let Some(disk) = self.stacks_lock().get(key).cloned() else {
             return;
         };
@@ -325,7 +326,22 @@ impl Disks {
         }
         let key = *key;
         self.runtime.spawn(async move {
-            match disk.warm_metadata().await {
+            // Recorded reads need no map of the tree: replayed beside the
+            // warm pass. A list of files is looked up after it.
+            let replay = |t: Option<Trace>| {
+                let disk = disk.clone();
+                async move {
+                    let Some(t) = t else { return };
+                    let asked = disk.replay(&t).await;
+                    tracing::info!(stack = %key, entries = t.len(), asked, "overlaybd trace replayed");
+                }
+            };
+            let (reads, files) = match trace {
+                Some(Trace::Reads(r)) => (Some(Trace::Reads(r)), None),
+                other => (None, other),
+            };
+            let (warmed, ()) = futures::join!(disk.warm_metadata(), replay(reads));
+            match warmed {
                 Ok(w) => tracing::info!(
                     stack = %key,
                     metadata_bytes = w.metadata_bytes,
@@ -338,6 +354,7 @@ impl Disks {
                 ),
                 Err(e) => tracing::info!(stack = %key, error = %chain(&e), "overlaybd disk metadata not warmed"),
             }
+            replay(files).await;
             if let Some(entry) = entry {
                 let fetched = disk.prefetch_entrypoint(&entry).await;
                 tracing::info!(stack = %key, program = %entry.argv0, ?fetched, "overlaybd disk entrypoint prefetched");

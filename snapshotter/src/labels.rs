@@ -36,6 +36,10 @@ pub const TARN_BLOB_SIZE: &str = "containerd.io/snapshot/tarn.blob-size";
 /// bottom first as `digest@size,...` (`crate::obd::stack_label`). Its
 /// [`TARN_LAYER_DIGEST`] is then the stack's key, not a blob.
 pub const TARN_OBD_STACK: &str = "containerd.io/snapshot/tarn.obd-stack";
+/// On the snapshot of an overlaybd image's acceleration layer: its blob
+/// (`digest@size`), whose trace is replayed when a container is prepared
+/// on it. The snapshot's stack is its parent's.
+pub const TARN_OBD_TRACE: &str = "containerd.io/snapshot/tarn.obd-trace";
 
 /// A layer to serve lazily, as a Prepare describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -37,6 +37,9 @@ pub const OBD_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
 pub const OBD_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
 pub const OBD_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-size";
 pub const OBD_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
+/// `yes` on an image's acceleration layer: a plain tar holding the trace
+/// to replay (`tarn_fs::format::overlaybd::trace`), not a disk layer.
+pub const OBD_ACCELERATION: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
 
 /// The one filesystem an overlaybd disk is mounted as here (the reference
 /// tools' default; `noload` is ext4's).
@@ -73,6 +76,11 @@ pub fn overlaybd_layer(
 ) -> Option<Result<ObdLabels, ObdLabelError>> {
     labels.get(OBD_VERSION)?;
     Some(read_labels(labels))
+}
+
+/// Whether the labels name an acceleration layer ([`OBD_ACCELERATION`]).
+pub fn acceleration_layer(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(OBD_ACCELERATION).is_some_and(|v| v == "yes")
 }
 
 fn read_labels(labels: &BTreeMap<String, String>) -> Result<ObdLabels, ObdLabelError> {

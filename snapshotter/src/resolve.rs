@@ -22,12 +22,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use tarn_fs::Digest;
+use tarn_fs::Intent;
 use tarn_fs::cache::Cache;
 use tarn_fs::disk::DiskLayer;
 use tarn_fs::fetch::FetchScheduler;
 use tarn_fs::format::Estargz;
+use tarn_fs::format::overlaybd::trace::{self, Trace};
 use tarn_fs::layer::{Entrypoint, Layer};
-use tarn_fs::registry::{ClientStats, Reference, RegistryClient, ResolvedImage};
+use tarn_fs::registry::{ClientStats, Reference, RegistryClient, RegistryError, ResolvedImage};
 
 use crate::labels::{RemoteLayer, TOC_DIGEST};
 use crate::locks::Singleflight;
@@ -369,6 +371,36 @@ impl Resolver {
 
     /// The program `image`'s config runs, if it names one (`None` also when
     /// the config cannot be fetched: this only decides a prefetch).
+    /// The trace in the acceleration layer `digest` of `image_ref`: the
+    /// blob read whole in one ranged GET (at most
+    /// [`trace::MAX_TRACE_BLOB`] bytes), its sha256 checked, then parsed.
+    async fn fetch_trace(
+        &self,
+        image_ref: &str,
+        digest: Digest,
+        blob_size: u64,
+    ) -> Result<Trace, TraceError> {
+        if blob_size == 0 || blob_size > trace::MAX_TRACE_BLOB {
+            return Err(TraceError::Size(blob_size));
+        }
+        let reference: Reference = image_ref.parse()?;
+        self.connected(reference.repository.host()).await;
+        let blob = self
+            .client
+            .read_range(
+                &reference.repository,
+                &digest,
+                0..blob_size,
+                Intent::Prefetch,
+            )
+            .await?;
+        let actual = Digest::of(&blob);
+        if actual != digest {
+            return Err(TraceError::Digest(actual));
+        }
+        Ok(Trace::from_layer(&blob)?)
+    }
+
     async fn config_entrypoint(
         &self,
         image_ref: &str,
@@ -437,6 +469,19 @@ impl Resolver {
     }
 }
 
+/// Why an acceleration layer's trace is not replayed.
+#[derive(Debug, thiserror::Error)]
+enum TraceError {
+    #[error("blob of {0} bytes (at most {max})", max = trace::MAX_TRACE_BLOB)]
+    Size(u64),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("blob's sha256 is {0}, not its digest")]
+    Digest(Digest),
+    #[error(transparent)]
+    Format(#[from] tarn_fs::format::overlaybd::ObdError),
+}
+
 impl Resolve for Arc<Resolver> {
     type Layer = Arc<Layer>;
 
@@ -462,6 +507,12 @@ impl Resolve for Arc<Resolver> {
 
     fn mounted(&self, digest: &Digest) {
         Resolver::mounted(self, digest)
+    }
+
+    async fn trace(&self, image_ref: &str, digest: Digest, blob_size: u64) -> Option<Trace> {
+        let got = self.fetch_trace(image_ref, digest, blob_size).await;
+        got.map_err(|e| tracing::warn!(image = %image_ref, layer = %digest, error = %e, "acceleration layer's trace not replayed"))
+            .ok()
     }
 
     async fn entrypoint(&self, image_ref: &str) -> Option<Entrypoint> {

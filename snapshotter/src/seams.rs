@@ -19,6 +19,7 @@ use std::time::Duration;
 use tarn_fs::Digest;
 use tarn_fs::disk::DiskLayer;
 use tarn_fs::fetch::FetchStatsSnapshot;
+use tarn_fs::format::overlaybd::trace::Trace;
 use tarn_fs::layer::Entrypoint;
 use tarn_fs::registry::{ClientStats, Reference, RegistryError, ResolvedImage};
 
@@ -91,6 +92,19 @@ pub trait Resolve: Send + Sync + 'static {
     /// The program `image_ref`'s config runs, when entrypoint prefetch is
     /// on (`[fetch] prefetch`); nothing for a resolver without a registry.
     fn entrypoint(&self, _image_ref: &str) -> impl Future<Output = Option<Entrypoint>> + Send {
+        async { None }
+    }
+
+    /// The trace of an overlaybd image's acceleration layer `digest`
+    /// (`blob_size` bytes) of `image_ref`, fetched whole and verified;
+    /// nothing (and a log line) if it cannot be had or read, and for a
+    /// resolver without a registry.
+    fn trace(
+        &self,
+        _image_ref: &str,
+        _digest: Digest,
+        _blob_size: u64,
+    ) -> impl Future<Output = Option<Trace>> + Send {
         async { None }
     }
 

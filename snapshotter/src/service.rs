@@ -319,16 +319,7 @@ impl Admin for AdminService {
                         .get(&l.digest)
                         .map(|n| n.join(","))
                         .unwrap_or_default(),
-                    hints: l
-                        .stats
-                        .hints
-                        .iter()
-                        .map(|(hint, c)| admin::HintStat {
-                            kind: hint.name().to_owned(),
-                            fetched_bytes: c.fetched,
-                            used_bytes: c.used,
-                        })
-                        .collect(),
+                    hints: hint_stats(&l.stats.hints),
                     served_since_unix: l.service.map_or(0, |s| {
                         s.since
                             .duration_since(std::time::UNIX_EPOCH)
@@ -362,6 +353,7 @@ impl Admin for AdminService {
                             verify_state: check.name().to_owned(),
                             hashed_bytes: l.hashed_bytes(),
                             error,
+                            hints: hint_stats(&l.layer.hint_stats()),
                         }
                     })
                     .collect(),
@@ -443,6 +435,19 @@ impl Admin for AdminService {
             disk_bytes_after: p.disk_after,
         }))
     }
+}
+
+/// A layer's hint figures for the admin API: the kinds that fetched
+/// anything.
+fn hint_stats(hints: &tarn_fs::fetch::HintCounts) -> Vec<admin::HintStat> {
+    hints
+        .iter()
+        .map(|(hint, c)| admin::HintStat {
+            kind: hint.name().to_owned(),
+            fetched_bytes: c.fetched,
+            used_bytes: c.used,
+        })
+        .collect()
 }
 
 #[cfg(test)]

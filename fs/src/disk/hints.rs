@@ -4,7 +4,9 @@
 //! read that misses a file's first bytes: `DiskRead::heads`), its
 //! libraries fetched once its headers are in. What `layer/hints` does for
 //! eStargz layers, with paths looked up in the disk's own ext4 tree
-//! instead of a TOC. Each file is looked at once per disk.
+//! instead of a TOC. Each file is looked at once per disk. An image's
+//! recorded trace (its acceleration layer, `format::overlaybd::trace`) is
+//! replayed here too ([`LazyDisk::replay`]).
 //!
 //! It runs after the warm pass (`warm.rs`), which has fetched the inode
 //! tables and every directory's blocks and kept where the tables are: a
@@ -26,12 +28,15 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::ext4::{self, Extent, LinkTarget};
-use super::warm::Ext4Map;
-use super::{LazyDisk, MAX_DISK_READ};
+use super::warm::{Ext4Map, WarmError};
+use super::{DiskError, LazyDisk, MAX_DISK_READ};
 use crate::fetch::{FetchScheduler, Hint};
+use crate::format::overlaybd::LSMT_INO;
+use crate::format::overlaybd::trace::{Trace, TraceRead};
 use crate::layer::Entrypoint;
 use crate::layer::hints::elf::{self, Examined, Tree};
 use crate::layer::hints::program;
+use crate::layer::{CachedRead, PendingRead};
 use crate::num::usize_from;
 
 /// ext4's root directory.
@@ -114,6 +119,118 @@ impl LazyDisk {
             .expect("examined set poisoned")
             .insert(ino)
     }
+}
+
+/// The most bytes one trace replay fetches.
+const MAX_REPLAY_BYTES: u64 = 512 << 20;
+
+impl LazyDisk {
+    /// Replays an acceleration layer's trace (`format::overlaybd::trace`)
+    /// with `Intent::Prefetch`, counted as [`Hint::Trace`]: recorded reads
+    /// in their order, a batch at a time (each layer's part of a batch in
+    /// merged GETs), or the files of a list whole. Reads of a layer this
+    /// disk does not have, or past its file, fetch nothing. Returns the
+    /// bytes asked for; nothing when speculation is off, and for a list
+    /// nothing before the warm pass has mapped the disk.
+    pub async fn replay(self: &Arc<Self>, trace: &Trace) -> u64 {
+        let Some(first) = self.layers.first() else {
+            return 0;
+        };
+        let scheduler = first.layer.scheduler().clone();
+        if !scheduler.config().speculate {
+            return 0;
+        }
+        let batch = scheduler.config().read_ahead_max.max(1 << 20);
+        let mut asked = 0u64;
+        match trace {
+            Trace::Reads(reads) => {
+                for part in batches(reads, batch) {
+                    if asked >= MAX_REPLAY_BYTES {
+                        break;
+                    }
+                    asked += part.iter().map(|r| r.count).sum::<u64>();
+                    if self.replay_reads(part).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Trace::Files(paths) => {
+                let (me, paths) = (self.clone(), paths.clone());
+                let rt = tokio::runtime::Handle::current();
+                asked = tokio::task::spawn_blocking(move || {
+                    let Some(map) = me.ext4.get() else { return 0 };
+                    let tree = DiskTree { disk: &me, map, rt };
+                    let mut asked = 0;
+                    for path in paths {
+                        let Some(file) = tree.file(path.as_bytes()) else {
+                            continue;
+                        };
+                        let len = file.size.min(MAX_REPLAY_BYTES - asked);
+                        if len == 0 || !tree.fetch(head(&file.extents, len), Hint::Trace) {
+                            break;
+                        }
+                        asked += len;
+                    }
+                    asked
+                })
+                .await
+                .unwrap_or_default();
+            }
+        }
+        asked
+    }
+
+    /// Fetches what the cache lacks of `reads` (of the layers' LSMT
+    /// files), each layer's part in one call.
+    async fn replay_reads(self: &Arc<Self>, reads: &[TraceRead]) -> Result<(), WarmError> {
+        let (me, reads) = (self.clone(), reads.to_vec());
+        let by_layer = tokio::task::spawn_blocking(move || {
+            let mut by_layer: Vec<Vec<PendingRead>> =
+                (0..me.layers.len()).map(|_| Vec::new()).collect();
+            for r in reads {
+                let Some(l) = me.layers.get(usize_from(r.layer.into())) else {
+                    continue;
+                };
+                if let Ok(CachedRead::Miss(p)) = l.layer.read_cached(LSMT_INO, r.offset, r.count) {
+                    by_layer[usize_from(r.layer.into())].push(p);
+                }
+            }
+            by_layer
+        })
+        .await?;
+        let fetches = self
+            .layers
+            .iter()
+            .zip(&by_layer)
+            .map(|(l, reads)| l.layer.prefetch_reads(reads, Some(Hint::Trace)));
+        for done in futures::future::join_all(fetches).await {
+            done.map_err(DiskError::from)?;
+        }
+        Ok(())
+    }
+}
+
+/// `reads` cut into runs of about `bytes` each, in order.
+fn batches(reads: &[TraceRead], bytes: u64) -> impl Iterator<Item = &[TraceRead]> {
+    let mut rest = reads;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut sum = 0;
+        let n = rest
+            .iter()
+            .take_while(|r| {
+                let take = sum < bytes;
+                sum += r.count;
+                take
+            })
+            .count()
+            .max(1);
+        let (part, tail) = rest.split_at(n);
+        rest = tail;
+        Some(part)
+    })
 }
 
 /// How much of each file to fetch.

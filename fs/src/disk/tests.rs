@@ -413,3 +413,67 @@ async fn lookups_in_the_ext4_tree_follow_links_and_find_only_what_is_there() {
     );
     assert_eq!(f.disk.file_extents("/data/empty").await, Some(Vec::new()));
 }
+
+/// A recorded trace replays ahead: the reads it names of each layer's
+/// LSMT file are fetched with `Intent::Prefetch` and counted as the trace
+/// hint's; a read of a layer the disk does not have fetches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_trace_fetches_its_reads_of_each_layer_ahead() {
+    use crate::format::overlaybd::trace::{Trace, TraceRead};
+    let f = fixture().await;
+    let read = |layer, offset, count| TraceRead {
+        layer,
+        offset,
+        count,
+    };
+    let trace = Trace::Reads(vec![
+        read(0, 0, 256 << 10),
+        read(2, 4096, 8192),
+        read(9, 0, 4096),
+    ]);
+    f.disk.replay(&trace).await;
+    for (layer, offset, count) in [(0usize, 0, 256 << 10), (2, 4096, 8192)] {
+        let l = &f.disk.layers[layer].layer;
+        assert!(
+            matches!(
+                l.read_cached(LSMT_INO, offset, count),
+                Ok(CachedRead::Hit(_))
+            ),
+            "layer {layer}'s traced bytes are cached"
+        );
+        assert!(l.stats().hints.get(crate::fetch::Hint::Trace).fetched > 0);
+    }
+    assert_eq!(on_demand_bytes(&f.blobs), 0, "all of it ahead of any read");
+    assert_eq!(
+        f.disk.layers[1]
+            .layer
+            .stats()
+            .hints
+            .get(crate::fetch::Hint::Trace)
+            .fetched,
+        0,
+        "a layer the trace does not name"
+    );
+}
+
+/// A trace that is a list of paths fetches those files whole, once the
+/// warm pass has mapped the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_listing_files_fetches_them_whole() {
+    use crate::format::overlaybd::trace::Trace;
+    let f = fixture().await;
+    f.disk.warm_metadata().await.unwrap();
+    let trace = Trace::parse(b"/bin/busybox\n/no/such/file\n").unwrap();
+    assert_eq!(f.disk.replay(&trace).await, 1_982_256);
+    let gets = || f.blobs.iter().map(|b| b.reads().len()).sum::<usize>();
+    let before = gets();
+    for e in f.disk.file_extents("/bin/busybox").await.unwrap() {
+        let mut at = e.disk.start;
+        while at < e.disk.end {
+            let len = (e.disk.end - at).min(1 << 20);
+            f.disk.read(at, len).await.unwrap();
+            at += len;
+        }
+    }
+    assert_eq!(gets(), before, "busybox came with the trace");
+}

@@ -28,14 +28,17 @@ pub enum Hint {
     Entrypoint,
     /// An optimized image's prioritized files (before its landmark).
     Landmark,
+    /// An overlaybd image's recorded trace (its acceleration layer).
+    Trace,
 }
 
 impl Hint {
-    pub const ALL: [Hint; 4] = [
+    pub const ALL: [Hint; 5] = [
         Hint::ReadAhead,
         Hint::Library,
         Hint::Entrypoint,
         Hint::Landmark,
+        Hint::Trace,
     ];
 
     /// The name `tarn status` and the bench print.
@@ -45,6 +48,7 @@ impl Hint {
             Hint::Library => "library",
             Hint::Entrypoint => "entrypoint",
             Hint::Landmark => "landmark",
+            Hint::Trace => "trace",
         }
     }
 
@@ -54,6 +58,7 @@ impl Hint {
             Hint::Library => 1,
             Hint::Entrypoint => 2,
             Hint::Landmark => 3,
+            Hint::Trace => 4,
         }
     }
 }

@@ -91,7 +91,11 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         if blocking(move || sn.stat(&name)).await.is_ok() {
             return Ok(());
         }
+        // An acceleration layer is no disk layer: its snapshot serves its
+        // parent's stack and names its trace.
+        let accel = obd::acceleration_layer(&labels);
         let mut stack = match &parent {
+            None if accel => return Err(Fallback::ObdParent("(none)".into()).into()),
             None => Vec::new(),
             Some(p) => {
                 let (name, sn) = (p.clone(), self.sn.clone());
@@ -104,11 +108,16 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
                 }
             }
         };
-        if stack.len() >= MAX_LAYERS {
-            return Err(Fallback::from(StackLabelError::TooMany(stack.len() + 1)).into());
-        }
         let blob_size = top.blob_size;
-        stack.push(top);
+        let trace = if accel {
+            Some(obd::stack_label(std::slice::from_ref(&top)))
+        } else {
+            if stack.len() >= MAX_LAYERS {
+                return Err(Fallback::from(StackLabelError::TooMany(stack.len() + 1)).into());
+            }
+            stack.push(top);
+            None
+        };
         let key = obd::stack_key(&stack);
         let _disk = self.layers.lock(key).await;
         let fresh = !self.disks.is_mounted(&key);
@@ -132,6 +141,9 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         };
         let mut labels = labels::remote_labels(labels, &recorded, blob_size);
         labels.insert(labels::TARN_OBD_STACK.into(), obd::stack_label(&stack));
+        if let Some(trace) = trace {
+            labels.insert(labels::TARN_OBD_TRACE.into(), trace);
+        }
         let (name, sn) = (chain_id.to_owned(), self.sn.clone());
         let created = blocking(move || sn.create_remote(&name, parent.as_deref(), labels)).await;
         if let Err(e) = created {
@@ -172,7 +184,8 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
     /// called with the key's lock held.
     /// A snapshot (a container's) is being prepared on `parent`: if that is
     /// an overlaybd stack of tarn's, its ext4 metadata is fetched ahead of
-    /// the container's first lookups, then the image's entrypoint
+    /// the container's first lookups, the image's trace replayed if it has
+    /// an acceleration layer, then its entrypoint fetched
     /// ([`Disks::warm`]). A node with no disk mounted reads nothing for
     /// this.
     pub(super) async fn warm_disk_under(&self, parent: &str) {
@@ -189,13 +202,27 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         let Some(key) = labels::remote_layer(&info.labels) else {
             return;
         };
-        let entry = match info.labels.get(labels::TARN_IMAGE_REF) {
-            Some(image_ref) if !self.disks.warmed(&key) => {
-                self.resolver.entrypoint(image_ref).await
-            }
-            _ => None,
+        let (Some(image_ref), false) = (
+            info.labels.get(labels::TARN_IMAGE_REF),
+            self.disks.warmed(&key),
+        ) else {
+            return;
         };
-        self.disks.warm(&key, entry);
+        let blob = info
+            .labels
+            .get(labels::TARN_OBD_TRACE)
+            .and_then(|t| obd::parse_stack(t).ok())
+            .and_then(|mut b| b.pop());
+        let trace = match blob {
+            Some(b) => {
+                self.resolver
+                    .trace(image_ref, b.blob_digest, b.blob_size)
+                    .await
+            }
+            None => None,
+        };
+        let entry = self.resolver.entrypoint(image_ref).await;
+        self.disks.warm(&key, entry, trace);
     }
 
     pub(super) async fn detach_disk(&self, key: Digest) {

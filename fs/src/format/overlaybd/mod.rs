@@ -36,6 +36,7 @@ pub mod lsmt;
 mod open;
 pub mod read;
 pub mod stack;
+pub mod trace;
 pub mod wrapper;
 #[cfg(feature = "writer")]
 pub mod write;

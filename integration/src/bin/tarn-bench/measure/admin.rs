@@ -129,7 +129,15 @@ pub fn lazy_check(admin: &Path) -> Result<Facts> {
             .map(|b| b.digest.as_str())
             .collect();
         let mut kinds: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for h in listed.iter().flat_map(|l| &l.hints) {
+        // Each disk blob once, however many stacks share it.
+        let mut seen = std::collections::BTreeSet::new();
+        let blob_hints = all
+            .disks
+            .iter()
+            .flat_map(|d| &d.blobs)
+            .filter(|b| seen.insert(b.digest.as_str()))
+            .flat_map(|b| &b.hints);
+        for h in listed.iter().flat_map(|l| &l.hints).chain(blob_hints) {
             let k = kinds.entry(h.kind.replace('-', "_")).or_default();
             k.0 += h.fetched_bytes;
             k.1 += h.used_bytes;
