@@ -372,12 +372,16 @@ impl DiskTree<'_> {
             .is_ok()
     }
 
-    /// The disk's bytes `r` (at most [`MAX_DISK_READ`]), fetched first if
-    /// missing.
+    /// The disk's bytes `r` (at most [`MAX_DISK_READ`]): from the cache on
+    /// this (blocking) thread, else fetched first.
     fn bytes(&self, r: Range<u64>) -> Option<Vec<u8>> {
         let len = r.end.checked_sub(r.start)?;
         if len > MAX_DISK_READ {
             return None;
+        }
+        let planned = self.disk.read_cached(r.start, len).ok()?;
+        if planned.is_complete() {
+            return Some(planned.into_bytes());
         }
         self.rt.block_on(async {
             self.disk.prefetch(vec![r.clone()], None).await.ok()?;

@@ -25,6 +25,7 @@ use std::io::Read;
 
 use super::ObdError;
 use super::crc32c::crc32c;
+use super::le::{le_u32, le_u64};
 
 /// The recorded trace's magic (CRC32 of "Container Image Trace Format").
 pub const MAGIC: u32 = 0xC2EF_1820;
@@ -96,18 +97,13 @@ impl Trace {
     /// magic, else a list of paths.
     pub fn parse(bytes: &[u8]) -> Result<Trace, ObdError> {
         let bad = |why: String| ObdError::Unsupported(format!("trace: {why}"));
-        let le32 = |at: usize| {
-            bytes
-                .get(at..at + 4)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()))
-        };
-        if le32(0) != Some(MAGIC) {
+        if bytes.len() < 4 || le_u32(bytes, 0) != MAGIC {
             return Trace::list(bytes);
         }
         if bytes.len() < HEADER {
             return Err(bad("short header".into()));
         }
-        let data_size = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
+        let data_size = le_u64(bytes, 8);
         let records = &bytes[HEADER..];
         if data_size != records.len() as u64 || !records.len().is_multiple_of(RECORD) {
             return Err(bad(format!(
@@ -121,7 +117,7 @@ impl Trace {
                 records.len() / RECORD
             )));
         }
-        let expected = le32(16).unwrap_or_default();
+        let expected = le_u32(bytes, 16);
         let actual = crc32c(0, records);
         if actual != expected {
             return Err(ObdError::Crc {
@@ -134,10 +130,9 @@ impl Trace {
             .chunks_exact(RECORD)
             .filter(|r| r[0] == b'R')
             .map(|r| TraceRead {
-                layer: u32::from_le_bytes(r[4..8].try_into().unwrap_or_default()),
-                count: u64::from_le_bytes(r[8..16].try_into().unwrap_or_default())
-                    .min(MAX_RECORD_BYTES),
-                offset: u64::from_le_bytes(r[16..24].try_into().unwrap_or_default()),
+                layer: le_u32(r, 4),
+                count: le_u64(r, 8).min(MAX_RECORD_BYTES),
+                offset: le_u64(r, 16),
             })
             .filter(|r| r.count > 0)
             .collect();
