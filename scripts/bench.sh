@@ -277,6 +277,19 @@ images_up() {
       "$REG_ADDR/$name:latest" "$REG_ADDR/$name-obd:latest" >"$WORK/convert-$name.log" 2>&1 ||
       die "tarn convert --format overlaybd $name failed: $(tail -n1 "$WORK/convert-$name.log")"
   done
+  # S1's `tarn-topt`: the plain reference image optimized by `tarn
+  # optimize` (its workload run once through containerd and tarn), beside
+  # ctr-remote's `multi-esgz-opt`.
+  if wants S1; then
+    [ -n "$TARN_BIN" ] || die "S1 optimizes an image with tarn: the tarn CLI is not built"
+    TARGET="$REG_ADDR" bed_up images-topt --containerd --tarn || die "$REASON"
+    "$TARN_BIN" optimize --plain-http --period 60 --address "$CONTAINERD_SOCK" \
+      --admin-address "$TARN_ADMIN_SOCK" --work-dir "$WORK" \
+      "$REG_ADDR/multi:latest" "$REG_ADDR/multi-topt:latest" -- /app/run.sh \
+      >"$WORK/optimize-multi.log" 2>&1 ||
+      die "tarn optimize multi failed: $(tail -n1 "$WORK/optimize-multi.log")"
+    bed_down
+  fi
   log "registry $REG_ADDR holds the images"
 }
 
@@ -726,6 +739,7 @@ for p in "${PROFILE_LIST[@]}"; do
     if [ "${BENCH_S1_OVERLAYFS:-1}" = 1 ]; then s1_overlayfs "$p"; fi
     s1_tarn "$p" tarn multi-esgz
     s1_tarn "$p" tarn-opt multi-esgz-opt
+    s1_tarn "$p" tarn-topt multi-topt
     s1_nospec "$p"
   fi
   if wants G1; then g1 "$p"; fi

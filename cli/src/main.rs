@@ -5,6 +5,7 @@ mod cache;
 mod containerd;
 mod convert;
 mod mount_layer;
+mod optimize;
 mod pull;
 mod status;
 
@@ -31,6 +32,7 @@ enum Command {
     Cache(cache::CacheArgs),
     MountLayer(mount_layer::Args),
     Convert(convert::ConvertArgs),
+    Optimize(optimize::OptimizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +51,8 @@ fn main() -> ExitCode {
         Command::Status(args) => block_on(status::run(args)),
         Command::Cache(args) => block_on(cache::run(args)),
         Command::Convert(args) => convert::run(args),
+        // Sync: it runs the pull (which has its own runtime) and `ctr`.
+        Command::Optimize(args) => optimize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,7 +67,7 @@ fn main() -> ExitCode {
 /// One thread: these commands wait on containerd and the registry, not the
 /// CPU, and twenty `tarn pull`s started at once should not each start a
 /// worker per core.
-pub(crate) fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+pub(crate) fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

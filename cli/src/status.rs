@@ -506,6 +506,18 @@ mod tests {
         ) -> Result<Response<tarn_proto::admin::PruneCacheResponse>, Status> {
             Err(Status::unimplemented("not used by status"))
         }
+        async fn start_recording(
+            &self,
+            _: Request<tarn_proto::admin::StartRecordingRequest>,
+        ) -> Result<Response<tarn_proto::admin::StartRecordingResponse>, Status> {
+            Err(Status::unimplemented("not used by status"))
+        }
+        async fn stop_recording(
+            &self,
+            _: Request<tarn_proto::admin::StopRecordingRequest>,
+        ) -> Result<Response<tarn_proto::admin::StopRecordingResponse>, Status> {
+            Err(Status::unimplemented("not used by status"))
+        }
     }
 
     #[tokio::test]

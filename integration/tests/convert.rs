@@ -761,10 +761,28 @@ fn the_reference_image_converted_to_estargz_verifies_unpacks_the_same_and_runs_l
     // Fully, through containerd's own overlayfs snapshotter (no tarn): the
     // same tree as the source pulled the same way, but for the TOC and the
     // landmark eStargz layers carry at their root.
-    for r in [&src, &dst] {
+    let want = overlayfs_trees(&reg, &tarn, &src, &dst, scratch.path(), &ESTARGZ_EXTRAS);
+    eprintln!(
+        "{} paths identical through overlayfs (types, modes, owners, sizes, mtimes, link targets, user xattrs, sha256)",
+        want.len()
+    );
+}
+
+/// `src` and `dst` pulled fully through containerd's own overlayfs
+/// snapshotter and mounted: `dst`'s tree is `src`'s and `extras`.
+/// Returns `src`'s tree.
+fn overlayfs_trees(
+    reg: &TestRegistry,
+    tarn: &Daemon,
+    src: &str,
+    dst: &str,
+    scratch: &Path,
+    extras: &[&str],
+) -> BTreeMap<String, String> {
+    for r in [src, dst] {
         ctr_ok(
-            &reg,
-            &tarn,
+            reg,
+            tarn,
             &[
                 "images",
                 "pull",
@@ -775,12 +793,15 @@ fn the_reference_image_converted_to_estargz_verifies_unpacks_the_same_and_runs_l
             ],
         );
     }
-    let want_mnt = ImageMount::new(&reg, &tarn, &src, scratch.path().join("src"));
-    let got_mnt = ImageMount::new(&reg, &tarn, &dst, scratch.path().join("dst"));
+    let want_mnt = ImageMount::new(reg, tarn, src, scratch.join("src"));
+    let got_mnt = ImageMount::new(reg, tarn, dst, scratch.join("dst"));
     let want = tree(&want_mnt.target);
     let mut got = tree(&got_mnt.target);
-    for extra in ESTARGZ_EXTRAS {
-        assert!(got.remove(extra).is_some(), "{extra} in the converted tree");
+    for extra in extras {
+        assert!(
+            got.remove(*extra).is_some(),
+            "{extra} in the converted tree"
+        );
     }
     let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
     let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
@@ -791,10 +812,7 @@ fn the_reference_image_converted_to_estargz_verifies_unpacks_the_same_and_runs_l
     for (path, w) in &want {
         assert_eq!(&got[path], w, "{path}");
     }
-    eprintln!(
-        "{} paths identical through overlayfs (types, modes, owners, sizes, mtimes, link targets, user xattrs, sha256)",
-        want.len()
-    );
+    want
 }
 
 /// A tar of `entries` (name, content), a user xattr on the first.
@@ -986,4 +1004,148 @@ fn a_corrupt_or_unsupported_layer_fails_in_one_line_and_leaves_nothing() {
         let status = rt().block_on(async { reqwest::get(&url).await.unwrap().status() });
         assert_eq!(status, 404, "{name}: no image pushed");
     }
+}
+
+// ---------------------------------------------------------------- optimize
+//
+// Issue 18's `tarn optimize`: the reference image (plain layers) run once
+// through containerd and tarn with its workload; the result has, in each
+// layer, the files the workload opened first, then `.prefetch.landmark`;
+// it passes the reference reader, unpacks to the source's tree and runs.
+
+/// Names of a blob's tar entries, in stream order (eStargz's own
+/// included).
+fn entry_names(blob: &[u8]) -> Vec<String> {
+    use std::io::Read;
+    let mut plain = Vec::new();
+    flate2::read::MultiGzDecoder::new(blob)
+        .read_to_end(&mut plain)
+        .unwrap();
+    tar::Archive::new(&plain[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn tarn_optimize_puts_what_the_workload_opened_before_the_landmark() {
+    let reg = TestRegistry::start_in_bed(&[Component::Registry, Component::Containerd])
+        .expect("test bed up");
+    let tarn = tarn_daemon(&reg);
+    let src = reg.bed().push_image("multi").unwrap();
+    let dst = format!("{}/multi-topt:latest", reg.host());
+    let scratch = tempfile::Builder::new()
+        .prefix("tarn-optimize-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let work = scratch.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let sock = reg.bed().containerd_sock().unwrap().to_owned();
+    // The workload ends by itself: the period only bounds a hung one.
+    let out = Command::new(bins::tarn().unwrap())
+        .args(["optimize", "--period", "600", "--address", &sock])
+        .arg("--admin-address")
+        .arg(tarn.admin_address())
+        .arg("--work-dir")
+        .arg(&work)
+        .args([&src, &dst, "--", "/app/run.sh"])
+        .output()
+        .unwrap();
+    let stdout = assert_success("tarn optimize", &out);
+    eprintln!("{stdout}");
+    for want in WORKLOAD_OUT {
+        assert!(stdout.contains(want), "the workload's {want:?} in {stdout}");
+    }
+    assert!(stdout.contains("recorded "), "{stdout}");
+    assert_nothing_left(&work);
+    let containers = ctr_ok(&reg, &tarn, &["containers", "ls", "-q"]);
+    assert!(
+        !containers.contains("tarn-optimize"),
+        "the workload's container is gone: {containers}"
+    );
+
+    let layers = verify_estargz(&reg, "multi-topt", "latest", scratch.path());
+    let names: Vec<Vec<String>> = layers
+        .iter()
+        .map(|l| entry_names(&get(&reg, &format!("/v2/multi-topt/blobs/{}", l.digest))))
+        .collect();
+    // Where each file lies relative to its layer's landmark.
+    let before_landmark = |path: &str| -> Option<bool> {
+        names.iter().rev().find_map(|n| {
+            let at = n.iter().position(|x| x == path)?;
+            let mark = n.iter().position(|x| x == ".prefetch.landmark");
+            Some(mark.is_some_and(|m| at < m))
+        })
+    };
+    for read in ["app/run.sh", "usr/share/go-1.19/src/fmt/print.go"] {
+        assert_eq!(before_landmark(read), Some(true), "{read} prioritized");
+    }
+    assert_eq!(
+        before_landmark("usr/share/go-1.19/src/fmt/scan.go"),
+        Some(false),
+        "an unread file of the same directory is not prioritized"
+    );
+    for n in &names {
+        // The layers of many files (the workload's own layer is two).
+        if let Some(m) = n.iter().position(|x| x == ".prefetch.landmark")
+            && n.len() > 100
+        {
+            assert!(
+                m * 10 < n.len(),
+                "{m} of {} entries first: only what was read",
+                n.len()
+            );
+        }
+    }
+    assert!(
+        names
+            .iter()
+            .all(|n| n.iter().filter(|x| x.ends_with("landmark")).count() == 1),
+        "one landmark per layer"
+    );
+
+    // Runs lazily through tarn, and unpacks through overlayfs to the
+    // source's tree (but for eStargz's own entries at the root).
+    let rpull = Command::new("ctr-remote")
+        .args(["--address", &sock])
+        .args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "tarn",
+            &dst,
+        ])
+        .output()
+        .unwrap();
+    assert_success("ctr-remote rpull", &rpull);
+    let run = ctr_ok(
+        &reg,
+        &tarn,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "tarn",
+            &dst,
+            "topt-run",
+            "/app/run.sh",
+        ],
+    );
+    for want in WORKLOAD_OUT {
+        assert!(run.contains(want), "{want:?} missing from {run:?}");
+    }
+    overlayfs_trees(
+        &reg,
+        &tarn,
+        &src,
+        &dst,
+        scratch.path(),
+        &[
+            "./stargz.index.json",
+            "./.prefetch.landmark",
+            "./.no.prefetch.landmark",
+        ],
+    );
 }

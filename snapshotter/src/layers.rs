@@ -98,6 +98,15 @@ impl<L: LayerHandle, M: Mounter<L>> Layers<L, M> {
         mounted.get(digest).map(|m| m.blob_size)
     }
 
+    /// The handle of a mounted layer.
+    pub fn handle(&self, digest: &Digest) -> Option<L> {
+        self.mounted
+            .lock()
+            .expect("mounted map poisoned")
+            .get(digest)
+            .map(|m| m.layer.clone())
+    }
+
     pub fn mountpoint(&self, digest: &Digest) -> PathBuf {
         self.layout.layer_fs(digest)
     }

@@ -405,4 +405,12 @@ impl LayerHandle for Arc<Layer> {
             self.start_background().detach();
         }
     }
+
+    fn start_recording(&self, id: u64) -> Result<(), tarn_fs::layer::RecordError> {
+        Layer::start_recording(self, id)
+    }
+
+    fn stop_recording(&self, id: u64) -> Option<Vec<tarn_fs::layer::Access>> {
+        Layer::stop_recording(self, id)
+    }
 }

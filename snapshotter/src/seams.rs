@@ -47,6 +47,11 @@ pub trait LayerHandle: Clone + Send + Sync + 'static {
     /// them up to `prefetch`, then starts the background fetch if asked.
     fn warm(&self, prefetch: Option<Duration>, background: bool)
     -> impl Future<Output = ()> + Send;
+    /// Starts access recording session `id` on this layer.
+    fn start_recording(&self, id: u64) -> Result<(), tarn_fs::layer::RecordError>;
+    /// Ends session `id`: the files its readers touched, in first-access
+    /// order; `None` if it was not running.
+    fn stop_recording(&self, id: u64) -> Option<Vec<tarn_fs::layer::Access>>;
 }
 
 /// Resolution of remote layers.

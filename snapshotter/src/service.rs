@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use tarn_fs::Digest;
 use tarn_fs::disk::BlobCheck;
 use tarn_proto::admin::{self, admin_server::Admin};
 use tarn_proto::snapshots::{self as pb, snapshots_server::Snapshots};
@@ -379,6 +380,67 @@ impl Admin for AdminService {
             // An image has at most a few hundred layers (manifests are bounded).
             layers: u32::try_from(layers).unwrap_or(u32::MAX),
         }))
+    }
+
+    async fn start_recording(
+        &self,
+        req: Request<admin::StartRecordingRequest>,
+    ) -> Result<Response<admin::StartRecordingResponse>, Status> {
+        let digests = req
+            .into_inner()
+            .layer_digests
+            .iter()
+            .map(|d| {
+                d.parse::<Digest>()
+                    .map_err(|e| Status::invalid_argument(format!("layer digest {d:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let started = self
+            .rs
+            .start_recording(&digests)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        tracing::info!(
+            id = started.id,
+            layers = digests.len() - started.not_recorded.len(),
+            "access recording started"
+        );
+        Ok(Response::new(admin::StartRecordingResponse {
+            id: started.id,
+            not_recorded: started.not_recorded.iter().map(|d| d.to_string()).collect(),
+        }))
+    }
+
+    async fn stop_recording(
+        &self,
+        req: Request<admin::StopRecordingRequest>,
+    ) -> Result<Response<admin::StopRecordingResponse>, Status> {
+        let id = req.into_inner().id;
+        let layers = self
+            .rs
+            .stop_recording(id)
+            .ok_or_else(|| Status::not_found(format!("no recording {id} is running")))?;
+        let layers = layers
+            .into_iter()
+            .map(|(digest, files)| admin::LayerRecording {
+                layer_digest: digest.to_string(),
+                files: files
+                    .into_iter()
+                    .map(|f| admin::FileAccess {
+                        path: f.path,
+                        first_access_micros: u64::try_from(f.first.as_micros()).unwrap_or(u64::MAX),
+                        ranges: f
+                            .ranges
+                            .into_iter()
+                            .map(|(start, end)| admin::ByteRange {
+                                offset: start,
+                                length: end - start,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(admin::StopRecordingResponse { layers }))
     }
 
     async fn stats(

@@ -34,6 +34,15 @@ impl LayerHandle for FakeLayer {
     }
 
     async fn warm(&self, _prefetch: Option<Duration>, _background: bool) {}
+
+    /// A fake layer has no files: recording it is allowed and sees nothing.
+    fn start_recording(&self, _id: u64) -> Result<(), tarn_fs::layer::RecordError> {
+        Ok(())
+    }
+
+    fn stop_recording(&self, _id: u64) -> Option<Vec<tarn_fs::layer::Access>> {
+        Some(Vec::new())
+    }
 }
 
 /// The content every [`FakeLayer`] lists as a chunk.

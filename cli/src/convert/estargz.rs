@@ -15,6 +15,7 @@
 //! temporary directory, removed on every path out; on a failure the
 //! conversions still running stop at their next read.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
@@ -58,6 +59,8 @@ struct Job<'a> {
     diff_ids: Vec<Option<Digest>>,
     cancel: Arc<AtomicBool>,
     n: usize,
+    /// Files to put first, per source layer digest.
+    prioritized: &'a HashMap<Digest, Vec<String>>,
 }
 
 /// Sets the flag when dropped: the blocking conversions of a failed run
@@ -71,6 +74,17 @@ impl Drop for CancelOnDrop {
 }
 
 pub async fn convert(args: ConvertArgs) -> Result<()> {
+    convert_prioritized(args, &HashMap::new()).await.map(|_| ())
+}
+
+/// Converts as [`convert`] does, putting in each layer named in
+/// `prioritized` (by source digest) those files first, then the
+/// prefetch landmark (`tarn optimize`); such a layer is rewritten even if
+/// it is eStargz already. Returns the pushed manifest's digest.
+pub async fn convert_prioritized(
+    args: ConvertArgs,
+    prioritized: &HashMap<Digest, Vec<String>>,
+) -> Result<Digest> {
     let start = Instant::now();
     let source = Source::resolve(&args).await?;
     // Declared before the guard so that it is removed after the guard has
@@ -83,6 +97,7 @@ pub async fn convert(args: ConvertArgs) -> Result<()> {
         diff_ids: diff_ids(&source.config),
         cancel: cancel.0.clone(),
         n: source.image.layers.len(),
+        prioritized,
     };
     // Unordered: a large layer does not hold back the start of the ones
     // after it; each result carries its place.
@@ -111,7 +126,7 @@ pub async fn convert(args: ConvertArgs) -> Result<()> {
     drop(cancel);
     work.close()
         .context("cannot remove the scratch directory")?;
-    Ok(())
+    Ok(digest)
 }
 
 /// The source config's `rootfs.diff_ids`, each parsed if it can be.
@@ -129,7 +144,11 @@ fn diff_ids(config: &Value) -> Vec<Option<Digest>> {
 impl Job<'_> {
     async fn layer(&self, i: usize, layer: &Descriptor) -> Result<Layer> {
         let what = || format!("layer {}/{} ({})", i + 1, self.n, layer.digest);
-        if layer.annotations.contains_key(TOC_DIGEST) {
+        let first = self
+            .prioritized
+            .get(&layer.digest)
+            .filter(|p| !p.is_empty());
+        if first.is_none() && layer.annotations.contains_key(TOC_DIGEST) {
             return self.copy(i, layer).await.with_context(what);
         }
         self.rewrite(i, layer).await.with_context(what)
@@ -144,13 +163,22 @@ impl Job<'_> {
         let input = self.work.join(format!("{i}.src"));
         let output = self.work.join(format!("{i}.esgz"));
         source::download(registry, &src.repository, layer, &input).await?;
+        let opts = WriteOptions {
+            prioritized: self
+                .prioritized
+                .get(&layer.digest)
+                .cloned()
+                .unwrap_or_default(),
+            ..WriteOptions::default()
+        };
         let (written, compression) = {
             let (input, output) = (input.clone(), output.clone());
             let cancel = self.cancel.clone();
-            tokio::task::spawn_blocking(move || write_layer(&input, &output, cancel))
+            tokio::task::spawn_blocking(move || write_layer(&input, &output, &opts, cancel))
                 .await
                 .context("conversion task failed")??
         };
+        let first = opts_first(self.prioritized.get(&layer.digest), &written);
         std::fs::remove_file(&input)?;
         registry
             .push_blob_file(
@@ -163,7 +191,7 @@ impl Job<'_> {
             .context("cannot push it")?;
         std::fs::remove_file(&output)?;
         println!(
-            "layer {}/{} {} ({compression}, {}) -> {} (eStargz, {}; {} unpacked) in {:.1} s",
+            "layer {}/{} {} ({compression}, {}) -> {} (eStargz, {}; {} unpacked{first}) in {:.1} s",
             i + 1,
             self.n,
             layer.digest,
@@ -259,18 +287,29 @@ fn unpacked_digest(path: &Path, cancel: Arc<AtomicBool>) -> Result<Digest> {
 pub(super) fn write_layer(
     input: &Path,
     output: &Path,
+    opts: &WriteOptions,
     cancel: Arc<AtomicBool>,
 ) -> Result<(WriteResult, &'static str)> {
     let (tar, compression) = source::tar_reader(input)?;
     let f = File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, f);
-    let written = write_estargz(
-        Cancellable { r: tar, cancel },
-        &mut w,
-        &WriteOptions::default(),
-    )?;
+    let written = write_estargz(Cancellable { r: tar, cancel }, &mut w, opts)?;
     w.flush()?;
     Ok((written, compression))
+}
+
+/// How many files went first, for a layer's line: "" when none asked.
+fn opts_first(asked: Option<&Vec<String>>, written: &WriteResult) -> String {
+    match asked {
+        Some(p) if !p.is_empty() => {
+            let missing = &written.missing_prioritized;
+            if !missing.is_empty() {
+                tracing::warn!(?missing, "prioritized paths the layer does not hold");
+            }
+            format!(", {} files first", p.len() - missing.len())
+        }
+        _ => String::new(),
+    }
 }
 
 /// A reader that fails once the run is given up.

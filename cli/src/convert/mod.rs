@@ -24,6 +24,8 @@ mod estargz;
 mod rootpath;
 mod source;
 
+pub use estargz::{TOC_DIGEST, convert_prioritized};
+
 #[cfg(test)]
 mod tests;
 
@@ -38,13 +40,13 @@ use tarn_fs::Digest;
 use tarn_fs::format::overlaybd::write::{
     LsmtWriter, ZFileWriter, uuid_from, wrapper_head, wrapper_tail,
 };
-use tarn_fs::registry::{Reference, RegistryClient, RegistryConfig, ResolvedImage};
+use tarn_fs::registry::{Reference, RegistryClient, ResolvedImage};
 
 use crate::pull::human;
 
 /// The virtual disk's size, as the reference tools make it (sparse: only
 /// what ext4 writes takes room).
-const DEFAULT_VSIZE_GIB: u64 = 64;
+pub const DEFAULT_VSIZE_GIB: u64 = 64;
 /// ZFile block size: the reference tools' default.
 const ZFILE_BLOCK: u32 = 4096;
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -118,15 +120,15 @@ impl Source {
         if dst.digest.is_some() {
             bail!("the destination {dst} names a digest: give a tag");
         }
-        let mut config = RegistryConfig::default();
-        if args.plain_http {
-            config.plain_http.push(src.repository.registry.clone());
-            config.plain_http.push(dst.repository.registry.clone());
-        }
-        let registry = tokio::task::spawn_blocking(move || RegistryClient::new(config))
-            .await
-            .context("registry client setup task failed")?
-            .context("cannot set up the registry client")?;
+        let plain = if args.plain_http {
+            vec![
+                src.repository.registry.clone(),
+                dst.repository.registry.clone(),
+            ]
+        } else {
+            Vec::new()
+        };
+        let registry = crate::pull::registry_client(plain).await?;
         let image = registry
             .resolve(&src)
             .await

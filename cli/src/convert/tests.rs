@@ -210,14 +210,24 @@ fn an_estargz_layer_is_written_from_a_gzip_blob_and_a_given_up_run_stops() {
     let dir = tempfile::tempdir().unwrap();
     let input = blob_file(&dir, &gz.finish().unwrap());
     let output = dir.path().join("out");
-    let (written, kind) =
-        super::estargz::write_layer(&input, &output, Arc::new(AtomicBool::new(false))).unwrap();
+    let (written, kind) = super::estargz::write_layer(
+        &input,
+        &output,
+        &Default::default(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap();
     assert_eq!(kind, "gzip");
     let blob = std::fs::read(&output).unwrap();
     assert_eq!(blob.len() as u64, written.blob_size);
     assert_eq!(tarn_fs::Digest::of(&blob), written.blob_digest);
 
-    let e =
-        super::estargz::write_layer(&input, &output, Arc::new(AtomicBool::new(true))).unwrap_err();
+    let e = super::estargz::write_layer(
+        &input,
+        &output,
+        &Default::default(),
+        Arc::new(AtomicBool::new(true)),
+    )
+    .unwrap_err();
     assert!(format!("{e:#}").contains("given up"), "{e:#}");
 }

@@ -74,6 +74,20 @@ impl PullArgs {
     }
 }
 
+/// A registry client reaching `plain_http` hosts over plain HTTP (and
+/// localhost, always).
+pub(crate) async fn registry_client(plain_http: Vec<String>) -> Result<RegistryClient> {
+    let config = RegistryConfig {
+        plain_http,
+        ..RegistryConfig::default()
+    };
+    // `new` reads the docker config file: keep that off the async workers.
+    tokio::task::spawn_blocking(move || RegistryClient::new(config))
+        .await
+        .context("registry client setup task failed")?
+        .context("cannot set up the registry client")
+}
+
 /// Tells the tarn daemon at `address` that `reference`, whose manifest is
 /// `manifest`, is being pulled. A hint: a daemon that is not there or
 /// refuses only costs the head start, so failures are logged, not raised.
@@ -152,17 +166,10 @@ async fn pull_holding(
     let mut ctd = Containerd::connect(&args.address, &args.namespace).await?;
     ctd.check_snapshotter(&args.snapshotter).await?;
 
-    let mut config = RegistryConfig::default();
-    if args.plain_http {
-        config
-            .plain_http
-            .push(reference.repository.registry.clone());
-    }
-    // `new` reads the docker config file: keep that off the async workers.
-    let registry = tokio::task::spawn_blocking(move || RegistryClient::new(config))
-        .await
-        .context("registry client setup task failed")?
-        .context("cannot set up the registry client")?;
+    let plain = args
+        .plain_http
+        .then(|| reference.repository.registry.clone());
+    let registry = registry_client(plain.into_iter().collect()).await?;
     // While the manifest is fetched, the daemon connects to the registry.
     let warmup = args
         .expect_address()

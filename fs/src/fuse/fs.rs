@@ -129,6 +129,7 @@ impl Filesystem for LayerFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
+        self.layer.recorder().open(ino.0);
         match self.layer.inode(ino.0) {
             Ok(i) => self.passthrough.open(ino.0, &i, reply),
             Err(e) => reply.error(errno(&e)),
@@ -164,6 +165,7 @@ impl Filesystem for LayerFs {
         reply: ReplyData,
     ) {
         let timed = Timed::start(&*self.ops, Op::Read);
+        self.layer.recorder().read(ino.0, offset, u64::from(size));
         match self.layer.read_cached(ino.0, offset, u64::from(size)) {
             Ok(CachedRead::Hit(data)) => reply.data(&data),
             Ok(CachedRead::Miss(pending)) => {

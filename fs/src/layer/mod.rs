@@ -25,6 +25,7 @@ pub(crate) mod hints;
 mod open;
 mod order;
 mod plan;
+mod record;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,7 @@ use crate::format::{FileKind, Inode, LayerIndex};
 pub use background::{BackgroundHandle, BackgroundOutcome, PrefetchOutcome, Progress};
 pub use hints::program::{Entrypoint, prefetch_entrypoint};
 pub use plan::{CachedRead, PendingRead};
+pub use record::{Access, RecordError, Recorder};
 
 use background::Whole;
 use hints::ahead::{Planner, Streams};
@@ -72,6 +74,8 @@ pub struct Layer {
     streams: Streams,
     /// Files already looked at for the libraries they need (`hints/elf.rs`).
     examined: Mutex<HashSet<u64>>,
+    /// Which files workloads open and read, while a recording runs.
+    recorder: Recorder,
 }
 
 impl Layer {
@@ -85,11 +89,27 @@ impl Layer {
             background: Arc::default(),
             streams: Streams::default(),
             examined: Mutex::default(),
+            recorder: Recorder::default(),
         }
     }
 
     pub fn index(&self) -> &LayerIndex {
         &self.index
+    }
+
+    /// The access recorder the FUSE adapter reports opens and reads to.
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
+    /// Starts recording session `id`: which files are opened and read.
+    pub fn start_recording(&self, id: u64) -> Result<(), RecordError> {
+        self.recorder.start(id)
+    }
+
+    /// Ends session `id`: the files it saw, in first-access order, by path.
+    pub fn stop_recording(&self, id: u64) -> Option<Vec<Access>> {
+        self.recorder.stop(id, &self.index)
     }
 
     pub fn inode(&self, ino: u64) -> Result<Inode, LayerError> {

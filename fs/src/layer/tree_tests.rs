@@ -235,3 +235,44 @@ async fn the_entrypoint_and_its_interpreter_are_fetched_across_layers() {
     let none = Entrypoint::from_config(br#"{"config":{"Cmd":["/nowhere"]}}"#).unwrap();
     assert!(prefetch_entrypoint(&layers, &none).await.is_empty());
 }
+
+/// A recording lists the files a workload opened or read, by path, in the
+/// order it first touched them, with the ranges read through FUSE; a
+/// second session started later sees only what came after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_lists_files_in_first_access_order() {
+    let t = layer_of(
+        vec![
+            Entry::File("/usr/bin/python3", content(2500, 1)),
+            Entry::File("/usr/lib/os.py", content(1200, 2)),
+            Entry::File("/app/run.sh", content(300, 3)),
+            Entry::File("/app/unused", content(300, 4)),
+        ],
+        tiny_window(),
+    );
+    let rec = t.layer.recorder();
+    let (_, run) = t.file("/app/run.sh");
+    let (_, py) = t.file("/usr/bin/python3");
+    let (_, os) = t.file("/usr/lib/os.py");
+    rec.open(run); // before any session: not recorded
+    t.layer.start_recording(7).unwrap();
+    rec.open(run);
+    rec.read(run, 0, 300);
+    rec.open(py);
+    rec.read(py, 2000, 500);
+    rec.read(py, 0, 1000);
+    t.layer.start_recording(8).unwrap();
+    rec.read(os, 100, 50);
+    rec.read(run, 0, 300);
+    let got = t.layer.stop_recording(7).unwrap();
+    let paths: Vec<&str> = got.iter().map(|a| a.path.as_str()).collect();
+    assert_eq!(paths, ["app/run.sh", "usr/bin/python3", "usr/lib/os.py"]);
+    assert_eq!(got[1].ranges, vec![(0, 1000), (2000, 2500)]);
+    assert!(got.windows(2).all(|w| w[0].first <= w[1].first));
+    assert!(rec.running(), "session 8 still runs");
+    let later = t.layer.stop_recording(8).unwrap();
+    let paths: Vec<&str> = later.iter().map(|a| a.path.as_str()).collect();
+    assert_eq!(paths, ["usr/lib/os.py", "app/run.sh"]);
+    assert!(!rec.running());
+    assert!(t.layer.stop_recording(8).is_none());
+}

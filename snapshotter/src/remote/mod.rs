@@ -42,6 +42,7 @@ use crate::seams::{
 use crate::snapshotter::{self, Result, Snapshotter};
 
 mod disk;
+pub mod record;
 #[cfg(test)]
 mod tests;
 
@@ -151,6 +152,8 @@ pub struct RemoteSnapshotter<R: Resolve = Arc<Resolver>, M: Mounter<R::Layer> = 
     chains: KeyedMutex<String>,
     options: RemoteOptions,
     fallbacks: Fallbacks,
+    /// Access recordings running (`tarn optimize`).
+    recordings: record::Recordings<R::Layer>,
 }
 
 /// Runs blocking work (redb, filesystem, mounts) off the async workers.
@@ -279,6 +282,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             chains: KeyedMutex::default(),
             options,
             fallbacks: Fallbacks::default(),
+            recordings: record::Recordings::default(),
         };
         rs.restore().await?;
         Ok(rs)
@@ -673,6 +677,20 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         if !self.layers.hand_over().await {
             self.layers.unmount_all(deadline).await;
         }
+    }
+
+    /// Starts recording which files of the mounted layers among `digests`
+    /// are opened and read.
+    pub fn start_recording(
+        &self,
+        digests: &[Digest],
+    ) -> std::result::Result<record::Started, record::StartError> {
+        self.recordings.start(digests, |d| self.layers.handle(d))
+    }
+
+    /// Ends recording `id`: per layer, the files read, in first-access order.
+    pub fn stop_recording(&self, id: u64) -> Option<Vec<(Digest, Vec<tarn_fs::layer::Access>)>> {
+        self.recordings.stop(id)
     }
 
     pub fn layers(&self) -> Vec<LayerStatus> {

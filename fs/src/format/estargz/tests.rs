@@ -575,6 +575,48 @@ fn prioritized_files_come_first_and_set_the_prefetch_range() {
     assert_eq!(sorted, orig);
 }
 
+/// An eStargz blob rewritten with priorities (`tarn optimize` of an
+/// eStargz image): its old TOC and landmark are dropped, the new blob has
+/// one landmark and one TOC, and the same files.
+#[test]
+fn an_estargz_blob_rewritten_keeps_one_landmark_and_one_toc() {
+    let (tar, _) = sample_tar();
+    let opts = WriteOptions {
+        chunk_size: CHUNK,
+        ..WriteOptions::default()
+    };
+    let first = convert(&tar, &opts);
+    let mut plain = Vec::new();
+    MultiGzDecoder::new(&first.blob[..])
+        .read_to_end(&mut plain)
+        .unwrap();
+    let again = convert(
+        &plain,
+        &WriteOptions {
+            prioritized: vec!["big/file".into()],
+            ..opts
+        },
+    );
+    let mut out = Vec::new();
+    MultiGzDecoder::new(&again.blob[..])
+        .read_to_end(&mut out)
+        .unwrap();
+    let names: Vec<String> = tar::Archive::new(&out[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let count = |n: &str| names.iter().filter(|x| *x == n).count();
+    assert_eq!(count(PREFETCH_LANDMARK), 1, "{names:?}");
+    assert_eq!(count(NO_PREFETCH_LANDMARK), 0, "{names:?}");
+    assert_eq!(count("stargz.index.json"), 1, "{names:?}");
+    assert!(again.index.prefetch.is_some());
+    assert_eq!(
+        file_content(&again, &node(&again.index, "big/file")),
+        file_content(&first, &node(&first.index, "big/file"))
+    );
+}
+
 #[test]
 fn tampered_and_truncated_chunks_are_refused() {
     let (tar, expect) = sample_tar();

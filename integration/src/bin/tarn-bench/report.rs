@@ -131,6 +131,16 @@ const SPECS: &[Spec] = &[
         target_profiles: &["rtt100"],
         value: |v| metric(v, "tarn-opt", "secs"),
     },
+    // Issue 18: `tarn optimize`'s image against ctr-remote's, same run.
+    Spec {
+        scenario: "S1",
+        name: "tarn optimize / ctr-remote optimize pull+run time",
+        unit: "x",
+        op: Op::Le,
+        target: 1.0,
+        target_profiles: &["rtt100"],
+        value: |v| ratio(v, "tarn-topt", "tarn-opt", "secs"),
+    },
     Spec {
         scenario: "S1",
         name: "tarn / overlayfs registry bytes",
@@ -722,7 +732,7 @@ mod tests {
         );
         let table = render(&records, &c);
         assert!(table.contains("FAILED: ctr run exited 1"), "{table}");
-        assert!(table.contains("0 PASS, 0 FAIL, 6 FAILED"), "{table}");
+        assert!(table.contains("0 PASS, 0 FAIL, 7 FAILED"), "{table}");
         assert!(
             !all_pass(&c),
             "a figure that could not be measured did not pass"

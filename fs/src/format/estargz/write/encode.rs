@@ -89,6 +89,10 @@ pub fn write_estargz<R: Read, W: Write>(
         w.landmark(NO_PREFETCH_LANDMARK)?;
         while let Some(meta) = tar.next_meta()? {
             let padded = meta.padded_size();
+            if is_landmark(&meta) {
+                io::copy(&mut tar.reader().take(padded), &mut io::sink())?;
+                continue;
+            }
             w.entry(&meta, &mut tar.reader().take(padded))?;
         }
     } else {
@@ -98,7 +102,9 @@ pub fn write_estargz<R: Read, W: Write>(
             tar.reader()
                 .take(meta.padded_size())
                 .read_to_end(&mut data)?;
-            entries.push((meta, data));
+            if !is_landmark(&meta) {
+                entries.push((meta, data));
+            }
         }
         let order = priority_order(&entries, &opts.prioritized, &mut missing);
         let mut placed = vec![false; entries.len()];
@@ -117,6 +123,13 @@ pub fn write_estargz<R: Read, W: Write>(
     let mut result = w.finish()?;
     result.missing_prioritized = missing;
     Ok(result)
+}
+
+/// A landmark of the input (a blob converted again, as `tarn optimize`
+/// does to an eStargz image): not content; the output gets its own.
+fn is_landmark(m: &Meta) -> bool {
+    normalize(&String::from_utf8_lossy(&m.path))
+        .is_ok_and(|n| n == PREFETCH_LANDMARK || n == NO_PREFETCH_LANDMARK)
 }
 
 /// Indices of the entries to put first: each prioritized path after its
