@@ -13,10 +13,11 @@
 # Profiles: loopback (no proxy), rtt50, rtt100, rtt200 (all at 100 Mbit/s),
 # thin40 (RTT 40 ms, 20 Mbit/s) and thin100 (RTT 100 ms, 10 Mbit/s); the
 # thin ones run S1 only.
-# Scenarios: S1 pull+create+run (tarn, tarn optimized, tarn with no
-# speculation as a baseline, overlayfs), S2 background fetch (profiles with
-# a rate limit), S3 20 concurrent pulls, S4 cached read and walk (once,
-# local), S5 daemon RSS per TOC entry (once, local).
+# Scenarios: S1 pull+create+run (tarn, tarn optimized by ctr-remote and by
+# tarn optimize, tarn with no speculation as a baseline, overlayfs), S2
+# background fetch (profiles with a rate limit), S3 20 concurrent pulls, S4
+# cached read and walk (once, local), S5 daemon RSS per TOC entry (once,
+# local).
 # P7 two images sharing ~80% of their files and no layer (registry bytes of
 # the second after the first against it alone; the cache's disk against the
 # distinct bytes of both).

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tarn_fs::Digest;
 use tarn_fs::registry::{Descriptor, Reference, RegistryClient, RegistryConfig};
-use tarn_proto::admin::{StartRecordingRequest, StopRecordingRequest};
+use tarn_proto::admin::{LayerRecording, StartRecordingRequest, StopRecordingRequest};
 
 use crate::convert::{self, ConvertArgs, TOC_DIGEST};
 use crate::pull::{self, PullArgs};
@@ -66,6 +66,11 @@ pub struct OptimizeArgs {
     /// The tarn daemon's admin socket
     #[arg(long, default_value = "/run/tarn/admin.sock")]
     pub admin_address: PathBuf,
+    /// Also write the recording to FILE: a JSON document
+    /// (`application/vnd.tarn.profile.v1+json`): per layer digest, the
+    /// files in first-open order with the byte ranges read through FUSE
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
     /// containerd's command line client, which runs the workload
     #[arg(long, default_value = "ctr")]
     pub ctr: PathBuf,
@@ -113,7 +118,14 @@ pub fn run(args: OptimizeArgs) -> Result<()> {
     .with_context(|| format!("cannot pull {run_ref} through tarn"))?;
     let run_layers = crate::block_on(layers_of(&run_ref.parse()?, args.plain_http))?;
     let digests: Vec<Digest> = run_layers.iter().map(|l| l.digest).collect();
-    let recorded = crate::block_on(record(&args, &run_ref, &digests))?;
+    let profile = crate::block_on(record(&args, &run_ref, &digests))?;
+    if let Some(path) = &args.profile {
+        let text = serde_json::to_vec_pretty(&profile.document(&run_ref))?;
+        std::fs::write(path, text)
+            .with_context(|| format!("cannot write the profile to {}", path.display()))?;
+        println!("wrote the recording to {}", path.display());
+    }
+    let recorded = profile.files();
     if run_ref == args.dst {
         // The local record of the plain conversion would outlive its tag,
         // which the optimized image is about to take.
@@ -190,11 +202,7 @@ async fn layers_of(reference: &Reference, plain_http: bool) -> Result<Vec<Descri
 
 /// Records the files the workload opens, per layer digest, in first-open
 /// order. The recording is stopped on every path out of the run.
-async fn record(
-    args: &OptimizeArgs,
-    run_ref: &str,
-    digests: &[Digest],
-) -> Result<HashMap<Digest, Vec<String>>> {
+async fn record(args: &OptimizeArgs, run_ref: &str, digests: &[Digest]) -> Result<Recording> {
     let mut admin = crate::status::connect(&args.admin_address).await?;
     let started = admin
         .start_recording(StartRecordingRequest {
@@ -232,15 +240,61 @@ async fn record(
     if !status.success() {
         println!("the workload ended with {status}; using what it read until then");
     }
-    let mut out = HashMap::new();
-    for l in stopped.layers {
-        let digest: Digest = l
-            .layer_digest
-            .parse()
+    for l in &stopped.layers {
+        l.layer_digest
+            .parse::<Digest>()
             .with_context(|| format!("the daemon named layer {:?}", l.layer_digest))?;
-        out.insert(digest, l.files.into_iter().map(|f| f.path).collect());
     }
-    Ok(out)
+    Ok(Recording(stopped.layers))
+}
+
+/// What the daemon recorded, per layer.
+struct Recording(Vec<LayerRecording>);
+
+/// The media type of a written recording.
+const PROFILE_MEDIA_TYPE: &str = "application/vnd.tarn.profile.v1+json";
+
+impl Recording {
+    /// The files of each layer (by digest), in first-open order.
+    fn files(&self) -> HashMap<Digest, Vec<String>> {
+        self.0
+            .iter()
+            .filter_map(|l| {
+                let digest = l.layer_digest.parse().ok()?;
+                Some((digest, l.files.iter().map(|f| f.path.clone()).collect()))
+            })
+            .collect()
+    }
+
+    /// The recording as a document: layers in the image's order, each
+    /// file with when it was first opened and the ranges read.
+    fn document(&self, image: &str) -> serde_json::Value {
+        let layers: Vec<serde_json::Value> = self
+            .0
+            .iter()
+            .map(|l| {
+                let files: Vec<serde_json::Value> = l
+                    .files
+                    .iter()
+                    .map(|f| {
+                        let ranges: Vec<[u64; 2]> =
+                            f.ranges.iter().map(|r| [r.offset, r.length]).collect();
+                        serde_json::json!({
+                            "path": f.path,
+                            "firstAccessMicros": f.first_access_micros,
+                            "ranges": ranges,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "digest": l.layer_digest, "files": files })
+            })
+            .collect();
+        serde_json::json!({
+            "mediaType": PROFILE_MEDIA_TYPE,
+            "image": image,
+            "layers": layers,
+        })
+    }
 }
 
 /// The container the recording watches: `ctr run --rm` on the tarn
@@ -314,5 +368,44 @@ impl Workload {
             let _ = child.kill();
         }
         Ok(child.wait()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tarn_proto::admin::{ByteRange, FileAccess};
+
+    #[test]
+    fn a_recording_keeps_its_order_as_files_and_as_a_document() {
+        let digest = Digest::of(b"layer");
+        let rec = Recording(vec![LayerRecording {
+            layer_digest: digest.to_string(),
+            files: vec![
+                FileAccess {
+                    path: "app/run.sh".into(),
+                    first_access_micros: 10,
+                    ranges: vec![ByteRange {
+                        offset: 0,
+                        length: 120,
+                    }],
+                },
+                FileAccess {
+                    path: "usr/bin/python3".into(),
+                    first_access_micros: 900,
+                    ranges: Vec::new(),
+                },
+            ],
+        }]);
+        assert_eq!(
+            rec.files()[&digest],
+            vec!["app/run.sh".to_string(), "usr/bin/python3".to_string()]
+        );
+        let doc = rec.document("reg/app:1");
+        assert_eq!(doc["mediaType"], PROFILE_MEDIA_TYPE);
+        let files = &doc["layers"][0]["files"];
+        assert_eq!(files[0]["path"], "app/run.sh");
+        assert_eq!(files[0]["ranges"][0][1], 120);
+        assert_eq!(files[1]["firstAccessMicros"], 900);
     }
 }

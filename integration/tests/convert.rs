@@ -1049,6 +1049,8 @@ fn tarn_optimize_puts_what_the_workload_opened_before_the_landmark() {
         .arg(tarn.admin_address())
         .arg("--work-dir")
         .arg(&work)
+        .arg("--profile")
+        .arg(scratch.path().join("profile.json"))
         .args([&src, &dst, "--", "/app/run.sh"])
         .output()
         .unwrap();
@@ -1058,6 +1060,20 @@ fn tarn_optimize_puts_what_the_workload_opened_before_the_landmark() {
         assert!(stdout.contains(want), "the workload's {want:?} in {stdout}");
     }
     assert!(stdout.contains("recorded "), "{stdout}");
+    // The recording as a document: the script, read through FUSE, with
+    // the range the shell read.
+    let profile: Value =
+        serde_json::from_slice(&std::fs::read(scratch.path().join("profile.json")).unwrap())
+            .unwrap();
+    assert_eq!(profile["mediaType"], "application/vnd.tarn.profile.v1+json");
+    let script = profile["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["files"].as_array().unwrap())
+        .find(|f| f["path"] == "app/run.sh")
+        .unwrap_or_else(|| panic!("app/run.sh in {profile}"));
+    assert_eq!(script["ranges"][0][0], 0, "{script}");
     assert_nothing_left(&work);
     let containers = ctr_ok(&reg, &tarn, &["containers", "ls", "-q"]);
     assert!(
