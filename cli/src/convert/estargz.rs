@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use tarn_fs::Digest;
-use tarn_fs::format::estargz::{WriteOptions, WriteResult, write_estargz};
+use tarn_fs::format::estargz::{WriteOptions, WriteResult, write_estargz_reopen};
 use tarn_fs::registry::Descriptor;
 
 use super::{ConvertArgs, Source, scratch, source};
@@ -290,10 +290,20 @@ pub(super) fn write_layer(
     opts: &WriteOptions,
     cancel: Arc<AtomicBool>,
 ) -> Result<(WriteResult, &'static str)> {
-    let (tar, compression) = source::tar_reader(input)?;
+    let (_, compression) = source::tar_reader(input)?;
     let f = File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, f);
-    let written = write_estargz(Cancellable { r: tar, cancel }, &mut w, opts)?;
+    // Prioritized files make the writer read the layer again (its names,
+    // then the prioritized entries, then the rest): from the file, so the
+    // layer is never held in memory.
+    let open = || {
+        let (r, _) = source::tar_reader(input).map_err(io::Error::other)?;
+        Ok(Cancellable {
+            r,
+            cancel: cancel.clone(),
+        })
+    };
+    let written = write_estargz_reopen(open, &mut w, opts)?;
     w.flush()?;
     Ok((written, compression))
 }

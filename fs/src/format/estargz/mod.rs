@@ -53,4 +53,4 @@ pub use toc::{
     MAX_TOC_ENTRIES, MAX_TOC_JSON, TOC_TAR_NAME, Toc, TocEntry, TocJson, decode_toc, parse_toc_json,
 };
 #[cfg(any(test, feature = "writer"))]
-pub use write::{WriteError, WriteOptions, WriteResult, write_estargz};
+pub use write::{WriteError, WriteOptions, WriteResult, write_estargz, write_estargz_reopen};

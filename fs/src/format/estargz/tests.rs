@@ -617,6 +617,55 @@ fn an_estargz_blob_rewritten_keeps_one_landmark_and_one_toc() {
     );
 }
 
+/// A layer rewritten with priorities from a file read three times (`tarn
+/// optimize`: only the prioritized entries' data in memory) gives the
+/// same blob as from memory; an input that changes between reads is an
+/// error, not a wrong blob.
+#[test]
+fn prioritized_from_a_reopened_input_is_the_same_blob() {
+    let (tar, _) = sample_tar();
+    let opts = WriteOptions {
+        chunk_size: CHUNK,
+        prioritized: vec!["big/file".into(), "/other/link".into()],
+        ..WriteOptions::default()
+    };
+    let from_memory = convert(&tar, &opts);
+    let mut opened = 0;
+    let mut blob = Vec::new();
+    let result = crate::format::estargz::write_estargz_reopen(
+        || {
+            opened += 1;
+            Ok(&tar[..])
+        },
+        &mut blob,
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(opened, 3);
+    assert_eq!(blob, from_memory.blob);
+    assert_eq!(result, from_memory.result);
+
+    let mut calls = 0;
+    let other = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(7);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "big/file", &b"changed"[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let err = crate::format::estargz::write_estargz_reopen(
+        || {
+            calls += 1;
+            Ok(if calls == 2 { &other[..] } else { &tar[..] })
+        },
+        &mut Vec::new(),
+        &opts,
+    );
+    assert!(err.is_err(), "an input that changed is refused");
+}
+
 #[test]
 fn tampered_and_truncated_chunks_are_refused() {
     let (tar, expect) = sample_tar();

@@ -71,58 +71,127 @@ pub struct WriteResult {
 }
 
 /// Converts the tar stream `input` into an eStargz blob written to `output`.
+/// With prioritized files the input is held in memory (it is read three
+/// times); [`write_estargz_reopen`] reads a file again instead.
 pub fn write_estargz<R: Read, W: Write>(
-    input: R,
+    mut input: R,
     output: W,
     opts: &WriteOptions,
 ) -> Result<WriteResult, WriteError> {
+    check(opts)?;
+    if opts.prioritized.is_empty() {
+        return write_in_order(input, output, opts);
+    }
+    let mut tar = Vec::new();
+    input.read_to_end(&mut tar)?;
+    write_estargz_reopen(|| Ok(&tar[..]), output, opts)
+}
+
+/// Converts the tar stream that `open` yields (each call from the start,
+/// the same bytes: a file, decompressed again) into an eStargz blob
+/// written to `output`. Without prioritized files the input is read once;
+/// with them three times (names; the prioritized entries' data, the only
+/// data held in memory; the rest, streamed).
+pub fn write_estargz_reopen<R: Read, W: Write>(
+    mut open: impl FnMut() -> io::Result<R>,
+    output: W,
+    opts: &WriteOptions,
+) -> Result<WriteResult, WriteError> {
+    check(opts)?;
+    if opts.prioritized.is_empty() {
+        return write_in_order(open()?, output, opts);
+    }
+    // Pass 1: every entry's header, to know what goes first.
+    let mut metas = Vec::new();
+    each_entry(open()?, |meta, data| {
+        io::copy(data, &mut io::sink())?;
+        metas.push(meta);
+        Ok(())
+    })?;
+    let mut missing = Vec::new();
+    let order = priority_order(&metas, &opts.prioritized, &mut missing);
+    drop(metas);
+    let mut first: HashMap<usize, Option<(Meta, Vec<u8>)>> =
+        order.iter().map(|&i| (i, None)).collect();
+    // Pass 2: the data of those entries.
+    let mut i = 0;
+    each_entry(open()?, |meta, data| {
+        if let Some(slot) = first.get_mut(&i) {
+            let mut bytes = Vec::new();
+            data.read_to_end(&mut bytes)?;
+            *slot = Some((meta, bytes));
+        } else {
+            io::copy(data, &mut io::sink())?;
+        }
+        i += 1;
+        Ok(())
+    })?;
+    let mut w = BlobWriter::new(output, opts);
+    for k in &order {
+        let Some(Some((meta, bytes))) = first.remove(k) else {
+            return Err(WriteError::Io(io::Error::other(
+                "the input changed between two reads",
+            )));
+        };
+        w.entry(&meta, &mut &bytes[..])?;
+    }
+    w.landmark(PREFETCH_LANDMARK)?;
+    // Pass 3: everything else, streamed.
+    let placed: std::collections::HashSet<usize> = order.into_iter().collect();
+    let mut i = 0;
+    each_entry(open()?, |meta, mut data| {
+        if placed.contains(&i) {
+            io::copy(data, &mut io::sink())?;
+        } else {
+            w.entry(&meta, &mut data)?;
+        }
+        i += 1;
+        Ok(())
+    })?;
+    let mut result = w.finish()?;
+    result.missing_prioritized = missing;
+    Ok(result)
+}
+
+fn check(opts: &WriteOptions) -> Result<(), WriteError> {
     if opts.chunk_size == 0 || opts.level > 9 {
         return Err(WriteError::Options(format!(
             "chunk size {} (must be > 0), level {} (must be 0-9)",
             opts.chunk_size, opts.level
         )));
     }
-    let mut tar = TarIn::new(io::BufReader::with_capacity(1 << 20, input));
+    Ok(())
+}
+
+/// The input as it comes, after a `.no.prefetch.landmark`.
+fn write_in_order<R: Read, W: Write>(
+    input: R,
+    output: W,
+    opts: &WriteOptions,
+) -> Result<WriteResult, WriteError> {
     let mut w = BlobWriter::new(output, opts);
-    let mut missing = Vec::new();
-    if opts.prioritized.is_empty() {
-        w.landmark(NO_PREFETCH_LANDMARK)?;
-        while let Some(meta) = tar.next_meta()? {
-            let padded = meta.padded_size();
-            if is_landmark(&meta) {
-                io::copy(&mut tar.reader().take(padded), &mut io::sink())?;
-                continue;
-            }
-            w.entry(&meta, &mut tar.reader().take(padded))?;
-        }
-    } else {
-        let mut entries = Vec::new();
-        while let Some(meta) = tar.next_meta()? {
-            let mut data = Vec::new();
-            tar.reader()
-                .take(meta.padded_size())
-                .read_to_end(&mut data)?;
-            if !is_landmark(&meta) {
-                entries.push((meta, data));
-            }
-        }
-        let order = priority_order(&entries, &opts.prioritized, &mut missing);
-        let mut placed = vec![false; entries.len()];
-        for i in order {
-            placed[i] = true;
-            let (meta, data) = &entries[i];
-            w.entry(meta, &mut &data[..])?;
-        }
-        w.landmark(PREFETCH_LANDMARK)?;
-        for (i, (meta, data)) in entries.iter().enumerate() {
-            if !placed[i] {
-                w.entry(meta, &mut &data[..])?;
-            }
+    w.landmark(NO_PREFETCH_LANDMARK)?;
+    each_entry(input, |meta, mut data| w.entry(&meta, &mut data))?;
+    w.finish()
+}
+
+/// Calls `f` with each entry of the tar `input` but the input's own
+/// landmarks, and a reader of its data and padding (which `f` must read to
+/// its end or drain).
+fn each_entry<R: Read>(
+    input: R,
+    mut f: impl FnMut(Meta, &mut dyn Read) -> Result<(), WriteError>,
+) -> Result<(), WriteError> {
+    let mut tar = TarIn::new(io::BufReader::with_capacity(1 << 20, input));
+    while let Some(meta) = tar.next_meta()? {
+        let mut data = tar.reader().take(meta.padded_size());
+        if is_landmark(&meta) {
+            io::copy(&mut data, &mut io::sink())?;
+        } else {
+            f(meta, &mut data)?;
         }
     }
-    let mut result = w.finish()?;
-    result.missing_prioritized = missing;
-    Ok(result)
+    Ok(())
 }
 
 /// A landmark of the input (a blob converted again, as `tarn optimize`
@@ -135,12 +204,12 @@ fn is_landmark(m: &Meta) -> bool {
 /// Indices of the entries to put first: each prioritized path after its
 /// parent directories (and, for a hardlink, its target), in list order.
 fn priority_order(
-    entries: &[(Meta, Vec<u8>)],
+    entries: &[Meta],
     prioritized: &[String],
     missing: &mut Vec<String>,
 ) -> Vec<usize> {
     let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
-    for (i, (m, _)) in entries.iter().enumerate() {
+    for (i, m) in entries.iter().enumerate() {
         if let Ok(n) = normalize(&String::from_utf8_lossy(&m.path)) {
             by_name.entry(n).or_default().push(i);
         }
@@ -163,7 +232,7 @@ fn priority_order(
 
 fn move_rec(
     name: &str,
-    entries: &[(Meta, Vec<u8>)],
+    entries: &[Meta],
     by_name: &HashMap<String, Vec<usize>>,
     moved: &mut [bool],
     order: &mut Vec<usize>,
@@ -181,7 +250,7 @@ fn move_rec(
         if moved[i] {
             continue;
         }
-        let m = &entries[i].0;
+        let m = &entries[i];
         if m.kind == Kind::Hardlink
             && let Ok(target) = normalize(&String::from_utf8_lossy(&m.link))
         {

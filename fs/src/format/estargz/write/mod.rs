@@ -17,5 +17,5 @@ mod tarin;
 #[cfg(test)]
 mod tests;
 
-pub use encode::{WriteOptions, WriteResult, write_estargz};
+pub use encode::{WriteOptions, WriteResult, write_estargz, write_estargz_reopen};
 pub use error::WriteError;
