@@ -290,8 +290,32 @@ images_up() {
       >"$WORK/optimize-multi.log" 2>&1 ||
       die "tarn optimize multi failed: $(tail -n1 "$WORK/optimize-multi.log")"
     bed_down
+    learn_profile
   fi
   log "registry $REG_ADDR holds the images"
+}
+
+# S1's `tarn-prof`: the plain lazy image's start profile, learned by one
+# run of its workload on a node with [profile] on, then pushed to the
+# registry beside the image (`tarn profile push`), where S1's fresh nodes
+# find it at pull.
+learn_profile() {
+  local ref="$REG_ADDR/multi-esgz:latest" lg="$WORK/learn-profile.log" i
+  TARN_CONFIG_EXTRA="$PROFILE_CONFIG" TARGET="$REG_ADDR" bed_up images-profile --containerd --tarn ||
+    die "$REASON"
+  if ! { tarn_pull "$lg" "$ref" &&
+    step "$lg" ctr --address "$CONTAINERD_SOCK" run --rm --snapshotter tarn "$ref" "learn-$$" /app/run.sh &&
+    check_workload "$lg"; }; then
+    die "the profile's learning run failed: ${REASON:-see $lg}"
+  fi
+  # The recording ends when the container's snapshot goes (`--rm`).
+  for i in $(seq 300); do
+    "$TARN_BIN" profile show --plain-http --admin-address "$TARN_ADMIN_SOCK" "$ref" >"$WORK/profile.json" 2>>"$lg" && break
+    sleep 0.2
+  done
+  step "$lg" "$TARN_BIN" profile push --plain-http --admin-address "$TARN_ADMIN_SOCK" "$ref" ||
+    die "tarn profile push failed: $(tail -n1 "$lg")"
+  bed_down
 }
 
 # The far registry of a profile: a proxy in front of the shared registry;
@@ -366,6 +390,18 @@ repeat() {
 s1_tarn() {
   local s="${4:-S1}"
   repeat "$1" "$s" "$2" "${BENCH_S1_REPS:-3}" s1_tarn_run "$1" "$2" "$3" "$s"
+}
+
+# [profile] on: S1's `tarn-prof` and the run that learns its profile.
+PROFILE_CONFIG=$'[profile]\nenabled = true'
+
+# S1 on a fresh node with start profiles on: the plain lazy image, its
+# profile fetched from the registry at pull.
+s1_profile() {
+  local extra="${TARN_CONFIG_EXTRA:-}"
+  export TARN_CONFIG_EXTRA="${extra:+$extra$'\n'}$PROFILE_CONFIG"
+  s1_tarn "$1" tarn-prof multi-esgz
+  if [ -n "$extra" ]; then export TARN_CONFIG_EXTRA="$extra"; else unset TARN_CONFIG_EXTRA; fi
 }
 
 # S1 tarn fetching nothing ahead of reads (no read-ahead, no hints, no
@@ -556,7 +592,7 @@ s3_run() {
   [ "$ok" = 1 ]
 }
 
-# s4_on KIND (overlayfs, tarn, tarn-obd, tarn-obd-buffered): run a container
+# s4_on KIND (overlayfs, tarn, tarn-rec, tarn-obd, tarn-obd-buffered): run a container
 # that sleeps on that snapshotter, then read and walk
 # through its rootfs mount from the host. The first pass fills the caches
 # (tarn's chunk cache and the page cache), the second is measured.
@@ -564,7 +600,7 @@ s4_on() {
   local kind="$1" snap=tarn suffix="" lg="$WORK/local-s4-$1.log"
   case "$kind" in
     overlayfs) snap=overlayfs ;;
-    tarn) suffix=-esgz ;;
+    tarn | tarn-rec) suffix=-esgz ;;
     tarn-obd*) suffix=-obd ;;
   esac
   REASON=""
@@ -741,6 +777,7 @@ for p in "${PROFILE_LIST[@]}"; do
     s1_tarn "$p" tarn multi-esgz
     s1_tarn "$p" tarn-opt multi-esgz-opt
     s1_tarn "$p" tarn-topt multi-topt
+    s1_profile "$p"
     s1_nospec "$p"
   fi
   if wants G1; then g1 "$p"; fi
@@ -774,6 +811,9 @@ TARGET="$REG_ADDR"
 if wants S4; then
   s4_on overlayfs
   s4_on tarn
+  # The same with the container's first start recorded throughout (a start
+  # profile being learned): what recording costs reads.
+  TARN_CONFIG_EXTRA="${TARN_CONFIG_EXTRA:+$TARN_CONFIG_EXTRA$'\n'}$PROFILE_CONFIG"$'\nrecord_secs = 86400' s4_on tarn-rec
   s4_on tarn-obd
   TARN_CONFIG_EXTRA="$(loop_buffered_config)" s4_on tarn-obd-buffered
 fi

@@ -6,6 +6,7 @@ mod containerd;
 mod convert;
 mod mount_layer;
 mod optimize;
+mod profile;
 mod pull;
 mod status;
 
@@ -33,6 +34,7 @@ enum Command {
     MountLayer(mount_layer::Args),
     Convert(convert::ConvertArgs),
     Optimize(optimize::OptimizeArgs),
+    Profile(profile::ProfileArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         // Sync: it runs the pull (which has its own runtime) and `ctr`.
         Command::Optimize(args) => optimize::run(args),
+        Command::Profile(args) => block_on(profile::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tarn_fs::Digest;
+use tarn_fs::layer::profile::{
+    FileProfile, LayerProfile, MEDIA_TYPE as PROFILE_MEDIA_TYPE, Profile,
+};
 use tarn_fs::registry::{Descriptor, Reference, RegistryClient, RegistryConfig};
 use tarn_proto::admin::{LayerRecording, StartRecordingRequest, StopRecordingRequest};
 
@@ -120,7 +123,7 @@ pub fn run(args: OptimizeArgs) -> Result<()> {
     let digests: Vec<Digest> = run_layers.iter().map(|l| l.digest).collect();
     let profile = crate::block_on(record(&args, &run_ref, &digests))?;
     if let Some(path) = &args.profile {
-        let text = serde_json::to_vec_pretty(&profile.document(&run_ref))?;
+        let text = serde_json::to_vec_pretty(&profile.profile(&run_ref))?;
         std::fs::write(path, text)
             .with_context(|| format!("cannot write the profile to {}", path.display()))?;
         println!("wrote the recording to {}", path.display());
@@ -251,9 +254,6 @@ async fn record(args: &OptimizeArgs, run_ref: &str, digests: &[Digest]) -> Resul
 /// What the daemon recorded, per layer.
 struct Recording(Vec<LayerRecording>);
 
-/// The media type of a written recording.
-const PROFILE_MEDIA_TYPE: &str = "application/vnd.tarn.profile.v1+json";
-
 impl Recording {
     /// The files of each layer (by digest), in first-open order.
     fn files(&self) -> HashMap<Digest, Vec<String>> {
@@ -266,34 +266,32 @@ impl Recording {
             .collect()
     }
 
-    /// The recording as a document: layers in the image's order, each
-    /// file with when it was first opened and the ranges read.
-    fn document(&self, image: &str) -> serde_json::Value {
-        let layers: Vec<serde_json::Value> = self
+    /// The recording as a start profile: layers in the image's order,
+    /// each file with when it was first opened and the ranges read.
+    fn profile(&self, image: &str) -> Profile {
+        let layers = self
             .0
             .iter()
-            .map(|l| {
-                let files: Vec<serde_json::Value> = l
-                    .files
-                    .iter()
-                    .map(|f| {
-                        let ranges: Vec<[u64; 2]> =
-                            f.ranges.iter().map(|r| [r.offset, r.length]).collect();
-                        serde_json::json!({
-                            "path": f.path,
-                            "firstAccessMicros": f.first_access_micros,
-                            "ranges": ranges,
+            .filter_map(|l| {
+                Some(LayerProfile {
+                    digest: l.layer_digest.parse().ok()?,
+                    files: l
+                        .files
+                        .iter()
+                        .map(|f| FileProfile {
+                            path: f.path.clone(),
+                            first_access_micros: f.first_access_micros,
+                            ranges: f.ranges.iter().map(|r| [r.offset, r.length]).collect(),
                         })
-                    })
-                    .collect();
-                serde_json::json!({ "digest": l.layer_digest, "files": files })
+                        .collect(),
+                })
             })
             .collect();
-        serde_json::json!({
-            "mediaType": PROFILE_MEDIA_TYPE,
-            "image": image,
-            "layers": layers,
-        })
+        Profile {
+            media_type: PROFILE_MEDIA_TYPE.to_owned(),
+            image: image.to_owned(),
+            layers,
+        }
     }
 }
 
@@ -401,7 +399,8 @@ mod tests {
             rec.files()[&digest],
             vec!["app/run.sh".to_string(), "usr/bin/python3".to_string()]
         );
-        let doc = rec.document("reg/app:1");
+        let doc = rec.profile("reg/app:1");
+        let doc: serde_json::Value = serde_json::from_slice(&doc.to_bytes()).unwrap();
         assert_eq!(doc["mediaType"], PROFILE_MEDIA_TYPE);
         let files = &doc["layers"][0]["files"];
         assert_eq!(files[0]["path"], "app/run.sh");

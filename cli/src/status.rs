@@ -518,6 +518,12 @@ mod tests {
         ) -> Result<Response<tarn_proto::admin::StopRecordingResponse>, Status> {
             Err(Status::unimplemented("not used by status"))
         }
+        async fn get_profile(
+            &self,
+            _: Request<tarn_proto::admin::GetProfileRequest>,
+        ) -> Result<Response<tarn_proto::admin::GetProfileResponse>, Status> {
+            Err(Status::unimplemented("not used by status"))
+        }
     }
 
     #[tokio::test]

@@ -20,6 +20,11 @@
 //! max_percent = 10                          # of the cache's filesystem
 //! [fetch]
 //! background = false
+//! [profile]
+//! enabled = false                # learn start profiles and prefetch them
+//! record_secs = 10               # how long a first start is recorded
+//! registry = true                # look for a pushed profile at pull
+//! dir = "/var/lib/tarn/profiles" # default: ROOT/profiles
 //! [cri]
 //! image_service_socket = "/run/tarn/cri-image.sock"  # default: off
 //! containerd_cri_socket = "/run/containerd/containerd.sock"
@@ -70,6 +75,35 @@ pub struct Config {
     pub cache: CacheSection,
     pub fetch: FetchSection,
     pub cri: CriSection,
+    pub profile: ProfileSection,
+}
+
+/// Start profiles (`crate::profiles`): the first start of an image on this
+/// node is recorded; later starts prefetch what it read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileSection {
+    /// Off by default.
+    pub enabled: bool,
+    /// How long the first start of an image is recorded, seconds (less if
+    /// its container goes first).
+    pub record_secs: u64,
+    /// Look for a profile pushed to the registry (`tarn profile push`)
+    /// when an image without a local one is pulled.
+    pub registry: bool,
+    /// Where profiles are kept, by manifest digest; default `ROOT/profiles`.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for ProfileSection {
+    fn default() -> Self {
+        ProfileSection {
+            enabled: false,
+            record_secs: 10,
+            registry: true,
+            dir: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,6 +294,13 @@ impl Config {
             path: path.to_owned(),
             source,
         })
+    }
+
+    /// Where start profiles are kept, when they are on.
+    pub fn profile_dir(&self, root: &Path) -> Option<PathBuf> {
+        let p = &self.profile;
+        p.enabled
+            .then(|| p.dir.clone().unwrap_or_else(|| root.join("profiles")))
     }
 
     pub fn cache_dir(&self, root: &Path) -> PathBuf {

@@ -22,7 +22,8 @@ pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 pub const PARENT_CHAIN_ID: &str = "containerd.io/snapshot/parent-chain-id";
 pub const DIFF_ID: &str = "containerd.io/snapshot/diff-id";
 /// Set with the CRI ones by containerd's AppendInfoHandlerWrapper
-/// (pkg/snapshotters/annotations.go); tarn reads neither.
+/// (pkg/snapshotters/annotations.go); tarn reads the manifest digest
+/// (start profiles), not the layers.
 pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 /// Marks a snapshot served from a remote layer (the stargz convention).
@@ -32,6 +33,10 @@ pub const TARN_IMAGE_REF: &str = "containerd.io/snapshot/tarn.image-ref";
 pub const TARN_LAYER_DIGEST: &str = "containerd.io/snapshot/tarn.layer-digest";
 pub const TARN_TOC_DIGEST: &str = "containerd.io/snapshot/tarn.toc-digest";
 pub const TARN_BLOB_SIZE: &str = "containerd.io/snapshot/tarn.blob-size";
+/// The manifest digest of the image a remote snapshot was pulled for,
+/// when start profiles are on and CRI did not name it
+/// ([`CRI_MANIFEST_DIGEST`]): what a container on it is profiled under.
+pub const TARN_MANIFEST_DIGEST: &str = "containerd.io/snapshot/tarn.manifest-digest";
 /// On the snapshot of an overlaybd chain: its stack, the layer blobs
 /// bottom first as `digest@size,...` (`crate::obd::stack_label`). Its
 /// [`TARN_LAYER_DIGEST`] is then the stack's key, not a blob.

@@ -50,6 +50,7 @@ pub mod mounter;
 pub mod mountinfo;
 pub mod mounts;
 pub mod obd;
+pub mod profiles;
 pub mod remote;
 pub mod resolve;
 pub mod seams;

@@ -413,4 +413,8 @@ impl LayerHandle for Arc<Layer> {
     fn stop_recording(&self, id: u64) -> Option<Vec<tarn_fs::layer::Access>> {
         Layer::stop_recording(self, id)
     }
+
+    async fn replay_profile(&self, section: &tarn_fs::layer::profile::LayerProfile) {
+        crate::profiles::replay(self, section).await;
+    }
 }

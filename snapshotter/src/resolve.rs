@@ -28,11 +28,13 @@ use tarn_fs::disk::DiskLayer;
 use tarn_fs::fetch::FetchScheduler;
 use tarn_fs::format::Estargz;
 use tarn_fs::format::overlaybd::trace::{self, Trace};
+use tarn_fs::layer::profile::{self as profile_doc, Profile};
 use tarn_fs::layer::{Entrypoint, Layer};
 use tarn_fs::registry::{ClientStats, Reference, RegistryClient, RegistryError, ResolvedImage};
 
 use crate::labels::{RemoteLayer, TOC_DIGEST};
 use crate::locks::Singleflight;
+use crate::profiles::{self, ProfileStore};
 use crate::seams::{Resolve, ResolveError, Resolved};
 
 /// Connections opened to a registry when a pull is announced: enough for
@@ -100,6 +102,8 @@ pub struct Resolver {
     /// shares it (its extents, its fetch figures) instead of opening it
     /// again. Weak, so a layer no mounted stack uses is let go.
     disk_layers: Mutex<HashMap<Digest, Weak<DiskLayer>>>,
+    /// Start profiles, when on: replayed on the layers resolved ahead.
+    profiles: Option<Arc<ProfileStore>>,
 }
 
 impl Resolver {
@@ -110,8 +114,10 @@ impl Resolver {
         prefetch: Option<Duration>,
         background: bool,
         max_index_bytes: u64,
+        profiles: Option<Arc<ProfileStore>>,
     ) -> Arc<Self> {
         Arc::new(Resolver {
+            profiles,
             client,
             cache,
             scheduler,
@@ -314,6 +320,9 @@ impl Resolver {
                 let (me, r, image) = (me.clone(), r.clone(), image.clone());
                 tokio::spawn(async move { me.config_entrypoint(&r, &image).await })
             });
+            // The image's start profile, looked for once, replayed on each
+            // layer as it opens.
+            let profile = Arc::new(tokio::sync::OnceCell::new());
             let mut opened = Vec::new();
             for desc in image.layers.iter().filter(|d| !skip.contains(&d.digest)) {
                 let Some(toc) = desc
@@ -331,6 +340,7 @@ impl Resolver {
                 let (me, size) = (me.clone(), desc.size);
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 opened.push(rx);
+                let (profile, image) = (profile.clone(), image.clone());
                 tokio::spawn(async move {
                     match me.layer(&info, Some(size)).await {
                         // Its prioritized files too, all layers at once: the
@@ -338,6 +348,19 @@ impl Resolver {
                         // still on the wire (chunk fetches are shared).
                         Ok(r) => {
                             let _ = tx.send(r.layer.clone());
+                            if me.profiles.is_some() {
+                                let (me, layer) = (me.clone(), r.layer.clone());
+                                tokio::spawn(async move {
+                                    let found = profile
+                                        .get_or_init(|| me.profile(&info.image_ref, &image))
+                                        .await;
+                                    if let Some(section) =
+                                        found.as_ref().and_then(|p| p.layer(&info.digest))
+                                    {
+                                        profiles::replay(&layer, section).await;
+                                    }
+                                });
+                            }
                             if let Some(timeout) = me.prefetch {
                                 let _ = r.layer.prefetch(timeout).await;
                             }
@@ -399,6 +422,70 @@ impl Resolver {
             return Err(TraceError::Digest(actual));
         }
         Ok(Trace::from_layer(&blob)?)
+    }
+
+    /// The start profile of `image` (pulled as `image_ref`): this node's,
+    /// else one pushed to the registry (kept here once found). Any
+    /// failure is a log line and no profile.
+    async fn profile(&self, image_ref: &str, image: &ResolvedImage) -> Option<Arc<Profile>> {
+        let store = self.profiles.clone()?;
+        let manifest = image.manifest_digest;
+        let s = store.clone();
+        let local = tokio::task::spawn_blocking(move || s.load(&manifest))
+            .await
+            .ok()
+            .flatten();
+        if local.is_some() || !store.registry {
+            return local;
+        }
+        let reference: Reference = image_ref.parse().ok()?;
+        self.connected(reference.repository.host()).await;
+        let found = self
+            .client
+            .find_referrer(
+                &reference.repository,
+                &manifest,
+                profile_doc::MEDIA_TYPE,
+                profile_doc::MAX_BYTES as u64,
+            )
+            .await;
+        let bytes = match found {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                tracing::debug!(image = %image_ref, %manifest, "no start profile in the registry");
+                return None;
+            }
+            Err(e) => {
+                tracing::info!(image = %image_ref, %manifest, error = %e, "start profile: not fetched from the registry");
+                return None;
+            }
+        };
+        let profile = match Profile::parse(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(image = %image_ref, %manifest, error = %e, "start profile from the registry ignored");
+                return None;
+            }
+        };
+        let foreign: Vec<String> = profile
+            .layers
+            .iter()
+            .filter(|l| !image.layers.iter().any(|d| d.digest == l.digest))
+            .map(|l| l.digest.to_string())
+            .collect();
+        if !foreign.is_empty() {
+            tracing::warn!(image = %image_ref, %manifest, layers = ?foreign, "start profile names layers the image does not have (ignored)");
+        }
+        tracing::info!(image = %image_ref, %manifest, files = profile.files(), "start profile found in the registry");
+        let profile = Arc::new(profile);
+        let p = profile.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.save(&manifest, &p) {
+                tracing::warn!(%manifest, error = %e, "cannot keep the start profile");
+            }
+        })
+        .await;
+        Some(profile)
     }
 
     async fn config_entrypoint(
@@ -513,6 +600,11 @@ impl Resolve for Arc<Resolver> {
         let got = self.fetch_trace(image_ref, digest, blob_size).await;
         got.map_err(|e| tracing::warn!(image = %image_ref, layer = %digest, error = %e, "acceleration layer's trace not replayed"))
             .ok()
+    }
+
+    async fn manifest_digest(&self, image_ref: &str) -> Option<Digest> {
+        let image = self.image(image_ref).await.ok()?;
+        Some(image.manifest_digest)
     }
 
     async fn entrypoint(&self, image_ref: &str) -> Option<Entrypoint> {

@@ -52,6 +52,12 @@ pub trait LayerHandle: Clone + Send + Sync + 'static {
     /// Ends session `id`: the files its readers touched, in first-access
     /// order; `None` if it was not running.
     fn stop_recording(&self, id: u64) -> Option<Vec<tarn_fs::layer::Access>>;
+    /// Prefetches what a start profile's section for this layer names
+    /// (`Layer::replay_profile`); logs what it could not find.
+    fn replay_profile(
+        &self,
+        section: &tarn_fs::layer::profile::LayerProfile,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// Resolution of remote layers.
@@ -92,6 +98,13 @@ pub trait Resolve: Send + Sync + 'static {
         _blob_size: u64,
     ) -> impl Future<Output = Result<Arc<DiskLayer>, ResolveError>> + Send {
         async { Err(ResolveError::NoDisks) }
+    }
+
+    /// The digest of `image_ref`'s manifest (the node's platform's), from
+    /// the resolver's memo or one GET; nothing for a resolver without a
+    /// registry.
+    fn manifest_digest(&self, _image_ref: &str) -> impl Future<Output = Option<Digest>> + Send {
+        async { None }
     }
 
     /// The program `image_ref`'s config runs, when entrypoint prefetch is

@@ -443,6 +443,27 @@ impl Admin for AdminService {
         Ok(Response::new(admin::StopRecordingResponse { layers }))
     }
 
+    async fn get_profile(
+        &self,
+        req: Request<admin::GetProfileRequest>,
+    ) -> Result<Response<admin::GetProfileResponse>, Status> {
+        let d = req.into_inner().manifest_digest;
+        let manifest = d
+            .parse::<Digest>()
+            .map_err(|e| Status::invalid_argument(format!("manifest digest {d:?}: {e}")))?;
+        if !self.rs.profiles_on() {
+            return Err(Status::failed_precondition(
+                "start profiles are off on this node ([profile] enabled = false)",
+            ));
+        }
+        let document = self.rs.profile_document(manifest).await.ok_or_else(|| {
+            Status::not_found(format!(
+                "no start profile for manifest {manifest} on this node"
+            ))
+        })?;
+        Ok(Response::new(admin::GetProfileResponse { document }))
+    }
+
     async fn stats(
         &self,
         _req: Request<admin::StatsRequest>,

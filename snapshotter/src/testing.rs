@@ -43,6 +43,8 @@ impl LayerHandle for FakeLayer {
     fn stop_recording(&self, _id: u64) -> Option<Vec<tarn_fs::layer::Access>> {
         Some(Vec::new())
     }
+
+    async fn replay_profile(&self, _section: &tarn_fs::layer::profile::LayerProfile) {}
 }
 
 /// The content every [`FakeLayer`] lists as a chunk.

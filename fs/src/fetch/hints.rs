@@ -30,15 +30,19 @@ pub enum Hint {
     Landmark,
     /// An overlaybd image's recorded trace (its acceleration layer).
     Trace,
+    /// A start profile: what the image's workload read in its first
+    /// seconds on an earlier start (`layer/profile.rs`).
+    Profile,
 }
 
 impl Hint {
-    pub const ALL: [Hint; 5] = [
+    pub const ALL: [Hint; 6] = [
         Hint::ReadAhead,
         Hint::Library,
         Hint::Entrypoint,
         Hint::Landmark,
         Hint::Trace,
+        Hint::Profile,
     ];
 
     /// The name `tarn status` and the bench print.
@@ -49,6 +53,7 @@ impl Hint {
             Hint::Entrypoint => "entrypoint",
             Hint::Landmark => "landmark",
             Hint::Trace => "trace",
+            Hint::Profile => "profile",
         }
     }
 
@@ -59,6 +64,7 @@ impl Hint {
             Hint::Entrypoint => 2,
             Hint::Landmark => 3,
             Hint::Trace => 4,
+            Hint::Profile => 5,
         }
     }
 }

@@ -25,6 +25,7 @@ pub(crate) mod hints;
 mod open;
 mod order;
 mod plan;
+pub mod profile;
 mod record;
 
 use std::collections::HashSet;

@@ -288,3 +288,49 @@ async fn chunks_that_came_with_the_tail_are_cached_and_the_one_across_its_start_
     assert_eq!(reads.len(), 2);
     assert_eq!(reads[1].0, across.blob_range.0..tail_start);
 }
+
+/// A start profile fetches the chunks covering the ranges it names, in
+/// one pass, counted as its hint; a path the layer lacks (or that tries to
+/// leave it), a directory and a range past the file's end fetch nothing
+/// more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_replay_fetches_its_ranges_and_nothing_the_layer_lacks() {
+    use crate::layer::profile::{FileProfile, LayerProfile};
+    let data: Vec<u8> = (0..5500u32).map(|i| (i % 249) as u8).collect();
+    let (_dir, blob, layer) = layer_with_file(&data);
+    let file = |path: &str, ranges: Vec<[u64; 2]>| FileProfile {
+        path: path.into(),
+        first_access_micros: 0,
+        ranges,
+    };
+    let section = LayerProfile {
+        digest: crate::Digest::of(b"layer"),
+        files: vec![
+            file("f", vec![[1500, 100], [5200, 1 << 30]]),
+            file("missing", vec![[0, 10]]),
+            file("../f", vec![[0, 10]]),
+            file("/", Vec::new()),
+            file("f", vec![[1 << 40, 10]]),
+        ],
+    };
+    let r = layer.replay_profile(&section).await.unwrap();
+    assert_eq!((r.chunks, r.fetched), (2, 2), "{r:?}");
+    assert_eq!((r.missing, r.out_of_bounds), (3, 2), "{r:?}");
+    // One GET: the gap between the two chunks is under the fetcher's
+    // merge threshold, so it is carried rather than paid a round trip.
+    let got: Vec<_> = blob.reads().iter().map(|(r, _)| r.clone()).collect();
+    assert_eq!(got, vec![1000..5500]);
+    let hint = layer.hint_stats().get(Hint::Profile);
+    assert_eq!(hint.fetched, 1500);
+    // What it fetched is answered inline now, and counts as used.
+    let l = layer.clone();
+    let hit = tokio::task::spawn_blocking(move || l.read_cached(2, 1500, 100).unwrap())
+        .await
+        .unwrap();
+    assert!(matches!(hit, CachedRead::Hit(d) if d == data[1500..1600]));
+    assert_eq!(layer.hint_stats().get(Hint::Profile).used, 1000);
+    // Replayed again: everything is cached, nothing is fetched.
+    let again = layer.replay_profile(&section).await.unwrap();
+    assert_eq!(again.fetched, 0);
+    assert_eq!(blob.reads().len(), 1);
+}

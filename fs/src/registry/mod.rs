@@ -36,6 +36,7 @@ pub mod mirror;
 pub mod platform;
 pub mod push;
 pub mod reference;
+pub mod referrers;
 pub mod resolve;
 pub mod source;
 

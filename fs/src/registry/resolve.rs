@@ -69,7 +69,9 @@ impl RegistryClient {
         }
     }
 
-    async fn get_manifest(
+    /// Manifest `reference` of `repo`, checked against `expected` when
+    /// given; with its content type.
+    pub(super) async fn get_manifest(
         &self,
         repo: &Repository,
         reference: &str,
@@ -85,28 +87,59 @@ impl RegistryClient {
             blob: None,
             endpoint: None,
         };
+        self.get_document(&get, expected, intent).await
+    }
+
+    /// A small JSON document at `path` (the referrers API's index).
+    pub(super) async fn get_path(
+        &self,
+        repo: &Repository,
+        path: &str,
+        accept: &'static str,
+    ) -> Result<Bytes, RegistryError> {
+        let get = Get {
+            repo,
+            path: path.to_owned(),
+            what: format!("{path} of {}", repo.host()),
+            accept: Some(accept),
+            range: None,
+            blob: None,
+            endpoint: None,
+        };
+        Ok(self.get_document(&get, None, Intent::Prefetch).await?.0)
+    }
+
+    /// `get`'s body, at most [`MAX_MANIFEST_BYTES`], checked against
+    /// `expected` when given; with its content type.
+    async fn get_document(
+        &self,
+        get: &Get<'_>,
+        expected: Option<Digest>,
+        intent: Intent,
+    ) -> Result<(Bytes, Option<String>), RegistryError> {
+        let host = get.repo.host();
         self.inner
             .http
             .with_retries(intent, &get.what, || async {
-                let resp = self.send(&get).await?;
+                let resp = self.send(get).await?;
                 let ctype = resp
                     .headers()
                     .get(CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
-                let (body, more) = self.read_body(resp, MAX_MANIFEST_BYTES, &get).await?;
+                let (body, more) = self.read_body(resp, MAX_MANIFEST_BYTES, get).await?;
                 if more {
                     return Err(Failure::fatal(RegistryError::BadResponse {
-                        host: repo.host().to_string(),
+                        host: host.to_string(),
                         what: get.what.clone(),
-                        reason: format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
+                        reason: format!("larger than {MAX_MANIFEST_BYTES} bytes"),
                     }));
                 }
                 if let Some(expected) = expected {
                     let actual = Digest::of(&body);
                     if actual != expected {
                         return Err(Failure::fatal(RegistryError::DigestMismatch {
-                            host: repo.host().to_string(),
+                            host: host.to_string(),
                             what: get.what.clone(),
                             expected,
                             actual,

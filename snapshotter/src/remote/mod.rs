@@ -35,6 +35,7 @@ use crate::metrics::{self, Metrics, SnapshotterFigures};
 use crate::mounter::FuseMounter;
 use crate::mounts::Mount;
 use crate::obd::{self, LoopIo};
+use crate::profiles::ProfileStore;
 use crate::resolve::Resolver;
 use crate::seams::{
     LayerHandle, MountError, Mounter, Resolve, ResolveError, Resolved, TocMismatch,
@@ -42,6 +43,7 @@ use crate::seams::{
 use crate::snapshotter::{self, Result, Snapshotter};
 
 mod disk;
+mod profile;
 pub mod record;
 #[cfg(test)]
 mod tests;
@@ -99,6 +101,11 @@ pub enum OpenError {
     Registry(#[from] RegistryError),
     #[error("open task failed")]
     Task(#[from] tokio::task::JoinError),
+    #[error("start profiles' directory {path}")]
+    Profiles {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Why a pull's hint ([`RemoteSnapshotter::expect`]) was refused.
@@ -152,8 +159,12 @@ pub struct RemoteSnapshotter<R: Resolve = Arc<Resolver>, M: Mounter<R::Layer> = 
     chains: KeyedMutex<String>,
     options: RemoteOptions,
     fallbacks: Fallbacks,
-    /// Access recordings running (`tarn optimize`).
-    recordings: record::Recordings<R::Layer>,
+    /// Access recordings running (`tarn optimize`, start profiles).
+    recordings: Arc<record::Recordings<R::Layer>>,
+    /// Start profiles, when on (`[profile]`), and the first starts being
+    /// recorded.
+    profiles: Option<Arc<ProfileStore>>,
+    learning: Arc<record::Learning>,
 }
 
 /// Runs blocking work (redb, filesystem, mounts) off the async workers.
@@ -212,6 +223,25 @@ impl RemoteSnapshotter {
             scheduler: scheduler.clone(),
             fuse: fuse_ops.clone(),
         });
+        let profiles = match config.profile_dir(root) {
+            Some(dir) => {
+                let (record, registry) = (
+                    Duration::from_secs(config.profile.record_secs),
+                    config.profile.registry,
+                );
+                let store = blocking(move || {
+                    ProfileStore::open(&dir, record, registry).map_err(|source| {
+                        OpenError::Profiles {
+                            path: dir.clone(),
+                            source,
+                        }
+                    })
+                })
+                .await?;
+                Some(Arc::new(store))
+            }
+            None => None,
+        };
         let resolver = Resolver::new(
             client,
             cache.clone(),
@@ -219,6 +249,7 @@ impl RemoteSnapshotter {
             warm.prefetch,
             warm.background,
             config.max_index_bytes(),
+            profiles.clone(),
         );
         let mounter = FuseMounter::new(
             tokio::runtime::Handle::current(),
@@ -240,7 +271,8 @@ impl RemoteSnapshotter {
             warm,
             loop_io: config.loop_io(),
         };
-        Ok(Self::with_parts(sn, cache, resolver, mounter, options).await?)
+        let rs = Self::with_parts(sn, cache, resolver, mounter, options).await?;
+        Ok(rs.with_profiles(profiles))
     }
 }
 
@@ -282,7 +314,9 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             chains: KeyedMutex::default(),
             options,
             fallbacks: Fallbacks::default(),
-            recordings: record::Recordings::default(),
+            recordings: Arc::default(),
+            profiles: None,
+            learning: Arc::default(),
         };
         rs.restore().await?;
         Ok(rs)
@@ -290,6 +324,12 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
 
     pub fn snapshotter(&self) -> &Arc<Snapshotter> {
         &self.sn
+    }
+
+    /// Turns start profiles on, kept in `store` (`[profile]`).
+    pub fn with_profiles(mut self, store: Option<Arc<ProfileStore>>) -> Self {
+        self.profiles = store;
+        self
     }
 
     /// A pull of `image_ref` whose manifest is `manifest` has begun: starts
@@ -341,6 +381,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             Decision::Ordinary => {
                 if let Some(p) = &parent {
                     self.warm_disk_under(p).await;
+                    self.start_profile(&key, p).await;
                 }
             }
             Decision::Fallback(unfit) => {
@@ -512,7 +553,13 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             }
             None => self.layers.blob_size(&layer.digest).unwrap_or_default(),
         };
-        let labels = labels::remote_labels(labels, layer, blob_size);
+        let mut labels = labels::remote_labels(labels, layer, blob_size);
+        if self.profiles.is_some() && !labels.contains_key(labels::CRI_MANIFEST_DIGEST) {
+            // What a container's start on this chain is profiled under.
+            if let Some(d) = self.resolver.manifest_digest(&layer.image_ref).await {
+                labels.insert(labels::TARN_MANIFEST_DIGEST.into(), d.to_string());
+            }
+        }
         let (name, sn) = (chain_id.to_owned(), self.sn.clone());
         let created = blocking(move || sn.create_remote(&name, parent.as_deref(), labels)).await;
         if let Err(e) = created {
@@ -543,6 +590,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
 
     /// Remove; a remote layer whose last snapshot went is unmounted.
     pub async fn remove(&self, key: String) -> Result<()> {
+        self.learning.done(&key);
         let sn = self.sn.clone();
         if let Some(digest) = blocking(move || sn.remove(&key)).await? {
             self.unmount_if_unused(digest).await?;

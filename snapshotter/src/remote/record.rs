@@ -4,8 +4,10 @@
 //! unmounted meanwhile still answers what it saw.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::Notify;
 
 use tarn_fs::Digest;
 use tarn_fs::layer::{Access, RecordError};
@@ -103,6 +105,35 @@ impl<L: LayerHandle> Recordings<L> {
                 .map(|(d, l)| (d, l.stop_recording(id).unwrap_or_default()))
                 .collect(),
         )
+    }
+}
+
+/// First starts being recorded for start profiles: by the key of the
+/// container's snapshot, the image's manifest digest and what ends the
+/// recording early (the snapshot's removal).
+#[derive(Default)]
+pub struct Learning(Mutex<HashMap<String, (Digest, Arc<Notify>)>>);
+
+impl Learning {
+    /// Notes that snapshot `key`'s start of `manifest` is recorded; `None`
+    /// when that image is being recorded already, or too many are.
+    pub fn begin(&self, key: &str, manifest: Digest) -> Option<Arc<Notify>> {
+        let mut map = self.0.lock().expect("learning poisoned");
+        if map.len() >= MAX_RECORDINGS || map.values().any(|(m, _)| *m == manifest) {
+            return None;
+        }
+        let notify = Arc::new(Notify::new());
+        map.insert(key.to_owned(), (manifest, notify.clone()));
+        Some(notify)
+    }
+
+    /// Snapshot `key` is gone (or its recording ended): its recording, if
+    /// any, ends now.
+    pub fn done(&self, key: &str) {
+        let gone = self.0.lock().expect("learning poisoned").remove(key);
+        if let Some((_, notify)) = gone {
+            notify.notify_one();
+        }
     }
 }
 

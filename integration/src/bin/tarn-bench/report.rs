@@ -141,6 +141,17 @@ const SPECS: &[Spec] = &[
         target_profiles: &["rtt100"],
         value: |v| ratio(v, "tarn-topt", "tarn-opt", "secs"),
     },
+    // Issue 18: the plain image with its start profile from the registry,
+    // on a fresh node, against the optimized image, same run.
+    Spec {
+        scenario: "S1",
+        name: "tarn start profile / optimized pull+run time",
+        unit: "x",
+        op: Op::Le,
+        target: 1.2,
+        target_profiles: &["rtt100"],
+        value: |v| ratio(v, "tarn-prof", "tarn-opt", "secs"),
+    },
     Spec {
         scenario: "S1",
         name: "tarn / overlayfs registry bytes",
@@ -248,6 +259,35 @@ const SPECS: &[Spec] = &[
         target: 0.5,
         target_profiles: &[],
         value: |v| ratio(v, "walk-tarn", "walk-overlayfs", "entries_per_s"),
+    },
+    // Issue 18: what access recording (a first start recorded for its
+    // start profile) costs cached reads, against tarn without it.
+    Spec {
+        scenario: "S4",
+        name: "cached 1 GiB read, recording on / off",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "read-tarn-rec", "read-tarn", "mb_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "walk+stat of 50k files, recording on / off",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "walk-tarn-rec", "walk-tarn", "entries_per_s"),
+    },
+    Spec {
+        scenario: "S4",
+        name: "1 GiB read, caches dropped, recording on / off",
+        unit: "x",
+        op: Op::Ge,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "read-tarn-rec", "read-tarn", "cold_mb_per_s"),
     },
     Spec {
         scenario: "S4",
@@ -732,7 +772,7 @@ mod tests {
         );
         let table = render(&records, &c);
         assert!(table.contains("FAILED: ctr run exited 1"), "{table}");
-        assert!(table.contains("0 PASS, 0 FAIL, 7 FAILED"), "{table}");
+        assert!(table.contains("0 PASS, 0 FAIL, 8 FAILED"), "{table}");
         assert!(
             !all_pass(&c),
             "a figure that could not be measured did not pass"
