@@ -88,6 +88,9 @@ impl ProfileStore {
 pub async fn replay(layer: &Layer, section: &LayerProfile) {
     let started = std::time::Instant::now();
     match layer.replay_profile(section).await {
+        Ok(r) if r.busy => {
+            tracing::debug!(layer = %section.digest, "start profile: a replay already runs on this layer");
+        }
         Ok(r) if r.missing > 0 || r.out_of_bounds > 0 => tracing::info!(
             layer = %section.digest,
             chunks = r.chunks,

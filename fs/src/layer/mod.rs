@@ -77,6 +77,8 @@ pub struct Layer {
     examined: Mutex<HashSet<u64>>,
     /// Which files workloads open and read, while a recording runs.
     recorder: Recorder,
+    /// A start profile's replay runs (`profile.rs`): one at a time.
+    replaying: std::sync::atomic::AtomicBool,
 }
 
 impl Layer {
@@ -91,6 +93,7 @@ impl Layer {
             streams: Streams::default(),
             examined: Mutex::default(),
             recorder: Recorder::default(),
+            replaying: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

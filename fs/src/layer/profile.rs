@@ -9,6 +9,7 @@
 //! naming what the layer does not hold fetches nothing for that entry, and
 //! every byte fetched is verified like any other.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -164,6 +165,17 @@ pub struct Replayed {
     pub missing: usize,
     /// Ranges that reached past their file's end (clipped, or dropped).
     pub out_of_bounds: usize,
+    /// Nothing done: another replay ran on this layer.
+    pub busy: bool,
+}
+
+/// Marks a layer's replay running; clears the mark when dropped.
+struct Replaying<'a>(&'a AtomicBool);
+
+impl Drop for Replaying<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Layer {
@@ -171,12 +183,20 @@ impl Layer {
     /// `Intent::Prefetch` (counted as [`Hint::Profile`]): each file's
     /// chunks covering its ranges, or its head when it names none. Paths
     /// the layer does not hold and ranges past a file's end are counted,
-    /// not fetched.
+    /// not fetched. One replay runs on a layer at a time: one asked for
+    /// meanwhile (a container's start while the pull's replay still runs)
+    /// returns `busy`, since it would only queue the same chunks again
+    /// and count them twice.
     pub async fn replay_profile(
         &self,
         section: &LayerProfile,
     ) -> Result<Replayed, super::LayerError> {
         let mut replayed = Replayed::default();
+        if self.replaying.swap(true, Ordering::AcqRel) {
+            replayed.busy = true;
+            return Ok(replayed);
+        }
+        let _running = Replaying(&self.replaying);
         let chunks = self.profile_chunks(section, &mut replayed);
         replayed.chunks = chunks.len();
         replayed.fetched = self.fetcher.warm_for(Hint::Profile, &chunks).await?;

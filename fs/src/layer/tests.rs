@@ -313,7 +313,21 @@ async fn a_profile_replay_fetches_its_ranges_and_nothing_the_layer_lacks() {
             file("f", vec![[1 << 40, 10]]),
         ],
     };
-    let r = layer.replay_profile(&section).await.unwrap();
+    // While one runs (its GET held on the wire), a second does nothing.
+    blob.hold(&[Intent::Prefetch], 0);
+    let first = {
+        let (layer, section) = (layer.clone(), section.clone());
+        tokio::spawn(async move { layer.replay_profile(&section).await })
+    };
+    crate::testing::wait_until("the replay's GET", || {
+        blob.on_the_wire(Intent::Prefetch) > 0
+    })
+    .await;
+    let second = layer.replay_profile(&section).await.unwrap();
+    assert!(second.busy && second.chunks == 0, "{second:?}");
+    blob.release();
+    let r = first.await.unwrap().unwrap();
+    assert!(!r.busy);
     assert_eq!((r.chunks, r.fetched), (2, 2), "{r:?}");
     assert_eq!((r.missing, r.out_of_bounds), (3, 2), "{r:?}");
     // One GET: the gap between the two chunks is under the fetcher's
