@@ -70,12 +70,26 @@ impl RegistryClient {
             .and_then(|d| d.parse::<Digest>().ok())
             .ok_or_else(|| bad(format!("artifact {found} has no layer")))?;
         let size = layer["size"].as_u64().unwrap_or(u64::MAX);
-        if size > max {
+        if size == 0 || size > max {
             return Err(bad(format!(
                 "artifact {found}: {size} bytes, at most {max}"
             )));
         }
-        Ok(Some(self.fetch_blob(repo, &digest).await?))
+        // Exactly the size the manifest gives, then checked: a registry
+        // that sends more or other bytes is refused, never buffered.
+        let blob = self
+            .read_range(repo, &digest, 0..size, Intent::Prefetch)
+            .await?;
+        let actual = Digest::of(&blob);
+        if actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                host: repo.host().to_string(),
+                what: format!("artifact {found}'s blob {digest}"),
+                expected: digest,
+                actual,
+            });
+        }
+        Ok(Some(blob))
     }
 
     /// Pushes `blob` as an artifact of `artifact_type` referring to
