@@ -206,6 +206,67 @@ async fn prefetch_fetches_exactly_the_landmark_range_in_speculative_gets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_among_the_prioritized_files_carries_the_rest_of_them_up_to_the_window() {
+    // Prioritized files at 0..8000; the read-ahead window is 3000 bytes.
+    let f = fixture(20_000, config(3000, 4000, 2), Some(0..8000));
+    // A first miss walks nowhere, yet inside the landmark's range it
+    // carries the next 3000 bytes of it in its GET.
+    assert_eq!(
+        f.layer.read(2, 1500, 10).await.unwrap(),
+        &f.data[1500..1510]
+    );
+    assert_eq!(f.blob.reads()[0], (1000..5000, Intent::OnDemand));
+    wait_until("the carried chunks cached", || {
+        f.layer.progress().cached_bytes >= 4000
+    })
+    .await;
+    assert_eq!(
+        f.layer.read(2, 2000, 3000).await.unwrap(),
+        &f.data[2000..5000]
+    );
+    let landmark = f.layer.stats().hints.get(crate::fetch::Hint::Landmark);
+    assert_eq!((landmark.fetched, landmark.used), (3000, 3000));
+    assert_eq!(
+        f.layer
+            .stats()
+            .hints
+            .get(crate::fetch::Hint::ReadAhead)
+            .fetched,
+        0
+    );
+    // The landmark prefetch fetches only what is left of the range (the
+    // first chunk may have come already: the library hint looks at the
+    // head of a file a read missed in).
+    match f.layer.prefetch(PATIENCE).await {
+        PrefetchOutcome::Done { .. } => {}
+        other => panic!("prefetch: {other:?}"),
+    }
+    let mut reads = f.blob.reads();
+    reads.sort_by_key(|(r, _)| r.start);
+    assert_eq!(
+        reads,
+        vec![
+            (0..1000, Intent::Prefetch),
+            (1000..5000, Intent::OnDemand),
+            (5000..8000, Intent::Prefetch)
+        ]
+    );
+    // Past the range, a miss on no walk fetches its own chunk only.
+    f.layer.read(2, 15_500, 1).await.unwrap();
+    assert_eq!(
+        f.blob.reads().last().unwrap(),
+        &(15_000..16_000, Intent::OnDemand)
+    );
+
+    // With speculation off, a miss among them fetches its own chunk.
+    let mut off = config(3000, 4000, 2);
+    off.speculate = false;
+    let g = fixture(20_000, off, Some(0..8000));
+    g.layer.read(2, 1500, 10).await.unwrap();
+    assert_eq!(g.blob.reads(), vec![(1000..2000, Intent::OnDemand)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_past_its_timeout_goes_on() {
     let f = fixture(4000, config(0, 4000, 2), Some(0..4000));
     // Held at the gate, the prefetch cannot be done before its timeout.

@@ -224,14 +224,25 @@ impl Layer {
             fetcher: &self.fetcher,
             streams: &self.streams,
         };
-        let mut ahead = planner.read_ahead(&missing, file);
+        // A miss among the prioritized files carries the rest of them
+        // (counted as the landmark's); elsewhere, read-ahead along a walk.
+        let mut ahead = planner.start_rest(&missing);
+        let ahead_from = ahead.len();
+        if ahead.is_empty() {
+            ahead = planner.read_ahead(&missing, file);
+        } else {
+            self.fetcher.speculating(Hint::Landmark, &ahead);
+        }
         let mut seen: HashSet<_> = missing.iter().chain(&ahead).map(|c| c.digest).collect();
         for c in around.iter().flat_map(PendingRead::missing_chunks) {
             if seen.insert(c.digest) {
                 ahead.push(c);
             }
         }
-        self.fetcher.speculating(Hint::ReadAhead, &ahead);
+        if ahead.len() > ahead_from {
+            self.fetcher
+                .speculating(Hint::ReadAhead, &ahead[ahead_from..]);
+        }
         let fetched = self
             .fetcher
             .fetch_with_read_ahead(&missing, &ahead, Intent::OnDemand)

@@ -90,7 +90,8 @@ async fn reads_fill_the_budget_and_speculation_waits_for_room() {
     // A read that alone fills the link: nothing speculative goes.
     let read = s.admit_read(budget, 0);
     assert_eq!(s.speculation_room(), 0);
-    let pf = s.admit(Intent::Prefetch, 1000);
+    let size = SMALL_GET + 1;
+    let pf = s.admit(Intent::Prefetch, size);
     tokio::pin!(pf);
     assert!(
         poll!(&mut pf).is_pending(),
@@ -101,7 +102,7 @@ async fn reads_fill_the_budget_and_speculation_waits_for_room() {
     let pf = tokio::time::timeout(PATIENCE, pf)
         .await
         .expect("room freed as the read's bytes came");
-    assert_eq!(s.speculation_room(), budget / 2 - 1000);
+    assert_eq!(s.speculation_room(), budget / 2 - size);
     drop(read);
     drop(pf);
     assert_eq!(s.speculation_room(), budget);
@@ -111,6 +112,33 @@ async fn reads_fill_the_budget_and_speculation_waits_for_room() {
         s.admit(Intent::OnDemand, 10).now_or_never().is_some(),
         "reads go at once"
     );
+}
+
+#[tokio::test]
+async fn a_small_prefetch_goes_past_a_full_budget_one_at_a_time() {
+    let s = FetchScheduler::default();
+    let budget = s.budget();
+    let read = s.admit_read(budget, 0);
+    // The link is full of a read, yet a GET of a few small files goes.
+    let small = s
+        .admit(Intent::Prefetch, SMALL_GET)
+        .now_or_never()
+        .expect("a small GET fits in the allowance");
+    // The allowance is spent: the next small one waits for room.
+    let next = s.admit(Intent::Prefetch, 300);
+    tokio::pin!(next);
+    assert!(
+        poll!(&mut next).is_pending(),
+        "one at a time past the budget"
+    );
+    drop(small);
+    let next = tokio::time::timeout(PATIENCE, next)
+        .await
+        .expect("the allowance is free again");
+    // Reads still go at once past both.
+    assert!(s.admit(Intent::OnDemand, 10).now_or_never().is_some());
+    drop((read, next));
+    assert_eq!(s.speculation_room(), budget);
 }
 
 #[tokio::test]

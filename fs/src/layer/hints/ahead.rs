@@ -130,6 +130,70 @@ impl Planner<'_> {
     /// alone is a base window or more, the chunks after it in blob order,
     /// neither cached nor in flight, separated by at most [`MAX_GAP`], up
     /// to the walk's window of compressed bytes; all of it within the room.
+    /// What to fetch with `missing` when the miss falls among an optimized
+    /// layer's prioritized files (its prefetch landmark's range): the rest
+    /// of that range after the miss, neither cached nor in flight, up to
+    /// what the link carries in a round trip. Empty for a miss elsewhere,
+    /// without a landmark, or with speculation off.
+    ///
+    /// Those files are what the image's workload read at its start, so a
+    /// read among them means the start is now: the landmark prefetch may
+    /// still wait for room behind another layer's, and a read that fetched
+    /// only its own chunks (runc's `/etc/passwd`, say) would leave the next
+    /// one (the shell it runs, right after it) a round trip of its own. The
+    /// read's GET carries them instead, ahead of the queued prefetch, which
+    /// then finds them on the wire. Not limited by the room left: these
+    /// bytes are as good as read, and they follow the read's own in its GET.
+    pub(crate) fn start_rest(&self, missing: &[Chunk]) -> Vec<Chunk> {
+        let scheduler = self.fetcher.scheduler();
+        let (Some(span), Some(start), Some(end)) = (
+            self.index.prefetch.as_ref(),
+            missing.iter().map(|c| c.blob_range.0).min(),
+            missing.iter().map(|c| c.blob_range.1).max(),
+        ) else {
+            return Vec::new();
+        };
+        if !scheduler.config().speculate
+            || !span.contains(&start)
+            || self.fetcher.cache().under_pressure()
+        {
+            return Vec::new();
+        }
+        let chunks = &self.index.chunks;
+        let from = self
+            .order
+            .partition_point(|i| chunks[i as usize].blob_range.0 < end);
+        let mut budget = scheduler.read_ahead_max();
+        let mut at = end;
+        let mut ahead = Vec::new();
+        for i in self.order.iter_from(from) {
+            let c = &chunks[i as usize];
+            let len = c.blob_range.1.saturating_sub(at);
+            if c.blob_range.0 >= span.end || len > budget {
+                break;
+            }
+            if missing.iter().any(|m| m.digest == c.digest)
+                || self.fetcher.cache().contains(&c.digest)
+                || self.fetcher.in_flight(&c.digest)
+            {
+                // Cached or on its way: a gap. A GET carries a small one;
+                // past MAX_GAP the rest of the range is left to the prefetch.
+                if c.blob_range.1 > at + MAX_GAP {
+                    break;
+                }
+                continue;
+            }
+            if c.blob_range.0 > at + MAX_GAP {
+                break;
+            }
+            budget -= len;
+            at = c.blob_range.1;
+            ahead.push(*c);
+        }
+        tracing::debug!(start, end = at, ahead = ahead.len(), "start files carried");
+        ahead
+    }
+
     pub(crate) fn read_ahead(&self, missing: &[Chunk], file: &[Chunk]) -> Vec<Chunk> {
         let scheduler = self.fetcher.scheduler();
         // Windows no larger than what the link carries in a round trip
