@@ -30,9 +30,14 @@ use tarn_fs::format::Estargz;
 use tarn_fs::format::overlaybd::trace::{self, Trace};
 use tarn_fs::layer::profile::{self as profile_doc, Profile};
 use tarn_fs::layer::{Entrypoint, Layer};
-use tarn_fs::registry::{ClientStats, Reference, RegistryClient, RegistryError, ResolvedImage};
+use tarn_fs::peer::{PeerBlob, PeerStats, Peers};
+use tarn_fs::registry::{
+    BlobSource, ClientStats, Reference, RegistryClient, RegistryError, Repository, ResolvedImage,
+    Sources,
+};
 
 use crate::labels::{RemoteLayer, TOC_DIGEST};
+use crate::layers::Warm;
 use crate::locks::Singleflight;
 use crate::profiles::{self, ProfileStore};
 use crate::seams::{Resolve, ResolveError, Resolved};
@@ -104,6 +109,9 @@ pub struct Resolver {
     disk_layers: Mutex<HashMap<Digest, Weak<DiskLayer>>>,
     /// Start profiles, when on: replayed on the layers resolved ahead.
     profiles: Option<Arc<ProfileStore>>,
+    /// Other nodes, when `[peers]` is on: asked first for the blocks of
+    /// verified layers.
+    peers: Option<Peers>,
 }
 
 impl Resolver {
@@ -111,18 +119,19 @@ impl Resolver {
         client: RegistryClient,
         cache: Arc<Cache>,
         scheduler: FetchScheduler,
-        prefetch: Option<Duration>,
-        background: bool,
+        warm: Warm,
         max_index_bytes: u64,
         profiles: Option<Arc<ProfileStore>>,
+        peers: Option<Peers>,
     ) -> Arc<Self> {
         Arc::new(Resolver {
             profiles,
+            peers,
             client,
             cache,
             scheduler,
-            prefetch,
-            background,
+            prefetch: warm.prefetch,
+            background: warm.background,
             max_index_bytes,
             started: Memo::new(),
             connecting: Mutex::new(HashMap::new()),
@@ -512,6 +521,29 @@ impl Resolver {
         }
     }
 
+    /// `source` with peers in front, when `[peers]` is on and the layer's
+    /// chunks are checked against a TOC whose digest the image names: a
+    /// peer's bytes are then verified as the registry's are. Not for a
+    /// layer without a TOC digest (a peer could forge its TOC and chunks
+    /// together), nor for overlaybd blocks (a CRC32C is no check against
+    /// a forger; issue 17: only where a digest table exists).
+    fn peers_first(
+        &self,
+        repo: &Repository,
+        info: &RemoteLayer,
+        size: u64,
+        source: Arc<dyn BlobSource>,
+    ) -> Arc<dyn BlobSource> {
+        let Some(peers) = &self.peers else {
+            return source;
+        };
+        if info.toc_digest.is_none() {
+            return source;
+        }
+        let peer = PeerBlob::new(peers.clone(), repo.clone(), info.digest, size);
+        Arc::new(Sources::new(Arc::new(peer)).then(source))
+    }
+
     async fn open(
         self: &Arc<Self>,
         info: &RemoteLayer,
@@ -538,6 +570,7 @@ impl Resolver {
             .client
             .blob_source(&reference.repository, info.digest, size)
             .await;
+        let source = self.peers_first(&reference.repository, info, size, source);
         let format = Arc::new(Estargz::with_max_index_bytes(self.max_index_bytes));
         let layer = Layer::open_format(
             source,
@@ -624,5 +657,9 @@ impl Resolve for Arc<Resolver> {
 
     fn registry_stats(&self) -> ClientStats {
         self.client.stats()
+    }
+
+    fn peer_stats(&self) -> PeerStats {
+        self.peers.as_ref().map(Peers::stats).unwrap_or_default()
     }
 }
