@@ -534,14 +534,7 @@ impl Resolver {
         size: u64,
         source: Arc<dyn BlobSource>,
     ) -> Arc<dyn BlobSource> {
-        let Some(peers) = &self.peers else {
-            return source;
-        };
-        if info.toc_digest.is_none() {
-            return source;
-        }
-        let peer = PeerBlob::new(peers.clone(), repo.clone(), info.digest, size);
-        Arc::new(Sources::new(Arc::new(peer)).then(source))
+        peers_first(self.peers.as_ref(), repo, info, size, source)
     }
 
     async fn open(
@@ -661,5 +654,91 @@ impl Resolve for Arc<Resolver> {
 
     fn peer_stats(&self) -> PeerStats {
         self.peers.as_ref().map(Peers::stats).unwrap_or_default()
+    }
+}
+
+/// [`Resolver::peers_first`], pure.
+fn peers_first(
+    peers: Option<&Peers>,
+    repo: &Repository,
+    info: &RemoteLayer,
+    size: u64,
+    source: Arc<dyn BlobSource>,
+) -> Arc<dyn BlobSource> {
+    let Some(peers) = peers else {
+        return source;
+    };
+    if info.toc_digest.is_none() {
+        return source;
+    }
+    let peer = PeerBlob::new(peers.clone(), repo.clone(), info.digest, size);
+    Arc::new(Sources::new(Arc::new(peer)).then(source))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use futures::future::BoxFuture;
+    use tarn_fs::peer::PeerSettings;
+
+    use super::*;
+
+    /// A blob of zeros that counts its reads.
+    struct Zeros(AtomicUsize);
+
+    impl BlobSource for Zeros {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+
+        fn read_range(
+            &self,
+            range: Range<u64>,
+            _intent: Intent,
+        ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let len = usize::try_from(range.end - range.start).unwrap_or(0);
+            Box::pin(async move { Ok(Bytes::from(vec![0u8; len])) })
+        }
+    }
+
+    #[tokio::test]
+    async fn peers_go_first_only_for_layers_whose_toc_the_image_pins() {
+        let peers = Peers::new(PeerSettings {
+            own: None,
+            members: Vec::new(),
+            token: "t".into(),
+            first_byte: Duration::from_secs(1),
+            total: Duration::from_secs(5),
+        })
+        .unwrap();
+        let repo = Repository {
+            registry: "127.0.0.1:5000".into(),
+            name: "app".into(),
+        };
+        let layer = |toc: Option<Digest>| RemoteLayer {
+            image_ref: "127.0.0.1:5000/app:1".into(),
+            digest: Digest::of(b"layer"),
+            toc_digest: toc,
+        };
+        let registry = Arc::new(Zeros(AtomicUsize::new(0)));
+        let source: Arc<dyn BlobSource> = registry.clone();
+        let verified = layer(Some(Digest::of(b"toc")));
+        let unverified = layer(None);
+        for (peers, info, ahead) in [
+            (None, &verified, false),
+            (Some(&peers), &unverified, false),
+            (Some(&peers), &verified, true),
+        ] {
+            let got = peers_first(peers, &repo, info, 1 << 20, source.clone());
+            assert_eq!(!Arc::ptr_eq(&got, &source), ahead, "{:?}", info.toc_digest);
+            // With no live peer, a read still ends at the registry.
+            let before = registry.0.load(Ordering::SeqCst);
+            got.read_range(0..10, Intent::OnDemand).await.unwrap();
+            assert_eq!(registry.0.load(Ordering::SeqCst), before + 1);
+        }
     }
 }
