@@ -242,6 +242,25 @@ fn three_nodes_starting_one_image_at_once_cost_the_registry_about_one_nodes_byte
     );
     assert!(received > 0, "bytes came from peers");
     assert!(served >= received, "peers received only what peers sent");
+    // What a user sees: tarn status's line of bytes received.
+    let out = Command::new(bins::tarn().expect("tarn built"))
+        .arg("status")
+        .arg("--admin-address")
+        .arg(a.tarn.admin_address())
+        .output()
+        .expect("run tarn status");
+    let status = a.ok("tarn status", &out);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("received:"))
+        .unwrap_or_else(|| panic!("no received line in {status}"));
+    assert!(
+        line.contains(" from peers; served ")
+            && !line.contains(" 0 B from peers")
+            && !line.ends_with(" 0 B to peers"),
+        "{line}"
+    );
+    eprintln!("tarn status on a: {line}");
     assert!(
         three_nodes * 2 < one_node * 3,
         "three nodes cost the registry {three_nodes} bytes, one alone {one_node}: not under 1.5x"
