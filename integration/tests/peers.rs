@@ -389,3 +389,19 @@ fn a_request_without_the_cluster_token_gets_401_and_no_bytes() {
     assert_eq!(status, 400, "a block past the blob's end");
     drop(node);
 }
+
+#[test]
+fn a_daemon_whose_token_file_others_can_read_does_not_start() {
+    let cluster = Cluster::new();
+    std::fs::set_permissions(&cluster.token_file, std::fs::Permissions::from_mode(0o644))
+        .expect("chmod token");
+    let started = Daemon::start_with(None, &cluster.section(0));
+    let e = match started {
+        Ok(_) => panic!("the daemon started with a token file of mode 0644"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("readable by group or others") && e.contains("chmod 600"),
+        "{e}"
+    );
+}
