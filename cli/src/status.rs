@@ -145,9 +145,11 @@ fn render(layers: &[Layer], disk_list: &[Disk], stats: &StatsResponse) -> String
         human(stats.cache_evicted_bytes),
     ));
     out.push_str(&format!(
-        "received: {} from registries, {} from mirrors\n",
+        "received: {} from registries, {} from mirrors, {} from peers; served {} to peers\n",
         human(stats.registry_bytes.saturating_sub(stats.mirror_bytes)),
         human(stats.mirror_bytes),
+        human(stats.peer_received_bytes),
+        human(stats.peer_served_bytes),
     ));
     out
 }
@@ -319,6 +321,8 @@ mod tests {
             cache_evicted_bytes: 512 * 1024,
             registry_bytes: 10 * 1024 * 1024,
             mirror_bytes: 8 * 1024 * 1024,
+            peer_received_bytes: 3 * 1024 * 1024,
+            peer_served_bytes: 4 * 1024 * 1024,
             ..Default::default()
         }
     }
@@ -351,7 +355,7 @@ mod tests {
         );
         assert_eq!(
             lines[4],
-            "received: 2.0 MiB from registries, 8.0 MiB from mirrors"
+            "received: 2.0 MiB from registries, 8.0 MiB from mirrors, 3.0 MiB from peers; served 4.0 MiB to peers"
         );
         // Columns line up: the FETCHED header sits above the fetched figure.
         assert_eq!(lines[0].find("FETCHED"), row.find("3.0 MiB"));

@@ -22,6 +22,10 @@
 //! `format/` and puts fetched bytes into `cache/`; `layer/` only looks the
 //! cache up. `docs/architecture.md` walks a read through these folders.
 //!
+//! `peer` is another source beside the registry's: other tarn nodes, each
+//! block of a blob asked of its owner by rendezvous hashing (its bytes
+//! verified by `fetch/` like any source's).
+//!
 //! `disk` serves an overlaybd image's stacked disk: its layers are
 //! `layer/`s of the fetch engine, its reads mapped through the stack.
 //!
@@ -45,6 +49,7 @@ pub mod latency;
 pub mod layer;
 pub mod memory;
 pub mod num;
+pub mod peer;
 pub mod registry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -25,6 +25,12 @@
 //! record_secs = 10               # how long a first start is recorded
 //! registry = true                # look for a pushed profile at pull
 //! dir = "/var/lib/tarn/profiles" # default: ROOT/profiles
+//! [peers]
+//! listen = "10.0.0.5:7600"       # default: peers off
+//! static = ["10.0.0.5:7600", "10.0.0.6:7600"]  # the nodes; this one may be listed
+//! token_file = "/etc/tarn/peers.token"  # required with listen; mode 0600
+//! timeout_ms = 2000              # a peer's block answer must begin within it
+//! cache_mb = 256                 # blocks kept in memory for peers
 //! [cri]
 //! image_service_socket = "/run/tarn/cri-image.sock"  # default: off
 //! containerd_cri_socket = "/run/containerd/containerd.sock"
@@ -76,6 +82,42 @@ pub struct Config {
     pub fetch: FetchSection,
     pub cri: CriSection,
     pub profile: ProfileSection,
+    pub peers: PeersSection,
+}
+
+/// Built-in peers (`crate::peers`): nodes that fetch each block of an
+/// image once for the cluster and hand it to each other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeersSection {
+    /// Where this node serves blocks to its peers; unset: peers off.
+    pub listen: Option<SocketAddr>,
+    /// The nodes (`host:port` of their `listen`); this node's own address
+    /// may be among them and is recognised as itself.
+    #[serde(rename = "static")]
+    pub static_peers: Vec<String>,
+    /// The cluster's shared token (one line), required with `listen`:
+    /// the daemon refuses to start if it is missing, empty, or readable by
+    /// group or others.
+    pub token_file: Option<PathBuf>,
+    /// A peer's answer to a block request must begin within this long
+    /// (else the next source is read); the whole answer within 5 times it.
+    pub timeout_ms: u64,
+    /// Memory for blocks fetched for peers, MiB: the next askers of a block
+    /// get it from there.
+    pub cache_mb: u64,
+}
+
+impl Default for PeersSection {
+    fn default() -> Self {
+        PeersSection {
+            listen: None,
+            static_peers: Vec::new(),
+            token_file: None,
+            timeout_ms: 2000,
+            cache_mb: 256,
+        }
+    }
 }
 
 /// Start profiles (`crate::profiles`): the first start of an image on this

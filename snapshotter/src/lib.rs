@@ -27,12 +27,15 @@
 //! - [`fallback`]: why a layer was not lazy, counted by cause.
 //! - [`metrics`]: the Prometheus endpoint; reads the counters above and
 //!   tarn-fs's at each scrape.
+//! - [`peers`]: built-in peers (`[peers]`): the block server, the blocks
+//!   this node owns (fetched once, kept in memory), the settings.
 //! - [`labels`]: the remote-snapshot protocol's labels, pure.
 //! - [`errors`]: an error and its causes in one line.
 //! - [`locks`]: keyed mutex and singleflight for duplicate suppression.
 //! - [`cri`]: CRI's image service as a proxy to containerd's, capturing
 //!   the credentials of the kubelet's pulls (persisted per repository).
-//! - [`config`], [`server`]: configuration file, sockets and serving.
+//! - [`config`], [`server`]: configuration file, sockets and serving;
+//!   [`httpd`]: the loop of the small HTTP endpoints (metrics, peers).
 
 pub mod config;
 pub mod cri;
@@ -41,6 +44,7 @@ pub mod errors;
 pub mod fallback;
 pub mod filters;
 pub mod holder;
+pub mod httpd;
 pub mod labels;
 pub mod layers;
 pub mod locks;
@@ -50,6 +54,7 @@ pub mod mounter;
 pub mod mountinfo;
 pub mod mounts;
 pub mod obd;
+pub mod peers;
 pub mod profiles;
 pub mod remote;
 pub mod resolve;

@@ -30,9 +30,14 @@ use tarn_fs::format::Estargz;
 use tarn_fs::format::overlaybd::trace::{self, Trace};
 use tarn_fs::layer::profile::{self as profile_doc, Profile};
 use tarn_fs::layer::{Entrypoint, Layer};
-use tarn_fs::registry::{ClientStats, Reference, RegistryClient, RegistryError, ResolvedImage};
+use tarn_fs::peer::{PeerBlob, PeerStats, Peers};
+use tarn_fs::registry::{
+    BlobSource, ClientStats, Reference, RegistryClient, RegistryError, Repository, ResolvedImage,
+    Sources,
+};
 
 use crate::labels::{RemoteLayer, TOC_DIGEST};
+use crate::layers::Warm;
 use crate::locks::Singleflight;
 use crate::profiles::{self, ProfileStore};
 use crate::seams::{Resolve, ResolveError, Resolved};
@@ -104,6 +109,9 @@ pub struct Resolver {
     disk_layers: Mutex<HashMap<Digest, Weak<DiskLayer>>>,
     /// Start profiles, when on: replayed on the layers resolved ahead.
     profiles: Option<Arc<ProfileStore>>,
+    /// Other nodes, when `[peers]` is on: asked first for the blocks of
+    /// verified layers.
+    peers: Option<Peers>,
 }
 
 impl Resolver {
@@ -111,18 +119,19 @@ impl Resolver {
         client: RegistryClient,
         cache: Arc<Cache>,
         scheduler: FetchScheduler,
-        prefetch: Option<Duration>,
-        background: bool,
+        warm: Warm,
         max_index_bytes: u64,
         profiles: Option<Arc<ProfileStore>>,
+        peers: Option<Peers>,
     ) -> Arc<Self> {
         Arc::new(Resolver {
             profiles,
+            peers,
             client,
             cache,
             scheduler,
-            prefetch,
-            background,
+            prefetch: warm.prefetch,
+            background: warm.background,
             max_index_bytes,
             started: Memo::new(),
             connecting: Mutex::new(HashMap::new()),
@@ -512,6 +521,22 @@ impl Resolver {
         }
     }
 
+    /// `source` with peers in front, when `[peers]` is on and the layer's
+    /// chunks are checked against a TOC whose digest the image names: a
+    /// peer's bytes are then verified as the registry's are. Not for a
+    /// layer without a TOC digest (a peer could forge its TOC and chunks
+    /// together), nor for overlaybd blocks (a CRC32C is no check against
+    /// a forger; issue 17: only where a digest table exists).
+    fn peers_first(
+        &self,
+        repo: &Repository,
+        info: &RemoteLayer,
+        size: u64,
+        source: Arc<dyn BlobSource>,
+    ) -> Arc<dyn BlobSource> {
+        peers_first(self.peers.as_ref(), repo, info, size, source)
+    }
+
     async fn open(
         self: &Arc<Self>,
         info: &RemoteLayer,
@@ -538,6 +563,7 @@ impl Resolver {
             .client
             .blob_source(&reference.repository, info.digest, size)
             .await;
+        let source = self.peers_first(&reference.repository, info, size, source);
         let format = Arc::new(Estargz::with_max_index_bytes(self.max_index_bytes));
         let layer = Layer::open_format(
             source,
@@ -624,5 +650,95 @@ impl Resolve for Arc<Resolver> {
 
     fn registry_stats(&self) -> ClientStats {
         self.client.stats()
+    }
+
+    fn peer_stats(&self) -> PeerStats {
+        self.peers.as_ref().map(Peers::stats).unwrap_or_default()
+    }
+}
+
+/// [`Resolver::peers_first`], pure.
+fn peers_first(
+    peers: Option<&Peers>,
+    repo: &Repository,
+    info: &RemoteLayer,
+    size: u64,
+    source: Arc<dyn BlobSource>,
+) -> Arc<dyn BlobSource> {
+    let Some(peers) = peers else {
+        return source;
+    };
+    if info.toc_digest.is_none() {
+        return source;
+    }
+    let peer = PeerBlob::new(peers.clone(), repo.clone(), info.digest, size);
+    Arc::new(Sources::new(Arc::new(peer)).then(source))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use futures::future::BoxFuture;
+    use tarn_fs::peer::PeerSettings;
+
+    use super::*;
+
+    /// A blob of zeros that counts its reads.
+    struct Zeros(AtomicUsize);
+
+    impl BlobSource for Zeros {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+
+        fn read_range(
+            &self,
+            range: Range<u64>,
+            _intent: Intent,
+        ) -> BoxFuture<'_, Result<Bytes, RegistryError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let len = usize::try_from(range.end - range.start).unwrap_or(0);
+            Box::pin(async move { Ok(Bytes::from(vec![0u8; len])) })
+        }
+    }
+
+    #[tokio::test]
+    async fn peers_go_first_only_for_layers_whose_toc_the_image_pins() {
+        let peers = Peers::new(PeerSettings {
+            own: None,
+            members: Vec::new(),
+            token: "t".into(),
+            first_byte: Duration::from_secs(1),
+            total: Duration::from_secs(5),
+        })
+        .unwrap();
+        let repo = Repository {
+            registry: "127.0.0.1:5000".into(),
+            name: "app".into(),
+        };
+        let layer = |toc: Option<Digest>| RemoteLayer {
+            image_ref: "127.0.0.1:5000/app:1".into(),
+            digest: Digest::of(b"layer"),
+            toc_digest: toc,
+        };
+        let registry = Arc::new(Zeros(AtomicUsize::new(0)));
+        let source: Arc<dyn BlobSource> = registry.clone();
+        let verified = layer(Some(Digest::of(b"toc")));
+        let unverified = layer(None);
+        for (peers, info, ahead) in [
+            (None, &verified, false),
+            (Some(&peers), &unverified, false),
+            (Some(&peers), &verified, true),
+        ] {
+            let got = peers_first(peers, &repo, info, 1 << 20, source.clone());
+            assert_eq!(!Arc::ptr_eq(&got, &source), ahead, "{:?}", info.toc_digest);
+            // With no live peer, a read still ends at the registry.
+            let before = registry.0.load(Ordering::SeqCst);
+            got.read_range(0..10, Intent::OnDemand).await.unwrap();
+            assert_eq!(registry.0.load(Ordering::SeqCst), before + 1);
+        }
     }
 }

@@ -131,6 +131,12 @@ pub trait Resolve: Send + Sync + 'static {
     fn registry_stats(&self) -> ClientStats {
         ClientStats::default()
     }
+
+    /// What peers sent this node and it sent them (`tarn status`);
+    /// nothing without peers.
+    fn peer_stats(&self) -> tarn_fs::peer::PeerStats {
+        tarn_fs::peer::PeerStats::default()
+    }
 }
 
 /// Mounting resolved layers. Every method blocks (mount syscalls): call

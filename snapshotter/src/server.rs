@@ -39,6 +39,8 @@ pub enum Error {
     },
     #[error("server task failed")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Peers(#[from] crate::peers::PeersError),
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -113,7 +115,11 @@ pub async fn run(
     if let Some(c) = &cri {
         keychains.push(c.clone());
     }
-    let rs = Arc::new(RemoteSnapshotter::open(root, config, &metrics, keychains).await?);
+    // Checked before anything is opened: a bad token file stops the start.
+    let section = config.peers.clone();
+    let peers = tokio::task::spawn_blocking(move || crate::peers::load(&section)).await??;
+    let rs =
+        Arc::new(RemoteSnapshotter::open(root, config, &metrics, keychains, peers.as_ref()).await?);
     let figures = Arc::downgrade(&rs);
     metrics.register_collector(metrics::Snapshotter(move || {
         // Weak: the registry must not keep the snapshotter (and its
@@ -127,8 +133,17 @@ pub async fn run(
             None => SnapshotterFigures::default(),
         }
     }));
-    let (deadline, served) =
-        serve(&rs, &metrics, cri, address, admin_address, config, shutdown).await;
+    let optional = Optional { cri, peers };
+    let (deadline, served) = serve(
+        &rs,
+        &metrics,
+        optional,
+        address,
+        admin_address,
+        config,
+        shutdown,
+    )
+    .await;
     // Unmounted even when serving failed: a FUSE mount without its daemon
     // only answers ENOTCONN.
     rs.shutdown(deadline).await;
@@ -158,17 +173,26 @@ async fn open_cri_credentials(
     Ok(Some(Arc::new(store)))
 }
 
+/// The services only some configs have.
+struct Optional {
+    /// CRI's image service proxy (`[cri]`).
+    cri: Option<Arc<CriCredentials>>,
+    /// The block server for peers (`[peers]`).
+    peers: Option<crate::peers::Setup>,
+}
+
 /// Serves until `shutdown`, then drains; returns when stopping must be done.
 async fn serve(
     rs: &Arc<RemoteSnapshotter>,
     metrics: &Metrics,
-    cri: Option<Arc<CriCredentials>>,
+    optional: Optional,
     address: &Path,
     admin_address: &Path,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> (Instant, Result<(), Error>) {
     let grace = config.shutdown_grace();
+    let Optional { cri, peers } = optional;
     // The Snapshots socket last: once it exists, everything is up (callers
     // and tests take its appearance as the ready signal).
     let cri_socket = config
@@ -185,17 +209,33 @@ async fn serve(
             ),
             None => None,
         };
+        let peers = match &peers {
+            Some(p) => Some((
+                TcpListener::bind(p.listen)
+                    .await
+                    .map_err(io(format!("bind [peers] listen {}", p.listen)))?,
+                p.peers.clone(),
+            )),
+            None => None,
+        };
         let admin = bind_async(admin_address).await?;
         let cri_listener = match cri_socket {
             Some(path) => Some(bind_async(path).await?),
             None => None,
         };
-        Ok::<_, Error>((metrics, admin, cri_listener, bind_async(address).await?))
+        Ok::<_, Error>((
+            metrics,
+            peers,
+            admin,
+            cri_listener,
+            bind_async(address).await?,
+        ))
     };
-    let (metrics_listener, admin_listener, cri_listener, snap_listener) = match listeners.await {
-        Ok(l) => l,
-        Err(e) => return (Instant::now() + grace, Err(e)),
-    };
+    let (metrics_listener, peers_listener, admin_listener, cri_listener, snap_listener) =
+        match listeners.await {
+            Ok(l) => l,
+            Err(e) => return (Instant::now() + grace, Err(e)),
+        };
     tracing::info!(address = %address.display(), admin = %admin_address.display(), "serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -225,6 +265,16 @@ async fn serve(
         tokio::spawn(metrics::serve(
             listener,
             metrics.clone(),
+            stopped(stop_rx.clone()),
+        ));
+    }
+    if let Some((listener, peers)) = peers_listener {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, members = peers.members().len(), "serving blocks to peers");
+        }
+        tokio::spawn(crate::peers::serve(
+            listener,
+            peers,
             stopped(stop_rx.clone()),
         ));
     }

@@ -499,6 +499,8 @@ impl Admin for AdminService {
             cache_evicted_bytes: s.cache.evicted_bytes,
             registry_bytes: s.registry_bytes,
             mirror_bytes: s.mirror_bytes,
+            peer_received_bytes: s.peer_received_bytes,
+            peer_served_bytes: s.peer_served_bytes,
         }))
     }
 

@@ -6,7 +6,8 @@ use crate::Digest;
 
 /// What went wrong talking to a registry. Each variant is something a caller
 /// acts on differently: retry later, fix credentials, give up, distrust.
-#[derive(Debug, thiserror::Error)]
+/// `Clone`: one fetch's error is every waiter's (a peer's block store).
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("invalid image reference {reference:?}: {reason}")]
     InvalidReference { reference: String, reason: String },

@@ -3,7 +3,8 @@
 //!
 //! A registry blob ([`RemoteBlob`]) is one source; the same blob on a
 //! mirror (`mirror.rs`, from containerd's `hosts.toml`) is another, listed
-//! before the registry in a [`Sources`]; peers (DESIGN §7) will be more.
+//! before the registry in a [`Sources`]; peers (`crate::peer::PeerBlob`)
+//! are listed before both.
 //! The fetcher sees one `BlobSource` either way.
 
 use std::collections::VecDeque;

@@ -13,6 +13,7 @@ use tarn_fs::cache::CacheStats;
 use tarn_fs::fetch::{FetchScheduler, Hint, HintCount, HintCounts};
 use tarn_fs::fuse::FuseOps;
 use tarn_fs::latency::{BOUNDS_MICROS, LatencySnapshot};
+use tarn_fs::peer::Peers;
 use tarn_fs::registry::{RegistryClient, RegistryError};
 
 use crate::fallback::Cause;
@@ -24,6 +25,8 @@ pub struct Io {
     pub client: RegistryClient,
     pub scheduler: FetchScheduler,
     pub fuse: Arc<FuseOps>,
+    /// The cluster, when `[peers]` is on.
+    pub peers: Option<Peers>,
 }
 
 impl Debug for Io {
@@ -157,6 +160,27 @@ impl Collector for Io {
             "tarn_registry_mirror_received_bytes",
             "Of tarn_registry_received_bytes, the bytes from mirrors (hosts.toml)",
             Value::Counter(c.mirror_bytes),
+        )?;
+        let p = self.peers.as_ref().map(Peers::stats).unwrap_or_default();
+        e.one(
+            "tarn_peer_received_bytes",
+            "Block bytes received from peers ([peers]); not in tarn_registry_received_bytes",
+            Value::Counter(p.received_bytes),
+        )?;
+        e.one(
+            "tarn_peer_requests",
+            "Block requests sent to peers",
+            Value::Counter(p.requests),
+        )?;
+        e.one(
+            "tarn_peer_failures",
+            "Block requests to peers that failed (the next source was read)",
+            Value::Counter(p.failures),
+        )?;
+        e.one(
+            "tarn_peer_served_bytes",
+            "Block bytes this node sent to peers",
+            Value::Counter(p.served_bytes),
         )?;
         let by_cause = |counts: [u64; RegistryError::CAUSES.len()]| {
             RegistryError::CAUSES

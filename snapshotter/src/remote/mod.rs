@@ -74,6 +74,9 @@ pub struct Stats {
     /// mirrors (`hosts.toml`).
     pub registry_bytes: u64,
     pub mirror_bytes: u64,
+    /// Block bytes received from peers, and sent to them (`[peers]`).
+    pub peer_received_bytes: u64,
+    pub peer_served_bytes: u64,
 }
 
 /// How the remote path decides, from the daemon's config.
@@ -181,12 +184,15 @@ impl RemoteSnapshotter {
     /// that will serve the FUSE mounts' cache misses. What the registry
     /// client, the fetch scheduler and the mounts count is registered on
     /// `metrics`. `keychains` are credential sources asked before the
-    /// docker config (CRI's captured credentials).
+    /// docker config (CRI's captured credentials). With `peers`, this
+    /// node serves the blocks it owns from a store fetching with its own
+    /// registry client, and reads layers' blocks from their owners first.
     pub async fn open(
         root: &Path,
         config: &Config,
         metrics: &Metrics,
         keychains: Keychains,
+        peers: Option<&crate::peers::Setup>,
     ) -> Result<Self, OpenError> {
         let r = root.to_owned();
         let sn = Arc::new(blocking(move || Snapshotter::open(&r)).await?);
@@ -211,6 +217,11 @@ impl RemoteSnapshotter {
         registry.keychains = keychains;
         // Reads the docker config file: a small blocking read.
         let client = blocking(move || Ok::<_, OpenError>(RegistryClient::new(registry)?)).await?;
+        let peers = peers.map(|setup| {
+            let store = crate::peers::BlockStore::new(client.clone(), setup.cache_bytes);
+            setup.peers.serve_locally(Arc::new(store));
+            setup.peers.clone()
+        });
         let warm = Warm {
             prefetch: config.prefetch_timeout(),
             background: config.fetch.background,
@@ -222,6 +233,7 @@ impl RemoteSnapshotter {
             client: client.clone(),
             scheduler: scheduler.clone(),
             fuse: fuse_ops.clone(),
+            peers: peers.clone(),
         });
         let profiles = match config.profile_dir(root) {
             Some(dir) => {
@@ -246,10 +258,10 @@ impl RemoteSnapshotter {
             client,
             cache.clone(),
             scheduler,
-            warm.prefetch,
-            warm.background,
+            warm,
             config.max_index_bytes(),
             profiles.clone(),
+            peers,
         );
         let mounter = FuseMounter::new(
             tokio::runtime::Handle::current(),
@@ -763,6 +775,7 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
         let snapshots = blocking(move || sn.count()).await?;
         let c = self.cache.stats();
         let registry = self.resolver.registry_stats();
+        let peers = self.resolver.peer_stats();
         let lists = self.layers.chunk_lists();
         let dedup_saved_bytes =
             tokio::task::spawn_blocking(move || layers::dedup_saved_bytes(&lists))
@@ -781,6 +794,8 @@ impl<R: Resolve, M: Mounter<R::Layer>> RemoteSnapshotter<R, M> {
             dedup_saved_bytes,
             registry_bytes: registry.bytes,
             mirror_bytes: registry.mirror_bytes,
+            peer_received_bytes: peers.received_bytes,
+            peer_served_bytes: peers.served_bytes,
         })
     }
 

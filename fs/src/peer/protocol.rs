@@ -1,0 +1,278 @@
+//! The block request peers send each other (see the module doc of
+//! [`crate::peer`]): built by the asker, parsed and checked by the owner.
+//! Pure.
+
+use std::ops::Range;
+
+use crate::Digest;
+use crate::registry::{Reference, Repository};
+
+/// The unit peers hand each other: a blob's aligned block of 1 MiB (its
+/// last one shorter). Large enough that a block's request costs little
+/// beside its bytes, small enough that a read of one chunk does not pull
+/// much it does not need.
+pub const BLOCK: u64 = 1 << 20;
+
+/// The largest blob a block may be asked of: 64 GiB.
+pub const MAX_BLOB_SIZE: u64 = 64 << 30;
+
+/// The longest query string an owner reads.
+const MAX_QUERY: usize = 1024;
+
+/// The path every block request starts with.
+const PREFIX: &str = "/v1/blocks/";
+
+/// Why a block request is refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("not a block path: want /v1/blocks/<digest>/<index>")]
+    Path,
+    #[error("digest is not sha256:<64 lowercase hex digits>")]
+    Digest,
+    #[error("index is not a number")]
+    Index,
+    #[error("query: {0}")]
+    Query(&'static str),
+    #[error("size {0} is 0 or over {MAX_BLOB_SIZE}")]
+    Size(u64),
+    #[error("block {index} is past the end of a blob of {size} bytes")]
+    PastEnd { index: u64, size: u64 },
+    #[error("repo is not host/name as an image reference names it")]
+    Repo,
+}
+
+/// Block `index` of the blob `digest` (`size` bytes) of `repo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRequest {
+    pub repo: Repository,
+    pub digest: Digest,
+    pub index: u64,
+    pub size: u64,
+}
+
+impl BlockRequest {
+    /// A request, checked as an owner checks it.
+    pub fn new(
+        repo: Repository,
+        digest: Digest,
+        index: u64,
+        size: u64,
+    ) -> Result<Self, ProtocolError> {
+        if size == 0 || size > MAX_BLOB_SIZE {
+            return Err(ProtocolError::Size(size));
+        }
+        if index >= size.div_ceil(BLOCK) {
+            return Err(ProtocolError::PastEnd { index, size });
+        }
+        Ok(BlockRequest {
+            repo,
+            digest,
+            index,
+            size,
+        })
+    }
+
+    /// The bytes of the blob the block holds.
+    pub fn range(&self) -> Range<u64> {
+        block_range(self.index, self.size)
+    }
+
+    /// The request's path and query.
+    pub fn path_and_query(&self) -> String {
+        format!(
+            "{PREFIX}{}/{}?repo={}&size={}",
+            self.digest, self.index, self.repo, self.size
+        )
+    }
+
+    /// Parses a request's path and query (as sent: no percent-encoding is
+    /// taken, none is needed for what a valid request holds).
+    pub fn parse(path: &str, query: Option<&str>) -> Result<Self, ProtocolError> {
+        let rest = path.strip_prefix(PREFIX).ok_or(ProtocolError::Path)?;
+        let (digest, index) = rest.split_once('/').ok_or(ProtocolError::Path)?;
+        let digest: Digest = digest.parse().map_err(|_| ProtocolError::Digest)?;
+        if index.is_empty() || index.len() > 20 || !index.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ProtocolError::Index);
+        }
+        let index: u64 = index.parse().map_err(|_| ProtocolError::Index)?;
+        let query = query.ok_or(ProtocolError::Query("missing"))?;
+        if query.len() > MAX_QUERY {
+            return Err(ProtocolError::Query("too long"));
+        }
+        let (mut repo, mut size) = (None, None);
+        for pair in query.split('&') {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or(ProtocolError::Query("a parameter without a value"))?;
+            let slot = match key {
+                "repo" => &mut repo,
+                "size" => &mut size,
+                _ => return Err(ProtocolError::Query("unknown parameter")),
+            };
+            if slot.replace(value).is_some() {
+                return Err(ProtocolError::Query("a parameter given twice"));
+            }
+        }
+        let repo = repo.ok_or(ProtocolError::Query("no repo"))?;
+        let size = size.ok_or(ProtocolError::Query("no size"))?;
+        if size.is_empty() || size.len() > 20 || !size.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ProtocolError::Query("size is not a number"));
+        }
+        let size: u64 = size
+            .parse()
+            .map_err(|_| ProtocolError::Query("size is not a number"))?;
+        BlockRequest::new(parse_repo(repo)?, digest, index, size)
+    }
+}
+
+/// `host/name`, exactly as [`Repository`]'s display writes it: no scheme,
+/// tag, digest or default registry.
+fn parse_repo(s: &str) -> Result<Repository, ProtocolError> {
+    let r: Reference = s.parse().map_err(|_| ProtocolError::Repo)?;
+    if r.digest.is_some() || r.repository.to_string() != s {
+        return Err(ProtocolError::Repo);
+    }
+    Ok(r.repository)
+}
+
+/// The bytes block `index` of a blob of `size` bytes holds (empty past its
+/// end).
+pub fn block_range(index: u64, size: u64) -> Range<u64> {
+    let start = index.saturating_mul(BLOCK).min(size);
+    start..start.saturating_add(BLOCK).min(size)
+}
+
+/// The blocks `range` touches (`range` not empty).
+pub fn blocks_of(range: &Range<u64>) -> std::ops::RangeInclusive<u64> {
+    range.start / BLOCK..=(range.end.saturating_sub(1)) / BLOCK
+}
+
+/// The key a block is owned by: the blob's digest and the block's index.
+pub fn block_key(digest: &Digest, index: u64) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..32].copy_from_slice(&digest.0);
+    key[32..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> Repository {
+        Repository {
+            registry: "127.0.0.1:5000".into(),
+            name: "multi-esgz".into(),
+        }
+    }
+
+    #[test]
+    fn a_request_round_trips_through_its_path() {
+        let r = BlockRequest::new(repo(), Digest::of(b"blob"), 2, 3 * BLOCK + 5).unwrap();
+        assert_eq!(r.range(), 2 * BLOCK..3 * BLOCK);
+        let pq = r.path_and_query();
+        let (path, query) = pq.split_once('?').unwrap();
+        assert_eq!(BlockRequest::parse(path, Some(query)).unwrap(), r);
+        let last = BlockRequest::new(repo(), Digest::of(b"blob"), 3, 3 * BLOCK + 5).unwrap();
+        assert_eq!(
+            last.range(),
+            3 * BLOCK..3 * BLOCK + 5,
+            "the last block is shorter"
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        let d = Digest::of(b"blob").to_string();
+        let q = "repo=127.0.0.1:5000/multi-esgz&size=100";
+        let cases: Vec<(String, Option<&str>, ProtocolError)> = vec![
+            (format!("/v2/blocks/{d}/0"), Some(q), ProtocolError::Path),
+            (format!("/v1/blocks/{d}"), Some(q), ProtocolError::Path),
+            (
+                "/v1/blocks/sha256:xyz/0".into(),
+                Some(q),
+                ProtocolError::Digest,
+            ),
+            (format!("/v1/blocks/{d}/-1"), Some(q), ProtocolError::Index),
+            (format!("/v1/blocks/{d}/1x"), Some(q), ProtocolError::Index),
+            (
+                format!("/v1/blocks/{d}/99999999999999999999"),
+                Some(q),
+                ProtocolError::Index,
+            ),
+            (
+                format!("/v1/blocks/{d}/0"),
+                None,
+                ProtocolError::Query("missing"),
+            ),
+            (
+                format!("/v1/blocks/{d}/0"),
+                Some("repo=127.0.0.1:5000/a"),
+                ProtocolError::Query("no size"),
+            ),
+            (
+                format!("/v1/blocks/{d}/0"),
+                Some("repo=127.0.0.1:5000/a&size=1&size=2"),
+                ProtocolError::Query("a parameter given twice"),
+            ),
+            (
+                format!("/v1/blocks/{d}/0"),
+                Some("repo=127.0.0.1:5000/a&size=1&x=2"),
+                ProtocolError::Query("unknown parameter"),
+            ),
+            (
+                format!("/v1/blocks/{d}/0"),
+                Some("repo=127.0.0.1:5000/a&size=0"),
+                ProtocolError::Size(0),
+            ),
+            (
+                format!("/v1/blocks/{d}/0"),
+                Some("repo=127.0.0.1:5000/a&size=68719476737"),
+                ProtocolError::Size(MAX_BLOB_SIZE + 1),
+            ),
+            (
+                format!("/v1/blocks/{d}/1"),
+                Some("repo=127.0.0.1:5000/a&size=1048576"),
+                ProtocolError::PastEnd {
+                    index: 1,
+                    size: BLOCK,
+                },
+            ),
+        ];
+        for (path, query, want) in cases {
+            assert_eq!(
+                BlockRequest::parse(&path, query),
+                Err(want),
+                "{path}?{query:?}"
+            );
+        }
+        for repo in [
+            "http://127.0.0.1:5000/a",
+            "127.0.0.1:5000/a:tag",
+            "busybox",
+            "library/busybox",
+            "127.0.0.1:5000/A",
+            "127.0.0.1:5000/a@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "",
+        ] {
+            let query = format!("repo={repo}&size=100");
+            assert_eq!(
+                BlockRequest::parse(&format!("/v1/blocks/{d}/0"), Some(&query)),
+                Err(ProtocolError::Repo),
+                "{repo}"
+            );
+        }
+        let long = format!("repo={}&size=1", "a".repeat(MAX_QUERY));
+        assert!(BlockRequest::parse(&format!("/v1/blocks/{d}/0"), Some(&long)).is_err());
+    }
+
+    #[test]
+    fn blocks_of_a_range_and_their_keys() {
+        assert_eq!(blocks_of(&(0..1)), 0..=0);
+        assert_eq!(blocks_of(&(BLOCK - 1..BLOCK + 1)), 0..=1);
+        assert_eq!(blocks_of(&(BLOCK..2 * BLOCK)), 1..=1);
+        assert_eq!(block_range(5, 3 * BLOCK), 3 * BLOCK..3 * BLOCK);
+        let d = Digest::of(b"x");
+        assert_ne!(block_key(&d, 0), block_key(&d, 1));
+    }
+}
