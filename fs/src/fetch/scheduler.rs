@@ -16,7 +16,7 @@
 //! - Speculative bytes are those of `Prefetch` and `Background` GETs, and
 //!   the read-ahead an on-demand GET carries after its own chunks. A
 //!   `Prefetch` GET waits until its bytes fit in the budget (or nothing is
-//!   on the wire); read-ahead is sized by the planner to the room left
+//!   on the wire, or it is one [`SMALL_GET`] at a time); read-ahead is sized by the planner to the room left
 //!   ([`FetchScheduler::speculation_room`]).
 //! - `Open`, `OnDemand` and `Prefetch` GETs are *foreground* while on the
 //!   wire. `Background` GETs wait until no foreground GET is in flight, then
@@ -32,7 +32,7 @@
 mod link;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -118,21 +118,24 @@ struct Link {
     demand: AtomicU64,
     /// Bytes of speculative GETs (and read-ahead) asked for and not arrived.
     speculative: AtomicU64,
+    /// Whether a prefetch GET admitted past the budget ([`SMALL_GET`]) is
+    /// on the wire.
+    small: AtomicBool,
     /// Woken whenever bytes arrive or a GET ends: room may have freed.
     room: Notify,
 }
 
-/// Tokio's clock, so that a test with paused time measures in it.
-/// A speculative GET this small goes even when the budget is full, within
-/// an allowance of as much again: it delays the reads behind it by its
-/// transfer time only (2.6 ms at 100 Mbit/s, 13 ms at 20 Mbit/s), while
-/// waiting for room would delay *it* by the transfer of everything on the
-/// wire. The small files an optimized layer puts first (what runc reads
-/// before the workload starts: `/etc/passwd`, `/etc/group`) are such a GET,
-/// and the container's start waits on them. One at a time past the
-/// budget: a flood of them waits like any other speculation.
+/// A prefetch GET this small goes even when the link is full (of reads or
+/// of speculation), one such GET per host at a time: it delays the reads
+/// behind it by its transfer time only (2.6 ms at 100 Mbit/s, 13 ms at
+/// 20 Mbit/s), while waiting for room would delay *it* by the transfer of
+/// everything on the wire. The small files an optimized layer puts first
+/// (what runc reads before the workload starts: `/etc/passwd`,
+/// `/etc/group`) are such a GET, and the container's start waits on them.
+/// A flood of them waits like any other speculation.
 pub const SMALL_GET: u64 = 32 << 10;
 
+/// Tokio's clock, so that a test with paused time measures in it.
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
@@ -152,22 +155,31 @@ impl Link {
     }
 
     /// Takes `bytes` of the budget if they fit, or if nothing is on the
-    /// wire (a GET larger than the budget goes alone). A GET of at most
-    /// [`SMALL_GET`] bytes also fits in an allowance of that much on top of
-    /// the budget.
+    /// wire (a GET larger than the budget goes alone).
     fn try_take(&self, bytes: u64, budget: u64) -> bool {
         let demand = self.demand.load(Ordering::Acquire);
-        let limit = if bytes <= SMALL_GET {
-            budget.saturating_add(SMALL_GET)
-        } else {
-            budget
-        };
         self.speculative
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spec| {
-                let fits = demand + spec == 0 || demand + spec + bytes <= limit;
+                let fits = demand + spec == 0 || demand + spec + bytes <= budget;
                 fits.then_some(spec + bytes)
             })
             .is_ok()
+    }
+
+    /// Takes the host's one small-GET pass for a GET of `bytes`
+    /// ([`SMALL_GET`]) if it is that small and the pass is free; its bytes
+    /// count as speculative like any others.
+    fn try_small(&self, bytes: u64) -> bool {
+        if bytes > SMALL_GET
+            || self
+                .small
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return false;
+        }
+        self.speculative.fetch_add(bytes, Ordering::AcqRel);
+        true
     }
 
     /// `bytes` arrived or will not: off the counter of their kind.
@@ -317,9 +329,11 @@ impl FetchScheduler {
         match intent {
             Intent::Open | Intent::OnDemand => self.admit_read(bytes, 0),
             Intent::Prefetch => {
-                self.wait_for_room(bytes).await;
+                let small = self.wait_for_room(bytes).await;
                 self.shared.foreground.fetch_add(1, Ordering::AcqRel);
-                self.permit(0, bytes, true, None)
+                let mut permit = self.permit(0, bytes, true, None);
+                permit.small = small;
+                permit
             }
             Intent::Background => self.admit_background(bytes).await,
         }
@@ -347,6 +361,7 @@ impl FetchScheduler {
             foreground: foreground.then(|| self.shared.clone()),
             demand: AtomicU64::new(demand),
             speculative: AtomicU64::new(speculative),
+            small: false,
             _slot: slot,
         }
     }
@@ -386,9 +401,10 @@ impl FetchScheduler {
         self.permit(0, bytes, false, Some(slot))
     }
 
-    /// Returns once `bytes` more speculative bytes fit in the budget, and
-    /// has taken them.
-    async fn wait_for_room(&self, bytes: u64) {
+    /// Returns once `bytes` more speculative bytes fit in the budget, or
+    /// a GET that small takes the host's small-GET pass, and has taken
+    /// them; `true` for the pass.
+    async fn wait_for_room(&self, bytes: u64) -> bool {
         loop {
             let notified = self.link.room.notified();
             tokio::pin!(notified);
@@ -396,7 +412,10 @@ impl FetchScheduler {
             // and the await is not lost.
             notified.as_mut().enable();
             if self.link.try_take(bytes, self.budget()) {
-                return;
+                return false;
+            }
+            if self.link.try_small(bytes) {
+                return true;
             }
             notified.await;
         }
@@ -447,6 +466,8 @@ pub struct Permit {
     /// Bytes of this GET not arrived yet, a read's first.
     demand: AtomicU64,
     speculative: AtomicU64,
+    /// Holds the host's small-GET pass ([`SMALL_GET`]) until dropped.
+    small: bool,
     // Only held: dropping it frees the background slot.
     _slot: Option<OwnedSemaphorePermit>,
 }
@@ -493,6 +514,10 @@ impl Drop for Permit {
         self.link.release(&self.link.demand, *self.demand.get_mut());
         self.link
             .release(&self.link.speculative, *self.speculative.get_mut());
+        if self.small {
+            self.link.small.store(false, Ordering::Release);
+            self.link.room.notify_waiters();
+        }
         if let Some(shared) = &self.foreground
             && shared.foreground.fetch_sub(1, Ordering::AcqRel) == 1
         {

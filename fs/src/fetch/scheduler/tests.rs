@@ -115,16 +115,17 @@ async fn reads_fill_the_budget_and_speculation_waits_for_room() {
 }
 
 #[tokio::test]
-async fn a_small_prefetch_goes_past_a_full_budget_one_at_a_time() {
+async fn a_small_prefetch_goes_past_a_full_link_one_at_a_time() {
     let s = FetchScheduler::default();
     let budget = s.budget();
-    let read = s.admit_read(budget, 0);
-    // The link is full of a read, yet a GET of a few small files goes.
+    // Reads of four times the budget are on the wire, yet a GET of a few
+    // small files goes.
+    let read = s.admit_read(4 * budget, 0);
     let small = s
         .admit(Intent::Prefetch, SMALL_GET)
         .now_or_never()
-        .expect("a small GET fits in the allowance");
-    // The allowance is spent: the next small one waits for room.
+        .expect("a small GET takes the pass");
+    // The pass is taken: the next small one waits for it.
     let next = s.admit(Intent::Prefetch, 300);
     tokio::pin!(next);
     assert!(
@@ -134,7 +135,7 @@ async fn a_small_prefetch_goes_past_a_full_budget_one_at_a_time() {
     drop(small);
     let next = tokio::time::timeout(PATIENCE, next)
         .await
-        .expect("the allowance is free again");
+        .expect("the pass is free again");
     // Reads still go at once past both.
     assert!(s.admit(Intent::OnDemand, 10).now_or_never().is_some());
     drop((read, next));
@@ -148,7 +149,7 @@ async fn one_prefetch_larger_than_the_budget_goes_alone() {
         .admit(Intent::Prefetch, 10 * s.budget())
         .now_or_never()
         .expect("nothing on the wire: it goes");
-    let next = s.admit(Intent::Prefetch, 1);
+    let next = s.admit(Intent::Prefetch, SMALL_GET + 1);
     tokio::pin!(next);
     assert!(poll!(&mut next).is_pending());
     drop(big);
