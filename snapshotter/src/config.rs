@@ -28,6 +28,8 @@
 //! [peers]
 //! listen = "10.0.0.5:7600"       # default: peers off
 //! static = ["10.0.0.5:7600", "10.0.0.6:7600"]  # the nodes; this one may be listed
+//! dns = "tarn-peers.kube-system.svc:7600"  # nodes from A/AAAA records too
+//! dns_refresh_secs = 30
 //! token_file = "/etc/tarn/peers.token"  # required with listen; mode 0600
 //! timeout_ms = 2000              # a peer's block answer must begin within it
 //! cache_mb = 256                 # blocks kept in memory for peers
@@ -96,6 +98,10 @@ pub struct PeersSection {
     /// may be among them and is recognised as itself.
     #[serde(rename = "static")]
     pub static_peers: Vec<String>,
+    /// A name (`host:port`) whose A/AAAA records are nodes too (a
+    /// Kubernetes headless Service), resolved every `dns_refresh_secs`.
+    pub dns: Option<String>,
+    pub dns_refresh_secs: u64,
     /// The cluster's shared token (one line), required with `listen`:
     /// the daemon refuses to start if it is missing, empty, or readable by
     /// group or others.
@@ -113,6 +119,8 @@ impl Default for PeersSection {
         PeersSection {
             listen: None,
             static_peers: Vec::new(),
+            dns: None,
+            dns_refresh_secs: 30,
             token_file: None,
             timeout_ms: 2000,
             cache_mb: 256,

@@ -215,6 +215,7 @@ async fn serve(
                     .await
                     .map_err(io(format!("bind [peers] listen {}", p.listen)))?,
                 p.peers.clone(),
+                p.dns.clone().map(|d| (p.fixed.clone(), d)),
             )),
             None => None,
         };
@@ -268,9 +269,17 @@ async fn serve(
             stopped(stop_rx.clone()),
         ));
     }
-    if let Some((listener, peers)) = peers_listener {
+    if let Some((listener, peers, dns)) = peers_listener {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, members = peers.members().len(), "serving blocks to peers");
+        }
+        if let Some((fixed, dns)) = dns {
+            tokio::spawn(crate::peers::watch_dns(
+                peers.clone(),
+                fixed,
+                dns,
+                stopped(stop_rx.clone()),
+            ));
         }
         tokio::spawn(crate::peers::serve(
             listener,

@@ -19,6 +19,7 @@
 //! whose chunks are verified by digests from elsewhere (eStargz with a TOC
 //! digest): `crate::resolve`.
 
+mod dns;
 mod http;
 mod store;
 
@@ -33,6 +34,7 @@ use tarn_fs::registry::RegistryError;
 
 use crate::config::PeersSection;
 
+pub use dns::{DnsMembers, watch as watch_dns};
 pub use http::serve;
 pub use store::BlockStore;
 
@@ -66,6 +68,10 @@ pub enum PeersError {
     Member(String),
     #[error("[peers] static lists {0} nodes, more than {MAX_STATIC}")]
     TooMany(usize),
+    #[error("[peers] dns: {0:?} is not host:port")]
+    Dns(String),
+    #[error("[peers] dns_refresh_secs {0} is not between 1 and 86400")]
+    DnsRefresh(u64),
     #[error("[peers] timeout_ms {0} is not between 1 and 60000")]
     Timeout(u64),
     #[error("[peers] cache_mb {0} is over 65536")]
@@ -80,6 +86,9 @@ pub struct Setup {
     pub listen: SocketAddr,
     pub peers: Peers,
     pub cache_bytes: u64,
+    /// The `static` list, which DNS members join.
+    pub fixed: Vec<String>,
+    pub dns: Option<DnsMembers>,
 }
 
 /// `[peers]` checked, its token read: `None` when `listen` is unset
@@ -98,6 +107,19 @@ pub fn load(section: &PeersSection) -> Result<Option<Setup>, PeersError> {
             return Err(PeersError::Member(m.clone()));
         }
     }
+    let dns = match &section.dns {
+        None => None,
+        Some(name) if is_host_port(name) => {
+            if !(1..=86_400).contains(&section.dns_refresh_secs) {
+                return Err(PeersError::DnsRefresh(section.dns_refresh_secs));
+            }
+            Some(DnsMembers {
+                name: name.clone(),
+                every: Duration::from_secs(section.dns_refresh_secs),
+            })
+        }
+        Some(name) => return Err(PeersError::Dns(name.clone())),
+    };
     if !(1..=60_000).contains(&section.timeout_ms) {
         return Err(PeersError::Timeout(section.timeout_ms));
     }
@@ -116,6 +138,8 @@ pub fn load(section: &PeersSection) -> Result<Option<Setup>, PeersError> {
         listen,
         peers,
         cache_bytes: section.cache_mb << 20,
+        fixed: section.static_peers.clone(),
+        dns,
     }))
 }
 
@@ -270,5 +294,21 @@ mod tests {
         let mut s = section(Some(path.clone()));
         s.timeout_ms = 0;
         assert!(matches!(load(&s), Err(PeersError::Timeout(0))));
+
+        // The DNS name is host:port like a static entry, refreshed within
+        // a second and a day.
+        let mut s = section(Some(path.clone()));
+        s.dns = Some("tarn-peers.kube-system.svc".into());
+        assert!(matches!(load(&s), Err(PeersError::Dns(_))), "no port");
+        s.dns = Some("tarn-peers.kube-system.svc:7600".into());
+        s.dns_refresh_secs = 0;
+        assert!(matches!(load(&s), Err(PeersError::DnsRefresh(0))));
+        s.dns_refresh_secs = 30;
+        let setup = load(&s).unwrap().expect("peers on");
+        let dns = setup.dns.expect("dns members");
+        assert_eq!(
+            (dns.name.as_str(), dns.every),
+            ("tarn-peers.kube-system.svc:7600", Duration::from_secs(30))
+        );
     }
 }
