@@ -7,7 +7,7 @@
 //! [snapshotter]
 //! resolve_timeout_secs = 10
 //! allow_unverified_layers = false
-//! max_index_mb = 256
+//! max_index_mb = 224
 //! holder = true                  # false: SIGTERM unmounts lazy layers
 //! loop_direct_io = true          # overlaybd disks' loop devices
 //! [registry]
@@ -498,7 +498,7 @@ mod tests {
             "the default admin socket is where `tarn status` looks"
         );
         assert!(c.registry_config().is_plain_http("127.0.0.1:5000"));
-        assert_eq!(c.max_index_bytes(), 256 << 20, "the default budget");
+        assert_eq!(c.max_index_bytes(), 224 << 20, "the default budget");
 
         for typo in [
             "resolve_timeout_secs = 2\n",

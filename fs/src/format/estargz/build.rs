@@ -61,8 +61,12 @@ pub struct IndexBudget {
 impl IndexBudget {
     /// Default per-layer bound: a node can afford it for a few layers
     /// opening at once; it holds a TOC of a few hundred thousand entries
-    /// (250,000 of 130 bytes of JSON each, measured).
-    pub const DEFAULT_LIMIT: u64 = 256 << 20;
+    /// (250,000 of 130 bytes of JSON each, measured). 32 MiB under the
+    /// 256 MiB a process opening one hostile layer may peak at: the
+    /// process itself (runtime, buffers, mapped code) takes 15-20 MiB
+    /// beside the index, and at 256 MiB a layer refused at the bound
+    /// peaked at 255-256 MiB.
+    pub const DEFAULT_LIMIT: u64 = 224 << 20;
 
     pub fn new(limit: u64) -> IndexBudget {
         IndexBudget { limit, spent: 0 }
