@@ -5,7 +5,8 @@
 //! files' length, dead records included until their pack is rewritten.
 //!
 //! **When.** An insert that takes disk use past the bound runs one pass on
-//! its own (blocking) thread; inserts racing it skip theirs. A pass evicts
+//! its own (blocking) thread; inserts racing it skip theirs, and the pass
+//! looks again when it ends (up to [`MAX_PASSES`]). A pass evicts
 //! down to [`LOW_WATER_PERCENT`] of the bound, so a full cache does not
 //! pay for a pass on every insert.
 //!
@@ -54,6 +55,8 @@ use crate::num::usize_from;
 pub const COMPACT_LIVE_SHARE: u64 = 50;
 /// An eviction pass stops at this share (percent) of the bound.
 pub const LOW_WATER_PERCENT: u64 = 90;
+/// Passes one call to the bound runs at most (see [`Cache::enforce_bound`]).
+pub const MAX_PASSES: usize = 4;
 /// An entry used this recently (seconds) is part of the working set: a
 /// pass that must evict one says the cache is under pressure for as long.
 pub const PRESSURE_SECS: u32 = 10;
@@ -203,6 +206,13 @@ impl Cache {
     /// `keep` (the chunks of the layers mounted now), and compacts every
     /// pack with dead records. Held objects stay.
     pub fn prune(&self, keep: Option<&HashSet<Digest>>) -> Pruned {
+        let pruned = self.prune_pass(keep);
+        // Inserts that raced the prune skipped their passes.
+        self.enforce_bound();
+        pruned
+    }
+
+    fn prune_pass(&self, keep: Option<&HashSet<Digest>>) -> Pruned {
         let _pass = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
         let disk_before = self.disk.load(Ordering::Relaxed);
         // A whole-file object holding a chunk that stays (`slice.rs`)
@@ -230,16 +240,30 @@ impl Cache {
         }
     }
 
-    /// Runs an eviction pass if disk use is over the bound and no pass is
-    /// running.
+    /// Runs eviction passes while disk use is over the bound and no other
+    /// pass is running. Inserts that race a pass skip theirs, so a pass
+    /// looks again when it ends: what they added does not wait for the
+    /// next insert to be evicted. It stops when a pass frees nothing (held
+    /// objects alone over the bound).
     pub(super) fn enforce_bound(&self) {
-        let max = self.max_bytes.load(Ordering::Relaxed);
-        if self.disk.load(Ordering::Relaxed) <= max {
-            return;
+        for _ in 0..MAX_PASSES {
+            let max = self.max_bytes.load(Ordering::Relaxed);
+            if self.disk.load(Ordering::Relaxed) <= max {
+                return;
+            }
+            let Ok(_pass) = self.evicting.try_lock() else {
+                return;
+            };
+            if !self.evict_pass(max) {
+                return;
+            }
         }
-        let Ok(_pass) = self.evicting.try_lock() else {
-            return;
-        };
+    }
+
+    /// One pass for the bound `max`: evicts down to the low-water mark and
+    /// compacts the packs that need it. The caller holds `evicting`.
+    /// Returns whether it freed anything (evicted or compacted).
+    fn evict_pass(&self, max: u64) -> bool {
         let low = max / 100 * LOW_WATER_PERCENT;
         let (entries, bytes) = self.evict_until(low, |_, _| true);
         let mut packs: Vec<(u64, usize)> = (0..self.packs.len())
@@ -247,12 +271,14 @@ impl Cache {
             .filter(|(dead, _)| *dead > 0)
             .collect();
         packs.sort_unstable_by(|a, b| b.cmp(a));
+        let mut compacted = 0;
         for (_, i) in packs {
             let end = self.pack_end(i);
             let live = self.packs[i].live.load(Ordering::Relaxed);
             let sparse = live.saturating_mul(100) < end.saturating_mul(COMPACT_LIVE_SHARE);
             if sparse || self.disk.load(Ordering::Relaxed) > max {
                 self.compact_logged(i);
+                compacted += 1;
             }
         }
         tracing::debug!(
@@ -263,6 +289,7 @@ impl Cache {
             "cache eviction pass"
         );
         self.save_stamps();
+        entries > 0 || compacted > 0
     }
 
     /// Evicts entries `doomed` picks, released first and then oldest first,
