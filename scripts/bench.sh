@@ -29,6 +29,10 @@
 # bench images as overlaybd disks (ext4 over a loop device over FUSE); both
 # with the loop device's direct I/O (the default) and buffered. S4 measures warm and with
 # the kernel's caches dropped (cold_*, with the page cache that pass took).
+# S7 (issue 17) BENCH_S7_NODES nodes (default 4), each its own containerd
+# and tarn, start the reference image at once through the profile's shared
+# link: peers off, peers on, and one node alone (not on the thin ones);
+# BENCH_S7_REPS runs of each give the median (default 1).
 # The environment works too: PROFILES, SCENARIOS, BENCH_OUT; BENCH_STEP_TIMEOUT
 # bounds each step (default 600 s), BENCH_STRICT=1 fails unless every target
 # passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference,
@@ -48,7 +52,7 @@ PYTHON=/usr/bin/python3
 [ -x "$PYTHON" ] || PYTHON=python3
 
 PROFILES="${PROFILES:-loopback,rtt50,rtt100,rtt200,thin40,thin100}"
-SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5,P7,G1,S6}"
+SCENARIOS="${SCENARIOS:-S1,S2,S3,S4,S5,P7,G1,S6,S7}"
 OUT="${BENCH_OUT:-$REPO_ROOT/bench}"
 STEP_TIMEOUT="${BENCH_STEP_TIMEOUT:-600}"
 CONCURRENT=20
@@ -764,6 +768,79 @@ g1() {
   fi
 }
 
+# S7 (issue 17): N nodes (BENCH_S7_NODES, default 4), each its own
+# containerd and tarn daemon (peers on 127.0.7.1, .2, ...), pull and run
+# the reference workload at once through the profile's one far link: with
+# peers off, with peers on, against one node alone (peers off) in the same
+# run. A group's time is its slowest node's; its bytes are all the nodes'
+# registry traffic.
+S7_NODES="${BENCH_S7_NODES:-4}"
+S7_PORT=7717
+
+# The cluster's [peers] section for node I (1-based) of N.
+s7_peers_config() {
+  local i="$1" n="$2" j list=""
+  for ((j = 1; j <= n; j++)); do list+="${list:+, }\"127.0.7.$j:$S7_PORT\""; done
+  printf '[peers]\nlisten = "127.0.7.%s:%s"\nstatic = [%s]\ntoken_file = "%s"\n' \
+    "$i" "$S7_PORT" "$list" "$WORK/peers.token"
+}
+
+# s7_group PROFILE VARIANT N PEERS(0|1) REP: N fresh nodes, then all at
+# once; noted with --rep (or REASON, and failing).
+s7_group() {
+  local p="$1" variant="$2" n="$3" peers="$4" r="$5" ref="$TARGET/multi-esgz:latest" i mark t0 t1
+  local socks=() admins=() beds=() pids=() ok=1 run="$1-S7-$2-$5"
+  REASON=""
+  (umask 077 && echo "bench-s7-$$" >"$WORK/peers.token")
+  for ((i = 1; i <= n; i++)); do
+    local extra=""
+    if [ "$peers" = 1 ]; then extra="$(s7_peers_config "$i" "$n")"; fi
+    if ! TARN_CONFIG_EXTRA="$extra" bed_up "$run-$i" --containerd --tarn; then
+      ok=0
+      break
+    fi
+    socks+=("$CONTAINERD_SOCK") admins+=("$TARN_ADMIN_SOCK") beds+=("$BED")
+  done
+  if [ "$ok" = 1 ]; then
+    mark="$(reg_mark)"
+    t0="$(now)"
+    for ((i = 0; i < ${#beds[@]}; i++)); do
+      (
+        lg="$WORK/$run-$((i + 1)).log"
+        CONTAINERD_SOCK="${socks[$i]}" TARN_ADMIN_SOCK="${admins[$i]}"
+        if tarn_pull "$lg" "$ref" &&
+          step "$lg" ctr --address "$CONTAINERD_SOCK" run --rm --snapshotter tarn "$ref" "bench-$$-$i" /app/run.sh &&
+          check_workload "$lg"; then
+          now >"$lg.end"
+        else
+          echo "node $((i + 1)): $REASON" >"$lg.fail"
+          exit 1
+        fi
+      ) &
+      pids+=("$!")
+    done
+    for i in "${!pids[@]}"; do wait "${pids[$i]}" || ok=0; done
+    if [ "$ok" = 1 ]; then
+      t1="$(sort -n "$WORK/$run-"*.log.end | tail -n1)"
+      note "$p" S7 "$variant" --rep start="$t0" end="$t1" reg_from="$mark" reg_to="$(reg_mark)" nodes="$n"
+    else
+      REASON="$(cat "$WORK/$run-"*.log.fail 2>/dev/null | head -n1)"
+    fi
+  fi
+  REASON="${REASON:-a node failed}"
+  for BED in "${beds[@]}"; do bed_down; done
+  [ "$ok" = 1 ]
+}
+
+# The median of BENCH_S7_REPS runs (default 1: each run starts 2N+1
+# daemons) of each group.
+s7() {
+  local reps="${BENCH_S7_REPS:-1}"
+  repeat "$1" S7 alone "$reps" s7_group "$1" alone 1 0
+  repeat "$1" S7 peers-off "$reps" s7_group "$1" peers-off "$S7_NODES" 0
+  repeat "$1" S7 peers-on "$reps" s7_group "$1" peers-on "$S7_NODES" 1
+}
+
 # ---------------------------------------------------------------- main
 
 mkdir -p "$OUT"
@@ -795,6 +872,7 @@ for p in "${PROFILE_LIST[@]}"; do
     if [ "$rate" != 0 ]; then s2 "$p"; fi
   fi
   if wants P7; then p7 "$p"; fi
+  if wants S7; then s7 "$p"; fi
   if wants S3; then
     s3_tarn "$p" "$CONCURRENT" "${BENCH_S3_REPS:-9}"
     # The overlayfs reference of S3 is slow (containerd's lock back-off:

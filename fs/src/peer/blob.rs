@@ -15,12 +15,14 @@ use crate::Intent;
 use crate::num::usize_from;
 use crate::registry::{BlobSource, RegistryError, Repository};
 
-/// Blocks of one read asked at once.
-const CONCURRENT_BLOCKS: usize = 8;
+/// Blocks of one read asked at once: the largest read-ahead (8 MiB) in
+/// one round.
+const CONCURRENT_BLOCKS: usize = 64;
+const _: () = assert!(CONCURRENT_BLOCKS as u64 * super::BLOCK == 8 << 20);
 
 /// The most blocks one read may touch (64 MiB); a larger read is left to
 /// the next source.
-const MAX_BLOCKS: u64 = 64;
+const MAX_BLOCKS: u64 = (64 << 20) / super::BLOCK;
 
 /// Owners asked for one block: its owner, then the next one if the owner
 /// fails.

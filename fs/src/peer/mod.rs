@@ -12,7 +12,7 @@
 //!
 //! # The protocol
 //!
-//! A blob is cut in aligned blocks of [`BLOCK`] (1 MiB; the last one
+//! A blob is cut in aligned blocks of [`BLOCK`] (128 KiB; the last one
 //! shorter). A node asks a block's owner, over plain HTTP/1.1:
 //!
 //! ```text

@@ -155,9 +155,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_block_is_served_to_the_token_only() {
-        let data: Vec<u8> = (0..3_000_000u32)
-            .map(|i| u8::try_from(i % 251).unwrap())
-            .collect();
+        // Three blocks, the last shorter.
+        let block = usize::try_from(tarn_fs::peer::BLOCK).unwrap();
+        let len = 3 * block - 1000;
+        let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server = peers("right", vec![], Some(addr.clone()));
@@ -185,13 +186,16 @@ mod tests {
 
         let client = peers("right", vec![addr.clone()], None);
         let got = blob(&client)
-            .read_range(1_000_000..2_100_000, Intent::OnDemand)
+            .read_range(
+                (block - 1000) as u64..(2 * block + 100) as u64,
+                Intent::OnDemand,
+            )
             .await
             .unwrap();
-        assert_eq!(&got[..], &data[1_000_000..2_100_000]);
+        assert_eq!(&got[..], &data[block - 1000..2 * block + 100]);
         // Blocks 0, 1 and 2 (the last, shorter): the whole blob.
-        assert_eq!(server.stats().served_bytes, 3_000_000);
-        assert_eq!(client.stats().received_bytes, 3_000_000);
+        assert_eq!(server.stats().served_bytes, len as u64);
+        assert_eq!(client.stats().received_bytes, len as u64);
 
         let wrong = peers("wrong", vec![addr.clone()], None);
         let e = blob(&wrong)
@@ -203,14 +207,14 @@ mod tests {
 
         // Plain requests: no token, a malformed one.
         let d = Digest::of(&data);
-        let target = format!("/v1/blocks/{d}/0?repo=127.0.0.1:5000/app&size=3000000");
+        let target = format!("/v1/blocks/{d}/0?repo=127.0.0.1:5000/app&size={len}");
         let (status, body) = raw_get(&addr, &target, None).await;
         assert_eq!(status, 401);
         assert!(body.len() < 100, "no block bytes");
-        let target = format!("/v1/blocks/{d}/9?repo=127.0.0.1:5000/app&size=3000000");
+        let target = format!("/v1/blocks/{d}/9?repo=127.0.0.1:5000/app&size={len}");
         let (status, _) = raw_get(&addr, &target, Some("right")).await;
         assert_eq!(status, 400);
-        assert_eq!(server.stats().served_bytes, 3_000_000);
+        assert_eq!(server.stats().served_bytes, len as u64);
         let _ = stop_tx.send(());
         task.await.unwrap();
     }

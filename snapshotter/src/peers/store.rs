@@ -248,12 +248,13 @@ mod tests {
             .collect();
         for a in askers {
             let got = a.await.unwrap().unwrap();
-            assert_eq!(&got[..], &data[1 << 20..2 << 20]);
+            let block = usize::try_from(tarn_fs::peer::BLOCK).unwrap();
+            assert_eq!(&got[..], &data[block..2 * block]);
         }
         assert_eq!(gets.load(Ordering::SeqCst), 1, "one fetch for eight askers");
         store.get(req).await.unwrap();
         assert_eq!(gets.load(Ordering::SeqCst), 1, "the next asker from memory");
-        assert_eq!(store.kept_bytes(), 1 << 20);
+        assert_eq!(store.kept_bytes(), tarn_fs::peer::BLOCK);
     }
 
     fn key(i: u64) -> Key {

@@ -1,7 +1,8 @@
 //! The report: records written by scripts/bench.sh (one JSON object per
 //! line) become a table of measurements, ratios against the baselines of the
-//! same run, and the targets of issue 5 (and P7's, issue 16) with PASS/FAIL. A scenario variant
-//! that failed shows FAILED with its reason, never a number.
+//! same run, and the targets of issue 5 (and those of issues 16, 17, 18
+//! and 20) with PASS/FAIL. A scenario variant that failed shows FAILED
+//! with its reason, never a number.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -529,6 +530,43 @@ const SPECS: &[Spec] = &[
             Ok(disk / unique)
         },
     },
+    // Issue 17: N nodes starting one image at once through one far link.
+    Spec {
+        scenario: "S7",
+        name: "peers on: registry bytes / one node's lazy bytes",
+        unit: "x",
+        op: Op::Le,
+        target: 1.2,
+        target_profiles: &["rtt100"],
+        value: |v| ratio(v, "peers-on", "alone", "bytes"),
+    },
+    Spec {
+        scenario: "S7",
+        name: "peers on: slowest node / one node alone",
+        unit: "x",
+        op: Op::Le,
+        target: 1.5,
+        target_profiles: &["rtt100"],
+        value: |v| ratio(v, "peers-on", "alone", "secs"),
+    },
+    Spec {
+        scenario: "S7",
+        name: "peers off: registry bytes / one node's lazy bytes",
+        unit: "x",
+        op: Op::Le,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "peers-off", "alone", "bytes"),
+    },
+    Spec {
+        scenario: "S7",
+        name: "peers off: slowest node / one node alone",
+        unit: "x",
+        op: Op::Le,
+        target: f64::NAN,
+        target_profiles: &[],
+        value: |v| ratio(v, "peers-off", "alone", "secs"),
+    },
     Spec {
         scenario: "G1",
         name: "gap a GET should carry rather than split (KiB)",
@@ -624,7 +662,7 @@ pub fn render(records: &[Record], checks: &[Check]) -> String {
     }
     let _ = writeln!(
         s,
-        "\nTargets (issues 5, 16, 20), ratios against baselines measured in this run"
+        "\nTargets (issues 5, 16, 17, 18, 20), ratios against baselines measured in this run"
     );
     let _ = writeln!(
         s,
