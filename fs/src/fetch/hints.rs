@@ -33,16 +33,19 @@ pub enum Hint {
     /// A start profile: what the image's workload read in its first
     /// seconds on an earlier start (`layer/profile.rs`).
     Profile,
+    /// The modules a Python module imports (`hints/python.rs`).
+    Import,
 }
 
 impl Hint {
-    pub const ALL: [Hint; 6] = [
+    pub const ALL: [Hint; 7] = [
         Hint::ReadAhead,
         Hint::Library,
         Hint::Entrypoint,
         Hint::Landmark,
         Hint::Trace,
         Hint::Profile,
+        Hint::Import,
     ];
 
     /// The name `tarn status` and the bench print.
@@ -54,6 +57,7 @@ impl Hint {
             Hint::Landmark => "landmark",
             Hint::Trace => "trace",
             Hint::Profile => "profile",
+            Hint::Import => "import",
         }
     }
 
@@ -65,6 +69,7 @@ impl Hint {
             Hint::Landmark => 3,
             Hint::Trace => 4,
             Hint::Profile => 5,
+            Hint::Import => 6,
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct Layer {
     streams: Streams,
     /// Files already looked at for the libraries they need (`hints/elf.rs`).
     examined: Mutex<HashSet<u64>>,
+    /// Files already looked at for the modules they import
+    /// (`hints/python.rs`).
+    imports_examined: Mutex<HashSet<u64>>,
     /// Which files workloads open and read, while a recording runs.
     recorder: Recorder,
     /// A start profile's replay runs (`profile.rs`): one at a time.
@@ -92,6 +95,7 @@ impl Layer {
             background: Arc::default(),
             streams: Streams::default(),
             examined: Mutex::default(),
+            imports_examined: Mutex::default(),
             recorder: Recorder::default(),
             replaying: std::sync::atomic::AtomicBool::new(false),
         }
@@ -249,6 +253,7 @@ impl Layer {
             .await?;
         if library_hints {
             self.prefetch_libraries(pending.ino);
+            self.prefetch_imports(pending.ino);
         }
         let data = pending.assemble(&missing, &fetched);
         self.fetcher.stats().bytes_served(data.len() as u64);

@@ -200,6 +200,74 @@ async fn a_programs_libraries_are_prefetched_once_it_is_read() {
     assert_eq!(t.blob.reads().len(), before);
 }
 
+/// A compiled Python module that misses brings the modules its top-level
+/// code imports (relative, absolute, a package's `__init__`, an extension
+/// module), and theirs as they arrive, as prefetches, before the
+/// interpreter asks; a module imported only inside a function, and the
+/// package's other modules, stay put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_modules_imports_are_prefetched_and_theirs_as_they_arrive() {
+    const LIB: &str = "/usr/lib/python3.11";
+    let init = include_bytes!("hints/testdata/json_init.cpython-311.pyc").to_vec();
+    let decoder = include_bytes!("hints/testdata/json_decoder.cpython-311.pyc").to_vec();
+    let path = |p: &str| format!("{LIB}/{p}");
+    let files = [
+        (
+            path("json/__pycache__/__init__.cpython-311.pyc"),
+            init.clone(),
+        ),
+        (path("json/__pycache__/decoder.cpython-311.pyc"), decoder),
+        (
+            path("json/__pycache__/scanner.cpython-311.pyc"),
+            content(700, 1),
+        ),
+        (
+            path("json/__pycache__/tool.cpython-311.pyc"),
+            content(700, 2),
+        ),
+        (
+            path("re/__pycache__/__init__.cpython-311.pyc"),
+            content(900, 3),
+        ),
+        (
+            path("__pycache__/not_at_start.cpython-311.pyc"),
+            content(800, 4),
+        ),
+        (
+            path("lib-dynload/_json.cpython-311-x86_64-linux-gnu.so"),
+            content(1500, 5),
+        ),
+        (
+            path("lib-dynload/_jsonx.cpython-311-x86_64-linux-gnu.so"),
+            content(600, 6),
+        ),
+    ];
+    let t = layer_of(
+        files
+            .iter()
+            .map(|(p, d)| Entry::File(p, d.clone()))
+            .collect(),
+        tiny_window(),
+    );
+    let (_, ino) = t.file(&files[0].0);
+    assert_eq!(t.layer.read(ino, 0, 64).await.unwrap(), &init[..64]);
+    // json's decoder and re come for json; the decoder's scanner and _json
+    // for the decoder, once it has arrived.
+    t.wait_prefetched(&[&files[1].0, &files[4].0, &files[2].0, &files[6].0])
+        .await;
+    for unused in [&files[3].0, &files[5].0, &files[7].0] {
+        assert!(!t.cached(unused), "{unused}: {:?}", t.blob.reads());
+    }
+    let import = t.layer.hint_stats().get(Hint::Import);
+    assert!(import.fetched > 0, "{import:?}");
+    // Read now, the decoder is a cache hit, counted as the hint's use.
+    let before = t.blob.reads().len();
+    let (_, dec) = t.file(&files[1].0);
+    t.layer.read(dec, 0, 100).await.unwrap();
+    assert_eq!(t.blob.reads().len(), before);
+    assert!(t.layer.hint_stats().get(Hint::Import).used > 0);
+}
+
 /// The entrypoint is found across layers (a script in the upper one, the
 /// link to its interpreter there too, the shell in the lower one) and
 /// fetched with its interpreter; nothing else is.

@@ -11,6 +11,9 @@
 //!   cached, the libraries it names that the layer holds are fetched.
 //! - `program`: the entrypoint: the program an image config runs (and its
 //!   interpreter and libraries) is fetched while the container is created.
+//! - `python`: a Python module's imports: once a compiled module is
+//!   cached, the modules its top-level code imports are fetched, and
+//!   theirs as they arrive.
 //!
 //! An overlaybd disk has no index of files: `disk/hints.rs` finds the
 //! entrypoint and its libraries through the disk's ext4 tree, with the
@@ -19,3 +22,4 @@
 pub(super) mod ahead;
 pub(crate) mod elf;
 pub(crate) mod program;
+pub(crate) mod python;
