@@ -37,7 +37,8 @@
 # bounds each step (default 600 s), BENCH_STRICT=1 fails unless every target
 # passes, BENCH_S3_OVERLAYFS=0 skips S3's slow overlayfs reference,
 # BENCH_S1_OVERLAYFS=0 S1's (to try tarn settings through
-# TARN_CONFIG_EXTRA), BENCH_S1_REPS sets how many S1 tarn runs give the
+# TARN_CONFIG_EXTRA; BENCH_S1_VARIANTS=tarn,tarn-nospec runs only those of
+# S1's tarn variants), BENCH_S1_REPS sets how many S1 tarn runs give the
 # median (default 3), BENCH_S3_REPS how many S3 tarn runs of each kind
 # (default 9), BENCH_CACHE_MAX_BYTES bounds tarn's cache in S1 and S4 (the
 # cost of eviction on the read path; the records note the bound and the
@@ -92,6 +93,9 @@ profile_params() {
 IFS=, read -r -a PROFILE_LIST <<<"$PROFILES"
 for p in "${PROFILE_LIST[@]}"; do profile_params "$p" >/dev/null; done
 wants() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+# S1's tarn variants to run (BENCH_S1_VARIANTS, default all of them).
+S1_VARIANTS="${BENCH_S1_VARIANTS:-tarn,tarn-opt,tarn-topt,tarn-prof,tarn-nospec}"
+s1_wants() { [[ ",$S1_VARIANTS," == *",$1,"* ]]; }
 
 # ---------------------------------------------------------------- binaries
 
@@ -285,7 +289,7 @@ images_up() {
   # S1's `tarn-topt`: the plain reference image optimized by `tarn
   # optimize` (its workload run once through containerd and tarn), beside
   # ctr-remote's `multi-esgz-opt`.
-  if wants S1; then
+  if wants S1 && s1_wants tarn-topt; then
     [ -n "$TARN_BIN" ] || die "S1 optimizes an image with tarn: the tarn CLI is not built"
     TARGET="$REG_ADDR" bed_up images-topt --containerd --tarn || die "$REASON"
     "$TARN_BIN" optimize --plain-http --period 60 --address "$CONTAINERD_SOCK" \
@@ -294,8 +298,8 @@ images_up() {
       >"$WORK/optimize-multi.log" 2>&1 ||
       die "tarn optimize multi failed: $(tail -n1 "$WORK/optimize-multi.log")"
     bed_down
-    learn_profile
   fi
+  if wants S1 && s1_wants tarn-prof; then learn_profile; fi
   log "registry $REG_ADDR holds the images"
 }
 
@@ -851,11 +855,11 @@ for p in "${PROFILE_LIST[@]}"; do
   proxy_up "$p"
   if wants S1; then
     if [ "${BENCH_S1_OVERLAYFS:-1}" = 1 ]; then s1_overlayfs "$p"; fi
-    s1_tarn "$p" tarn multi-esgz
-    s1_tarn "$p" tarn-opt multi-esgz-opt
-    s1_tarn "$p" tarn-topt multi-topt
-    s1_profile "$p"
-    s1_nospec "$p"
+    if s1_wants tarn; then s1_tarn "$p" tarn multi-esgz; fi
+    if s1_wants tarn-opt; then s1_tarn "$p" tarn-opt multi-esgz-opt; fi
+    if s1_wants tarn-topt; then s1_tarn "$p" tarn-topt multi-topt; fi
+    if s1_wants tarn-prof; then s1_profile "$p"; fi
+    if s1_wants tarn-nospec; then s1_nospec "$p"; fi
   fi
   if wants G1; then g1 "$p"; fi
   # A thin link is S1's question (issue 20); the other scenarios would take

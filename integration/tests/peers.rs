@@ -209,8 +209,8 @@ fn three_nodes_starting_one_image_at_once_cost_the_registry_about_one_nodes_byte
     let (a, registry, reference) = registry_node(&cluster);
 
     // One node alone: what the workload costs the registry, with peers
-    // off (its lazy bytes), and with peers on (a cluster of one: whole
-    // blocks, as a cluster fetches them).
+    // off (its lazy bytes), and with peers on (a cluster of one: its
+    // reads through its own block store, as a cluster fetches them).
     let alone = |name: &str, extra: &str| {
         let before = a.bed.bytes_served().expect("registry log");
         let node = Node::up(name, Node::containerd(), &registry, extra);
@@ -236,7 +236,7 @@ fn three_nodes_starting_one_image_at_once_cost_the_registry_about_one_nodes_byte
         );
     }
     eprintln!(
-        "registry served one node alone {lazy} bytes with peers off, {one_node} in whole blocks; three nodes with peers {three_nodes} ({:.2}x the one node in blocks, {:.2}x its lazy bytes; without peers about 3x); peers: {received} received, {served} served",
+        "registry served one node alone {lazy} bytes with peers off, {one_node} with peers on; three nodes with peers {three_nodes} ({:.2}x the one node with peers, {:.2}x its lazy bytes; without peers about 3x); peers: {received} received, {served} served",
         three_nodes as f64 / one_node as f64,
         three_nodes as f64 / lazy as f64,
     );

@@ -59,9 +59,11 @@ impl PeerBlob {
         }
     }
 
-    /// Block `index`, from its owner or the next one.
-    async fn block(&self, index: u64) -> Result<Bytes, RegistryError> {
+    /// The part `span` of block `index`, from the block's owner or the
+    /// next one.
+    async fn block(&self, index: u64, span: Range<u64>) -> Result<Bytes, RegistryError> {
         let req = BlockRequest::new(self.repo.clone(), self.digest, index, self.size)
+            .and_then(|r| r.narrowed(span.start, span.end))
             .map_err(|e| self.error(e.to_string()))?;
         let owners = self.peers.owners(&req, OWNERS_ASKED);
         let mut last = None;
@@ -200,23 +202,24 @@ impl BlobSource for PeerBlob {
             if count > MAX_BLOCKS {
                 return Err(self.error(format!("{count} blocks in one read")));
             }
-            let parts: Vec<(u64, Bytes)> = stream::iter(blocks)
-                .map(|i| async move { self.block(i).await.map(|b| (i, b)) })
+            // Each block's part of the range only: an owner fetches what
+            // is asked, not the whole block.
+            let range = &range;
+            let parts: Vec<Bytes> = stream::iter(blocks)
+                .map(|i| async move {
+                    let block = block_range(i, self.size);
+                    let span = range.start.max(block.start)..range.end.min(block.end);
+                    self.block(i, span).await
+                })
                 .buffered(CONCURRENT_BLOCKS)
                 .try_collect()
                 .await?;
-            let cut = |(i, bytes): &(u64, Bytes)| {
-                let block = block_range(*i, self.size);
-                let from = range.start.max(block.start) - block.start;
-                let to = range.end.min(block.end) - block.start;
-                bytes.slice(usize_from(from)..usize_from(to))
-            };
             if let [one] = parts.as_slice() {
-                return Ok(cut(one));
+                return Ok(one.clone());
             }
             let mut out = BytesMut::with_capacity(usize_from(range.end - range.start));
             for part in &parts {
-                out.extend_from_slice(&cut(part));
+                out.extend_from_slice(part);
             }
             Ok(out.freeze())
         })

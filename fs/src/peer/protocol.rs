@@ -42,15 +42,20 @@ pub enum ProtocolError {
     PastEnd { index: u64, size: u64 },
     #[error("repo is not host/name as an image reference names it")]
     Repo,
+    #[error("bytes {from}..{to} are not a part of block {index}")]
+    Span { index: u64, from: u64, to: u64 },
 }
 
-/// Block `index` of the blob `digest` (`size` bytes) of `repo`.
+/// Bytes `span` (within block `index`; the whole block unless narrowed
+/// with [`BlockRequest::narrowed`]) of the blob `digest` (`size` bytes) of
+/// `repo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockRequest {
     pub repo: Repository,
     pub digest: Digest,
     pub index: u64,
     pub size: u64,
+    pub span: Range<u64>,
 }
 
 impl BlockRequest {
@@ -72,19 +77,36 @@ impl BlockRequest {
             digest,
             index,
             size,
+            span: block_range(index, size),
         })
     }
 
-    /// The bytes of the blob the block holds.
+    /// The same request for bytes `from..to` of the block only: what an
+    /// owner fetches and answers (a read's part of the block, so that a
+    /// cluster's registry bytes are its reads', not whole blocks').
+    pub fn narrowed(mut self, from: u64, to: u64) -> Result<Self, ProtocolError> {
+        let block = block_range(self.index, self.size);
+        if from >= to || from < block.start || to > block.end {
+            return Err(ProtocolError::Span {
+                index: self.index,
+                from,
+                to,
+            });
+        }
+        self.span = from..to;
+        Ok(self)
+    }
+
+    /// The bytes of the blob asked for.
     pub fn range(&self) -> Range<u64> {
-        block_range(self.index, self.size)
+        self.span.clone()
     }
 
     /// The request's path and query.
     pub fn path_and_query(&self) -> String {
         format!(
-            "{PREFIX}{}/{}?repo={}&size={}",
-            self.digest, self.index, self.repo, self.size
+            "{PREFIX}{}/{}?repo={}&size={}&from={}&to={}",
+            self.digest, self.index, self.repo, self.size, self.span.start, self.span.end
         )
     }
 
@@ -102,7 +124,7 @@ impl BlockRequest {
         if query.len() > MAX_QUERY {
             return Err(ProtocolError::Query("too long"));
         }
-        let (mut repo, mut size) = (None, None);
+        let (mut repo, mut size, mut from, mut to) = (None, None, None, None);
         for pair in query.split('&') {
             let (key, value) = pair
                 .split_once('=')
@@ -110,6 +132,8 @@ impl BlockRequest {
             let slot = match key {
                 "repo" => &mut repo,
                 "size" => &mut size,
+                "from" => &mut from,
+                "to" => &mut to,
                 _ => return Err(ProtocolError::Query("unknown parameter")),
             };
             if slot.replace(value).is_some() {
@@ -117,15 +141,27 @@ impl BlockRequest {
             }
         }
         let repo = repo.ok_or(ProtocolError::Query("no repo"))?;
-        let size = size.ok_or(ProtocolError::Query("no size"))?;
-        if size.is_empty() || size.len() > 20 || !size.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(ProtocolError::Query("size is not a number"));
+        let size = number(size.ok_or(ProtocolError::Query("no size"))?)
+            .ok_or(ProtocolError::Query("size is not a number"))?;
+        let req = BlockRequest::new(parse_repo(repo)?, digest, index, size)?;
+        match (from, to) {
+            (None, None) => Ok(req),
+            (Some(from), Some(to)) => {
+                let from = number(from).ok_or(ProtocolError::Query("from is not a number"))?;
+                let to = number(to).ok_or(ProtocolError::Query("to is not a number"))?;
+                req.narrowed(from, to)
+            }
+            _ => Err(ProtocolError::Query("from without to, or to without from")),
         }
-        let size: u64 = size
-            .parse()
-            .map_err(|_| ProtocolError::Query("size is not a number"))?;
-        BlockRequest::new(parse_repo(repo)?, digest, index, size)
     }
+}
+
+/// A decimal `u64` of digits only.
+fn number(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// `host/name`, exactly as [`Repository`]'s display writes it: no scheme,
@@ -182,6 +218,50 @@ mod tests {
             3 * BLOCK..3 * BLOCK + 5,
             "the last block is shorter"
         );
+        // A part of a block, through its path too.
+        let part = r.clone().narrowed(2 * BLOCK + 7, 2 * BLOCK + 9).unwrap();
+        assert_eq!(part.range(), 2 * BLOCK + 7..2 * BLOCK + 9);
+        let pq = part.path_and_query();
+        let (path, query) = pq.split_once('?').unwrap();
+        assert_eq!(BlockRequest::parse(path, Some(query)).unwrap(), part);
+        // Nothing outside the block, nothing empty.
+        for (from, to) in [
+            (2 * BLOCK - 1, 2 * BLOCK + 1),
+            (3 * BLOCK - 1, 3 * BLOCK + 1),
+            (2 * BLOCK + 5, 2 * BLOCK + 5),
+            (2 * BLOCK + 6, 2 * BLOCK + 5),
+        ] {
+            assert_eq!(
+                r.clone().narrowed(from, to),
+                Err(ProtocolError::Span { index: 2, from, to })
+            );
+        }
+        let (path, _) = pq.split_once('?').unwrap();
+        let size = 3 * BLOCK + 5;
+        for (query, want) in [
+            (
+                format!("repo=127.0.0.1:5000/app&size={size}&from=1"),
+                ProtocolError::Query("from without to, or to without from"),
+            ),
+            (
+                format!("repo=127.0.0.1:5000/app&size={size}&from=x&to=2"),
+                ProtocolError::Query("from is not a number"),
+            ),
+            (
+                format!("repo=127.0.0.1:5000/app&size={size}&from=0&to=9"),
+                ProtocolError::Span {
+                    index: 2,
+                    from: 0,
+                    to: 9,
+                },
+            ),
+        ] {
+            assert_eq!(
+                BlockRequest::parse(path, Some(&query)),
+                Err(want),
+                "{query}"
+            );
+        }
     }
 
     #[test]

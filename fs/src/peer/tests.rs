@@ -172,8 +172,17 @@ async fn a_range_across_blocks_is_assembled_from_its_blocks_with_the_token_sent(
     paths.sort();
     let d = Digest::of(&data);
     assert!(paths[0].starts_with(&format!("/v1/blocks/{d}/0?repo=127.0.0.1:5000/app&size=")));
+    // Each block's part of the read, no more: 10 + BLOCK + 10, then 10.
+    assert!(
+        paths.contains(&format!(
+            "/v1/blocks/{d}/0?repo=127.0.0.1:5000/app&size={}&from={}&to={BLOCK}",
+            data.len(),
+            BLOCK - 10
+        )),
+        "{paths:?}"
+    );
     let stats = peers.stats();
-    assert_eq!(stats.received_bytes, data.len() as u64 + BLOCK);
+    assert_eq!(stats.received_bytes, BLOCK + 20 + 10);
     assert_eq!((stats.requests, stats.failures), (4, 0));
 }
 
