@@ -16,12 +16,14 @@
 //! shorter). A node asks a block's owner, over plain HTTP/1.1:
 //!
 //! ```text
-//! GET /v1/blocks/<digest>/<index>?repo=<registry host>/<name>&size=<blob size>
+//! GET /v1/blocks/<digest>/<index>?repo=<registry host>/<name>&size=<blob size>[&from=F&to=T]
 //! Authorization: Bearer <cluster token>
 //! ```
 //!
 //! - `200` with exactly the block's bytes: `index*BLOCK ..
-//!   min((index+1)*BLOCK, size)` of the blob;
+//!   min((index+1)*BLOCK, size)` of the blob, or with `&from=F&to=T`
+//!   (within the block) bytes `F..T` (what a node asks: its read's part
+//!   of the block);
 //! - `401` without the cluster's token (and no bytes);
 //! - `400` on a malformed request: digest not `sha256:<64 hex>`, size
 //!   0 or over [`MAX_BLOB_SIZE`], `index*BLOCK >= size`, a repository that

@@ -7,13 +7,14 @@ use std::ops::Range;
 use crate::Digest;
 use crate::registry::{Reference, Repository};
 
-/// The unit peers hand each other: a blob's aligned block of 128 KiB (its
-/// last one shorter). An owner fetches whole blocks, so what a cluster
-/// costs the registry is the blocks its reads touch: `make bench` S7 (four
-/// nodes, RTT 100 ms) measured 1.90x one node's lazy bytes with 1 MiB
-/// blocks, 1.25x with 256 KiB and 1.02x with 128 KiB, the slowest node as
-/// fast as one alone with each. A read of the largest read-ahead (8 MiB)
-/// is 64 blocks, asked at once.
+/// The unit of ownership among peers: a blob's aligned block of 128 KiB
+/// (its last one shorter); a request asks for a block or a part of one
+/// (`from`/`to`), and an owner fetches what is asked. When owners fetched
+/// whole blocks, `make bench` S7 (four nodes, RTT 100 ms) measured 1.90x
+/// one node's lazy bytes with 1 MiB blocks, 1.25x with 256 KiB and 1.02x
+/// with 128 KiB (and 1.44x at 128 KiB once Python's imports came as many
+/// small reads; parts: 1.00x). A read of the largest read-ahead (8 MiB) is
+/// 64 blocks, asked at once.
 pub const BLOCK: u64 = 128 << 10;
 
 /// The largest blob a block may be asked of: 64 GiB.
