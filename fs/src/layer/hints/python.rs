@@ -45,6 +45,20 @@ const MAX_DEPTH: usize = 256;
 const MAX_IMPORTS: usize = 512;
 /// Entries of a directory looked through for an extension module.
 const MAX_LISTED: usize = 8192;
+/// The longest module name followed, and its most dotted parts: what a
+/// hostile file names costs lookups in proportion to these.
+const MAX_NAME: usize = 255;
+const MAX_PARTS: usize = 16;
+
+/// A module name's dotted parts, if it is one worth looking up: bounded,
+/// no empty part, no `..`.
+fn parts(name: &[u8]) -> Option<Vec<&[u8]>> {
+    let parts: Vec<&[u8]> = name.split(|&b| b == b'.').collect();
+    let bad = name.len() > MAX_NAME
+        || parts.len() > MAX_PARTS
+        || parts.iter().any(|p| p.is_empty() || *p == b"..");
+    (!bad).then_some(parts)
+}
 
 /// A compiled module: where its source was, the interpreter's tag
 /// (`cpython-311`), and the modules its top-level code imports, dotted
@@ -459,10 +473,9 @@ impl Reader<'_> {
 /// the directories of [`extension_dirs`].
 pub(crate) fn candidates(pyc: &Pyc, name: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    let parts: Vec<&[u8]> = name.split(|&b| b == b'.').collect();
-    if parts.iter().any(|p| p.is_empty() || *p == b"..") {
+    let Some(parts) = parts(name) else {
         return out;
-    }
+    };
     for base in bases(&pyc.filename) {
         for j in 0..parts.len() {
             let mut dir = base.clone();
@@ -493,13 +506,12 @@ pub(crate) fn candidates(pyc: &Pyc, name: &[u8]) -> Vec<Vec<u8>> {
 /// prefix its file name starts with (`_json.cpython-311`): its package's
 /// directory under each search directory.
 pub(crate) fn extension_dirs(pyc: &Pyc, name: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let parts: Vec<&[u8]> = name.split(|&b| b == b'.').collect();
+    let Some(parts) = parts(name) else {
+        return Vec::new();
+    };
     let Some((leaf, package)) = parts.split_last() else {
         return Vec::new();
     };
-    if parts.iter().any(|p| p.is_empty() || *p == b"..") {
-        return Vec::new();
-    }
     let prefix = [*leaf, b".", pyc.tag.as_bytes()].concat();
     bases(&pyc.filename)
         .into_iter()
@@ -752,6 +764,14 @@ mod tests {
         // Nothing outside a name's own directories.
         assert!(candidates(&pyc, b"..x").is_empty());
         assert!(candidates(&pyc, b"a..b").is_empty());
+        let long = vec![b'a'; MAX_NAME + 1];
+        assert!(candidates(&pyc, &long).is_empty(), "a name too long");
+        let dotted = b"a.".repeat(MAX_PARTS);
+        assert!(!candidates(&pyc, &dotted[..dotted.len() - 1]).is_empty());
+        assert!(
+            candidates(&pyc, &[&dotted[..], b"a"].concat()).is_empty(),
+            "too many parts"
+        );
         assert!(extension_dirs(&pyc, b"").is_empty());
         // A module outside any pythonX.Y: its own directory only.
         let app = Pyc {
