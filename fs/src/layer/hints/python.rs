@@ -49,6 +49,12 @@ const MAX_LISTED: usize = 8192;
 /// hostile file names costs lookups in proportion to these.
 const MAX_NAME: usize = 255;
 const MAX_PARTS: usize = 16;
+/// The longest string kept for `r` references, and the most names of one
+/// tuple kept: a reference is a 5-byte copy of what it names, so a hostile
+/// file of references to one long string would otherwise copy it
+/// hundreds of thousands of times.
+const MAX_REF_STRING: usize = 1024;
+const MAX_NAMES: usize = 4096;
 
 /// A module name's dotted parts, if it is one worth looking up: bounded,
 /// no empty part, no `..`.
@@ -326,7 +332,9 @@ impl Reader<'_> {
                 let mut strs = Vec::new();
                 for _ in 0..n {
                     let kind = *self.data.get(self.at)? & 0x7f;
-                    if matches!(kind, b'r' | b's' | b't' | b'u' | b'a' | b'A' | b'z' | b'Z') {
+                    let stringy =
+                        matches!(kind, b'r' | b's' | b't' | b'u' | b'a' | b'A' | b'z' | b'Z');
+                    if stringy && strs.len() < MAX_NAMES {
                         if let Value::Str(s) = self.value()? {
                             strs.push(s);
                         }
@@ -443,6 +451,7 @@ impl Reader<'_> {
                 // Kept for the `r` objects that may name it later (a
                 // module's file name often is one, to its first function's).
                 if t & FLAG_REF != 0
+                    && bytes.len() <= MAX_REF_STRING
                     && let Some(v) = self.refs.get_mut(slot)
                 {
                     *v = if kind == b's' {
@@ -819,6 +828,22 @@ mod tests {
         ]);
         head.extend_from_slice(&[b's', 0, 0, 0, 0, b'(', 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(read_pyc(&head), None);
+        // A tuple of 100,000 references to one long string: read, with
+        // the string kept for none of them.
+        let mut refs = JSON_INIT[..HEADER].to_vec();
+        refs.push(b'c');
+        refs.extend_from_slice(&[0; 20]);
+        refs.extend_from_slice(&[b's', 0, 0, 0, 0]);
+        refs.extend_from_slice(&[b')', 1, b'a' | FLAG_REF]);
+        refs.extend_from_slice(&2000u32.to_le_bytes());
+        refs.extend(std::iter::repeat_n(b'x', 2000));
+        refs.push(b'(');
+        refs.extend_from_slice(&100_000u32.to_le_bytes());
+        refs.extend(std::iter::repeat_n([b'r', 0, 0, 0, 0], 100_000).flatten());
+        refs.extend_from_slice(&[b'N', b'N', b'z', 5]);
+        refs.extend_from_slice(b"/a.py");
+        let pyc = read_pyc(&refs).unwrap();
+        assert_eq!((pyc.filename, pyc.imports), (b"/a.py".to_vec(), vec![]));
         // Not a pyc at all, or an unknown version.
         assert_eq!(
             read_pyc(b"\x7fELF\x02\x01\x01\x00 and so on and so forth"),
