@@ -42,8 +42,11 @@
 # median (default 3), BENCH_S3_REPS how many S3 tarn runs of each kind
 # (default 9), BENCH_CACHE_MAX_BYTES bounds tarn's cache in S1 and S4 (the
 # cost of eviction on the read path; the records note the bound and the
-# evictions). Everything started is stopped by PID on exit, also on
-# failure.
+# evictions). BENCH_BASE_BIN_DIR names another build's binaries (a
+# directory like target/release): S1 then also runs `tarn-base` with them,
+# right after `tarn` in each profile, and reports tarn against it (a change
+# must not slow the 100 Mbit/s profiles). Everything started is stopped by
+# PID on exit, also on failure.
 set -euo pipefail
 
 SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -856,6 +859,9 @@ for p in "${PROFILE_LIST[@]}"; do
   if wants S1; then
     if [ "${BENCH_S1_OVERLAYFS:-1}" = 1 ]; then s1_overlayfs "$p"; fi
     if s1_wants tarn; then s1_tarn "$p" tarn multi-esgz; fi
+    if [ -n "${BENCH_BASE_BIN_DIR:-}" ]; then
+      TARN_BIN_DIR="$BENCH_BASE_BIN_DIR" s1_tarn "$p" tarn-base multi-esgz
+    fi
     if s1_wants tarn-opt; then s1_tarn "$p" tarn-opt multi-esgz-opt; fi
     if s1_wants tarn-topt; then s1_tarn "$p" tarn-topt multi-topt; fi
     if s1_wants tarn-prof; then s1_profile "$p"; fi

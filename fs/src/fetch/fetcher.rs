@@ -525,6 +525,14 @@ impl Inner {
             }
             drop(streaming);
             self.scheduler.record_get(intent, sent.elapsed());
+            tracing::debug!(
+                blob = self.source.size(),
+                start,
+                end = get_end,
+                ?intent,
+                ms = sent.elapsed().as_millis(),
+                "GET done"
+            );
         }
         let mut data = body.freeze();
         let got = |data: &Bytes| body_start - start + data.len() as u64;

@@ -16,7 +16,8 @@
 //! - Speculative bytes are those of `Prefetch` and `Background` GETs, and
 //!   the read-ahead an on-demand GET carries after its own chunks. A
 //!   `Prefetch` GET waits until its bytes fit in the budget (or nothing is
-//!   on the wire, or it is one [`SMALL_GET`] at a time); read-ahead is sized by the planner to the room left
+//!   on the wire, or it is a [`SMALL_GET`] within the small allowance);
+//!   read-ahead is sized by the planner to the room left
 //!   ([`FetchScheduler::speculation_room`]).
 //! - `Open`, `OnDemand` and `Prefetch` GETs are *foreground* while on the
 //!   wire. `Background` GETs wait until no foreground GET is in flight, then
@@ -32,7 +33,7 @@
 mod link;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -118,21 +119,23 @@ struct Link {
     demand: AtomicU64,
     /// Bytes of speculative GETs (and read-ahead) asked for and not arrived.
     speculative: AtomicU64,
-    /// Whether a prefetch GET admitted past the budget ([`SMALL_GET`]) is
+    /// Bytes of prefetch GETs admitted past the budget ([`SMALL_GET`])
     /// on the wire.
-    small: AtomicBool,
+    small: AtomicU64,
     /// Woken whenever bytes arrive or a GET ends: room may have freed.
     room: Notify,
 }
 
 /// A prefetch GET this small goes even when the link is full (of reads or
-/// of speculation), one such GET per host at a time: it delays the reads
-/// behind it by its transfer time only (2.6 ms at 100 Mbit/s, 13 ms at
-/// 20 Mbit/s), while waiting for room would delay *it* by the transfer of
-/// everything on the wire. The small files an optimized layer puts first
-/// (what runc reads before the workload starts: `/etc/passwd`,
-/// `/etc/group`) are such a GET, and the container's start waits on them.
-/// A flood of them waits like any other speculation.
+/// of speculation), within a small allowance per host (half the budget, at
+/// least one such GET): it delays the reads behind it by its transfer time
+/// only (2.6 ms at 100 Mbit/s, 13 ms at 20 Mbit/s), while waiting for room
+/// would delay *it* by the transfer of everything on the wire. The small
+/// files an optimized layer puts first (what runc reads before the
+/// workload starts: `/etc/passwd`, `/etc/group`) are such GETs, and the
+/// container's start waits on them; so are the modules of an import chain
+/// that runs while the loader fetches the interpreter's libraries, each
+/// level a round trip. A flood of them waits like any other speculation.
 pub const SMALL_GET: u64 = 32 << 10;
 
 /// Tokio's clock, so that a test with paused time measures in it.
@@ -166,14 +169,18 @@ impl Link {
             .is_ok()
     }
 
-    /// Takes the host's one small-GET pass for a GET of `bytes`
-    /// ([`SMALL_GET`]) if it is that small and the pass is free; its bytes
-    /// count as speculative like any others.
-    fn try_small(&self, bytes: u64) -> bool {
+    /// Takes `bytes` of the host's small allowance ([`SMALL_GET`]: half
+    /// of `budget`, or one GET when nothing else holds it) if the GET is
+    /// that small and they fit; its bytes count as speculative like any
+    /// others.
+    fn try_small(&self, bytes: u64, budget: u64) -> bool {
+        let fits = |held: u64| held == 0 || held + bytes <= budget / 2;
         if bytes > SMALL_GET
             || self
                 .small
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                    fits(held).then_some(held + bytes)
+                })
                 .is_err()
         {
             return false;
@@ -361,7 +368,7 @@ impl FetchScheduler {
             foreground: foreground.then(|| self.shared.clone()),
             demand: AtomicU64::new(demand),
             speculative: AtomicU64::new(speculative),
-            small: false,
+            small: 0,
             _slot: slot,
         }
     }
@@ -402,20 +409,21 @@ impl FetchScheduler {
     }
 
     /// Returns once `bytes` more speculative bytes fit in the budget, or
-    /// a GET that small takes the host's small-GET pass, and has taken
-    /// them; `true` for the pass.
-    async fn wait_for_room(&self, bytes: u64) -> bool {
+    /// in the host's small allowance for a GET that small, and has taken
+    /// them: 0, or the bytes taken of the allowance.
+    async fn wait_for_room(&self, bytes: u64) -> u64 {
         loop {
             let notified = self.link.room.notified();
             tokio::pin!(notified);
             // Registered before the check so a wake-up between the check
             // and the await is not lost.
             notified.as_mut().enable();
-            if self.link.try_take(bytes, self.budget()) {
-                return false;
+            let budget = self.budget();
+            if self.link.try_take(bytes, budget) {
+                return 0;
             }
-            if self.link.try_small(bytes) {
-                return true;
+            if self.link.try_small(bytes, budget) {
+                return bytes;
             }
             notified.await;
         }
@@ -466,8 +474,9 @@ pub struct Permit {
     /// Bytes of this GET not arrived yet, a read's first.
     demand: AtomicU64,
     speculative: AtomicU64,
-    /// Holds the host's small-GET pass ([`SMALL_GET`]) until dropped.
-    small: bool,
+    /// Bytes of the host's small allowance ([`SMALL_GET`]) held until
+    /// dropped.
+    small: u64,
     // Only held: dropping it frees the background slot.
     _slot: Option<OwnedSemaphorePermit>,
 }
@@ -514,8 +523,8 @@ impl Drop for Permit {
         self.link.release(&self.link.demand, *self.demand.get_mut());
         self.link
             .release(&self.link.speculative, *self.speculative.get_mut());
-        if self.small {
-            self.link.small.store(false, Ordering::Release);
+        if self.small > 0 {
+            self.link.small.fetch_sub(self.small, Ordering::AcqRel);
             self.link.room.notify_waiters();
         }
         if let Some(shared) = &self.foreground

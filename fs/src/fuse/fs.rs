@@ -155,7 +155,7 @@ impl Filesystem for LayerFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -169,11 +169,13 @@ impl Filesystem for LayerFs {
         match self.layer.read_cached(ino.0, offset, u64::from(size)) {
             Ok(CachedRead::Hit(data)) => reply.data(&data),
             Ok(CachedRead::Miss(pending)) => {
+                let pid = req.pid();
                 let layer = self.layer.clone();
                 // Timed until the reply, which the task sends.
                 let timed = timed.hand_over(self.ops.clone());
                 self.runtime.spawn(async move {
                     let _timed = timed;
+                    layer.prefetch_command(pid);
                     match layer.complete(pending).await {
                         Ok(data) => reply.data(&data),
                         Err(e) => {

@@ -78,6 +78,8 @@ pub struct Layer {
     /// Files already looked at for the modules they import
     /// (`hints/python.rs`).
     imports_examined: Mutex<HashSet<u64>>,
+    /// Python interpreters' command lines seen (`hints/python.rs`).
+    python: hints::python::Interpreters,
     /// Which files workloads open and read, while a recording runs.
     recorder: Recorder,
     /// A start profile's replay runs (`profile.rs`): one at a time.
@@ -96,6 +98,7 @@ impl Layer {
             streams: Streams::default(),
             examined: Mutex::default(),
             imports_examined: Mutex::default(),
+            python: hints::python::Interpreters::default(),
             recorder: Recorder::default(),
             replaying: std::sync::atomic::AtomicBool::new(false),
         }
@@ -217,6 +220,13 @@ impl Layer {
         library_hints: bool,
     ) -> Result<Vec<u8>, LayerError> {
         let missing = pending.missing_chunks();
+        tracing::debug!(
+            ino = pending.ino,
+            blob = self.fetcher.source().size(),
+            from = missing.first().map_or(0, |c| c.blob_range.0),
+            to = missing.last().map_or(0, |c| c.blob_range.1),
+            "read missed"
+        );
         let file = self
             .index
             .inode(pending.ino)

@@ -268,6 +268,73 @@ async fn a_python_modules_imports_are_prefetched_and_theirs_as_they_arrive() {
     assert!(t.layer.hint_stats().get(Hint::Import).used > 0);
 }
 
+/// A Python interpreter's command line brings, before it reads any, the
+/// modules it will import first (`encodings` and what that brings, what
+/// its `-c` code imports), then theirs as they arrive: from the standard
+/// library of the version its program's name gives, and nothing else. The
+/// command line is a real process's, read from `/proc`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_command_line_brings_its_first_imports_before_they_are_read() {
+    use std::os::unix::process::CommandExt;
+    let lib = |p: &str| format!("/usr/lib/python3.11/{p}");
+    let files = [
+        (
+            lib("encodings/__pycache__/__init__.cpython-311.pyc"),
+            include_bytes!("hints/testdata/encodings_init.cpython-311.pyc").to_vec(),
+        ),
+        (
+            lib("encodings/__pycache__/utf_8.cpython-311.pyc"),
+            content(600, 1),
+        ),
+        (
+            lib("json/__pycache__/__init__.cpython-311.pyc"),
+            include_bytes!("hints/testdata/json_init.cpython-311.pyc").to_vec(),
+        ),
+        (
+            lib("json/__pycache__/decoder.cpython-311.pyc"),
+            include_bytes!("hints/testdata/json_decoder.cpython-311.pyc").to_vec(),
+        ),
+        (
+            lib("__pycache__/unrelated.cpython-311.pyc"),
+            content(700, 2),
+        ),
+        (
+            "/usr/lib/python3.12/encodings/__pycache__/__init__.cpython-312.pyc".to_owned(),
+            content(800, 3),
+        ),
+    ];
+    let t = layer_of(
+        files
+            .iter()
+            .map(|(p, d)| Entry::File(p, d.clone()))
+            .collect(),
+        tiny_window(),
+    );
+    // A shell named python3.11 that waits on its input: its command line
+    // is what a Python interpreter's would be.
+    let mut python = std::process::Command::new("/bin/sh")
+        .arg0("python3.11")
+        .args(["-c", "read line\nimport json"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its arguments are in place a moment after the exec returns.
+    let cmdline = format!("/proc/{}/cmdline", python.id());
+    wait_until("the shell's arguments", || {
+        std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"python3.11\0"))
+    })
+    .await;
+    t.layer.prefetch_command(python.id());
+    t.wait_prefetched(&[&files[0].0, &files[1].0, &files[2].0, &files[3].0])
+        .await;
+    drop(python.stdin.take());
+    python.wait().unwrap();
+    for unused in [&files[4].0, &files[5].0] {
+        assert!(!t.cached(unused), "{unused}: {:?}", t.blob.reads());
+    }
+    assert!(t.layer.hint_stats().get(Hint::Import).fetched > 0);
+}
+
 /// The entrypoint is found across layers (a script in the upper one, the
 /// link to its interpreter there too, the shell in the lower one) and
 /// fetched with its interpreter; nothing else is.

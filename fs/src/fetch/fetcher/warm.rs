@@ -34,6 +34,14 @@ impl Fetcher {
             .copied()
             .collect();
         self.speculating(hint, &fresh);
+        tracing::debug!(
+            hint = hint.name(),
+            blob = self.inner.source.size(),
+            from = fresh.first().map_or(0, |c| c.blob_range.0),
+            to = fresh.last().map_or(0, |c| c.blob_range.1),
+            chunks = fresh.len(),
+            "prefetch asked"
+        );
         self.warm(chunks, Intent::Prefetch).await
     }
 

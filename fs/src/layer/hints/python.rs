@@ -15,6 +15,17 @@
 //! import inside a function may never run and is not followed). Names
 //! that are not modules of this layer cost a lookup and nothing more.
 //!
+//! The first modules are known before any `.pyc` is read: a process
+//! whose command line is a Python interpreter's (`python3 -c 'import
+//! json'`, `python3 -m http.server`) will read `encodings` (the first
+//! module CPython reads from disk) and the modules its `-c` code or `-m`
+//! names. On the interpreter's first miss in a layer holding a standard
+//! library (`/usr/lib/python3.N`, `/usr/local/lib/python3.N`), those are
+//! fetched, and their imports as they arrive: the chain runs while the
+//! loader is still fetching the interpreter's libraries, not after. The
+//! command line (`/proc/PID/cmdline` of the process a FUSE read names) is
+//! the workload's own input, read bounded and parsed without recursion.
+//!
 //! What is read: the `.pyc` header's magic number (Python 3.8 to 3.12:
 //! their code objects' layout and opcode numbers are known here), then
 //! the module's code object (marshal format): its bytecode, its names and
@@ -28,7 +39,10 @@
 //! module" and costs nothing more. All bytes read here came from the
 //! cache, verified.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::fetch::Hint;
 use crate::format::FileKind;
@@ -74,6 +88,14 @@ pub(crate) struct Pyc {
     pub filename: Vec<u8>,
     pub tag: &'static str,
     pub imports: Vec<Vec<u8>>,
+}
+
+/// A layer's memory of Python interpreters: the standard libraries it
+/// holds, and the command lines already acted on.
+#[derive(Default)]
+pub(crate) struct Interpreters {
+    roots: OnceLock<Vec<(Vec<u8>, &'static str)>>,
+    seen: Mutex<HashSet<u64>>,
 }
 
 /// What is known of one interpreter version's `.pyc` files.
@@ -221,6 +243,129 @@ pub(crate) fn read_pyc(data: &[u8]) -> Option<Pyc> {
 /// name, and the modules its frozen `site` tries. The package's `__init__`
 /// is the first module it reads from disk, so this is where they are known.
 const STARTUP: [&[u8]; 3] = [b"encodings.utf_8", b"sitecustomize", b"usercustomize"];
+
+/// The longest command line looked at.
+const MAX_CMDLINE: u64 = 8 << 10;
+/// Command lines remembered per layer, each acted on once.
+const MAX_COMMANDS: usize = 1024;
+/// The directories a standard library (`pythonX.Y`) is looked for in.
+const LIB_DIRS: [&[u8]; 2] = [b"/usr/lib", b"/usr/local/lib"];
+
+/// What a Python interpreter's command line will import first.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Command {
+    /// The version its program's name gives (`python3.11`: `3.11`).
+    pub version: Option<Vec<u8>>,
+    /// `encodings`, then the modules of `-c CODE`'s import statements or
+    /// `-m MODULE`, dotted as [`Pyc::imports`].
+    pub imports: Vec<Vec<u8>>,
+}
+
+/// The command of `cmdline` (`/proc/PID/cmdline`: arguments ended by
+/// NULs) if its program is `python`, `python3` or `python3.N`.
+pub(crate) fn read_command(cmdline: &[u8]) -> Option<Command> {
+    let mut args = cmdline.split(|&b| b == 0);
+    let program = args.next()?;
+    let name = &program[program
+        .iter()
+        .rposition(|&b| b == b'/')
+        .map_or(0, |i| i + 1)..];
+    let version = name.strip_prefix(b"python")?;
+    let digits = |v: &[u8]| !v.is_empty() && v.iter().all(u8::is_ascii_digit);
+    let version = match version {
+        b"" | b"3" => None,
+        v => match v.strip_prefix(b"3.") {
+            Some(minor) if digits(minor) => Some(v.to_vec()),
+            _ => return None,
+        },
+    };
+    let mut imports = vec![b"encodings".to_vec()];
+    while let Some(arg) = args.next() {
+        // Options may be joined (`-Bc CODE`, `-uc` `CODE`); `-c`, `-m`, `-W`
+        // and `-X` take the rest of the argument, or the next one.
+        let Some(flags) = arg
+            .strip_prefix(b"-")
+            .filter(|f| !f.is_empty() && f[0] != b'-')
+        else {
+            if arg == b"--check-hash-based-pycs" {
+                args.next();
+                continue;
+            }
+            if arg.starts_with(b"--") && arg.len() > 2 {
+                continue;
+            }
+            break; // a script, `-` or `--`: nothing known
+        };
+        let Some(at) = flags.iter().position(|f| b"cmWX".contains(f)) else {
+            continue;
+        };
+        let rest = &flags[at + 1..];
+        let value = if rest.is_empty() {
+            args.next()
+        } else {
+            Some(rest)
+        };
+        match (flags[at], value) {
+            (b'c', Some(code)) => {
+                code_imports(code, &mut imports);
+                break;
+            }
+            (b'm', Some(module)) => {
+                imports.push(module.to_vec());
+                break;
+            }
+            (b'W' | b'X', Some(_)) => {}
+            _ => break,
+        }
+    }
+    Some(Command { version, imports })
+}
+
+/// Adds to `out` the modules of `code`'s simple statements `import a.b
+/// [as c], d` (`a.b`, `d`) and `from a import b, c` (`a`, `a.b`, `a.c`), as
+/// the bytecode would name them; relative imports name nothing here.
+fn code_imports(code: &[u8], out: &mut Vec<Vec<u8>>) {
+    let mut push = |name: Vec<u8>| {
+        if out.len() < MAX_IMPORTS && !out.contains(&name) {
+            out.push(name);
+        }
+    };
+    let mut depth = 0_usize;
+    let statements = code.split(|&b| {
+        match b {
+            b'(' => depth += 1,
+            b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        depth == 0 && (b == b'\n' || b == b';')
+    });
+    for statement in statements {
+        let words: Vec<&[u8]> = statement
+            .split(|&b| b.is_ascii_whitespace() || b"(),".contains(&b))
+            .filter(|w| !w.is_empty())
+            .collect();
+        let (module, names) = match words.as_slice() {
+            [b"import", names @ ..] => (None, names),
+            [b"from", module, b"import", names @ ..] if !module.starts_with(b".") => {
+                push(module.to_vec());
+                (Some(*module), names)
+            }
+            _ => continue,
+        };
+        let mut alias = false;
+        for name in names {
+            match (alias, *name) {
+                (false, b"as") => alias = true,
+                (true, _) => alias = false,
+                (false, b"*") => {}
+                (false, name) => push(match module {
+                    Some(m) => [m, b".", name].concat(),
+                    None => name.to_vec(),
+                }),
+            }
+        }
+    }
+}
 
 /// The modules `IMPORT_NAME` and `IMPORT_FROM` instructions of `code`
 /// name, in order, once each.
@@ -650,19 +795,34 @@ impl Layer {
         let Some(pyc) = read_pyc(&data) else {
             return Vec::new();
         };
-        let mut found: Vec<u64> = Vec::new();
+        let mut found = Vec::new();
+        self.module_files(&pyc, ino, &mut found);
+        let examined = self.imports_examined.lock().expect("imports set poisoned");
+        found.retain(|f| !examined.contains(f));
+        tracing::debug!(
+            ino,
+            imports = pyc.imports.len(),
+            files = found.len(),
+            "looked for imports"
+        );
+        found
+    }
+
+    /// Adds to `found` the files of this layer that hold the modules
+    /// `pyc` imports, but for `ino` itself (`u64::MAX`: no file of its own).
+    fn module_files(&self, pyc: &Pyc, ino: u64, found: &mut Vec<u64>) {
         let mut add = |file: u64| {
             if file != ino && !found.contains(&file) {
                 found.push(file);
             }
         };
         for name in &pyc.imports {
-            for path in candidates(&pyc, name) {
+            for path in candidates(pyc, name) {
                 if let Some(file) = resolve_file(&self.index, &path) {
                     add(file);
                 }
             }
-            for (dir, prefix) in extension_dirs(&pyc, name) {
+            for (dir, prefix) in extension_dirs(pyc, name) {
                 let Some(dir) = resolve_dir(&self.index, &dir) else {
                     continue;
                 };
@@ -676,15 +836,104 @@ impl Layer {
                 }
             }
         }
+    }
+
+    /// After a miss that process `pid` read: if its command line is a
+    /// Python interpreter's that this layer has not seen, and this layer
+    /// holds a standard library, fetches the modules the command will
+    /// import first (see the module docs), then theirs as they arrive.
+    pub(crate) fn prefetch_command(self: &Arc<Self>, pid: u32) {
+        let config = self.fetcher.scheduler().config();
+        if config.read_ahead == 0 || !config.speculate || pid == 0 || self.python_roots().is_empty()
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let finder = me.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                let mut cmdline = Vec::new();
+                let read = std::fs::File::open(format!("/proc/{pid}/cmdline"))
+                    .and_then(|f| f.take(MAX_CMDLINE).read_to_end(&mut cmdline));
+                if read.is_err() {
+                    return Vec::new(); // the process is gone
+                }
+                finder.command_files(&cmdline)
+            });
+            for module in found.await.unwrap_or_default() {
+                me.prefetch_module(module);
+            }
+        });
+    }
+
+    /// The module files of this layer that command line `cmdline` will
+    /// import first, if it is a Python interpreter's not seen before.
+    pub(in crate::layer) fn command_files(&self, cmdline: &[u8]) -> Vec<u64> {
+        let Some(command) = read_command(cmdline) else {
+            return Vec::new();
+        };
+        let roots = self.python_roots();
+        {
+            let mut hasher = std::hash::DefaultHasher::new();
+            cmdline.hash(&mut hasher);
+            let mut seen = self.python.seen.lock().expect("commands set poisoned");
+            if roots.is_empty() || seen.len() >= MAX_COMMANDS || !seen.insert(hasher.finish()) {
+                return Vec::new();
+            }
+        }
+        let mut found = Vec::new();
+        for (root, tag) in roots {
+            if command
+                .version
+                .as_ref()
+                .is_some_and(|v| !root.ends_with(&[b"python", &v[..]].concat()))
+            {
+                continue;
+            }
+            let pyc = Pyc {
+                filename: [&root[..], b"/-c"].concat(),
+                tag,
+                imports: command.imports.clone(),
+            };
+            self.module_files(&pyc, u64::MAX, &mut found);
+        }
         let examined = self.imports_examined.lock().expect("imports set poisoned");
         found.retain(|f| !examined.contains(f));
         tracing::debug!(
-            ino,
-            imports = pyc.imports.len(),
+            imports = command.imports.len(),
             files = found.len(),
-            "looked for imports"
+            "looked at a Python command"
         );
         found
+    }
+
+    /// The standard libraries this layer holds (`LIB_DIRS/python3.N` with
+    /// an `encodings` package, of a version known here) and their tags,
+    /// found once.
+    fn python_roots(&self) -> &[(Vec<u8>, &'static str)] {
+        self.python.roots.get_or_init(|| {
+            let mut out = Vec::new();
+            for dir in LIB_DIRS {
+                let Some(d) = resolve_dir(&self.index, dir).and_then(|d| self.index.inode(d))
+                else {
+                    continue;
+                };
+                for (name, _) in self.index.children(&d).take(MAX_LISTED) {
+                    let Some(minor) = name.strip_prefix(b"python3.") else {
+                        continue;
+                    };
+                    let tag = [&b"cpython-3"[..], minor].concat();
+                    let Some(version) = VERSIONS.iter().find(|v| v.tag.as_bytes() == tag) else {
+                        continue;
+                    };
+                    let root = [dir, b"/", name].concat();
+                    if resolve_dir(&self.index, &[&root[..], b"/encodings"].concat()).is_some() {
+                        out.push((root, version.tag));
+                    }
+                }
+            }
+            out
+        })
     }
 
     fn forget_examined(&self, ino: u64) {
@@ -704,6 +953,63 @@ mod tests {
 
     fn strs(v: &[&str]) -> Vec<Vec<u8>> {
         v.iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+
+    fn command(args: &[&str]) -> Option<Command> {
+        read_command(args.join("\0").as_bytes())
+    }
+
+    #[test]
+    fn a_python_command_line_names_its_first_imports() {
+        let c = command(&["python3", "-c", "import json, sys"]).unwrap();
+        assert_eq!(c.version, None);
+        assert_eq!(c.imports, strs(&["encodings", "json", "sys"]));
+        let c = command(&["/usr/bin/python3.11", "-m", "http.server", "8000"]).unwrap();
+        assert_eq!(c.version.as_deref(), Some(&b"3.11"[..]));
+        assert_eq!(c.imports, strs(&["encodings", "http.server"]));
+        // Joined and valued options, statements on lines and after `;`,
+        // aliases, parentheses, a star, a relative import.
+        let code = "import os.path as p, re\nfrom a.b import (c as d,\n e); from . import x\nfrom m import *";
+        let c = command(&[
+            "python",
+            "-W",
+            "ignore",
+            "-X",
+            "dev",
+            "-Bu",
+            "--check-hash-based-pycs",
+            "never",
+            "-Sc",
+            code,
+        ])
+        .unwrap();
+        assert_eq!(
+            c.imports,
+            strs(&["encodings", "os.path", "re", "a.b", "a.b.c", "a.b.e", "m"])
+        );
+        let c = command(&["python3", "-uc", "import zlib"]).unwrap();
+        assert_eq!(c.imports, strs(&["encodings", "zlib"]));
+        // A script (read as it runs) or an unfinished option: startup only.
+        for args in [
+            &["python3", "app.py", "-c", "import x"][..],
+            &["python3", "-c"],
+            &["python3"],
+        ] {
+            assert_eq!(
+                command(args).unwrap().imports,
+                strs(&["encodings"]),
+                "{args:?}"
+            );
+        }
+        for other in [
+            &["sh", "-c", "import x"][..],
+            &["python3x", "-c", "import x"],
+            &["python2.7"],
+            &["python3.x"],
+            &[""],
+        ] {
+            assert_eq!(command(other), None, "{other:?}");
+        }
     }
 
     /// The fixtures are CPython 3.11's own output (`py_compile` of the
