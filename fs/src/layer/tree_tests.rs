@@ -154,6 +154,18 @@ fn layer_of(entries: Vec<Entry>, config: SchedulerConfig) -> TestLayer {
     }
 }
 
+/// A layer of `files` (path, contents), in that order, with
+/// [`tiny_window`].
+fn layer_of_files(files: &[(String, Vec<u8>)]) -> TestLayer {
+    layer_of(
+        files
+            .iter()
+            .map(|(p, d)| Entry::File(p, d.clone()))
+            .collect(),
+        tiny_window(),
+    )
+}
+
 /// A one-byte base window (nothing comes along with a miss but its own
 /// file) and a whole-file limit of 1 MiB.
 fn tiny_window() -> SchedulerConfig {
@@ -242,13 +254,7 @@ async fn a_python_modules_imports_are_prefetched_and_theirs_as_they_arrive() {
             content(600, 6),
         ),
     ];
-    let t = layer_of(
-        files
-            .iter()
-            .map(|(p, d)| Entry::File(p, d.clone()))
-            .collect(),
-        tiny_window(),
-    );
+    let t = layer_of_files(&files);
     let (_, ino) = t.file(&files[0].0);
     assert_eq!(t.layer.read(ino, 0, 64).await.unwrap(), &init[..64]);
     // json's decoder and re come for json; the decoder's scanner and _json
@@ -303,13 +309,7 @@ async fn a_python_command_line_brings_its_first_imports_before_they_are_read() {
             content(800, 3),
         ),
     ];
-    let t = layer_of(
-        files
-            .iter()
-            .map(|(p, d)| Entry::File(p, d.clone()))
-            .collect(),
-        tiny_window(),
-    );
+    let t = layer_of_files(&files);
     // A shell named python3.11 that waits on its input: its command line
     // is what a Python interpreter's would be.
     let mut python = std::process::Command::new("/bin/sh")

@@ -630,7 +630,11 @@ pub(crate) fn candidates(pyc: &Pyc, name: &[u8]) -> Vec<Vec<u8>> {
     let Some(parts) = parts(name) else {
         return out;
     };
-    for base in bases(&pyc.filename) {
+    let frozen = FROZEN_TAGS.contains(&pyc.tag) && FROZEN.contains(&name);
+    for (i, base) in bases(&pyc.filename).into_iter().enumerate() {
+        if frozen && (i > 0 || is_search_dir(&base)) {
+            continue;
+        }
         for j in 0..parts.len() {
             let mut dir = base.clone();
             for p in &parts[..j] {
@@ -654,6 +658,41 @@ pub(crate) fn candidates(pyc: &Pyc, name: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     out
+}
+
+/// Modules 3.11 and 3.12 carry frozen in the interpreter and import from
+/// there, never from their files (CPython's `Python/frozen.c`, unless run
+/// with `-X frozen_modules=off`): an absolute import of one costs nothing,
+/// and fetching its file would be bytes no read uses (with its own
+/// imports: `abc` brings `_py_abc`, which brings `_weakrefset`).
+const FROZEN: [&[u8]; 18] = [
+    b"abc",
+    b"codecs",
+    b"io",
+    b"_collections_abc",
+    b"_sitebuiltins",
+    b"genericpath",
+    b"ntpath",
+    b"posixpath",
+    b"os.path",
+    b"os",
+    b"site",
+    b"stat",
+    b"importlib.util",
+    b"importlib.machinery",
+    b"runpy",
+    b"importlib._bootstrap",
+    b"importlib._bootstrap_external",
+    b"zipimport",
+];
+const FROZEN_TAGS: [&str; 2] = ["cpython-311", "cpython-312"];
+
+/// Whether `dir` is one of the directories [`bases`] adds for absolute
+/// imports (not a package's own).
+fn is_search_dir(dir: &[u8]) -> bool {
+    let name = dir.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    name.starts_with(b"python3")
+        || [&b"lib-dynload"[..], b"site-packages", b"dist-packages"].contains(&name)
 }
 
 /// The directories an extension module `name` (dotted) may be in, and the
@@ -1088,6 +1127,40 @@ mod tests {
             "too many parts"
         );
         assert!(extension_dirs(&pyc, b"").is_empty());
+        // A module 3.11 carries frozen: not in the library; a relative
+        // import of the same name still in the package's directory.
+        let in_json = |name: &[u8]| {
+            let c = candidates(&pyc, name);
+            !c.is_empty()
+                && c.iter()
+                    .all(|p| p.starts_with(b"/usr/lib/python3.11/json/"))
+        };
+        assert!(in_json(b"abc") && in_json(b"os.path"));
+        let enum_ = Pyc {
+            filename: b"/usr/lib/python3.11/enum.py".to_vec(),
+            ..read_pyc(JSON_DECODER).unwrap()
+        };
+        assert!(candidates(&enum_, b"abc").is_empty());
+        assert!(!candidates(&enum_, b"types").is_empty());
+        let pkg = Pyc {
+            filename: b"/usr/lib/python3/dist-packages/pkg/__init__.py".to_vec(),
+            ..read_pyc(JSON_DECODER).unwrap()
+        };
+        assert_eq!(
+            candidates(&pkg, b"io"),
+            strs(&[
+                "/usr/lib/python3/dist-packages/pkg/__pycache__/io.cpython-311.pyc",
+                "/usr/lib/python3/dist-packages/pkg/io/__pycache__/__init__.cpython-311.pyc"
+            ])
+        );
+        let older = Pyc {
+            tag: "cpython-310",
+            ..read_pyc(JSON_DECODER).unwrap()
+        };
+        assert!(
+            !candidates(&older, b"abc").is_empty(),
+            "3.10 reads abc's file"
+        );
         // A module outside any pythonX.Y: its own directory only.
         let app = Pyc {
             filename: b"/app/main.py".to_vec(),
